@@ -1,0 +1,31 @@
+"""What a client holds locally: token embeddings, the final norm and the LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from petald.kernels.block import rms_norm
+from petald.kernels.model_source import ModelSource
+
+
+class ClientHead:
+    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        tensors = source.client_tensors()
+        self.config = source.config
+        self.dtype, self.device = dtype, torch.device(device)
+        self.embed_weight = tensors["embed_tokens.weight"].to(self.device, dtype)
+        self.norm_weight = tensors["norm.weight"].to(self.device, dtype)
+        lm = tensors["lm_head.weight"]
+        self.lm_weight = self.embed_weight if lm is tensors["embed_tokens.weight"] else lm.to(self.device, dtype)
+        self.eps = self.config.rms_norm_eps
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids.to(self.device), self.embed_weight)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(hidden.to(self.device, self.dtype), self.norm_weight, self.eps)
+        return F.linear(h, self.lm_weight).float()

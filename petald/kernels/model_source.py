@@ -1,0 +1,61 @@
+"""What every model source gives: a config, a fingerprint, and tensors on demand.
+
+A server asks only for the tensors of its own blocks, a client only for the
+embeddings, final norm and LM head, so a source never materialises a whole model.
+Tensor names are Hugging Face's, relative to their block (``self_attn.q_proj.weight``)
+or to the model (``embed_tokens.weight``, ``norm.weight``, ``lm_head.weight``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import PretrainedConfig
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class ModelSourceError(Exception):
+    """A model cannot be opened or is not supported; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Names a model and pins its exact weights."""
+
+    name: str
+    fingerprint: str  # hex digest over every tensor's name, type, shape and bytes
+    num_blocks: int
+
+    @property
+    def model_id(self) -> str:
+        slug = re.sub(r"[^a-z0-9.]+", "-", self.name.lower()).strip("-") or "model"
+        return f"{slug}@{self.fingerprint[:12]}"
+
+
+class ModelSource(Protocol):
+    config: PretrainedConfig
+    identity: ModelIdentity
+
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """The float tensors of block ``index``, dequantized."""
+        ...
+
+    def client_tensors(self) -> dict[str, torch.Tensor]:
+        """``embed_tokens.weight``, ``norm.weight`` and ``lm_head.weight`` (tied if absent)."""
+        ...
+
+    def load_tokenizer(self) -> Any:
+        """A transformers tokenizer, or raise ModelSourceError if the source has none."""
+        ...
+
+
+def check_architecture(config: PretrainedConfig, origin: str) -> None:
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelSourceError(
+            f"{origin}: architecture {config.model_type!r} is not supported; "
+            f"petald serves {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )

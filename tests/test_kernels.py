@@ -1,0 +1,104 @@
+"""The executor's blocks against transformers' own models, in one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from petald.kernels.client_head import ClientHead
+from petald.kernels.kv_cache import CacheFullError, KVCacheBudget
+from petald.kernels.model_source import ModelSourceError
+from petald.kernels.sampling import sample_next
+from petald.kernels.sources import open_source
+from petald.kernels.span import BlockSpan
+from tests.oracle import reference_greedy, reference_logits
+from tests.tiny_models import FAMILIES, TINY_BLOCKS, save_tiny_model
+
+CPU = torch.device("cpu")
+
+
+def run_local(source, ids: torch.Tensor, new_tokens: int, chunks: list[tuple[int, int]]):
+    """Greedy decode through several BlockSpans, as separate servers would run them."""
+    spans = [BlockSpan(source, a, b, torch.float32, CPU) for a, b in chunks]
+    head = ClientHead(source)
+    caches = [s.new_cache(ids.shape[0], ids.shape[1] + new_tokens) for s in spans]
+
+    def through(h):
+        for span, cache in zip(spans, caches, strict=True):
+            h = span.forward(h, cache)
+        return h
+
+    logits = head.logits(through(head.embed(ids)))
+    first_logits, tokens = logits, []
+    for _ in range(new_tokens):
+        nxt = sample_next(logits[:, -1])
+        tokens.append(int(nxt[0]))
+        logits = head.logits(through(head.embed(nxt[:, None])))
+    return first_logits, tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_family_matches_transformers(tiny_models, family):
+    path = tiny_models[family]
+    source = open_source(str(path))
+    ids = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(1))
+    logits, tokens = run_local(source, ids, 12, [(0, 2), (2, 5), (5, TINY_BLOCKS)])
+    torch.testing.assert_close(logits, reference_logits(str(path), ids), atol=1e-4, rtol=1e-4)
+    assert tokens == reference_greedy(str(path), ids, 12)
+
+
+def test_sharded_directory_loads_same_weights(tiny_models, sharded_llama):
+    whole, sharded = open_source(str(tiny_models["llama"])), open_source(str(sharded_llama))
+    assert whole.identity.fingerprint == sharded.identity.fingerprint
+    a, b = whole.block_tensors(3), sharded.block_tensors(3)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k])
+
+
+def test_fingerprint_differs_for_other_weights(tmp_path, tiny_models):
+    other = save_tiny_model("llama", tmp_path / "other", seed=7)
+    assert open_source(str(other)).identity.fingerprint != open_source(str(tiny_models["llama"])).identity.fingerprint
+
+
+def test_server_loads_only_its_blocks(tiny_models, monkeypatch):
+    source = open_source(str(tiny_models["llama"]))
+    asked: list[int] = []
+    real = source.block_tensors
+    monkeypatch.setattr(source, "block_tensors", lambda i: asked.append(i) or real(i))
+    BlockSpan(source, 2, 4, torch.float32, CPU)
+    assert asked == [2, 3]
+
+
+def test_default_model_matches_transformers():
+    source = open_source(None)
+    assert source.config.num_hidden_layers == 30
+    ids = torch.tensor([[504, 3575, 282, 4649, 314]])
+    logits, tokens = run_local(source, ids, 8, [(0, 12), (12, 30)])
+    torch.testing.assert_close(logits, reference_logits(None, ids), atol=1e-3, rtol=1e-4)
+    assert tokens == reference_greedy(None, ids, 8)
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelSourceError, match="not found"):
+        open_source(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ModelSourceError):
+        open_source(str(tmp_path))
+
+
+def test_budget_refuses_then_admits_after_release():
+    budget = KVCacheBudget(100)
+    budget.reserve(60)
+    with pytest.raises(CacheFullError, match="KV cache full"):
+        budget.reserve(50)
+    budget.release(60)
+    budget.reserve(100)
+    assert budget.free_tokens == 0
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([[10.0, 9.0, -5.0, -5.0]])
+    gen = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, temperature=1.0, top_p=0.5, generator=gen)) for _ in range(50)}
+    assert seen == {0}
