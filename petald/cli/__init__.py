@@ -1,0 +1,1 @@
+"""The command line: ``petald serve``, ``petald generate``, ``petald demo``."""

@@ -1,0 +1,97 @@
+"""Start real ``petald serve`` processes on 127.0.0.1 and wait until each prints its address."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+_ADDRESS = re.compile(r"serving blocks (\d+):(\d+) .* at (/ip4/\S+/p2p/\S+)")
+
+
+@dataclass
+class ServerProcess:
+    blocks: str
+    process: subprocess.Popen
+    address: str = ""
+    output: list[str] = field(default_factory=list)
+
+    def pump(self, ready: threading.Event) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line.rstrip("\n"))
+            match = _ADDRESS.search(line)
+            if match and not self.address:
+                self.address = match.group(3)
+                ready.set()
+        ready.set()  # the process ended: wake the waiter either way
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+class LocalSwarm:
+    """Server processes for ``spans``; use as a context manager so they always stop."""
+
+    def __init__(self, spans: Sequence[str], model: str | None = None, extra_args: Sequence[str] = (),
+                 start_timeout: float = 180.0, log=None):
+        self.spans, self.model, self.extra_args = list(spans), model, list(extra_args)
+        self.start_timeout = start_timeout
+        self.servers: list[ServerProcess] = []
+        self.log = log or (lambda text: None)
+
+    def __enter__(self) -> LocalSwarm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        waits = []
+        for blocks in self.spans:
+            cmd = [sys.executable, "-m", "petald.cli.main", "serve", "--blocks", blocks,
+                   "--listen", "/ip4/127.0.0.1/tcp/0", *self.extra_args]
+            if self.model:
+                cmd += ["--model", self.model]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            server, ready = ServerProcess(blocks, proc), threading.Event()
+            threading.Thread(target=server.pump, args=(ready,), daemon=True).start()
+            self.servers.append(server)
+            waits.append(ready)
+        deadline = time.monotonic() + self.start_timeout
+        for server, ready in zip(self.servers, waits, strict=True):
+            ready.wait(max(0.0, deadline - time.monotonic()))
+            if not server.address:
+                tail = "\n".join(server.output[-20:])
+                raise RuntimeError(f"server for blocks {server.blocks} did not start:\n{tail}")
+            self.log(f"server {server.blocks} ready at {server.address}")
+
+    @property
+    def addresses(self) -> list[str]:
+        return [s.address for s in self.servers]
+
+    def stop(self) -> None:
+        for server in self.servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+        for server in self.servers:
+            server.stop()

@@ -1,0 +1,206 @@
+"""``petald``: serve blocks, generate through a chain of servers, or run a local demo swarm."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import click
+
+_ERROR_TYPES: tuple[type[BaseException], ...] = ()
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that carry a message a person can act on (imported lazily: torch is slow to load)."""
+    from petald.kernels.kv_cache import CacheFullError
+    from petald.kernels.model_source import ModelSourceError
+    from petald.p2pnode.distributed_model import ModelMismatchError
+    from petald.p2pnode.remote_span import ServerUnavailable
+    from petald.p2pnode.route import NoRouteError
+    from petald.protocol.errors import ProtocolError, RemoteError
+
+    return (ModelSourceError, ModelMismatchError, ServerUnavailable, NoRouteError, RemoteError,
+            ProtocolError, CacheFullError, ValueError, OSError)
+
+
+def _run_cli(fn: Callable[[], None], debug: bool) -> None:
+    try:
+        fn()
+    except KeyboardInterrupt:
+        click.echo("\npetald: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        known = isinstance(exc, _known_errors())
+        prefix = "error" if known else f"unexpected {type(exc).__name__}"
+        click.echo(f"petald: {prefix}: {exc}", err=True)
+        if not known:
+            click.echo("petald: run again with --debug for the full traceback", err=True)
+        sys.exit(1)
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="petald")
+def cli() -> None:
+    """petald: run large language models BitTorrent-style."""
+
+
+@cli.command()
+@click.option("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M-Instruct).")
+@click.option("--blocks", required=True, help="Span of blocks to serve, A:B with B exclusive (e.g. 0:15).")
+@click.option("--listen", multiple=True, default=["/ip4/127.0.0.1/tcp/0"], show_default=True,
+              help="Multiaddr to listen on (repeatable).")
+@click.option("--identity", default=None, type=click.Path(dir_okay=False),
+              help="Ed25519 key file; created if missing. Keeps the peer ID stable across restarts.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), show_default=True)
+@click.option("--max-length", default=8192, show_default=True, help="Longest session admitted, in tokens.")
+@click.option("--cache-tokens", default=1 << 20, show_default=True,
+              help="KV cache budget in tokens, summed over blocks and batch rows.")
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every session.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def serve(model, blocks, listen, identity, device, dtype, max_length, cache_tokens, threads, verbose, debug) -> None:
+    """Serve a span of a model's blocks to clients."""
+    _setup_logging(verbose)
+
+    def run() -> None:
+        import torch
+
+        from petald.p2pnode.serve import ServeOptions, serve
+        from petald.p2pnode.server import ServerLimits
+
+        if threads:
+            torch.set_num_threads(threads)
+        options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
+                               dtype=dtype, limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens))
+        serve(options, announce=lambda text: click.echo(f"petald: {text}"))
+
+    _run_cli(run, debug)
+
+
+class TokenPrinter:
+    """Prints text as tokens arrive, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, token) -> None:
+        self.ids.append(int(token[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def generate_text(model, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                  seed: int | None, chat: bool, out=sys.stdout) -> list[int]:
+    """Tokenize, generate through ``model`` (a DistributedModel), stream text to ``out``."""
+    tokenizer = model.tokenizer
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    printer = TokenPrinter(tokenizer, out)
+    eos = {t for t in (model.config.eos_token_id, tokenizer.eos_token_id) if t is not None}
+    result = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                            temperature=temperature, top_p=top_p, seed=seed, eos_token_id=sorted(eos),
+                            streamer=printer)
+    out.write("\n")
+    out.flush()
+    return result[0, ids.shape[1]:].tolist()
+
+
+def _split_prompt_and_peers(args: Sequence[str], peers: Sequence[str]) -> tuple[str, list[str]]:
+    if not args:
+        raise click.UsageError("give a prompt, e.g. petald generate \"Once upon a time\" --peers ADDR")
+    prompt, extra = args[0], list(args[1:])
+    bad = [a for a in extra if not a.startswith("/")]
+    if bad:
+        raise click.UsageError(f"unexpected arguments {bad}: quote the prompt, and give peers as multiaddrs")
+    all_peers = list(peers) + extra
+    if not all_peers:
+        raise click.UsageError("give the servers with --peers MULTIADDR [MULTIADDR ...]")
+    return prompt, all_peers
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("args", nargs=-1, required=True)
+@click.option("--peers", multiple=True, help="Server multiaddrs (with /p2p/ID); several may follow one --peers.")
+@click.option("--model", default=None, help="Same model as the servers (default: embedded SmolLM2-135M-Instruct).")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=None, type=int)
+@click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
+@click.option("--wire-dtype", default="float32", type=click.Choice(["float32", "float16", "bfloat16"]), show_default=True)
+@click.option("--lz4", is_flag=True, help="Compress hidden states on the wire.")
+@click.option("-v", "--verbose", is_flag=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def generate(args, peers, model, max_new_tokens, temperature, top_p, seed, chat, wire_dtype, lz4, verbose, debug) -> None:
+    """Generate text from PROMPT through a chain of servers: petald generate "PROMPT" --peers ADDR [ADDR ...]"""
+    _setup_logging(verbose)
+    prompt, all_peers = _split_prompt_and_peers(args, peers)
+
+    def run() -> None:
+        from petald.p2pnode.distributed_model import DistributedModel
+
+        with DistributedModel(all_peers, model, wire_dtype=wire_dtype, codec="lz4" if lz4 else "raw") as dm:
+            if verbose:
+                click.echo(f"route: {dm.route().describe()}", err=True)
+            generate_text(dm, prompt, max_new_tokens, temperature, top_p, seed, chat)
+
+    _run_cli(run, debug)
+
+
+@cli.command()
+@click.argument("prompt", default="What is the capital of France?")
+@click.option("--servers", default=2, show_default=True, type=click.IntRange(1, 8))
+@click.option("--model", default=None, help="Default: embedded SmolLM2-135M-Instruct.")
+@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--debug", is_flag=True)
+def demo(prompt, servers, model, max_new_tokens, debug) -> None:
+    """Start a local swarm of SERVERS processes on 127.0.0.1 and chat through it."""
+    _setup_logging(False)
+
+    def run() -> None:
+        from petald.cli.local_swarm import LocalSwarm
+        from petald.kernels.sources import open_source
+        from petald.p2pnode.distributed_model import DistributedModel
+
+        source = open_source(model)
+        n = source.identity.num_blocks
+        cuts = [round(i * n / servers) for i in range(servers + 1)]
+        spans = [f"{a}:{b}" for a, b in zip(cuts, cuts[1:], strict=False)]
+        click.echo(f"petald demo: starting {servers} servers for {source.identity.model_id}: {', '.join(spans)}")
+        with LocalSwarm(spans, model, log=lambda t: click.echo(f"petald demo: {t}")) as swarm:
+            with DistributedModel(swarm.addresses, source) as dm:
+                click.echo(f"petald demo: route {dm.route().describe()}")
+                click.echo(f"\n>>> {prompt}\n")
+                generate_text(dm, prompt, max_new_tokens, 0.0, 1.0, None, chat=True)
+        click.echo("petald demo: servers stopped")
+
+    _run_cli(run, debug)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The Python API: a model whose blocks live on remote servers and whose head lives here.
+
+    model = DistributedModel(peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])
+    ids = model.tokenizer("Hello", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=20)           # transformers-style
+    states = model.hidden_states(ids, blocks=[4, 9])       # after any block
+    h = model.run_blocks(states[4], 5, 10, position=0)     # any slice, on your tensors
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import trio
+
+from petald.kernels.client_head import ClientHead
+from petald.kernels.model_source import ModelSource
+from petald.kernels.sampling import sample_next
+from petald.kernels.sources import open_source
+from petald.p2pnode.host import parse_peer_address
+from petald.p2pnode.identity import load_or_create_identity
+from petald.p2pnode.inference_session import InferenceSession
+from petald.p2pnode.node_thread import NodeThread
+from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
+from petald.p2pnode.route import RemoteServer, SpanRoute
+from petald.protocol.limits import MAX_TENSOR_BYTES
+
+log = logging.getLogger(__name__)
+
+
+class ModelMismatchError(Exception):
+    """The servers given hold other weights than the client's model."""
+
+
+class DistributedModel:
+    def __init__(self, peers: Sequence[str], model: str | ModelSource | None = None, *,
+                 wire_dtype: str = "float32", codec: str = "raw", step_timeout: float = 120.0,
+                 connect_timeout: float = 15.0):
+        self.source = open_source(model) if model is None or isinstance(model, str) else model
+        self.identity = self.source.identity
+        self.config = self.source.config
+        self.head = ClientHead(self.source)
+        self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
+        self._tokenizer: Any = None
+        self.node = NodeThread(load_or_create_identity(None))
+        try:
+            self.servers = self.node.call(self._connect_all, list(peers), connect_timeout)
+        except BaseException:
+            self.node.stop()
+            raise
+
+    async def _connect_all(self, peers: list[str], timeout: float) -> list[RemoteServer]:
+        host = self.node.host
+        infos: dict[str, RemoteServer] = {}
+        failures: list[str] = []
+
+        async def connect(address: str) -> None:
+            info = parse_peer_address(address)
+            try:
+                with trio.fail_after(timeout):
+                    await host.connect(info)
+                server_info = await fetch_info(host, info.peer_id.to_base58(), timeout)
+            except (trio.TooSlowError, ServerUnavailable, OSError, Exception) as exc:
+                failures.append(f"{address}: {exc or type(exc).__name__}")
+                return
+            infos[address] = RemoteServer(info.peer_id.to_base58(), address, server_info)
+
+        async with trio.open_nursery() as nursery:
+            for address in peers:
+                nursery.start_soon(connect, address)
+        for address in failures:
+            log.warning("skipping peer %s", address)
+        servers = [infos[a] for a in peers if a in infos]
+        mismatched = [s for s in servers if s.info.fingerprint != self.identity.fingerprint]
+        if mismatched and len(mismatched) == len(servers):
+            s = mismatched[0]
+            raise ModelMismatchError(
+                f"the servers hold {s.info.model_id}, but this client loaded {self.identity.model_id}: "
+                "the weights differ (fingerprints do not match); pass the same --model to both")
+        for s in mismatched:
+            log.warning("ignoring %s: it serves %s, not %s", s.address, s.info.model_id, self.identity.model_id)
+        good = [s for s in servers if s not in mismatched]
+        if not good:
+            raise ServerUnavailable("no usable server among the peers given:\n  " + "\n  ".join(failures))
+        return good
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def route(self, start: int = 0, end: int | None = None, split_after: Sequence[int] = ()) -> SpanRoute:
+        end = self.identity.num_blocks if end is None else end
+        return SpanRoute.plan(self.servers, start, end, frozenset(split_after))
+
+    @contextlib.contextmanager
+    def inference_session(self, batch: int = 1, max_length: int = 2048, route: SpanRoute | None = None
+                          ) -> Iterator[InferenceSession]:
+        session = InferenceSession(self.node.host, route or self.route(), self.identity, batch, max_length,
+                                   self.wire_dtype, self.codec, self.step_timeout)
+        self.node.call(session.open)
+        try:
+            yield session
+        finally:
+            self.node.call(session.close)
+
+    def _step(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
+        """Send ``hidden`` through the session, split so that no frame exceeds the tensor limit."""
+        per_token = hidden.shape[0] * hidden.shape[2] * 4
+        chunk = max(1, MAX_TENSOR_BYTES // 2 // per_token)
+        outs = [self.node.call(session.step, part) for part in hidden.split(chunk, dim=1)]
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    # --- the API -------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self.source.load_tokenizer()
+        return self._tokenizer
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | Sequence[int] | None = None,
+                 streamer: Callable[[torch.Tensor], None] | None = None) -> torch.LongTensor:
+        """Like transformers' generate: returns prompt + new tokens, [batch, length].
+
+        Greedy unless ``do_sample``. Stops when every row has produced an EOS token.
+        ``streamer`` is called with each new column of tokens [batch] as it is chosen.
+        """
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []))
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        batch = input_ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool)
+        tokens = [input_ids]
+        with self.inference_session(batch, input_ids.shape[1] + max_new_tokens) as session:
+            hidden = self._step(session, self.head.embed(input_ids))
+            for _ in range(max_new_tokens):
+                logits = self.head.logits(hidden[:, -1])
+                nxt = sample_next(logits, temperature if do_sample else 0.0, top_p, generator)
+                nxt = torch.where(finished, torch.as_tensor(self.config.pad_token_id or 0), nxt)
+                tokens.append(nxt[:, None])
+                if streamer is not None:
+                    streamer(nxt)
+                finished |= torch.isin(nxt, eos)
+                if bool(finished.all()) or len(tokens) - 1 == max_new_tokens:
+                    break
+                hidden = self._step(session, self.head.embed(nxt[:, None]))
+        return torch.cat(tokens, dim=1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, tokens, vocab] for ``input_ids``."""
+        input_ids = torch.as_tensor(input_ids).reshape(-1, torch.as_tensor(input_ids).shape[-1])
+        with self.inference_session(input_ids.shape[0], input_ids.shape[1]) as session:
+            return self.head.logits(self._step(session, self.head.embed(input_ids)))
+
+    def hidden_states(self, input_ids: torch.Tensor, blocks: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """The hidden state after each block in ``blocks`` (default: every block), by block index.
+
+        The route is cut after each block asked for, so each state is what a server returned.
+        """
+        input_ids = torch.as_tensor(input_ids)
+        n = self.identity.num_blocks
+        wanted = sorted(set(range(n) if blocks is None else blocks))
+        if any(not 0 <= b < n for b in wanted):
+            raise ValueError(f"blocks must be in [0, {n})")
+        route = self.route(0, wanted[-1] + 1, split_after=wanted)
+        states: dict[int, torch.Tensor] = {}
+        with self.inference_session(input_ids.shape[0], input_ids.shape[1], route) as session:
+            hidden = self.head.embed(input_ids)
+            for index, span in enumerate(session.spans):
+                hidden = self.node.call(span.step, hidden)
+                states[route.hops[index].end - 1] = hidden
+        return {b: states[b] for b in wanted}
+
+    def run_blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Run blocks [start, end) on caller-supplied hidden states [batch, tokens, hidden] at positions 0..T-1."""
+        with self.inference_session(hidden.shape[0], hidden.shape[1], self.route(start, end)) as session:
+            return self._step(session, hidden)
+
+    def close(self) -> None:
+        self.node.stop()
+
+    def __enter__(self) -> DistributedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

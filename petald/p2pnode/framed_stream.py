@@ -1,0 +1,66 @@
+"""Frames over a libp2p stream: read whole messages, write whole messages, with timeouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.io.exceptions import IOException
+
+from petald.protocol.framing import FrameDecoder, encode_frame
+from petald.protocol.limits import MAX_FRAME_BYTES
+
+_READ_CHUNK = 1 << 20
+
+
+class PeerGone(Exception):
+    """The stream closed or broke while we waited on it."""
+
+
+class FramedStream:
+    def __init__(self, stream: INetStream, max_frame_bytes: int = MAX_FRAME_BYTES):
+        self.stream = stream
+        self.max_frame_bytes = max_frame_bytes
+        self._decoder = FrameDecoder(max_frame_bytes)
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next message, or None on a clean end of stream between frames.
+
+        Raises ProtocolError for malformed or oversized frames, PeerGone for a broken stream.
+        """
+        while (msg := self._decoder.next_message()) is None:
+            want = self._decoder.wanted()  # raises on an oversized header before reading the body
+            try:
+                data = await self.stream.read(min(want, _READ_CHUNK))
+            except EOFError:
+                data = b""
+            except (IOException, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise PeerGone(f"stream broke: {exc or type(exc).__name__}") from None
+            if not data:
+                if self._decoder.buffered:
+                    raise PeerGone("stream ended in the middle of a frame")
+                return None
+            self._decoder.feed(data)
+        return msg
+
+    async def send(self, message: dict[str, Any]) -> None:
+        frame = encode_frame(message, self.max_frame_bytes)
+        try:
+            await self.stream.write(frame)
+        except (IOException, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerGone(f"stream broke while sending: {exc or type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.stream.close()
+            except Exception:
+                pass  # closing a broken stream has nothing left to release
+
+    async def reset(self) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.stream.reset()
+            except Exception:
+                pass

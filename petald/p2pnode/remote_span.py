@@ -1,0 +1,115 @@
+"""The client's side of one inference session on one server: one stream, many steps."""
+
+from __future__ import annotations
+
+import torch
+import trio
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from petald.kernels.model_source import ModelIdentity
+from petald.p2pnode.framed_stream import FramedStream, PeerGone
+from petald.p2pnode.route import SpanHop
+from petald.protocol.errors import RemoteError
+from petald.protocol.limits import INFERENCE_PROTOCOL, INFO_PROTOCOL
+from petald.protocol.messages import (
+    CloseSession,
+    ErrorReply,
+    InfoRequest,
+    OpenSession,
+    ServerInfo,
+    SessionOpened,
+    Step,
+    StepOutput,
+)
+
+
+class ServerUnavailable(Exception):
+    """A server could not be reached, timed out, or does not speak our protocol."""
+
+
+async def open_stream(host: IHost, peer_id: str, protocol: str, timeout: float) -> FramedStream:
+    try:
+        with trio.fail_after(timeout):
+            stream = await host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+    except trio.TooSlowError:
+        raise ServerUnavailable(f"server ..{peer_id[-8:]} did not open a {protocol} stream within {timeout:.0f} s") from None
+    except Exception as exc:
+        text = str(exc) or type(exc).__name__
+        if "protocol" in text.lower() or "negotiat" in text.lower():
+            raise ServerUnavailable(
+                f"server ..{peer_id[-8:]} does not speak {protocol}: it runs another petald version ({text})") from None
+        raise ServerUnavailable(f"cannot reach server ..{peer_id[-8:]}: {text}") from None
+    return FramedStream(stream)
+
+
+async def _receive_reply(framed: FramedStream, peer: str, timeout: float, what: str) -> dict:
+    try:
+        with trio.fail_after(timeout):
+            msg = await framed.receive()
+    except trio.TooSlowError:
+        raise ServerUnavailable(f"server ..{peer[-8:]} did not answer {what} within {timeout:.0f} s") from None
+    except PeerGone as exc:
+        raise ServerUnavailable(f"server ..{peer[-8:]} went away during {what}: {exc}") from None
+    if msg is None:
+        raise ServerUnavailable(f"server ..{peer[-8:]} closed the stream during {what}")
+    if msg.get("type") == "error":
+        err = ErrorReply.from_wire(msg)
+        raise RemoteError(f"..{peer[-8:]}", err.code, err.message)
+    return msg
+
+
+async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> ServerInfo:
+    framed = await open_stream(host, peer_id, INFO_PROTOCOL, timeout)
+    try:
+        await framed.send(InfoRequest().to_wire())
+        return ServerInfo.from_wire(await _receive_reply(framed, peer_id, timeout, "an info request"))
+    finally:
+        await framed.close()
+
+
+class RemoteSpanSession:
+    def __init__(self, hop: SpanHop, framed: FramedStream, wire_dtype: str, codec: str, step_timeout: float):
+        self.hop = hop
+        self.framed = framed
+        self.wire_dtype, self.codec = wire_dtype, codec
+        self.step_timeout = step_timeout
+        self.position = 0
+        self._step_ids = 0
+
+    @classmethod
+    async def open(cls, host: IHost, hop: SpanHop, identity: ModelIdentity, batch: int, max_length: int,
+                   wire_dtype: str, codec: str, step_timeout: float) -> RemoteSpanSession:
+        peer = hop.server.peer_id
+        framed = await open_stream(host, peer, INFERENCE_PROTOCOL, step_timeout)
+        try:
+            await framed.send(OpenSession(identity.model_id, identity.fingerprint, hop.start, hop.end,
+                                          batch, max_length, wire_dtype, codec).to_wire())
+            SessionOpened.from_wire(await _receive_reply(framed, peer, step_timeout, "opening a session"))
+        except BaseException:
+            await framed.reset()
+            raise
+        return cls(hop, framed, wire_dtype, codec, step_timeout)
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._step_ids += 1
+        peer = self.hop.server.peer_id
+        try:
+            await self.framed.send(Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec).to_wire())
+        except PeerGone as exc:
+            raise ServerUnavailable(f"server ..{peer[-8:]} went away: {exc}") from None
+        out = StepOutput.from_wire(await _receive_reply(self.framed, peer, self.step_timeout, "a step"))
+        if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
+            raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with shape "
+                                    f"{list(out.hidden.shape)}; expected step {self._step_ids}, {list(hidden.shape)}")
+        self.position += hidden.shape[1]
+        return out.hidden
+
+    async def close(self) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.framed.send(CloseSession().to_wire())
+            except PeerGone:
+                pass
+        await self.framed.close()

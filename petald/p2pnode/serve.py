@@ -1,0 +1,81 @@
+"""Run a server node until SIGINT or SIGTERM: load the span, start the host, serve."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+
+from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
+from petald.kernels.executor import DeviceExecutor
+from petald.kernels.sources import open_source
+from petald.kernels.span import BlockSpan
+from petald.p2pnode.host import DEFAULT_LISTEN, full_addresses, make_host, quiet_libp2p_logs
+from petald.p2pnode.identity import load_or_create_identity
+from petald.p2pnode.server import BlockServer, ServerLimits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    model: str | None = None
+    blocks: str = "0:"
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    identity: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+
+def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
+    """``A:B`` (B exclusive), ``A:`` for the rest, ``:B`` from the start."""
+    start_text, sep, end_text = text.partition(":")
+    try:
+        start = int(start_text) if start_text else 0
+        end = int(end_text) if end_text else num_blocks
+    except ValueError:
+        raise ValueError(f"--blocks {text!r}: expected A:B with integers, e.g. 0:15") from None
+    if not sep or not 0 <= start < end <= num_blocks:
+        raise ValueError(f"--blocks {text!r}: need 0 <= A < B <= {num_blocks} (this model has {num_blocks} blocks)")
+    return start, end
+
+
+def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
+    """Load, listen, serve; return after a signal once everything is closed."""
+    quiet_libp2p_logs()
+    source = open_source(options.model)
+    start, end = parse_blocks(options.blocks, source.identity.num_blocks)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    key_pair = load_or_create_identity(options.identity)
+
+    def progress(done: int, total: int) -> None:
+        announce(f"loading blocks {start}:{end} of {source.identity.model_id}: {done}/{total}")
+
+    span = BlockSpan(source, start, end, dtype, device, progress=progress)
+    executor = DeviceExecutor()
+    server = BlockServer(source.identity, span, executor, options.limits)
+    try:
+        trio.run(_serve_until_signal, server, key_pair, options.listen, announce)
+    finally:
+        executor.shutdown()
+    announce(f"stopped (served blocks {start}:{end}, {dtype_name(dtype)} on {device})")
+
+
+async def _serve_until_signal(server: BlockServer, key_pair, listen: list[str], announce) -> None:
+    host = make_host(key_pair, listen)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]):
+            server.register(host)
+            span = server.span
+            for address in full_addresses(host):
+                announce(f"serving blocks {span.start}:{span.end} of {server.identity.model_id} "
+                         f"({dtype_name(span.dtype)}, {span.device}) at {address}")
+            async for signum in signals:
+                announce(f"received {signal.Signals(signum).name}, shutting down")
+                break

@@ -1,0 +1,33 @@
+"""Errors that cross the wire: a code a program can branch on and a message a person can read."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    BAD_FRAME = "bad_frame"  # not a length-prefixed msgpack map
+    FRAME_TOO_LARGE = "frame_too_large"
+    BAD_MESSAGE = "bad_message"  # a field missing, of the wrong type or out of range
+    BAD_TENSOR = "bad_tensor"  # wrong dtype, shape, codec or byte count
+    VERSION = "version"  # another wire version
+    WRONG_MODEL = "wrong_model"  # model id or weights fingerprint differ
+    SPAN_NOT_SERVED = "span_not_served"  # blocks this server does not hold
+    CACHE_FULL = "cache_full"
+    BAD_STATE = "bad_state"  # e.g. a step at a position the session is not at
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RemoteError(Exception):
+    """A peer answered with an error frame."""
+
+    def __init__(self, peer: str, code: str, message: str):
+        super().__init__(f"server {peer} refused: {code}: {message}")
+        self.peer, self.code, self.message = peer, code, message

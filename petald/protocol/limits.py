@@ -1,0 +1,15 @@
+"""Protocol IDs and every hard limit of the wire, in one place (see docs/protocol.md)."""
+
+WIRE_VERSION = 1  # major version of the message schemas; carried in protocol IDs and "open"
+
+INFERENCE_PROTOCOL = "/petald/inference/1.0.0"
+INFO_PROTOCOL = "/petald/info/1.0.0"
+
+FRAME_HEADER_BYTES = 4
+MAX_FRAME_BYTES = 32 * 1024 * 1024  # no frame, of any kind, is larger
+MAX_TENSOR_BYTES = 24 * 1024 * 1024  # decoded size of one tensor; leaves room under the frame cap
+MAX_TENSOR_DIMS = 4
+MAX_BATCH = 64
+MAX_STRING = 4096  # model ids, error messages
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+CODECS = ("raw", "lz4")

@@ -1,0 +1,62 @@
+"""The tensor codec: ``{dtype, shape, codec, data}`` maps inside frames.
+
+Decoding trusts nothing: the dtype and codec must be known, the shape small and
+non-negative, and the bytes must be exactly what dtype and shape imply (lz4 is
+decompressed into a buffer of that exact size, so no input can inflate past it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lz4.block
+import torch
+
+from petald.protocol.errors import ErrorCode, ProtocolError
+from petald.protocol.limits import CODECS, MAX_TENSOR_BYTES, MAX_TENSOR_DIMS, WIRE_DTYPES
+
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def encode_tensor(tensor: torch.Tensor, dtype: str = "float32", codec: str = "raw") -> dict[str, Any]:
+    if dtype not in _TORCH or codec not in CODECS:
+        raise ValueError(f"unsupported wire dtype {dtype!r} or codec {codec!r}")
+    t = tensor.detach().to(device="cpu", dtype=_TORCH[dtype]).contiguous()
+    if t.numel() * t.element_size() > MAX_TENSOR_BYTES:
+        raise ValueError(f"tensor of {t.numel() * t.element_size()} bytes exceeds {MAX_TENSOR_BYTES}; chunk it")
+    raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    data = lz4.block.compress(raw, store_size=False) if codec == "lz4" else raw
+    return {"dtype": dtype, "shape": list(t.shape), "codec": codec, "data": data}
+
+
+def decode_tensor(obj: Any, field: str = "tensor") -> torch.Tensor:
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.BAD_TENSOR, f"{field}: {why}")
+
+    if not isinstance(obj, dict):
+        raise bad("expected a map with dtype, shape, codec, data")
+    dtype, shape, codec, data = obj.get("dtype"), obj.get("shape"), obj.get("codec", "raw"), obj.get("data")
+    if dtype not in WIRE_DTYPES:
+        raise bad(f"dtype {dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+    if codec not in CODECS:
+        raise bad(f"codec {codec!r} is not one of {', '.join(CODECS)}")
+    if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise bad(f"shape must be a list of at most {MAX_TENSOR_DIMS} non-negative ints, got {shape!r}")
+    if not isinstance(data, bytes):
+        raise bad("data must be bytes")
+    item = torch.empty((), dtype=_TORCH[dtype]).element_size()
+    nbytes = math.prod(shape) * item
+    if nbytes > MAX_TENSOR_BYTES:
+        raise bad(f"{nbytes} bytes exceeds the tensor limit of {MAX_TENSOR_BYTES}")
+    if codec == "lz4" and nbytes:
+        try:
+            data = lz4.block.decompress(data, uncompressed_size=nbytes)
+        except Exception:
+            raise bad("lz4 data does not decompress to the size its shape implies") from None
+    if len(data) != nbytes:
+        raise bad(f"shape {shape} of {dtype} needs {nbytes} bytes, got {len(data)}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=_TORCH[dtype])
+    return torch.frombuffer(bytearray(data), dtype=_TORCH[dtype]).reshape(shape)
