@@ -25,3 +25,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sharded_llama(tmp_path_factory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-sharded") / "llama", sharded=True)
+
+
+@pytest.fixture(scope="session")
+def smollm_swarm():
+    """Five real server processes for SmolLM2: a 2-way split and a 3-way split."""
+    from petald.cli.local_swarm import LocalSwarm
+
+    with LocalSwarm(["0:15", "15:30", "0:10", "10:20", "20:30"], extra_args=["--threads", "1"]) as swarm:
+        yield swarm

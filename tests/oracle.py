@@ -21,10 +21,15 @@ def reference_model(model_dir: str | None = None):
 
 @torch.no_grad()
 def reference_greedy(model_dir: str | None, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """transformers' model with its own KV cache, argmax at every step, never stopping at EOS."""
     model = reference_model(model_dir)
-    out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         min_new_tokens=max_new_tokens, pad_token_id=0)
-    return out[0, input_ids.shape[1]:].tolist()
+    out = model(input_ids, use_cache=True)
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        tokens.append(int(nxt[0]))
+        out = model(nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+    return tokens
 
 
 @torch.no_grad()

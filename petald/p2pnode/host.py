@@ -15,6 +15,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -33,8 +34,11 @@ def quiet_libp2p_logs() -> None:
 def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,)) -> IHost:
     security = {TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(key_pair, noise_privkey=new_x25519_pair().private_key)}
     muxers = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
+    # No auto-connector: by default py-libp2p keeps dialling every peer it has heard of
+    # to hold 50+ connections; a petald node connects to the servers it routes through.
+    connections = ConnectionConfig(min_connections=0, low_watermark=0, auto_connect_interval=3600.0)
     return new_host(key_pair=key_pair, sec_opt=security, muxer_opt=muxers,
-                    listen_addrs=[multiaddr.Multiaddr(a) for a in listen])
+                    listen_addrs=[multiaddr.Multiaddr(a) for a in listen], connection_config=connections)
 
 
 def parse_peer_address(address: str) -> PeerInfo:

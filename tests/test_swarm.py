@@ -1,0 +1,93 @@
+"""Real petald server processes on 127.0.0.1 against transformers' own models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from petald.cli.local_swarm import LocalSwarm
+from petald.p2pnode.distributed_model import DistributedModel, ModelMismatchError
+from tests.oracle import reference_greedy, reference_logits, reference_model
+from tests.tiny_models import FAMILIES
+
+pytestmark = pytest.mark.slow
+
+PROMPT_IDS = torch.tensor([[504, 3575, 282, 4649, 314, 253, 1345, 30, 378, 3575]])
+
+
+@pytest.mark.parametrize("servers", [slice(0, 2), slice(2, 5)], ids=["2-servers", "3-servers"])
+def test_smollm_split_matches_transformers(smollm_swarm, servers):
+    with DistributedModel(smollm_swarm.addresses[servers]) as model:
+        assert len(model.route().hops) == servers.stop - servers.start
+        logits = model.forward(PROMPT_IDS)
+        torch.testing.assert_close(logits, reference_logits(None, PROMPT_IDS), atol=1e-3, rtol=1e-4)
+        out = model.generate(PROMPT_IDS, max_new_tokens=24, eos_token_id=[])
+    assert out[0, PROMPT_IDS.shape[1]:].tolist() == reference_greedy(None, PROMPT_IDS, 24)
+
+
+def test_hidden_states_after_any_block(smollm_swarm):
+    ref = reference_model(None)
+    with torch.no_grad():
+        expected = ref(PROMPT_IDS, output_hidden_states=True).hidden_states
+    with DistributedModel(smollm_swarm.addresses[:2]) as model:
+        states = model.hidden_states(PROMPT_IDS, blocks=[0, 6, 14, 21])
+    for block, state in states.items():
+        # transformers' hidden_states[i + 1] is the output of block i
+        torch.testing.assert_close(state, expected[block + 1], atol=1e-3, rtol=1e-4)
+
+
+def test_run_a_slice_of_remote_blocks(smollm_swarm):
+    ref = reference_model(None)
+    with torch.no_grad():
+        expected = ref(PROMPT_IDS, output_hidden_states=True).hidden_states
+    with DistributedModel(smollm_swarm.addresses[2:]) as model:
+        out = model.run_blocks(expected[8], 8, 17)  # crosses a server boundary at 10
+    torch.testing.assert_close(out, expected[17], atol=1e-3, rtol=1e-4)
+
+
+def test_cli_generate_streams_the_oracles_text(smollm_swarm):
+    from petald.kernels.sources import open_source
+
+    tokenizer = open_source(None).load_tokenizer()
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    # The CLI stops at EOS; the oracle runs on, so cut it at the first EOS too.
+    expected_ids = reference_greedy(None, ids, 16)
+    if 2 in expected_ids:
+        expected_ids = expected_ids[: expected_ids.index(2) + 1]
+    expected = tokenizer.decode(expected_ids, skip_special_tokens=True)
+    cmd = [sys.executable, "-m", "petald.cli.main", "generate", prompt, "--peers", *smollm_swarm.addresses[2:],
+           "--max-new-tokens", "16"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected.strip()
+
+
+def test_wire_fp16_with_lz4_stays_close(smollm_swarm):
+    with DistributedModel(smollm_swarm.addresses[:2], wire_dtype="float16", codec="lz4") as model:
+        logits = model.forward(PROMPT_IDS)
+    ref = reference_logits(None, PROMPT_IDS)
+    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert (logits - ref).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_family_over_two_and_three_processes(tiny_models, family):
+    path = str(tiny_models[family])
+    ids = torch.randint(0, 320, (1, 28), generator=torch.Generator().manual_seed(3))
+    expected = reference_greedy(path, ids, 20)
+    with LocalSwarm(["0:2", "2:6", "2:4", "4:6"], model=path, extra_args=["--threads", "1"]) as swarm:
+        a = swarm.addresses
+        for peers, hops in (([a[0], a[1]], 2), ([a[0], a[2], a[3]], 3)):
+            with DistributedModel(peers, path) as model:
+                assert len(model.route().hops) == hops
+                torch.testing.assert_close(model.forward(ids), reference_logits(path, ids), atol=1e-4, rtol=1e-4)
+                assert model.generate(ids, max_new_tokens=20, eos_token_id=[])[0, 28:].tolist() == expected[:20]
+
+
+def test_client_with_other_weights_is_refused(smollm_swarm, tiny_models):
+    with pytest.raises(ModelMismatchError, match="fingerprints do not match"):
+        DistributedModel(smollm_swarm.addresses[:1], str(tiny_models["llama"]))
