@@ -9,8 +9,6 @@ from collections.abc import Callable, Sequence
 
 import click
 
-_ERROR_TYPES: tuple[type[BaseException], ...] = ()
-
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that carry a message a person can act on (imported lazily: torch is slow to load)."""
@@ -34,6 +32,8 @@ def _run_cli(fn: Callable[[], None], debug: bool) -> None:
     except Exception as exc:
         if debug:
             raise
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]  # trio nurseries wrap a single failure in a group
         known = isinstance(exc, _known_errors())
         prefix = "error" if known else f"unexpected {type(exc).__name__}"
         click.echo(f"petald: {prefix}: {exc}", err=True)

@@ -58,13 +58,15 @@ class DistributedModel:
         infos: dict[str, RemoteServer] = {}
         failures: list[str] = []
 
+        parsed = {address: parse_peer_address(address) for address in peers}  # bad addresses fail here
+
         async def connect(address: str) -> None:
-            info = parse_peer_address(address)
+            info = parsed[address]
             try:
                 with trio.fail_after(timeout):
                     await host.connect(info)
                 server_info = await fetch_info(host, info.peer_id.to_base58(), timeout)
-            except (trio.TooSlowError, ServerUnavailable, OSError, Exception) as exc:
+            except Exception as exc:  # any failure only skips this peer; the reason is reported
                 failures.append(f"{address}: {exc or type(exc).__name__}")
                 return
             infos[address] = RemoteServer(info.peer_id.to_base58(), address, server_info)

@@ -29,18 +29,38 @@ class ServerUnavailable(Exception):
     """A server could not be reached, timed out, or does not speak our protocol."""
 
 
+def _refused_protocol(exc: BaseException) -> bool:
+    """True when the peer answered multistream-select with 'na': it does not speak the protocol."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ == "MultiselectClientError" or "protocol not supported" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _offered_petald_protocols(host: IHost, peer: ID) -> list[str]:
+    try:
+        return sorted(p for p in host.get_peerstore().get_protocols(peer) if str(p).startswith("/petald/"))
+    except Exception:
+        return []  # identify may not have run yet
+
+
 async def open_stream(host: IHost, peer_id: str, protocol: str, timeout: float) -> FramedStream:
+    peer = ID.from_base58(peer_id)
     try:
         with trio.fail_after(timeout):
-            stream = await host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+            stream = await host.new_stream(peer, [TProtocol(protocol)])
     except trio.TooSlowError:
         raise ServerUnavailable(f"server ..{peer_id[-8:]} did not open a {protocol} stream within {timeout:.0f} s") from None
     except Exception as exc:
-        text = str(exc) or type(exc).__name__
-        if "protocol" in text.lower() or "negotiat" in text.lower():
+        if _refused_protocol(exc):
+            offered = _offered_petald_protocols(host, peer)
             raise ServerUnavailable(
-                f"server ..{peer_id[-8:]} does not speak {protocol}: it runs another petald version ({text})") from None
-        raise ServerUnavailable(f"cannot reach server ..{peer_id[-8:]}: {text}") from None
+                f"server ..{peer_id[-8:]} does not speak {protocol}"
+                + (f"; it speaks {', '.join(offered)}" if offered else "")
+                + ": client and server run incompatible petald versions") from None
+        raise ServerUnavailable(f"cannot reach server ..{peer_id[-8:]}: {exc or type(exc).__name__}") from None
     return FramedStream(stream)
 
 

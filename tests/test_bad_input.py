@@ -1,0 +1,248 @@
+"""Bad input against a real server process: each case gets a clear error, frees what it held,
+and a good session running on the same server at the same time still finishes correctly."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+import torch
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from petald.cli.local_swarm import LocalSwarm
+from petald.p2pnode.distributed_model import DistributedModel
+from petald.p2pnode.framed_stream import FramedStream
+from petald.p2pnode.host import parse_peer_address
+from petald.p2pnode.identity import load_or_create_identity
+from petald.p2pnode.node_thread import NodeThread
+from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
+from petald.protocol.limits import INFERENCE_PROTOCOL
+from petald.protocol.messages import OpenSession, Step
+from petald.protocol.tensors import encode_tensor
+from tests.oracle import reference_greedy
+
+pytestmark = pytest.mark.slow
+
+CACHE_TOKENS = 6000
+IDS = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_models):
+    path = str(tiny_models["llama"])
+    with LocalSwarm(["0:6"], model=path, extra_args=["--threads", "1", "--cache-tokens", str(CACHE_TOKENS),
+                                                    "--max-length", "500"]) as swarm:
+        yield path, swarm
+
+
+@pytest.fixture(scope="module")
+def good_model(tiny_server):
+    path, swarm = tiny_server
+    with DistributedModel(swarm.addresses, path) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def raw_node():
+    node = NodeThread(load_or_create_identity(None))
+    yield node
+    node.stop()
+
+
+class RawClient:
+    """Speaks to the server byte by byte, as a buggy or hostile peer would."""
+
+    def __init__(self, node: NodeThread, address: str, model: DistributedModel):
+        self.node, self.address, self.model = node, address, model
+        self.peer = parse_peer_address(address)
+
+    def run(self, fn):
+        async def wrapper():
+            with trio.fail_after(30):
+                await self.node.host.connect(self.peer)
+                stream = await self.node.host.new_stream(self.peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)])
+                framed = FramedStream(stream)
+                try:
+                    return await fn(framed, stream)
+                finally:
+                    await framed.close()
+        return self.node.call(wrapper)
+
+    def open_message(self, **overrides) -> dict:
+        ident = self.model.identity
+        return {**OpenSession(ident.model_id, ident.fingerprint, 0, 6, 1, 64).to_wire(), **overrides}
+
+    def free_tokens(self) -> int:
+        return self.node.call(fetch_info, self.node.host, self.peer.peer_id.to_base58()).free_cache_tokens
+
+
+async def _error_reply(framed: FramedStream) -> dict:
+    msg = await framed.receive()
+    assert msg is not None and msg["type"] == "error", msg
+    assert await framed.receive() is None  # the server closes the session after an error
+    return msg
+
+
+def _raw_frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+async def malformed_frame(framed, stream, client):
+    await stream.write(_raw_frame(b"\xc1\xc1 definitely not msgpack"))
+    return await _error_reply(framed)
+
+
+async def oversized_frame(framed, stream, client):
+    await stream.write(struct.pack(">I", 1 << 30) + b"\0" * 64)
+    return await _error_reply(framed)
+
+
+async def wrong_shape(framed, stream, client):
+    await framed.send(client.open_message())
+    assert (await framed.receive())["type"] == "opened"
+    await framed.send(Step(1, 0, torch.zeros(1, 3, 63)).to_wire())
+    return await _error_reply(framed)
+
+
+async def wrong_dtype(framed, stream, client):
+    await framed.send(client.open_message())
+    assert (await framed.receive())["type"] == "opened"
+    await framed.send(Step(1, 0, torch.zeros(1, 3, 64), wire_dtype="float16").to_wire())
+    return await _error_reply(framed)
+
+
+async def undecodable_tensor(framed, stream, client):
+    await framed.send(client.open_message())
+    assert (await framed.receive())["type"] == "opened"
+    tensor = encode_tensor(torch.zeros(1, 3, 64))
+    tensor["data"] = tensor["data"][:-4]
+    await framed.send({"type": "step", "step_id": 1, "position": 0, "hidden": tensor})
+    return await _error_reply(framed)
+
+
+async def blocks_not_held(framed, stream, client):
+    await framed.send(client.open_message(start=4, end=9))
+    return await _error_reply(framed)
+
+
+async def other_weights(framed, stream, client):
+    await framed.send(client.open_message(fingerprint="0" * 64))
+    return await _error_reply(framed)
+
+
+async def other_wire_version(framed, stream, client):
+    await framed.send(client.open_message(wire_version=99))
+    return await _error_reply(framed)
+
+
+async def cache_too_large(framed, stream, client):
+    await framed.send(client.open_message(max_length=500, batch=8))
+    return await _error_reply(framed)
+
+
+async def step_out_of_order(framed, stream, client):
+    await framed.send(client.open_message())
+    assert (await framed.receive())["type"] == "opened"
+    await framed.send(Step(1, 5, torch.zeros(1, 3, 64)).to_wire())
+    return await _error_reply(framed)
+
+
+async def garbage_after_open(framed, stream, client):
+    await framed.send(client.open_message())
+    assert (await framed.receive())["type"] == "opened"
+    await stream.write(_raw_frame(msgpack.packb({"type": "step", "step_id": "x"})))
+    return await _error_reply(framed)
+
+
+CASES = {
+    malformed_frame: "bad_frame",
+    oversized_frame: "frame_too_large",
+    wrong_shape: "bad_tensor",
+    wrong_dtype: "bad_tensor",
+    undecodable_tensor: "bad_tensor",
+    blocks_not_held: "span_not_served",
+    other_weights: "wrong_model",
+    other_wire_version: "version",
+    cache_too_large: "cache_full",
+    step_out_of_order: "bad_state",
+    garbage_after_open: "bad_message",
+}
+
+
+def _decode_with_interruption(model: DistributedModel, interrupt, steps: int = 10) -> list[int]:
+    """Greedy-decode a good session and call ``interrupt`` in the middle of it."""
+    tokens: list[int] = []
+    with model.inference_session(1, IDS.shape[1] + steps) as session:
+        hidden = model.node.call(session.step, model.head.embed(IDS))
+        for i in range(steps):
+            nxt = model.head.logits(hidden[:, -1]).argmax(-1)
+            tokens.append(int(nxt[0]))
+            if i == steps // 2:
+                interrupt()
+            hidden = model.node.call(session.step, model.head.embed(nxt[:, None]))
+    return tokens
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=[c.__name__ for c in CASES])
+def test_bad_input_is_refused_and_isolated(tiny_server, good_model, raw_node, case):
+    path, swarm = tiny_server
+    client = RawClient(raw_node, swarm.addresses[0], good_model)
+    replies = []
+
+    def interrupt():
+        replies.append(client.run(lambda framed, stream: case(framed, stream, client)))
+
+    assert _decode_with_interruption(good_model, interrupt) == reference_greedy(path, IDS, 10)
+    assert replies[0]["code"] == CASES[case], replies[0]
+    assert len(replies[0]["message"]) > 10  # a sentence, not just a code
+    assert client.free_tokens() == CACHE_TOKENS  # everything was given back
+    assert swarm.servers[0].process.poll() is None
+
+
+@pytest.mark.parametrize("how", ["reset_stream", "drop_connection", "half_frame"])
+def test_client_vanishing_mid_session_frees_its_cache(tiny_server, good_model, raw_node, how):
+    path, swarm = tiny_server
+    client = RawClient(raw_node, swarm.addresses[0], good_model)
+
+    async def vanish(framed, stream):
+        await framed.send(client.open_message(max_length=500))
+        assert (await framed.receive())["type"] == "opened"
+        await framed.send(Step(1, 0, torch.zeros(1, 4, 64)).to_wire())
+        assert (await framed.receive())["type"] == "output"
+        if how == "reset_stream":
+            await stream.reset()
+        elif how == "drop_connection":
+            await raw_node.host.disconnect(client.peer.peer_id)
+        else:
+            await stream.write(struct.pack(">I", 5000) + b"\x81")  # a frame that never completes
+            await stream.close()
+
+    def interrupt():
+        client.run(vanish)
+
+    assert _decode_with_interruption(good_model, interrupt) == reference_greedy(path, IDS, 10)
+    for _ in range(50):  # the server notices the disconnect asynchronously
+        if client.free_tokens() == CACHE_TOKENS:
+            break
+        raw_node.call(trio.sleep, 0.1)
+    assert client.free_tokens() == CACHE_TOKENS
+    assert swarm.servers[0].process.poll() is None
+
+
+def test_other_protocol_version_is_a_clear_refusal(tiny_server, good_model, raw_node):
+    path, swarm = tiny_server
+    peer = parse_peer_address(swarm.addresses[0])
+
+    async def speak_v2():
+        from petald.p2pnode.remote_span import open_stream
+
+        await raw_node.host.connect(peer)
+        await open_stream(raw_node.host, peer.peer_id.to_base58(), "/petald/inference/2.0.0", 10)
+
+    with pytest.raises(ServerUnavailable, match="does not speak /petald/inference/2.0.0"):
+        raw_node.call(speak_v2)
+    assert good_model.generate(IDS, max_new_tokens=4, eos_token_id=[])[0, 12:].tolist() == reference_greedy(path, IDS, 4)
+    assert ID.from_base58(peer.peer_id.to_base58()) == peer.peer_id

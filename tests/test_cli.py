@@ -1,0 +1,60 @@
+"""The command line as a person meets it: clear errors, stable identities, clean shutdown."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from petald.cli.local_swarm import LocalSwarm
+
+PETALD = [sys.executable, "-m", "petald.cli.main"]
+
+
+def run_petald(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*PETALD, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "--blocks", "0:99"], "need 0 <= A < B <= 6"),
+        (["serve", "--blocks", "x"], "expected A:B"),
+        (["serve", "--blocks", "0:2", "--model", "/no/such/model"], "not found"),
+        (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1"], "no /p2p/"),
+        (["generate", "hi"], "--peers"),
+    ],
+)
+def test_errors_are_sentences_not_tracebacks(tiny_models, args, message):
+    if "--model" not in args:
+        args = [*args, "--model", str(tiny_models["llama"])]
+    result = run_petald(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_server_is_named(tiny_models):
+    address = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"
+    result = run_petald("generate", "hi", "--peers", address, "--model", str(tiny_models["llama"]), timeout=120)
+    assert result.returncode == 1
+    assert "no usable server" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_identity_is_stable_and_signals_stop_cleanly(tmp_path, tiny_models, sig):
+    key = tmp_path / "node.key"
+    args = ["--model", str(tiny_models["llama"]), "--identity", str(key)]
+    peer_ids = []
+    for _ in range(2):
+        with LocalSwarm(["0:6"], extra_args=args) as swarm:
+            peer_ids.append(swarm.addresses[0].rsplit("/p2p/", 1)[1])
+            server = swarm.servers[0]
+            assert server.stop(sig) == 0
+        assert any("shutting down" in line for line in server.output)
+        assert any(line.startswith("petald: stopped") for line in server.output)
+    assert peer_ids[0] == peer_ids[1]
+    assert key.stat().st_mode & 0o777 == 0o600
