@@ -1,0 +1,116 @@
+"""Decode speed through 2 and 3 local server processes against the same blocks in one process.
+
+    python benchmarks/pipeline_overhead.py [--tokens 64] [--threads 1] [--model PATH]
+
+All three configurations run in one invocation, one after another, so the
+ratios compare like with like on a noisy shared machine. Per-hop overhead is
+(ms/token through k servers - ms/token in one process) / k, since a decode step
+makes one client->server->client round trip per server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from petald.cli.local_swarm import LocalSwarm  # noqa: E402
+from petald.kernels.client_head import ClientHead  # noqa: E402
+from petald.kernels.sources import open_source  # noqa: E402
+from petald.kernels.span import BlockSpan  # noqa: E402
+from petald.p2pnode.distributed_model import DistributedModel  # noqa: E402
+
+PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def decode_local(source, tokens: int) -> list[float]:
+    n = source.identity.num_blocks
+    span = BlockSpan(source, 0, n, torch.float32, torch.device("cpu"))
+    head = ClientHead(source)
+    cache = span.new_cache(1, len(PROMPT) + tokens + 1)
+    ids = torch.tensor([PROMPT])
+    hidden = span.forward(head.embed(ids), cache)
+    times = []
+    for _ in range(tokens):
+        t0 = time.perf_counter()
+        nxt = head.logits(hidden[:, -1]).argmax(-1)
+        hidden = span.forward(head.embed(nxt[:, None]), cache)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def decode_remote(model: DistributedModel, tokens: int) -> list[float]:
+    ids = torch.tensor([PROMPT])
+    times = []
+    with model.inference_session(1, len(PROMPT) + tokens + 1) as session:
+        hidden = model.node.call(session.step, model.head.embed(ids))
+        for _ in range(tokens):
+            t0 = time.perf_counter()
+            nxt = model.head.logits(hidden[:, -1]).argmax(-1)
+            hidden = model.node.call(session.step, model.head.embed(nxt[:, None]))
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: list[float]) -> dict:
+    ms = sorted(t * 1000 for t in times[2:])  # the first steps warm caches and connections
+    return {"ms_per_token_median": statistics.median(ms), "ms_per_token_p90": ms[int(0.9 * (len(ms) - 1))],
+            "steps_per_s": 1000 / statistics.median(ms)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every process")
+    parser.add_argument("--out", default="benchmarks/results/pipeline_overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    source = open_source(args.model)
+    n = source.identity.num_blocks
+    results: dict = {"model": source.identity.model_id, "tokens": args.tokens, "threads": args.threads,
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__}
+    say(f"one process: decoding {args.tokens} tokens of {source.identity.model_id}")
+    results["local"] = summarise(decode_local(source, args.tokens))
+
+    for servers in (2, 3):
+        cuts = [round(i * n / servers) for i in range(servers + 1)]
+        spans = [f"{a}:{b}" for a, b in zip(cuts, cuts[1:], strict=False)]
+        say(f"{servers} servers ({', '.join(spans)}): starting processes")
+        with LocalSwarm(spans, args.model, extra_args=["--threads", str(args.threads)], log=say) as swarm:
+            with DistributedModel(swarm.addresses, source) as model:
+                say(f"{servers} servers: decoding {args.tokens} tokens")
+                r = summarise(decode_remote(model, args.tokens))
+        r["ratio_to_local"] = results["local"]["ms_per_token_median"] / r["ms_per_token_median"]
+        r["per_hop_overhead_ms"] = (r["ms_per_token_median"] - results["local"]["ms_per_token_median"]) / servers
+        results[f"{servers}_servers"] = r
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print("| configuration | ms/token (median) | p90 | steps/s | vs one process | per-hop overhead |")
+    print("|---|---|---|---|---|---|")
+    loc = results["local"]
+    print(f"| one process | {loc['ms_per_token_median']:.1f} | {loc['ms_per_token_p90']:.1f} | {loc['steps_per_s']:.1f} | 1.00x | - |")
+    for servers in (2, 3):
+        r = results[f"{servers}_servers"]
+        print(f"| {servers} server processes | {r['ms_per_token_median']:.1f} | {r['ms_per_token_p90']:.1f} | "
+              f"{r['steps_per_s']:.1f} | {r['ratio_to_local']:.2f}x | {r['per_hop_overhead_ms']:.2f} ms |")
+
+
+if __name__ == "__main__":
+    main()
