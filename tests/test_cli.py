@@ -58,3 +58,12 @@ def test_identity_is_stable_and_signals_stop_cleanly(tmp_path, tiny_models, sig)
         assert any(line.startswith("petald: stopped") for line in server.output)
     assert peer_ids[0] == peer_ids[1]
     assert key.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_demo_runs_a_local_swarm_and_answers():
+    result = run_petald("demo", "What is the capital of France?", "--max-new-tokens", "12", timeout=400)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ready at /ip4/127.0.0.1/") == 2
+    assert "Paris" in result.stdout
+    assert "servers stopped" in result.stdout

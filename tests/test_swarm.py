@@ -91,3 +91,28 @@ def test_tiny_family_over_two_and_three_processes(tiny_models, family):
 def test_client_with_other_weights_is_refused(smollm_swarm, tiny_models):
     with pytest.raises(ModelMismatchError, match="fingerprints do not match"):
         DistributedModel(smollm_swarm.addresses[:1], str(tiny_models["llama"]))
+
+
+def test_sampling_is_reproducible_with_a_seed(smollm_swarm):
+    with DistributedModel(smollm_swarm.addresses[:2]) as model:
+        runs = [model.generate(PROMPT_IDS, max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9,
+                               seed=seed, eos_token_id=[])[0].tolist() for seed in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_cli_chat_applies_the_template(smollm_swarm):
+    from petald.kernels.sources import open_source
+
+    tokenizer = open_source(None).load_tokenizer()
+    question = "What is the capital of France?"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    expected_ids = reference_greedy(None, ids, 12)
+    if 2 in expected_ids:
+        expected_ids = expected_ids[: expected_ids.index(2) + 1]
+    cmd = [sys.executable, "-m", "petald.cli.main", "generate", question, "--chat", "--max-new-tokens", "12",
+           "--peers", *smollm_swarm.addresses[:2]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == tokenizer.decode(expected_ids, skip_special_tokens=True).strip()
