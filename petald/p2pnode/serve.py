@@ -48,14 +48,19 @@ def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
 def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
     """Load, listen, serve; return after a signal once everything is closed."""
     quiet_libp2p_logs()
+    announce(f"opening model {options.model or 'smollm2 (embedded default)'}")
     source = open_source(options.model)
     start, end = parse_blocks(options.blocks, source.identity.num_blocks)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     key_pair = load_or_create_identity(options.identity)
 
+    step = max(1, (end - start) // 5)  # about five progress lines, whatever the span
+
     def progress(done: int, total: int) -> None:
-        announce(f"loading blocks {start}:{end} of {source.identity.model_id}: {done}/{total}")
+        if done % step == 0 or done == total:
+            announce(f"loading blocks {start}:{end} of {source.identity.model_id}: {done}/{total} "
+                     f"({100 * done // total}%)")
 
     span = BlockSpan(source, start, end, dtype, device, progress=progress)
     executor = DeviceExecutor()
