@@ -102,3 +102,15 @@ def test_top_p_keeps_only_the_nucleus():
     gen = torch.Generator().manual_seed(0)
     seen = {int(sample_next(logits, temperature=1.0, top_p=0.5, generator=gen)) for _ in range(50)}
     assert seen == {0}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_span_stays_close_to_float32(tiny_models, dtype):
+    source = open_source(str(tiny_models["llama"]))
+    hidden = ClientHead(source).embed(torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(2)))
+    full = BlockSpan(source, 0, TINY_BLOCKS, torch.float32, CPU)
+    half = BlockSpan(source, 0, TINY_BLOCKS, dtype, CPU)
+    want = full.forward(hidden, full.new_cache(2, 16))
+    got = half.forward(hidden, half.new_cache(2, 16))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
