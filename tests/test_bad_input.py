@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 CACHE_TOKENS = 6000
 IDS = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(5))
+GOOD_SESSION_TOKENS = 1 * (12 + 10) * 6  # batch * max_length * blocks of _decode_with_interruption
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,11 @@ async def cache_too_large(framed, stream, client):
     return await _error_reply(framed)
 
 
+async def big_first_frame(framed, stream, client):
+    await framed.send({**client.open_message(), "padding": b"\0" * 100_000})
+    return await _error_reply(framed)
+
+
 async def step_out_of_order(framed, stream, client):
     await framed.send(client.open_message())
     assert (await framed.receive())["type"] == "opened"
@@ -168,6 +174,7 @@ CASES = {
     other_wire_version: "version",
     cache_too_large: "cache_full",
     step_out_of_order: "bad_state",
+    big_first_frame: "frame_too_large",
     garbage_after_open: "bad_message",
 }
 
@@ -192,11 +199,16 @@ def test_bad_input_is_refused_and_isolated(tiny_server, good_model, raw_node, ca
     client = RawClient(raw_node, swarm.addresses[0], good_model)
     replies = []
 
+    free = []
+
     def interrupt():
         replies.append(client.run(lambda framed, stream: case(framed, stream, client)))
+        free.append(client.free_tokens())
 
     assert _decode_with_interruption(good_model, interrupt) == reference_greedy(path, IDS, 10)
     assert replies[0]["code"] == CASES[case], replies[0]
+    # While the good session is open it holds exactly its own tokens, whatever was refused.
+    assert free[0] == CACHE_TOKENS - GOOD_SESSION_TOKENS
     assert len(replies[0]["message"]) > 10  # a sentence, not just a code
     assert client.free_tokens() == CACHE_TOKENS  # everything was given back
     assert swarm.servers[0].process.poll() is None
@@ -246,3 +258,14 @@ def test_other_protocol_version_is_a_clear_refusal(tiny_server, good_model, raw_
         raw_node.call(speak_v2)
     assert good_model.generate(IDS, max_new_tokens=4, eos_token_id=[])[0, 12:].tolist() == reference_greedy(path, IDS, 4)
     assert ID.from_base58(peer.peer_id.to_base58()) == peer.peer_id
+
+
+def test_same_weights_under_another_name_are_served(tiny_server, good_model, raw_node):
+    path, swarm = tiny_server
+    client = RawClient(raw_node, swarm.addresses[0], good_model)
+
+    async def renamed(framed, stream):
+        await framed.send(client.open_message(model_id="a-copy-of-llama@" + good_model.identity.fingerprint[:12]))
+        return await framed.receive()
+
+    assert client.run(renamed)["type"] == "opened"

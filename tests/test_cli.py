@@ -25,6 +25,8 @@ def run_petald(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["serve", "--blocks", "0:2", "--model", "/no/such/model"], "not found"),
         (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1"], "no /p2p/"),
         (["generate", "hi"], "--peers"),
+        (["generate", "", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "prompt is empty"),
+        (["generate", "hi", "--top-p", "0", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "--top-p"),
     ],
 )
 def test_errors_are_sentences_not_tracebacks(tiny_models, args, message):
@@ -67,3 +69,16 @@ def test_demo_runs_a_local_swarm_and_answers():
     assert result.stdout.count("ready at /ip4/127.0.0.1/") == 2
     assert "Paris" in result.stdout
     assert "servers stopped" in result.stdout
+
+
+def test_port_in_use_is_reported(tiny_models):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_petald("serve", "--blocks", "0:6", "--model", str(tiny_models["llama"]),
+                            "--listen", f"/ip4/127.0.0.1/tcp/{port}", timeout=120)
+    assert result.returncode == 1
+    assert "could not listen" in result.stderr and "Traceback" not in result.stderr

@@ -114,3 +114,22 @@ def test_half_precision_span_stays_close_to_float32(tiny_models, dtype):
     got = half.forward(hidden, half.new_cache(2, 16))
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_tensors_load_back_in_hugging_face_order(tmp_path, family):
+    from tests.tiny_models import save_tiny_gguf
+
+    state = save_tiny_gguf(family, tmp_path / f"tiny-{family}.gguf")
+    source = open_source(str(tmp_path / f"tiny-{family}.gguf"))
+    assert source.config.model_type == family
+    for index in (0, TINY_BLOCKS - 1):
+        block = source.block_tensors(index)
+        expected = {k.split(f"model.layers.{index}.", 1)[1]: v for k, v in state.items()
+                    if k.startswith(f"model.layers.{index}.")}
+        assert block.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(block[name], tensor), f"{family} block {index} {name}"
+    client = source.client_tensors()
+    assert torch.equal(client["embed_tokens.weight"], state["model.embed_tokens.weight"])
+    assert torch.equal(client["lm_head.weight"], state.get("lm_head.weight", state["model.embed_tokens.weight"]))

@@ -63,6 +63,8 @@ def test_tensor_codec_roundtrip(dtype, codec):
         (lambda m: m.update(shape=[1, 1, 1, 1, 1]), "shape"),
         (lambda m: m.update(shape=[4, 4]), "needs"),
         (lambda m: m.update(shape=[10**6, 10**6]), "limit"),
+        (lambda m: m.update(shape=[1, 0, 2**64 - 1], data=b""), "shape"),
+        (lambda m: m.update(shape=[0, 2**40, 2**40], data=b""), "shape"),
         (lambda m: m.update(data="text"), "bytes"),
     ],
 )
@@ -97,3 +99,20 @@ def test_step_carries_its_tensor():
     back = Step.from_wire(msgpack.unpackb(encode_frame(step.to_wire())[4:]))
     assert (back.step_id, back.position) == (3, 7) and back.hidden.dtype == torch.float16
     assert MAX_FRAME_BYTES > 0
+
+
+def test_container_bombs_are_bad_frames_not_gigabytes():
+    # 1 MiB of empty maps would be a million Python dicts without container limits.
+    body = b"\x91" + b"\xdd" + struct.pack(">I", 1 << 20) + b"\x80" * (1 << 20)
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack(">I", len(body)) + body)
+    with pytest.raises(ProtocolError) as err:
+        decoder.next_message()
+    assert err.value.code == ErrorCode.BAD_FRAME
+
+
+def test_a_real_step_fits_the_container_limits():
+    frame = encode_frame(Step(1, 0, torch.zeros(64, 8, 4096), "bfloat16", "lz4").to_wire())
+    decoder = FrameDecoder()
+    decoder.feed(frame)
+    assert Step.from_wire(decoder.next_message()).hidden.shape == (64, 8, 4096)

@@ -29,3 +29,64 @@ def save_tiny_model(family: str, path: Path, sharded: bool = False, seed: int = 
     model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
     model.save_pretrained(path, safe_serialization=True, max_shard_size="60KB" if sharded else "2GB")
     return path
+
+
+_GGUF_BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _llama_cpp_row_order(weight, heads: int):
+    """The row permutation llama.cpp's converter applies to Llama/Mistral Q and K."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def save_tiny_gguf(family: str, path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Write a tiny random model as a float32 GGUF the way llama.cpp would; returns its HF state dict."""
+    import gguf
+    import numpy as np
+
+    cfg = tiny_config(family)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random biases, so that a wrong row order in them shows
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    writer = gguf.GGUFWriter(str(path), family)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(cfg.vocab_size)
+    permuted = family in ("llama", "mistral")
+    for key, value in state.items():
+        array = value.numpy()
+        if key.startswith("model.layers."):
+            index, rest = key[len("model.layers."):].split(".", 1)
+            if permuted and rest.startswith("self_attn.q_proj"):
+                array = _llama_cpp_row_order(array, cfg.num_attention_heads)
+            if permuted and rest.startswith("self_attn.k_proj"):
+                array = _llama_cpp_row_order(array, cfg.num_key_value_heads)
+            writer.add_tensor(f"blk.{index}.{_GGUF_BLOCK_NAMES[rest]}", np.ascontiguousarray(array))
+        elif key == "model.embed_tokens.weight":
+            writer.add_tensor("token_embd.weight", array)
+        elif key == "model.norm.weight":
+            writer.add_tensor("output_norm.weight", array)
+        elif key == "lm_head.weight" and not cfg.tie_word_embeddings:
+            writer.add_tensor("output.weight", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return state

@@ -130,6 +130,8 @@ def _split_prompt_and_peers(args: Sequence[str], peers: Sequence[str]) -> tuple[
     if not args:
         raise click.UsageError("give a prompt, e.g. petald generate \"Once upon a time\" --peers ADDR")
     prompt, extra = args[0], list(args[1:])
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
     bad = [a for a in extra if not a.startswith("/")]
     if bad:
         raise click.UsageError(f"unexpected arguments {bad}: quote the prompt, and give peers as multiaddrs")
@@ -143,9 +145,9 @@ def _split_prompt_and_peers(args: Sequence[str], peers: Sequence[str]) -> tuple[
 @click.argument("args", nargs=-1, required=True)
 @click.option("--peers", multiple=True, help="Server multiaddrs (with /p2p/ID); several may follow one --peers.")
 @click.option("--model", default=None, help="Same model as the servers (default: embedded SmolLM2-135M-Instruct).")
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 means greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
 @click.option("--seed", default=None, type=int)
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
 @click.option("--wire-dtype", default="float32", type=click.Choice(["float32", "float16", "bfloat16"]), show_default=True)
@@ -172,7 +174,7 @@ def generate(args, peers, model, max_new_tokens, temperature, top_p, seed, chat,
 @click.argument("prompt", default="What is the capital of France?")
 @click.option("--servers", default=2, show_default=True, type=click.IntRange(1, 8))
 @click.option("--model", default=None, help="Default: embedded SmolLM2-135M-Instruct.")
-@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(min=1))
 @click.option("--debug", is_flag=True)
 def demo(prompt, servers, model, max_new_tokens, debug) -> None:
     """Start a local swarm of SERVERS processes on 127.0.0.1 and chat through it."""

@@ -42,6 +42,10 @@ _CLIENT_NAMES = {
 }
 
 
+# llama.cpp's converter permutes Q/K rows only for these architectures (not Qwen2).
+_ROTARY_PERMUTED = ("llama", "mistral")
+
+
 def _unpermute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     # llama.cpp interleaves each head's two rotary halves; undo it.
     head_dim_half = weight.shape[0] // n_heads // 2
@@ -61,6 +65,11 @@ class GGUFSource:
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.config = self._read_config()
         check_architecture(self.config, str(self.path))
+        if "rope_freqs.weight" in self._tensors:
+            # Llama 3.1+ GGUFs carry their rope scaling as a tensor that transformers' GGUF
+            # parser does not turn into config; running without it would be silently wrong.
+            raise ModelSourceError(f"{self.path}: GGUF rope frequency factors (rope_freqs, Llama 3.1+) "
+                                   "are not supported yet; use the model's Hugging Face directory")
         self.identity = ModelIdentity(
             name=self.path.stem,
             fingerprint=cached_fingerprint(self.path, self._fingerprint),
@@ -105,6 +114,8 @@ class GGUFSource:
             if gguf_name in self._tensors:
                 out[hf_name] = self._load(gguf_name)
         cfg = self.config
+        if cfg.model_type not in _ROTARY_PERMUTED:
+            return out
         for proj, heads in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)):
             for kind in ("weight", "bias"):
                 key = f"self_attn.{proj}.{kind}"

@@ -27,7 +27,7 @@ from petald.p2pnode.inference_session import InferenceSession
 from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
 from petald.p2pnode.route import RemoteServer, SpanRoute
-from petald.protocol.limits import MAX_TENSOR_BYTES
+from petald.protocol.limits import MAX_TENSOR_BYTES, WIRE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class DistributedModel:
                 with trio.fail_after(timeout):
                     await host.connect(info)
                 server_info = await fetch_info(host, info.peer_id.to_base58(), timeout)
+                if server_info.wire_version != WIRE_VERSION:
+                    raise ServerUnavailable(f"it speaks wire version {server_info.wire_version}, "
+                                            f"this client {WIRE_VERSION}: upgrade one of them")
             except Exception as exc:  # any failure only skips this peer; the reason is reported
                 failures.append(f"{address}: {exc or type(exc).__name__}")
                 return
@@ -107,11 +110,17 @@ class DistributedModel:
         finally:
             self.node.call(session.close)
 
-    def _step(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
-        """Send ``hidden`` through the session, split so that no frame exceeds the tensor limit."""
+    @staticmethod
+    def _chunks(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Split along tokens so that no tensor on the wire exceeds the limit (float32 worst case)."""
+        if hidden.shape[1] == 0:
+            raise ValueError("nothing to run: the input has no tokens")
         per_token = hidden.shape[0] * hidden.shape[2] * 4
-        chunk = max(1, MAX_TENSOR_BYTES // 2 // per_token)
-        outs = [self.node.call(session.step, part) for part in hidden.split(chunk, dim=1)]
+        return hidden.split(max(1, MAX_TENSOR_BYTES // 2 // per_token), dim=1)
+
+    def _step(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
+        """Send ``hidden`` through the session in chunks; returns the last hop's output."""
+        outs = [self.node.call(session.step, part) for part in self._chunks(hidden)]
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     # --- the API -------------------------------------------------------------------------------
@@ -134,6 +143,10 @@ class DistributedModel:
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        if input_ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if eos_token_id is None:
             eos_token_id = self.config.eos_token_id
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []))
@@ -170,15 +183,15 @@ class DistributedModel:
         input_ids = torch.as_tensor(input_ids)
         n = self.identity.num_blocks
         wanted = sorted(set(range(n) if blocks is None else blocks))
-        if any(not 0 <= b < n for b in wanted):
-            raise ValueError(f"blocks must be in [0, {n})")
+        if not wanted or any(not 0 <= b < n for b in wanted):
+            raise ValueError(f"blocks must be a non-empty list of block indices in [0, {n})")
         route = self.route(0, wanted[-1] + 1, split_after=wanted)
         states: dict[int, torch.Tensor] = {}
         with self.inference_session(input_ids.shape[0], input_ids.shape[1], route) as session:
-            hidden = self.head.embed(input_ids)
+            parts = self._chunks(self.head.embed(input_ids))
             for index, span in enumerate(session.spans):
-                hidden = self.node.call(span.step, hidden)
-                states[route.hops[index].end - 1] = hidden
+                parts = tuple(self.node.call(span.step, part) for part in parts)
+                states[route.hops[index].end - 1] = torch.cat(parts, dim=1)
         return {b: states[b] for b in wanted}
 
     def run_blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:

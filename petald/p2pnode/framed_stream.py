@@ -19,10 +19,18 @@ class PeerGone(Exception):
 
 
 class FramedStream:
-    def __init__(self, stream: INetStream, max_frame_bytes: int = MAX_FRAME_BYTES):
+    def __init__(self, stream: INetStream, max_frame_bytes: int = MAX_FRAME_BYTES, send_timeout: float = 60.0):
         self.stream = stream
-        self.max_frame_bytes = max_frame_bytes
+        self.send_timeout = send_timeout  # a peer that stops reading must not hold us forever
         self._decoder = FrameDecoder(max_frame_bytes)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._decoder.max_frame_bytes
+
+    def allow_frames_up_to(self, max_frame_bytes: int) -> None:
+        """Raise the frame limit once the peer has earned it (e.g. after a valid session open)."""
+        self._decoder.max_frame_bytes = max_frame_bytes
 
     async def receive(self) -> dict[str, Any] | None:
         """The next message, or None on a clean end of stream between frames.
@@ -45,9 +53,12 @@ class FramedStream:
         return msg
 
     async def send(self, message: dict[str, Any]) -> None:
-        frame = encode_frame(message, self.max_frame_bytes)
+        frame = encode_frame(message, MAX_FRAME_BYTES)
         try:
-            await self.stream.write(frame)
+            with trio.fail_after(self.send_timeout):
+                await self.stream.write(frame)
+        except trio.TooSlowError:
+            raise PeerGone(f"peer did not take a {len(frame)}-byte frame within {self.send_timeout:.0f} s") from None
         except (IOException, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone(f"stream broke while sending: {exc or type(exc).__name__}") from None
 

@@ -61,7 +61,7 @@ async def open_stream(host: IHost, peer_id: str, protocol: str, timeout: float) 
                 + (f"; it speaks {', '.join(offered)}" if offered else "")
                 + ": client and server run incompatible petald versions") from None
         raise ServerUnavailable(f"cannot reach server ..{peer_id[-8:]}: {exc or type(exc).__name__}") from None
-    return FramedStream(stream)
+    return FramedStream(stream, send_timeout=timeout)
 
 
 async def _receive_reply(framed: FramedStream, peer: str, timeout: float, what: str) -> dict:
@@ -108,7 +108,8 @@ class RemoteSpanSession:
                                           batch, max_length, wire_dtype, codec).to_wire())
             SessionOpened.from_wire(await _receive_reply(framed, peer, step_timeout, "opening a session"))
         except BaseException:
-            await framed.reset()
+            with trio.CancelScope(shield=True):  # free the server's side even when we are cancelled
+                await framed.reset()
             raise
         return cls(hop, framed, wire_dtype, codec, step_timeout)
 

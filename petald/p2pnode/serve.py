@@ -78,7 +78,11 @@ async def _serve_until_signal(server: BlockServer, key_pair, listen: list[str], 
         async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]):
             server.register(host)
             span = server.span
-            for address in full_addresses(host):
+            addresses = full_addresses(host)
+            if not addresses:
+                # py-libp2p logs a failed bind (e.g. a port in use) and carries on without listening.
+                raise OSError(f"could not listen on {', '.join(listen)}: is the port in use, or the address not local?")
+            for address in addresses:
                 announce(f"serving blocks {span.start}:{span.end} of {server.identity.model_id} "
                          f"({dtype_name(span.dtype)}, {span.device}) at {address}")
             async for signum in signals:

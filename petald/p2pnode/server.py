@@ -19,7 +19,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 
 from petald import __version__
-from petald.kernels.dtypes import dtype_name
+from petald.kernels.dtypes import DTYPES, dtype_name
 from petald.kernels.executor import DeviceExecutor
 from petald.kernels.kv_cache import CacheFullError, KVCacheBudget, SessionKVCache
 from petald.kernels.model_source import ModelIdentity
@@ -27,7 +27,12 @@ from petald.kernels.span import BlockSpan
 from petald.p2pnode.compute import run_on_executor
 from petald.p2pnode.framed_stream import FramedStream, PeerGone
 from petald.protocol.errors import ErrorCode, ProtocolError
-from petald.protocol.limits import INFERENCE_PROTOCOL, INFO_PROTOCOL
+from petald.protocol.limits import (
+    INFERENCE_PROTOCOL,
+    INFO_PROTOCOL,
+    MAX_FIRST_FRAME_BYTES,
+    MAX_FRAME_BYTES,
+)
 from petald.protocol.messages import (
     ErrorReply,
     OpenSession,
@@ -75,13 +80,15 @@ class BlockServer:
         )
 
     async def _handle_info(self, stream: INetStream) -> None:
-        framed = FramedStream(stream)
+        framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=self.limits.open_timeout)
         try:
-            with trio.move_on_after(self.limits.open_timeout):
+            with trio.move_on_after(self.limits.open_timeout) as scope:
                 msg = await framed.receive()
-                if msg is not None:
-                    expect_type(msg, "info")
-                    await framed.send(self.info().to_wire())
+            if scope.cancelled_caught:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"no info request within {self.limits.open_timeout:.0f} s")
+            if msg is not None:
+                expect_type(msg, "info")
+                await framed.send(self.info().to_wire())
         except ProtocolError as err:
             await _send_error(framed, err.code, err.message)
         except PeerGone:
@@ -90,7 +97,8 @@ class BlockServer:
             await framed.close()
 
     async def _handle_inference(self, stream: INetStream) -> None:
-        framed = FramedStream(stream)
+        # Until a valid open arrives, a peer may only send a small frame.
+        framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=self.limits.idle_timeout)
         session_id = next(self._session_ids)
         peer = stream.muxed_conn.peer_id.to_string()[-8:]
         reserved = 0
@@ -98,12 +106,16 @@ class BlockServer:
         try:
             with trio.move_on_after(self.limits.open_timeout) as scope:
                 msg = await framed.receive()
-            if scope.cancelled_caught or msg is None:
+            if scope.cancelled_caught:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"no session open within {self.limits.open_timeout:.0f} s")
+            if msg is None:
                 return
             request = OpenSession.from_wire(msg)
             self._check_open(request)
-            reserved = request.batch * request.max_length * (request.end - request.start)
-            self.budget.reserve(reserved)
+            tokens = request.batch * request.max_length * (request.end - request.start)
+            self.budget.reserve(tokens)  # raises CacheFullError before anything is held
+            reserved = tokens
+            framed.allow_frames_up_to(MAX_FRAME_BYTES)
             cache: SessionKVCache = await run_on_executor(
                 self.executor,
                 lambda: self.span.new_cache(request.batch, request.max_length, request.start, request.end))
@@ -118,9 +130,11 @@ class BlockServer:
             await _send_error(framed, ErrorCode.CACHE_FULL, str(err))
         except PeerGone as err:
             log.info("session %d from ..%s: peer gone (%s)", session_id, peer, err)
-        except Exception as err:  # a bug must cost one session, never the server
+        except Exception:  # a bug must cost one session, never the server
             log.exception("session %d failed", session_id)
-            await _send_error(framed, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
+            # No exception text to the peer: it can carry paths and internals of this machine.
+            await _send_error(framed, ErrorCode.INTERNAL, f"internal server error in session {session_id}; "
+                                                          "the server logged the details")
         finally:
             self.active_sessions -= 1
             self.budget.release(reserved)
@@ -129,7 +143,8 @@ class BlockServer:
 
     def _check_open(self, request: OpenSession) -> None:
         ident = self.identity
-        if request.fingerprint != ident.fingerprint or request.model_id != ident.model_id:
+        # The fingerprint pins the weights; the name part of a model id may differ between copies.
+        if request.fingerprint != ident.fingerprint:
             raise ProtocolError(
                 ErrorCode.WRONG_MODEL,
                 f"this server holds {ident.model_id} (fingerprint {ident.fingerprint[:16]}), the client asked "
@@ -143,18 +158,22 @@ class BlockServer:
                                 f"max_length {request.max_length} exceeds this server's {self.limits.max_length}")
 
     async def _serve_steps(self, framed: FramedStream, request: OpenSession, cache: SessionKVCache) -> None:
+        wire_dtype = DTYPES[request.wire_dtype]
         while True:
             with trio.move_on_after(self.limits.idle_timeout) as scope:
                 msg = await framed.receive()
             if scope.cancelled_caught:
-                raise ProtocolError(ErrorCode.BAD_STATE,
+                raise ProtocolError(ErrorCode.TIMEOUT,
                                     f"session idle for {self.limits.idle_timeout:.0f} s; closed and freed")
             if msg is None or msg.get("type") == "close":
                 return
             step = Step.from_wire(msg)
             hidden = self._check_step(step, request, cache)
+            # The copy to host memory happens on the executor: on CUDA it waits for the device,
+            # and nothing may wait for the device on the event loop.
             out = await run_on_executor(
-                self.executor, lambda h=hidden: self.span.forward(h, cache, request.start, request.end))
+                self.executor,
+                lambda h=hidden: self.span.forward(h, cache, request.start, request.end).to("cpu", wire_dtype))
             await framed.send(StepOutput(step.step_id, out, request.wire_dtype, request.codec).to_wire())
 
     def _check_step(self, step: Step, request: OpenSession, cache: SessionKVCache) -> torch.Tensor:

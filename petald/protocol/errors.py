@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     SPAN_NOT_SERVED = "span_not_served"  # blocks this server does not hold
     CACHE_FULL = "cache_full"
     BAD_STATE = "bad_state"  # e.g. a step at a position the session is not at
+    TIMEOUT = "timeout"  # the peer was silent for longer than the server waits
     INTERNAL = "internal"
 
 

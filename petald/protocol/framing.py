@@ -12,7 +12,13 @@ from typing import Any
 import msgpack
 
 from petald.protocol.errors import ErrorCode, ProtocolError
-from petald.protocol.limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES
+from petald.protocol.limits import (
+    FRAME_HEADER_BYTES,
+    MAX_ARRAY_LEN,
+    MAX_FRAME_BYTES,
+    MAX_MAP_LEN,
+    MAX_STRING,
+)
 
 _HEADER = struct.Struct(">I")
 
@@ -27,7 +33,11 @@ def encode_frame(message: dict[str, Any], max_frame_bytes: int = MAX_FRAME_BYTES
 
 def decode_body(body: bytes) -> dict[str, Any]:
     try:
-        message = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        # Tight container limits: without them a 32 MiB frame of empty maps becomes
+        # ~30 million Python objects (gigabytes) before any field is checked.
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
+                                  max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN, max_ext_len=0,
+                                  max_str_len=MAX_STRING, max_bin_len=MAX_FRAME_BYTES)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid msgpack: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
@@ -39,7 +49,7 @@ class FrameDecoder:
     """Accumulates bytes; ``next_message`` returns a message once a whole frame is in."""
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES):
-        self.max_frame_bytes = max_frame_bytes
+        self.max_frame_bytes = max_frame_bytes  # may be raised after a small first frame
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> None:

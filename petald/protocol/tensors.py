@@ -42,8 +42,9 @@ def decode_tensor(obj: Any, field: str = "tensor") -> torch.Tensor:
     if codec not in CODECS:
         raise bad(f"codec {codec!r} is not one of {', '.join(CODECS)}")
     if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise bad(f"shape must be a list of at most {MAX_TENSOR_DIMS} non-negative ints, got {shape!r}")
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_TENSOR_BYTES for d in shape)):
+        # Bounding each dimension matters for empty tensors too: [0, 2**62] has 0 bytes.
+        raise bad(f"shape must be a list of at most {MAX_TENSOR_DIMS} ints in [0, {MAX_TENSOR_BYTES}], got {shape!r}")
     if not isinstance(data, bytes):
         raise bad("data must be bytes")
     item = torch.empty((), dtype=_TORCH[dtype]).element_size()
