@@ -116,3 +116,14 @@ def test_cli_chat_applies_the_template(smollm_swarm):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == tokenizer.decode(expected_ids, skip_special_tokens=True).strip()
+
+
+def test_long_prefill_crosses_flow_control_windows(smollm_swarm):
+    # 2500 tokens x 576 floats = 5.8 MB each way per hop: many yamux windows, one frame per step.
+    ref = reference_model(None)
+    ids = torch.randint(0, 49152, (1, 2500), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ref(ids, output_hidden_states=True).hidden_states
+    with DistributedModel(smollm_swarm.addresses[:2]) as model:
+        out = model.run_blocks(expected[3], 3, 27)
+    torch.testing.assert_close(out, expected[27], atol=2e-3, rtol=1e-3)
