@@ -269,3 +269,50 @@ def test_same_weights_under_another_name_are_served(tiny_server, good_model, raw
         return await framed.receive()
 
     assert client.run(renamed)["type"] == "opened"
+
+
+@pytest.fixture(scope="module")
+def impatient_server(tiny_models):
+    path = str(tiny_models["llama"])
+    with LocalSwarm(["0:6"], model=path, extra_args=["--threads", "1", "--cache-tokens", str(CACHE_TOKENS),
+                                                    "--max-length", "500", "--session-timeout", "1.5"]) as swarm:
+        yield path, swarm
+
+
+@pytest.mark.parametrize("when", ["before_open", "between_steps"])
+def test_silent_sessions_time_out_and_free_their_cache(impatient_server, good_model, raw_node, when):
+    path, swarm = impatient_server
+    client = RawClient(raw_node, swarm.addresses[0], good_model)
+
+    async def go_silent(framed, stream):
+        if when == "between_steps":
+            await framed.send(client.open_message(max_length=400))
+            assert (await framed.receive())["type"] == "opened"
+        with trio.fail_after(20):  # the server, not this bound, must end the wait
+            return await _error_reply(framed)
+
+    reply = client.run(go_silent)
+    assert reply["code"] == "timeout" and "s" in reply["message"]
+    assert client.free_tokens() == CACHE_TOKENS
+
+
+def test_a_frozen_server_is_a_bounded_wait_not_a_hang(tiny_server, raw_node):
+    import signal
+    import time
+
+    from petald.protocol.errors import RemoteError
+
+    path, swarm = tiny_server
+    process = swarm.servers[0].process
+    with DistributedModel(swarm.addresses, path, step_timeout=3.0) as model:
+        with model.inference_session(1, 40) as session:
+            model.node.call(session.step, model.head.embed(IDS))
+            process.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises((ServerUnavailable, RemoteError), match="within 3 s"):
+                    model.node.call(session.step, torch.zeros(1, 1, 64))
+                assert time.monotonic() - started < 20
+            finally:
+                process.send_signal(signal.SIGCONT)
+    assert process.poll() is None

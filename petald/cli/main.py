@@ -67,10 +67,13 @@ def cli() -> None:
 @click.option("--max-length", default=8192, show_default=True, help="Longest session admitted, in tokens.")
 @click.option("--cache-tokens", default=1 << 20, show_default=True,
               help="KV cache budget in tokens, summed over blocks and batch rows.")
+@click.option("--session-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a session may stay idle between steps before it is closed and its cache freed.")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def serve(model, blocks, listen, identity, device, dtype, max_length, cache_tokens, threads, verbose, debug) -> None:
+def serve(model, blocks, listen, identity, device, dtype, max_length, cache_tokens, session_timeout, threads,
+          verbose, debug) -> None:
     """Serve a span of a model's blocks to clients."""
     _setup_logging(verbose)
 
@@ -83,7 +86,9 @@ def serve(model, blocks, listen, identity, device, dtype, max_length, cache_toke
         if threads:
             torch.set_num_threads(threads)
         options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
-                               dtype=dtype, limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens))
+                               dtype=dtype, limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens,
+                                                                idle_timeout=session_timeout,
+                                                                open_timeout=min(30.0, session_timeout)))
         serve(options, announce=lambda text: click.echo(f"petald: {text}"))
 
     _run_cli(run, debug)
