@@ -133,3 +133,16 @@ def test_gguf_tensors_load_back_in_hugging_face_order(tmp_path, family):
     client = source.client_tensors()
     assert torch.equal(client["embed_tokens.weight"], state["model.embed_tokens.weight"])
     assert torch.equal(client["lm_head.weight"], state.get("lm_head.weight", state["model.embed_tokens.weight"]))
+
+
+def test_client_head_reads_no_block_tensors(tiny_models, monkeypatch):
+    source = open_source(str(tiny_models["qwen2"]))
+
+    def refuse(index):
+        raise AssertionError(f"the client read block {index}")
+
+    monkeypatch.setattr(source, "block_tensors", refuse)
+    head = ClientHead(source)
+    logits = head.logits(head.embed(torch.tensor([[1, 2, 3]])))
+    assert logits.shape == (1, 3, 320)
+    assert head.lm_weight is head.embed_weight  # qwen2 tiny ties its LM head to the embeddings
