@@ -24,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from petald.cli.local_swarm import LocalSwarm  # noqa: E402
+from petald.cli.local_swarm import LocalSwarm, even_spans  # noqa: E402
 from petald.kernels.client_head import ClientHead  # noqa: E402
 from petald.kernels.sources import open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
@@ -89,8 +89,7 @@ def main() -> None:
     results["local"] = summarise(decode_local(source, args.tokens))
 
     for servers in (2, 3):
-        cuts = [round(i * n / servers) for i in range(servers + 1)]
-        spans = [f"{a}:{b}" for a, b in zip(cuts, cuts[1:], strict=False)]
+        spans = even_spans(n, servers)
         say(f"{servers} servers ({', '.join(spans)}): starting processes")
         with LocalSwarm(spans, args.model, extra_args=["--threads", str(args.threads)], log=say) as swarm:
             with DistributedModel(swarm.addresses, source) as model:

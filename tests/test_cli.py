@@ -82,3 +82,14 @@ def test_port_in_use_is_reported(tiny_models):
                             "--listen", f"/ip4/127.0.0.1/tcp/{port}", timeout=120)
     assert result.returncode == 1
     assert "could not listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_even_spans_cover_every_block_once():
+    from petald.cli.local_swarm import even_spans
+
+    assert even_spans(30, 2) == ["0:15", "15:30"]
+    assert even_spans(30, 3) == ["0:10", "10:20", "20:30"]
+    for blocks, servers in [(6, 4), (7, 3), (30, 1)]:
+        spans = [tuple(map(int, s.split(":"))) for s in even_spans(blocks, servers)]
+        assert spans[0][0] == 0 and spans[-1][1] == blocks and len(spans) == servers
+        assert all(a < b for a, b in spans) and all(p[1] == q[0] for p, q in zip(spans, spans[1:], strict=False))

@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 _ADDRESS = re.compile(r"serving blocks (\d+):(\d+) .* at (/ip4/\S+/p2p/\S+)")
 
 
+def even_spans(num_blocks: int, servers: int) -> list[str]:
+    """``servers`` contiguous spans covering [0, num_blocks) as evenly as possible, as A:B strings."""
+    cuts = [round(i * num_blocks / servers) for i in range(servers + 1)]
+    return [f"{a}:{b}" for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
 @dataclass
 class ServerProcess:
     blocks: str

@@ -186,14 +186,12 @@ def demo(prompt, servers, model, max_new_tokens, debug) -> None:
     _setup_logging(False)
 
     def run() -> None:
-        from petald.cli.local_swarm import LocalSwarm
+        from petald.cli.local_swarm import LocalSwarm, even_spans
         from petald.kernels.sources import open_source
         from petald.p2pnode.distributed_model import DistributedModel
 
         source = open_source(model)
-        n = source.identity.num_blocks
-        cuts = [round(i * n / servers) for i in range(servers + 1)]
-        spans = [f"{a}:{b}" for a, b in zip(cuts, cuts[1:], strict=False)]
+        spans = even_spans(source.identity.num_blocks, servers)
         click.echo(f"petald demo: starting {servers} servers for {source.identity.model_id}: {', '.join(spans)}")
         with LocalSwarm(spans, model, log=lambda t: click.echo(f"petald demo: {t}")) as swarm:
             with DistributedModel(swarm.addresses, source) as dm:

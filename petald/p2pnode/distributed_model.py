@@ -4,7 +4,7 @@
     ids = model.tokenizer("Hello", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=20)           # transformers-style
     states = model.hidden_states(ids, blocks=[4, 9])       # after any block
-    h = model.run_blocks(states[4], 5, 10, position=0)     # any slice, on your tensors
+    h = model.run_blocks(states[4], 5, 10)                 # any slice, on your tensors
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class DistributedModel:
 
     async def _connect_all(self, peers: list[str], timeout: float) -> list[RemoteServer]:
         host = self.node.host
-        infos: dict[str, RemoteServer] = {}
+        reachable: dict[str, RemoteServer] = {}
         failures: list[str] = []
 
         parsed = {address: parse_peer_address(address) for address in peers}  # bad addresses fail here
@@ -72,14 +72,14 @@ class DistributedModel:
             except Exception as exc:  # any failure only skips this peer; the reason is reported
                 failures.append(f"{address}: {exc or type(exc).__name__}")
                 return
-            infos[address] = RemoteServer(info.peer_id.to_base58(), address, server_info)
+            reachable[address] = RemoteServer(info.peer_id.to_base58(), address, server_info)
 
         async with trio.open_nursery() as nursery:
             for address in peers:
                 nursery.start_soon(connect, address)
         for address in failures:
             log.warning("skipping peer %s", address)
-        servers = [infos[a] for a in peers if a in infos]
+        servers = [reachable[a] for a in peers if a in reachable]
         mismatched = [s for s in servers if s.info.fingerprint != self.identity.fingerprint]
         if mismatched and len(mismatched) == len(servers):
             s = mismatched[0]
@@ -171,7 +171,8 @@ class DistributedModel:
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, tokens, vocab] for ``input_ids``."""
-        input_ids = torch.as_tensor(input_ids).reshape(-1, torch.as_tensor(input_ids).shape[-1])
+        input_ids = torch.as_tensor(input_ids)
+        input_ids = input_ids.reshape(-1, input_ids.shape[-1])
         with self.inference_session(input_ids.shape[0], input_ids.shape[1]) as session:
             return self.head.logits(self._step(session, self.head.embed(input_ids)))
 

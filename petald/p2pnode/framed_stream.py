@@ -54,10 +54,6 @@ class FramedStream:
         self.send_timeout = send_timeout  # a peer that stops reading must not hold us forever
         self._decoder = FrameDecoder(max_frame_bytes)
 
-    @property
-    def max_frame_bytes(self) -> int:
-        return self._decoder.max_frame_bytes
-
     def allow_frames_up_to(self, max_frame_bytes: int) -> None:
         """Raise the frame limit once the peer has earned it (e.g. after a valid session open)."""
         self._decoder.max_frame_bytes = max_frame_bytes
@@ -83,7 +79,7 @@ class FramedStream:
         return msg
 
     async def send(self, message: dict[str, Any]) -> None:
-        frame = encode_frame(message, MAX_FRAME_BYTES)
+        frame = encode_frame(message)
         try:
             with trio.fail_after(self.send_timeout):
                 await self.stream.write(frame)

@@ -6,8 +6,9 @@ py-libp2p's defaults also accept plaintext, secio and TLS, and mplex (measured a
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import multiaddr
 from libp2p import new_host
@@ -32,6 +33,7 @@ def quiet_libp2p_logs() -> None:
 
 
 def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,)) -> IHost:
+    """A host that is not yet listening; ``running_host`` also starts it."""
     security = {TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(key_pair, noise_privkey=new_x25519_pair().private_key)}
     muxers = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
     # No auto-connector: by default py-libp2p keeps dialling every peer it has heard of
@@ -39,6 +41,14 @@ def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,)) -> I
     connections = ConnectionConfig(min_connections=0, low_watermark=0, auto_connect_interval=3600.0)
     return new_host(key_pair=key_pair, sec_opt=security, muxer_opt=muxers,
                     listen_addrs=[multiaddr.Multiaddr(a) for a in listen], connection_config=connections)
+
+
+@contextlib.asynccontextmanager
+async def running_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,)) -> AsyncIterator[IHost]:
+    """Make a host and run it (listening on ``listen``) for the duration of the block."""
+    host = make_host(key_pair, listen)
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]):
+        yield host
 
 
 def parse_peer_address(address: str) -> PeerInfo:

@@ -1,8 +1,4 @@
-"""An inference session over a route: one RemoteSpanSession per hop, stepped in order.
-
-It keeps every input it sent to each hop, so that a replacement server can be
-brought to the same state by replaying them (fault tolerance builds on this).
-"""
+"""An inference session over a route: one RemoteSpanSession per hop, stepped in order."""
 
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ class InferenceSession:
         self.batch, self.max_length = batch, max_length
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
         self.spans: list[RemoteSpanSession] = []
-        self.history: list[list[torch.Tensor]] = [[] for _ in route.hops]
         self.position = 0
 
     async def open(self) -> None:
@@ -40,8 +35,7 @@ class InferenceSession:
         if self.position + hidden.shape[1] > self.max_length:
             raise ValueError(f"session holds {self.max_length} tokens; this step would reach "
                              f"{self.position + hidden.shape[1]}")
-        for index, span in enumerate(self.spans):
-            self.history[index].append(hidden)
+        for span in self.spans:
             hidden = await span.step(hidden)
         self.position += hidden.shape[1]
         return hidden

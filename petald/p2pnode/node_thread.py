@@ -15,7 +15,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 
-from petald.p2pnode.host import DEFAULT_LISTEN, make_host, quiet_libp2p_logs
+from petald.p2pnode.host import DEFAULT_LISTEN, quiet_libp2p_logs, running_host
 
 T = TypeVar("T")
 
@@ -44,10 +44,7 @@ class NodeThread:
             self._ready.set()
 
     async def _main(self) -> None:
-        import multiaddr
-
-        host = make_host(self._key_pair, self._listen)
-        async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in self._listen]):
+        async with running_host(self._key_pair, self._listen) as host:
             self.host = host
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import multiaddr
 import trio
 
 from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
 from petald.kernels.executor import DeviceExecutor
 from petald.kernels.sources import open_source
 from petald.kernels.span import BlockSpan
-from petald.p2pnode.host import DEFAULT_LISTEN, full_addresses, make_host, quiet_libp2p_logs
+from petald.p2pnode.host import DEFAULT_LISTEN, full_addresses, quiet_libp2p_logs, running_host
 from petald.p2pnode.identity import load_or_create_identity
 from petald.p2pnode.server import BlockServer, ServerLimits
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,9 +69,8 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
 
 
 async def _serve_until_signal(server: BlockServer, key_pair, listen: list[str], announce) -> None:
-    host = make_host(key_pair, listen)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]):
+        async with running_host(key_pair, listen) as host:
             server.register(host)
             span = server.span
             addresses = full_addresses(host)

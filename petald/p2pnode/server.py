@@ -63,7 +63,6 @@ class BlockServer:
         self.limits = limits or ServerLimits()
         self.limits.max_length = min(self.limits.max_length, span.max_positions)
         self.budget = KVCacheBudget(self.limits.cache_tokens)
-        self.active_sessions = 0
         self._session_ids = itertools.count(1)
 
     def register(self, host: IHost) -> None:
@@ -102,7 +101,6 @@ class BlockServer:
         session_id = next(self._session_ids)
         peer = stream.muxed_conn.peer_id.to_string()[-8:]
         reserved = 0
-        self.active_sessions += 1
         try:
             with trio.move_on_after(self.limits.open_timeout) as scope:
                 msg = await framed.receive()
@@ -136,7 +134,6 @@ class BlockServer:
             await _send_error(framed, ErrorCode.INTERNAL, f"internal server error in session {session_id}; "
                                                           "the server logged the details")
         finally:
-            self.active_sessions -= 1
             self.budget.release(reserved)
             await framed.close()
             log.info("session %d closed", session_id)

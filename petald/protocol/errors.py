@@ -11,7 +11,7 @@ class ErrorCode(StrEnum):
     BAD_MESSAGE = "bad_message"  # a field missing, of the wrong type or out of range
     BAD_TENSOR = "bad_tensor"  # wrong dtype, shape, codec or byte count
     VERSION = "version"  # another wire version
-    WRONG_MODEL = "wrong_model"  # model id or weights fingerprint differ
+    WRONG_MODEL = "wrong_model"  # the weights fingerprint differs
     SPAN_NOT_SERVED = "span_not_served"  # blocks this server does not hold
     CACHE_FULL = "cache_full"
     BAD_STATE = "bad_state"  # e.g. a step at a position the session is not at

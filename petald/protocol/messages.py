@@ -6,7 +6,7 @@ raises ``ProtocolError`` naming the first bad field. docs/protocol.md lists them
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -173,7 +173,6 @@ class CloseSession:
 class ErrorReply:
     code: str
     message: str
-    details: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "error", "code": self.code, "message": self.message[:MAX_STRING]}
