@@ -24,13 +24,18 @@ def run_petald(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["serve", "--blocks", "x"], "expected A:B"),
         (["serve", "--blocks", "0:2", "--model", "/no/such/model"], "not found"),
         (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1"], "no /p2p/"),
-        (["generate", "hi"], "--peers"),
+        (["generate", "hi"], "--initial-peers"),
+        (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"],
+         "not both"),
+        (["serve", "--blocks", "0:2"], "--new-swarm"),
+        (["serve", "--blocks", "auto", "--num-blocks", "7", "--new-swarm"], "this model has 6 blocks"),
+        (["swarm", "--initial-peers", "/ip4/127.0.0.1/tcp/1"], "no /p2p/"),
         (["generate", "", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "prompt is empty"),
         (["generate", "hi", "--top-p", "0", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "--top-p"),
     ],
 )
 def test_errors_are_sentences_not_tracebacks(tiny_models, args, message):
-    if "--model" not in args:
+    if "--model" not in args and args[0] != "swarm":
         args = [*args, "--model", str(tiny_models["llama"])]
     result = run_petald(*args)
     assert result.returncode != 0
@@ -78,7 +83,7 @@ def test_port_in_use_is_reported(tiny_models):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_petald("serve", "--blocks", "0:6", "--model", str(tiny_models["llama"]),
+        result = run_petald("serve", "--blocks", "0:6", "--model", str(tiny_models["llama"]), "--new-swarm",
                             "--listen", f"/ip4/127.0.0.1/tcp/{port}", timeout=120)
     assert result.returncode == 1
     assert "could not listen" in result.stderr and "Traceback" not in result.stderr

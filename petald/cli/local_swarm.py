@@ -1,4 +1,7 @@
-"""Start real ``petald serve`` processes on 127.0.0.1 and wait until each prints its address."""
+"""Start real ``petald serve`` processes on 127.0.0.1 and wait until each prints its address.
+
+The first server starts a new swarm; the others join it through the first one's address.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class ServerProcess:
     blocks: str
     process: subprocess.Popen
     address: str = ""
+    span: tuple[int, int] | None = None  # what it serves now (it may move with --blocks auto)
     output: list[str] = field(default_factory=list)
 
     def pump(self, ready: threading.Event) -> None:
@@ -33,9 +37,11 @@ class ServerProcess:
         for line in self.process.stdout:
             self.output.append(line.rstrip("\n"))
             match = _ADDRESS.search(line)
-            if match and not self.address:
-                self.address = match.group(3)
-                ready.set()
+            if match:
+                self.span = (int(match.group(1)), int(match.group(2)))
+                if not self.address:
+                    self.address = match.group(3)
+                    ready.set()
         ready.set()  # the process ended: wake the waiter either way
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
@@ -71,20 +77,31 @@ class LocalSwarm:
         self.stop()
 
     def start(self) -> None:
+        first, *rest = self.spans
+        self._launch([first], ["--new-swarm"])
+        if rest:
+            self._launch(rest, ["--initial-peers", self.servers[0].address])
+
+    def add(self, blocks: str = "auto", extra_args: Sequence[str] = ()) -> ServerProcess:
+        """One more server, joining the swarm through the first one."""
+        self._launch([blocks], ["--initial-peers", self.servers[0].address, *extra_args])
+        return self.servers[-1]
+
+    def _launch(self, spans: Sequence[str], swarm_args: list[str]) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        waits = []
-        for blocks in self.spans:
+        started: list[tuple[ServerProcess, threading.Event]] = []
+        for blocks in spans:
             cmd = [sys.executable, "-m", "petald.cli.main", "serve", "--blocks", blocks,
-                   "--listen", "/ip4/127.0.0.1/tcp/0", *self.extra_args]
+                   "--listen", "/ip4/127.0.0.1/tcp/0", *swarm_args, *self.extra_args]
             if self.model:
                 cmd += ["--model", self.model]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             server, ready = ServerProcess(blocks, proc), threading.Event()
             threading.Thread(target=server.pump, args=(ready,), daemon=True).start()
             self.servers.append(server)
-            waits.append(ready)
+            started.append((server, ready))
         deadline = time.monotonic() + self.start_timeout
-        for server, ready in zip(self.servers, waits, strict=True):
+        for server, ready in started:
             ready.wait(max(0.0, deadline - time.monotonic()))
             if not server.address:
                 tail = "\n".join(server.output[-20:])

@@ -57,7 +57,21 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M-Instruct).")
-@click.option("--blocks", required=True, help="Span of blocks to serve, A:B with B exclusive (e.g. 0:15).")
+@click.option("--blocks", default="auto", show_default=True,
+              help="Span of blocks to serve, A:B with B exclusive (e.g. 0:15), or auto: as many as the memory "
+                   "budget holds, where the swarm is weakest, moving when the swarm changes.")
+@click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
+              help="Any node of the swarm to join (repeatable; with /p2p/ID).")
+@click.option("--new-swarm", is_flag=True, help="Start a new swarm instead of joining one.")
+@click.option("--num-blocks", default=None, type=click.IntRange(min=1), help="With --blocks auto: serve this many.")
+@click.option("--memory-limit", default=None, type=click.FloatRange(min=0, min_open=True), metavar="GIB",
+              help="With --blocks auto: blocks and KV cache must fit in this many GiB (default: half the free memory).")
+@click.option("--announce-period", default=30.0, show_default=True, type=click.FloatRange(min=0.5),
+              help="Seconds between republications of this server's signed record.")
+@click.option("--rebalance-period", default=60.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="With --blocks auto: about how often (seconds, jittered) to check whether to move.")
+@click.option("--network-mbps", default=0.0, type=click.FloatRange(min=0.0),
+              help="Announced network bandwidth in Mbit/s (0: unknown; petald does not probe the internet).")
 @click.option("--listen", multiple=True, default=["/ip4/127.0.0.1/tcp/0"], show_default=True,
               help="Multiaddr to listen on (repeatable).")
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
@@ -72,7 +86,8 @@ def cli() -> None:
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def serve(model, blocks, listen, identity, device, dtype, max_length, cache_tokens, session_timeout, threads,
+def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
+          network_mbps, listen, identity, device, dtype, max_length, cache_tokens, session_timeout, threads,
           verbose, debug) -> None:
     """Serve a span of a model's blocks to clients."""
     _setup_logging(verbose)
@@ -88,7 +103,11 @@ def serve(model, blocks, listen, identity, device, dtype, max_length, cache_toke
         options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
                                dtype=dtype, limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens,
                                                                 idle_timeout=session_timeout,
-                                                                open_timeout=min(30.0, session_timeout)))
+                                                                open_timeout=min(30.0, session_timeout)),
+                               initial_peers=_addresses(initial_peers), new_swarm=new_swarm,
+                               num_blocks=num_blocks, memory_limit_gib=memory_limit,
+                               announce_period=announce_period, rebalance_period=rebalance_period,
+                               network_mbps=network_mbps)
         serve(options, announce=lambda text: click.echo(f"petald: {text}"))
 
     _run_cli(run, debug)
@@ -131,24 +150,39 @@ def generate_text(model, prompt: str, max_new_tokens: int, temperature: float, t
     return result[0, ids.shape[1]:].tolist()
 
 
-def _split_prompt_and_peers(args: Sequence[str], peers: Sequence[str]) -> tuple[str, list[str]]:
+def _addresses(values: Sequence[str]) -> list[str]:
+    """Multiaddrs from repeated options, each of which may hold several (space or comma separated)."""
+    return [a for value in values for a in value.replace(",", " ").split()]
+
+
+def _split_prompt_and_peers(args: Sequence[str], peers: Sequence[str], initial_peers: Sequence[str]
+                            ) -> tuple[str, list[str], list[str]]:
+    """The prompt, then the multiaddrs that followed --peers or --initial-peers unquoted."""
     if not args:
-        raise click.UsageError("give a prompt, e.g. petald generate \"Once upon a time\" --peers ADDR")
+        raise click.UsageError("give a prompt, e.g. petald generate \"Once upon a time\" --initial-peers ADDR")
     prompt, extra = args[0], list(args[1:])
     if not prompt.strip():
         raise click.UsageError("the prompt is empty")
     bad = [a for a in extra if not a.startswith("/")]
     if bad:
         raise click.UsageError(f"unexpected arguments {bad}: quote the prompt, and give peers as multiaddrs")
-    all_peers = list(peers) + extra
-    if not all_peers:
-        raise click.UsageError("give the servers with --peers MULTIADDR [MULTIADDR ...]")
-    return prompt, all_peers
+    peers, initial_peers = _addresses(peers), _addresses(initial_peers)
+    if peers and initial_peers:
+        raise click.UsageError("give either --initial-peers (find servers in the swarm) or --peers (use exactly "
+                               "these servers), not both")
+    if initial_peers:
+        return prompt, [], initial_peers + extra
+    if not peers and not extra:
+        raise click.UsageError("give any node of the swarm with --initial-peers MULTIADDR "
+                               "(or the servers themselves with --peers MULTIADDR ...)")
+    return prompt, peers + extra, []
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("args", nargs=-1, required=True)
-@click.option("--peers", multiple=True, help="Server multiaddrs (with /p2p/ID); several may follow one --peers.")
+@click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
+              help="Any node of the swarm (with /p2p/ID): servers are found through the DHT.")
+@click.option("--peers", multiple=True, help="Use exactly these servers, no DHT (multiaddrs with /p2p/ID).")
 @click.option("--model", default=None, help="Same model as the servers (default: embedded SmolLM2-135M-Instruct).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 means greedy.")
@@ -159,18 +193,54 @@ def _split_prompt_and_peers(args: Sequence[str], peers: Sequence[str]) -> tuple[
 @click.option("--lz4", is_flag=True, help="Compress hidden states on the wire.")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def generate(args, peers, model, max_new_tokens, temperature, top_p, seed, chat, wire_dtype, lz4, verbose, debug) -> None:
-    """Generate text from PROMPT through a chain of servers: petald generate "PROMPT" --peers ADDR [ADDR ...]"""
+def generate(args, initial_peers, peers, model, max_new_tokens, temperature, top_p, seed, chat, wire_dtype, lz4,
+             verbose, debug) -> None:
+    """Generate text from PROMPT through the swarm: petald generate "PROMPT" --initial-peers ADDR"""
     _setup_logging(verbose)
-    prompt, all_peers = _split_prompt_and_peers(args, peers)
+    prompt, direct_peers, swarm_peers = _split_prompt_and_peers(args, peers, initial_peers)
 
     def run() -> None:
         from petald.p2pnode.distributed_model import DistributedModel
 
-        with DistributedModel(all_peers, model, wire_dtype=wire_dtype, codec="lz4" if lz4 else "raw") as dm:
+        with DistributedModel(direct_peers, model, initial_peers=swarm_peers, wire_dtype=wire_dtype,
+                              codec="lz4" if lz4 else "raw") as dm:
             if verbose:
                 click.echo(f"route: {dm.route().describe()}", err=True)
             generate_text(dm, prompt, max_new_tokens, temperature, top_p, seed, chat)
+
+    _run_cli(run, debug)
+
+
+@cli.command()
+@click.option("--initial-peers", multiple=True, required=True, metavar="MULTIADDR",
+              help="Any node of the swarm (with /p2p/ID).")
+@click.option("--json", "as_json", is_flag=True, help="Print the map as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def swarm(initial_peers, as_json, debug) -> None:
+    """Print every model in the swarm: its servers, spans, state, throughput, and uncovered blocks."""
+    _setup_logging(False)
+
+    def run() -> None:
+        import json
+
+        from petald.p2pnode.identity import load_or_create_identity
+        from petald.p2pnode.node_thread import NodeThread
+        from petald.p2pnode.swarm_map import format_swarm, read_swarm
+
+        node = NodeThread(load_or_create_identity(None), with_dht=True)
+        try:
+            async def look() -> list:
+                assert node.dht is not None
+                await node.dht.join(_addresses(initial_peers))
+                return await read_swarm(node.dht)
+
+            models = node.call(look)
+        finally:
+            node.stop()
+        if as_json:
+            click.echo(json.dumps({"models": [m.to_json() for m in models]}, indent=2))
+        else:
+            click.echo(format_swarm(models))
 
     _run_cli(run, debug)
 
@@ -193,8 +263,9 @@ def demo(prompt, servers, model, max_new_tokens, debug) -> None:
         source = open_source(model)
         spans = even_spans(source.identity.num_blocks, servers)
         click.echo(f"petald demo: starting {servers} servers for {source.identity.model_id}: {', '.join(spans)}")
-        with LocalSwarm(spans, model, log=lambda t: click.echo(f"petald demo: {t}")) as swarm:
-            with DistributedModel(swarm.addresses, source) as dm:
+        with LocalSwarm(spans, model, log=lambda t: click.echo(f"petald demo: {t}")) as local:
+            click.echo(f"petald demo: finding the servers through the DHT from {local.addresses[0]}")
+            with DistributedModel(model=source, initial_peers=local.addresses[:1]) as dm:
                 click.echo(f"petald demo: route {dm.route().describe()}")
                 click.echo(f"\n>>> {prompt}\n")
                 generate_text(dm, prompt, max_new_tokens, 0.0, 1.0, None, chat=True)

@@ -7,12 +7,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from petald.kernels.cache_dir import petald_cache_dir
+
 
 def _cache_file() -> Path:
-    root = os.environ.get("PETALD_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "petald"
-    )
-    return Path(root) / "fingerprints.json"
+    return petald_cache_dir() / "fingerprints.json"
 
 
 def _stamp(paths: list[Path]) -> str:

@@ -1,6 +1,7 @@
 """The Python API: a model whose blocks live on remote servers and whose head lives here.
 
-    model = DistributedModel(peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])
+    model = DistributedModel(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])  # via the DHT
+    model = DistributedModel(peers=[...])                  # or exactly these servers, no DHT
     ids = model.tokenizer("Hello", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=20)           # transformers-style
     states = model.hidden_states(ids, blocks=[4, 9])       # after any block
@@ -27,6 +28,8 @@ from petald.p2pnode.inference_session import InferenceSession
 from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
 from petald.p2pnode.route import RemoteServer, SpanRoute
+from petald.p2pnode.swarm_dht import block_key
+from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import MAX_TENSOR_BYTES, WIRE_VERSION
 
 log = logging.getLogger(__name__)
@@ -37,21 +40,63 @@ class ModelMismatchError(Exception):
 
 
 class DistributedModel:
-    def __init__(self, peers: Sequence[str], model: str | ModelSource | None = None, *,
-                 wire_dtype: str = "float32", codec: str = "raw", step_timeout: float = 120.0,
-                 connect_timeout: float = 15.0):
+    """Give ``initial_peers`` (any nodes of a swarm: servers are found in the DHT) or ``peers``
+    (exactly the servers to use, no DHT)."""
+
+    def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
+                 initial_peers: Sequence[str] = (), wire_dtype: str = "float32", codec: str = "raw",
+                 step_timeout: float = 120.0, connect_timeout: float = 15.0):
+        if not peers and not initial_peers:
+            raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
         self.source = open_source(model) if model is None or isinstance(model, str) else model
         self.identity = self.source.identity
         self.config = self.source.config
         self.head = ClientHead(self.source)
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
         self._tokenizer: Any = None
-        self.node = NodeThread(load_or_create_identity(None))
+        self.node = NodeThread(load_or_create_identity(None), with_dht=bool(initial_peers))
         try:
-            self.servers = self.node.call(self._connect_all, list(peers), connect_timeout)
+            if initial_peers:
+                self.servers = self.node.call(self._discover, list(initial_peers), connect_timeout)
+            else:
+                self.servers = self.node.call(self._connect_all, list(peers), connect_timeout)
         except BaseException:
             self.node.stop()
             raise
+
+    async def _discover(self, initial_peers: list[str], timeout: float) -> list[RemoteServer]:
+        """Join the swarm, read who serves this model's blocks, and measure a round trip to each."""
+        dht = self.node.dht
+        assert dht is not None
+        await dht.join(initial_peers, timeout)
+        keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
+        records = [r for r in await dht.announcements(keys)
+                   if r.state == "online" and r.fingerprint == self.identity.fingerprint and r.addresses]
+        if not records:
+            raise ServerUnavailable(f"no server in the swarm announces {self.identity.model_id}; "
+                                    "check --model, or start servers for it")
+        found: list[RemoteServer] = []
+
+        async def measure(record: ServerAnnouncement) -> None:
+            try:
+                with trio.fail_after(timeout):
+                    # Connect first, so that the timed round trip does not include the handshake.
+                    await self.node.host.connect(parse_peer_address(record.addresses[0]))
+                began = trio.current_time()
+                info = await fetch_info(self.node.host, record.peer_id, timeout)
+                rtt = trio.current_time() - began
+            except Exception as exc:  # an unreachable server is skipped, like a dead one
+                log.info("skipping %s: %s", record.peer_id, exc)
+                return
+            if info.fingerprint == self.identity.fingerprint and info.wire_version == WIRE_VERSION:
+                found.append(RemoteServer(record.peer_id, record.addresses[0], info, rtt, record.inference_rps))
+
+        async with trio.open_nursery() as nursery:
+            for record in records:
+                nursery.start_soon(measure, record)
+        if not found:
+            raise ServerUnavailable(f"the servers announcing {self.identity.model_id} did not answer")
+        return sorted(found, key=lambda s: s.peer_id)
 
     async def _connect_all(self, peers: list[str], timeout: float) -> list[RemoteServer]:
         host = self.node.host
@@ -95,14 +140,16 @@ class DistributedModel:
 
     # --- sessions ------------------------------------------------------------------------------
 
-    def route(self, start: int = 0, end: int | None = None, split_after: Sequence[int] = ()) -> SpanRoute:
+    def route(self, start: int = 0, end: int | None = None, split_after: Sequence[int] = (),
+              cache_tokens_per_block: int = 0) -> SpanRoute:
         end = self.identity.num_blocks if end is None else end
-        return SpanRoute.plan(self.servers, start, end, frozenset(split_after))
+        return SpanRoute.plan(self.servers, start, end, frozenset(split_after), cache_tokens_per_block)
 
     @contextlib.contextmanager
     def inference_session(self, batch: int = 1, max_length: int = 2048, route: SpanRoute | None = None
                           ) -> Iterator[InferenceSession]:
-        session = InferenceSession(self.node.host, route or self.route(), self.identity, batch, max_length,
+        route = route or self.route(cache_tokens_per_block=batch * max_length)
+        session = InferenceSession(self.node.host, route, self.identity, batch, max_length,
                                    self.wire_dtype, self.codec, self.step_timeout)
         self.node.call(session.open)
         try:

@@ -7,6 +7,7 @@ on this loop, reached through ``call``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -16,14 +17,17 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 
 from petald.p2pnode.host import DEFAULT_LISTEN, quiet_libp2p_logs, running_host
+from petald.p2pnode.swarm_dht import SwarmDHT
 
 T = TypeVar("T")
 
 
 class NodeThread:
-    def __init__(self, key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), start_timeout: float = 30.0):
+    def __init__(self, key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), start_timeout: float = 30.0,
+                 with_dht: bool = False):
         quiet_libp2p_logs()
-        self._key_pair, self._listen = key_pair, list(listen)
+        self._key_pair, self._listen, self._with_dht = key_pair, list(listen), with_dht
+        self.dht: SwarmDHT | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -44,7 +48,10 @@ class NodeThread:
             self._ready.set()
 
     async def _main(self) -> None:
-        async with running_host(self._key_pair, self._listen) as host:
+        async with running_host(self._key_pair, self._listen) as host, contextlib.AsyncExitStack() as stack:
+            if self._with_dht:  # a client node: it looks things up but stores nothing for others
+                self.dht = await stack.enter_async_context(
+                    SwarmDHT(host, self._key_pair, server_mode=False).running())
             self.host = host
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()

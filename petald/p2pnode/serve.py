@@ -1,31 +1,63 @@
-"""Run a server node until SIGINT or SIGTERM: load the span, start the host, serve."""
+"""Run a server node until SIGINT or SIGTERM: join the swarm, place and load a span, announce, serve.
+
+The order matters to clients: a server says "serving blocks A:B ... at ADDR" only once its
+record says ``online``, so that line means "routable". Shutdown announces ``offline`` first.
+With ``--blocks auto`` the server also rebalances: every ``rebalance_period`` (with jitter,
+so that servers do not all move at once) it reads the swarm and moves when Petals' rule says so.
+"""
 
 from __future__ import annotations
 
+import logging
+import random
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import trio
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
 
 from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
 from petald.kernels.executor import DeviceExecutor
+from petald.kernels.kv_cache import KVCacheBudget
+from petald.kernels.memory_plan import available_memory, blocks_that_fit
+from petald.kernels.model_source import ModelSource
 from petald.kernels.sources import open_source
 from petald.kernels.span import BlockSpan
+from petald.kernels.throughput import cached_throughput, measure_throughput
+from petald.p2pnode.block_selection import better_start, block_coverage, choose_start
+from petald.p2pnode.compute import run_on_executor
 from petald.p2pnode.host import DEFAULT_LISTEN, full_addresses, quiet_libp2p_logs, running_host
 from petald.p2pnode.identity import load_or_create_identity
 from petald.p2pnode.server import BlockServer, ServerLimits
+from petald.p2pnode.swarm_dht import SwarmDHT, block_key
+from petald.p2pnode.swarm_presence import ServerPresence
+from petald.protocol.announcement import ServerAnnouncement
+
+log = logging.getLogger(__name__)
+
+MEMORY_SHARE = 0.5  # of the free memory, when --blocks auto is given no budget
 
 
 @dataclass
 class ServeOptions:
     model: str | None = None
-    blocks: str = "0:"
+    blocks: str = "auto"
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
     identity: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     limits: ServerLimits = field(default_factory=ServerLimits)
+    initial_peers: list[str] = field(default_factory=list)
+    new_swarm: bool = False
+    num_blocks: int | None = None  # for --blocks auto
+    memory_limit_gib: float | None = None  # for --blocks auto
+    announce_period: float = 30.0
+    rebalance_period: float = 60.0
+    network_mbps: float = 0.0
+    throughput_seconds: float = 1.0
 
 
 def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
@@ -35,10 +67,28 @@ def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
         start = int(start_text) if start_text else 0
         end = int(end_text) if end_text else num_blocks
     except ValueError:
-        raise ValueError(f"--blocks {text!r}: expected A:B with integers, e.g. 0:15") from None
+        raise ValueError(f"--blocks {text!r}: expected A:B with integers (e.g. 0:15) or auto") from None
     if not sep or not 0 <= start < end <= num_blocks:
         raise ValueError(f"--blocks {text!r}: need 0 <= A < B <= {num_blocks} (this model has {num_blocks} blocks)")
     return start, end
+
+
+def auto_block_count(options: ServeOptions, source: ModelSource, dtype: torch.dtype,
+                     device: torch.device) -> int:
+    total = source.identity.num_blocks
+    if options.num_blocks is not None:
+        if not 1 <= options.num_blocks <= total:
+            raise ValueError(f"--num-blocks {options.num_blocks}: this model has {total} blocks")
+        return options.num_blocks
+    if options.memory_limit_gib is not None:
+        budget = int(options.memory_limit_gib * 2**30)
+    else:
+        budget = int(available_memory(device) * MEMORY_SHARE)
+    count = blocks_that_fit(source.config, dtype, budget, options.limits.cache_tokens)
+    if count < 1:
+        raise ValueError(f"not even one block fits in {budget / 2**30:.2f} GiB beside a KV cache of "
+                         f"{options.limits.cache_tokens} tokens: raise --memory-limit or lower --cache-tokens")
+    return count
 
 
 def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
@@ -46,40 +96,141 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     quiet_libp2p_logs()
     announce(f"opening model {options.model or 'smollm2 (embedded default)'}")
     source = open_source(options.model)
-    start, end = parse_blocks(options.blocks, source.identity.num_blocks)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    if options.blocks == "auto":
+        length, fixed = auto_block_count(options, source, dtype, device), None
+    else:
+        fixed = parse_blocks(options.blocks, source.identity.num_blocks)
+        length = fixed[1] - fixed[0]
+    if not options.initial_peers and not options.new_swarm:
+        raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
+                         "or --new-swarm to start a new one")
     key_pair = load_or_create_identity(options.identity)
-
-    step = max(1, (end - start) // 5)  # about five progress lines, whatever the span
-
-    def progress(done: int, total: int) -> None:
-        if done % step == 0 or done == total:
-            announce(f"loading blocks {start}:{end} of {source.identity.model_id}: {done}/{total} "
-                     f"({100 * done // total}%)")
-
-    span = BlockSpan(source, start, end, dtype, device, progress=progress)
     executor = DeviceExecutor()
-    server = BlockServer(source.identity, span, executor, options.limits)
     try:
-        trio.run(_serve_until_signal, server, key_pair, options.listen, announce)
+        node = ServerNode(options, source, dtype, device, executor, announce)
+        trio.run(node.run, key_pair, length, fixed)
     finally:
         executor.shutdown()
-    announce(f"stopped (served blocks {start}:{end}, {dtype_name(dtype)} on {device})")
+    announce(f"stopped ({dtype_name(dtype)} on {device})")
 
 
-async def _serve_until_signal(server: BlockServer, key_pair, listen: list[str], announce) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with running_host(key_pair, listen) as host:
-            server.register(host)
-            span = server.span
-            addresses = full_addresses(host)
-            if not addresses:
-                # py-libp2p logs a failed bind (e.g. a port in use) and carries on without listening.
-                raise OSError(f"could not listen on {', '.join(listen)}: is the port in use, or the address not local?")
-            for address in addresses:
-                announce(f"serving blocks {span.start}:{span.end} of {server.identity.model_id} "
-                         f"({dtype_name(span.dtype)}, {span.device}) at {address}")
-            async for signum in signals:
-                announce(f"received {signal.Signals(signum).name}, shutting down")
-                break
+class ServerNode:
+    """Everything one server process runs on its trio loop."""
+
+    def __init__(self, options: ServeOptions, source: ModelSource, dtype: torch.dtype, device: torch.device,
+                 executor: DeviceExecutor, announce: Callable[[str], None]):
+        self.options, self.source, self.dtype, self.device = options, source, dtype, device
+        self.executor, self.announce = executor, announce
+        self.identity = source.identity
+        self.budget = KVCacheBudget(options.limits.cache_tokens)
+        self.server: BlockServer | None = None
+        self.span_start = 0
+        self.length = 0
+
+    def _info(self):  # the record follows the span being loaded, before its server exists
+        if self.server is not None and self.server.span.start == self.span_start:
+            return self.server.info()
+        placeholder = BlockServer.info_for(self.identity, self.span_start, self.span_start + self.length,
+                                           self.dtype, self.source.config.hidden_size,
+                                           self.options.limits, self.budget)
+        return placeholder
+
+    async def run(self, key_pair: KeyPair, length: int, fixed: tuple[int, int] | None) -> None:
+        self.length = length
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with running_host(key_pair, self.options.listen) as host:
+                if not full_addresses(host):
+                    # py-libp2p logs a failed bind (e.g. a port in use) and carries on without listening.
+                    raise OSError(f"could not listen on {', '.join(self.options.listen)}: "
+                                  "is the port in use, or the address not local?")
+                dht = SwarmDHT(host, key_pair, server_mode=True)
+                async with dht.running():
+                    await self._join(dht)
+                    presence = ServerPresence(dht, self._info, period=self.options.announce_period,
+                                              network_mbps=self.options.network_mbps)
+                    if fixed is None:
+                        await trio.sleep(random.uniform(0.0, 1.0))  # servers started together choose apart
+                        self.span_start = choose_start(await self._coverage(dht), length)
+                    else:
+                        self.span_start = fixed[0]
+                    await presence.publish("joining")
+                    await self._load(host, presence)
+                    await presence.publish("online")
+                    for address in full_addresses(host):
+                        self.announce(f"serving blocks {self.span_start}:{self.span_start + length} of "
+                                      f"{self.identity.model_id} ({dtype_name(self.dtype)}, {self.device}) at {address}")
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(presence.keep_fresh)
+                        if fixed is None:
+                            nursery.start_soon(self._rebalance, dht, host, presence)
+                        async for signum in signals:
+                            self.announce(f"received {signal.Signals(signum).name}, announcing offline and "
+                                          "shutting down")
+                            break
+                        nursery.cancel_scope.cancel()
+                    with trio.move_on_after(5.0):
+                        await presence.publish("offline")
+
+    async def _join(self, dht: SwarmDHT) -> None:
+        if self.options.initial_peers:
+            joined = await dht.join(self.options.initial_peers)
+            self.announce(f"joined the swarm through {joined} of {len(self.options.initial_peers)} initial peers")
+        else:
+            self.announce("started a new swarm: other nodes join it with --initial-peers and this server's address")
+
+    async def _swarm_records(self, dht: SwarmDHT) -> list[ServerAnnouncement]:
+        keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
+        records = await dht.announcements(keys)
+        return [r for r in records if r.fingerprint == self.identity.fingerprint]
+
+    async def _coverage(self, dht: SwarmDHT) -> list[float]:
+        records = await self._swarm_records(dht)
+        return block_coverage(records, self.identity.num_blocks, exclude_peer=dht.peer_id)
+
+    async def _load(self, host: IHost, presence: ServerPresence) -> None:
+        """Load blocks [span_start, span_start + length), measure them, and serve them."""
+        start, end = self.span_start, self.span_start + self.length
+        step = max(1, (end - start) // 5)  # about five progress lines, whatever the span
+
+        def progress(done: int, total: int) -> None:
+            if done % step == 0 or done == total:
+                self.announce(f"loading blocks {start}:{end} of {self.identity.model_id}: {done}/{total} "
+                              f"({100 * done // total}%)")
+
+        span = await trio.to_thread.run_sync(
+            lambda: BlockSpan(self.source, start, end, self.dtype, self.device, progress=progress))
+        figures, cached = await run_on_executor(self.executor, lambda: cached_throughput(
+            span, self.identity.fingerprint, "none",
+            lambda: measure_throughput(span, self.options.throughput_seconds, self.announce)))
+        self.announce(f"throughput per block: {figures.inference_rps:.0f} inference steps/s, "
+                      f"{figures.forward_tps:.0f} forward tokens/s" + (" (cached)" if cached else ""))
+        presence.inference_rps, presence.forward_tps = figures.inference_rps, figures.forward_tps
+        # Sessions opened on the previous span keep it until they end; new ones get this one.
+        self.server = BlockServer(self.identity, span, self.executor, self.options.limits, budget=self.budget)
+        self.server.register(host)
+
+    async def _rebalance(self, dht: SwarmDHT, host: IHost, presence: ServerPresence) -> None:
+        period = self.options.rebalance_period
+        while True:
+            await trio.sleep(random.uniform(0.5 * period, 1.5 * period))
+            try:
+                records = await self._swarm_records(dht)
+            except Exception as exc:
+                log.warning("could not read the swarm to rebalance: %s", exc)
+                continue
+            me = presence.record()
+            target = better_start(records, me, presence.inference_rps)
+            if target is None:
+                continue
+            old = f"{self.span_start}:{self.span_start + self.length}"
+            self.announce(f"rebalancing: moving from blocks {old} to {target}:{target + self.length}, "
+                          "where the swarm is weaker")
+            self.span_start = target
+            await presence.publish("joining")
+            await self._load(host, presence)
+            await presence.publish("online")
+            for address in full_addresses(host):
+                self.announce(f"serving blocks {target}:{target + self.length} of {self.identity.model_id} "
+                              f"({dtype_name(self.dtype)}, {self.device}) at {address}")

@@ -56,13 +56,15 @@ class ServerLimits:
 
 class BlockServer:
     def __init__(self, identity: ModelIdentity, span: BlockSpan, executor: DeviceExecutor,
-                 limits: ServerLimits | None = None):
+                 limits: ServerLimits | None = None, budget: KVCacheBudget | None = None):
         self.identity = identity
         self.span = span
         self.executor = executor
         self.limits = limits or ServerLimits()
         self.limits.max_length = min(self.limits.max_length, span.max_positions)
-        self.budget = KVCacheBudget(self.limits.cache_tokens)
+        # A server that moves to another span shares one budget between the old span's
+        # last sessions and the new span's first ones.
+        self.budget = budget or KVCacheBudget(self.limits.cache_tokens)
         self._session_ids = itertools.count(1)
 
     def register(self, host: IHost) -> None:
@@ -70,11 +72,17 @@ class BlockServer:
         host.set_stream_handler(TProtocol(INFERENCE_PROTOCOL), self._handle_inference)
 
     def info(self) -> ServerInfo:
+        return self.info_for(self.identity, self.span.start, self.span.end, self.span.dtype,
+                             self.span.hidden_size, self.limits, self.budget)
+
+    @staticmethod
+    def info_for(identity: ModelIdentity, start: int, end: int, dtype: torch.dtype, hidden_size: int,
+                 limits: ServerLimits, budget: KVCacheBudget) -> ServerInfo:
+        """What a server holding blocks [start, end) says about itself (also before it has loaded them)."""
         return ServerInfo(
-            model_id=self.identity.model_id, fingerprint=self.identity.fingerprint,
-            num_blocks=self.identity.num_blocks, start=self.span.start, end=self.span.end,
-            dtype=dtype_name(self.span.dtype), hidden_size=self.span.hidden_size,
-            max_length=self.limits.max_length, free_cache_tokens=self.budget.free_tokens,
+            model_id=identity.model_id, fingerprint=identity.fingerprint,
+            num_blocks=identity.num_blocks, start=start, end=end, dtype=dtype_name(dtype),
+            hidden_size=hidden_size, max_length=limits.max_length, free_cache_tokens=budget.free_tokens,
             version=__version__,
         )
 

@@ -1,0 +1,100 @@
+"""How fast a span runs on this device: measured once at start, cached per device and model.
+
+Both figures are per block (the span's rate times its length), so servers holding spans
+of different lengths compare, and a client can price a hop as blocks / rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from petald.kernels.cache_dir import petald_cache_dir
+from petald.kernels.span import BlockSpan
+
+PREFILL_CHUNK = 128
+
+
+@dataclass(frozen=True)
+class SpanThroughput:
+    inference_rps: float  # single-token decode steps per second through one block
+    forward_tps: float  # tokens per second through one block, in chunks of PREFILL_CHUNK
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
+
+
+def measure_throughput(span: BlockSpan, seconds: float = 1.0,
+                       progress: Callable[[str], None] | None = None) -> SpanThroughput:
+    """Time decode steps and prefill chunks of ``span`` for about ``seconds`` in all."""
+    blocks = span.end - span.start
+    hidden = torch.randn(1, PREFILL_CHUNK, span.hidden_size, generator=torch.Generator().manual_seed(0))
+    token = hidden[:, :1]
+
+    def timed(run: Callable[[], None], budget: float, what: str) -> float:
+        run()  # warm-up: first calls allocate and pick kernels
+        count, began = 0, time.perf_counter()
+        while True:
+            run()
+            count += 1
+            elapsed = time.perf_counter() - began
+            if elapsed >= budget and count >= 3:
+                if progress is not None:
+                    progress(f"measuring throughput: {what} done ({count} runs in {elapsed:.2f} s)")
+                return count / elapsed
+
+    steps_cache = span.new_cache(1, min(4096, span.max_positions))
+    span.forward(hidden[:, :16], steps_cache)
+
+    def one_step() -> None:
+        if steps_cache.length + 1 > steps_cache.max_length:
+            steps_cache.length = 16
+        span.forward(token, steps_cache)
+
+    def one_chunk() -> None:
+        span.forward(hidden, span.new_cache(1, PREFILL_CHUNK))
+
+    steps_per_s = timed(one_step, seconds / 2, "inference steps")
+    chunks_per_s = timed(one_chunk, seconds / 2, "forward passes")
+    return SpanThroughput(inference_rps=steps_per_s * blocks, forward_tps=chunks_per_s * PREFILL_CHUNK * blocks)
+
+
+def cached_throughput(span: BlockSpan, fingerprint: str, quant: str,
+                      measure: Callable[[], SpanThroughput]) -> tuple[SpanThroughput, bool]:
+    """``measure()`` unless this device, model, dtype and quantization were measured before.
+
+    Returns the figures and whether they came from the cache.
+    """
+    key = "|".join([device_name(span.device), fingerprint, str(span.dtype), quant, torch.__version__])
+    path = petald_cache_dir() / "throughput.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    entry = cache.get(key)
+    if isinstance(entry, dict):
+        try:
+            return SpanThroughput(**entry), True
+        except TypeError:
+            pass  # written by another version: measure again
+    figures = measure()
+    cache[key] = asdict(figures)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs a measurement next start
+    return figures, False

@@ -1,0 +1,96 @@
+"""The swarm as a map: every model, every block, who serves it, and which blocks nobody serves."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from petald.p2pnode.swarm_dht import SERVERS_KEY, SwarmDHT
+from petald.protocol.announcement import ServerAnnouncement
+
+SERVING_STATES = ("online",)
+
+
+@dataclass(frozen=True)
+class ModelMap:
+    model_id: str
+    num_blocks: int
+    servers: list[ServerAnnouncement]
+
+    def servers_of(self, block: int) -> list[ServerAnnouncement]:
+        return [s for s in self.servers if s.serves(block) and s.state in SERVING_STATES]
+
+    @property
+    def uncovered(self) -> list[int]:
+        return [b for b in range(self.num_blocks) if not self.servers_of(b)]
+
+    def block_throughput(self, block: int) -> float:
+        return sum(s.inference_rps for s in self.servers_of(block))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "num_blocks": self.num_blocks,
+            "uncovered_blocks": self.uncovered,
+            "servers": [{"peer_id": s.peer_id, "start": s.start, "end": s.end, "state": s.state,
+                         "inference_rps": round(s.inference_rps, 1), "forward_tps": round(s.forward_tps, 1),
+                         "free_cache_tokens": s.free_cache_tokens, "dtype": s.dtype, "quant": s.quant,
+                         "version": s.version, "addresses": s.addresses, "expires_at": s.expires_at}
+                        for s in self.servers],
+            "blocks": [{"block": b, "servers": [s.peer_id for s in self.servers_of(b)],
+                        "inference_rps": round(self.block_throughput(b), 1)} for b in range(self.num_blocks)],
+        }
+
+
+async def read_swarm(dht: SwarmDHT) -> list[ModelMap]:
+    """Every live record reachable from this node, grouped by model (fingerprint included)."""
+    records = {r.peer_id: r for r in await dht.announcements([SERVERS_KEY])}
+    # Servers also sit in the routing table; a record missing from the index is found there.
+    for peer in dht.kad.routing_table.get_peer_ids():
+        if peer.to_base58() not in records and peer.to_base58() != dht.peer_id:
+            record = await dht.announcement_of(peer)
+            if record is not None:
+                records[record.peer_id] = record
+    by_model: dict[tuple[str, int], list[ServerAnnouncement]] = defaultdict(list)
+    for record in records.values():
+        by_model[(record.model_id, record.num_blocks)].append(record)
+    return [ModelMap(model_id, num_blocks, sorted(servers, key=lambda s: (s.start, s.end, s.peer_id)))
+            for (model_id, num_blocks), servers in sorted(by_model.items())]
+
+
+def format_swarm(models: list[ModelMap]) -> str:
+    """A plain-text table per model: servers, then blocks with their coverage."""
+    if not models:
+        return "no servers found in the swarm"
+    lines: list[str] = []
+    for m in models:
+        online = sum(1 for s in m.servers if s.state == "online")
+        lines.append(f"model {m.model_id}: {m.num_blocks} blocks, {online} servers online")
+        lines.append(f"  {'peer':<14} {'blocks':<9} {'state':<8} {'steps/s/block':>13} {'tokens/s/block':>14} "
+                     f"{'free cache':>10}  dtype")
+        for s in m.servers:
+            lines.append(f"  ..{s.peer_id[-12:]:<12} {f'{s.start}:{s.end}':<9} {s.state:<8} {s.inference_rps:>13.0f} "
+                         f"{s.forward_tps:>14.0f} {s.free_cache_tokens:>10}  {s.dtype}/{s.quant}")
+        lines.append("  block  servers  steps/s")
+        for b in range(m.num_blocks):
+            count = len(m.servers_of(b))
+            mark = "  <- UNCOVERED" if count == 0 else ""
+            lines.append(f"  {b:>5}  {count:>7}  {m.block_throughput(b):>7.0f}{mark}")
+        if m.uncovered:
+            lines.append(f"  uncovered blocks: {_ranges(m.uncovered)}")
+        else:
+            lines.append("  every block is served")
+    return "\n".join(lines)
+
+
+def _ranges(blocks: list[int]) -> str:
+    parts, first = [], None
+    for i, b in enumerate(blocks):
+        if first is None:
+            first = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            parts.append(f"{first}" if first == b else f"{first}:{b + 1}")
+            first = None
+    return ", ".join(parts)
+

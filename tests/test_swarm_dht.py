@@ -1,0 +1,101 @@
+"""The DHT itself, in one process: three server nodes and a client on real libp2p hosts (127.0.0.1)."""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from petald.p2pnode.host import full_addresses, running_host
+from petald.p2pnode.identity import load_or_create_identity
+from petald.p2pnode.swarm_dht import (
+    LIBRARY_KAD_PROTOCOL,
+    PETALD_KAD_PROTOCOL,
+    SERVERS_KEY,
+    SwarmDHT,
+    block_key,
+    record_key,
+    sign_announcement,
+)
+from petald.p2pnode.swarm_map import read_swarm
+from petald.protocol.announcement import ServerAnnouncement
+
+
+def announcement(dht: SwarmDHT, model_id: str, start: int, end: int, *, ttl: float = 60.0,
+                 issued: float | None = None, peer_id: str | None = None) -> ServerAnnouncement:
+    now = time.time() if issued is None else issued
+    return ServerAnnouncement(
+        peer_id=peer_id or dht.peer_id, addresses=full_addresses(dht.host), state="online", model_id=model_id,
+        fingerprint=model_id.split("@")[1], num_blocks=6, start=start, end=end, dtype="float32", quant="none",
+        max_length=512, free_cache_tokens=1000, inference_rps=100.0, forward_tps=1000.0, network_mbps=0.0,
+        issued_at=now, expires_at=now + ttl, version="test")
+
+
+async def with_swarm(test) -> None:
+    """Run ``test(servers, client)`` with three DHT server nodes and one client node."""
+    keys = [load_or_create_identity(None) for _ in range(4)]
+    async with running_host(keys[0]) as h0, running_host(keys[1]) as h1, running_host(keys[2]) as h2, \
+            running_host(keys[3]) as hc:
+        servers = [SwarmDHT(h, k, server_mode=True) for h, k in zip([h0, h1, h2], keys, strict=False)]
+        client = SwarmDHT(hc, keys[3], server_mode=False)
+        async with servers[0].running(), servers[1].running(), servers[2].running(), client.running():
+            with trio.fail_after(60):
+                bootstrap = full_addresses(h0)
+                for node in (servers[1], servers[2], client):
+                    assert await node.join(bootstrap) == 1
+                await test(servers, client)
+
+
+def test_a_client_finds_every_block_without_knowing_the_servers():
+    async def test(servers, client):
+        spans = [("m@aaa", 0, 3), ("m@aaa", 3, 6), ("other@bbb", 0, 6)]
+        for dht, (model, start, end) in zip(servers, spans, strict=True):
+            keys = [block_key(model, b) for b in range(start, end)] + [SERVERS_KEY]
+            await dht.publish(announcement(dht, model, start, end), keys)
+        found = await client.announcements([block_key("m@aaa", b) for b in range(6)])
+        assert sorted((r.start, r.end) for r in found) == [(0, 3), (3, 6)]
+        assert {r.model_id for r in found} == {"m@aaa"}  # two models in one swarm never mix
+        only_block_4 = await client.announcements([block_key("m@aaa", 4)])
+        assert [(r.start, r.end) for r in only_block_4] == [(3, 6)]
+        models = {m.model_id: m for m in await read_swarm(client)}
+        assert set(models) == {"m@aaa", "other@bbb"}
+        assert models["m@aaa"].uncovered == [] and len(models["other@bbb"].servers) == 1
+
+    trio.run(with_swarm, test)
+
+
+def test_forged_and_expired_records_are_dropped_by_every_node():
+    async def test(servers, client):
+        victim, attacker, _ = servers
+        await victim.publish(announcement(victim, "m@aaa", 0, 6), [block_key("m@aaa", 0)])
+        # The attacker signs a record that claims the victim's peer ID and pushes it straight
+        # to the other nodes, past its own validator.
+        forged = announcement(victim, "m@aaa", 0, 1, issued=time.time() + 5)
+        value = sign_announcement(forged, attacker.key_pair).to_bytes()
+        key = record_key(victim.peer_id).encode()
+        for target in (victim, servers[2]):
+            await attacker.kad.value_store._store_at_peer(target.host.get_id(), key, value)
+        record = await client.announcement_of(victim.host.get_id())
+        assert record is not None and (record.start, record.end) == (0, 6)
+        for node in servers:
+            stored = node.kad.value_store.get(key)
+            assert stored is None or stored.value != value
+        # An expired record (genuinely signed) is refused on arrival and never returned.
+        stale = announcement(attacker, "m@aaa", 2, 4, issued=time.time() - 120, ttl=60)
+        stale_value = sign_announcement(stale, attacker.key_pair).to_bytes()
+        stale_key = record_key(attacker.peer_id).encode()
+        await attacker.kad.value_store._store_at_peer(servers[2].host.get_id(), stale_key, stale_value)
+        assert servers[2].kad.value_store.get(stale_key) is None
+        assert await client.announcement_of(attacker.host.get_id()) is None
+
+    trio.run(with_swarm, test)
+
+
+def test_the_dht_speaks_petalds_protocol_not_ipfs():
+    async def test(servers, client):
+        for dht in servers:
+            handlers = dht.host.get_mux().handlers
+            assert PETALD_KAD_PROTOCOL in handlers and LIBRARY_KAD_PROTOCOL not in handlers
+        assert PETALD_KAD_PROTOCOL not in client.host.get_mux().handlers  # a client stores nothing
+
+    trio.run(with_swarm, test)

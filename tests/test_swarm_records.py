@@ -1,0 +1,165 @@
+"""Signed announcements, block placement and latency routing: the swarm's logic without processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from petald.p2pnode.block_selection import better_start, block_coverage, choose_start
+from petald.p2pnode.identity import load_or_create_identity
+from petald.p2pnode.route import NoRouteError, RemoteServer, SpanRoute
+from petald.p2pnode.swarm_dht import (
+    AnnouncementValidator,
+    InvalidAnnouncement,
+    record_key,
+    sign_announcement,
+    verify_announcement,
+)
+from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
+from petald.protocol.messages import ServerInfo
+
+
+def make_record(peer_id: str = "peer", start: int = 0, end: int = 6, *, state: str = "online",
+                rps: float = 100.0, issued: float | None = None, ttl: float = 60.0, num_blocks: int = 30,
+                model_id: str = "m@1", fingerprint: str = "f1") -> ServerAnnouncement:
+    now = time.time() if issued is None else issued
+    return ServerAnnouncement(
+        peer_id=peer_id, addresses=[f"/ip4/127.0.0.1/tcp/1/p2p/{peer_id}"], state=state, model_id=model_id,
+        fingerprint=fingerprint, num_blocks=num_blocks, start=start, end=end, dtype="float32", quant="none",
+        max_length=2048, free_cache_tokens=10_000, inference_rps=rps, forward_tps=10 * rps, network_mbps=0.0,
+        issued_at=now, expires_at=now + ttl, version="test")
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return load_or_create_identity(None), load_or_create_identity(None)
+
+
+def peer_of(key_pair) -> str:
+    from libp2p.peer.id import ID
+
+    return ID.from_pubkey(key_pair.public_key).to_base58()
+
+
+def test_a_signed_record_verifies_and_round_trips(keys):
+    record = make_record(peer_of(keys[0]))
+    data = sign_announcement(record, keys[0]).to_bytes()
+    assert verify_announcement(data, expected_peer=record.peer_id) == record
+
+
+def test_forged_records_are_refused(keys):
+    mine, other = keys
+    victim = peer_of(mine)
+    # Signed by another key while claiming to be the victim.
+    with pytest.raises(InvalidAnnouncement, match="signed by"):
+        verify_announcement(sign_announcement(make_record(victim), other).to_bytes())
+    # A genuine record stored under somebody else's key.
+    genuine = sign_announcement(make_record(peer_of(other)), other).to_bytes()
+    with pytest.raises(InvalidAnnouncement, match="stored under"):
+        verify_announcement(genuine, expected_peer=victim)
+    # Payload changed after signing.
+    signed = sign_announcement(make_record(victim, 0, 6), mine)
+    tampered = SignedAnnouncement(make_record(victim, 0, 30).to_bytes(), signed.public_key, signed.signature)
+    with pytest.raises(InvalidAnnouncement, match="bad signature"):
+        verify_announcement(tampered.to_bytes())
+    with pytest.raises(InvalidAnnouncement, match="malformed"):
+        verify_announcement(b"\x00garbage")
+    with pytest.raises(InvalidAnnouncement, match="malformed"):
+        verify_announcement(SignedAnnouncement(signed.payload, b"not a key", signed.signature).to_bytes())
+
+
+def test_expired_and_future_records_are_refused(keys):
+    peer = peer_of(keys[0])
+    expired = sign_announcement(make_record(peer, issued=time.time() - 120, ttl=60), keys[0]).to_bytes()
+    with pytest.raises(InvalidAnnouncement, match="expired"):
+        verify_announcement(expired)
+    future = sign_announcement(make_record(peer, issued=time.time() + 3600), keys[0]).to_bytes()
+    with pytest.raises(InvalidAnnouncement, match="future"):
+        verify_announcement(future)
+
+
+def test_validator_keeps_the_newest_record(keys):
+    peer = peer_of(keys[0])
+    validator = AnnouncementValidator()
+    old = sign_announcement(make_record(peer, issued=time.time() - 10), keys[0]).to_bytes()
+    new = sign_announcement(make_record(peer, 6, 12), keys[0]).to_bytes()
+    validator.validate(record_key(peer), old)
+    assert validator.select(record_key(peer), [old, new]) == 1
+    assert validator.select(record_key(peer), [new, old]) == 0
+    with pytest.raises(InvalidAnnouncement):
+        validator.validate(record_key(peer_of(keys[1])), old)
+
+
+def test_record_fields_are_bounded():
+    from petald.protocol.errors import ProtocolError
+
+    wire = make_record().to_wire()
+    for field, value in [("start", 40), ("state", "lying"), ("inference_rps", float("nan")),
+                         ("addresses", ["x"] * 100), ("quant", "int3")]:
+        with pytest.raises(ProtocolError):
+            ServerAnnouncement.from_wire({**wire, field: value})
+    with pytest.raises(ProtocolError, match="exceeds"):
+        SignedAnnouncement.from_bytes(b"\x00" * 20_000)
+
+
+# --- placement -----------------------------------------------------------------------------------
+
+def test_a_new_server_goes_where_the_swarm_is_weakest():
+    records = [make_record("a", 0, 10, rps=100), make_record("b", 10, 20, rps=100), make_record("c", 8, 30, rps=50)]
+    coverage = block_coverage(records, 30)
+    assert coverage[0] == 100 and coverage[9] == 150 and coverage[25] == 50
+    assert choose_start(coverage, 10) == 20  # blocks 20:30 only have the slow server
+    assert choose_start([0.0] * 30, 8) == 0
+    # Offline servers and other models' records do not count.
+    assert block_coverage([make_record("x", 0, 30, state="offline")], 30) == [0.0] * 30
+
+
+def test_a_server_moves_to_cover_an_uncovered_block_but_never_uncovers_one():
+    twin_a, twin_b = make_record("a", 0, 8), make_record("b", 0, 8)
+    rest = [make_record("c", 16, 24), make_record("d", 22, 30)]
+    # Blocks 8:16 are uncovered: one of the twins moves there.
+    assert better_start([twin_a, twin_b, *rest], twin_a, 100.0) == 8
+    # The sole holder of 0:8 stays, even though 8:16 is uncovered.
+    assert better_start([twin_a, *rest], twin_a, 100.0) is None
+
+
+def test_hysteresis_keeps_a_balanced_swarm_still():
+    records = [make_record("a", 0, 15, rps=100), make_record("b", 15, 30, rps=100),
+               make_record("c", 0, 15, rps=100), make_record("d", 15, 30, rps=95)]
+    # Moving c to 15:30 would raise the weakest block from 195 to 200 at best: not worth a reload.
+    assert better_start(records, records[2], 100.0) is None
+    lopsided = [make_record("a", 0, 15, rps=100), make_record("b", 15, 30, rps=100),
+                make_record("c", 0, 15, rps=100), make_record("e", 0, 15, rps=100)]
+    assert better_start(lopsided, lopsided[3], 100.0) == 15
+
+
+# --- routing -------------------------------------------------------------------------------------
+
+def server(peer: str, start: int, end: int, rtt: float = 0.0, rps: float = 0.0, free: int = 100_000) -> RemoteServer:
+    info = ServerInfo(model_id="m@1", fingerprint="f1", num_blocks=30, start=start, end=end, dtype="float32",
+                      hidden_size=64, max_length=2048, free_cache_tokens=free, version="test")
+    return RemoteServer(peer, f"/ip4/127.0.0.1/tcp/1/p2p/{peer}", info, rtt, rps)
+
+
+def test_route_prefers_the_lower_latency_chain():
+    slow_far = server("far", 0, 30, rtt=0.200, rps=1000)
+    near = [server("n1", 0, 15, rtt=0.002, rps=1000), server("n2", 15, 30, rtt=0.002, rps=1000)]
+    route = SpanRoute.plan([slow_far, *near], 0, 30)
+    assert [h.server.peer_id for h in route.hops] == ["n1", "n2"]
+    fast_one = server("one", 0, 30, rtt=0.002, rps=1000)
+    assert [h.server.peer_id for h in SpanRoute.plan([fast_one, *near], 0, 30).hops] == ["one"]
+    # A slow GPU-less server loses to a faster one even with a longer round trip.
+    sluggish = server("sluggish", 0, 30, rtt=0.001, rps=50)
+    assert [h.server.peer_id for h in SpanRoute.plan([sluggish, slow_far], 0, 30).hops] == ["far"]
+
+
+def test_route_respects_free_cache_and_cuts():
+    full = server("full", 0, 30, free=100)
+    roomy = [server("r1", 0, 15), server("r2", 15, 30)]
+    route = SpanRoute.plan([full, *roomy], 0, 30, cache_tokens_per_block=1000)
+    assert [h.server.peer_id for h in route.hops] == ["r1", "r2"]
+    cut = SpanRoute.plan([full], 0, 30, frozenset({9, 19}))
+    assert [(h.start, h.end) for h in cut.hops] == [(0, 10), (10, 20), (20, 30)]
+    with pytest.raises(NoRouteError, match="block 15"):
+        SpanRoute.plan([server("half", 0, 15)], 0, 30)
