@@ -31,6 +31,8 @@ class ServerProcess:
     address: str = ""
     span: tuple[int, int] | None = None  # what it serves now (it may move with --blocks auto)
     output: list[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None  # when it first printed its address (routable)
 
     def pump(self, ready: threading.Event) -> None:
         assert self.process.stdout is not None
@@ -41,6 +43,7 @@ class ServerProcess:
                 self.span = (int(match.group(1)), int(match.group(2)))
                 if not self.address:
                     self.address = match.group(3)
+                    self.ready_at = time.monotonic()
                     ready.set()
         ready.set()  # the process ended: wake the waiter either way
 

@@ -27,7 +27,7 @@ from petald.p2pnode.identity import load_or_create_identity
 from petald.p2pnode.inference_session import InferenceSession
 from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
-from petald.p2pnode.route import RemoteServer, SpanRoute
+from petald.p2pnode.route import NoRouteError, RemoteServer, SpanRoute
 from petald.p2pnode.swarm_dht import block_key
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import MAX_TENSOR_BYTES, WIRE_VERSION
@@ -53,6 +53,7 @@ class DistributedModel:
         self.config = self.source.config
         self.head = ClientHead(self.source)
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
+        self.initial_peers, self.connect_timeout = list(initial_peers), connect_timeout
         self._tokenizer: Any = None
         self.node = NodeThread(load_or_create_identity(None), with_dht=bool(initial_peers))
         try:
@@ -65,16 +66,32 @@ class DistributedModel:
             raise
 
     async def _discover(self, initial_peers: list[str], timeout: float) -> list[RemoteServer]:
-        """Join the swarm, read who serves this model's blocks, and measure a round trip to each."""
+        """Join the swarm and find this model's servers; while blocks are uncovered (servers
+        still joining or moving), look again until ``timeout``."""
         dht = self.node.dht
         assert dht is not None
         await dht.join(initial_peers, timeout)
+        deadline = trio.current_time() + timeout
+        while True:
+            servers = await self._find_servers()
+            covered = {b for s in servers for b in range(s.info.start, s.info.end)}
+            if len(covered) == self.identity.num_blocks:
+                return servers
+            if trio.current_time() + 1.0 > deadline:
+                if not servers:
+                    raise ServerUnavailable(f"no server in the swarm answers for {self.identity.model_id}; "
+                                            "check --model, or start servers for it")
+                return servers  # routing names the uncovered blocks
+            await trio.sleep(1.0)
+
+    async def _find_servers(self) -> list[RemoteServer]:
+        """This model's online servers from the DHT, each with a measured round trip."""
+        dht = self.node.dht
+        assert dht is not None
+        timeout = self.connect_timeout
         keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
         records = [r for r in await dht.announcements(keys)
                    if r.state == "online" and r.fingerprint == self.identity.fingerprint and r.addresses]
-        if not records:
-            raise ServerUnavailable(f"no server in the swarm announces {self.identity.model_id}; "
-                                    "check --model, or start servers for it")
         found: list[RemoteServer] = []
 
         async def measure(record: ServerAnnouncement) -> None:
@@ -94,8 +111,6 @@ class DistributedModel:
         async with trio.open_nursery() as nursery:
             for record in records:
                 nursery.start_soon(measure, record)
-        if not found:
-            raise ServerUnavailable(f"the servers announcing {self.identity.model_id} did not answer")
         return sorted(found, key=lambda s: s.peer_id)
 
     async def _connect_all(self, peers: list[str], timeout: float) -> list[RemoteServer]:
@@ -143,6 +158,13 @@ class DistributedModel:
     def route(self, start: int = 0, end: int | None = None, split_after: Sequence[int] = (),
               cache_tokens_per_block: int = 0) -> SpanRoute:
         end = self.identity.num_blocks if end is None else end
+        try:
+            return SpanRoute.plan(self.servers, start, end, frozenset(split_after), cache_tokens_per_block)
+        except NoRouteError:
+            if not self.initial_peers:
+                raise
+        # The swarm moved since we looked (a server left or rebalanced): look again.
+        self.servers = self.node.call(self._discover, self.initial_peers, self.connect_timeout)
         return SpanRoute.plan(self.servers, start, end, frozenset(split_after), cache_tokens_per_block)
 
     @contextlib.contextmanager

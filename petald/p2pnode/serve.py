@@ -39,6 +39,7 @@ from petald.protocol.announcement import ServerAnnouncement
 log = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.5  # of the free memory, when --blocks auto is given no budget
+MOVE_COOLDOWN_PERIODS = 3  # rebalance periods a server stays put after it moved
 
 
 @dataclass
@@ -128,6 +129,7 @@ class ServerNode:
         self.server: BlockServer | None = None
         self.span_start = 0
         self.length = 0
+        self._moved_at = float("-inf")
 
     def _info(self):  # the record follows the span being loaded, before its server exists
         if self.server is not None and self.server.span.start == self.span_start:
@@ -215,6 +217,8 @@ class ServerNode:
         period = self.options.rebalance_period
         while True:
             await trio.sleep(random.uniform(0.5 * period, 1.5 * period))
+            if trio.current_time() - self._moved_at < MOVE_COOLDOWN_PERIODS * period:
+                continue  # let the swarm see the last move before judging it
             try:
                 records = await self._swarm_records(dht)
             except Exception as exc:
@@ -228,6 +232,7 @@ class ServerNode:
             self.announce(f"rebalancing: moving from blocks {old} to {target}:{target + self.length}, "
                           "where the swarm is weaker")
             self.span_start = target
+            self._moved_at = trio.current_time()
             await presence.publish("joining")
             await self._load(host, presence)
             await presence.publish("online")

@@ -4,8 +4,9 @@ Keys in the DHT:
 
 - ``/petald/<peer id>``: that server's ``SignedAnnouncement`` (one value per key, so one
   key per server; the validator keeps the newest record and refuses forged ones).
-- ``petald-block:<model id>:<block>``: provider records, one per server holding the block.
-- ``petald-servers``: provider records of every server, for the swarm map.
+- sha256 of ``petald-block:<model id>:<block>``: provider records, one per server holding
+  the block. (A multihash, so that every node answers FIND_NODE for it.)
+- sha256 of ``petald-servers``: provider records of every server, for the swarm map.
 
 py-libp2p 0.8 limits and how this module deals with them (docs/swarm.md has the list):
 
@@ -18,11 +19,21 @@ py-libp2p 0.8 limits and how this module deals with them (docs/swarm.md has the 
 - ``find_providers`` answers from the local store alone when it has any entry, even an
   incomplete one; ``providers_of`` always asks the closest peers too and merges the answers
   (duplicates removed).
+- ``get_value`` likewise answers from a local copy, which an earlier lookup may have cached
+  and which then never refreshes. py-libp2p also ignores FIND_NODE for keys longer than 50
+  bytes that are not multihashes, which ``/petald/<peer id>`` is, so value lookups cannot
+  iterate. ``announcement_of`` asks the record's own peer (it always holds its newest
+  record) and the closest peers it knows, and keeps the newest valid answer.
+- Every peer that opens a DHT stream is added to the routing table, client nodes included
+  (which serve no DHT protocol), and then every PUT to such a client stalls for 10 s.
+  ``SwarmKadDHT`` checks what the peer speaks (from identify) before adding it; a peer not
+  identified yet reads as "no DHT" and is added on a later contact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -50,7 +61,7 @@ log = logging.getLogger(__name__)
 PETALD_KAD_PROTOCOL = TProtocol("/petald/kad/1.0.0")
 LIBRARY_KAD_PROTOCOL = TProtocol(kad_common.PROTOCOL_ID)
 RECORD_NAMESPACE = "petald"
-SERVERS_KEY = "petald-servers"
+UNIDENTIFIED = "/petald/unidentified"  # what a peer speaks before identify has told us
 MAX_CLOCK_SKEW_S = 60.0  # a record issued further in the future than this is refused
 LOOKUP_TIMEOUT_S = 10.0
 
@@ -63,9 +74,15 @@ def record_key(peer_id: str) -> str:
     return f"/{RECORD_NAMESPACE}/{peer_id}"
 
 
-def block_key(model_id: str, block: int) -> str:
-    # ':' keeps the key from parsing as a CID or hex multihash, which the library would decode.
-    return f"petald-block:{model_id}:{block}"
+def _multihash(text: str) -> bytes:
+    return bytes([0x12, 0x20]) + hashlib.sha256(text.encode()).digest()
+
+
+def block_key(model_id: str, block: int) -> bytes:
+    return _multihash(f"petald-block:{model_id}:{block}")
+
+
+SERVERS_KEY = _multihash("petald-servers")
 
 
 # --- signing -------------------------------------------------------------------------------------
@@ -123,14 +140,33 @@ class AnnouncementValidator(Validator):
 
 # --- the protocol ID ----------------------------------------------------------------------------
 
+def _speaks_dht(peerstore: Any, peer_id: ID) -> bool:
+    try:
+        return PETALD_KAD_PROTOCOL in (peerstore.get_protocols(peer_id) or [])
+    except Exception:  # the library raises for a peer it has no entry for
+        return False
+
+
 class _PeerstoreView:
-    """The host's peerstore, with peers' protocol lists read through the ID translation."""
+    """The host's peerstore, with peers' protocol lists read through the ID translation.
+
+    ``peer_ids`` lists only peers known to serve the DHT: the library falls back to every
+    known peer when its routing table is small, and a client node would stall its PUTs.
+    """
 
     def __init__(self, peerstore: Any):
         self._peerstore = peerstore
 
+    def peer_ids(self) -> list[ID]:
+        return [p for p in self._peerstore.peer_ids() if _speaks_dht(self._peerstore, p)]
+
     def get_protocols(self, peer_id: ID) -> list[str]:
-        protocols = self._peerstore.get_protocols(peer_id)
+        try:
+            protocols = self._peerstore.get_protocols(peer_id) or []
+        except Exception:  # the library raises for a peer it has no entry for
+            protocols = []
+        if not protocols:
+            return [UNIDENTIFIED]
         # Report petald's DHT as the library's ID, and an IPFS node's as absent.
         return [LIBRARY_KAD_PROTOCOL if p == PETALD_KAD_PROTOCOL else p
                 for p in protocols if p != LIBRARY_KAD_PROTOCOL]
@@ -162,8 +198,19 @@ class KadProtocolAdapter:
     def get_peerstore(self) -> Any:
         return self._peerstore
 
+    def get_connected_peers(self) -> list[ID]:
+        # Same reason as _PeerstoreView.peer_ids: connected clients are not DHT servers.
+        return [p for p in self._host.get_connected_peers() if _speaks_dht(self._host.get_peerstore(), p)]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)
+
+
+class SwarmKadDHT(KadDHT):
+    """The library's DHT, except that a peer joins the routing table only if it serves the DHT."""
+
+    async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
+        return await self.routing_table.add_peer(peer_id, skip_server_mode_check=False)
 
 
 # --- the DHT node --------------------------------------------------------------------------------
@@ -175,8 +222,8 @@ class SwarmDHT:
         self.host, self.key_pair = host, key_pair
         validator = NamespacedValidator({RECORD_NAMESPACE: AnnouncementValidator()})
         mode = DHTMode.SERVER if server_mode else DHTMode.CLIENT
-        self.kad = KadDHT(KadProtocolAdapter(host), mode, validator=validator,  # type: ignore[arg-type]
-                          validator_changed=True)
+        self.kad = SwarmKadDHT(KadProtocolAdapter(host), mode, validator=validator,  # type: ignore[arg-type]
+                               validator_changed=True)
         self.peer_id = host.get_id().to_base58()
 
     @contextlib.asynccontextmanager
@@ -197,7 +244,8 @@ class SwarmDHT:
             except Exception as exc:
                 log.warning("initial peer %s did not answer: %s", info.peer_id, exc)
                 return
-            await self.kad.add_peer(info.peer_id, skip_server_mode_check=True)
+            # An initial peer is taken on trust: it is how we reach the swarm at all.
+            await self.kad.routing_table.add_peer(info.peer_id, skip_server_mode_check=True)
             joined += 1
 
         async with trio.open_nursery() as nursery:
@@ -210,7 +258,7 @@ class SwarmDHT:
             await self.kad.refresh_routing_table()
         return joined
 
-    async def publish(self, record: ServerAnnouncement, provide_keys: Iterable[str] = ()) -> None:
+    async def publish(self, record: ServerAnnouncement, provide_keys: Iterable[bytes] = ()) -> None:
         """Store this server's signed record (and advertise it for ``provide_keys``)."""
         value = sign_announcement(record, self.key_pair).to_bytes()
         with trio.move_on_after(LOOKUP_TIMEOUT_S):
@@ -221,14 +269,14 @@ class SwarmDHT:
                 for key in keys:
                     nursery.start_soon(self._provide, key)
 
-    async def _provide(self, key: str) -> None:
+    async def _provide(self, key: bytes) -> None:
         with trio.move_on_after(LOOKUP_TIMEOUT_S):
-            await self.kad.provide(key)
+            await self.kad.provider_store.provide(key)
 
-    async def providers_of(self, key: str) -> list[PeerInfo]:
+    async def providers_of(self, key: bytes) -> list[PeerInfo]:
         """Every provider the closest peers know of (and the local store), without duplicates."""
         store = self.kad.provider_store
-        encoded = key.encode()
+        encoded = key
         found = {p.peer_id: p for p in store.get_providers(encoded)}
         closest: list[ID] = []
         with trio.move_on_after(LOOKUP_TIMEOUT_S):
@@ -239,7 +287,7 @@ class SwarmDHT:
                 try:
                     providers, _ = await store._get_providers_from_peer_with_closers(peer, encoded)
                 except Exception as exc:  # one silent peer does not spoil the lookup
-                    log.debug("providers of %s from %s failed: %s", key, peer, exc)
+                    log.debug("providers of %s from %s failed: %s", key.hex(), peer, exc)
                     return
                 for provider in providers:
                     found.setdefault(provider.peer_id, provider)
@@ -251,28 +299,46 @@ class SwarmDHT:
         return list(found.values())
 
     async def announcement_of(self, peer: ID) -> ServerAnnouncement | None:
-        """The peer's live record, or None (absent, expired or forged)."""
+        """The peer's newest live record, or None (absent, expired or forged).
+
+        Asks the closest peers every time: the library's ``get_value`` answers from a local
+        copy when it has one, and a copy cached by an earlier lookup goes stale.
+        """
         key = record_key(peer.to_base58())
-        with trio.move_on_after(LOOKUP_TIMEOUT_S):
+        encoded = key.encode()
+        values: list[bytes] = []
+        local = self.kad.value_store.get(encoded)
+        if local is not None:
+            values.append(local.value)
+        holders = [peer, *self.kad.routing_table.find_local_closest_peers(encoded)]
+
+        async def ask(holder: ID) -> None:
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                try:
+                    answer = await self.kad.value_store._get_from_peer(holder, encoded, return_record=True)
+                except Exception as exc:  # one silent peer does not spoil the lookup
+                    log.debug("record of %s from %s failed: %s", peer, holder, exc)
+                    return
+                if answer is not None and getattr(answer, "value", None):
+                    values.append(answer.value)
+
+        async with trio.open_nursery() as nursery:
+            for holder in dict.fromkeys(holders):
+                if holder != self.host.get_id():
+                    nursery.start_soon(ask, holder)
+        records = []
+        for value in values:
             try:
-                value = await self.kad.get_value(key)
-            except Exception as exc:
-                log.debug("record of %s: %s", peer, exc)
-                return None
-            if value is None:
-                return None
-            try:
-                return verify_announcement(value, expected_peer=peer.to_base58())
+                records.append(verify_announcement(value, expected_peer=peer.to_base58()))
             except InvalidAnnouncement as exc:
                 log.info("dropping a record: %s", exc)
-                return None
-        return None
+        return max(records, key=lambda r: r.issued_at, default=None)
 
-    async def announcements(self, keys: Iterable[str]) -> list[ServerAnnouncement]:
+    async def announcements(self, keys: Iterable[bytes]) -> list[ServerAnnouncement]:
         """The live records of every server that provides any of ``keys``."""
         peers: dict[ID, PeerInfo] = {}
 
-        async def collect(key: str) -> None:
+        async def collect(key: bytes) -> None:
             for info in await self.providers_of(key):
                 peers.setdefault(info.peer_id, info)
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from petald.p2pnode.swarm_dht import SERVERS_KEY, SwarmDHT
+import trio
+from libp2p.peer.id import ID
+
+from petald.p2pnode.swarm_dht import LOOKUP_TIMEOUT_S, SERVERS_KEY, SwarmDHT
 from petald.protocol.announcement import ServerAnnouncement
 
 SERVING_STATES = ("online",)
@@ -46,12 +50,21 @@ class ModelMap:
 async def read_swarm(dht: SwarmDHT) -> list[ModelMap]:
     """Every live record reachable from this node, grouped by model (fingerprint included)."""
     records = {r.peer_id: r for r in await dht.announcements([SERVERS_KEY])}
-    # Servers also sit in the routing table; a record missing from the index is found there.
-    for peer in dht.kad.routing_table.get_peer_ids():
-        if peer.to_base58() not in records and peer.to_base58() != dht.peer_id:
-            record = await dht.announcement_of(peer)
-            if record is not None:
-                records[record.peer_id] = record
+    # Every server is also a DHT server: one missing from the index (its provider record
+    # not yet republished, or dropped by a rate limit) is found among the DHT's peers.
+    peers = set(dht.kad.routing_table.get_peer_ids())
+    with trio.move_on_after(LOOKUP_TIMEOUT_S):
+        peers.update(await dht.kad.peer_routing.find_closest_peers_network(os.urandom(32)))
+
+    async def fetch(peer: ID) -> None:
+        record = await dht.announcement_of(peer)
+        if record is not None:
+            records[record.peer_id] = record
+
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            if peer.to_base58() not in records and peer.to_base58() != dht.peer_id:
+                nursery.start_soon(fetch, peer)
     by_model: dict[tuple[str, int], list[ServerAnnouncement]] = defaultdict(list)
     for record in records.values():
         by_model[(record.model_id, record.num_blocks)].append(record)

@@ -55,7 +55,7 @@ class ServerPresence:
             self.state = state
         record = self.record()
         span = (record.model_id, record.start, record.end)
-        keys: list[str] = []
+        keys: list[bytes] = []
         if self.state != "offline" and (span != self._provided or self._publishes % REPROVIDE_EVERY == 0):
             keys = [block_key(record.model_id, b) for b in range(record.start, record.end)] + [SERVERS_KEY]
             self._provided = span

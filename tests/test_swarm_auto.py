@@ -1,0 +1,150 @@
+"""A swarm that forms itself: real ``petald serve --blocks auto`` processes on 127.0.0.1, found via the DHT.
+
+The phases run in order on one swarm (module fixture): four servers cover SmolLM2, a client
+generates through the DHT alone, a fifth server places itself on the weakest blocks, one
+server leaves and the others rebalance, and a second model joins without mixing.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from petald.cli.local_swarm import LocalSwarm
+from petald.p2pnode.block_selection import block_coverage
+from petald.p2pnode.distributed_model import DistributedModel
+from petald.p2pnode.identity import load_or_create_identity
+from petald.p2pnode.node_thread import NodeThread
+from petald.p2pnode.swarm_map import ModelMap, read_swarm
+from tests.oracle import reference_greedy
+
+pytestmark = pytest.mark.slow
+
+BLOCKS, PER_SERVER = 30, 8
+AUTO_ARGS = ["--threads", "1", "--num-blocks", str(PER_SERVER), "--announce-period", "2",
+             "--rebalance-period", "3", "--cache-tokens", "200000"]
+PROMPT_IDS = torch.tensor([[504, 3575, 282, 4649, 314, 253, 1345, 30, 378, 3575]])
+
+
+class SwarmWatcher:
+    """A client node that reads the swarm map through the DHT, as any user would."""
+
+    def __init__(self, initial_peer: str):
+        self.node = NodeThread(load_or_create_identity(None), with_dht=True)
+        self.node.call(self._join, initial_peer)
+
+    async def _join(self, address: str) -> None:
+        assert self.node.dht is not None
+        await self.node.dht.join([address])
+
+    def models(self) -> dict[str, ModelMap]:
+        async def read() -> list[ModelMap]:
+            assert self.node.dht is not None
+            return await read_swarm(self.node.dht)
+        return {m.model_id: m for m in self.node.call(read)}
+
+    def wait_for(self, condition, what: str, timeout: float = 120.0) -> dict[str, ModelMap]:
+        deadline = time.monotonic() + timeout
+        while True:
+            models = self.models()
+            if condition(models):
+                return models
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; swarm: "
+                                     + json.dumps({k: v.to_json()["servers"] for k, v in models.items()}))
+            time.sleep(1.0)
+
+
+def smollm(models: dict[str, ModelMap]) -> ModelMap | None:
+    return next((m for k, m in models.items() if k.startswith("smollm2")), None)
+
+
+def fully_covered(models: dict[str, ModelMap], servers: int) -> bool:
+    m = smollm(models)
+    return m is not None and not m.uncovered and sum(s.state == "online" for s in m.servers) == servers
+
+
+@pytest.fixture(scope="module")
+def auto_swarm():
+    with LocalSwarm(["auto"] * 4, extra_args=AUTO_ARGS) as swarm:
+        watcher = SwarmWatcher(swarm.addresses[0])
+        try:
+            yield swarm, watcher
+        finally:
+            watcher.node.stop()
+
+
+def test_four_auto_servers_cover_every_block(auto_swarm):
+    swarm, watcher = auto_swarm
+    models = watcher.wait_for(lambda m: fully_covered(m, 4), "4 servers to cover all 30 blocks")
+    spans = sorted((s.start, s.end) for s in smollm(models).servers)
+    assert all(end - start == PER_SERVER for start, end in spans)
+
+
+def test_generation_through_the_dht_alone_matches_the_oracle(auto_swarm):
+    swarm, watcher = auto_swarm
+    watcher.wait_for(lambda m: fully_covered(m, 4), "full coverage")
+    with DistributedModel(initial_peers=[swarm.addresses[0]]) as model:
+        assert {s.peer_id for s in model.servers} <= {a.rsplit("/p2p/", 1)[1] for a in swarm.addresses}
+        assert all(s.rtt > 0 and s.inference_rps > 0 for s in model.servers)
+        out = model.generate(PROMPT_IDS, max_new_tokens=16, eos_token_id=[])
+    assert out[0, PROMPT_IDS.shape[1]:].tolist() == reference_greedy(None, PROMPT_IDS, 16)
+    # The CLI needs nothing but one address of the swarm.
+    result = subprocess.run([sys.executable, "-m", "petald.cli.main", "generate", "The capital of France is",
+                             "--initial-peers", swarm.addresses[1], "--max-new-tokens", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_a_fifth_server_places_itself_on_the_weakest_blocks(auto_swarm):
+    swarm, watcher = auto_swarm
+    before = smollm(watcher.wait_for(lambda m: fully_covered(m, 4), "full coverage"))
+    coverage = block_coverage(before.servers, BLOCKS)
+    fifth = swarm.add("auto", AUTO_ARGS)
+    start, end = fifth.span
+    windows = [sorted(coverage[s:s + PER_SERVER]) for s in range(BLOCKS - PER_SERVER + 1)]
+    assert sorted(coverage[start:end]) == min(windows), (coverage, fifth.span)
+    watcher.wait_for(lambda m: fully_covered(m, 5), "the fifth server online")
+
+
+def test_a_server_leaves_and_the_others_cover_its_blocks(auto_swarm):
+    swarm, watcher = auto_swarm
+    models = watcher.wait_for(lambda m: fully_covered(m, 5), "5 servers online")
+    m = smollm(models)
+    # Pick a server that alone holds some block, so that its leaving uncovers something.
+    sole = {s.peer_id for b in range(BLOCKS) if len(m.servers_of(b)) == 1 for s in m.servers_of(b)}
+    leaving = next(p for p in swarm.servers if p.process.poll() is None and p.address.endswith(tuple(sole)))
+    assert leaving.stop(signal.SIGTERM) == 0
+    assert any("announcing offline" in line for line in leaving.output)
+    gone = leaving.address.rsplit("/p2p/", 1)[1]
+    watcher.wait_for(lambda ms: all(s.state == "offline" for s in smollm(ms).servers if s.peer_id == gone),
+                     "the leaving server's offline record", timeout=20)
+    after = smollm(watcher.wait_for(lambda ms: fully_covered(ms, 4), "the others to cover every block again"))
+    assert not after.uncovered
+    assert any(line.startswith("petald: rebalancing") for p in swarm.servers for line in p.output)
+
+
+def test_two_models_share_the_swarm_without_mixing(auto_swarm, tiny_models):
+    swarm, watcher = auto_swarm
+    tiny = swarm.add("0:6", ["--model", str(tiny_models["llama"]), "--threads", "1", "--announce-period", "2"])
+    models = watcher.wait_for(lambda ms: len(ms) == 2 and fully_covered(ms, 4), "a second model in the swarm")
+    other = next(m for k, m in models.items() if not k.startswith("smollm2"))
+    assert [(s.start, s.end) for s in other.servers] == [(0, 6)] and not other.uncovered
+    assert tiny.address.rsplit("/p2p/", 1)[1] not in {s.peer_id for s in smollm(models).servers}
+    with DistributedModel(model=str(tiny_models["llama"]), initial_peers=[swarm.addresses[0]]) as model:
+        assert [s.info.model_id for s in model.servers] == [other.model_id]
+        ids = torch.tensor([[5, 17, 42, 99]])
+        out = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert out[0, 4:].tolist() == reference_greedy(str(tiny_models["llama"]), ids, 8)
+    result = subprocess.run([sys.executable, "-m", "petald.cli.main", "swarm", "--json",
+                             "--initial-peers", swarm.addresses[0]], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    listed = {m["model_id"]: m for m in json.loads(result.stdout)["models"]}
+    assert set(listed) == set(models) and listed[other.model_id]["uncovered_blocks"] == []
