@@ -146,3 +146,19 @@ def test_client_head_reads_no_block_tensors(tiny_models, monkeypatch):
     logits = head.logits(head.embed(torch.tensor([[1, 2, 3]])))
     assert logits.shape == (1, 3, 320)
     assert head.lm_weight is head.embed_weight  # qwen2 tiny ties its LM head to the embeddings
+
+
+def test_gguf_config_and_tokenizer_come_back_equal_from_the_cache(tmp_path, monkeypatch):
+    from petald.kernels.gguf_source import GGUFSource
+    from petald.kernels.sources import default_gguf_path
+
+    monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))
+    first = GGUFSource(default_gguf_path())
+    parsed, tokenizer = first.config.to_dict(), first.load_tokenizer()
+    assert (first._derived_dir() / "config.json").is_file() and (first._derived_dir() / "tokenizer").is_dir()
+    again = GGUFSource(default_gguf_path())
+    assert again.config.to_dict() == parsed
+    cached = again.load_tokenizer()
+    text = "The capital of France is Paris. ¿Qué tal? 東京"
+    assert cached(text).input_ids == tokenizer(text).input_ids
+    assert cached.chat_template == tokenizer.chat_template and cached.eos_token_id == tokenizer.eos_token_id

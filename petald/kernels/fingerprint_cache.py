@@ -14,7 +14,7 @@ def _cache_file() -> Path:
     return petald_cache_dir() / "fingerprints.json"
 
 
-def _stamp(paths: list[Path]) -> str:
+def file_stamp(paths: list[Path]) -> str:
     parts = []
     for p in sorted(paths):
         st = p.stat()
@@ -24,7 +24,7 @@ def _stamp(paths: list[Path]) -> str:
 
 def cached_fingerprint(path: Path, compute: Callable[[], str], files: list[Path] | None = None) -> str:
     """Return ``compute()`` for ``path``, reusing a cached value while its files are unchanged."""
-    key = _stamp(files or [path])
+    key = file_stamp(files or [path])
     cache_path = _cache_file()
     try:
         cache = json.loads(cache_path.read_text())

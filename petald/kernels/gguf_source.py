@@ -9,6 +9,9 @@ converter).
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,8 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoConfig, PretrainedConfig
 
-from petald.kernels.fingerprint_cache import cached_fingerprint
+from petald.kernels.cache_dir import petald_cache_dir
+from petald.kernels.fingerprint_cache import cached_fingerprint, file_stamp
 from petald.kernels.model_source import ModelIdentity, ModelSourceError, check_architecture
 
 _BLOCK_NAMES = {
@@ -76,15 +80,36 @@ class GGUFSource:
             num_blocks=self.config.num_hidden_layers,
         )
 
-    def _read_config(self) -> PretrainedConfig:
-        # transformers' GGUF metadata parser: reads only the key/value section.
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    def _derived_dir(self) -> Path:
+        """Where what we derive from this exact file (by path, size and mtime) is kept.
 
-        meta = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
+        Parsing a GGUF's metadata takes seconds (gguf-py walks the tokenizer's ~100k strings
+        one numpy view at a time), and transformers parses it again for the config and again
+        for the tokenizer; both are kept here after the first time.
+        """
+        stamp = hashlib.blake2b(file_stamp([self.path]).encode(), digest_size=10).hexdigest()
+        return petald_cache_dir() / "gguf" / stamp
+
+    def _read_config(self) -> PretrainedConfig:
+        cached = self._derived_dir() / "config.json"
+        try:
+            meta = json.loads(cached.read_text())
+        except (OSError, ValueError):
+            # transformers' GGUF metadata parser: reads only the key/value section.
+            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+            meta = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
+            meta.pop("_model_name_or_path", None)
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(meta))
+                tmp.replace(cached)
+            except (OSError, TypeError, ValueError):
+                pass  # not cacheable here: parse again next time
         model_type = meta.pop("model_type", None)
         if model_type is None:
             raise ModelSourceError(f"{self.path}: GGUF metadata names no architecture")
-        meta.pop("_model_name_or_path", None)
         return AutoConfig.for_model(model_type, **meta)
 
     def _fingerprint(self) -> str:
@@ -131,4 +156,17 @@ class GGUFSource:
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        saved = self._derived_dir() / "tokenizer"
+        if (saved / "tokenizer_config.json").is_file():
+            try:
+                return AutoTokenizer.from_pretrained(str(saved))
+            except Exception:  # a damaged cache entry: rebuild it below
+                shutil.rmtree(saved, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        tmp = saved.with_name(f"tokenizer.{os.getpid()}.tmp")
+        try:
+            tokenizer.save_pretrained(str(tmp))
+            tmp.rename(saved)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or no disk
+        return tokenizer
