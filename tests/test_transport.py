@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import multiaddr
 import pytest
@@ -184,3 +185,29 @@ def test_eager_lock_excludes_and_hands_over_in_order():
         assert not lock.locked()
 
     trio.run(main)
+
+
+def test_executor_hand_off_returns_raises_and_abandons_on_cancel():
+    from petald.kernels.executor import DeviceExecutor
+    from petald.p2pnode.compute import run_on_executor
+
+    executor = DeviceExecutor()
+    release = threading.Event()
+
+    def boom():
+        raise ValueError("from the executor")
+
+    async def main():
+        assert await run_on_executor(executor, lambda: 41 + 1) == 42
+        with pytest.raises(ValueError, match="from the executor"):
+            await run_on_executor(executor, boom)
+        with trio.move_on_after(0.05) as scope:
+            await run_on_executor(executor, release.wait)  # blocks the executor until released
+        assert scope.cancelled_caught
+        release.set()  # the abandoned job completes now; its result must be dropped quietly
+        assert await run_on_executor(executor, lambda: "after") == "after"
+
+    try:
+        trio.run(main)
+    finally:
+        executor.shutdown()
