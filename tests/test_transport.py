@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 import multiaddr
@@ -87,6 +88,9 @@ def test_petald_hosts_run_the_lean_path_end_to_end():
                 assert type(muxed) is lean_transport.LeanYamux
                 assert isinstance(muxed.secured_conn.conn, lean_transport.BufferedNoiseReadWriter)
                 assert isinstance(muxed._write_lock, lean_transport.EagerLock)
+                # trio sets TCP_NODELAY on its TCP streams; a small frame must not wait for Nagle.
+                sock = muxed.secured_conn.conn._raw.stream.stream.socket
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
     trio.run(main)
 
