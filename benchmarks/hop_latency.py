@@ -6,6 +6,10 @@ Each server holds one block of a tiny random Llama (hidden size 64), so compute 
 ~0.1 ms and what remains is the data path: the client's thread hop onto its trio
 loop, framing and the tensor codec, libp2p (Noise + yamux over TCP on 127.0.0.1),
 the server's hand-off to its executor thread, and back.
+
+Wall time on a shared 2-core machine moves with the other jobs; the CPU columns
+(process CPU time per step, read from /proc, so Linux only) move much less and
+show the cost of the path itself.
 """
 
 from __future__ import annotations
@@ -29,7 +33,14 @@ from petald.p2pnode.distributed_model import DistributedModel  # noqa: E402
 from tests.tiny_models import save_tiny_model  # noqa: E402
 
 
-def measure(path: str, spans: list[str], steps: int) -> list[float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(path: str, spans: list[str], steps: int) -> tuple[list[float], float, float]:
+    """Per-step wall times, and CPU seconds per step of the client and of all servers together."""
     with LocalSwarm(spans, path, extra_args=["--threads", "1"]) as swarm:
         with DistributedModel(swarm.addresses, path) as model:
             end = int(spans[-1].split(":")[1])
@@ -37,12 +48,16 @@ def measure(path: str, spans: list[str], steps: int) -> list[float]:
                 hidden = torch.randn(1, 1, model.config.hidden_size)
                 for _ in range(10):
                     model.node.call(session.step, hidden)
+                pids = [s.process.pid for s in swarm.servers]
+                client0, servers0 = cpu_seconds(os.getpid()), sum(map(cpu_seconds, pids))
                 times = []
                 for _ in range(steps):
                     t0 = time.perf_counter()
                     model.node.call(session.step, hidden)
                     times.append(time.perf_counter() - t0)
-    return times
+                client = (cpu_seconds(os.getpid()) - client0) / steps
+                servers = (sum(map(cpu_seconds, pids)) - servers0) / steps
+    return times, client, servers
 
 
 def main() -> None:
@@ -51,14 +66,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = str(save_tiny_model("llama", Path(tmp) / "tiny-llama"))
-        print("| chain | ms/step median | p10 | p90 | ms per hop |")
-        print("|---|---|---|---|---|")
+        print("| chain | ms/step median | p10 | p90 | ms per hop | client CPU ms/step | servers CPU ms/step |")
+        print("|---|---|---|---|---|---|---|")
         for spans in (["0:1"], ["0:1", "1:2", "2:3"]):
             print(f"measuring {len(spans)} hop(s)", file=sys.stderr, flush=True)
-            ms = sorted(t * 1000 for t in measure(path, spans, min(args.steps, 480)))
+            times, client, servers = measure(path, spans, min(args.steps, 480))
+            ms = sorted(t * 1000 for t in times)
             med = statistics.median(ms)
             print(f"| {len(spans)} server(s) | {med:.2f} | {ms[len(ms) // 10]:.2f} | {ms[9 * len(ms) // 10]:.2f} "
-                  f"| {med / len(spans):.2f} |")
+                  f"| {med / len(spans):.2f} | {client * 1000:.2f} | {servers * 1000:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

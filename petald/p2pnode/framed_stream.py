@@ -8,6 +8,7 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.io.exceptions import IOException
 
+from petald.p2pnode.lean_transport import lean_net_stream
 from petald.protocol.framing import FrameDecoder, encode_frame
 from petald.protocol.limits import MAX_FRAME_BYTES
 
@@ -51,6 +52,7 @@ class FramedStream:
     def __init__(self, stream: INetStream, max_frame_bytes: int = MAX_FRAME_BYTES, send_timeout: float = 60.0):
         self.stream = stream
         batch_window_updates(stream)
+        lean_net_stream(stream)
         self.send_timeout = send_timeout  # a peer that stops reading must not hold us forever
         self._decoder = FrameDecoder(max_frame_bytes)
 
