@@ -64,6 +64,10 @@ RECORD_NAMESPACE = "petald"
 UNIDENTIFIED = "/petald/unidentified"  # what a peer speaks before identify has told us
 MAX_CLOCK_SKEW_S = 60.0  # a record issued further in the future than this is refused
 LOOKUP_TIMEOUT_S = 10.0
+# Lookups (and provides) a node runs at once. Each one opens a stream to every close peer,
+# and the library resets inbound DHT streams beyond 12 at a time, so a node that fires 30
+# lookups together mostly gets resets back.
+CONCURRENT_LOOKUPS = 4
 
 
 class InvalidAnnouncement(Exception):
@@ -225,6 +229,7 @@ class SwarmDHT:
         self.kad = SwarmKadDHT(KadProtocolAdapter(host), mode, validator=validator,  # type: ignore[arg-type]
                                validator_changed=True)
         self.peer_id = host.get_id().to_base58()
+        self._lookups = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[SwarmDHT]:
@@ -270,8 +275,9 @@ class SwarmDHT:
                     nursery.start_soon(self._provide, key)
 
     async def _provide(self, key: bytes) -> None:
-        with trio.move_on_after(LOOKUP_TIMEOUT_S):
-            await self.kad.provider_store.provide(key)
+        async with self._lookups:
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                await self.kad.provider_store.provide(key)
 
     async def providers_of(self, key: bytes) -> list[PeerInfo]:
         """Every provider the closest peers know of (and the local store), without duplicates."""
@@ -339,7 +345,9 @@ class SwarmDHT:
         peers: dict[ID, PeerInfo] = {}
 
         async def collect(key: bytes) -> None:
-            for info in await self.providers_of(key):
+            async with self._lookups:
+                found = await self.providers_of(key)
+            for info in found:
                 peers.setdefault(info.peer_id, info)
 
         async with trio.open_nursery() as nursery:
@@ -350,7 +358,8 @@ class SwarmDHT:
         async def fetch(info: PeerInfo) -> None:
             if info.addrs:
                 self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
-            record = await self.announcement_of(info.peer_id)
+            async with self._lookups:
+                record = await self.announcement_of(info.peer_id)
             if record is not None:
                 records.append(record)
 

@@ -10,7 +10,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
-from petald.p2pnode.swarm_dht import LOOKUP_TIMEOUT_S, SERVERS_KEY, SwarmDHT
+from petald.p2pnode.swarm_dht import CONCURRENT_LOOKUPS, LOOKUP_TIMEOUT_S, SERVERS_KEY, SwarmDHT
 from petald.protocol.announcement import ServerAnnouncement
 
 SERVING_STATES = ("online",)
@@ -47,17 +47,39 @@ class ModelMap:
         }
 
 
-async def read_swarm(dht: SwarmDHT) -> list[ModelMap]:
-    """Every live record reachable from this node, grouped by model (fingerprint included)."""
+async def read_swarm(dht: SwarmDHT, rounds: int = 2) -> list[ModelMap]:
+    """Every live record reachable from this node, grouped by model (fingerprint included).
+
+    A lookup can miss a server when close peers are busy (they reset DHT streams beyond a
+    dozen at a time), so the map is the union of ``rounds`` lookups, a second apart.
+    """
+    records: dict[str, ServerAnnouncement] = {}
+    for round_ in range(rounds):
+        if round_:
+            await trio.sleep(1.0)
+        for record in await _read_once(dht):
+            known = records.get(record.peer_id)
+            if known is None or record.issued_at > known.issued_at:
+                records[record.peer_id] = record
+    by_model: dict[tuple[str, int], list[ServerAnnouncement]] = defaultdict(list)
+    for record in records.values():
+        by_model[(record.model_id, record.num_blocks)].append(record)
+    return [ModelMap(model_id, num_blocks, sorted(servers, key=lambda s: (s.start, s.end, s.peer_id)))
+            for (model_id, num_blocks), servers in sorted(by_model.items())]
+
+
+async def _read_once(dht: SwarmDHT) -> list[ServerAnnouncement]:
     records = {r.peer_id: r for r in await dht.announcements([SERVERS_KEY])}
     # Every server is also a DHT server: one missing from the index (its provider record
     # not yet republished, or dropped by a rate limit) is found among the DHT's peers.
     peers = set(dht.kad.routing_table.get_peer_ids())
     with trio.move_on_after(LOOKUP_TIMEOUT_S):
         peers.update(await dht.kad.peer_routing.find_closest_peers_network(os.urandom(32)))
+    limit = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
 
     async def fetch(peer: ID) -> None:
-        record = await dht.announcement_of(peer)
+        async with limit:
+            record = await dht.announcement_of(peer)
         if record is not None:
             records[record.peer_id] = record
 
@@ -65,11 +87,7 @@ async def read_swarm(dht: SwarmDHT) -> list[ModelMap]:
         for peer in peers:
             if peer.to_base58() not in records and peer.to_base58() != dht.peer_id:
                 nursery.start_soon(fetch, peer)
-    by_model: dict[tuple[str, int], list[ServerAnnouncement]] = defaultdict(list)
-    for record in records.values():
-        by_model[(record.model_id, record.num_blocks)].append(record)
-    return [ModelMap(model_id, num_blocks, sorted(servers, key=lambda s: (s.start, s.end, s.peer_id)))
-            for (model_id, num_blocks), servers in sorted(by_model.items())]
+    return list(records.values())
 
 
 def format_swarm(models: list[ModelMap]) -> str:
