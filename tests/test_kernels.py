@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from petald.kernels.client_head import ClientHead
-from petald.kernels.kv_cache import CacheFullError, KVCacheBudget
 from petald.kernels.model_source import ModelSourceError
 from petald.kernels.sampling import sample_next
 from petald.kernels.sources import open_source
@@ -85,16 +84,6 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ModelSourceError):
         open_source(str(tmp_path))
-
-
-def test_budget_refuses_then_admits_after_release():
-    budget = KVCacheBudget(100)
-    budget.reserve(60)
-    with pytest.raises(CacheFullError, match="KV cache full"):
-        budget.reserve(50)
-    budget.release(60)
-    budget.reserve(100)
-    assert budget.free_tokens == 0
 
 
 def test_top_p_keeps_only_the_nucleus():

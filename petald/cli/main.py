@@ -12,8 +12,8 @@ import click
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that carry a message a person can act on (imported lazily: torch is slow to load)."""
-    from petald.kernels.kv_cache import CacheFullError
     from petald.kernels.model_source import ModelSourceError
+    from petald.kernels.paged_kv_cache import CacheFullError
     from petald.p2pnode.distributed_model import ModelMismatchError
     from petald.p2pnode.remote_span import ServerUnavailable
     from petald.p2pnode.route import NoRouteError
@@ -66,13 +66,15 @@ def cli() -> None:
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), show_default=True)
 @click.option("--max-length", default=8192, show_default=True, help="Longest session admitted, in tokens.")
 @click.option("--cache-tokens", default=1 << 20, show_default=True,
-              help="KV cache budget in tokens, summed over blocks and batch rows.")
+              help="KV cache budget in tokens, summed over blocks and batch rows (a pool of pages allocated at start).")
+@click.option("--page-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per KV cache page; a session reserves whole pages up to its max_length.")
 @click.option("--session-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a session may stay idle between steps before it is closed and its cache freed.")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def serve(model, blocks, listen, identity, device, dtype, max_length, cache_tokens, session_timeout, threads,
+def serve(model, blocks, listen, identity, device, dtype, max_length, cache_tokens, page_size, session_timeout, threads,
           verbose, debug) -> None:
     """Serve a span of a model's blocks to clients."""
     _setup_logging(verbose)
@@ -86,7 +88,7 @@ def serve(model, blocks, listen, identity, device, dtype, max_length, cache_toke
         if threads:
             torch.set_num_threads(threads)
         options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
-                               dtype=dtype, limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens,
+                               dtype=dtype, limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
                                                                 idle_timeout=session_timeout,
                                                                 open_timeout=min(30.0, session_timeout)))
         serve(options, announce=lambda text: click.echo(f"petald: {text}"))

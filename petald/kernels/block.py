@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from petald.kernels.rotary import apply_rotary
+from petald.kernels.step_batch import StepBatch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,39 +60,37 @@ class TransformerBlock:
         self.w_gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]).contiguous()
         self.w_down = w("mlp.down_proj.weight")
 
-    def attention_mask(self, start: int, length: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean [length, start+length] mask (True = attend), or None when causality is free."""
-        if length == 1 and (self.window is None or start < self.window):
-            return None
-        q_pos = torch.arange(start, start + length, device=device)[:, None]
-        k_pos = torch.arange(start + length, device=device)[None, :]
-        mask = k_pos <= q_pos
-        if self.window is not None:
-            mask &= k_pos > q_pos - self.window
-        return mask
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """Run positions [start, start+T) of ``x`` [B, T, hidden]; fills the caches in place."""
-        batch, length, _ = x.shape
+    def forward(self, x: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """Run the flattened tokens ``x`` [N, hidden] of ``batch``; writes their keys and values into the pools."""
+        n = x.shape[0]
         h = rms_norm(x, self.ln_attn, self.eps)
         qkv = F.linear(h, self.w_qkv, self.b_qkv)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        end = start + length
-        k_cache[:, :, start:end] = k
-        v_cache[:, :, start:end] = v
-        attn = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )
-        x = x + F.linear(attn.transpose(1, 2).reshape(batch, length, q_size), self.w_o, self.b_o)
+        q = apply_rotary(q.view(n, self.n_heads, self.head_dim), batch.cos, batch.sin)
+        k = apply_rotary(k.view(n, self.n_kv_heads, self.head_dim), batch.cos, batch.sin)
+        k_pool.index_copy_(0, batch.write_slots, k)
+        v_pool.index_copy_(0, batch.write_slots, v.view(n, self.n_kv_heads, self.head_dim))
+        attn = self.attend(q, batch, k_pool, v_pool)
+        x = x + F.linear(attn.reshape(n, q_size), self.w_o, self.b_o)
         h = rms_norm(x, self.ln_mlp, self.eps)
         gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.w_down)
+
+    def attend(self, q: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """Attention of each segment's queries [N, heads, head_dim] over that segment's own pages."""
+        out = torch.empty_like(q)
+        gqa = self.n_heads != self.n_kv_heads
+        if batch.decode_rows is not None:  # all single-token segments in one padded call
+            k = k_pool[batch.decode_slots].transpose(1, 2)  # [S, kv_heads, longest, head_dim]
+            v = v_pool[batch.decode_slots].transpose(1, 2)
+            a = F.scaled_dot_product_attention(q[batch.decode_rows].unsqueeze(2), k, v,
+                                               attn_mask=batch.decode_mask(self.window), enable_gqa=gqa)
+            out[batch.decode_rows] = a.squeeze(2)
+        for index, p in enumerate(batch.prefills):
+            k = k_pool[p.key_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
+            v = v_pool[p.key_slots].transpose(0, 1).unsqueeze(0)
+            a = F.scaled_dot_product_attention(q[p.first : p.last].transpose(0, 1).unsqueeze(0), k, v,
+                                               attn_mask=batch.prefill_mask(index, self.window), enable_gqa=gqa)
+            out[p.first : p.last] = a[0].transpose(0, 1)
+        return out
