@@ -64,6 +64,8 @@ def cli() -> None:
               help="Ed25519 key file; created if missing. Keeps the peer ID stable across restarts.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), show_default=True)
+@click.option("--quant", default="none", type=click.Choice(["none", "int8", "int4", "nf4"]), show_default=True,
+              help="Weight-only quantization: int8 and int4 on CPU; int8 and nf4 on CUDA need bitsandbytes.")
 @click.option("--max-length", default=8192, show_default=True, help="Longest session admitted, in tokens.")
 @click.option("--cache-tokens", default=1 << 20, show_default=True,
               help="KV cache budget in tokens, summed over blocks and batch rows (a pool of pages allocated at start).")
@@ -74,7 +76,7 @@ def cli() -> None:
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def serve(model, blocks, listen, identity, device, dtype, max_length, cache_tokens, page_size, session_timeout, threads,
+def serve(model, blocks, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, session_timeout, threads,
           verbose, debug) -> None:
     """Serve a span of a model's blocks to clients."""
     _setup_logging(verbose)
@@ -88,7 +90,7 @@ def serve(model, blocks, listen, identity, device, dtype, max_length, cache_toke
         if threads:
             torch.set_num_threads(threads)
         options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
-                               dtype=dtype, limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
+                               dtype=dtype, quant=quant, limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
                                                                 idle_timeout=session_timeout,
                                                                 open_timeout=min(30.0, session_timeout)))
         serve(options, announce=lambda text: click.echo(f"petald: {text}"))

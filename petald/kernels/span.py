@@ -9,6 +9,7 @@ import torch
 from petald.kernels.block import TransformerBlock
 from petald.kernels.model_source import ModelSource
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache, SessionCache
+from petald.kernels.quant import check_quant
 from petald.kernels.rotary import RotaryTable
 from petald.kernels.step_batch import Segment, StepBatch
 
@@ -17,16 +18,17 @@ class BlockSpan:
     """Blocks [start, end) of a model, loaded from ``source`` (and nothing else of it)."""
 
     def __init__(self, source: ModelSource, start: int, end: int, dtype: torch.dtype,
-                 device: torch.device, progress: Callable[[int, int], None] | None = None):
+                 device: torch.device, progress: Callable[[int, int], None] | None = None, quant: str = "none"):
         total = source.config.num_hidden_layers
         if not 0 <= start < end <= total:
             raise ValueError(f"blocks {start}:{end} are not a span of this model's {total} blocks")
         self.config = source.config
         self.start, self.end = start, end
-        self.dtype, self.device = dtype, device
+        check_quant(quant, device)
+        self.dtype, self.device, self.quant = dtype, device, quant
         self.blocks: list[TransformerBlock] = []
         for i in range(start, end):
-            self.blocks.append(TransformerBlock(source.block_tensors(i), self.config, i, dtype, device))
+            self.blocks.append(TransformerBlock(source.block_tensors(i), self.config, i, dtype, device, quant))
             if progress is not None:
                 progress(i - start + 1, end - start)
         self.rotary = RotaryTable(self.config, dtype, device)

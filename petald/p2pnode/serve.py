@@ -10,6 +10,7 @@ import trio
 
 from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
 from petald.kernels.executor import DeviceExecutor
+from petald.kernels.quant import check_quant
 from petald.kernels.sources import open_source
 from petald.kernels.span import BlockSpan
 from petald.p2pnode.host import DEFAULT_LISTEN, full_addresses, quiet_libp2p_logs, running_host
@@ -25,6 +26,7 @@ class ServeOptions:
     identity: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quant: str = "none"
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
@@ -49,6 +51,7 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     start, end = parse_blocks(options.blocks, source.identity.num_blocks)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    check_quant(options.quant, device)  # before loading anything
     key_pair = load_or_create_identity(options.identity)
 
     step = max(1, (end - start) // 5)  # about five progress lines, whatever the span
@@ -58,7 +61,7 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
             announce(f"loading blocks {start}:{end} of {source.identity.model_id}: {done}/{total} "
                      f"({100 * done // total}%)")
 
-    span = BlockSpan(source, start, end, dtype, device, progress=progress)
+    span = BlockSpan(source, start, end, dtype, device, progress=progress, quant=options.quant)
     executor = DeviceExecutor()
     server = BlockServer(source.identity, span, executor, options.limits)
     try:
@@ -79,7 +82,7 @@ async def _serve_until_signal(server: BlockServer, key_pair, listen: list[str], 
                 raise OSError(f"could not listen on {', '.join(listen)}: is the port in use, or the address not local?")
             for address in addresses:
                 announce(f"serving blocks {span.start}:{span.end} of {server.identity.model_id} "
-                         f"({dtype_name(span.dtype)}, {span.device}) at {address}")
+                         f"({dtype_name(span.dtype)}, quant {span.quant}, {span.device}) at {address}")
             async for signum in signals:
                 announce(f"received {signal.Signals(signum).name}, shutting down")
                 break

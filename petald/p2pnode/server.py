@@ -74,7 +74,7 @@ class BlockServer:
         return ServerInfo(
             model_id=self.identity.model_id, fingerprint=self.identity.fingerprint,
             num_blocks=self.identity.num_blocks, start=self.span.start, end=self.span.end,
-            dtype=dtype_name(self.span.dtype), hidden_size=self.span.hidden_size,
+            dtype=dtype_name(self.span.dtype), quant=self.span.quant, hidden_size=self.span.hidden_size,
             max_length=self.limits.max_length, free_cache_tokens=self.pool.free_tokens,
             version=__version__,
         )
