@@ -62,7 +62,7 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
                      f"({100 * done // total}%)")
 
     span = BlockSpan(source, start, end, dtype, device, progress=progress, quant=options.quant)
-    executor = DeviceExecutor()
+    executor = DeviceExecutor(span)
     server = BlockServer(source.identity, span, executor, options.limits)
     try:
         trio.run(_serve_until_signal, server, key_pair, options.listen, announce)

@@ -24,7 +24,7 @@ from petald.kernels.executor import DeviceExecutor
 from petald.kernels.model_source import ModelIdentity
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, CacheFullError, SessionCache
 from petald.kernels.span import BlockSpan
-from petald.p2pnode.compute import run_on_executor
+from petald.p2pnode.compute import run_step
 from petald.p2pnode.framed_stream import FramedStream, PeerGone
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import (
@@ -164,11 +164,9 @@ class BlockServer:
                 return
             step = Step.from_wire(msg)
             hidden = self._check_step(step, request, cache)
-            # The copy to host memory happens on the executor: on CUDA it waits for the device,
-            # and nothing may wait for the device on the event loop.
-            out = await run_on_executor(
-                self.executor,
-                lambda h=hidden: self.span.forward(h, cache, request.start, request.end).to("cpu", wire_dtype))
+            # Batched with other sessions' steps on the executor, which also copies the output to host
+            # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
+            out = await run_step(self.executor, cache, hidden, request.start, request.end, wire_dtype)
             await framed.send(StepOutput(step.step_id, out, request.wire_dtype, request.codec).to_wire())
 
     def _check_step(self, step: Step, request: OpenSession, cache: SessionCache) -> torch.Tensor:
