@@ -88,8 +88,9 @@ def llama_cpp_decoder(threads: int) -> Callable[[int], tuple[list[float], list[i
         import numpy as np
     except ImportError:
         return None
+    # logits_all: llama-cpp-python 0.3 keeps no scores otherwise; decode steps are one token, so it costs nothing.
     llm = llama_cpp.Llama(model_path=str(default_gguf_path()), n_ctx=512, n_threads=threads, n_batch=64,
-                          logits_all=False, verbose=False)
+                          logits_all=True, verbose=False)
 
     def decode(tokens: int) -> tuple[list[float], list[int]]:
         llm.reset()

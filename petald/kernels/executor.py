@@ -11,7 +11,9 @@ matmuls run once over all sessions' tokens, attention per session over its own
 pages. A step longer than one token (a prefill) advances by at most
 ``prefill_chunk`` tokens per turn (shared by all prefills of that turn, oldest
 first), so a long prompt never holds other sessions' decode steps for its whole
-length: they join the next turn.
+length: they join the next turn. Before a turn, the thread waits briefly (at
+most a quarter of the last turn) for the sessions served in the last turn, whose
+next steps are on their way, so that concurrent sessions stay in one batch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 Completion = Callable[[Any, BaseException | None], None]
 DEFAULT_PREFILL_CHUNK = 128
+DEFAULT_GATHER_FRACTION = 0.25  # of the last turn's duration, at most, spent waiting for expected steps
 
 
 _STOP = object()
@@ -55,8 +59,9 @@ class StepJob:
 
 
 class DeviceExecutor:
-    def __init__(self, span: BlockSpan, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, name: str = "petald-executor"):
-        self.span, self.prefill_chunk = span, prefill_chunk
+    def __init__(self, span: BlockSpan, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 gather_fraction: float = DEFAULT_GATHER_FRACTION, name: str = "petald-executor"):
+        self.span, self.prefill_chunk, self.gather_fraction = span, prefill_chunk, gather_fraction
         self.batch_sizes: list[int] = []  # steps run in each batched forward, for tests and benchmarks
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -73,23 +78,52 @@ class DeviceExecutor:
 
     def _loop(self) -> None:
         pending: list[StepJob] = []
+        expected: dict[int, SessionCache] = {}  # sessions whose step finished last turn: their next one is coming
+        last_turn = 0.0
         while True:
-            arrived = [] if pending else [self._jobs.get()]  # wait only when nothing is in progress
+            arrived = [] if pending else [self._jobs.get()]  # block only when nothing is in progress
             while True:
                 try:
                     arrived.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
+            arrived += self._gather(expected, pending + arrived, self.gather_fraction * last_turn)
             for job in arrived:
                 if job is _STOP:
                     for p in pending:
                         self._finish(p, None, RuntimeError("the server is shutting down"))
                     return
                 pending.append(job)
-            pending = self._turn(pending)
+            started = time.monotonic()
+            pending, finished = self._turn(pending)
+            last_turn = time.monotonic() - started
+            expected = {id(job.cache): job.cache for job in finished}
 
-    def _turn(self, pending: list[StepJob]) -> list[StepJob]:
-        """One batched forward per sub-span: every decode step, and prefill chunks up to the budget."""
+    def _gather(self, expected: dict[int, SessionCache], have: list[Any], window: float) -> list[Any]:
+        """Wait up to ``window`` seconds for the sessions served last turn to send their next step.
+
+        Their outputs left together, so their next steps arrive within a network round trip of each
+        other; starting a turn with only the first would split them into turns of one, for good.
+        """
+        waiting = {key for key, cache in expected.items() if not cache.closed}
+        waiting -= {id(job.cache) for job in have if job is not _STOP}
+        got: list[Any] = []
+        deadline = time.monotonic() + window
+        while waiting and not any(job is _STOP for job in have) and (left := deadline - time.monotonic()) > 0:
+            try:
+                job = self._jobs.get(timeout=left)
+            except queue.Empty:
+                break
+            got.append(job)
+            if job is _STOP:
+                break
+            waiting.discard(id(job.cache))
+        return got
+
+    def _turn(self, pending: list[StepJob]) -> tuple[list[StepJob], list[StepJob]]:
+        """One batched forward per sub-span: every decode step, and prefill chunks up to the budget.
+
+        Returns the steps still in progress and the steps that finished."""
         budget = self.prefill_chunk
         groups: dict[tuple[int, int], list[tuple[StepJob, int]]] = {}
         for job in pending:
@@ -104,7 +138,7 @@ class DeviceExecutor:
             groups.setdefault((job.start, job.end), []).append((job, tokens))
         for (start, end), group in groups.items():
             self._run(group, start, end)
-        return [job for job in pending if not job.finished]
+        return [job for job in pending if not job.finished], [job for job in pending if job.finished]
 
     def _run(self, group: list[tuple[StepJob, int]], start: int, end: int) -> None:
         try:
