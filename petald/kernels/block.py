@@ -79,18 +79,27 @@ class TransformerBlock:
 
     def attend(self, q: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """Attention of each segment's queries [N, heads, head_dim] over that segment's own pages."""
+        if batch.all_decode:
+            return self.attend_decode(q, batch, k_pool, v_pool)
         out = torch.empty_like(q)
-        gqa = self.n_heads != self.n_kv_heads
-        if batch.decode_rows is not None:  # all single-token segments in one padded call
-            k = k_pool[batch.decode_slots].transpose(1, 2)  # [S, kv_heads, longest, head_dim]
-            v = v_pool[batch.decode_slots].transpose(1, 2)
-            a = F.scaled_dot_product_attention(q[batch.decode_rows].unsqueeze(2), k, v,
-                                               attn_mask=batch.decode_mask(self.window), enable_gqa=gqa)
-            out[batch.decode_rows] = a.squeeze(2)
+        if batch.decode_rows is not None:
+            out[batch.decode_rows] = self.attend_decode(q[batch.decode_rows], batch, k_pool, v_pool)
         for index, p in enumerate(batch.prefills):
-            k = k_pool[p.key_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
-            v = v_pool[p.key_slots].transpose(0, 1).unsqueeze(0)
+            k = k_pool.index_select(0, p.key_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
+            v = v_pool.index_select(0, p.key_slots).transpose(0, 1).unsqueeze(0)
             a = F.scaled_dot_product_attention(q[p.first : p.last].transpose(0, 1).unsqueeze(0), k, v,
-                                               attn_mask=batch.prefill_mask(index, self.window), enable_gqa=gqa)
+                                               attn_mask=batch.prefill_mask(index, self.window),
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
             out[p.first : p.last] = a[0].transpose(0, 1)
         return out
+
+    def attend_decode(self, q: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor,
+                      v_pool: torch.Tensor) -> torch.Tensor:
+        """All single-token segments in one call: q [S, heads, head_dim] over keys padded to the longest."""
+        seqs, longest = batch.decode_slots.shape
+        k = k_pool.index_select(0, batch.decode_slots.view(-1)).view(seqs, longest, self.n_kv_heads, self.head_dim)
+        v = v_pool.index_select(0, batch.decode_slots.view(-1)).view(seqs, longest, self.n_kv_heads, self.head_dim)
+        a = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=batch.decode_mask(self.window),
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return a.squeeze(2)

@@ -51,6 +51,7 @@ class StepBatch:
 
         decode = [(offset, s) for offset, s in zip(offsets, segments, strict=True) if s.length == 1]
         self.decode_rows: torch.Tensor | None = None
+        self.all_decode = False
         if decode:
             lengths = [s.start + 1 for _, s in decode]
             longest = max(lengths)
@@ -58,6 +59,7 @@ class StepBatch:
             for i, (_, s) in enumerate(decode):
                 slots[i, : lengths[i]] = pool.slots(s.session, s.row, 0, lengths[i])
             self.decode_rows = torch.tensor([offset for offset, _ in decode], device=device)
+            self.all_decode = len(decode) == len(segments)
             self.decode_slots = slots.to(device)
             self.decode_lengths = torch.tensor(lengths, device=device)
             self._uniform = min(lengths) == longest
