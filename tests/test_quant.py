@@ -65,19 +65,26 @@ def test_server_info_carries_quant_and_reads_older_servers_as_none():
     assert ServerInfo.from_wire(older).quant == "none"
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_smollm2_agrees_with_float32_on_a_reference_text(quant):
-    """Top-1 agreement over every position of ~340 tokens of text (teacher-forced)."""
+@pytest.fixture(scope="module")
+def smollm2_on_text():
+    """SmolLM2, its client head, the reference text's ids and float32's logits on them (computed once)."""
     source = open_source(None)
     head = ClientHead(source)
     ids = source.load_tokenizer()(REFERENCE_TEXT.read_text(), return_tensors="pt").input_ids
+    return source, head, ids, _logits(source, head, ids, "none")
+
+
+def _logits(source, head: ClientHead, ids: torch.Tensor, quant: str) -> torch.Tensor:
+    span = BlockSpan(source, 0, 30, torch.float32, CPU, quant=quant)
+    return head.logits(span.forward(head.embed(ids), span.new_cache(1, ids.shape[1])))[0]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_smollm2_agrees_with_float32_on_a_reference_text(smollm2_on_text, quant):
+    """Top-1 agreement over every position of ~340 tokens of text (teacher-forced)."""
+    source, head, ids, want = smollm2_on_text
     assert ids.shape[1] > 300
-
-    def logits(q: str) -> torch.Tensor:
-        span = BlockSpan(source, 0, 30, torch.float32, CPU, quant=q)
-        return head.logits(span.forward(head.embed(ids), span.new_cache(1, ids.shape[1])))[0]
-
-    want, got = logits("none"), logits(quant)
+    got = _logits(source, head, ids, quant)
     agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agreement >= 0.95, f"{quant}: top-1 agreement {agreement:.3f}"
     assert 0 < (got - want).abs().max() < 5  # quantized, yet close
