@@ -8,6 +8,8 @@ batch 1; a step is LM head + argmax + embedding + all 30 blocks (what one
 generated token costs). The configurations run round-robin --rounds times in
 one invocation and each reports the median over all its steps after the first
 two of a round, so the ratios compare like with like on a noisy machine.
+"head=" is the client's LM head (ClientHead(quant=...)): at 49152 x 576 it is
+the largest matrix a token touches, and llama.cpp reads it quantized too.
 llama.cpp runs through llama-cpp-python if it is importable (a benchmark-only
 install: pip install llama-cpp-python); otherwise it is skipped, and said so.
 """
@@ -34,16 +36,18 @@ from petald.kernels.sources import default_gguf_path, open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
 
 PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]
-PETALD_CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("float32", "int4")]
+# (compute dtype, block weights, LM head weights)
+PETALD_CONFIGS = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("float32", "int8", "none"),
+                  ("float32", "int4", "none"), ("float32", "int8", "int8"), ("float32", "int4", "int4")]
 
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def petald_decoder(source, dtype: str, quant: str) -> Callable[[int], tuple[list[float], list[int]]]:
+def petald_decoder(source, dtype: str, quant: str, head_quant: str) -> Callable[[int], tuple[list[float], list[int]]]:
     span = BlockSpan(source, 0, source.identity.num_blocks, getattr(torch, dtype), torch.device("cpu"), quant=quant)
-    head = ClientHead(source)
+    head = ClientHead(source, quant=head_quant)
 
     @torch.inference_mode()
     def decode(tokens: int) -> tuple[list[float], list[int]]:
@@ -118,9 +122,10 @@ def main() -> None:
 
     source = open_source(None)
     decoders: dict[str, Callable[[int], tuple[list[float], list[int]]]] = {}
-    for dtype, quant in PETALD_CONFIGS:
-        say(f"loading petald {dtype} quant {quant}")
-        decoders[f"petald {dtype} quant={quant}"] = petald_decoder(source, dtype, quant)
+    for dtype, quant, head_quant in PETALD_CONFIGS:
+        name = f"petald {dtype} blocks={quant} head={head_quant}"
+        say(f"loading {name}")
+        decoders[name] = petald_decoder(source, dtype, quant, head_quant)
     say("loading transformers")
     decoders["transformers float32"] = transformers_decoder()
     llama = llama_cpp_decoder(args.threads)
@@ -140,7 +145,7 @@ def main() -> None:
             tokens[name] = out
 
     medians = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    reference = tokens["petald float32 quant=none"]
+    reference = tokens["petald float32 blocks=none head=none"]
     llama_ms = medians.get("llama.cpp (llama-cpp-python)")
     rows = []
     for name, ms in medians.items():

@@ -134,4 +134,4 @@ def test_client_head_reads_no_block_tensors(tiny_models, monkeypatch):
     head = ClientHead(source)
     logits = head.logits(head.embed(torch.tensor([[1, 2, 3]])))
     assert logits.shape == (1, 3, 320)
-    assert head.lm_weight is head.embed_weight  # qwen2 tiny ties its LM head to the embeddings
+    assert head.lm_head.weight is head.embed_weight  # qwen2 tiny ties its LM head to the embeddings
