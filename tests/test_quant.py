@@ -88,3 +88,24 @@ def test_quantized_smollm2_agrees_with_float32_on_a_reference_text(smollm2_on_te
     agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agreement >= 0.95, f"{quant}: top-1 agreement {agreement:.3f}"
     assert 0 < (got - want).abs().max() < 5  # quantized, yet close
+
+
+@pytest.mark.slow
+def test_a_quantized_server_announces_its_mode_and_serves_what_its_span_computes(tiny_models):
+    from petald.cli.local_swarm import LocalSwarm
+    from petald.p2pnode.distributed_model import DistributedModel
+
+    path = str(tiny_models["llama"])
+    source = open_source(path)
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(4))
+    span, head = BlockSpan(source, 0, 6, torch.float32, CPU, quant="int8"), ClientHead(source)
+    cache, want, nxt = span.new_cache(1, 18), [], ids
+    for _ in range(8):
+        nxt = head.logits(span.forward(head.embed(nxt), cache)[:, -1:]).argmax(-1)
+        want.append(int(nxt[0, 0]))
+    with LocalSwarm(["0:6"], model=path, extra_args=["--threads", "1", "--quant", "int8"]) as swarm:
+        assert "quant int8" in "\n".join(swarm.servers[0].output)
+        with DistributedModel(swarm.addresses, path) as model:
+            assert [s.info.quant for s in model.servers] == ["int8"]
+            got = model.generate(ids, max_new_tokens=8, eos_token_id=[])[0, 10:].tolist()
+    assert got == want

@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +63,8 @@ class DeviceExecutor:
     def __init__(self, span: BlockSpan, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  gather_fraction: float = DEFAULT_GATHER_FRACTION, name: str = "petald-executor"):
         self.span, self.prefill_chunk, self.gather_fraction = span, prefill_chunk, gather_fraction
-        self.batch_sizes: list[int] = []  # steps run in each batched forward, for tests and benchmarks
+        # Steps run in each of the last batched forwards (bounded: a server runs for days), for tests.
+        self.batch_sizes: deque[int] = deque(maxlen=1024)
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
