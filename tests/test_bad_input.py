@@ -12,6 +12,7 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from petald.cli.local_swarm import LocalSwarm
+from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE
 from petald.p2pnode.distributed_model import DistributedModel
 from petald.p2pnode.framed_stream import FramedStream
 from petald.p2pnode.host import parse_peer_address
@@ -25,9 +26,10 @@ from tests.oracle import reference_greedy
 
 pytestmark = pytest.mark.slow
 
-CACHE_TOKENS = 6000
+CACHE_TOKENS = 64 * DEFAULT_PAGE_SIZE * 6  # 64 pages in each of the 6 blocks
 IDS = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(5))
-GOOD_SESSION_TOKENS = 1 * (12 + 10) * 6  # batch * max_length * blocks of _decode_with_interruption
+# batch * max_length (rounded up to whole pages) * blocks of _decode_with_interruption
+GOOD_SESSION_TOKENS = 1 * -(-(12 + 10) // DEFAULT_PAGE_SIZE) * DEFAULT_PAGE_SIZE * 6
 
 
 @pytest.fixture(scope="module")

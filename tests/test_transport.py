@@ -192,26 +192,35 @@ def test_eager_lock_excludes_and_hands_over_in_order():
 
 
 def test_executor_hand_off_returns_raises_and_abandons_on_cancel():
-    from petald.kernels.executor import DeviceExecutor
-    from petald.p2pnode.compute import run_on_executor
+    from petald.p2pnode.compute import await_completion
 
-    executor = DeviceExecutor()
     release = threading.Event()
+
+    def on_a_thread(fn):
+        """A submit function that runs ``fn`` on another thread, as the executor does."""
+        def submit(done):
+            def run():
+                try:
+                    result = fn()
+                except BaseException as exc:  # handed to the waiting task
+                    done(None, exc)
+                else:
+                    done(result, None)
+            threading.Thread(target=run, daemon=True).start()
+        return submit
 
     def boom():
         raise ValueError("from the executor")
 
     async def main():
-        assert await run_on_executor(executor, lambda: 41 + 1) == 42
+        assert await await_completion(on_a_thread(lambda: 41 + 1)) == 42
         with pytest.raises(ValueError, match="from the executor"):
-            await run_on_executor(executor, boom)
+            await await_completion(on_a_thread(boom))
         with trio.move_on_after(0.05) as scope:
-            await run_on_executor(executor, release.wait)  # blocks the executor until released
+            await await_completion(on_a_thread(release.wait))  # finishes only when released
         assert scope.cancelled_caught
         release.set()  # the abandoned job completes now; its result must be dropped quietly
-        assert await run_on_executor(executor, lambda: "after") == "after"
+        await trio.sleep(0.05)
+        assert await await_completion(on_a_thread(lambda: "after")) == "after"
 
-    try:
-        trio.run(main)
-    finally:
-        executor.shutdown()
+    trio.run(main)

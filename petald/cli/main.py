@@ -12,8 +12,8 @@ import click
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that carry a message a person can act on (imported lazily: torch is slow to load)."""
-    from petald.kernels.kv_cache import CacheFullError
     from petald.kernels.model_source import ModelSourceError
+    from petald.kernels.paged_kv_cache import CacheFullError
     from petald.p2pnode.distributed_model import ModelMismatchError
     from petald.p2pnode.remote_span import ServerUnavailable
     from petald.p2pnode.route import NoRouteError
@@ -78,17 +78,21 @@ def cli() -> None:
               help="Ed25519 key file; created if missing. Keeps the peer ID stable across restarts.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), show_default=True)
+@click.option("--quant", default="none", type=click.Choice(["none", "int8", "int4", "nf4"]), show_default=True,
+              help="Weight-only quantization: int8 and int4 on CPU; int8 and nf4 on CUDA need bitsandbytes.")
 @click.option("--max-length", default=8192, show_default=True, help="Longest session admitted, in tokens.")
 @click.option("--cache-tokens", default=1 << 20, show_default=True,
-              help="KV cache budget in tokens, summed over blocks and batch rows.")
+              help="KV cache budget in tokens, summed over blocks and batch rows (a pool of pages allocated at start).")
+@click.option("--page-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per KV cache page; a session reserves whole pages up to its max_length.")
 @click.option("--session-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a session may stay idle between steps before it is closed and its cache freed.")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
-          network_mbps, listen, identity, device, dtype, max_length, cache_tokens, session_timeout, threads,
-          verbose, debug) -> None:
+          network_mbps, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, session_timeout,
+          threads, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients."""
     _setup_logging(verbose)
 
@@ -101,9 +105,10 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
         if threads:
             torch.set_num_threads(threads)
         options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
-                               dtype=dtype, limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens,
-                                                                idle_timeout=session_timeout,
-                                                                open_timeout=min(30.0, session_timeout)),
+                               dtype=dtype, quant=quant,
+                               limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
+                                                   idle_timeout=session_timeout,
+                                                   open_timeout=min(30.0, session_timeout)),
                                initial_peers=_addresses(initial_peers), new_swarm=new_swarm,
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,
                                announce_period=announce_period, rebalance_period=rebalance_period,

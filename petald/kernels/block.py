@@ -1,7 +1,8 @@
 """One Llama-family transformer block in plain tensors (Llama, Mistral, Qwen2).
 
 Q/K/V and gate/up projections are fused into single matmuls: fewer, larger
-kernels are what a 2-core CPU and a GPU both prefer.
+kernels are what a 2-core CPU and a GPU both prefer. Each linear layer is a
+callable from ``kernels/quant.py`` (dense, int8, int4 or bitsandbytes).
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
+from petald.kernels.quant import Linear, make_linear
 from petald.kernels.rotary import apply_rotary
+from petald.kernels.step_batch import StepBatch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32 whatever the compute dtype, as the reference models do.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def sliding_window_of(config: PretrainedConfig, index: int) -> int | None:
@@ -30,12 +31,18 @@ def sliding_window_of(config: PretrainedConfig, index: int) -> int | None:
 
 class TransformerBlock:
     def __init__(self, weights: dict[str, torch.Tensor], config: PretrainedConfig, index: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quant: str = "none"):
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=device, dtype=dtype).contiguous()
 
-        def maybe(name: str) -> torch.Tensor | None:
-            return w(name) if name in weights else None
+        def linear(names: list[str]) -> Linear:
+            weight = torch.cat([weights[f"{n}.weight"] for n in names])
+            biases = [weights.get(f"{n}.bias") for n in names]
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([b if b is not None else torch.zeros(weights[f"{n}.weight"].shape[0])
+                                  for b, n in zip(biases, names, strict=True)])
+            return make_linear(weight, bias, quant, dtype, device)
 
         self.index = index
         self.n_heads = config.num_attention_heads
@@ -46,52 +53,51 @@ class TransformerBlock:
 
         self.ln_attn = w("input_layernorm.weight")
         self.ln_mlp = w("post_attention_layernorm.weight")
-        self.w_qkv = torch.cat([w(f"self_attn.{p}_proj.weight") for p in "qkv"]).contiguous()
-        biases = [maybe(f"self_attn.{p}_proj.bias") for p in "qkv"]
-        if any(b is not None for b in biases):
-            sizes = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
-            biases = [b if b is not None else torch.zeros(n, dtype=dtype, device=device) for b, n in zip(biases, sizes, strict=True)]
-            self.b_qkv: torch.Tensor | None = torch.cat(biases)
-        else:
-            self.b_qkv = None
-        self.w_o = w("self_attn.o_proj.weight")
-        self.b_o = maybe("self_attn.o_proj.bias")
-        self.w_gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]).contiguous()
-        self.w_down = w("mlp.down_proj.weight")
+        self.qkv = linear([f"self_attn.{p}_proj" for p in "qkv"])
+        self.o = linear(["self_attn.o_proj"])
+        self.gate_up = linear(["mlp.gate_proj", "mlp.up_proj"])
+        self.down = linear(["mlp.down_proj"])
 
-    def attention_mask(self, start: int, length: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean [length, start+length] mask (True = attend), or None when causality is free."""
-        if length == 1 and (self.window is None or start < self.window):
-            return None
-        q_pos = torch.arange(start, start + length, device=device)[:, None]
-        k_pos = torch.arange(start + length, device=device)[None, :]
-        mask = k_pos <= q_pos
-        if self.window is not None:
-            mask &= k_pos > q_pos - self.window
-        return mask
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """Run positions [start, start+T) of ``x`` [B, T, hidden]; fills the caches in place."""
-        batch, length, _ = x.shape
+    def forward(self, x: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """Run the flattened tokens ``x`` [N, hidden] of ``batch``; writes their keys and values into the pools."""
+        n = x.shape[0]
         h = rms_norm(x, self.ln_attn, self.eps)
-        qkv = F.linear(h, self.w_qkv, self.b_qkv)
+        qkv = self.qkv(h)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        end = start + length
-        k_cache[:, :, start:end] = k
-        v_cache[:, :, start:end] = v
-        attn = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )
-        x = x + F.linear(attn.transpose(1, 2).reshape(batch, length, q_size), self.w_o, self.b_o)
+        q = apply_rotary(q.view(n, self.n_heads, self.head_dim), batch.cos, batch.sin)
+        k = apply_rotary(k.view(n, self.n_kv_heads, self.head_dim), batch.cos, batch.sin)
+        k_pool.index_copy_(0, batch.write_slots, k)
+        v_pool.index_copy_(0, batch.write_slots, v.view(n, self.n_kv_heads, self.head_dim))
+        attn = self.attend(q, batch, k_pool, v_pool)
+        x = x + self.o(attn.reshape(n, q_size))
         h = rms_norm(x, self.ln_mlp, self.eps)
-        gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.w_down)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+    def attend(self, q: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """Attention of each segment's queries [N, heads, head_dim] over that segment's own pages."""
+        if batch.all_decode:
+            return self.attend_decode(q, batch, k_pool, v_pool)
+        out = torch.empty_like(q)
+        if batch.decode_rows is not None:
+            out[batch.decode_rows] = self.attend_decode(q[batch.decode_rows], batch, k_pool, v_pool)
+        for index, p in enumerate(batch.prefills):
+            k = k_pool.index_select(0, p.key_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
+            v = v_pool.index_select(0, p.key_slots).transpose(0, 1).unsqueeze(0)
+            a = F.scaled_dot_product_attention(q[p.first : p.last].transpose(0, 1).unsqueeze(0), k, v,
+                                               attn_mask=batch.prefill_mask(index, self.window),
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
+            out[p.first : p.last] = a[0].transpose(0, 1)
+        return out
+
+    def attend_decode(self, q: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor,
+                      v_pool: torch.Tensor) -> torch.Tensor:
+        """All single-token segments in one call: q [S, heads, head_dim] over keys padded to the longest."""
+        seqs, longest = batch.decode_slots.shape
+        k = k_pool.index_select(0, batch.decode_slots.view(-1)).view(seqs, longest, self.n_kv_heads, self.head_dim)
+        v = v_pool.index_select(0, batch.decode_slots.view(-1)).view(seqs, longest, self.n_kv_heads, self.head_dim)
+        a = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=batch.decode_mask(self.window),
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return a.squeeze(2)

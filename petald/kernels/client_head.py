@@ -7,18 +7,24 @@ import torch.nn.functional as F
 
 from petald.kernels.block import rms_norm
 from petald.kernels.model_source import ModelSource
+from petald.kernels.quant import check_quant, make_linear
 
 
 class ClientHead:
+    """``quant`` stores the LM head (49152 x 576 for SmolLM2: the largest matrix a token touches) quantized,
+    as ``--quant`` does for blocks; the embeddings stay as loaded."""
+
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", quant: str = "none"):
         tensors = source.client_tensors()
         self.config = source.config
         self.dtype, self.device = dtype, torch.device(device)
+        check_quant(quant, self.device)
         self.embed_weight = tensors["embed_tokens.weight"].to(self.device, dtype)
         self.norm_weight = tensors["norm.weight"].to(self.device, dtype)
         lm = tensors["lm_head.weight"]
-        self.lm_weight = self.embed_weight if lm is tensors["embed_tokens.weight"] else lm.to(self.device, dtype)
+        tied = lm is tensors["embed_tokens.weight"]
+        self.lm_head = make_linear(self.embed_weight if tied else lm, None, quant, dtype, self.device)
         self.eps = self.config.rms_norm_eps
 
     @torch.inference_mode()
@@ -28,4 +34,4 @@ class ClientHead:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         h = rms_norm(hidden.to(self.device, self.dtype), self.norm_weight, self.eps)
-        return F.linear(h, self.lm_weight).float()
+        return self.lm_head(h).float()

@@ -1,9 +1,19 @@
-"""One thread per device runs every torch call, in the order they were submitted.
+"""One thread per device runs every forward step, batching the steps that are ready together.
 
-Callers hand in a function and a completion callback; the callback runs on the
-executor thread, so callers that live on an event loop must hop back to it
-themselves (p2pnode does that with a trio token). Batching of ready steps
-(continuous batching) will live here.
+Callers submit a session's step (its cache, hidden states, sub-span) and a
+completion callback; the callback runs on the executor thread, so callers that
+live on an event loop hop back to it themselves (p2pnode does that with a trio
+token).
+
+Continuous batching: each turn, the thread takes every step that has arrived,
+and runs one batched forward per sub-span (``BlockSpan.forward_batch``): the
+matmuls run once over all sessions' tokens, attention per session over its own
+pages. A step longer than one token (a prefill) advances by at most
+``prefill_chunk`` tokens per turn (shared by all prefills of that turn, oldest
+first), so a long prompt never holds other sessions' decode steps for its whole
+length: they join the next turn. Before a turn, the thread waits briefly (at
+most a quarter of the last turn) for the sessions served in the last turn, whose
+next steps are on their way, so that concurrent sessions stay in one batch.
 """
 
 from __future__ import annotations
@@ -11,35 +21,155 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+from petald.kernels.paged_kv_cache import SessionCache
+from petald.kernels.span import BlockSpan
 
 log = logging.getLogger(__name__)
 
 Completion = Callable[[Any, BaseException | None], None]
+DEFAULT_PREFILL_CHUNK = 128
+DEFAULT_GATHER_FRACTION = 0.25  # of the last turn's duration, at most, spent waiting for expected steps
+
+
+_STOP = object()
+
+
+@dataclass
+class StepJob:
+    cache: SessionCache
+    hidden: torch.Tensor  # [batch, tokens, hidden]
+    start: int
+    end: int
+    out_dtype: torch.dtype
+    done: Completion
+    offset: int = 0  # tokens already run
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return self.hidden.shape[1] - self.offset
 
 
 class DeviceExecutor:
-    def __init__(self, name: str = "petald-executor"):
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Completion] | None] = queue.SimpleQueue()
+    def __init__(self, span: BlockSpan, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 gather_fraction: float = DEFAULT_GATHER_FRACTION, name: str = "petald-executor"):
+        self.span, self.prefill_chunk, self.gather_fraction = span, prefill_chunk, gather_fraction
+        # Steps run in each of the last batched forwards (bounded: a server runs for days), for tests.
+        self.batch_sizes: deque[int] = deque(maxlen=1024)
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], Any], done: Completion) -> None:
-        self._jobs.put((fn, done))
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, done = job
-            try:
-                result, error = fn(), None
-            except BaseException as exc:  # handed to the caller, never lost
-                result, error = None, exc
-            try:
-                done(result, error)
-            except Exception:
-                log.exception("executor completion callback failed")
+    def submit(self, cache: SessionCache, hidden: torch.Tensor, start: int, end: int, out_dtype: torch.dtype,
+               done: Completion) -> None:
+        """Run ``hidden`` through blocks [start, end) for ``cache``; ``done(output on CPU, error)`` follows."""
+        self._jobs.put(StepJob(cache, hidden, start, end, out_dtype, done))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self._jobs.put(None)
+        self._jobs.put(_STOP)
         self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        pending: list[StepJob] = []
+        expected: dict[int, SessionCache] = {}  # sessions whose step finished last turn: their next one is coming
+        last_turn = 0.0
+        while True:
+            arrived = [] if pending else [self._jobs.get()]  # block only when nothing is in progress
+            while True:
+                try:
+                    arrived.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            arrived += self._gather(expected, pending + arrived, self.gather_fraction * last_turn)
+            for job in arrived:
+                if job is _STOP:
+                    for p in pending:
+                        self._finish(p, None, RuntimeError("the server is shutting down"))
+                    return
+                pending.append(job)
+            started = time.monotonic()
+            pending, finished = self._turn(pending)
+            last_turn = time.monotonic() - started
+            expected = {id(job.cache): job.cache for job in finished}
+
+    def _gather(self, expected: dict[int, SessionCache], have: list[Any], window: float) -> list[Any]:
+        """Wait up to ``window`` seconds for the sessions served last turn to send their next step.
+
+        Their outputs left together, so their next steps arrive within a network round trip of each
+        other; starting a turn with only the first would split them into turns of one, for good.
+        """
+        waiting = {key for key, cache in expected.items() if not cache.closed}
+        waiting -= {id(job.cache) for job in have if job is not _STOP}
+        got: list[Any] = []
+        deadline = time.monotonic() + window
+        while waiting and not any(job is _STOP for job in have) and (left := deadline - time.monotonic()) > 0:
+            try:
+                job = self._jobs.get(timeout=left)
+            except queue.Empty:
+                break
+            got.append(job)
+            if job is _STOP:
+                break
+            waiting.discard(id(job.cache))
+        return got
+
+    def _turn(self, pending: list[StepJob]) -> tuple[list[StepJob], list[StepJob]]:
+        """One batched forward per sub-span: every decode step, and prefill chunks up to the budget.
+
+        Returns the steps still in progress and the steps that finished."""
+        budget = self.prefill_chunk
+        groups: dict[tuple[int, int], list[tuple[StepJob, int]]] = {}
+        for job in pending:
+            if job.cache.closed:
+                self._finish(job, None, ValueError("the session was closed"))
+                continue
+            tokens = 1 if job.remaining == 1 else min(job.remaining, budget)
+            if tokens == 0:
+                continue  # this prefill waits for the next turn
+            if job.remaining > 1:
+                budget -= tokens
+            groups.setdefault((job.start, job.end), []).append((job, tokens))
+        for (start, end), group in groups.items():
+            self._run(group, start, end)
+        return [job for job in pending if not job.finished], [job for job in pending if job.finished]
+
+    def _run(self, group: list[tuple[StepJob, int]], start: int, end: int) -> None:
+        try:
+            outputs = self.span.forward_batch(
+                [(job.hidden[:, job.offset : job.offset + tokens], job.cache) for job, tokens in group], start, end)
+        except Exception as exc:
+            if len(group) > 1:  # one bad step must not fail the others: run each alone
+                for item in group:
+                    self._run([item], start, end)
+            else:
+                self._finish(group[0][0], None, exc)
+            return
+        self.batch_sizes.append(len(group))
+        for (job, tokens), out in zip(group, outputs, strict=True):
+            job.outputs.append(out)
+            job.offset += tokens
+            if job.remaining == 0:
+                try:
+                    result = torch.cat(job.outputs, dim=1).to("cpu", job.out_dtype)
+                except Exception as exc:
+                    self._finish(job, None, exc)
+                else:
+                    self._finish(job, result, None)
+
+    @staticmethod
+    def _finish(job: StepJob, result: Any, error: BaseException | None) -> None:
+        job.finished = True
+        job.outputs.clear()
+        try:
+            job.done(result, error)
+        except Exception:
+            log.exception("executor completion callback failed")

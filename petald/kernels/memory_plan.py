@@ -14,12 +14,18 @@ def _dims(config: PretrainedConfig) -> tuple[int, int, int, int]:
     return hidden, heads * head_dim, kv_heads * head_dim, config.intermediate_size
 
 
-def weight_bytes_per_block(config: PretrainedConfig, dtype: torch.dtype) -> int:
+# Bytes per weight of a quantized linear layer, scales included: int8 has one scale per
+# output row; int4 and nf4 pack two weights a byte plus a scale (and a minimum) per 32-64.
+_QUANT_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.625, "nf4": 0.56}
+
+
+def weight_bytes_per_block(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none") -> int:
     hidden, q, kv, inter = _dims(config)
-    attention = hidden * (q + 2 * kv) + q * hidden + (q + 2 * kv)  # qkv, o, and a bias if any
-    mlp = 3 * hidden * inter
-    norms = 2 * hidden
-    return (attention + mlp + norms) * torch.finfo(dtype).bits // 8
+    linear = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter  # qkv, o, gate/up/down
+    small = (q + 2 * kv) + 2 * hidden  # a qkv bias if any, two norms: kept in the compute dtype
+    dtype_bytes = torch.finfo(dtype).bits / 8
+    per_weight = _QUANT_BYTES_PER_WEIGHT.get(quant, dtype_bytes)
+    return int(linear * per_weight + small * dtype_bytes)
 
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
@@ -43,7 +49,8 @@ def available_memory(device: torch.device) -> int:
     raise RuntimeError("cannot read the free memory of this machine; pass --num-blocks or --memory-limit")
 
 
-def blocks_that_fit(config: PretrainedConfig, dtype: torch.dtype, memory_bytes: int, cache_tokens: int) -> int:
+def blocks_that_fit(config: PretrainedConfig, dtype: torch.dtype, memory_bytes: int, cache_tokens: int,
+                    quant: str = "none") -> int:
     """Blocks whose weights fit beside a KV cache of ``cache_tokens`` (tokens summed over blocks)."""
     room = memory_bytes - cache_tokens * kv_bytes_per_token(config, dtype)
-    return max(0, min(config.num_hidden_layers, room // weight_bytes_per_block(config, dtype)))
+    return max(0, min(config.num_hidden_layers, room // weight_bytes_per_block(config, dtype, quant)))

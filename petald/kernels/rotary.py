@@ -32,11 +32,6 @@ class RotaryTable:
         self.cos = (emb.cos() * scaling).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * scaling).to(device=device, dtype=dtype)
 
-    def at(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if start + length > self.max_positions:
-            raise ValueError(f"positions up to {start + length} exceed the model's {self.max_positions}")
-        return self.cos[start : start + length], self.sin[start : start + length]
-
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -44,5 +39,5 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape [B, heads, T, head_dim] by tables of shape [T, head_dim]."""
+    """Rotate ``x`` of shape [N, heads, head_dim] by tables of shape [N, 1, head_dim]."""
     return x * cos + _rotate_half(x) * sin

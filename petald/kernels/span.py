@@ -7,25 +7,28 @@ from collections.abc import Callable
 import torch
 
 from petald.kernels.block import TransformerBlock
-from petald.kernels.kv_cache import SessionKVCache
 from petald.kernels.model_source import ModelSource
+from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache, SessionCache
+from petald.kernels.quant import check_quant
 from petald.kernels.rotary import RotaryTable
+from petald.kernels.step_batch import Segment, StepBatch
 
 
 class BlockSpan:
     """Blocks [start, end) of a model, loaded from ``source`` (and nothing else of it)."""
 
     def __init__(self, source: ModelSource, start: int, end: int, dtype: torch.dtype,
-                 device: torch.device, progress: Callable[[int, int], None] | None = None):
+                 device: torch.device, progress: Callable[[int, int], None] | None = None, quant: str = "none"):
         total = source.config.num_hidden_layers
         if not 0 <= start < end <= total:
             raise ValueError(f"blocks {start}:{end} are not a span of this model's {total} blocks")
         self.config = source.config
         self.start, self.end = start, end
-        self.dtype, self.device = dtype, device
+        check_quant(quant, device)
+        self.dtype, self.device, self.quant = dtype, device, quant
         self.blocks: list[TransformerBlock] = []
         for i in range(start, end):
-            self.blocks.append(TransformerBlock(source.block_tensors(i), self.config, i, dtype, device))
+            self.blocks.append(TransformerBlock(source.block_tensors(i), self.config, i, dtype, device, quant))
             if progress is not None:
                 progress(i - start + 1, end - start)
         self.rotary = RotaryTable(self.config, dtype, device)
@@ -37,35 +40,52 @@ class BlockSpan:
     def max_positions(self) -> int:
         return self.rotary.max_positions
 
-    def new_cache(self, batch: int, max_length: int, start: int | None = None,
-                  end: int | None = None) -> SessionKVCache:
-        start = self.start if start is None else start
-        end = self.end if end is None else end
-        return SessionKVCache.allocate(end - start, batch, max_length, self.n_kv_heads, self.head_dim,
-                                       self.dtype, self.device)
+    def new_pool(self, cache_tokens: int, page_size: int = DEFAULT_PAGE_SIZE) -> PagedKVCache:
+        """A KV pool for this span holding ``cache_tokens`` tokens summed over its blocks."""
+        return PagedKVCache.from_budget(cache_tokens, self.end - self.start, page_size, self.n_kv_heads,
+                                        self.head_dim, self.dtype, self.device)
 
-    @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, cache: SessionKVCache, start: int | None = None,
+    def new_cache(self, batch: int, max_length: int) -> SessionCache:
+        """A session in a pool of its own, just big enough: for running a span in one process."""
+        pool = self.new_pool(PagedKVCache.pages_for_tokens(batch, max_length, DEFAULT_PAGE_SIZE)
+                             * DEFAULT_PAGE_SIZE * (self.end - self.start))
+        return pool.open(batch, max_length)
+
+    def forward(self, hidden: torch.Tensor, cache: SessionCache, start: int | None = None,
                 end: int | None = None) -> torch.Tensor:
-        """Run ``hidden`` [B, T, H] through blocks [start, end) (default: the whole span).
+        """Run one session's ``hidden`` [B, T, H] through blocks [start, end) (default: the whole span).
 
         The tokens take positions [cache.length, cache.length + T); the cache advances by T.
         """
+        return self.forward_batch([(hidden, cache)], start, end)[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, steps: list[tuple[torch.Tensor, SessionCache]], start: int | None = None,
+                      end: int | None = None) -> list[torch.Tensor]:
+        """Run the steps of several sessions (one step each, all in one pool) as one batched forward."""
         start = self.start if start is None else start
         end = self.end if end is None else end
         if not self.start <= start < end <= self.end:
             raise ValueError(f"blocks {start}:{end} are outside this span {self.start}:{self.end}")
-        if len(cache.keys) != end - start:
-            raise ValueError("cache was allocated for a different number of blocks")
-        position, length = cache.length, hidden.shape[1]
-        if position + length > cache.max_length:
-            raise ValueError(f"step would reach position {position + length}, beyond max_length {cache.max_length}")
-        cos, sin = self.rotary.at(position, length)
-        x = hidden.to(device=self.device, dtype=self.dtype)
-        masks: dict[int | None, torch.Tensor | None] = {}
-        for slot, block in enumerate(self.blocks[start - self.start : end - self.start]):
-            if block.window not in masks:
-                masks[block.window] = block.attention_mask(position, length, self.device)
-            x = block.forward(x, cos, sin, cache.keys[slot], cache.values[slot], position, masks[block.window])
-        cache.length = position + length
-        return x
+        pool = steps[0][1].pool
+        if pool.num_blocks != self.end - self.start:
+            raise ValueError("the cache belongs to a pool of another span")
+        segments, rows = [], []
+        for hidden, cache in steps:
+            if cache.pool is not pool:
+                raise ValueError("steps of one batch must share one pool")
+            if hidden.dim() != 3 or hidden.shape[0] != cache.batch:
+                raise ValueError(f"hidden has shape {list(hidden.shape)}; expected [{cache.batch}, tokens, hidden]")
+            pool.grow(cache, cache.length + hidden.shape[1])
+            for row in range(cache.batch):
+                segments.append(Segment(cache, row, cache.length, hidden.shape[1]))
+                rows.append(hidden[row])
+        batch = StepBatch(segments, pool, self.rotary, self.device)
+        x = torch.cat(rows).to(device=self.device, dtype=self.dtype)
+        for layer in range(start - self.start, end - self.start):
+            x = self.blocks[layer].forward(x, batch, pool.keys[layer], pool.values[layer])
+        outputs = []
+        for out, (hidden, cache) in zip(x.split([h.shape[0] * h.shape[1] for h, _ in steps]), steps, strict=True):
+            outputs.append(out.view(hidden.shape[0], hidden.shape[1], -1))
+            cache.length += hidden.shape[1]
+        return outputs

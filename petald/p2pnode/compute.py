@@ -1,26 +1,31 @@
-"""Await work on a DeviceExecutor from trio without running torch on the event loop."""
+"""Await a forward step on the DeviceExecutor from trio without running torch on the event loop."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import outcome
+import torch
 import trio
 
-from petald.kernels.executor import DeviceExecutor
+from petald.kernels.executor import Completion, DeviceExecutor
+from petald.kernels.paged_kv_cache import SessionCache
 
-T = TypeVar("T")
+
+async def run_step(executor: DeviceExecutor, cache: SessionCache, hidden: torch.Tensor, start: int, end: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """The step's output, on the CPU in ``out_dtype``, once the executor has run it (batched with others)."""
+    return await await_completion(lambda done: executor.submit(cache, hidden, start, end, out_dtype, done))
 
 
-async def run_on_executor(executor: DeviceExecutor, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the executor's thread; this task sleeps until it is done.
+async def await_completion(submit: Callable[[Completion], None]) -> Any:
+    """Call ``submit(done)`` and sleep until another thread calls ``done(result, error)``.
 
-    The waiting task is parked and rescheduled directly from the executor's
-    completion (through the trio token), with no channel or helper task: one
-    wake-up of this loop per job. Cancelling the wait abandons the result (the
-    job itself still runs: torch work cannot be interrupted), exactly like
-    trio's own ``to_thread.run_sync(..., abandon_on_cancel=True)``.
+    The waiting task is parked and rescheduled directly from the completion (through the
+    trio token), with no channel or helper task: one wake-up of this loop per job.
+    Cancelling the wait abandons the result (the job itself still runs: torch work cannot
+    be interrupted), exactly like trio's ``to_thread.run_sync(..., abandon_on_cancel=True)``.
     """
     token = trio.lowlevel.current_trio_token()
     task = trio.lowlevel.current_task()
@@ -43,5 +48,5 @@ async def run_on_executor(executor: DeviceExecutor, fn: Callable[[], T]) -> T:
         return trio.lowlevel.Abort.SUCCEEDED
 
     await trio.lowlevel.checkpoint_if_cancelled()
-    executor.submit(fn, done)
+    submit(done)
     return await trio.lowlevel.wait_task_rescheduled(abort)

@@ -19,22 +19,23 @@ import trio
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 
+from petald import __version__
 from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
 from petald.kernels.executor import DeviceExecutor
-from petald.kernels.kv_cache import KVCacheBudget
 from petald.kernels.memory_plan import available_memory, blocks_that_fit
 from petald.kernels.model_source import ModelSource
+from petald.kernels.quant import check_quant
 from petald.kernels.sources import open_source
 from petald.kernels.span import BlockSpan
 from petald.kernels.throughput import cached_throughput, measure_throughput
 from petald.p2pnode.block_selection import better_start, block_coverage, choose_start
-from petald.p2pnode.compute import run_on_executor
 from petald.p2pnode.host import DEFAULT_LISTEN, full_addresses, quiet_libp2p_logs, running_host
 from petald.p2pnode.identity import load_or_create_identity
 from petald.p2pnode.server import BlockServer, ServerLimits
 from petald.p2pnode.swarm_dht import SwarmDHT, block_key
 from petald.p2pnode.swarm_presence import ServerPresence
 from petald.protocol.announcement import ServerAnnouncement
+from petald.protocol.messages import ServerInfo
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class ServeOptions:
     identity: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quant: str = "none"
     limits: ServerLimits = field(default_factory=ServerLimits)
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
@@ -85,7 +87,7 @@ def auto_block_count(options: ServeOptions, source: ModelSource, dtype: torch.dt
         budget = int(options.memory_limit_gib * 2**30)
     else:
         budget = int(available_memory(device) * MEMORY_SHARE)
-    count = blocks_that_fit(source.config, dtype, budget, options.limits.cache_tokens)
+    count = blocks_that_fit(source.config, dtype, budget, options.limits.cache_tokens, options.quant)
     if count < 1:
         raise ValueError(f"not even one block fits in {budget / 2**30:.2f} GiB beside a KV cache of "
                          f"{options.limits.cache_tokens} tokens: raise --memory-limit or lower --cache-tokens")
@@ -99,6 +101,7 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     source = open_source(options.model)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    check_quant(options.quant, device)  # before loading anything
     if options.blocks == "auto":
         length, fixed = auto_block_count(options, source, dtype, device), None
     else:
@@ -108,36 +111,45 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
         raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
                          "or --new-swarm to start a new one")
     key_pair = load_or_create_identity(options.identity)
-    executor = DeviceExecutor()
+    node = ServerNode(options, source, dtype, device, announce)
     try:
-        node = ServerNode(options, source, dtype, device, executor, announce)
         trio.run(node.run, key_pair, length, fixed)
     finally:
-        executor.shutdown()
-    announce(f"stopped ({dtype_name(dtype)} on {device})")
+        node.shut_down_executors()
+    announce(f"stopped ({dtype_name(dtype)}, quant {options.quant}, on {device})")
 
 
 class ServerNode:
     """Everything one server process runs on its trio loop."""
 
     def __init__(self, options: ServeOptions, source: ModelSource, dtype: torch.dtype, device: torch.device,
-                 executor: DeviceExecutor, announce: Callable[[str], None]):
+                 announce: Callable[[str], None]):
         self.options, self.source, self.dtype, self.device = options, source, dtype, device
-        self.executor, self.announce = executor, announce
+        self.announce = announce
         self.identity = source.identity
-        self.budget = KVCacheBudget(options.limits.cache_tokens)
         self.server: BlockServer | None = None
+        self.retired: list[BlockServer] = []  # earlier spans, serving their last sessions
         self.span_start = 0
         self.length = 0
         self._moved_at = float("-inf")
 
-    def _info(self):  # the record follows the span being loaded, before its server exists
+    def _info(self) -> ServerInfo:
+        """What the record says: the server's own info, or the span being loaded before it exists."""
         if self.server is not None and self.server.span.start == self.span_start:
             return self.server.info()
-        placeholder = BlockServer.info_for(self.identity, self.span_start, self.span_start + self.length,
-                                           self.dtype, self.source.config.hidden_size,
-                                           self.options.limits, self.budget)
-        return placeholder
+        limits = self.options.limits
+        return ServerInfo(
+            model_id=self.identity.model_id, fingerprint=self.identity.fingerprint,
+            num_blocks=self.identity.num_blocks, start=self.span_start, end=self.span_start + self.length,
+            dtype=dtype_name(self.dtype), quant=self.options.quant, hidden_size=self.source.config.hidden_size,
+            max_length=limits.max_length, free_cache_tokens=limits.cache_tokens, version=__version__)
+
+    def _how(self) -> str:
+        return f"{dtype_name(self.dtype)}, quant {self.options.quant}, {self.device}"
+
+    def shut_down_executors(self) -> None:
+        for server in [*self.retired, *([self.server] if self.server else [])]:
+            server.executor.shutdown()
 
     async def run(self, key_pair: KeyPair, length: int, fixed: tuple[int, int] | None) -> None:
         self.length = length
@@ -150,7 +162,8 @@ class ServerNode:
                 dht = SwarmDHT(host, key_pair, server_mode=True)
                 async with dht.running():
                     await self._join(dht)
-                    presence = ServerPresence(dht, self._info, period=self.options.announce_period,
+                    presence = ServerPresence(dht, self._info, quant=self.options.quant,
+                                              period=self.options.announce_period,
                                               network_mbps=self.options.network_mbps)
                     if fixed is None:
                         await trio.sleep(random.uniform(0.0, 1.0))  # servers started together choose apart
@@ -162,11 +175,12 @@ class ServerNode:
                     await presence.publish("online")
                     for address in full_addresses(host):
                         self.announce(f"serving blocks {self.span_start}:{self.span_start + length} of "
-                                      f"{self.identity.model_id} ({dtype_name(self.dtype)}, {self.device}) at {address}")
+                                      f"{self.identity.model_id} ({self._how()}) at {address}")
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(presence.keep_fresh)
                         if fixed is None:
                             nursery.start_soon(self._rebalance, dht, host, presence)
+                            nursery.start_soon(self._free_retired_spans)
                         async for signum in signals:
                             self.announce(f"received {signal.Signals(signum).name}, announcing offline and "
                                           "shutting down")
@@ -201,17 +215,32 @@ class ServerNode:
                 self.announce(f"loading blocks {start}:{end} of {self.identity.model_id}: {done}/{total} "
                               f"({100 * done // total}%)")
 
+        quant = self.options.quant
         span = await trio.to_thread.run_sync(
-            lambda: BlockSpan(self.source, start, end, self.dtype, self.device, progress=progress))
-        figures, cached = await run_on_executor(self.executor, lambda: cached_throughput(
-            span, self.identity.fingerprint, "none",
+            lambda: BlockSpan(self.source, start, end, self.dtype, self.device, progress=progress, quant=quant))
+        # Measured on this span before its executor starts: the figures are what a client will get.
+        figures, cached = await trio.to_thread.run_sync(lambda: cached_throughput(
+            span, self.identity.fingerprint, quant,
             lambda: measure_throughput(span, self.options.throughput_seconds, self.announce)))
         self.announce(f"throughput per block: {figures.inference_rps:.0f} inference steps/s, "
                       f"{figures.forward_tps:.0f} forward tokens/s" + (" (cached)" if cached else ""))
         presence.inference_rps, presence.forward_tps = figures.inference_rps, figures.forward_tps
-        # Sessions opened on the previous span keep it until they end; new ones get this one.
-        self.server = BlockServer(self.identity, span, self.executor, self.options.limits, budget=self.budget)
+        # Sessions opened on the previous span keep it (and its executor and KV pool) until they
+        # end; new sessions get this one.
+        if self.server is not None:
+            self.retired.append(self.server)
+        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits)
         self.server.register(host)
+
+    async def _free_retired_spans(self) -> None:
+        """Shut down a moved-from span's executor (freeing its weights and KV pool) once its
+        last session has ended; sessions end on close, error or the idle timeout."""
+        while True:
+            await trio.sleep(1.0)
+            for server in [s for s in self.retired if s.pool.free_tokens == s.pool.capacity_tokens]:
+                self.retired.remove(server)
+                await trio.to_thread.run_sync(server.executor.shutdown)
+                log.info("freed blocks %d:%d", server.span.start, server.span.end)
 
     async def _rebalance(self, dht: SwarmDHT, host: IHost, presence: ServerPresence) -> None:
         period = self.options.rebalance_period
@@ -238,4 +267,4 @@ class ServerNode:
             await presence.publish("online")
             for address in full_addresses(host):
                 self.announce(f"serving blocks {target}:{target + self.length} of {self.identity.model_id} "
-                              f"({dtype_name(self.dtype)}, {self.device}) at {address}")
+                              f"({self._how()}) at {address}")

@@ -21,10 +21,10 @@ from libp2p.custom_types import TProtocol
 from petald import __version__
 from petald.kernels.dtypes import DTYPES, dtype_name
 from petald.kernels.executor import DeviceExecutor
-from petald.kernels.kv_cache import CacheFullError, KVCacheBudget, SessionKVCache
 from petald.kernels.model_source import ModelIdentity
+from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, CacheFullError, SessionCache
 from petald.kernels.span import BlockSpan
-from petald.p2pnode.compute import run_on_executor
+from petald.p2pnode.compute import run_step
 from petald.p2pnode.framed_stream import FramedStream, PeerGone
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import (
@@ -50,21 +50,20 @@ log = logging.getLogger(__name__)
 class ServerLimits:
     max_length: int = 8192  # longest session admitted (prompt + generated tokens)
     cache_tokens: int = 1 << 20  # KV budget, in tokens summed over blocks and batch
+    page_size: int = DEFAULT_PAGE_SIZE  # tokens per KV page
     open_timeout: float = 30.0  # for the first frame of a session
     idle_timeout: float = 300.0  # between steps; an idle session is closed and freed
 
 
 class BlockServer:
     def __init__(self, identity: ModelIdentity, span: BlockSpan, executor: DeviceExecutor,
-                 limits: ServerLimits | None = None, budget: KVCacheBudget | None = None):
+                 limits: ServerLimits | None = None):
         self.identity = identity
         self.span = span
         self.executor = executor
         self.limits = limits or ServerLimits()
         self.limits.max_length = min(self.limits.max_length, span.max_positions)
-        # A server that moves to another span shares one budget between the old span's
-        # last sessions and the new span's first ones.
-        self.budget = budget or KVCacheBudget(self.limits.cache_tokens)
+        self.pool = span.new_pool(self.limits.cache_tokens, self.limits.page_size)
         self._session_ids = itertools.count(1)
 
     def register(self, host: IHost) -> None:
@@ -72,17 +71,11 @@ class BlockServer:
         host.set_stream_handler(TProtocol(INFERENCE_PROTOCOL), self._handle_inference)
 
     def info(self) -> ServerInfo:
-        return self.info_for(self.identity, self.span.start, self.span.end, self.span.dtype,
-                             self.span.hidden_size, self.limits, self.budget)
-
-    @staticmethod
-    def info_for(identity: ModelIdentity, start: int, end: int, dtype: torch.dtype, hidden_size: int,
-                 limits: ServerLimits, budget: KVCacheBudget) -> ServerInfo:
-        """What a server holding blocks [start, end) says about itself (also before it has loaded them)."""
         return ServerInfo(
-            model_id=identity.model_id, fingerprint=identity.fingerprint,
-            num_blocks=identity.num_blocks, start=start, end=end, dtype=dtype_name(dtype),
-            hidden_size=hidden_size, max_length=limits.max_length, free_cache_tokens=budget.free_tokens,
+            model_id=self.identity.model_id, fingerprint=self.identity.fingerprint,
+            num_blocks=self.identity.num_blocks, start=self.span.start, end=self.span.end,
+            dtype=dtype_name(self.span.dtype), quant=self.span.quant, hidden_size=self.span.hidden_size,
+            max_length=self.limits.max_length, free_cache_tokens=self.pool.free_tokens,
             version=__version__,
         )
 
@@ -108,7 +101,7 @@ class BlockServer:
         framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=self.limits.idle_timeout)
         session_id = next(self._session_ids)
         peer = stream.muxed_conn.peer_id.to_string()[-8:]
-        reserved = 0
+        cache: SessionCache | None = None
         try:
             with trio.move_on_after(self.limits.open_timeout) as scope:
                 msg = await framed.receive()
@@ -118,13 +111,9 @@ class BlockServer:
                 return
             request = OpenSession.from_wire(msg)
             self._check_open(request)
-            tokens = request.batch * request.max_length * (request.end - request.start)
-            self.budget.reserve(tokens)  # raises CacheFullError before anything is held
-            reserved = tokens
+            # Reserves pages up to max_length (or raises CacheFullError holding nothing); pages are taken as it grows.
+            cache = self.pool.open(request.batch, request.max_length)
             framed.allow_frames_up_to(MAX_FRAME_BYTES)
-            cache: SessionKVCache = await run_on_executor(
-                self.executor,
-                lambda: self.span.new_cache(request.batch, request.max_length, request.start, request.end))
             await framed.send(SessionOpened(request.start, request.end, request.max_length).to_wire())
             log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",
                      session_id, peer, request.start, request.end, request.batch, request.max_length)
@@ -142,7 +131,8 @@ class BlockServer:
             await _send_error(framed, ErrorCode.INTERNAL, f"internal server error in session {session_id}; "
                                                           "the server logged the details")
         finally:
-            self.budget.release(reserved)
+            if cache is not None:
+                self.pool.close(cache)
             await framed.close()
             log.info("session %d closed", session_id)
 
@@ -162,7 +152,7 @@ class BlockServer:
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                 f"max_length {request.max_length} exceeds this server's {self.limits.max_length}")
 
-    async def _serve_steps(self, framed: FramedStream, request: OpenSession, cache: SessionKVCache) -> None:
+    async def _serve_steps(self, framed: FramedStream, request: OpenSession, cache: SessionCache) -> None:
         wire_dtype = DTYPES[request.wire_dtype]
         while True:
             with trio.move_on_after(self.limits.idle_timeout) as scope:
@@ -174,14 +164,12 @@ class BlockServer:
                 return
             step = Step.from_wire(msg)
             hidden = self._check_step(step, request, cache)
-            # The copy to host memory happens on the executor: on CUDA it waits for the device,
-            # and nothing may wait for the device on the event loop.
-            out = await run_on_executor(
-                self.executor,
-                lambda h=hidden: self.span.forward(h, cache, request.start, request.end).to("cpu", wire_dtype))
+            # Batched with other sessions' steps on the executor, which also copies the output to host
+            # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
+            out = await run_step(self.executor, cache, hidden, request.start, request.end, wire_dtype)
             await framed.send(StepOutput(step.step_id, out, request.wire_dtype, request.codec).to_wire())
 
-    def _check_step(self, step: Step, request: OpenSession, cache: SessionKVCache) -> torch.Tensor:
+    def _check_step(self, step: Step, request: OpenSession, cache: SessionCache) -> torch.Tensor:
         h = step.hidden
         expected = f"[{request.batch}, tokens, {self.span.hidden_size}]"
         if h.dim() != 3 or h.shape[0] != request.batch or h.shape[2] != self.span.hidden_size or h.shape[1] < 1:

@@ -61,6 +61,7 @@ class ServerInfo:
     free_cache_tokens: int
     version: str
     wire_version: int = WIRE_VERSION
+    quant: str = "none"  # weight quantization: none, int8, int4, nf4 (absent from servers before it existed)
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "info", **self.__dict__}
@@ -74,6 +75,7 @@ class ServerInfo:
             dtype=_str(msg, "dtype"), hidden_size=_int(msg, "hidden_size", 1),
             max_length=_int(msg, "max_length", 1), free_cache_tokens=_int(msg, "free_cache_tokens", 0, 2**62),
             version=_str(msg, "version"), wire_version=_int(msg, "wire_version"),
+            quant=_str(msg, "quant") if "quant" in msg else "none",
         )
         if not info.start < info.end <= info.num_blocks:
             raise _bad(f"span {info.start}:{info.end} is not within {info.num_blocks} blocks")

@@ -1,0 +1,136 @@
+"""Paged KV cache: one pool of fixed-size pages per server, a page table per session.
+
+Each block of the span has a key pool and a value pool of shape
+[num_pages * page_size + 1, kv_heads, head_dim] ("slots"; the last one is a
+zero slot that padded attention reads). A page id names the same
+``page_size`` slots in every block, so a session's page table is one list of
+page ids per batch row, shared by all its blocks.
+
+Admission reserves, at ``open``, the pages a session needs to reach its
+``max_length`` (``batch * ceil(max_length / page_size)``), so a session never
+fails mid-generation for lack of pages; the pages themselves are taken from the
+free list lazily as the session grows. Only the executor thread takes pages
+(``grow``); ``open`` and ``close`` may run on any thread. A closed session's
+pages go back at once: a step of it still in flight may write into them, but no
+other session can own them before the executor's next ``grow``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_PAGE_SIZE = 16
+
+
+class CacheFullError(Exception):
+    """The server cannot hold another session of this size right now."""
+
+
+@dataclass
+class SessionCache:
+    """One session's place in a pool: its page table and how far it has got."""
+
+    pool: PagedKVCache
+    batch: int
+    max_length: int
+    reserved_pages: int
+    pages: list[list[int]] = field(default_factory=list)  # per batch row, page ids in position order
+    length: int = 0  # positions filled so far
+    closed: bool = False
+
+
+class PagedKVCache:
+    def __init__(self, num_blocks: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"a KV pool needs at least one page of at least one token (got {num_pages} x {page_size})")
+        self.num_blocks, self.num_pages, self.page_size = num_blocks, num_pages, page_size
+        self.device = device
+        # One slot past the pages, kept at zero: padded attention reads it for the keys a row
+        # does not have (masked out). Masking alone is not enough: a never-written slot holds
+        # whatever the allocator left there, NaN included, and 0 * NaN is NaN.
+        self.pad_slot = num_pages * page_size
+        shape = (num_pages * page_size + 1, kv_heads, head_dim)
+        # torch.empty: on CPU the OS commits memory only for pages that get written.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_blocks)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_blocks)]
+        for pool in (*self.keys, *self.values):
+            pool[self.pad_slot].zero_()
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page ids first
+        self._reserved = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_budget(cls, cache_tokens: int, num_blocks: int, page_size: int, kv_heads: int, head_dim: int,
+                    dtype: torch.dtype, device: torch.device) -> PagedKVCache:
+        """A pool holding ``cache_tokens`` tokens summed over blocks (rounded down to whole pages)."""
+        num_pages = cache_tokens // (page_size * num_blocks)
+        if num_pages < 1:
+            raise ValueError(f"--cache-tokens {cache_tokens} is less than one page ({page_size} tokens) "
+                             f"in each of {num_blocks} blocks")
+        return cls(num_blocks, num_pages, page_size, kv_heads, head_dim, dtype, device)
+
+    @staticmethod
+    def pages_for_tokens(batch: int, max_length: int, page_size: int) -> int:
+        return batch * -(-max_length // page_size)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The whole pool, in tokens summed over blocks."""
+        return self.num_pages * self.page_size * self.num_blocks
+
+    @property
+    def free_tokens(self) -> int:
+        """What admission can still grant, in tokens summed over blocks."""
+        return (self.num_pages - self._reserved) * self.page_size * self.num_blocks
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token position takes in one batch row across all blocks."""
+        k = self.keys[0]
+        return 2 * self.num_blocks * k.shape[1] * k.shape[2] * k.element_size()
+
+    def open(self, batch: int, max_length: int) -> SessionCache:
+        need = self.pages_for_tokens(batch, max_length, self.page_size)
+        with self._lock:
+            if need > self.num_pages - self._reserved:
+                free = (self.num_pages - self._reserved) * self.page_size * self.num_blocks
+                raise CacheFullError(
+                    f"KV cache full: batch {batch} x max_length {max_length} needs {need} pages of "
+                    f"{self.page_size} tokens ({need * self.page_size * self.num_blocks} tokens over "
+                    f"{self.num_blocks} blocks), {free} of {self.capacity_tokens} free; ask for a smaller "
+                    "max_length or try another server")
+            self._reserved += need
+        return SessionCache(self, batch, max_length, need, [[] for _ in range(batch)])
+
+    def close(self, session: SessionCache) -> None:
+        """Return a session's pages and reservation; closing twice is harmless."""
+        with self._lock:
+            if session.closed:
+                return
+            session.closed = True
+            for row in session.pages:
+                self._free.extend(reversed(row))
+                row.clear()
+            self._reserved -= session.reserved_pages
+
+    def grow(self, session: SessionCache, length: int) -> None:
+        """Give every row of ``session`` pages up to position ``length`` (executor thread only)."""
+        if length > session.max_length:
+            raise ValueError(f"step would reach position {length}, beyond max_length {session.max_length}")
+        need = -(-length // self.page_size)
+        with self._lock:
+            if session.closed:
+                raise ValueError("the session is closed")
+            for row in session.pages:
+                while len(row) < need:
+                    row.append(self._free.pop())  # cannot run dry: open reserved up to max_length
+
+    def slots(self, session: SessionCache, row: int, start: int, end: int) -> torch.Tensor:
+        """Flat slot indices of positions [start, end) of one batch row."""
+        positions = torch.arange(start, end)
+        pages = torch.tensor(session.pages[row], dtype=torch.long)
+        return pages[positions // self.page_size] * self.page_size + positions % self.page_size

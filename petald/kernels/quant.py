@@ -1,0 +1,137 @@
+"""Weight-only quantization of a block's linear layers: none, int8, int4 (CPU) and nf4 (CUDA).
+
+Activations are never quantized to integers. The CPU kernels take bfloat16
+activations: the matmul input is rounded to bfloat16 and the output brought back
+to the compute dtype; everything around the matmuls (norms, rotary, attention,
+residuals, the KV cache) stays in the compute dtype.
+
+- ``int8`` on CPU: symmetric per-output-channel scales, torch's
+  ``_weight_int8pack_mm`` (its float32-activation path is a scalar loop, 10-100x
+  slower, which is why activations go in as bfloat16).
+- ``int4`` on CPU: asymmetric, groups of ``INT4_GROUP`` along the input
+  dimension, torch's ``_weight_int4pack_mm_for_cpu``.
+- On CUDA, ``int8`` (LLM.int8, outlier threshold 6.0) and ``nf4`` go through
+  bitsandbytes, imported only there; it is not a dependency of petald.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+QUANT_MODES = ("none", "int8", "int4", "nf4")
+INT4_GROUP = 32
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+class QuantError(ValueError):
+    """A quantization mode this device or installation cannot run."""
+
+
+def check_quant(quant: str, device: torch.device) -> None:
+    """Refuse, before any weight is loaded, a mode this device cannot run."""
+    if quant not in QUANT_MODES:
+        raise QuantError(f"unknown --quant {quant!r}: use one of {', '.join(QUANT_MODES)}")
+    if quant == "nf4" and device.type != "cuda":
+        raise QuantError("--quant nf4 needs a CUDA device and bitsandbytes (pip install bitsandbytes); "
+                         "on CPU use --quant int8 or int4")
+    if quant == "int4" and device.type != "cpu":
+        raise QuantError("--quant int4 is the CPU kernel; on CUDA use --quant nf4 (bitsandbytes)")
+    if quant in ("int8", "nf4") and device.type == "cuda":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise QuantError(f"--quant {quant} on CUDA needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype: torch.dtype,
+                device: torch.device) -> Linear:
+    """A callable computing ``x @ weight.T + bias`` with ``weight`` [out, in] stored as ``quant`` asks."""
+    if quant == "none":
+        return DenseLinear(weight.to(device, dtype), _bias(bias, dtype, device))
+    if device.type == "cuda":
+        return _bitsandbytes_linear(weight, bias, quant, dtype, device)
+    if quant == "int8":
+        return Int8Linear(weight, _bias(bias, dtype, device))
+    if quant == "int4":
+        return Int4Linear(weight, _bias(bias, dtype, device))
+    check_quant(quant, device)
+    raise QuantError(f"--quant {quant} is not available on {device}")
+
+
+def _bias(bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    return None if bias is None else bias.to(device, dtype).contiguous()
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight.contiguous(), bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear:
+    """Per-output-channel symmetric int8 weights: w ~= q * scale, q in [-127, 127]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(torch.bfloat16)
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).to(x.dtype)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear:
+    """Asymmetric int4 weights in groups along the input dimension: w ~= (q - 8) * scale + zero."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP):
+        out_features, in_features = weight.shape
+        if in_features % group:
+            raise QuantError(f"--quant int4 needs input widths divisible by {group}; this model has a layer "
+                             f"of width {in_features}")
+        w = weight.float().reshape(out_features, in_features // group, group)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+        zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.scale_zero = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.group, self.bias = group, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero).to(x.dtype)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def _bitsandbytes_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype: torch.dtype,
+                         device: torch.device) -> Linear:
+    """int8 (LLM.int8) or nf4 through bitsandbytes on CUDA: its modules quantize on the move to the GPU."""
+    check_quant(quant, device)
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    w = weight.to(dtype).contiguous()
+    if quant == "int8":
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                                    threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=dtype,
+                                  quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
+    layer = layer.to(device).eval()
+    return layer

@@ -1,0 +1,113 @@
+"""The paged KV cache: admission, page accounting, and attention over scattered pages and batched steps
+against transformers' dense model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from petald.kernels.client_head import ClientHead
+from petald.kernels.paged_kv_cache import CacheFullError, PagedKVCache
+from petald.kernels.sources import open_source
+from petald.kernels.span import BlockSpan
+from tests.oracle import reference_logits
+from tests.tiny_models import FAMILIES, TINY_BLOCKS
+
+CPU = torch.device("cpu")
+
+
+def tiny_pool(pages: int = 10, page_size: int = 4) -> PagedKVCache:
+    return PagedKVCache(2, pages, page_size, 2, 8, torch.float32, CPU)
+
+
+def test_admission_reserves_max_length_and_refuses_what_it_cannot_hold():
+    pool = tiny_pool()
+    assert pool.capacity_tokens == pool.free_tokens == 10 * 4 * 2
+    a = pool.open(batch=2, max_length=9)  # 2 rows x 3 pages
+    assert pool.free_tokens == 4 * 4 * 2
+    with pytest.raises(CacheFullError, match="KV cache full: batch 1 x max_length 17 needs 5 pages"):
+        pool.open(batch=1, max_length=17)
+    b = pool.open(batch=1, max_length=16)  # exactly the 4 pages left
+    assert pool.free_tokens == 0
+    pool.grow(a, 9)
+    pool.grow(b, 16)  # reserved pages are always there, however the pool was used
+    assert [len(r) for r in a.pages] == [3, 3] and len(b.pages[0]) == 4
+    assert len({p for r in a.pages + b.pages for p in r}) == 10  # no page handed out twice
+    with pytest.raises(ValueError, match="beyond max_length"):
+        pool.grow(b, 17)
+    pool.close(a)
+    pool.close(a)  # twice is harmless
+    assert pool.free_tokens == 6 * 4 * 2
+    pool.close(b)
+    assert pool.free_tokens == pool.capacity_tokens
+    with pytest.raises(ValueError, match="closed"):
+        pool.grow(b, 1)
+
+
+def test_pages_are_taken_lazily():
+    pool = tiny_pool()
+    s = pool.open(batch=1, max_length=40)
+    pool.grow(s, 5)
+    assert len(s.pages[0]) == 2
+    slots = pool.slots(s, 0, 3, 5)
+    assert slots.tolist() == [s.pages[0][0] * 4 + 3, s.pages[0][1] * 4]
+
+
+def test_budget_smaller_than_a_page_is_refused():
+    with pytest.raises(ValueError, match="less than one page"):
+        PagedKVCache.from_budget(10, 2, 16, 2, 8, torch.float32, CPU)
+
+
+def scramble(pool: PagedKVCache) -> None:
+    """Leave the free list out of order, so that sessions get scattered, non-adjacent pages."""
+    sessions = [pool.open(1, pool.page_size) for _ in range(pool.num_pages)]
+    for s in sessions:
+        pool.grow(s, 1)
+    for s in sessions[::3] + sessions[1::3] + sessions[2::3][::-1]:
+        pool.close(s)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_steps_over_scattered_pages_match_transformers(tiny_models, family):
+    """Three sessions of different lengths share one scrambled pool full of NaN; their prefills run
+    batched in uneven chunks, then their decode steps run batched (padded to the longest). Each one's logits match transformers' dense
+    model on that session's whole sequence (mistral's sliding window of 24 is crossed)."""
+    path = str(tiny_models[family])
+    source = open_source(path)
+    span = BlockSpan(source, 0, TINY_BLOCKS, torch.float32, CPU)
+    head = ClientHead(source)
+    pool = span.new_pool(64 * 16 * TINY_BLOCKS, page_size=16)
+    scramble(pool)
+    for slots in (*pool.keys, *pool.values):  # what a never-written slot may hold
+        slots[: pool.pad_slot] = float("nan")
+    gen = torch.Generator().manual_seed(3)
+    lengths = [37, 5, 20]
+    seqs = [torch.randint(0, 320, (1, n + 8), generator=gen) for n in lengths]
+    caches = [pool.open(1, 64) for _ in seqs]
+    logits: list[list[torch.Tensor]] = [[] for _ in seqs]
+
+    def run(steps):  # steps: list of (session index, token slice)
+        outs = span.forward_batch([(head.embed(seqs[i][:, a:b]), caches[i]) for i, (a, b) in steps])
+        for (i, _), out in zip(steps, outs, strict=True):
+            logits[i].append(head.logits(out))
+
+    run([(0, (0, 16)), (1, (0, 5)), (2, (0, 3))])
+    run([(0, (16, 37)), (2, (3, 20))])
+    for t in range(8):
+        run([(i, (n + t, n + t + 1)) for i, n in enumerate(lengths)])
+    for i, seq in enumerate(seqs):
+        want = reference_logits(path, seq)
+        torch.testing.assert_close(torch.cat(logits[i], dim=1), want, atol=1e-4, rtol=1e-4)
+    for c in caches:
+        pool.close(c)
+    assert pool.free_tokens == pool.capacity_tokens
+
+
+def test_batched_rows_of_one_session_match_separate_sessions(tiny_models):
+    source = open_source(str(tiny_models["llama"]))
+    span = BlockSpan(source, 0, TINY_BLOCKS, torch.float32, CPU)
+    hidden = ClientHead(source).embed(torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(2)))
+    both = span.forward(hidden, span.new_cache(2, 16))
+    for row in range(2):
+        alone = span.forward(hidden[row : row + 1], span.new_cache(1, 16))
+        torch.testing.assert_close(both[row : row + 1], alone, atol=1e-5, rtol=1e-5)

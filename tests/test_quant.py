@@ -1,0 +1,111 @@
+"""Weight-only quantization: the kernels against their own dequantized weights, the real model's
+top-1 agreement with float32 on a reference text, and the mode a server announces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from petald.kernels.client_head import ClientHead
+from petald.kernels.quant import INT4_GROUP, Int4Linear, Int8Linear, QuantError, check_quant
+from petald.kernels.sources import open_source
+from petald.kernels.span import BlockSpan
+from petald.protocol.messages import ServerInfo
+from tests.test_cli import run_petald
+
+CPU = torch.device("cpu")
+REFERENCE_TEXT = Path(__file__).parent.parent / "benchmarks" / "reference_text.txt"
+
+
+def test_int8_is_per_channel_weights_times_bfloat16_activations():
+    gen = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(96, 128, generator=gen), torch.randn(96, generator=gen), torch.randn(2, 5, 128, generator=gen)
+    layer = Int8Linear(w, b)
+    assert layer.q.dtype == torch.int8 and layer.q.abs().max() == 127
+    dequant = layer.q.float() * layer.scale.float()[:, None]
+    assert (dequant - w).abs().max() <= layer.scale.float().max() * 0.51 + 1e-2  # within half a step
+    want = F.linear(x.bfloat16().float(), dequant, b)
+    torch.testing.assert_close(layer(x), want, atol=0.1, rtol=0.02)
+
+
+def test_int4_is_grouped_weights_times_bfloat16_activations():
+    gen = torch.Generator().manual_seed(1)
+    w, x = torch.randn(64, 4 * INT4_GROUP, generator=gen), torch.randn(3, 4 * INT4_GROUP, generator=gen)
+    layer = Int4Linear(w, None)
+    q = w.reshape(64, 4, INT4_GROUP)
+    lo, hi = q.amin(-1, keepdim=True), q.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    dequant = (((q - lo) / step).round() * step + lo).reshape(64, -1)
+    torch.testing.assert_close(layer(x), F.linear(x.bfloat16().float(), dequant), atol=0.2, rtol=0.02)
+    with pytest.raises(QuantError, match="divisible"):
+        Int4Linear(torch.randn(8, INT4_GROUP + 1), None)
+
+
+def test_nf4_and_unknown_modes_are_refused_on_cpu():
+    with pytest.raises(QuantError, match="needs a CUDA device and bitsandbytes"):
+        check_quant("nf4", CPU)
+    with pytest.raises(QuantError, match="unknown --quant"):
+        check_quant("int3", CPU)
+
+
+def test_serve_quant_nf4_on_cpu_is_a_clear_cli_error(tiny_models):
+    result = run_petald("serve", "--blocks", "0:6", "--quant", "nf4", "--device", "cpu",
+                        "--model", str(tiny_models["llama"]))
+    assert result.returncode == 1
+    assert "nf4 needs a CUDA device and bitsandbytes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_server_info_carries_quant_and_reads_older_servers_as_none():
+    info = ServerInfo("m@1", "f" * 64, 30, 0, 15, "float32", 576, 8192, 100, "0.1.0", quant="int8")
+    assert ServerInfo.from_wire(info.to_wire()).quant == "int8"
+    older = {k: v for k, v in info.to_wire().items() if k != "quant"}
+    assert ServerInfo.from_wire(older).quant == "none"
+
+
+@pytest.fixture(scope="module")
+def smollm2_on_text():
+    """SmolLM2, its client head, the reference text's ids and float32's logits on them (computed once)."""
+    source = open_source(None)
+    head = ClientHead(source)
+    ids = source.load_tokenizer()(REFERENCE_TEXT.read_text(), return_tensors="pt").input_ids
+    return source, head, ids, _logits(source, head, ids, "none")
+
+
+def _logits(source, head: ClientHead, ids: torch.Tensor, quant: str) -> torch.Tensor:
+    span = BlockSpan(source, 0, 30, torch.float32, CPU, quant=quant)
+    return head.logits(span.forward(head.embed(ids), span.new_cache(1, ids.shape[1])))[0]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_smollm2_agrees_with_float32_on_a_reference_text(smollm2_on_text, quant):
+    """Top-1 agreement over every position of ~340 tokens of text (teacher-forced)."""
+    source, head, ids, want = smollm2_on_text
+    assert ids.shape[1] > 300
+    got = _logits(source, head, ids, quant)
+    agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agreement >= 0.95, f"{quant}: top-1 agreement {agreement:.3f}"
+    assert 0 < (got - want).abs().max() < 5  # quantized, yet close
+
+
+@pytest.mark.slow
+def test_a_quantized_server_announces_its_mode_and_serves_what_its_span_computes(tiny_models):
+    from petald.cli.local_swarm import LocalSwarm
+    from petald.p2pnode.distributed_model import DistributedModel
+
+    path = str(tiny_models["llama"])
+    source = open_source(path)
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(4))
+    span, head = BlockSpan(source, 0, 6, torch.float32, CPU, quant="int8"), ClientHead(source)
+    cache, want, nxt = span.new_cache(1, 18), [], ids
+    for _ in range(8):
+        nxt = head.logits(span.forward(head.embed(nxt), cache)[:, -1:]).argmax(-1)
+        want.append(int(nxt[0, 0]))
+    with LocalSwarm(["0:6"], model=path, extra_args=["--threads", "1", "--quant", "int8"]) as swarm:
+        assert "quant int8" in "\n".join(swarm.servers[0].output)
+        with DistributedModel(swarm.addresses, path) as model:
+            assert [s.info.quant for s in model.servers] == ["int8"]
+            got = model.generate(ids, max_new_tokens=8, eos_token_id=[])[0, 10:].tolist()
+    assert got == want
