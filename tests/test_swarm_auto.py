@@ -15,10 +15,12 @@ import time
 
 import pytest
 import torch
+from libp2p.peer.id import ID
 
 from petald.cli.local_swarm import LocalSwarm
 from petald.p2pnode.block_selection import block_coverage
 from petald.p2pnode.distributed_model import DistributedModel
+from petald.p2pnode.host import parse_peer_address
 from petald.p2pnode.identity import load_or_create_identity
 from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.swarm_map import ModelMap, read_swarm
@@ -151,3 +153,44 @@ def test_two_models_share_the_swarm_without_mixing(auto_swarm, tiny_models):
     assert result.returncode == 0, result.stderr
     listed = {m["model_id"]: m for m in json.loads(result.stdout)["models"]}
     assert set(listed) == set(models) and listed[other.model_id]["uncovered_blocks"] == []
+
+
+def test_forged_and_expired_records_are_dropped_by_real_servers(auto_swarm):
+    """An attacker node joins the running swarm and pushes, past its own validator, a record that
+    claims a real server's peer ID, and a genuinely signed but expired record of its own."""
+    import trio
+
+    from petald.p2pnode.host import running_host
+    from petald.p2pnode.swarm_dht import SwarmDHT, record_key, sign_announcement
+    from petald.protocol.announcement import ServerAnnouncement
+
+    swarm, watcher = auto_swarm
+    victim = smollm(watcher.wait_for(lambda ms: fully_covered(ms, 4), "full coverage")).servers[0]
+    key_pair = load_or_create_identity(None)
+
+    async def attack() -> None:
+        async with running_host(key_pair) as host:
+            attacker = SwarmDHT(host, key_pair, server_mode=True)
+            async with attacker.running():
+                await attacker.join([swarm.addresses[0]])
+                now = time.time()
+                forged = ServerAnnouncement(**{**victim.__dict__, "start": 0, "end": 1, "issued_at": now + 5,
+                                               "expires_at": now + 600})
+                stale = ServerAnnouncement(**{**victim.__dict__, "peer_id": attacker.peer_id, "issued_at": now - 600,
+                                              "expires_at": now - 300})
+                pushes = [(record_key(victim.peer_id), sign_announcement(forged, key_pair).to_bytes()),
+                          (record_key(attacker.peer_id), sign_announcement(stale, key_pair).to_bytes())]
+                for server in swarm.servers:
+                    if server.process.poll() is None:
+                        peer = parse_peer_address(server.address)
+                        await host.connect(peer)
+                        for key, value in pushes:
+                            await attacker.kad.value_store._store_at_peer(peer.peer_id, key.encode(), value)
+
+    trio.run(attack)
+    models = watcher.models()
+    record = next(s for s in smollm(models).servers if s.peer_id == victim.peer_id)
+    assert (record.start, record.end) == (victim.start, victim.end)
+    attacker_id = ID.from_pubkey(key_pair.public_key).to_base58()
+    assert all(s.peer_id != attacker_id for m in models.values() for s in m.servers)
+    assert sum(p.process.poll() is None for p in swarm.servers) == len(swarm.servers) - 1  # only the one that left
