@@ -3,10 +3,14 @@
     python benchmarks/swarm_startup.py [--servers 4] [--num-blocks 8] [--runs 3]
 
 Each run starts fresh ``petald serve --blocks auto`` processes on 127.0.0.1 (the
-first with ``--new-swarm``, the others joining it), with an empty throughput cache
-so the first server measures; then runs ``petald generate --initial-peers`` (a new
-process each time) and times its first token on stdout. The client's time is also
-split: process start and imports, opening the model, and finding servers in the DHT.
+first with ``--new-swarm``, the others joining it together), with an empty cache
+directory so the first server measures its throughput and parses the GGUF as on a
+new machine. It records when each server is routable (prints its address, record
+online) and when the swarm map first shows every block served (servers started
+together may pick the same span and then spread out); then it runs ``petald
+generate --initial-peers`` (a new process) and times its first token on stdout.
+The client's time is also split, in this process: opening the model, finding
+servers in the DHT, and the first token.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from petald.cli.local_swarm import LocalSwarm  # noqa: E402
+from petald.p2pnode.identity import load_or_create_identity  # noqa: E402
+from petald.p2pnode.node_thread import NodeThread  # noqa: E402
+from petald.p2pnode.swarm_map import read_swarm  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -42,6 +49,27 @@ def first_token_seconds(address: str) -> tuple[float, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"petald generate failed with exit code {proc.returncode}")
     return first, time.monotonic() - began
+
+
+def wait_until_covered(address: str, servers: int, timeout: float = 300.0) -> float:
+    """Monotonic time at which the swarm map first shows every block served by ``servers`` online."""
+    node = NodeThread(load_or_create_identity(None), with_dht=True)
+    try:
+        async def covered() -> bool:
+            assert node.dht is not None
+            if not node.dht.kad.routing_table.get_peer_ids():
+                await node.dht.join([address])
+            models = await read_swarm(node.dht, rounds=1)
+            return any(not m.uncovered and sum(s.state == "online" for s in m.servers) == servers for m in models)
+
+        deadline = time.monotonic() + timeout
+        while not node.call(covered):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the swarm did not cover every block in time")
+            time.sleep(0.5)
+        return time.monotonic()
+    finally:
+        node.stop()
 
 
 def client_phases(address: str) -> dict[str, float]:
@@ -66,7 +94,7 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    first_ready, joiners_ready, ttft, total, phases = [], [], [], [], []
+    first_ready, joiners_ready, covered, ttft, total, phases = [], [], [], [], [], []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as cache:
             os.environ["PETALD_CACHE_DIR"] = cache  # the first server measures throughput, as on a new machine
@@ -75,7 +103,9 @@ def main() -> None:
                 ready = [s.ready_at - s.started_at for s in swarm.servers]
                 first_ready.append(ready[0])
                 joiners_ready.extend(ready[1:])
-                say(f"run {run + 1}: start to routable {', '.join(f'{r:.1f}' for r in ready)} s")
+                covered.append(wait_until_covered(swarm.addresses[0], args.servers) - swarm.servers[0].started_at)
+                say(f"run {run + 1}: start to routable {', '.join(f'{r:.1f}' for r in ready)} s; "
+                    f"every block served {covered[-1]:.1f} s after the first server started")
                 first, whole = first_token_seconds(swarm.addresses[-1])
                 ttft.append(first)
                 total.append(whole)
@@ -89,6 +119,7 @@ def main() -> None:
     print("| measure | median | min | max |\n|---|---|---|---|")
     print(line("first server (new swarm, measures throughput): start to routable", first_ready))
     print(line("joining servers (cached throughput): start to routable", joiners_ready))
+    print(line("first server's start to every block served", covered))
     print(line("`petald generate --initial-peers`: start to first token", ttft))
     print(line("`petald generate`: start to exit (8 tokens)", total))
     for name in phases[0]:

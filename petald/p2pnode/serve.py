@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.5  # of the free memory, when --blocks auto is given no budget
 MOVE_COOLDOWN_PERIODS = 3  # rebalance periods a server stays put after it moved
+FIRST_CHECK_S = (2.0, 8.0)  # range of the random delay before a server's first rebalance check
 
 
 @dataclass
@@ -244,8 +245,12 @@ class ServerNode:
 
     async def _rebalance(self, dht: SwarmDHT, host: IHost, presence: ServerPresence) -> None:
         period = self.options.rebalance_period
+        # The first look comes soon: servers started together may have chosen the same span
+        # before they could see each other's records.
+        wait = random.uniform(FIRST_CHECK_S[0], min(FIRST_CHECK_S[1], period))
         while True:
-            await trio.sleep(random.uniform(0.5 * period, 1.5 * period))
+            await trio.sleep(wait)
+            wait = random.uniform(0.5 * period, 1.5 * period)
             if trio.current_time() - self._moved_at < MOVE_COOLDOWN_PERIODS * period:
                 continue  # let the swarm see the last move before judging it
             try:
