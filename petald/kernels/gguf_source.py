@@ -9,7 +9,6 @@ converter).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoConfig, PretrainedConfig
 
-from petald.kernels.cache_dir import petald_cache_dir
+from petald.kernels.cache_dir import petald_cache_dir, read_json, write_json
 from petald.kernels.fingerprint_cache import cached_fingerprint, file_stamp
 from petald.kernels.model_source import ModelIdentity, ModelSourceError, check_architecture
 
@@ -92,21 +91,14 @@ class GGUFSource:
 
     def _read_config(self) -> PretrainedConfig:
         cached = self._derived_dir() / "config.json"
-        try:
-            meta = json.loads(cached.read_text())
-        except (OSError, ValueError):
+        meta = read_json(cached)
+        if not isinstance(meta, dict):
             # transformers' GGUF metadata parser: reads only the key/value section.
             from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
             meta = load_gguf_checkpoint(str(self.path), return_tensors=False)["config"]
             meta.pop("_model_name_or_path", None)
-            try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(meta))
-                tmp.replace(cached)
-            except (OSError, TypeError, ValueError):
-                pass  # not cacheable here: parse again next time
+            write_json(cached, meta)
         model_type = meta.pop("model_type", None)
         if model_type is None:
             raise ModelSourceError(f"{self.path}: GGUF metadata names no architecture")

@@ -6,8 +6,6 @@ of different lengths compare, and a client can price a hop as blocks / rate.
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -15,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from petald.kernels.cache_dir import petald_cache_dir
+from petald.kernels.cache_dir import petald_cache_dir, read_json, write_json
 from petald.kernels.span import BlockSpan
 
 PREFILL_CHUNK = 128
@@ -76,12 +74,8 @@ def cached_throughput(span: BlockSpan, fingerprint: str, quant: str,
     """
     key = "|".join([device_name(span.device), fingerprint, str(span.dtype), quant, torch.__version__])
     path = petald_cache_dir() / "throughput.json"
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if not isinstance(cache, dict):
-        cache = {}
+    cache = read_json(path)
+    cache = cache if isinstance(cache, dict) else {}
     entry = cache.get(key)
     if isinstance(entry, dict):
         try:
@@ -90,11 +84,5 @@ def cached_throughput(span: BlockSpan, fingerprint: str, quant: str,
             pass  # written by another version: measure again
     figures = measure()
     cache[key] = asdict(figures)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache only costs a measurement next start
+    write_json(path, cache)
     return figures, False
