@@ -171,12 +171,7 @@ class ServerNode:
                         self.span_start = choose_start(await self._coverage(dht), length)
                     else:
                         self.span_start = fixed[0]
-                    await presence.publish("joining")
-                    await self._load(host, presence)
-                    await presence.publish("online")
-                    for address in full_addresses(host):
-                        self.announce(f"serving blocks {self.span_start}:{self.span_start + length} of "
-                                      f"{self.identity.model_id} ({self._how()}) at {address}")
+                    await self._take_span(host, presence)
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(presence.keep_fresh)
                         if fixed is None:
@@ -205,6 +200,15 @@ class ServerNode:
     async def _coverage(self, dht: SwarmDHT) -> list[float]:
         records = await self._swarm_records(dht)
         return block_coverage(records, self.identity.num_blocks, exclude_peer=dht.peer_id)
+
+    async def _take_span(self, host: IHost, presence: ServerPresence) -> None:
+        """Claim ``span_start`` (joining), load and serve it, then say it is routable (online)."""
+        await presence.publish("joining")
+        await self._load(host, presence)
+        await presence.publish("online")
+        for address in full_addresses(host):
+            self.announce(f"serving blocks {self.span_start}:{self.span_start + self.length} of "
+                          f"{self.identity.model_id} ({self._how()}) at {address}")
 
     async def _load(self, host: IHost, presence: ServerPresence) -> None:
         """Load blocks [span_start, span_start + length), measure them, and serve them."""
@@ -267,9 +271,4 @@ class ServerNode:
                           "where the swarm is weaker")
             self.span_start = target
             self._moved_at = trio.current_time()
-            await presence.publish("joining")
-            await self._load(host, presence)
-            await presence.publish("online")
-            for address in full_addresses(host):
-                self.announce(f"serving blocks {target}:{target + self.length} of {self.identity.model_id} "
-                              f"({self._how()}) at {address}")
+            await self._take_span(host, presence)
