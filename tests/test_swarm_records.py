@@ -163,3 +163,14 @@ def test_route_respects_free_cache_and_cuts():
     assert [(h.start, h.end) for h in cut.hops] == [(0, 10), (10, 20), (20, 30)]
     with pytest.raises(NoRouteError, match="block 15"):
         SpanRoute.plan([server("half", 0, 15)], 0, 30)
+
+
+def test_a_py_libp2p_without_the_dht_internals_we_use_is_refused_at_start(monkeypatch):
+    from libp2p.kad_dht.value_store import ValueStore
+
+    from petald.p2pnode.swarm_dht import check_library
+
+    check_library()
+    monkeypatch.delattr(ValueStore, "_get_from_peer")
+    with pytest.raises(RuntimeError, match="ValueStore._get_from_peer"):
+        check_library()

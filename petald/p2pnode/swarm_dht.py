@@ -210,6 +210,24 @@ class KadProtocolAdapter:
         return getattr(self._host, name)
 
 
+# Library internals this module calls; checked at start so that another py-libp2p version
+# fails with a sentence rather than mid-lookup.
+_LIBRARY_INTERNALS = (("kad_dht.provider_store.ProviderStore", "_get_providers_from_peer_with_closers"),
+                      ("kad_dht.value_store.ValueStore", "_get_from_peer"),
+                      ("kad_dht.routing_table.RoutingTable", "find_local_closest_peers"))
+
+
+def check_library() -> None:
+    import importlib
+
+    for path, attribute in _LIBRARY_INTERNALS:
+        module_name, _, class_name = path.rpartition(".")
+        cls = getattr(importlib.import_module(f"libp2p.{module_name}"), class_name, None)
+        if cls is None or not hasattr(cls, attribute):
+            raise RuntimeError(f"this py-libp2p has no {path}.{attribute}, which petald's DHT uses; "
+                               "install libp2p>=0.8.1,<0.9")
+
+
 class SwarmKadDHT(KadDHT):
     """The library's DHT, except that a peer joins the routing table only if it serves the DHT."""
 
@@ -223,6 +241,7 @@ class SwarmDHT:
     """One node's DHT: join a swarm, publish this server's record, find the servers of blocks."""
 
     def __init__(self, host: IHost, key_pair: KeyPair, *, server_mode: bool):
+        check_library()
         self.host, self.key_pair = host, key_pair
         validator = NamespacedValidator({RECORD_NAMESPACE: AnnouncementValidator()})
         mode = DHTMode.SERVER if server_mode else DHTMode.CLIENT
@@ -282,16 +301,15 @@ class SwarmDHT:
     async def providers_of(self, key: bytes) -> list[PeerInfo]:
         """Every provider the closest peers know of (and the local store), without duplicates."""
         store = self.kad.provider_store
-        encoded = key
-        found = {p.peer_id: p for p in store.get_providers(encoded)}
+        found = {p.peer_id: p for p in store.get_providers(key)}
         closest: list[ID] = []
         with trio.move_on_after(LOOKUP_TIMEOUT_S):
-            closest = await self.kad.peer_routing.find_closest_peers_network(encoded)
+            closest = await self.kad.peer_routing.find_closest_peers_network(key)
 
         async def ask(peer: ID) -> None:
             with trio.move_on_after(LOOKUP_TIMEOUT_S):
                 try:
-                    providers, _ = await store._get_providers_from_peer_with_closers(peer, encoded)
+                    providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
                 except Exception as exc:  # one silent peer does not spoil the lookup
                     log.debug("providers of %s from %s failed: %s", key.hex(), peer, exc)
                     return
@@ -307,8 +325,8 @@ class SwarmDHT:
     async def announcement_of(self, peer: ID) -> ServerAnnouncement | None:
         """The peer's newest live record, or None (absent, expired or forged).
 
-        Asks the closest peers every time: the library's ``get_value`` answers from a local
-        copy when it has one, and a copy cached by an earlier lookup goes stale.
+        Asks the peer itself and the closest peers this node knows, every time: the library's
+        ``get_value`` answers from a local copy when it has one, which may be stale.
         """
         key = record_key(peer.to_base58())
         encoded = key.encode()
