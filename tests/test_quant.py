@@ -109,3 +109,10 @@ def test_a_quantized_server_announces_its_mode_and_serves_what_its_span_computes
             assert [s.info.quant for s in model.servers] == ["int8"]
             got = model.generate(ids, max_new_tokens=8, eos_token_id=[])[0, 10:].tolist()
     assert got == want
+
+
+def test_the_wire_and_the_kernels_know_the_same_quantization_modes():
+    from petald.kernels import quant
+    from petald.protocol import limits
+
+    assert limits.QUANT_MODES == quant.QUANT_MODES

@@ -17,12 +17,11 @@ import msgpack
 
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import decode_body
-from petald.protocol.limits import MAX_ARRAY_LEN, MAX_STRING, WIRE_VERSION
+from petald.protocol.limits import MAX_ARRAY_LEN, MAX_STRING, QUANT_MODES, WIRE_VERSION
 from petald.protocol.messages import _bad, _int, _str, expect_type
 
 SERVER_STATES = ("joining", "online", "offline")
 MAX_ANNOUNCEMENT_BYTES = 16 * 1024  # a record is a few hundred bytes; a DHT value this size is refused
-QUANT_MODES = ("none", "int8", "int4", "nf4")
 
 
 def _float(msg: dict[str, Any], name: str, lo: float = 0.0, hi: float = 1e12) -> float:

@@ -16,3 +16,6 @@ MAX_MAP_LEN = 32  # msgpack maps (messages and tensors have a handful of fields)
 MAX_FIRST_FRAME_BYTES = 64 * 1024  # info requests and session opens are small
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 CODECS = ("raw", "lz4")
+# Weight quantization a server may announce (kernels/quant.py implements them; the rooms
+# cannot share the tuple, so a test keeps the two equal).
+QUANT_MODES = ("none", "int8", "int4", "nf4")

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from petald.protocol.errors import ErrorCode, ProtocolError
-from petald.protocol.limits import CODECS, MAX_BATCH, MAX_STRING, WIRE_DTYPES, WIRE_VERSION
+from petald.protocol.limits import (
+    CODECS,
+    MAX_BATCH,
+    MAX_STRING,
+    QUANT_MODES,
+    WIRE_DTYPES,
+    WIRE_VERSION,
+)
 from petald.protocol.tensors import decode_tensor, encode_tensor
 
 
@@ -75,7 +82,7 @@ class ServerInfo:
             dtype=_str(msg, "dtype"), hidden_size=_int(msg, "hidden_size", 1),
             max_length=_int(msg, "max_length", 1), free_cache_tokens=_int(msg, "free_cache_tokens", 0, 2**62),
             version=_str(msg, "version"), wire_version=_int(msg, "wire_version"),
-            quant=_str(msg, "quant") if "quant" in msg else "none",
+            quant=_str(msg, "quant", QUANT_MODES) if "quant" in msg else "none",
         )
         if not info.start < info.end <= info.num_blocks:
             raise _bad(f"span {info.start}:{info.end} is not within {info.num_blocks} blocks")
