@@ -274,7 +274,7 @@ def test_same_weights_under_another_name_are_served(tiny_server, good_model, raw
 def impatient_server(tiny_models):
     path = str(tiny_models["llama"])
     with LocalSwarm(["0:6"], model=path, extra_args=["--threads", "1", "--cache-tokens", str(CACHE_TOKENS),
-                                                    "--max-length", "500", "--session-timeout", "1.5"]) as swarm:
+                                                    "--max-length", "500", "--idle-timeout", "1.5"]) as swarm:
         yield path, swarm
 
 
@@ -298,17 +298,18 @@ def test_a_frozen_server_is_a_bounded_wait_not_a_hang(tiny_server, raw_node):
     import signal
     import time
 
-    from petald.protocol.errors import RemoteError
+    from petald.p2pnode.route import NoRouteError
 
     path, swarm = tiny_server
     process = swarm.servers[0].process
-    with DistributedModel(swarm.addresses, path, step_timeout=3.0) as model:
+    # The only server of its blocks: the client gives up after the recovery timeout, naming them.
+    with DistributedModel(swarm.addresses, path, step_timeout=3.0, recovery_timeout=2.0) as model:
         with model.inference_session(1, 40) as session:
             model.node.call(session.step, model.head.embed(IDS))
             process.send_signal(signal.SIGSTOP)
             try:
                 started = time.monotonic()
-                with pytest.raises((ServerUnavailable, RemoteError), match="within 3 s"):
+                with pytest.raises(NoRouteError, match=r"blocks 0:6 .* within 3 s"):
                     model.node.call(session.step, torch.zeros(1, 1, 64))
                 assert time.monotonic() - started < 20
             finally:

@@ -161,7 +161,7 @@ def test_route_respects_free_cache_and_cuts():
     assert [h.server.peer_id for h in route.hops] == ["r1", "r2"]
     cut = SpanRoute.plan([full], 0, 30, frozenset({9, 19}))
     assert [(h.start, h.end) for h in cut.hops] == [(0, 10), (10, 20), (20, 30)]
-    with pytest.raises(NoRouteError, match="block 15"):
+    with pytest.raises(NoRouteError, match="blocks 15:30"):
         SpanRoute.plan([server("half", 0, 15)], 0, 30)
 
 

@@ -85,14 +85,20 @@ def cli() -> None:
               help="KV cache budget in tokens, summed over blocks and batch rows (a pool of pages allocated at start).")
 @click.option("--page-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Tokens per KV cache page; a session reserves whole pages up to its max_length.")
-@click.option("--session-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0.1),
+@click.option("--idle-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a session may stay idle between steps before it is closed and its cache freed.")
+@click.option("--step-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.001),
+              help="Seconds one step may compute; a slower step ends its session (its client goes elsewhere).")
+@click.option("--session-timeout", default=86400.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a session may last in all.")
+@click.option("--shutdown-grace", default=30.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="On SIGTERM, seconds running sessions may go on before they are ended (new ones are refused).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
-          network_mbps, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, session_timeout,
-          threads, verbose, debug) -> None:
+          network_mbps, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
+          step_timeout, session_timeout, shutdown_grace, threads, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients."""
     _setup_logging(verbose)
 
@@ -107,12 +113,13 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
         options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
                                dtype=dtype, quant=quant,
                                limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
-                                                   idle_timeout=session_timeout,
-                                                   open_timeout=min(30.0, session_timeout)),
+                                                   idle_timeout=idle_timeout, step_timeout=step_timeout,
+                                                   session_timeout=session_timeout,
+                                                   open_timeout=min(30.0, idle_timeout)),
                                initial_peers=_addresses(initial_peers), new_swarm=new_swarm,
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,
                                announce_period=announce_period, rebalance_period=rebalance_period,
-                               network_mbps=network_mbps)
+                               network_mbps=network_mbps, shutdown_grace=shutdown_grace)
         serve(options, announce=lambda text: click.echo(f"petald: {text}"))
 
     _run_cli(run, debug)
@@ -196,10 +203,14 @@ def _split_prompt_and_peers(args: Sequence[str], peers: Sequence[str], initial_p
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
 @click.option("--wire-dtype", default="float32", type=click.Choice(["float32", "float16", "bfloat16"]), show_default=True)
 @click.option("--lz4", is_flag=True, help="Compress hidden states on the wire.")
+@click.option("--step-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds to wait for a server's answer; a slower server is replaced (the output stays the same).")
+@click.option("--recovery-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Seconds to wait for a server to take over blocks nobody serves before giving up.")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def generate(args, initial_peers, peers, model, max_new_tokens, temperature, top_p, seed, chat, wire_dtype, lz4,
-             verbose, debug) -> None:
+             step_timeout, recovery_timeout, verbose, debug) -> None:
     """Generate text from PROMPT through the swarm: petald generate "PROMPT" --initial-peers ADDR"""
     _setup_logging(verbose)
     prompt, direct_peers, swarm_peers = _split_prompt_and_peers(args, peers, initial_peers)
@@ -208,7 +219,8 @@ def generate(args, initial_peers, peers, model, max_new_tokens, temperature, top
         from petald.p2pnode.distributed_model import DistributedModel
 
         with DistributedModel(direct_peers, model, initial_peers=swarm_peers, wire_dtype=wire_dtype,
-                              codec="lz4" if lz4 else "raw") as dm:
+                              codec="lz4" if lz4 else "raw", step_timeout=step_timeout,
+                              recovery_timeout=recovery_timeout) as dm:
             if verbose:
                 click.echo(f"route: {dm.route().describe()}", err=True)
             generate_text(dm, prompt, max_new_tokens, temperature, top_p, seed, chat)

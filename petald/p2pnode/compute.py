@@ -14,12 +14,16 @@ from petald.kernels.paged_kv_cache import SessionCache
 
 
 async def run_step(executor: DeviceExecutor, cache: SessionCache, hidden: torch.Tensor, start: int, end: int,
-                   out_dtype: torch.dtype) -> torch.Tensor:
-    """The step's output, on the CPU in ``out_dtype``, once the executor has run it (batched with others)."""
-    return await await_completion(lambda done: executor.submit(cache, hidden, start, end, out_dtype, done))
+                   out_dtype: torch.dtype, finished: trio.Event | None = None) -> torch.Tensor:
+    """The step's output, on the CPU in ``out_dtype``, once the executor has run it (batched with others).
+
+    ``finished`` is set when the executor is done with the step, even if this wait was cancelled:
+    until then the step may still write into ``cache``, so its pages must not be freed.
+    """
+    return await await_completion(lambda done: executor.submit(cache, hidden, start, end, out_dtype, done), finished)
 
 
-async def await_completion(submit: Callable[[Completion], None]) -> Any:
+async def await_completion(submit: Callable[[Completion], None], finished: trio.Event | None = None) -> Any:
     """Call ``submit(done)`` and sleep until another thread calls ``done(result, error)``.
 
     The waiting task is parked and rescheduled directly from the completion (through the
@@ -33,6 +37,8 @@ async def await_completion(submit: Callable[[Completion], None]) -> Any:
 
     def wake(result: outcome.Outcome) -> None:
         # Runs on the trio thread; the task may have been cancelled meanwhile.
+        if finished is not None:
+            finished.set()
         if waiting:
             trio.lowlevel.reschedule(task, result)
 

@@ -24,15 +24,18 @@ from petald.kernels.sampling import sample_next
 from petald.kernels.sources import open_source
 from petald.p2pnode.host import parse_peer_address
 from petald.p2pnode.identity import load_or_create_identity
-from petald.p2pnode.inference_session import InferenceSession
+from petald.p2pnode.inference_session import InferenceSession, token_chunks
 from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
-from petald.p2pnode.route import NoRouteError, RemoteServer, SpanRoute
+from petald.p2pnode.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
+from petald.p2pnode.server_bans import ServerBans
 from petald.p2pnode.swarm_dht import block_key
 from petald.protocol.announcement import ServerAnnouncement
-from petald.protocol.limits import MAX_TENSOR_BYTES, WIRE_VERSION
+from petald.protocol.limits import WIRE_VERSION
 
 log = logging.getLogger(__name__)
+
+RETRY_PERIOD_S = 1.0  # between looks at the swarm while blocks are uncovered
 
 
 class ModelMismatchError(Exception):
@@ -45,7 +48,9 @@ class DistributedModel:
 
     def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
                  initial_peers: Sequence[str] = (), wire_dtype: str = "float32", codec: str = "raw",
-                 step_timeout: float = 120.0, connect_timeout: float = 15.0):
+                 step_timeout: float = 30.0, connect_timeout: float = 15.0, recovery_timeout: float = 60.0):
+        """``step_timeout`` bounds each server's answer (a hung server is replaced after it);
+        ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves."""
         if not peers and not initial_peers:
             raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
         self.source = open_source(model) if model is None or isinstance(model, str) else model
@@ -54,6 +59,8 @@ class DistributedModel:
         self.head = ClientHead(self.source)
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
         self.initial_peers, self.connect_timeout = list(initial_peers), connect_timeout
+        self.peers, self.recovery_timeout = list(peers), recovery_timeout
+        self.bans = ServerBans()  # shared by every session of this client
         self._tokenizer: Any = None
         self.node = NodeThread(load_or_create_identity(None), with_dht=bool(initial_peers))
         try:
@@ -90,8 +97,10 @@ class DistributedModel:
         assert dht is not None
         timeout = self.connect_timeout
         keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
+        # Banned servers are not even asked: a hung one would hold up the whole look for its timeout.
         records = [r for r in await dht.announcements(keys)
-                   if r.state == "online" and r.fingerprint == self.identity.fingerprint and r.addresses]
+                   if r.state == "online" and r.fingerprint == self.identity.fingerprint and r.addresses
+                   and not self.bans.is_banned(r.peer_id)]
         found: list[RemoteServer] = []
 
         async def measure(record: ServerAnnouncement) -> None:
@@ -157,39 +166,70 @@ class DistributedModel:
 
     def route(self, start: int = 0, end: int | None = None, split_after: Sequence[int] = (),
               cache_tokens_per_block: int = 0) -> SpanRoute:
+        """The quickest chain of servers over blocks [start, end); waits up to ``recovery_timeout``
+        for blocks nobody serves, then raises NoRouteError naming them."""
         end = self.identity.num_blocks if end is None else end
+
+        async def within_timeout() -> SpanRoute:
+            deadline = trio.current_time() + self.recovery_timeout
+            return await self._find_route(start, end, deadline, cache_tokens_per_block, frozenset(split_after))
+
+        return self.node.call(within_timeout)
+
+    async def _find_route(self, start: int, end: int, deadline: float, cache_tokens_per_block: int = 0,
+                          split_after: frozenset[int] = frozenset()) -> SpanRoute:
+        """A route over servers that are not banned; while there is none, look at the swarm again
+        (servers join, leave and move) every second until ``deadline``."""
+        looked = False
+        while True:
+            usable = [s for s in self.servers if not self.bans.is_banned(s.peer_id)]
+            try:
+                return SpanRoute.plan(usable, start, end, split_after, cache_tokens_per_block)
+            except NoRouteError as exc:
+                missing = exc
+            if trio.current_time() >= deadline:
+                waited = f"waited {self.recovery_timeout:.0f} s for a server" if looked else "no time left to wait"
+                raise NoRouteError(f"blocks {format_block_ranges(missing.uncovered)} of {self.identity.model_id} "
+                                   f"have no reachable server ({waited}); start a server for them "
+                                   "or raise the recovery timeout", missing.uncovered) from None
+            if looked:
+                await trio.sleep(max(0.0, min(RETRY_PERIOD_S, deadline - trio.current_time())))
+            with trio.move_on_after(max(0.1, deadline - trio.current_time())):
+                self.servers = await self._refresh_servers()
+            looked = True
+
+    async def _refresh_servers(self) -> list[RemoteServer]:
+        """Who serves this model now: from the DHT, or the peers given, whichever this client uses."""
+        if self.initial_peers:
+            return await self._find_servers()
+        peers = [p for p in self.peers if not self.bans.is_banned(parse_peer_address(p).peer_id.to_base58())]
         try:
-            return SpanRoute.plan(self.servers, start, end, frozenset(split_after), cache_tokens_per_block)
-        except NoRouteError:
-            if not self.initial_peers:
-                raise
-        # The swarm moved since we looked (a server left or rebalanced): look again.
-        self.servers = self.node.call(self._discover, self.initial_peers, self.connect_timeout)
-        return SpanRoute.plan(self.servers, start, end, frozenset(split_after), cache_tokens_per_block)
+            return await self._connect_all(peers, self.connect_timeout)
+        except ServerUnavailable:
+            return []  # none answers yet; the caller looks again until its deadline
 
     @contextlib.contextmanager
     def inference_session(self, batch: int = 1, max_length: int = 2048, route: SpanRoute | None = None
                           ) -> Iterator[InferenceSession]:
-        route = route or self.route(cache_tokens_per_block=batch * max_length)
+        """A session whose servers are replaced (with a replay of its history) when they fail."""
+        cache_tokens = batch * max_length
+        route = route or self.route(cache_tokens_per_block=cache_tokens)
+
+        async def find_route(start: int, end: int, deadline: float) -> SpanRoute:
+            return await self._find_route(start, end, deadline, cache_tokens)
+
         session = InferenceSession(self.node.host, route, self.identity, batch, max_length,
-                                   self.wire_dtype, self.codec, self.step_timeout)
+                                   self.wire_dtype, self.codec, self.step_timeout,
+                                   find_route, self.bans, self.recovery_timeout)
         self.node.call(session.open)
         try:
             yield session
         finally:
             self.node.call(session.close)
 
-    @staticmethod
-    def _chunks(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Split along tokens so that no tensor on the wire exceeds the limit (float32 worst case)."""
-        if hidden.shape[1] == 0:
-            raise ValueError("nothing to run: the input has no tokens")
-        per_token = hidden.shape[0] * hidden.shape[2] * 4
-        return hidden.split(max(1, MAX_TENSOR_BYTES // 2 // per_token), dim=1)
-
     def _step(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
         """Send ``hidden`` through the session in chunks; returns the last hop's output."""
-        outs = [self.node.call(session.step, part) for part in self._chunks(hidden)]
+        outs = [self.node.call(session.step, part) for part in token_chunks(hidden)]
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     # --- the API -------------------------------------------------------------------------------
@@ -258,10 +298,9 @@ class DistributedModel:
         route = self.route(0, wanted[-1] + 1, split_after=wanted)
         states: dict[int, torch.Tensor] = {}
         with self.inference_session(input_ids.shape[0], input_ids.shape[1], route) as session:
-            parts = self._chunks(self.head.embed(input_ids))
-            for index, span in enumerate(session.spans):
-                parts = tuple(self.node.call(span.step, part) for part in parts)
-                states[route.hops[index].end - 1] = torch.cat(parts, dim=1)
+            parts = [self.node.call(session.step_states, part) for part in token_chunks(self.head.embed(input_ids))]
+        for hop in route.hops:
+            states[hop.end - 1] = torch.cat([part[hop.end] for part in parts], dim=1)
         return {b: states[b] for b in wanted}
 
     def run_blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:

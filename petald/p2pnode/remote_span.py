@@ -106,7 +106,10 @@ class RemoteSpanSession:
         try:
             await framed.send(OpenSession(identity.model_id, identity.fingerprint, hop.start, hop.end,
                                           batch, max_length, wire_dtype, codec).to_wire())
-            SessionOpened.from_wire(await _receive_reply(framed, peer, step_timeout, "opening a session"))
+            opened = SessionOpened.from_wire(await _receive_reply(framed, peer, step_timeout, "opening a session"))
+            if (opened.start, opened.end) != (hop.start, hop.end):
+                raise ServerUnavailable(f"server ..{peer[-8:]} opened blocks {opened.start}:{opened.end}; "
+                                        f"asked for {hop.start}:{hop.end}")
         except BaseException:
             with trio.CancelScope(shield=True):  # free the server's side even when we are cancelled
                 await framed.reset()
@@ -124,6 +127,8 @@ class RemoteSpanSession:
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with shape "
                                     f"{list(out.hidden.shape)}; expected step {self._step_ids}, {list(hidden.shape)}")
+        if not torch.isfinite(out.hidden).all():
+            raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with NaN or infinite values")
         self.position += hidden.shape[1]
         return out.hidden
 

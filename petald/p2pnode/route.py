@@ -16,7 +16,33 @@ HOP_OVERHEAD_S = 1e-3  # serialisation and scheduling of one more hop
 
 
 class NoRouteError(Exception):
-    """No chain of known servers covers the blocks asked for."""
+    """No chain of known servers covers the blocks asked for; ``uncovered`` names the gaps."""
+
+    def __init__(self, message: str, uncovered: list[tuple[int, int]]):
+        super().__init__(message)
+        self.uncovered = uncovered
+
+
+def format_block_ranges(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{a}:{b}" for a, b in ranges)
+
+
+def uncovered_blocks(servers: list[RemoteServer], start: int, end: int,
+                     cache_tokens_per_block: int = 0) -> list[tuple[int, int]]:
+    """The runs [a, b) of blocks in [start, end) that no server holds with room for the session."""
+    def held(block: int) -> bool:
+        return any(s.info.start <= block < s.info.end and s.info.free_cache_tokens >= cache_tokens_per_block
+                   for s in servers)
+
+    runs: list[tuple[int, int]] = []
+    for block in range(start, end):
+        if held(block):
+            continue
+        if runs and runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], block + 1)
+        else:
+            runs.append((block, block + 1))
+    return runs
 
 
 @dataclass(frozen=True)
@@ -74,9 +100,11 @@ class SpanRoute:
                         came_from[stop] = SpanHop(server, position, stop)
                         heapq.heappush(queue, (total, stop))
         if end not in came_from and start != end:
-            reachable = max(best)
-            raise NoRouteError(f"no known server holds block {reachable} with room for this session "
-                               f"(blocks {reachable}:{end} are uncovered)")
+            # With no forced cut a chain exists whenever every block is held, so a gap is named;
+            # with cuts, a server may hold the blocks only across a cut.
+            gaps = uncovered_blocks(servers, start, end, cache_tokens_per_block) or [(max(best), end)]
+            raise NoRouteError(f"no known server holds blocks {format_block_ranges(gaps)} "
+                               "with room for this session", gaps)
         hops, position = [], end
         while position != start:
             hop = came_from[position]

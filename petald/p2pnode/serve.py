@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 MEMORY_SHARE = 0.5  # of the free memory, when --blocks auto is given no budget
 MOVE_COOLDOWN_PERIODS = 3  # rebalance periods a server stays put after it moved
 FIRST_CHECK_S = (2.0, 8.0)  # range of the random delay before a server's first rebalance check
+STEPS_FINISH_S = 30.0  # after the grace period, the longest wait for running steps to finish
 
 
 @dataclass
@@ -62,6 +63,7 @@ class ServeOptions:
     rebalance_period: float = 60.0
     network_mbps: float = 0.0
     throughput_seconds: float = 1.0
+    shutdown_grace: float = 30.0  # seconds running sessions may go on after SIGTERM
 
 
 def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
@@ -149,7 +151,7 @@ class ServerNode:
         return f"{dtype_name(self.dtype)}, quant {self.options.quant}, {self.device}"
 
     def shut_down_executors(self) -> None:
-        for server in [*self.retired, *([self.server] if self.server else [])]:
+        for server in self._all_servers():
             server.executor.shutdown()
 
     async def run(self, key_pair: KeyPair, length: int, fixed: tuple[int, int] | None) -> None:
@@ -178,12 +180,51 @@ class ServerNode:
                             nursery.start_soon(self._rebalance, dht, host, presence)
                             nursery.start_soon(self._free_retired_spans)
                         async for signum in signals:
-                            self.announce(f"received {signal.Signals(signum).name}, announcing offline and "
-                                          "shutting down")
+                            self.announce(f"received {signal.Signals(signum).name}: announcing offline, "
+                                          "refusing new sessions")
                             break
-                        nursery.cancel_scope.cancel()
-                    with trio.move_on_after(5.0):
-                        await presence.publish("offline")
+                        nursery.cancel_scope.cancel()  # no more announcements of "online", no more moves
+                    await self._drain(presence, signals)
+
+    async def _drain(self, presence: ServerPresence, signals: AsyncIterator[int]) -> None:
+        """Leave politely: refuse new sessions, say offline, let running sessions go on for the
+        grace period, then end them (their clients replay elsewhere) once their steps are done.
+        A second signal skips the wait."""
+        servers = self._all_servers()
+        for server in servers:
+            server.draining = True
+        with trio.move_on_after(5.0):
+            await presence.publish("offline")
+        grace = self.options.shutdown_grace
+
+        def live() -> int:
+            return sum(server.live_sessions for server in servers)
+
+        async with trio.open_nursery() as nursery:
+            async def second_signal() -> None:
+                async for signum in signals:
+                    self.announce(f"received {signal.Signals(signum).name} again: stopping now")
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(second_signal)
+            if live():
+                self.announce(f"{live()} sessions running: they may go on for up to {grace:.0f} s "
+                              "(signal again to stop now)")
+            with trio.move_on_after(grace):
+                while live():
+                    await trio.sleep(0.1)
+            if live():
+                self.announce(f"grace period over: ending {live()} sessions once their running steps finish; "
+                              "their clients continue on other servers")
+            for server in servers:
+                server.close_sessions()
+            with trio.move_on_after(STEPS_FINISH_S):
+                while live():
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    def _all_servers(self) -> list[BlockServer]:
+        return [*self.retired, *([self.server] if self.server else [])]
 
     async def _join(self, dht: SwarmDHT) -> None:
         if self.options.initial_peers:

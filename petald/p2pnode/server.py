@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import trio
@@ -53,6 +53,20 @@ class ServerLimits:
     page_size: int = DEFAULT_PAGE_SIZE  # tokens per KV page
     open_timeout: float = 30.0  # for the first frame of a session
     idle_timeout: float = 300.0  # between steps; an idle session is closed and freed
+    step_timeout: float = 60.0  # one step's compute; a slower step ends its session (the client goes elsewhere)
+    session_timeout: float = 24 * 3600.0  # a session's whole life
+
+
+# How long a session that ended mid-step waits for the executor to finish that step before its
+# pages are freed: until then the step may still write into them.
+UNFINISHED_STEP_WAIT_S = 120.0
+
+
+@dataclass
+class _LiveSession:
+    scope: trio.CancelScope  # cancelled by the session timeout, or by a shutdown while idle
+    in_step: bool = False
+    unfinished: list[trio.Event] = field(default_factory=list)  # steps the executor may still be running
 
 
 class BlockServer:
@@ -65,6 +79,22 @@ class BlockServer:
         self.limits.max_length = min(self.limits.max_length, span.max_positions)
         self.pool = span.new_pool(self.limits.cache_tokens, self.limits.page_size)
         self._session_ids = itertools.count(1)
+        self._live: dict[int, _LiveSession] = {}
+        self.draining = False  # refuse new sessions (the server is leaving)
+        self.closing = False  # end running sessions at their next step boundary
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self._live)
+
+    def close_sessions(self) -> None:
+        """End every session: idle ones now, those in a step once the step's output is sent.
+
+        Each gets a ``shutting_down`` error, on which its client replays its history elsewhere."""
+        self.draining = self.closing = True
+        for live in self._live.values():
+            if not live.in_step:
+                live.scope.cancel()
 
     def register(self, host: IHost) -> None:
         host.set_stream_handler(TProtocol(INFO_PROTOCOL), self._handle_info)
@@ -102,6 +132,7 @@ class BlockServer:
         session_id = next(self._session_ids)
         peer = stream.muxed_conn.peer_id.to_string()[-8:]
         cache: SessionCache | None = None
+        live: _LiveSession | None = None
         try:
             with trio.move_on_after(self.limits.open_timeout) as scope:
                 msg = await framed.receive()
@@ -113,11 +144,18 @@ class BlockServer:
             self._check_open(request)
             # Reserves pages up to max_length (or raises CacheFullError holding nothing); pages are taken as it grows.
             cache = self.pool.open(request.batch, request.max_length)
+            live = self._live[session_id] = _LiveSession(
+                trio.CancelScope(deadline=trio.current_time() + self.limits.session_timeout))
             framed.allow_frames_up_to(MAX_FRAME_BYTES)
             await framed.send(SessionOpened(request.start, request.end, request.max_length).to_wire())
             log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",
                      session_id, peer, request.start, request.end, request.batch, request.max_length)
-            await self._serve_steps(framed, request, cache)
+            with live.scope:
+                await self._serve_steps(framed, request, cache, live)
+            if live.scope.cancelled_caught:
+                raise (self._shutting_down() if self.closing else ProtocolError(
+                    ErrorCode.TIMEOUT, f"session open for longer than {self.limits.session_timeout:.0f} s; "
+                                       "closed and freed"))
         except ProtocolError as err:
             log.info("session %d from ..%s refused: %s", session_id, peer, err)
             await _send_error(framed, err.code, err.message)
@@ -131,12 +169,31 @@ class BlockServer:
             await _send_error(framed, ErrorCode.INTERNAL, f"internal server error in session {session_id}; "
                                                           "the server logged the details")
         finally:
+            self._live.pop(session_id, None)
             if cache is not None:
-                self.pool.close(cache)
+                await self._free_after_steps(cache, live, session_id)
             await framed.close()
             log.info("session %d closed", session_id)
 
+    async def _free_after_steps(self, cache: SessionCache, live: _LiveSession | None, session_id: int) -> None:
+        """Return the session's pages once no step of it can still write into them."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(UNFINISHED_STEP_WAIT_S):
+                for finished in live.unfinished if live is not None else []:
+                    await finished.wait()
+        if live is not None and not all(finished.is_set() for finished in live.unfinished):
+            # Freeing now could hand pages being written to another session: keep them instead.
+            log.error("session %d: a step did not finish within %.0f s; its %d KV pages stay reserved",
+                      session_id, UNFINISHED_STEP_WAIT_S, cache.reserved_pages)
+            return
+        self.pool.close(cache)
+
+    def _shutting_down(self) -> ProtocolError:
+        return ProtocolError(ErrorCode.SHUTTING_DOWN, "this server is shutting down; continue on another server")
+
     def _check_open(self, request: OpenSession) -> None:
+        if self.draining:
+            raise self._shutting_down()
         ident = self.identity
         # The fingerprint pins the weights; the name part of a model id may differ between copies.
         if request.fingerprint != ident.fingerprint:
@@ -152,9 +209,13 @@ class BlockServer:
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                 f"max_length {request.max_length} exceeds this server's {self.limits.max_length}")
 
-    async def _serve_steps(self, framed: FramedStream, request: OpenSession, cache: SessionCache) -> None:
+    async def _serve_steps(self, framed: FramedStream, request: OpenSession, cache: SessionCache,
+                           live: _LiveSession) -> None:
         wire_dtype = DTYPES[request.wire_dtype]
+        step_timeout = self.limits.step_timeout
         while True:
+            if self.closing:
+                raise self._shutting_down()
             with trio.move_on_after(self.limits.idle_timeout) as scope:
                 msg = await framed.receive()
             if scope.cancelled_caught:
@@ -166,8 +227,16 @@ class BlockServer:
             hidden = self._check_step(step, request, cache)
             # Batched with other sessions' steps on the executor, which also copies the output to host
             # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
-            out = await run_step(self.executor, cache, hidden, request.start, request.end, wire_dtype)
+            finished = trio.Event()
+            live.unfinished = [finished]  # the previous step had finished before this one was accepted
+            live.in_step = True
+            with trio.move_on_after(step_timeout) as step_scope:
+                out = await run_step(self.executor, cache, hidden, request.start, request.end, wire_dtype, finished)
+            if step_scope.cancelled_caught:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"the step took longer than {step_timeout:.0f} s; "
+                                                       "session closed")
             await framed.send(StepOutput(step.step_id, out, request.wire_dtype, request.codec).to_wire())
+            live.in_step = False
 
     def _check_step(self, step: Step, request: OpenSession, cache: SessionCache) -> torch.Tensor:
         h = step.hidden

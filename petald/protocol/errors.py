@@ -15,7 +15,8 @@ class ErrorCode(StrEnum):
     SPAN_NOT_SERVED = "span_not_served"  # blocks this server does not hold
     CACHE_FULL = "cache_full"
     BAD_STATE = "bad_state"  # e.g. a step at a position the session is not at
-    TIMEOUT = "timeout"  # the peer was silent for longer than the server waits
+    TIMEOUT = "timeout"  # the peer was silent, or a step or session ran, longer than the server allows
+    SHUTTING_DOWN = "shutting_down"  # the server is leaving: go elsewhere
     INTERNAL = "internal"
 
 

@@ -1,0 +1,179 @@
+"""Fault tolerance with real server processes: SIGKILL, SIGSTOP, SIGTERM, replacements and none.
+
+One swarm of tiny Llama servers lives through the whole module; each test kills what it
+needs and adds what it needs. The client finds servers through the DHT only (it joins via
+a server that never dies). Every generation is compared with transformers' greedy tokens.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from petald.cli.local_swarm import LocalSwarm, ServerProcess
+from petald.p2pnode.distributed_model import DistributedModel
+from petald.p2pnode.remote_span import RemoteSpanSession
+from petald.p2pnode.route import NoRouteError, RemoteServer, SpanHop
+from petald.protocol.errors import RemoteError
+from tests.oracle import reference_greedy
+
+pytestmark = pytest.mark.slow
+
+IDS = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(11))
+NEW_TOKENS = 24
+SERVER_ARGS = ["--threads", "1", "--announce-period", "2", "--shutdown-grace", "1"]
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_models):
+    # "0:3" is the bootstrap every node joins through; it stays up all along.
+    with LocalSwarm(["0:3", "0:6", "3:6"], model=str(tiny_models["llama"]), extra_args=SERVER_ARGS) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_models) -> list[int]:
+    return reference_greedy(str(tiny_models["llama"]), IDS, NEW_TOKENS)
+
+
+def _model(swarm: LocalSwarm, path: str, **timeouts: float) -> DistributedModel:
+    return DistributedModel(model=path, initial_peers=[swarm.servers[0].address], **timeouts)
+
+
+def _generate(model: DistributedModel, after: int, fault) -> list[int]:
+    """Greedy tokens; ``fault()`` runs once, after the ``after``-th new token."""
+    seen = []
+
+    def streamer(token: torch.Tensor) -> None:
+        seen.append(int(token[0]))
+        if len(seen) == after:
+            fault()
+
+    out = model.generate(IDS, max_new_tokens=NEW_TOKENS, eos_token_id=[], streamer=streamer)
+    return out[0, IDS.shape[1]:].tolist()
+
+
+def _server_of(swarm: LocalSwarm, model: DistributedModel, block: int) -> ServerProcess:
+    hop = next(h for h in model.route().hops if h.start <= block < h.end)
+    return next(s for s in swarm.servers if s.address.endswith(hop.server.peer_id))
+
+
+def _peer(server: ServerProcess) -> str:
+    return server.address.rsplit("/", 1)[1]
+
+
+def _alive(swarm: LocalSwarm, blocks: str) -> list[ServerProcess]:
+    return [s for s in swarm.servers if s.blocks == blocks and s.process.poll() is None]
+
+
+def _wait_routable(model: DistributedModel, peer_suffix: str, timeout: float = 30.0) -> None:
+    """Until the client's view of the swarm holds the server (its DHT record is out)."""
+    deadline = time.monotonic() + timeout
+    while not any(s.peer_id.endswith(peer_suffix) for s in model.servers):
+        assert time.monotonic() < deadline, "the new server never showed up in the DHT"
+        model.servers = model.node.call(model._find_servers)
+        time.sleep(0.5)
+
+
+def test_sigkill_mid_generation_changes_no_token(swarm, tiny_models, expected):
+    with _model(swarm, str(tiny_models["llama"])) as model:
+        assert _generate(model, NEW_TOKENS, lambda: None) == expected  # uninterrupted, through the DHT
+        victim = _server_of(swarm, model, 0)
+        assert victim.blocks == "0:6"  # one hop is the quickest route
+        tokens = _generate(model, 5, lambda: victim.process.send_signal(signal.SIGKILL))
+        assert tokens == expected
+        assert model.bans.is_banned(_peer(victim))
+    victim.process.wait(10)
+
+
+def test_a_hung_server_is_detected_by_timeout_and_replaced(swarm, tiny_models, expected):
+    path = str(tiny_models["llama"])
+    spare = swarm.add("3:6")
+    with _model(swarm, path, step_timeout=3.0) as model:
+        _wait_routable(model, _peer(spare))
+        victim = _server_of(swarm, model, 3)
+        try:
+            started = time.monotonic()
+            tokens = _generate(model, 4, lambda: victim.process.send_signal(signal.SIGSTOP))
+            assert tokens == expected
+            assert model.bans.is_banned(_peer(victim))
+            assert time.monotonic() - started < 60  # a bound on hanging, not a speed target
+        finally:
+            victim.process.send_signal(signal.SIGKILL)
+            victim.process.send_signal(signal.SIGCONT)
+            victim.process.wait(10)
+
+
+def test_the_only_server_of_a_span_dies_and_a_replacement_takes_over(swarm, tiny_models, expected):
+    path = str(tiny_models["llama"])
+    (only,) = _alive(swarm, "3:6")
+    started: list[ServerProcess] = []
+
+    def kill_and_replace() -> None:
+        only.process.send_signal(signal.SIGKILL)
+        # The replacement starts while the client is already waiting for one.
+        threading.Thread(target=lambda: started.append(swarm.add("3:6")), daemon=True).start()
+
+    with _model(swarm, path, recovery_timeout=120.0) as model:
+        assert _generate(model, 6, kill_and_replace) == expected
+        assert model.bans.is_banned(_peer(only))
+    assert started and started[0].process.poll() is None
+
+
+def test_sigterm_drains_then_the_client_moves_on(swarm, tiny_models, expected):
+    """The leaving server refuses new sessions, lets the running one go on for the grace
+    period, then ends it; the client replays elsewhere and no token changes."""
+    path = str(tiny_models["llama"])
+    swarm.add("3:6")
+    with _model(swarm, path) as model:
+        _wait_routable(model, _peer(swarm.servers[-1]))
+        leaving = _server_of(swarm, model, 3)
+        leaving_peer = _peer(leaving)
+        tokens = IDS
+        with model.inference_session(1, IDS.shape[1] + NEW_TOKENS) as session:
+            hidden = model.node.call(session.step, model.head.embed(IDS))
+            for index in range(NEW_TOKENS):
+                nxt = model.head.logits(hidden[:, -1]).argmax(-1)
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                if index == 3:
+                    leaving.process.send_signal(signal.SIGTERM)
+                    time.sleep(0.5)
+                    server = next(s for s in model.servers if s.peer_id == leaving_peer)
+                    with pytest.raises(RemoteError, match="shutting_down"):
+                        model.node.call(_open_on, model, server)
+                if index == 5:
+                    time.sleep(1.5)  # past the 1 s grace: the next step meets the end of the session
+                if index + 1 < NEW_TOKENS:
+                    hidden = model.node.call(session.step, model.head.embed(nxt[:, None]))
+            recovered = [r for r in session.recoveries if r.peer_id == leaving_peer]
+        assert tokens[0, IDS.shape[1]:].tolist() == expected
+        assert recovered  # ended by the server (shutting_down) or gone with its process
+    assert leaving.process.wait(30) == 0
+    assert any("grace period over" in line for line in leaving.output)
+
+
+async def _open_on(model: DistributedModel, server: RemoteServer) -> None:
+    span = await RemoteSpanSession.open(model.node.host, SpanHop(server, 3, 6), model.identity, 1, 8,
+                                        "float32", "raw", 5.0)
+    await span.close()
+
+
+def test_no_server_comes_back_a_clear_error_within_the_deadline(swarm, tiny_models):
+    path = str(tiny_models["llama"])
+    with _model(swarm, path, recovery_timeout=4.0) as model:
+        victims = _alive(swarm, "3:6")
+        failed_at: list[float] = []
+
+        def kill_all() -> None:
+            for victim in victims:
+                victim.process.send_signal(signal.SIGKILL)
+            failed_at.append(time.monotonic())
+
+        with pytest.raises(NoRouteError, match="blocks 3:6 .*no reachable server") as error:
+            _generate(model, 3, kill_all)
+        assert time.monotonic() - failed_at[0] < 4.0 + 20  # the deadline plus detection: never a hang
+    assert "raise the recovery timeout" in str(error.value)
