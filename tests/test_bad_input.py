@@ -315,3 +315,50 @@ def test_a_frozen_server_is_a_bounded_wait_not_a_hang(tiny_server, raw_node):
             finally:
                 process.send_signal(signal.SIGCONT)
     assert process.poll() is None
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_models):
+    """A server whose steps may compute for 1 ms and whose sessions may live for 2 s."""
+    path = str(tiny_models["llama"])
+    with LocalSwarm(["0:6"], model=path, extra_args=["--threads", "1", "--cache-tokens", str(CACHE_TOKENS),
+                                                    "--max-length", "500", "--step-timeout", "0.001",
+                                                    "--session-timeout", "2"]) as swarm:
+        yield swarm
+
+
+def _free_tokens_settle(client: RawClient, expected: int, timeout: float = 10.0) -> int:
+    """Free cache tokens once they reach ``expected`` (pages return after the executor's last step)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (free := client.free_tokens()) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return free
+
+
+def test_a_step_over_the_step_timeout_ends_its_session_and_frees_it(strict_server, good_model, raw_node):
+    client = RawClient(raw_node, strict_server.addresses[0], good_model)
+
+    async def long_prefill(framed, stream):
+        await _open(framed, client, max_length=450)  # 400 tokens through 6 blocks take more than 1 ms
+        await framed.send(Step(1, 0, torch.randn(1, 400, 64)).to_wire())
+        return await _error_reply(framed)
+
+    reply = client.run(long_prefill)
+    assert reply["code"] == "timeout" and "step took longer than" in reply["message"]
+    assert _free_tokens_settle(client, CACHE_TOKENS) == CACHE_TOKENS
+    assert strict_server.servers[0].process.poll() is None
+
+
+def test_a_session_over_the_session_timeout_is_closed_and_freed(strict_server, good_model, raw_node):
+    client = RawClient(raw_node, strict_server.addresses[0], good_model)
+
+    async def linger(framed, stream):
+        await _open(framed, client, max_length=100)
+        with trio.fail_after(20):  # the server's 2 s, not this bound, must end it
+            return await _error_reply(framed)
+
+    reply = client.run(linger)
+    assert reply["code"] == "timeout" and "open for longer than 2 s" in reply["message"]
+    assert _free_tokens_settle(client, CACHE_TOKENS) == CACHE_TOKENS

@@ -13,12 +13,19 @@ import time
 
 import pytest
 import torch
+from libp2p.custom_types import TProtocol
 
 from petald.cli.local_swarm import LocalSwarm, ServerProcess
 from petald.p2pnode.distributed_model import DistributedModel
+from petald.p2pnode.framed_stream import FramedStream
+from petald.p2pnode.host import full_addresses, parse_peer_address
+from petald.p2pnode.identity import load_or_create_identity
+from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.remote_span import RemoteSpanSession
-from petald.p2pnode.route import NoRouteError, RemoteServer, SpanHop
+from petald.p2pnode.route import NoRouteError, RemoteServer, SpanHop, SpanRoute
 from petald.protocol.errors import RemoteError
+from petald.protocol.limits import INFERENCE_PROTOCOL
+from petald.protocol.messages import OpenSession, SessionOpened, Step, StepOutput
 from tests.oracle import reference_greedy
 
 pytestmark = pytest.mark.slow
@@ -77,6 +84,56 @@ def _wait_routable(model: DistributedModel, peer_suffix: str, timeout: float = 3
         assert time.monotonic() < deadline, "the new server never showed up in the DHT"
         model.servers = model.node.call(model._find_servers)
         time.sleep(0.5)
+
+
+class LyingServer:
+    """A libp2p peer that opens sessions like a server and then answers them wrongly."""
+
+    def __init__(self, lie: str):
+        self.lie = lie
+        self.node = NodeThread(load_or_create_identity(None))
+        self.node.call(self._register)
+        self.address = full_addresses(self.node.host)[0]
+
+    async def _register(self) -> None:
+        self.node.host.set_stream_handler(TProtocol(INFERENCE_PROTOCOL), self._answer)
+
+    async def _answer(self, stream) -> None:
+        framed = FramedStream(stream)
+        try:
+            request = OpenSession.from_wire(await framed.receive())
+            start = request.start + 1 if self.lie == "wrong_span" else request.start
+            await framed.send(SessionOpened(start, request.end, request.max_length).to_wire())
+            step = Step.from_wire(await framed.receive())
+            hidden = step.hidden[:, :, :-1] if self.lie == "wrong_shape" else torch.full_like(step.hidden, float("nan"))
+            await framed.send(StepOutput(step.step_id, hidden).to_wire())
+            await framed.receive()
+        finally:
+            await framed.close()
+
+    def as_server_of(self, real: RemoteServer) -> RemoteServer:
+        return RemoteServer(self.address.rsplit("/", 1)[1], self.address, real.info)
+
+
+@pytest.mark.parametrize("lie", ["wrong_shape", "nan", "wrong_span"])
+def test_a_server_that_lies_is_replaced(swarm, tiny_models, expected, lie):
+    liar = LyingServer(lie)
+    try:
+        with _model(swarm, str(tiny_models["llama"])) as model:
+            honest = model.route().hops[0].server
+            model.node.call(model.node.host.connect, parse_peer_address(liar.address))
+            route = SpanRoute((SpanHop(liar.as_server_of(honest), 0, 6),))
+            tokens = IDS
+            with model.inference_session(1, IDS.shape[1] + NEW_TOKENS, route) as session:
+                hidden = model.node.call(session.step, model.head.embed(IDS))
+                for _ in range(NEW_TOKENS):
+                    nxt = model.head.logits(hidden[:, -1]).argmax(-1)
+                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                    hidden = model.node.call(session.step, model.head.embed(nxt[:, None]))
+                assert [r.peer_id for r in session.recoveries] == [liar.as_server_of(honest).peer_id]
+            assert tokens[0, IDS.shape[1]:].tolist() == expected
+    finally:
+        liar.node.stop()
 
 
 def test_sigkill_mid_generation_changes_no_token(swarm, tiny_models, expected):

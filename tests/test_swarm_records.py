@@ -8,7 +8,8 @@ import pytest
 
 from petald.p2pnode.block_selection import better_start, block_coverage, choose_start
 from petald.p2pnode.identity import load_or_create_identity
-from petald.p2pnode.route import NoRouteError, RemoteServer, SpanRoute
+from petald.p2pnode.route import NoRouteError, RemoteServer, SpanRoute, uncovered_blocks
+from petald.p2pnode.server_bans import ServerBans
 from petald.p2pnode.swarm_dht import (
     AnnouncementValidator,
     InvalidAnnouncement,
@@ -163,6 +164,29 @@ def test_route_respects_free_cache_and_cuts():
     assert [(h.start, h.end) for h in cut.hops] == [(0, 10), (10, 20), (20, 30)]
     with pytest.raises(NoRouteError, match="blocks 15:30"):
         SpanRoute.plan([server("half", 0, 15)], 0, 30)
+
+
+def test_no_route_names_every_uncovered_run_of_blocks():
+    servers = [server("a", 0, 10), server("b", 12, 20), server("full", 25, 30, free=10)]
+    assert uncovered_blocks(servers, 0, 30) == [(10, 12), (20, 25)]
+    assert uncovered_blocks(servers, 0, 30, cache_tokens_per_block=100) == [(10, 12), (20, 30)]
+    with pytest.raises(NoRouteError, match="blocks 10:12, 20:30") as error:
+        SpanRoute.plan(servers, 0, 30, cache_tokens_per_block=100)
+    assert error.value.uncovered == [(10, 12), (20, 30)]
+
+
+def test_bans_grow_with_repeated_failures_and_end_on_success():
+    now = [0.0]
+    bans = ServerBans(first_ban=10, max_ban=35, clock=lambda: now[0])
+    assert [bans.ban("p") for _ in range(4)] == [10, 20, 35, 35]
+    assert bans.is_banned("p") and not bans.is_banned("q")
+    now[0] = 34.9
+    assert bans.is_banned("p")
+    now[0] = 35.1
+    assert not bans.is_banned("p")
+    assert bans.ban("p") == 35  # its failures are remembered after the ban ends ...
+    bans.forgive("p")  # ... until it answers correctly
+    assert not bans.is_banned("p") and bans.ban("p") == 10
 
 
 def test_a_py_libp2p_without_the_dht_internals_we_use_is_refused_at_start(monkeypatch):
