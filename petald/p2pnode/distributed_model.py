@@ -24,7 +24,7 @@ from petald.kernels.sampling import sample_next
 from petald.kernels.sources import open_source
 from petald.p2pnode.host import parse_peer_address
 from petald.p2pnode.identity import load_or_create_identity
-from petald.p2pnode.inference_session import InferenceSession, token_chunks
+from petald.p2pnode.inference_session import InferenceSession, Recovery, token_chunks
 from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
 from petald.p2pnode.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
@@ -61,6 +61,7 @@ class DistributedModel:
         self.initial_peers, self.connect_timeout = list(initial_peers), connect_timeout
         self.peers, self.recovery_timeout = list(peers), recovery_timeout
         self.bans = ServerBans()  # shared by every session of this client
+        self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
         self._tokenizer: Any = None
         self.node = NodeThread(load_or_create_identity(None), with_dht=bool(initial_peers))
         try:
@@ -180,6 +181,9 @@ class DistributedModel:
                           split_after: frozenset[int] = frozenset()) -> SpanRoute:
         """A route over servers that are not banned; while there is none, look at the swarm again
         (servers join, leave and move) every second until ``deadline``."""
+        # What the client knew before it last looked may be dead: a server that failed comes back
+        # only once a fresh look at the swarm finds it alive.
+        self.servers = [s for s in self.servers if not self.bans.has_failed(s.peer_id)]
         looked = False
         while True:
             usable = [s for s in self.servers if not self.bans.is_banned(s.peer_id)]
@@ -221,11 +225,12 @@ class DistributedModel:
         session = InferenceSession(self.node.host, route, self.identity, batch, max_length,
                                    self.wire_dtype, self.codec, self.step_timeout,
                                    find_route, self.bans, self.recovery_timeout)
-        self.node.call(session.open)
         try:
+            self.node.call(session.open)
             yield session
         finally:
             self.node.call(session.close)
+            self.recoveries.extend(session.recoveries)
 
     def _step(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
         """Send ``hidden`` through the session in chunks; returns the last hop's output."""

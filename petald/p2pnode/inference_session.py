@@ -54,6 +54,7 @@ class Recovery:
     end: int
     reason: str
     seconds: float  # from noticing the failure to the replacement holding the history
+    routing_seconds: float  # of which finding a replacement (waiting for one, when none is known)
     replayed_tokens: int
 
 
@@ -151,6 +152,7 @@ class InferenceSession:
         failed = self.links[index]
         start, end, inputs = failed.hop.start, failed.hop.end, failed.inputs
         culprit, abandoned = failed, [failed]
+        routing = 0.0
         while True:
             peer = culprit.hop.server.peer_id
             ban = self.bans.ban(peer)
@@ -161,10 +163,12 @@ class InferenceSession:
             if trio.current_time() > deadline:
                 raise NoRouteError(f"blocks {start}:{end}: every server tried failed within "
                                    f"{self.recovery_timeout:.0f} s; the last: {failure}", [(start, end)])
+            began = trio.current_time()
             try:
                 route = await self.find_route(start, end, deadline)
             except NoRouteError as exc:
                 raise NoRouteError(f"{exc} (the last server failed with: {failure})", exc.uncovered) from None
+            routing += trio.current_time() - began
             fresh = [_Link(hop) for hop in route.hops]
             fresh[0].inputs = inputs
             try:
@@ -176,7 +180,7 @@ class InferenceSession:
             self.links[index:index + 1] = fresh
             replayed = sum(x.shape[1] for x in inputs)
             self.recoveries.append(Recovery(failed.hop.server.peer_id, start, end, str(failure),
-                                            trio.current_time() - noticed, replayed))
+                                            trio.current_time() - noticed, routing, replayed))
             log.warning("blocks %d:%d recovered on %s after replaying %d tokens",
                         start, end, route.describe(), replayed)
             return

@@ -39,6 +39,10 @@ class ServerBans:
         record = self._records.get(peer_id)
         return record is not None and record.until > self.clock()
 
+    def has_failed(self, peer_id: str) -> bool:
+        """It failed, and has not answered correctly since (it may be dead even after its ban)."""
+        return peer_id in self._records
+
     def forgive(self, peer_id: str) -> None:
         """The server answered correctly: its next failure starts from the first ban again."""
         self._records.pop(peer_id, None)
