@@ -1,6 +1,6 @@
 """Generations while servers are killed, frozen and restarted at random.
 
-    python benchmarks/chaos.py [--generations 20] [--tokens 32] [--kill-every 8] [--hang-share 0.25]
+    python benchmarks/chaos.py [--generations 60] [--tokens 32] [--kill-every 8] [--hang-share 0.25]
 
 A swarm of real ``petald serve`` processes for SmolLM2 covers every block twice
 (spans 0:10, 10:20, 20:30, each served by two processes). While one client runs
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import signal
@@ -42,8 +43,11 @@ PROMPTS = ["The capital of France is", "Rivers flow to the sea because", "A good
            "The three laws of motion are", "In the year 2000, computers", "My favourite animal is"]
 
 
+STARTED = time.monotonic()
+
+
 def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(f"{time.monotonic() - STARTED:7.1f} s  {text}", file=sys.stderr, flush=True)
 
 
 def oracle_tokens(prompts: list[torch.Tensor], tokens: int) -> list[list[int]]:
@@ -70,6 +74,7 @@ class Chaos:
         self.stop = threading.Event()
         self.events: list[str] = []
         self.restarts: list[threading.Thread] = []
+        self.start_seconds: list[float] = []  # a restarted server's start to routable
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _victims(self) -> list[ServerProcess]:
@@ -100,8 +105,11 @@ class Chaos:
         if self.stop.is_set():
             return
         try:
-            self.swarm.add(victim.blocks)
-            say(f"chaos: restarted a server for blocks {victim.blocks}")
+            server = self.swarm.add(victim.blocks)
+            assert server.ready_at is not None
+            self.start_seconds.append(server.ready_at - server.started_at)
+            say(f"chaos: restarted a server for blocks {victim.blocks} "
+                f"(routable {self.start_seconds[-1]:.0f} s after its start)")
         except RuntimeError as exc:
             say(f"chaos: the restart of blocks {victim.blocks} failed: {exc}")
 
@@ -113,7 +121,7 @@ def percentile(values: list[float], share: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generations", type=int, default=20)
+    parser.add_argument("--generations", type=int, default=60)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--kill-every", type=float, default=8.0, help="mean seconds between two faults")
     parser.add_argument("--hang-share", type=float, default=0.25, help="share of faults that are SIGSTOP hangs")
@@ -123,6 +131,8 @@ def main() -> None:
     parser.add_argument("--recovery-timeout", type=float, default=90.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # The client's recovery warnings, on the same clock as the chaos lines.
+    logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)9.0f ms  %(name)s: %(message)s")
 
     from petald.kernels.sources import open_source
     from petald.p2pnode.distributed_model import DistributedModel
@@ -175,6 +185,7 @@ def main() -> None:
         "recoveries_to_a_known_server": len(known),
         "known_server_recovery_s_p50": round(statistics.median(known), 3) if known else None,
         "known_server_recovery_s_p95": round(percentile(known, 0.95), 3) if known else None,
+        "restart_to_routable_s_p50": round(statistics.median(chaos.start_seconds), 1) if chaos.start_seconds else None,
         "wall_s": round(elapsed, 1), "failures": failures,
     }
     print(json.dumps(result, indent=2))
