@@ -180,8 +180,8 @@ class ServerNode:
                             nursery.start_soon(self._rebalance, dht, host, presence)
                             nursery.start_soon(self._free_retired_spans)
                         async for signum in signals:
-                            self.announce(f"received {signal.Signals(signum).name}: announcing offline, "
-                                          "refusing new sessions")
+                            self.announce(f"received {signal.Signals(signum).name}: shutting down (announcing offline, "
+                                          "refusing new sessions)")
                             break
                         nursery.cancel_scope.cancel()  # no more announcements of "online", no more moves
                     await self._drain(presence, signals)
