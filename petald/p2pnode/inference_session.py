@@ -126,7 +126,9 @@ class InferenceSession:
                     out = await link.span.step(hidden)
                     link.inputs.append(hidden)
                     states[link.hop.end] = hidden = out
-                self.bans.forgive(link.hop.server.peer_id)
+                    # Only a computed step clears a server: one that opens sessions and then fails
+                    # every step must see its ban grow.
+                    self.bans.forgive(link.hop.server.peer_id)
             except SERVER_FAILURES as exc:
                 if self.find_route is None:
                     raise
