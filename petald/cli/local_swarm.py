@@ -96,6 +96,8 @@ class LocalSwarm:
         for blocks in spans:
             cmd = [sys.executable, "-m", "petald.cli.main", "serve", "--blocks", blocks,
                    "--listen", "/ip4/127.0.0.1/tcp/0", *swarm_args, *self.extra_args]
+            if "--socket" not in cmd:
+                cmd.append("--no-api")  # servers of one machine would all claim the default socket
             if self.model:
                 cmd += ["--model", self.model]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
