@@ -157,6 +157,12 @@ def test_readiness_datagrams_reach_notify_socket(tmp_path, monkeypatch):
         systemd_notify.status("loading blocks\nsecond line")
         assert receiver.recv(100) == b"READY=1\nSTATUS=serving"
         assert receiver.recv(100) == b"STATUS=loading blocks"
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # nobody reads: the queue fills up
+        for _ in range(10_000):
+            if not systemd_notify.notify("STATUS=" + "x" * 1000):
+                break  # dropped, not blocked
+        else:
+            raise AssertionError("notify never found the queue full")
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
     assert systemd_notify.notify("READY=1") is False  # a vanished socket never stops the daemon
 

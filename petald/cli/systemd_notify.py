@@ -23,8 +23,13 @@ def notify(*fields: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # A datagram to a full queue would block the caller (the trio loop, say): drop it.
+            sock.setblocking(False)
             sock.connect(address)
-            sock.sendall("\n".join(fields).encode())
+            sock.send("\n".join(fields).encode())
+    except BlockingIOError:
+        log.debug("systemd's notify socket %s is full; dropped %s", address, fields)
+        return False
     except OSError as exc:  # readiness is a courtesy: never let it stop the daemon
         log.warning("could not notify systemd at %s: %s", address, exc)
         return False
