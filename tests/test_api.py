@@ -208,6 +208,48 @@ def test_stop_strings_cut_the_text(swarm):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text[: text.index(stop)]
 
 
+def test_concurrent_requests_get_their_own_answers(swarm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai_client(swarm.daemon_socket)
+    prompts = ["One", "Two birds", "Three little pigs", "Four"]
+
+    def ask(prompt: str, stream: bool) -> str:
+        answer = client.completions.create(model="tinychat", prompt=prompt, max_tokens=8, temperature=0,
+                                           stream=stream)
+        return "".join(c.choices[0].text for c in answer) if stream else answer.choices[0].text
+
+    alone = [ask(p, False) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, prompts, [True, False] * 2))
+    assert together == alone and len(set(alone)) > 1
+
+
+def test_a_client_that_leaves_stops_its_generation(swarm):
+    def health() -> dict:
+        return json.loads(curl(swarm.daemon_socket, "/health")[1])
+
+    before = health()["tokens_generated"]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(swarm.daemon_socket)), timeout=60) as client, \
+            client.stream("POST", "http://petald/v1/completions",
+                          # Sampled from a random model: EOS (1 of 49152 tokens) all but never ends it early.
+                          json={"prompt": "Go", "max_tokens": 500, "temperature": 1, "seed": 1,
+                                "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert health()["generations"] == 1
+    deadline = time.monotonic() + 30
+    while health()["generations"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health()["generations"] == 0
+    assert health()["tokens_generated"] - before < 500  # it stopped, rather than running to max_tokens
+
+
+def test_prompt_and_max_tokens_must_fit_the_context(swarm):
+    status, body = curl(swarm.daemon_socket, "/v1/completions", "-d", '{"prompt": "Go", "max_tokens": 4000}')
+    assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
+
+
 # --- curl, the daemon, and bad input -------------------------------------------------------------
 
 def test_curl_on_the_daemon_socket(swarm):
@@ -360,8 +402,8 @@ def test_server_tells_systemd_when_it_is_routable(swarm):
     assert any("loading blocks 3:6" in m for m in statuses) and all("\n" not in m for m in statuses)
 
 
-def test_daemon_tells_systemd_and_cleans_up(swarm):
-    """Runs last: it stops the module's daemon."""
+def test_daemon_and_server_stop_cleanly(swarm):
+    """Runs last: it stops the module's daemon and its API server."""
     messages = []
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not any("READY=1" in m for m in messages):
@@ -379,3 +421,7 @@ def test_daemon_tells_systemd_and_cleans_up(swarm):
             break
     assert any("STOPPING=1" in m for m in messages)
     assert not swarm.daemon_socket.exists()
+    server = swarm.servers.servers[1]
+    assert server.stop(signal.SIGTERM) == 0
+    assert not swarm.server_socket.exists()
+    assert any("STOPPING=1" in m for m in received(swarm.server_notify))

@@ -121,6 +121,8 @@ class ModelBackend:
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe across threads
         self._nursery: trio.Nursery | None = None
         self._stops: set[threading.Event] = set()
+        self.generations_running = 0  # worker threads generating now (or waiting for a thread)
+        self.tokens_generated = 0  # since start, over all requests
 
     @property
     def model_loaded(self) -> bool:
@@ -142,7 +144,8 @@ class ModelBackend:
             self._nursery = None
             if self._model is not None:
                 model, self._model = self._model, None
-                await trio.to_thread.run_sync(model.close)
+                with trio.CancelScope(shield=True):  # shutting down is usually a cancellation
+                    await trio.to_thread.run_sync(model.close)
 
     async def model(self) -> DistributedModel:
         async with self._creating:
@@ -214,6 +217,7 @@ class ModelBackend:
 
     async def _generate_in_thread(self, model: DistributedModel, request: GenerationRequest,
                                   send: trio.MemorySendChannel[Any], stop: threading.Event) -> None:
+        self.generations_running += 1
         async with send:
             try:
                 end = await trio.to_thread.run_sync(self._generate_blocking, model, request, send, stop,
@@ -221,6 +225,8 @@ class ModelBackend:
             except Exception as exc:
                 send.send_nowait(exc)
                 return
+            finally:
+                self.generations_running -= 1
             if end is not None:
                 try:
                     send.send_nowait(end)
@@ -241,6 +247,7 @@ class ModelBackend:
         def streamer(column: torch.Tensor) -> None:
             token = int(column[0])
             state["count"] += 1
+            self.tokens_generated += 1  # an int += from worker threads: exact enough for a gauge
             if token in eos:
                 state["eos"] = True
             delta = assembler.add(token)

@@ -42,8 +42,11 @@ def as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ServerUnavailable | ModelMismatchError):
         return ApiError(503, f"no usable server: {exc}", type="service_unavailable", code="server_unavailable")
     if isinstance(exc, RemoteError):
-        status = 503 if exc.code == "cache_full" else 502
-        return ApiError(status, str(exc), type="server_error", code=exc.code)
+        if exc.code == "cache_full":
+            return ApiError(503, str(exc), type="service_unavailable", code=exc.code)
+        if exc.code == "bad_message":  # what the request asked for (e.g. a length) is beyond a server's limits
+            return ApiError(400, str(exc), code=exc.code)
+        return ApiError(502, str(exc), type="server_error", code=exc.code)
     if isinstance(exc, ProtocolError):
         return ApiError(502, f"a server sent something petald cannot read: {exc}", type="server_error",
                         code="protocol_error")

@@ -60,7 +60,8 @@ def make_app(context: ApiContext) -> Starlette:
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "role": context.role, "model": model_id,
-                             "model_loaded": backend.model_loaded,
+                             "model_loaded": backend.model_loaded, "generations": backend.generations_running,
+                             "tokens_generated": backend.tokens_generated,
                              "uptime_s": round(time.time() - context.started_at, 1), **context.details()})
 
     async def models(request: Request) -> Response:
@@ -91,6 +92,7 @@ def make_app(context: ApiContext) -> Starlette:
                               "several prompts in one request are not supported", "prompt")
         if not ids:
             raise bad_request("the prompt encodes to no tokens", "prompt")
+        _check_length(ids, params, backend)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         return await _respond(backend, GenerationRequest(ids, **params), body, model_id, request_id, chat=False)
 
@@ -100,6 +102,7 @@ def make_app(context: ApiContext) -> Starlette:
         params = _sampling(body, default_max_tokens=None)
         messages = _messages(body.get("messages"))
         ids = await backend.encode_chat(messages)
+        _check_length(ids, params, backend)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         return await _respond(backend, GenerationRequest(ids, **params), body, model_id, request_id, chat=True)
 
@@ -246,6 +249,13 @@ def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> dict[str,
             "seed": seed, "stop": stop}
 
 
+def _check_length(ids: list[int], params: dict[str, Any], backend: ModelBackend) -> None:
+    limit = getattr(backend.source.config, "max_position_embeddings", None)
+    if limit and len(ids) + params["max_new_tokens"] > limit:
+        raise bad_request(f"the prompt ({len(ids)} tokens) and max_tokens ({params['max_new_tokens']}) exceed "
+                          f"the model's context of {limit} tokens", "max_tokens", "context_length_exceeded")
+
+
 def _messages(messages: Any) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
@@ -304,14 +314,23 @@ async def _respond(backend: ModelBackend, request: GenerationRequest, body: dict
             else:
                 end = event
                 text.append(event.text_tail)
-        assert end is not None
+        if end is None:
+            raise _interrupted()
         return JSONResponse(_whole(chat, request_id, created, model_id, "".join(text), end))
     # The first event comes before any byte is sent, so a swarm that cannot serve the request
     # gets a proper error status instead of a stream that breaks at once.
-    first = await events.__anext__()
+    try:
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        raise _interrupted() from None
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(_sse(chat, request_id, created, model_id, first, events, include_usage),
                              media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+def _interrupted() -> ApiError:
+    return ApiError(503, "the generation was interrupted: the daemon is shutting down", type="server_error",
+                    code="shutting_down")
 
 
 def _usage(end: GenerationEnd) -> dict[str, int]:
