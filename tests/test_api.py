@@ -288,6 +288,7 @@ def test_bad_requests_get_openai_errors_and_the_daemon_stays_up(swarm, path, arg
     error = json.loads(body)["error"]
     assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert curl(swarm.daemon_socket, "/health")[0] == 200
+    assert not [line for line in swarm.daemon.output if "Traceback" in line or "ERROR" in line]  # expected, not bugs
 
 
 def test_oversized_body_is_refused(swarm, tmp_path):

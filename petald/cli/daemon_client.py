@@ -53,6 +53,13 @@ class DaemonClient:
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[str]:
         """POST ``body`` with ``stream: true``; yields text pieces as they arrive."""
+        try:
+            yield from self._stream(path, body)
+        except httpx.TransportError as exc:
+            raise DaemonError(f"lost the connection to the daemon at {self.socket_path}: "
+                              f"{exc or type(exc).__name__}") from None
+
+    def _stream(self, path: str, body: dict[str, Any]) -> Iterator[str]:
         with self._http.stream("POST", path, json={**body, "stream": True}) as response:
             if response.status_code != 200:
                 response.read()

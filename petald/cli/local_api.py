@@ -130,16 +130,28 @@ def make_app(context: ApiContext) -> Starlette:
                    else str(exc.detail))
         return JSONResponse(ApiError(exc.status_code, message, type=kind).body(), status_code=exc.status_code)
 
-    routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{name:path}", lambda r: _one_model(r, model_id, context.started_at), methods=["GET"]),
-        Route("/v1/swarm", swarm, methods=["GET"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/petald/v1/run_blocks", run_blocks, methods=["POST"]),
-    ]
+    async def one_model(request: Request) -> Response:
+        return await _one_model(request, model_id, context.started_at)
+
+    endpoints = [("/health", "GET", health), ("/v1/models", "GET", models),
+                 ("/v1/models/{name:path}", "GET", one_model), ("/v1/swarm", "GET", swarm),
+                 ("/v1/completions", "POST", completions), ("/v1/chat/completions", "POST", chat_completions),
+                 ("/petald/v1/run_blocks", "POST", run_blocks)]
+    routes = [Route(path, _answering_errors(endpoint), methods=[method]) for path, method, endpoint in endpoints]
+    # The Exception handler is a last resort: Starlette re-raises after it, so the server logs
+    # the traceback; every expected error is answered by _answering_errors without one.
     return Starlette(routes=routes, exception_handlers={Exception: api_error, HTTPException: http_error})
+
+
+def _answering_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except Exception as exc:
+            error = as_api_error(exc)
+            return JSONResponse(error.body(), status_code=error.status)
+
+    return answer
 
 
 def _model_card(model_id: str, created: float) -> dict[str, Any]:

@@ -80,7 +80,9 @@ def unit_text(args: Sequence[str], system: bool, user: str | None = None, python
         "StateDirectoryMode=0700",
         "CacheDirectory=petald",
         "RuntimeDirectory=petald",
-        f"RuntimeDirectoryMode={'0750' if system else '0700'}",
+        # A system unit's socket is for other accounts too (--socket-group): the directory must
+        # let them through; the socket's own mode (0600 or 0660) decides who may connect.
+        f"RuntimeDirectoryMode={'0755' if system else '0700'}",
         "UMask=0077",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
