@@ -195,6 +195,20 @@ def test_socket_is_claimed_private_stale_ones_replaced_live_ones_refused(tmp_pat
     assert default_socket_path() == Path(os.environ["XDG_RUNTIME_DIR"]) / "petald" / "api.sock"
 
 
+def test_socket_group_lets_a_group_in(tmp_path):
+    import grp
+
+    from petald.cli.api_socket import claim_socket
+
+    group = grp.getgrgid(os.getgid())
+    path = tmp_path / "api.sock"
+    sock, _ = claim_socket(path, group.gr_name)
+    with sock:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660 and path.stat().st_gid == group.gr_gid
+    with pytest.raises(OSError, match="no such group"):
+        claim_socket(tmp_path / "other.sock", "no-such-group-petald")
+
+
 def test_default_socket_without_a_runtime_dir(monkeypatch, tmp_path):
     from petald.cli.api_socket import default_socket_path
 
