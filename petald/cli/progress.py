@@ -50,8 +50,10 @@ class ProgressDisplay:
 
         bar = self._open.get(what)
         if bar is None:
+            # total == 100: a share of the time (the throughput measurement), not a count of things
+            shape = {"bar_format": "{desc}: {percentage:3.0f}%|{bar}| {elapsed}"} if total == 100 else {"unit": "block"}
             bar = self._open[what] = tqdm(total=total, desc=f"petald: {what}", file=self.stream, leave=True,
-                                          unit="" if total == 100 else "block", dynamic_ncols=True)
+                                          dynamic_ncols=True, **shape)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
