@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -108,16 +109,15 @@ def make_app(context: ApiContext) -> Starlette:
 
     async def run_blocks(request: Request) -> Response:
         raw = await _body(request, MAX_NATIVE_BODY)
-        try:
-            message = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_NATIVE_BODY, max_str_len=4096,
-                                      max_array_len=16, max_map_len=16)
-        except Exception:
-            raise bad_request("the body is not a msgpack map (content-type application/msgpack)") from None
-        hidden, start, end, reply_dtype = _span_request(message, backend)
+        # Unpacking, decoding and encoding tens of MiB is torch and copying: off the event loop.
+        hidden, start, end, reply_dtype = await trio.to_thread.run_sync(_span_request, raw, backend)
         out = await backend.run_blocks(hidden, start, end)
-        payload = msgpack.packb({"model_id": model_id, "start": start, "end": end,
-                                 "hidden": encode_tensor(out, reply_dtype)}, use_bin_type=True)
-        return Response(payload, media_type="application/msgpack")
+
+        def pack() -> bytes:
+            return msgpack.packb({"model_id": model_id, "start": start, "end": end,
+                                  "hidden": encode_tensor(out, reply_dtype)}, use_bin_type=True)
+
+        return Response(await trio.to_thread.run_sync(pack), media_type="application/msgpack")
 
     async def api_error(request: Request, exc: Exception) -> Response:
         error = as_api_error(exc)
@@ -288,8 +288,13 @@ def _messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def _span_request(message: Any, backend: ModelBackend) -> tuple[Any, int, int, str]:
+def _span_request(raw: bytes, backend: ModelBackend) -> tuple[Any, int, int, str]:
     """The checked fields of a native run_blocks request: hidden [batch, tokens, hidden_size]."""
+    try:
+        message = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_NATIVE_BODY, max_str_len=4096,
+                                  max_array_len=16, max_map_len=16)
+    except Exception:
+        raise bad_request("the body is not a msgpack map (content-type application/msgpack)") from None
     if not isinstance(message, dict):
         raise bad_request("the body must be a msgpack map with start, end and hidden")
     num_blocks = backend.identity.num_blocks
