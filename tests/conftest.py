@@ -13,7 +13,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "petald-cache"))
+    """No test (nor a process it starts) sees this machine's petald cache, config, daemon socket
+    or PETALD_* settings."""
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("PETALD_CACHE_DIR", str(base / "petald-cache"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base / "runtime"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(base / "config"))
+    for name in list(os.environ):
+        if name.startswith("PETALD_") and name != "PETALD_CACHE_DIR":
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

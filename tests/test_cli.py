@@ -32,6 +32,11 @@ def run_petald(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["swarm", "--initial-peers", "/ip4/127.0.0.1/tcp/1"], "no /p2p/"),
         (["generate", "", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "prompt is empty"),
         (["generate", "hi", "--top-p", "0", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "--top-p"),
+        (["daemon"], "--initial-peers"),
+        (["daemon", "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"],
+         "none of the initial peers answered"),
+        (["serve", "--blocks", "0:2", "--new-swarm", "--http", "8080"], "expected HOST:PORT"),
+        (["chat", "--daemon"], "no petald daemon answers"),
     ],
 )
 def test_errors_are_sentences_not_tracebacks(tiny_models, args, message):

@@ -90,3 +90,21 @@ def save_tiny_gguf(family: str, path: Path, seed: int = 0) -> dict[str, torch.Te
     writer.write_tensors_to_file()
     writer.close()
     return state
+
+
+def save_tiny_chat_model(path: Path, seed: int = 0) -> Path:
+    """A tiny random Llama that speaks SmolLM2's tokenizer (and chat template), so that the
+    text APIs (completions, chat) can run on it in milliseconds."""
+    from petald.kernels.sources import open_source
+
+    tokenizer = open_source(None).load_tokenizer()
+    config = tiny_config("llama")
+    config.vocab_size = len(tokenizer)
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

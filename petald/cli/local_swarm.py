@@ -33,6 +33,8 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None  # when it first printed its address (routable)
+    serves_api: bool = False  # started with --socket: ready once its local API listens too
+    api_ready: bool = False
 
     def pump(self, ready: threading.Event) -> None:
         assert self.process.stdout is not None
@@ -44,7 +46,10 @@ class ServerProcess:
                 if not self.address:
                     self.address = match.group(3)
                     self.ready_at = time.monotonic()
-                    ready.set()
+            if "local API on unix:" in line:
+                self.api_ready = True
+            if self.address and (self.api_ready or not self.serves_api):
+                ready.set()
         ready.set()  # the process ended: wake the waiter either way
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
@@ -96,10 +101,12 @@ class LocalSwarm:
         for blocks in spans:
             cmd = [sys.executable, "-m", "petald.cli.main", "serve", "--blocks", blocks,
                    "--listen", "/ip4/127.0.0.1/tcp/0", *swarm_args, *self.extra_args]
+            if "--socket" not in cmd:
+                cmd.append("--no-api")  # servers of one machine would all claim the default socket
             if self.model:
                 cmd += ["--model", self.model]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            server, ready = ServerProcess(blocks, proc), threading.Event()
+            server, ready = ServerProcess(blocks, proc, serves_api="--socket" in cmd), threading.Event()
             threading.Thread(target=server.pump, args=(ready,), daemon=True).start()
             self.servers.append(server)
             started.append((server, ready))

@@ -32,22 +32,30 @@ def device_name(device: torch.device) -> str:
 
 
 def measure_throughput(span: BlockSpan, seconds: float = 1.0,
-                       progress: Callable[[str], None] | None = None) -> SpanThroughput:
-    """Time decode steps and prefill chunks of ``span`` for about ``seconds`` in all."""
+                       progress: Callable[[str, int, int], None] | None = None) -> SpanThroughput:
+    """Time decode steps and prefill chunks of ``span`` for about ``seconds`` in all.
+
+    ``progress(text, done, total)`` hears of each finished part (a sentence) and, in between,
+    of the time spent in percent (``text`` empty, ``total`` 100).
+    """
     blocks = span.end - span.start
     hidden = torch.randn(1, PREFILL_CHUNK, span.hidden_size, generator=torch.Generator().manual_seed(0))
     token = hidden[:, :1]
 
-    def timed(run: Callable[[], None], budget: float, what: str) -> float:
+    def timed(run: Callable[[], None], budget: float, what: str, offset: float) -> float:
         run()  # warm-up: first calls allocate and pick kernels
-        count, began = 0, time.perf_counter()
+        count, began, shown = 0, time.perf_counter(), -1
         while True:
             run()
             count += 1
             elapsed = time.perf_counter() - began
+            percent = min(100, int(100 * (offset + min(elapsed, budget)) / seconds))
+            if progress is not None and percent != shown:
+                progress("", percent, 100)
+                shown = percent
             if elapsed >= budget and count >= 3:
                 if progress is not None:
-                    progress(f"measuring throughput: {what} done ({count} runs in {elapsed:.2f} s)")
+                    progress(f"measuring throughput: {what} done ({count} runs in {elapsed:.2f} s)", percent, 100)
                 return count / elapsed
 
     steps_cache = span.new_cache(1, min(4096, span.max_positions))
@@ -61,8 +69,8 @@ def measure_throughput(span: BlockSpan, seconds: float = 1.0,
     def one_chunk() -> None:
         span.forward(hidden, span.new_cache(1, PREFILL_CHUNK))
 
-    steps_per_s = timed(one_step, seconds / 2, "inference steps")
-    chunks_per_s = timed(one_chunk, seconds / 2, "forward passes")
+    steps_per_s = timed(one_step, seconds / 2, "inference steps", 0.0)
+    chunks_per_s = timed(one_chunk, seconds / 2, "forward passes", seconds / 2)
     return SpanThroughput(inference_rps=steps_per_s * blocks, forward_tps=chunks_per_s * PREFILL_CHUNK * blocks)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +64,10 @@ class ServeOptions:
     network_mbps: float = 0.0
     throughput_seconds: float = 1.0
     shutdown_grace: float = 30.0  # seconds running sessions may go on after SIGTERM
+    # Runs beside the server once its first span is online (the CLI's local API, systemd readiness).
+    on_online: Callable[[IHost, SwarmDHT], Awaitable[None]] | None = None
+    # (what, done, total) while loading blocks and measuring throughput; None: a few announced lines.
+    progress: Callable[[str, int, int], None] | None = None
 
 
 def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
@@ -176,6 +180,8 @@ class ServerNode:
                     await self._take_span(host, presence)
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(presence.keep_fresh)
+                        if self.options.on_online is not None:
+                            nursery.start_soon(self.options.on_online, host, dht)
                         if fixed is None:
                             nursery.start_soon(self._rebalance, dht, host, presence)
                             nursery.start_soon(self._free_retired_spans)
@@ -255,11 +261,20 @@ class ServerNode:
         """Load blocks [span_start, span_start + length), measure them, and serve them."""
         start, end = self.span_start, self.span_start + self.length
         step = max(1, (end - start) // 5)  # about five progress lines, whatever the span
+        loading = f"loading blocks {start}:{end} of {self.identity.model_id}"
+        shown = self.options.progress
 
         def progress(done: int, total: int) -> None:
-            if done % step == 0 or done == total:
-                self.announce(f"loading blocks {start}:{end} of {self.identity.model_id}: {done}/{total} "
-                              f"({100 * done // total}%)")
+            if shown is not None:
+                shown(loading, done, total)
+            elif done % step == 0 or done == total:
+                self.announce(f"{loading}: {done}/{total} ({100 * done // total}%)")
+
+        def measuring(text: str, done: int = 0, total: int = 0) -> None:
+            if shown is not None and total:
+                shown("measuring throughput", done, total)
+            elif shown is None and text:
+                self.announce(text)
 
         quant = self.options.quant
         span = await trio.to_thread.run_sync(
@@ -267,7 +282,7 @@ class ServerNode:
         # Measured on this span before its executor starts: the figures are what a client will get.
         figures, cached = await trio.to_thread.run_sync(lambda: cached_throughput(
             span, self.identity.fingerprint, quant,
-            lambda: measure_throughput(span, self.options.throughput_seconds, self.announce)))
+            lambda: measure_throughput(span, self.options.throughput_seconds, measuring)))
         self.announce(f"throughput per block: {figures.inference_rps:.0f} inference steps/s, "
                       f"{figures.forward_tps:.0f} forward tokens/s" + (" (cached)" if cached else ""))
         presence.inference_rps, presence.forward_tps = figures.inference_rps, figures.forward_tps

@@ -1,0 +1,428 @@
+"""The local API against a real swarm: two server processes (one serving the API beside its
+blocks) and a client-only ``petald daemon``, reached through the official ``openai`` package
+and ``curl --unix-socket``; generate and chat through the daemon and without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import msgpack
+import pytest
+import torch
+
+from petald.cli.local_swarm import LocalSwarm
+from tests.oracle import reference_greedy
+from tests.tiny_models import save_tiny_chat_model
+
+pytestmark = pytest.mark.slow
+
+PETALD = [sys.executable, "-m", "petald.cli.main"]
+CURL = shutil.which("curl")
+
+
+class Daemon:
+    """A ``petald daemon`` process, its output read by a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.process = subprocess.Popen([*PETALD, "daemon", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env=env)
+        self.output: list[str] = []
+        self.http = ""
+        self.ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line.rstrip("\n"))
+            if "local API on http://" in line:
+                self.http = line.split("local API on ", 1)[1].strip()
+            if self.http and "local API on unix:" in "\n".join(self.output):
+                self.ready.set()
+        self.ready.set()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        self.ready.wait(timeout)
+        if not self.http or self.process.poll() is not None:
+            raise RuntimeError("the daemon did not start:\n" + "\n".join(self.output[-20:]))
+
+
+class Swarm:
+    def __init__(self, model: Path, servers: LocalSwarm, server_socket: Path, daemon: Daemon, daemon_socket: Path,
+                 notify: socket.socket, env: dict[str, str], server_notify: socket.socket):
+        self.model, self.servers, self.server_socket = model, servers, server_socket
+        self.daemon, self.daemon_socket, self.notify, self.env = daemon, daemon_socket, notify, env
+        self.server_notify = server_notify
+
+    @property
+    def first(self) -> str:
+        return self.servers.addresses[0]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    model = save_tiny_chat_model(root / "tinychat")
+    server_socket, daemon_socket = root / "server.sock", root / "daemon.sock"
+    notify_path = root / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(0.2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PETALD_")}
+    env.update(PYTHONUNBUFFERED="1", PETALD_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "petald-cache"),
+               XDG_RUNTIME_DIR=str(root / "runtime"), XDG_CONFIG_HOME=str(root / "config"))
+    server_notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server_notify.bind(str(root / "server-notify.sock"))
+    server_notify.settimeout(0.2)
+    with LocalSwarm(["0:3"], model=str(model), extra_args=["--threads", "1"]) as servers:
+        os.environ["NOTIFY_SOCKET"] = str(root / "server-notify.sock")  # LocalSwarm passes os.environ on
+        try:
+            servers.add("3:6", extra_args=["--socket", str(server_socket)])
+        finally:
+            del os.environ["NOTIFY_SOCKET"]
+        daemon = Daemon(["--initial-peers", servers.addresses[0], "--model", str(model), "--socket",
+                         str(daemon_socket), "--http", "127.0.0.1:0"], dict(env, NOTIFY_SOCKET=str(notify_path)))
+        try:
+            daemon.wait_ready()
+            yield Swarm(model, servers, server_socket, daemon, daemon_socket, notify, env, server_notify)
+        finally:
+            if daemon.process.poll() is None:
+                daemon.process.kill()
+                daemon.process.wait()
+    notify.close()
+    server_notify.close()
+
+
+def openai_client(socket_path: Path):
+    import openai
+
+    transport = httpx.HTTPTransport(uds=str(socket_path))
+    return openai.OpenAI(api_key="unused", base_url="http://petald/v1", http_client=httpx.Client(transport=transport))
+
+
+def curl(socket_path: Path, path: str, *args: str) -> tuple[int, str]:
+    if CURL is None:
+        pytest.skip("curl is not installed")
+    result = subprocess.run([CURL, "-sS", "--unix-socket", str(socket_path), "-w", "\n%{http_code}", *args,
+                             f"http://petald{path}"], capture_output=True, text=True, timeout=120)
+    body, _, status = result.stdout.rpartition("\n")
+    return int(status), body
+
+
+def run_petald(swarm: Swarm, *args: str, stdin: str | None = None, socket_path: Path | None = None
+               ) -> subprocess.CompletedProcess:
+    env = dict(swarm.env, PETALD_SOCKET=str(socket_path or swarm.daemon_socket))
+    return subprocess.run([*PETALD, *args], capture_output=True, text=True, timeout=180, env=env, input=stdin)
+
+
+def tokenizer(swarm: Swarm):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(swarm.model))
+
+
+def oracle_text(swarm: Swarm, ids: list[int], max_new_tokens: int) -> tuple[str, list[int]]:
+    """transformers' greedy continuation, cut after the first EOS as petald stops there."""
+    tok = tokenizer(swarm)
+    new = reference_greedy(str(swarm.model), torch.tensor([ids]), max_new_tokens)
+    if tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id) + 1]
+    return tok.decode(new, skip_special_tokens=True), new
+
+
+# --- the OpenAI package --------------------------------------------------------------------------
+
+def test_openai_completions_are_the_oracles_greedy_tokens(swarm):
+    client = openai_client(swarm.server_socket)
+    model_id = client.models.list().data[0].id
+    assert model_id.startswith("tinychat@")
+    prompt = "The capital of France is"
+    ids = tokenizer(swarm)(prompt)["input_ids"]
+    expected, new = oracle_text(swarm, ids, 12)
+    answer = client.completions.create(model=model_id, prompt=prompt, max_tokens=12, temperature=0)
+    assert answer.choices[0].text == expected
+    assert answer.usage.completion_tokens == len(new) and answer.usage.prompt_tokens == len(ids)
+    assert answer.choices[0].finish_reason == ("stop" if len(new) < 12 else "length")
+    streamed = client.completions.create(model=model_id, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected
+
+
+def test_openai_chat_streams_the_same_text_as_distributed_model(swarm):
+    from petald.p2pnode.distributed_model import DistributedModel
+
+    client = openai_client(swarm.server_socket)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
+    with DistributedModel(model=str(swarm.model), initial_peers=[swarm.first]) as model:
+        ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)["input_ids"]
+        eos = model.tokenizer.eos_token_id
+        out = model.generate(ids, max_new_tokens=10, eos_token_id=[eos])
+        expected = model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    whole = client.chat.completions.create(model="tinychat", messages=messages, max_tokens=10, temperature=0)
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tinychat", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == out.shape[1] - ids.shape[1]
+
+
+def test_openai_errors_are_openai_errors(swarm):
+    import openai
+
+    client = openai_client(swarm.server_socket)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert info.value.code == "model_not_found" and "tinychat@" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tinychat", prompt="hi", max_tokens=2, n=2)
+    assert info.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tinychat", messages=[{"role": "wizard", "content": "x"}])
+    assert info.value.param == "messages"
+
+
+def test_stop_strings_cut_the_text(swarm):
+    client = openai_client(swarm.server_socket)
+    full = client.completions.create(model="tinychat", prompt="Once upon a time", max_tokens=10, temperature=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert len(stop.strip()) > 0
+    cut = client.completions.create(model="tinychat", prompt="Once upon a time", max_tokens=10, temperature=0,
+                                    stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tinychat", prompt="Once upon a time", max_tokens=10, temperature=0,
+                                         stop=[stop], stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text[: text.index(stop)]
+
+
+def test_concurrent_requests_get_their_own_answers(swarm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai_client(swarm.daemon_socket)
+    prompts = ["One", "Two birds", "Three little pigs", "Four"]
+
+    def ask(prompt: str, stream: bool) -> str:
+        answer = client.completions.create(model="tinychat", prompt=prompt, max_tokens=8, temperature=0,
+                                           stream=stream)
+        return "".join(c.choices[0].text for c in answer) if stream else answer.choices[0].text
+
+    alone = [ask(p, False) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, prompts, [True, False] * 2))
+    assert together == alone and len(set(alone)) > 1
+
+
+def test_a_client_that_leaves_stops_its_generation(swarm):
+    def health() -> dict:
+        return json.loads(curl(swarm.daemon_socket, "/health")[1])
+
+    before = health()["tokens_generated"]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(swarm.daemon_socket)), timeout=60) as client, \
+            client.stream("POST", "http://petald/v1/completions",
+                          # Sampled from a random model: EOS (1 of 49152 tokens) all but never ends it early.
+                          json={"prompt": "Go", "max_tokens": 500, "temperature": 1, "seed": 1,
+                                "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert health()["generations"] == 1
+    deadline = time.monotonic() + 30
+    while health()["generations"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health()["generations"] == 0
+    assert health()["tokens_generated"] - before < 500  # it stopped, rather than running to max_tokens
+
+
+def test_prompt_and_max_tokens_must_fit_the_context(swarm):
+    status, body = curl(swarm.daemon_socket, "/v1/completions", "-d", '{"prompt": "Go", "max_tokens": 4000}')
+    assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
+
+
+# --- curl, the daemon, and bad input -------------------------------------------------------------
+
+def test_curl_on_the_daemon_socket(swarm):
+    status, body = curl(swarm.daemon_socket, "/health")
+    assert status == 200 and json.loads(body)["role"] == "client"
+    status, body = curl(swarm.daemon_socket, "/v1/swarm")
+    assert status == 200
+    (model,) = json.loads(body)["models"]
+    assert model["uncovered_blocks"] == [] and len(model["servers"]) == 2
+    status, body = curl(swarm.daemon_socket, "/v1/chat/completions", "-N", "-H", "content-type: application/json",
+                        "-d", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                          "temperature": 0, "stream": True}))
+    assert status == 200
+    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+    # The same API on TCP.
+    assert httpx.get(f"{swarm.daemon.http}/v1/models").json()["data"][0]["id"].startswith("tinychat@")
+
+
+@pytest.mark.parametrize("path, args, status, message", [
+    ("/v1/completions", ["-d", "{not json"], 400, "not valid JSON"),
+    ("/v1/completions", ["-d", "[1, 2]"], 400, "JSON object"),
+    ("/v1/completions", ["-d", '{"prompt": "hi", "max_tokens": -1}'], 400, "max_tokens"),
+    ("/v1/completions", ["-d", '{"prompt": ""}'], 400, "prompt"),
+    ("/v1/completions", ["-d", '{"prompt": [999999]}'], 400, "token ids"),
+    ("/v1/chat/completions", ["-d", '{"messages": []}'], 400, "messages"),
+    ("/v1/chat/completions", ["-d", '{"model": "llama-70b", "messages": [{"role": "user", "content": "x"}]}'],
+     404, "does not exist"),
+    ("/v1/completions", ["-X", "GET"], 405, "no endpoint"),
+    ("/v1/nothing", [], 404, "no endpoint"),
+])
+def test_bad_requests_get_openai_errors_and_the_daemon_stays_up(swarm, path, args, status, message):
+    got, body = curl(swarm.daemon_socket, path, *args)
+    assert got == status, body
+    error = json.loads(body)["error"]
+    assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert curl(swarm.daemon_socket, "/health")[0] == 200
+    assert not [line for line in swarm.daemon.output if "Traceback" in line or "ERROR" in line]  # expected, not bugs
+
+
+def test_oversized_body_is_refused(swarm, tmp_path):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"prompt": "x" * (5 * 1024 * 1024)}))
+    status, body = curl(swarm.daemon_socket, "/v1/completions", "-H", "content-type: application/json",
+                        "--data-binary", f"@{big}")
+    assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
+    assert curl(swarm.daemon_socket, "/health")[0] == 200
+
+
+def _native(swarm: Swarm, message: dict) -> httpx.Response:
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(swarm.daemon_socket))) as client:
+        return client.post("http://petald/petald/v1/run_blocks", content=msgpack.packb(message, use_bin_type=True),
+                           headers={"content-type": "application/msgpack"}, timeout=120)
+
+
+def test_native_span_endpoint_matches_run_blocks(swarm):
+    from petald.p2pnode.distributed_model import DistributedModel
+    from petald.protocol.tensors import decode_tensor, encode_tensor
+
+    hidden = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    answer = _native(swarm, {"start": 1, "end": 5, "hidden": encode_tensor(hidden)})
+    assert answer.status_code == 200, answer.text
+    reply = msgpack.unpackb(answer.content)
+    assert (reply["start"], reply["end"]) == (1, 5)
+    with DistributedModel(model=str(swarm.model), initial_peers=[swarm.first]) as model:
+        expected = model.run_blocks(hidden, 1, 5)
+    torch.testing.assert_close(decode_tensor(reply["hidden"]), expected)
+
+
+@pytest.mark.parametrize("message, status, text", [
+    ({"start": 0, "end": 2, "hidden": "x"}, 400, "hidden"),
+    ({"start": 0, "end": 9, "hidden": None}, 400, "start < end <= 6"),
+    ({"start": 0, "end": 2, "hidden": {"dtype": "int8", "shape": [1, 1, 64], "data": b"\0" * 64}}, 400, "dtype"),
+    ({"start": 0, "end": 2, "hidden": {"dtype": "float32", "shape": [1, 1, 32], "data": b"\0" * 128}}, 400,
+     "[batch, tokens, 64]"),
+    ({"start": 0, "end": 2, "hidden": {"dtype": "float32", "shape": [1, 2, 64], "data": b"\0" * 16}}, 400, "bytes"),
+])
+def test_native_endpoint_refuses_bad_tensors(swarm, message, status, text):
+    answer = _native(swarm, message)
+    assert answer.status_code == status
+    assert text in answer.json()["error"]["message"]
+    not_msgpack = httpx.Client(transport=httpx.HTTPTransport(uds=str(swarm.daemon_socket))).post(
+        "http://petald/petald/v1/run_blocks", content=b"\xc1garbage")
+    assert not_msgpack.status_code == 400
+    assert curl(swarm.daemon_socket, "/health")[0] == 200
+
+
+# --- the command line with and without the daemon ------------------------------------------------
+
+def test_generate_uses_the_daemon_and_falls_back_to_its_own_node(swarm):
+    prompt = "The capital of France is"
+    expected, _ = oracle_text(swarm, tokenizer(swarm)(prompt)["input_ids"], 8)
+    through_daemon = run_petald(swarm, "generate", prompt, "--max-new-tokens", "8")
+    assert through_daemon.returncode == 0, through_daemon.stderr
+    assert "using the local daemon" in through_daemon.stderr
+    assert through_daemon.stdout == expected + "\n"
+    alone = run_petald(swarm, "generate", prompt, "--max-new-tokens", "8", "--model", str(swarm.model),
+                       "--initial-peers", swarm.first)
+    assert alone.returncode == 0, alone.stderr
+    assert "using the local daemon" not in alone.stderr and alone.stdout == expected + "\n"
+    no_daemon = run_petald(swarm, "generate", prompt, socket_path=swarm.daemon_socket.with_name("none.sock"))
+    assert no_daemon.returncode != 0 and "--initial-peers" in no_daemon.stderr
+    assert "Traceback" not in no_daemon.stderr
+
+
+def test_chat_through_the_daemon_and_alone_say_the_same(swarm):
+    lines = "Hello!\nTell me more.\n/exit\n"
+    through_daemon = run_petald(swarm, "chat", "--max-new-tokens", "6", stdin=lines)
+    assert through_daemon.returncode == 0, through_daemon.stderr
+    alone = run_petald(swarm, "chat", "--max-new-tokens", "6", "--no-daemon", "--model", str(swarm.model),
+                       "--initial-peers", swarm.first, stdin=lines)
+    assert alone.returncode == 0, alone.stderr
+    assert through_daemon.stdout == alone.stdout
+    assert len(through_daemon.stdout.splitlines()) == 2  # one answer per line asked
+
+
+def test_swarm_command_reads_the_daemons_map(swarm):
+    result = run_petald(swarm, "swarm")
+    assert result.returncode == 0, result.stderr
+    assert "tinychat@" in result.stdout and "every block is served" in result.stdout
+    assert "0:3" in result.stdout and "3:6" in result.stdout
+
+
+def test_socket_is_private_and_not_taken_over(swarm):
+    for path in (swarm.server_socket, swarm.daemon_socket):
+        assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
+    second = subprocess.run([*PETALD, "daemon", "--initial-peers", swarm.first, "--socket", str(swarm.daemon_socket)],
+                            capture_output=True, text=True, timeout=120, env=swarm.env)
+    assert second.returncode != 0 and "already serving its API" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert curl(swarm.daemon_socket, "/health")[0] == 200
+
+
+def received(receiver: socket.socket) -> list[str]:
+    messages = []
+    while True:
+        try:
+            messages.append(receiver.recv(4096).decode())
+        except TimeoutError:
+            return messages
+
+
+def test_server_tells_systemd_when_it_is_routable(swarm):
+    messages = received(swarm.server_notify)
+    statuses = [m for m in messages if m.startswith("STATUS=")]
+    ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
+    serving = next(i for i, m in enumerate(messages) if m.startswith("STATUS=serving blocks 3:6"))
+    assert serving < ready  # READY=1 means routable, with the API listening
+    assert "local API" in messages[ready]
+    assert any("loading blocks 3:6" in m for m in statuses) and all("\n" not in m for m in statuses)
+
+
+def test_daemon_and_server_stop_cleanly(swarm):
+    """Runs last: it stops the module's daemon and its API server."""
+    messages = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any("READY=1" in m for m in messages):
+        try:
+            messages.append(swarm.notify.recv(4096).decode())
+        except TimeoutError:
+            pass
+    assert any("READY=1" in m for m in messages), messages
+    swarm.daemon.process.send_signal(signal.SIGTERM)
+    assert swarm.daemon.process.wait(30) == 0
+    while True:
+        try:
+            messages.append(swarm.notify.recv(4096).decode())
+        except TimeoutError:
+            break
+    assert any("STOPPING=1" in m for m in messages)
+    assert not swarm.daemon_socket.exists()
+    server = swarm.servers.servers[1]
+    assert server.stop(signal.SIGTERM) == 0
+    assert not swarm.server_socket.exists()
+    assert any("STOPPING=1" in m for m in received(swarm.server_notify))
