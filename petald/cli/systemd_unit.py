@@ -70,7 +70,8 @@ def unit_text(args: Sequence[str], system: bool, user: str | None = None, python
         # Loading blocks and measuring throughput come before READY=1; a first start may also
         # fingerprint the weights.
         "TimeoutStartSec=20min",
-        "TimeoutStopSec=60",
+        # A stop drains: offline record (<= 5 s), --shutdown-grace (30 s by default), running steps (<= 30 s).
+        "TimeoutStopSec=90",
         "KillSignal=SIGTERM",
         "SyslogIdentifier=petald",
         "Environment=PYTHONUNBUFFERED=1",
