@@ -53,9 +53,11 @@ def decode_concurrently(model: DistributedModel, sessions: int, tokens: int) -> 
     steps = [[model.head.embed(torch.randint(0, 49152, (1, 1), generator=gen)) for _ in range(tokens)]
              for _ in range(sessions)]
 
+    routes = [model.route() for _ in range(sessions)]  # route() blocks on the node's thread: not inside run()
+
     async def run() -> float:
-        opened = [InferenceSession(model.node.host, model.route(), model.identity, 1, len(PROMPT) + tokens,
-                                   model.wire_dtype, model.codec, 300.0) for _ in range(sessions)]
+        opened = [InferenceSession(model.node.host, route, model.identity, 1, len(PROMPT) + tokens,
+                                   model.wire_dtype, model.codec, 300.0) for route in routes]
         try:
             async with trio.open_nursery() as nursery:
                 for s, prompt in zip(opened, prompts, strict=True):

@@ -134,7 +134,9 @@ def test_client_head_reads_no_block_tensors(tiny_models, monkeypatch):
     head = ClientHead(source)
     logits = head.logits(head.embed(torch.tensor([[1, 2, 3]])))
     assert logits.shape == (1, 3, 320)
-    assert head.lm_head.weight is head.embed_weight  # qwen2 tiny ties its LM head to the embeddings
+    # qwen2 tiny ties its LM head to the embeddings: one matrix in memory (the head's, stored transposed)
+    assert head.embed_weight.data_ptr() == head.lm_head.weight_t.data_ptr()
+    assert torch.equal(head.embed_weight, source.client_tensors()["embed_tokens.weight"])
 
 
 def test_gguf_config_and_tokenizer_come_back_equal_from_the_cache(tmp_path, monkeypatch):

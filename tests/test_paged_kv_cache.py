@@ -51,6 +51,20 @@ def test_pages_are_taken_lazily():
     assert len(s.pages[0]) == 2
     slots = pool.slots(s, 0, 3, 5)
     assert slots.tolist() == [s.pages[0][0] * 4 + 3, s.pages[0][1] * 4]
+    assert pool.slot(s, 0, 4) == s.pages[0][1] * 4
+
+
+def test_slot_table_follows_the_page_table_and_pads_the_rest():
+    pool = tiny_pool()
+    other = pool.open(batch=1, max_length=8)
+    s = pool.open(batch=2, max_length=10)  # 3 pages per row
+    pool.grow(s, 2)
+    pool.grow(other, 8)  # interleaves pages, so s's pages are not contiguous
+    pool.grow(s, 6)
+    assert s.slot_table.shape == (2, 12)
+    for row in range(2):
+        want = [s.pages[row][p // 4] * 4 + p % 4 for p in range(8)] + [pool.pad_slot] * 4
+        assert s.slot_table[row].tolist() == want
 
 
 def test_budget_smaller_than_a_page_is_refused():

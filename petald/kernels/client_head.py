@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from petald.kernels.block import rms_norm
 from petald.kernels.model_source import ModelSource
-from petald.kernels.quant import check_quant, make_linear
+from petald.kernels.quant import DenseLinear, check_quant, make_linear
 
 
 class ClientHead:
@@ -25,6 +25,10 @@ class ClientHead:
         lm = tensors["lm_head.weight"]
         tied = lm is tensors["embed_tokens.weight"]
         self.lm_head = make_linear(self.embed_weight if tied else lm, None, quant, dtype, self.device)
+        if tied and isinstance(self.lm_head, DenseLinear):
+            # The dense head keeps its matrix transposed (faster on CPU); the embedding table becomes
+            # a view of that copy, so a tied head still holds the matrix once.
+            self.embed_weight = self.lm_head.weight_t.t()
         self.eps = self.config.rms_norm_eps
 
     @torch.inference_mode()

@@ -159,7 +159,8 @@ class DeviceExecutor:
             job.offset += tokens
             if job.remaining == 0:
                 try:
-                    result = torch.cat(job.outputs, dim=1).to("cpu", job.out_dtype)
+                    whole = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs, dim=1)
+                    result = whole.to("cpu", job.out_dtype)
                 except Exception as exc:
                     self._finish(job, None, exc)
                 else:

@@ -13,6 +13,11 @@ free list lazily as the session grows. Only the executor thread takes pages
 (``grow``); ``open`` and ``close`` may run on any thread. A closed session's
 pages go back at once: a step of it still in flight may write into them, but no
 other session can own them before the executor's next ``grow``.
+
+Each session also keeps its slot indices as a tensor (``slot_table``, one row per
+batch row, the pool's zero slot where no page is taken yet), filled in as pages are
+taken: a step reads its slots as a view of it instead of rebuilding them from the
+page table every step (that rebuild was most of a lone decode step's fixed cost).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class SessionCache:
     max_length: int
     reserved_pages: int
     pages: list[list[int]] = field(default_factory=list)  # per batch row, page ids in position order
+    # [batch, max_length rounded up to pages]: slot of each position, pad_slot until its page is taken.
+    slot_table: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.long))
     length: int = 0  # positions filled so far
     closed: bool = False
 
@@ -59,6 +66,7 @@ class PagedKVCache:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_blocks)]
         for pool in (*self.keys, *self.values):
             pool[self.pad_slot].zero_()
+        self._page_offsets = torch.arange(page_size)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page ids first
         self._reserved = 0
         self._lock = threading.Lock()
@@ -104,7 +112,8 @@ class PagedKVCache:
                     f"{self.num_blocks} blocks), {free} of {self.capacity_tokens} free; ask for a smaller "
                     "max_length or try another server")
             self._reserved += need
-        return SessionCache(self, batch, max_length, need, [[] for _ in range(batch)])
+        slot_table = torch.full((batch, need // batch * self.page_size), self.pad_slot, dtype=torch.long)
+        return SessionCache(self, batch, max_length, need, [[] for _ in range(batch)], slot_table)
 
     def close(self, session: SessionCache) -> None:
         """Return a session's pages and reservation; closing twice is harmless."""
@@ -125,12 +134,17 @@ class PagedKVCache:
         with self._lock:
             if session.closed:
                 raise ValueError("the session is closed")
-            for row in session.pages:
-                while len(row) < need:
-                    row.append(self._free.pop())  # cannot run dry: open reserved up to max_length
+            for row, pages in enumerate(session.pages):
+                while len(pages) < need:
+                    page = self._free.pop()  # cannot run dry: open reserved up to max_length
+                    first = len(pages) * self.page_size
+                    session.slot_table[row, first : first + self.page_size] = page * self.page_size + self._page_offsets
+                    pages.append(page)
 
     def slots(self, session: SessionCache, row: int, start: int, end: int) -> torch.Tensor:
-        """Flat slot indices of positions [start, end) of one batch row."""
-        positions = torch.arange(start, end)
-        pages = torch.tensor(session.pages[row], dtype=torch.long)
-        return pages[positions // self.page_size] * self.page_size + positions % self.page_size
+        """Flat slot indices of positions [start, end) of one batch row (a view: do not write into it)."""
+        return session.slot_table[row, start:end]
+
+    def slot(self, session: SessionCache, row: int, position: int) -> int:
+        """The slot of one position (its page must have been taken)."""
+        return session.pages[row][position // self.page_size] * self.page_size + position % self.page_size

@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 QUANT_MODES = ("none", "int8", "int4", "nf4")
 INT4_GROUP = 32
@@ -67,11 +66,21 @@ def _bias(bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -
 
 
 class DenseLinear:
+    """Plain weights, stored transposed ([in, out], contiguous).
+
+    On CPU, MKL multiplies a few rows by an [in, out] matrix much faster than by the
+    transpose of an [out, in] one (what ``F.linear`` does): with 1 thread, one token through
+    SmolLM2's 30 blocks' float32 matmuls took 35-38 ms against 45 ms, and its LM head 6.2 ms
+    against 10.8 ms; at 16 rows both layouts cost the same (benchmarks.md, "Executor decode speed").
+    """
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias = weight.contiguous(), bias
+        self.weight_t, self.bias = weight.t().contiguous(), bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.mm(flat, self.weight_t) if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        return y.view(*x.shape[:-1], -1)
 
 
 class Int8Linear:

@@ -30,14 +30,14 @@ class RotaryTable:
         freqs = positions[:, None] * inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * scaling).to(device=device, dtype=dtype)
-        self.sin = (emb.sin() * scaling).to(device=device, dtype=dtype)
+        sin = emb.sin() * scaling
+        # sin with its first half negated: rotate_half(x) * sin == x.roll(half) * sin_signed, which
+        # saves the negation and the concatenation of rotate_half on every block of every step.
+        half = sin.shape[-1] // 2
+        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(device=device, dtype=dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape [N, heads, head_dim] by tables of shape [N, 1, head_dim]."""
-    return x * cos + _rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape [N, heads, head_dim] by tables of shape [N, 1, head_dim] (``RotaryTable``'s
+    ``cos`` and ``sin_signed``): x * cos + rotate_half(x) * sin, as the reference models compute it."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)

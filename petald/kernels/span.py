@@ -81,7 +81,7 @@ class BlockSpan:
                 segments.append(Segment(cache, row, cache.length, hidden.shape[1]))
                 rows.append(hidden[row])
         batch = StepBatch(segments, pool, self.rotary, self.device)
-        x = torch.cat(rows).to(device=self.device, dtype=self.dtype)
+        x = (rows[0] if len(rows) == 1 else torch.cat(rows)).to(device=self.device, dtype=self.dtype)
         for layer in range(start - self.start, end - self.start):
             x = self.blocks[layer].forward(x, batch, pool.keys[layer], pool.values[layer])
         outputs = []

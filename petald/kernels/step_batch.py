@@ -10,6 +10,7 @@ their own causal call.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -38,46 +39,61 @@ class StepBatch:
     def __init__(self, segments: list[Segment], pool: PagedKVCache, rotary: RotaryTable, device: torch.device):
         if any(s.start + s.length > rotary.max_positions for s in segments):
             raise ValueError(f"positions beyond the model's {rotary.max_positions}")
-        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(device)
-        self.cos = rotary.cos[positions][:, None]  # [N, 1, head_dim]: broadcast over heads
-        self.sin = rotary.sin[positions][:, None]
-        self.write_slots = torch.cat([pool.slots(s.session, s.row, s.start, s.start + s.length)
-                                      for s in segments]).to(device)
-        offsets, first = [], 0
-        for s in segments:
-            offsets.append(first)
-            first += s.length
-        self.num_tokens = first
-
-        decode = [(offset, s) for offset, s in zip(offsets, segments, strict=True) if s.length == 1]
-        self.decode_rows: torch.Tensor | None = None
-        self.all_decode = False
-        if decode:
-            lengths = [s.start + 1 for _, s in decode]
-            longest = max(lengths)
-            # Padding reads the pool's zero slot (masked out, and finite whatever the pool holds).
-            slots = torch.full((len(decode), longest), pool.pad_slot, dtype=torch.long)
-            for i, (_, s) in enumerate(decode):
-                slots[i, : lengths[i]] = pool.slots(s.session, s.row, 0, lengths[i])
-            self.decode_rows = torch.tensor([offset for offset, _ in decode], device=device)
-            self.all_decode = len(decode) == len(segments)
-            self.decode_slots = slots.to(device)
-            self.decode_lengths = torch.tensor(lengths, device=device)
-            self._uniform = min(lengths) == longest
-        self.prefills = [Prefill(offset, offset + s.length, s.start,
-                                 pool.slots(s.session, s.row, 0, s.start + s.length).to(device))
-                         for offset, s in zip(offsets, segments, strict=True) if s.length > 1]
         self.device = device
         self._masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
+        decode = [s for s in segments if s.length == 1]
+        self.all_decode = len(decode) == len(segments)
+        # Built from Python ints and table views, a few tensor ops per step whatever the batch:
+        # this runs once per step and server, and a lone decode step's compute on a small span is
+        # about as short as this bookkeeping used to be.
+        if self.all_decode:
+            self.num_tokens = len(segments)
+            positions = torch.tensor([s.start for s in segments])
+            self.write_slots = torch.tensor([pool.slot(s.session, s.row, s.start) for s in segments])
+        else:
+            self.num_tokens = sum(s.length for s in segments)
+            positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])
+            self.write_slots = torch.cat([pool.slots(s.session, s.row, s.start, s.start + s.length)
+                                          for s in segments])
+        positions, self.write_slots = positions.to(device), self.write_slots.to(device)
+        # [N, 1, head_dim]: broadcast over heads
+        self.cos, self.sin_signed = rotary.cos[positions][:, None], rotary.sin_signed[positions][:, None]
+
+        self.decode_rows: torch.Tensor | None = None
+        if decode:
+            lengths = [s.start + 1 for s in decode]
+            longest = max(lengths)
+            self._uniform = min(lengths) == longest
+            if len(decode) == 1:
+                s = decode[0]
+                slots = pool.slots(s.session, s.row, 0, longest)[None]
+            else:
+                # Padding reads the pool's zero slot (masked out, and finite whatever the pool holds).
+                slots = torch.full((len(decode), longest), pool.pad_slot, dtype=torch.long)
+                for i, s in enumerate(decode):
+                    slots[i, : lengths[i]] = pool.slots(s.session, s.row, 0, lengths[i])
+            self.decode_slots = slots.to(device)
+            self._decode_lengths = lengths
+            if not self.all_decode:
+                offsets = itertools.accumulate((s.length for s in segments), initial=0)
+                self.decode_rows = torch.tensor([offset for offset, s in zip(offsets, segments, strict=False)
+                                                 if s.length == 1], device=device)
+        self.prefills = []
+        first = 0
+        for s in segments:
+            if s.length > 1:
+                self.prefills.append(Prefill(first, first + s.length, s.start,
+                                             pool.slots(s.session, s.row, 0, s.start + s.length).to(device)))
+            first += s.length
 
     def decode_mask(self, window: int | None) -> torch.Tensor | None:
         """[S, 1, 1, longest] (True = attend), or None when every decode row sees all its keys."""
         key = (-1, window)
         if key not in self._masks:
-            lengths = self.decode_lengths
-            if self._uniform and (window is None or int(lengths.max()) <= window):
+            if self._uniform and (window is None or max(self._decode_lengths) <= window):
                 self._masks[key] = None
             else:
+                lengths = torch.tensor(self._decode_lengths, device=self.device)
                 k = torch.arange(self.decode_slots.shape[1], device=self.device)[None, :]
                 mask = k < lengths[:, None]
                 if window is not None:
