@@ -74,13 +74,14 @@ class Chaos:
         self.stop = threading.Event()
         self.events: list[str] = []
         self.restarts: list[threading.Thread] = []
+        self.doomed: set[int] = set()  # pids already faulted, waiting for their restart
         self.start_seconds: list[float] = []  # a restarted server's start to routable
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _victims(self) -> list[ServerProcess]:
         # Only routable servers: killing one that is still starting would only lose the restart.
         return [s for s in self.swarm.servers[1:]
-                if s.address and s.process.poll() is None and not getattr(s, "doomed", False)]
+                if s.address and s.process.poll() is None and s.process.pid not in self.doomed]
 
     def _run(self) -> None:
         while not self.stop.wait(self.random.expovariate(1.0 / self.kill_every)):
@@ -88,7 +89,7 @@ class Chaos:
             if not victims:
                 continue
             victim = self.random.choice(victims)
-            victim.doomed = True  # type: ignore[attr-defined]
+            self.doomed.add(victim.process.pid)
             hang = self.random.random() < self.hang_share
             victim.process.send_signal(signal.SIGSTOP if hang else signal.SIGKILL)
             self.events.append(f"{'froze' if hang else 'killed'} {victim.blocks}")

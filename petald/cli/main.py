@@ -288,6 +288,18 @@ def _no_swarm_error(socket: str | None) -> click.UsageError:
                             "--peers MULTIADDR ...), or start a daemon (petald serve / petald daemon)")
 
 
+def _client_node(peers: list[str], initial_peers: list[str], model: str | None, socket: str | None,
+                 wire_dtype: str, lz4: bool, step_timeout: float, recovery_timeout: float):
+    """A client node of this command's own (no daemon): the servers given, or the swarm's."""
+    if not peers and not initial_peers:
+        raise _no_swarm_error(socket)
+    from petald.p2pnode.distributed_model import DistributedModel
+
+    return DistributedModel(peers, model, initial_peers=initial_peers, wire_dtype=wire_dtype,
+                            codec="lz4" if lz4 else "raw", step_timeout=step_timeout,
+                            recovery_timeout=recovery_timeout)
+
+
 def _daemon_model_name(model: str | None) -> str | None:
     """The model id to ask the daemon for: None (whatever it serves) unless --model was given."""
     if model is None:
@@ -362,13 +374,8 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
                     sys.stdout.flush()
                 sys.stdout.write("\n")
             return
-        if not direct_peers and not swarm_peers:
-            raise _no_swarm_error(socket)
-        from petald.p2pnode.distributed_model import DistributedModel
-
-        with DistributedModel(direct_peers, model, initial_peers=swarm_peers, wire_dtype=wire_dtype,
-                              codec="lz4" if lz4 else "raw", step_timeout=step_timeout,
-                              recovery_timeout=recovery_timeout) as dm:
+        with _client_node(direct_peers, swarm_peers, model, socket, wire_dtype, lz4, step_timeout,
+                          recovery_timeout) as dm:
             if verbose:
                 click.echo(f"route: {dm.route().describe()}", err=True)
             generate_text(dm, prompt, max_new_tokens, temperature, top_p, seed, chat)
@@ -401,13 +408,8 @@ def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_da
                 name = _daemon_model_name(model) if _from_command_line(ctx, "model") else None
                 run_chat(reply_through_daemon(daemon, name), sampling, system_prompt)
             return
-        if not peers and not initial_peers:
-            raise _no_swarm_error(socket)
-        from petald.p2pnode.distributed_model import DistributedModel
-
-        with DistributedModel(peers, model, initial_peers=initial_peers, wire_dtype=wire_dtype,
-                              codec="lz4" if lz4 else "raw", step_timeout=step_timeout,
-                              recovery_timeout=recovery_timeout) as dm:
+        with _client_node(peers, initial_peers, model, socket, wire_dtype, lz4, step_timeout,
+                          recovery_timeout) as dm:
             run_chat(reply_through_model(dm), sampling, system_prompt)
 
     _run_cli(run, debug)
