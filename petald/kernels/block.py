@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
+from petald.kernels.lora import BlockLora
 from petald.kernels.quant import Linear, make_linear
 from petald.kernels.rotary import apply_rotary
 from petald.kernels.step_batch import StepBatch
@@ -29,6 +30,13 @@ def sliding_window_of(config: PretrainedConfig, index: int) -> int | None:
     if layer_types is not None:
         return window if layer_types[index] == "sliding_attention" else None
     return window if config.model_type == "mistral" else None
+
+
+def project(linear: Linear, group: str, h: torch.Tensor, lora: BlockLora | None) -> torch.Tensor:
+    """``linear(h)``, plus the adapter's delta for that fused projection where it has one."""
+    y = linear(h)
+    delta = None if lora is None else lora.delta(group, h)
+    return y if delta is None else y + delta
 
 
 class TransformerBlock:
@@ -60,11 +68,15 @@ class TransformerBlock:
         self.gate_up = linear(["mlp.gate_proj", "mlp.up_proj"])
         self.down = linear(["mlp.down_proj"])
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        """Run the flattened tokens ``x`` [N, hidden] of ``batch``; writes their keys and values into the pools."""
+    def forward(self, x: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                lora: BlockLora | None = None) -> torch.Tensor:
+        """Run the flattened tokens ``x`` [N, hidden] of ``batch``; writes their keys and values into the pools.
+
+        With ``lora``, each projection gets that adapter's delta added to its output.
+        """
         n = x.shape[0]
         h = rms_norm(x, self.ln_attn, self.eps)
-        qkv = self.qkv(h)
+        qkv = project(self.qkv, "qkv", h, lora)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         # Queries and keys rotated in one call: half the small ops of rotating each.
         qk = apply_rotary(qkv[:, : q_size + kv_size].view(n, self.n_heads + self.n_kv_heads, self.head_dim),
@@ -73,10 +85,10 @@ class TransformerBlock:
         k_pool.index_copy_(0, batch.write_slots, k)
         v_pool.index_copy_(0, batch.write_slots, qkv[:, q_size + kv_size :].view(n, self.n_kv_heads, self.head_dim))
         attn = self.attend(q, batch, k_pool, v_pool)
-        x = x + self.o(attn.reshape(n, q_size))
+        x = x + project(self.o, "o", attn.reshape(n, q_size), lora)
         h = rms_norm(x, self.ln_mlp, self.eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        gate, up = project(self.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
+        return x + project(self.down, "down", F.silu(gate) * up, lora)
 
     def attend(self, q: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """Attention of each segment's queries [N, heads, head_dim] over that segment's own pages."""

@@ -6,7 +6,7 @@ live on an event loop hop back to it themselves (p2pnode does that with a trio
 token).
 
 Continuous batching: each turn, the thread takes every step that has arrived,
-and runs one batched forward per sub-span (``BlockSpan.forward_batch``): the
+and runs one batched forward per sub-span and LoRA adapter (``BlockSpan.forward_batch``): the
 matmuls run once over all sessions' tokens, attention per session over its own
 pages. A step longer than one token (a prefill) advances by at most
 ``prefill_chunk`` tokens per turn (shared by all prefills of that turn, oldest
@@ -50,6 +50,7 @@ class StepJob:
     end: int
     out_dtype: torch.dtype
     done: Completion
+    adapter: str | None = None  # the LoRA adapter this session runs with
     offset: int = 0  # tokens already run
     outputs: list[torch.Tensor] = field(default_factory=list)
     finished: bool = False
@@ -70,9 +71,10 @@ class DeviceExecutor:
         self._thread.start()
 
     def submit(self, cache: SessionCache, hidden: torch.Tensor, start: int, end: int, out_dtype: torch.dtype,
-               done: Completion) -> None:
-        """Run ``hidden`` through blocks [start, end) for ``cache``; ``done(output on CPU, error)`` follows."""
-        self._jobs.put(StepJob(cache, hidden, start, end, out_dtype, done))
+               done: Completion, adapter: str | None = None) -> None:
+        """Run ``hidden`` through blocks [start, end) for ``cache``, with LoRA ``adapter`` if one is named;
+        ``done(output on CPU, error)`` follows."""
+        self._jobs.put(StepJob(cache, hidden, start, end, out_dtype, done, adapter))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._jobs.put(_STOP)
@@ -123,11 +125,11 @@ class DeviceExecutor:
         return got
 
     def _turn(self, pending: list[StepJob]) -> tuple[list[StepJob], list[StepJob]]:
-        """One batched forward per sub-span: every decode step, and prefill chunks up to the budget.
+        """One batched forward per sub-span and adapter: every decode step, and prefill chunks up to the budget.
 
         Returns the steps still in progress and the steps that finished."""
         budget = self.prefill_chunk
-        groups: dict[tuple[int, int], list[tuple[StepJob, int]]] = {}
+        groups: dict[tuple[int, int, str | None], list[tuple[StepJob, int]]] = {}
         for job in pending:
             if job.cache.closed:
                 self._finish(job, None, ValueError("the session was closed"))
@@ -137,19 +139,21 @@ class DeviceExecutor:
                 continue  # this prefill waits for the next turn
             if job.remaining > 1:
                 budget -= tokens
-            groups.setdefault((job.start, job.end), []).append((job, tokens))
-        for (start, end), group in groups.items():
-            self._run(group, start, end)
+            # Sessions with different adapters compute different projections: never one forward.
+            groups.setdefault((job.start, job.end, job.adapter), []).append((job, tokens))
+        for (start, end, adapter), group in groups.items():
+            self._run(group, start, end, adapter)
         return [job for job in pending if not job.finished], [job for job in pending if job.finished]
 
-    def _run(self, group: list[tuple[StepJob, int]], start: int, end: int) -> None:
+    def _run(self, group: list[tuple[StepJob, int]], start: int, end: int, adapter: str | None) -> None:
         try:
             outputs = self.span.forward_batch(
-                [(job.hidden[:, job.offset : job.offset + tokens], job.cache) for job, tokens in group], start, end)
+                [(job.hidden[:, job.offset : job.offset + tokens], job.cache) for job, tokens in group], start, end,
+                adapter)
         except Exception as exc:
             if len(group) > 1:  # one bad step must not fail the others: run each alone
                 for item in group:
-                    self._run([item], start, end)
+                    self._run([item], start, end, adapter)
             else:
                 self._finish(group[0][0], None, exc)
             return

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from petald.kernels.block import TransformerBlock
+from petald.kernels.lora import AdapterError, LoraAdapter, load_lora_adapter
 from petald.kernels.model_source import ModelSource
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache, SessionCache
 from petald.kernels.quant import check_quant
@@ -35,6 +37,35 @@ class BlockSpan:
         first = self.blocks[0]
         self.n_kv_heads, self.head_dim = first.n_kv_heads, first.head_dim
         self.hidden_size = self.config.hidden_size
+        self.adapters: dict[str, LoraAdapter] = {}
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Let sessions run with ``adapter`` (by its name); it must have been loaded for this span."""
+        if adapter.name in self.adapters:
+            raise AdapterError(f"this span already holds an adapter named {adapter.name!r} "
+                               f"(from {self.adapters[adapter.name].path}); give {adapter.path} another name")
+        if not (adapter.start <= self.start and self.end <= adapter.end):
+            raise AdapterError(f"adapter {adapter.name!r} was loaded for blocks {adapter.start}:{adapter.end}, "
+                               f"which do not cover this span's {self.start}:{self.end}")
+        if (adapter.dtype, torch.device(adapter.device)) != (self.dtype, torch.device(self.device)):
+            raise AdapterError(f"adapter {adapter.name!r} was loaded as {adapter.dtype} on {adapter.device}; "
+                               f"this span computes in {self.dtype} on {self.device}")
+        self.adapters[adapter.name] = adapter
+
+    def load_adapter(self, path: str | Path, name: str | None = None) -> LoraAdapter:
+        """Load the PEFT LoRA adapter directory ``path`` for this span's blocks and add it."""
+        adapter = load_lora_adapter(path, self.config, self.start, self.end, self.dtype, self.device, name)
+        self.add_adapter(adapter)
+        return adapter
+
+    def adapter_named(self, name: str | None) -> LoraAdapter | None:
+        if name is None:
+            return None
+        try:
+            return self.adapters[name]
+        except KeyError:
+            held = ", ".join(sorted(self.adapters)) or "none"
+            raise AdapterError(f"this server holds no adapter named {name!r} (it holds: {held})") from None
 
     @property
     def max_positions(self) -> int:
@@ -52,21 +83,26 @@ class BlockSpan:
         return pool.open(batch, max_length)
 
     def forward(self, hidden: torch.Tensor, cache: SessionCache, start: int | None = None,
-                end: int | None = None) -> torch.Tensor:
+                end: int | None = None, adapter: str | None = None) -> torch.Tensor:
         """Run one session's ``hidden`` [B, T, H] through blocks [start, end) (default: the whole span).
 
         The tokens take positions [cache.length, cache.length + T); the cache advances by T.
+        ``adapter`` names one of ``self.adapters`` to apply (None: the base model alone).
         """
-        return self.forward_batch([(hidden, cache)], start, end)[0]
+        return self.forward_batch([(hidden, cache)], start, end, adapter)[0]
 
     @torch.inference_mode()
     def forward_batch(self, steps: list[tuple[torch.Tensor, SessionCache]], start: int | None = None,
-                      end: int | None = None) -> list[torch.Tensor]:
-        """Run the steps of several sessions (one step each, all in one pool) as one batched forward."""
+                      end: int | None = None, adapter: str | None = None) -> list[torch.Tensor]:
+        """Run the steps of several sessions (one step each, all in one pool) as one batched forward.
+
+        All of them run with the same ``adapter`` (or none): the executor never mixes adapters in a batch.
+        """
         start = self.start if start is None else start
         end = self.end if end is None else end
         if not self.start <= start < end <= self.end:
             raise ValueError(f"blocks {start}:{end} are outside this span {self.start}:{self.end}")
+        lora = self.adapter_named(adapter)
         pool = steps[0][1].pool
         if pool.num_blocks != self.end - self.start:
             raise ValueError("the cache belongs to a pool of another span")
@@ -83,7 +119,8 @@ class BlockSpan:
         batch = StepBatch(segments, pool, self.rotary, self.device)
         x = (rows[0] if len(rows) == 1 else torch.cat(rows)).to(device=self.device, dtype=self.dtype)
         for layer in range(start - self.start, end - self.start):
-            x = self.blocks[layer].forward(x, batch, pool.keys[layer], pool.values[layer])
+            block_lora = None if lora is None else lora.block(self.start + layer)
+            x = self.blocks[layer].forward(x, batch, pool.keys[layer], pool.values[layer], block_lora)
         outputs = []
         for out, (hidden, cache) in zip(x.split([h.shape[0] * h.shape[1] for h, _ in steps]), steps, strict=True):
             outputs.append(out.view(hidden.shape[0], hidden.shape[1], -1))

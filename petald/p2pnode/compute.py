@@ -14,13 +14,17 @@ from petald.kernels.paged_kv_cache import SessionCache
 
 
 async def run_step(executor: DeviceExecutor, cache: SessionCache, hidden: torch.Tensor, start: int, end: int,
-                   out_dtype: torch.dtype, finished: trio.Event | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype, finished: trio.Event | None = None,
+                   adapter: str | None = None) -> torch.Tensor:
     """The step's output, on the CPU in ``out_dtype``, once the executor has run it (batched with others).
+
+    ``adapter`` names the span's LoRA adapter this session runs with (None: the base model).
 
     ``finished`` is set when the executor is done with the step, even if this wait was cancelled:
     until then the step may still write into ``cache``, so its pages must not be freed.
     """
-    return await await_completion(lambda done: executor.submit(cache, hidden, start, end, out_dtype, done), finished)
+    return await await_completion(lambda done: executor.submit(cache, hidden, start, end, out_dtype, done, adapter),
+                                  finished)
 
 
 async def await_completion(submit: Callable[[Completion], None], finished: trio.Event | None = None) -> Any:
