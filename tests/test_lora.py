@@ -246,6 +246,20 @@ def test_quantized_base_keeps_the_adapter_in_the_compute_dtype(tiny_models, llam
     assert (run(quantized, "full") - run(quantized, None)).abs().max() > (1 - tolerance) * effect
 
 
+def test_bfloat16_span_applies_the_adapter_in_bfloat16(tiny_models, llama_adapters):
+    source = open_source(str(tiny_models["llama"]))
+    full, half = (BlockSpan(source, 0, 2, dtype, CPU) for dtype in (torch.float32, torch.bfloat16))
+    for span in (full, half):
+        span.load_adapter(llama_adapters["partial"], name="partial")
+    assert half.adapters["partial"].block(1).groups["qkv"].a_t.dtype == torch.bfloat16
+    hidden = ClientHead(source).embed(ids_of(7, 6))
+    want = full.forward(hidden, full.new_cache(2, 6), adapter="partial")
+    got = half.forward(hidden, half.new_cache(2, 6), adapter="partial")
+    base = full.forward(hidden, full.new_cache(2, 6))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.05 * (want - base).abs().max()
+
+
 def test_fingerprint_pins_the_content_not_the_file_or_the_span(tiny_models, tmp_path):
     model_dir = tiny_models["llama"]
     config = open_source(str(model_dir)).config
