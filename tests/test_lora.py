@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from petald.kernels.client_head import ClientHead
@@ -324,6 +325,12 @@ def test_file_refusals(tiny_models, llama_adapters, tmp_path):
     (broken / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="cannot be read as JSON"):
         load(broken)
+    poisoned = copy_with_config(llama_adapters["full"], tmp_path / "poisoned")
+    tensors = load_file(poisoned / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"][0, 0] = float("nan")
+    save_file(tensors, poisoned / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="layers.2.mlp.up_proj.lora_B.weight holds non-finite"):
+        load(poisoned)
     with pytest.raises(AdapterError, match="adapter name 'a b'"):
         load_lora_adapter(llama_adapters["full"], config, 0, TINY_BLOCKS, torch.float32, CPU, name="a b")
 

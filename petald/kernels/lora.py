@@ -113,6 +113,8 @@ def load_lora_adapter(path: str | Path, config: PretrainedConfig, start: int, en
     Every tensor is checked against the model (so an adapter trained for another model is refused),
     and hashed into the fingerprint; only the blocks in [start, end) are kept.
     """
+    if not 0 <= start < end <= config.num_hidden_layers:
+        raise ValueError(f"blocks {start}:{end} are not a span of this model's {config.num_hidden_layers} blocks")
     path = Path(path).expanduser()
     if not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a directory"
@@ -156,6 +158,8 @@ def load_lora_adapter(path: str | Path, config: PretrainedConfig, start: int, en
                                f"({config.model_type}, hidden size {config.hidden_size}) with rank {rank} needs "
                                f"{list(want)}: the adapter was trained for another model, or its rank_pattern "
                                "does not match its weights")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise AdapterError(f"{weights_file}: {key} holds non-finite or non-float values; the adapter is broken")
         if start <= layer < end:
             pieces.setdefault((layer, proj), {})[ab] = tensor
     for (layer, proj), got in sorted(seen.items()):
