@@ -11,7 +11,9 @@ matmuls run once over all sessions' tokens, attention per session over its own
 pages. A step longer than one token (a prefill) advances by at most
 ``prefill_chunk`` tokens per turn (shared by all prefills of that turn, oldest
 first), so a long prompt never holds other sessions' decode steps for its whole
-length: they join the next turn. Before a turn, the thread waits briefly (at
+length: they join the next turn. Other work for the device (training forwards and
+backwards) runs one job per turn, after the turn's steps: decode steps never wait
+behind a queue of training jobs. Before a turn, the thread waits briefly (at
 most a quarter of the last turn) for the sessions served in the last turn, whose
 next steps are on their way, so that concurrent sessions stay in one batch.
 """
@@ -59,6 +61,14 @@ class StepJob:
         return self.hidden.shape[1] - self.offset
 
 
+@dataclass
+class TaskJob:
+    """Any other work for the device: ``run()``'s result (or error) goes to ``done``."""
+
+    run: Callable[[], Any]
+    done: Completion
+
+
 class DeviceExecutor:
     def __init__(self, span: BlockSpan, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  gather_fraction: float = DEFAULT_GATHER_FRACTION, name: str = "petald-executor"):
@@ -74,16 +84,21 @@ class DeviceExecutor:
         """Run ``hidden`` through blocks [start, end) for ``cache``; ``done(output on CPU, error)`` follows."""
         self._jobs.put(StepJob(cache, hidden, start, end, out_dtype, done))
 
+    def submit_task(self, run: Callable[[], Any], done: Completion) -> None:
+        """Run ``run()`` on the device thread between batched steps; ``done(result, error)`` follows."""
+        self._jobs.put(TaskJob(run, done))
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._jobs.put(_STOP)
         self._thread.join(timeout)
 
     def _loop(self) -> None:
         pending: list[StepJob] = []
+        tasks: deque[TaskJob] = deque()
         expected: dict[int, SessionCache] = {}  # sessions whose step finished last turn: their next one is coming
         last_turn = 0.0
         while True:
-            arrived = [] if pending else [self._jobs.get()]  # block only when nothing is in progress
+            arrived = [] if pending or tasks else [self._jobs.get()]  # block only when nothing is in progress
             while True:
                 try:
                     arrived.append(self._jobs.get_nowait())
@@ -94,12 +109,30 @@ class DeviceExecutor:
                 if job is _STOP:
                     for p in pending:
                         self._finish(p, None, RuntimeError("the server is shutting down"))
+                    for t in tasks:
+                        t.done(None, RuntimeError("the server is shutting down"))
                     return
-                pending.append(job)
-            started = time.monotonic()
-            pending, finished = self._turn(pending)
-            last_turn = time.monotonic() - started
-            expected = {id(job.cache): job.cache for job in finished}
+                (tasks if isinstance(job, TaskJob) else pending).append(job)
+            if pending:
+                started = time.monotonic()
+                pending, finished = self._turn(pending)
+                last_turn = time.monotonic() - started
+                expected = {id(job.cache): job.cache for job in finished}
+            if tasks:
+                self._run_task(tasks.popleft())
+
+    @staticmethod
+    def _run_task(task: TaskJob) -> None:
+        try:
+            result = task.run()
+        except Exception as exc:
+            result, error = None, exc
+        else:
+            error = None
+        try:
+            task.done(result, error)
+        except Exception:
+            log.exception("executor completion callback failed")
 
     def _gather(self, expected: dict[int, SessionCache], have: list[Any], window: float) -> list[Any]:
         """Wait up to ``window`` seconds for the sessions served last turn to send their next step.
@@ -108,7 +141,7 @@ class DeviceExecutor:
         other; starting a turn with only the first would split them into turns of one, for good.
         """
         waiting = {key for key, cache in expected.items() if not cache.closed}
-        waiting -= {id(job.cache) for job in have if job is not _STOP}
+        waiting -= {id(job.cache) for job in have if isinstance(job, StepJob)}
         got: list[Any] = []
         deadline = time.monotonic() + window
         while waiting and not any(job is _STOP for job in have) and (left := deadline - time.monotonic()) > 0:
@@ -119,7 +152,8 @@ class DeviceExecutor:
             got.append(job)
             if job is _STOP:
                 break
-            waiting.discard(id(job.cache))
+            if isinstance(job, StepJob):
+                waiting.discard(id(job.cache))
         return got
 
     def _turn(self, pending: list[StepJob]) -> tuple[list[StepJob], list[StepJob]]:

@@ -35,6 +35,7 @@ class BlockSpan:
         first = self.blocks[0]
         self.n_kv_heads, self.head_dim = first.n_kv_heads, first.head_dim
         self.hidden_size = self.config.hidden_size
+        self.adapters: dict = {}  # LoRA adapters by name
 
     @property
     def max_positions(self) -> int:

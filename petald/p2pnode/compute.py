@@ -23,6 +23,11 @@ async def run_step(executor: DeviceExecutor, cache: SessionCache, hidden: torch.
     return await await_completion(lambda done: executor.submit(cache, hidden, start, end, out_dtype, done), finished)
 
 
+async def run_task(executor: DeviceExecutor, run: Callable[[], Any]) -> Any:
+    """``run()``'s result, computed on the device thread between batched steps (training work)."""
+    return await await_completion(lambda done: executor.submit_task(run, done))
+
+
 async def await_completion(submit: Callable[[Completion], None], finished: trio.Event | None = None) -> Any:
     """Call ``submit(done)`` and sleep until another thread calls ``done(result, error)``.
 

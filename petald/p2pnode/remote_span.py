@@ -64,7 +64,7 @@ async def open_stream(host: IHost, peer_id: str, protocol: str, timeout: float) 
     return FramedStream(stream, send_timeout=timeout)
 
 
-async def _receive_reply(framed: FramedStream, peer: str, timeout: float, what: str) -> dict:
+async def receive_reply(framed: FramedStream, peer: str, timeout: float, what: str) -> dict:
     try:
         with trio.fail_after(timeout):
             msg = await framed.receive()
@@ -84,7 +84,7 @@ async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> Server
     framed = await open_stream(host, peer_id, INFO_PROTOCOL, timeout)
     try:
         await framed.send(InfoRequest().to_wire())
-        return ServerInfo.from_wire(await _receive_reply(framed, peer_id, timeout, "an info request"))
+        return ServerInfo.from_wire(await receive_reply(framed, peer_id, timeout, "an info request"))
     finally:
         await framed.close()
 
@@ -100,13 +100,13 @@ class RemoteSpanSession:
 
     @classmethod
     async def open(cls, host: IHost, hop: SpanHop, identity: ModelIdentity, batch: int, max_length: int,
-                   wire_dtype: str, codec: str, step_timeout: float) -> RemoteSpanSession:
+                   wire_dtype: str, codec: str, step_timeout: float, adapter: str = "") -> RemoteSpanSession:
         peer = hop.server.peer_id
         framed = await open_stream(host, peer, INFERENCE_PROTOCOL, step_timeout)
         try:
             await framed.send(OpenSession(identity.model_id, identity.fingerprint, hop.start, hop.end,
-                                          batch, max_length, wire_dtype, codec).to_wire())
-            opened = SessionOpened.from_wire(await _receive_reply(framed, peer, step_timeout, "opening a session"))
+                                          batch, max_length, wire_dtype, codec, adapter=adapter).to_wire())
+            opened = SessionOpened.from_wire(await receive_reply(framed, peer, step_timeout, "opening a session"))
             if (opened.start, opened.end) != (hop.start, hop.end):
                 raise ServerUnavailable(f"server ..{peer[-8:]} opened blocks {opened.start}:{opened.end}; "
                                         f"asked for {hop.start}:{hop.end}")
@@ -123,7 +123,7 @@ class RemoteSpanSession:
             await self.framed.send(Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec).to_wire())
         except PeerGone as exc:
             raise ServerUnavailable(f"server ..{peer[-8:]} went away: {exc}") from None
-        out = StepOutput.from_wire(await _receive_reply(self.framed, peer, self.step_timeout, "a step"))
+        out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.step_timeout, "a step"))
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with shape "
                                     f"{list(out.hidden.shape)}; expected step {self._step_ids}, {list(hidden.shape)}")
