@@ -52,6 +52,7 @@ class StepJob:
     end: int
     out_dtype: torch.dtype
     done: Completion
+    prompts: torch.Tensor | None = None  # deep prompts for the step's first tokens (BlockSpan.forward_batch)
     offset: int = 0  # tokens already run
     outputs: list[torch.Tensor] = field(default_factory=list)
     finished: bool = False
@@ -80,9 +81,9 @@ class DeviceExecutor:
         self._thread.start()
 
     def submit(self, cache: SessionCache, hidden: torch.Tensor, start: int, end: int, out_dtype: torch.dtype,
-               done: Completion) -> None:
+               done: Completion, prompts: torch.Tensor | None = None) -> None:
         """Run ``hidden`` through blocks [start, end) for ``cache``; ``done(output on CPU, error)`` follows."""
-        self._jobs.put(StepJob(cache, hidden, start, end, out_dtype, done))
+        self._jobs.put(StepJob(cache, hidden, start, end, out_dtype, done, prompts))
 
     def submit_task(self, run: Callable[[], Any], done: Completion) -> None:
         """Run ``run()`` on the device thread between batched steps; ``done(result, error)`` follows."""
@@ -179,7 +180,9 @@ class DeviceExecutor:
     def _run(self, group: list[tuple[StepJob, int]], start: int, end: int) -> None:
         try:
             outputs = self.span.forward_batch(
-                [(job.hidden[:, job.offset : job.offset + tokens], job.cache) for job, tokens in group], start, end)
+                [(job.hidden[:, job.offset : job.offset + tokens], job.cache) for job, tokens in group], start, end,
+                [self._prompt_part(job, tokens) for job, tokens in group] if any(j.prompts is not None for j, _ in group)
+                else None)
         except Exception as exc:
             if len(group) > 1:  # one bad step must not fail the others: run each alone
                 for item in group:
@@ -199,6 +202,13 @@ class DeviceExecutor:
                     self._finish(job, None, exc)
                 else:
                     self._finish(job, result, None)
+
+    @staticmethod
+    def _prompt_part(job: StepJob, tokens: int) -> torch.Tensor | None:
+        """The deep prompts of the chunk [offset, offset + tokens) of a step (a prefill runs in chunks)."""
+        if job.prompts is None or job.offset >= job.prompts.shape[2]:
+            return None
+        return job.prompts[:, :, job.offset : job.offset + tokens]
 
     @staticmethod
     def _finish(job: StepJob, result: Any, error: BaseException | None) -> None:

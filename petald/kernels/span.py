@@ -62,8 +62,13 @@ class BlockSpan:
 
     @torch.inference_mode()
     def forward_batch(self, steps: list[tuple[torch.Tensor, SessionCache]], start: int | None = None,
-                      end: int | None = None) -> list[torch.Tensor]:
-        """Run the steps of several sessions (one step each, all in one pool) as one batched forward."""
+                      end: int | None = None, prompts: list[torch.Tensor | None] | None = None
+                      ) -> list[torch.Tensor]:
+        """Run the steps of several sessions (one step each, all in one pool) as one batched forward.
+
+        ``prompts[i]`` (deep prompts of step i, [end - start, 1 or batch, n, hidden], or None) is added to
+        the first n tokens of step i before each block.
+        """
         start = self.start if start is None else start
         end = self.end if end is None else end
         if not self.start <= start < end <= self.end:
@@ -83,10 +88,34 @@ class BlockSpan:
                 rows.append(hidden[row])
         batch = StepBatch(segments, pool, self.rotary, self.device)
         x = (rows[0] if len(rows) == 1 else torch.cat(rows)).to(device=self.device, dtype=self.dtype)
+        added = self._prompt_rows(steps, prompts, end - start) if prompts is not None else None
         for layer in range(start - self.start, end - self.start):
+            if added is not None:
+                x = x.index_add(0, added[0], added[1][layer - (start - self.start)])
             x = self.blocks[layer].forward(x, batch, pool.keys[layer], pool.values[layer])
         outputs = []
         for out, (hidden, cache) in zip(x.split([h.shape[0] * h.shape[1] for h, _ in steps]), steps, strict=True):
             outputs.append(out.view(hidden.shape[0], hidden.shape[1], -1))
             cache.length += hidden.shape[1]
         return outputs
+
+    def _prompt_rows(self, steps: list[tuple[torch.Tensor, SessionCache]], prompts: list[torch.Tensor | None],
+                     blocks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The flattened rows that deep prompts touch, and what each block adds there: [R], [blocks, R, hidden]."""
+        rows, addends = [], []
+        offset = 0
+        for (hidden, _), prompt in zip(steps, prompts, strict=True):
+            batch, tokens = hidden.shape[0], hidden.shape[1]
+            if prompt is not None:
+                if (prompt.dim() != 4 or prompt.shape[0] != blocks or prompt.shape[1] not in (1, batch)
+                        or prompt.shape[2] > tokens or prompt.shape[3] != self.hidden_size):
+                    raise ValueError(f"prompts have shape {list(prompt.shape)}; expected [{blocks}, 1 or {batch}, "
+                                     f"at most {tokens}, {self.hidden_size}]")
+                n = prompt.shape[2]
+                rows.append((offset + torch.arange(batch)[:, None] * tokens + torch.arange(n)[None]).reshape(-1))
+                addends.append(prompt.expand(blocks, batch, n, self.hidden_size).reshape(blocks, batch * n, -1))
+            offset += batch * tokens
+        if not rows:
+            return None
+        return (torch.cat(rows).to(self.device),
+                torch.cat(addends, dim=1).to(device=self.device, dtype=self.dtype))

@@ -14,13 +14,15 @@ from petald.kernels.paged_kv_cache import SessionCache
 
 
 async def run_step(executor: DeviceExecutor, cache: SessionCache, hidden: torch.Tensor, start: int, end: int,
-                   out_dtype: torch.dtype, finished: trio.Event | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype, finished: trio.Event | None = None,
+                   prompts: torch.Tensor | None = None) -> torch.Tensor:
     """The step's output, on the CPU in ``out_dtype``, once the executor has run it (batched with others).
 
     ``finished`` is set when the executor is done with the step, even if this wait was cancelled:
     until then the step may still write into ``cache``, so its pages must not be freed.
     """
-    return await await_completion(lambda done: executor.submit(cache, hidden, start, end, out_dtype, done), finished)
+    return await await_completion(lambda done: executor.submit(cache, hidden, start, end, out_dtype, done, prompts),
+                                  finished)
 
 
 async def run_task(executor: DeviceExecutor, run: Callable[[], Any]) -> Any:

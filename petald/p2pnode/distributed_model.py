@@ -227,9 +227,11 @@ class DistributedModel:
             return []  # none answers yet; the caller looks again until its deadline
 
     @contextlib.contextmanager
-    def inference_session(self, batch: int = 1, max_length: int = 2048, route: SpanRoute | None = None
-                          ) -> Iterator[InferenceSession]:
-        """A session whose servers are replaced (with a replay of its history) when they fail."""
+    def inference_session(self, batch: int = 1, max_length: int = 2048, route: SpanRoute | None = None,
+                          deep_prompts: torch.Tensor | None = None) -> Iterator[InferenceSession]:
+        """A session whose servers are replaced (with a replay of its history) when they fail.
+
+        ``deep_prompts`` [model blocks, 1 or batch, P, hidden] are added to positions [0, P) before each block."""
         cache_tokens = batch * max_length
         route = route or self.route(cache_tokens_per_block=cache_tokens)
 
@@ -238,7 +240,7 @@ class DistributedModel:
 
         session = InferenceSession(self.node.host, route, self.identity, batch, max_length,
                                    self.wire_dtype, self.codec, self.step_timeout,
-                                   find_route, self.bans, self.recovery_timeout, self.adapter)
+                                   find_route, self.bans, self.recovery_timeout, self.adapter, deep_prompts)
         try:
             self.node.call(session.open)
             yield session
@@ -262,11 +264,14 @@ class DistributedModel:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  eos_token_id: int | Sequence[int] | None = None,
-                 streamer: Callable[[torch.Tensor], None] | None = None) -> torch.LongTensor:
+                 streamer: Callable[[torch.Tensor], None] | None = None, prefix: torch.Tensor | None = None,
+                 deep_prompts: torch.Tensor | None = None) -> torch.LongTensor:
         """Like transformers' generate: returns prompt + new tokens, [batch, length].
 
         Greedy unless ``do_sample``. Stops when every row has produced an EOS token.
         ``streamer`` is called with each new column of tokens [batch] as it is chosen.
+        ``prefix`` [P, hidden] (soft prompt embeddings) goes before the prompt, and ``deep_prompts``
+        [model blocks, P, hidden] are added at those positions before each block (``PromptTuning``).
         """
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
@@ -282,8 +287,12 @@ class DistributedModel:
         batch = input_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool)
         tokens = [input_ids]
-        with self.inference_session(batch, input_ids.shape[1] + max_new_tokens) as session:
-            hidden = self._step(session, self.head.embed(input_ids))
+        embeds = self.head.embed(input_ids)
+        if prefix is not None:
+            embeds = torch.cat([prefix.to(embeds.dtype)[None].expand(batch, -1, -1), embeds], dim=1)
+        deep = deep_prompts[:, None] if deep_prompts is not None else None
+        with self.inference_session(batch, embeds.shape[1] + max_new_tokens, deep_prompts=deep) as session:
+            hidden = self._step(session, embeds)
             for _ in range(max_new_tokens):
                 logits = self.head.logits(hidden[:, -1])
                 nxt = sample_next(logits, temperature if do_sample else 0.0, top_p, generator)

@@ -90,17 +90,22 @@ async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> Server
 
 
 class RemoteSpanSession:
-    def __init__(self, hop: SpanHop, framed: FramedStream, wire_dtype: str, codec: str, step_timeout: float):
+    def __init__(self, hop: SpanHop, framed: FramedStream, wire_dtype: str, codec: str, step_timeout: float,
+                 prompts: torch.Tensor | None = None):
+        """``prompts`` [hop blocks, 1 or batch, P, hidden]: deep prompts for positions [0, P), sent along
+        with the steps that cover them."""
         self.hop = hop
         self.framed = framed
         self.wire_dtype, self.codec = wire_dtype, codec
         self.step_timeout = step_timeout
+        self.prompts = prompts
         self.position = 0
         self._step_ids = 0
 
     @classmethod
     async def open(cls, host: IHost, hop: SpanHop, identity: ModelIdentity, batch: int, max_length: int,
-                   wire_dtype: str, codec: str, step_timeout: float, adapter: str = "") -> RemoteSpanSession:
+                   wire_dtype: str, codec: str, step_timeout: float, adapter: str = "",
+                   prompts: torch.Tensor | None = None) -> RemoteSpanSession:
         peer = hop.server.peer_id
         framed = await open_stream(host, peer, INFERENCE_PROTOCOL, step_timeout)
         try:
@@ -114,13 +119,17 @@ class RemoteSpanSession:
             with trio.CancelScope(shield=True):  # free the server's side even when we are cancelled
                 await framed.reset()
             raise
-        return cls(hop, framed, wire_dtype, codec, step_timeout)
+        return cls(hop, framed, wire_dtype, codec, step_timeout, prompts)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         self._step_ids += 1
         peer = self.hop.server.peer_id
         try:
-            await self.framed.send(Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec).to_wire())
+            prompts = None
+            if self.prompts is not None and self.position < self.prompts.shape[2]:
+                prompts = self.prompts[:, :, self.position : self.position + hidden.shape[1]]
+            await self.framed.send(Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec,
+                                        prompts).to_wire())
         except PeerGone as exc:
             raise ServerUnavailable(f"server ..{peer[-8:]} went away: {exc}") from None
         out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.step_timeout, "a step"))

@@ -317,13 +317,15 @@ class BlockServer:
                 return
             step = Step.from_wire(msg)
             hidden = self._check_step(step, request, cache)
+            prompts = self._check_prompts(step, request)
             # Batched with other sessions' steps on the executor, which also copies the output to host
             # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
             finished = trio.Event()
             live.unfinished = [finished]  # the previous step had finished before this one was accepted
             live.in_step = True
             with trio.move_on_after(step_timeout) as step_scope:
-                out = await run_step(self.executor, cache, hidden, request.start, request.end, wire_dtype, finished)
+                out = await run_step(self.executor, cache, hidden, request.start, request.end, wire_dtype, finished,
+                                     prompts)
             if step_scope.cancelled_caught:
                 raise ProtocolError(ErrorCode.TIMEOUT, f"the step took longer than {step_timeout:.0f} s; "
                                                        "session closed")
@@ -347,6 +349,24 @@ class BlockServer:
         if not torch.isfinite(h).all():
             raise ProtocolError(ErrorCode.BAD_TENSOR, "hidden holds NaN or infinite values")
         return h
+
+
+    def _check_prompts(self, step: Step, request: OpenSession) -> torch.Tensor | None:
+        p = step.prompts
+        if p is None:
+            return None
+        blocks, hidden_size = request.end - request.start, self.span.hidden_size
+        if (p.dim() != 4 or p.shape[0] != blocks or p.shape[1] not in (1, request.batch)
+                or not 1 <= p.shape[2] <= step.hidden.shape[1] or p.shape[3] != hidden_size):
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"prompts have shape {list(p.shape)}; expected [{blocks}, 1 or {request.batch}, "
+                                f"1 to {step.hidden.shape[1]} tokens, {hidden_size}]")
+        if dtype_name(p.dtype) != request.wire_dtype:
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"prompts are {dtype_name(p.dtype)}; this session was opened for {request.wire_dtype}")
+        if not torch.isfinite(p).all():
+            raise ProtocolError(ErrorCode.BAD_TENSOR, "prompts hold NaN or infinite values")
+        return p
 
 
 async def _send_error(framed: FramedStream, code: ErrorCode, message: str) -> None:

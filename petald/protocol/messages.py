@@ -149,23 +149,33 @@ class SessionOpened:
 
 @dataclass
 class Step:
-    """Hidden states [batch, tokens, hidden] for positions [position, position + tokens)."""
+    """Hidden states [batch, tokens, hidden] for positions [position, position + tokens).
+
+    ``prompts`` [blocks, 1 or batch, n, hidden], when present, is added to the step's first n
+    tokens before each block of the session's span (deep prompts, sent with the steps that
+    cover the prompt's positions)."""
 
     step_id: int
     position: int
     hidden: torch.Tensor
     wire_dtype: str = "float32"
     codec: str = "raw"
+    prompts: torch.Tensor | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "step", "step_id": self.step_id, "position": self.position,
-                "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+        msg = {"type": "step", "step_id": self.step_id, "position": self.position,
+               "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+        if self.prompts is not None:
+            msg["prompts"] = encode_tensor(self.prompts, self.wire_dtype, self.codec)
+        return msg
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any]) -> Step:
         expect_type(msg, "step")
+        prompts = msg.get("prompts")
         return cls(step_id=_int(msg, "step_id"), position=_int(msg, "position"),
-                   hidden=decode_tensor(msg.get("hidden"), "hidden"))
+                   hidden=decode_tensor(msg.get("hidden"), "hidden"),
+                   prompts=decode_tensor(prompts, "prompts") if prompts is not None else None)
 
 
 @dataclass
