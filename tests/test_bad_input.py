@@ -19,8 +19,8 @@ from petald.p2pnode.host import parse_peer_address
 from petald.p2pnode.identity import load_or_create_identity
 from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
-from petald.protocol.limits import INFERENCE_PROTOCOL
-from petald.protocol.messages import OpenSession, Step
+from petald.protocol.limits import INFERENCE_PROTOCOL, TRAINING_PROTOCOL
+from petald.protocol.messages import OpenSession, SpanRequest, Step
 from petald.protocol.tensors import encode_tensor
 from tests.oracle import reference_greedy
 
@@ -61,11 +61,11 @@ class RawClient:
         self.node, self.address, self.model = node, address, model
         self.peer = parse_peer_address(address)
 
-    def run(self, fn):
+    def run(self, fn, protocol: str = INFERENCE_PROTOCOL):
         async def wrapper():
             with trio.fail_after(30):
                 await self.node.host.connect(self.peer)
-                stream = await self.node.host.new_stream(self.peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)])
+                stream = await self.node.host.new_stream(self.peer.peer_id, [TProtocol(protocol)])
                 framed = FramedStream(stream)
                 try:
                     return await fn(framed, stream)
@@ -180,6 +180,77 @@ CASES = {
 }
 
 
+def _span_request(client: RawClient, hidden: torch.Tensor | None = None, **overrides) -> dict:
+    ident = client.model.identity
+    hidden = torch.zeros(2, 5, 64) if hidden is None else hidden
+    return {**SpanRequest(ident.model_id, ident.fingerprint, 0, 6, hidden, torch.ones_like(hidden)).to_wire(),
+            **overrides}
+
+
+async def training_wrong_shape(framed, stream, client):
+    await framed.send(_span_request(client, torch.zeros(2, 5, 63)))
+    return await _error_reply(framed)
+
+
+async def training_gradient_of_another_shape(framed, stream, client):
+    await framed.send(_span_request(client, grad_output=encode_tensor(torch.zeros(2, 4, 64))))
+    return await _error_reply(framed)
+
+
+async def training_prompts_of_the_wrong_shape(framed, stream, client):
+    await framed.send(_span_request(client, prompts=encode_tensor(torch.zeros(5, 1, 2, 64))))
+    return await _error_reply(framed)
+
+
+async def training_nan(framed, stream, client):
+    await framed.send(_span_request(client, torch.full((2, 5, 64), float("nan"))))
+    return await _error_reply(framed)
+
+
+async def training_over_the_token_limit(framed, stream, client):
+    await framed.send(_span_request(client, torch.zeros(64, 200, 64)))  # 12800 tokens > 8192
+    return await _error_reply(framed)
+
+
+async def training_unknown_adapter(framed, stream, client):
+    await framed.send(_span_request(client, adapter="no-such-adapter"))
+    return await _error_reply(framed)
+
+
+async def training_blocks_not_held(framed, stream, client):
+    await framed.send(_span_request(client, start=4, end=9))
+    return await _error_reply(framed)
+
+
+async def training_other_weights(framed, stream, client):
+    await framed.send(_span_request(client, fingerprint="0" * 64))
+    return await _error_reply(framed)
+
+
+async def training_malformed_frame(framed, stream, client):
+    await stream.write(_raw_frame(b"\xc1 not msgpack"))
+    return await _error_reply(framed)
+
+
+async def training_inference_message(framed, stream, client):
+    await framed.send(client.open_message())
+    return await _error_reply(framed)
+
+
+TRAINING_CASES = {
+    training_wrong_shape: "bad_tensor",
+    training_gradient_of_another_shape: "bad_tensor",
+    training_prompts_of_the_wrong_shape: "bad_tensor",
+    training_nan: "bad_tensor",
+    training_over_the_token_limit: "bad_tensor",
+    training_unknown_adapter: "unknown_adapter",
+    training_blocks_not_held: "span_not_served",
+    training_other_weights: "wrong_model",
+    training_malformed_frame: "bad_frame",
+    training_inference_message: "bad_message",
+}
+
+
 def _decode_with_interruption(model: DistributedModel, interrupt, steps: int = 10) -> list[int]:
     """Greedy-decode a good session and call ``interrupt`` in the middle of it."""
     tokens: list[int] = []
@@ -212,6 +283,26 @@ def test_bad_input_is_refused_and_isolated(tiny_server, good_model, raw_node, ca
     assert free[0] == CACHE_TOKENS - GOOD_SESSION_TOKENS
     assert len(replies[0]["message"]) > 10  # a sentence, not just a code
     assert client.free_tokens() == CACHE_TOKENS  # everything was given back
+    assert swarm.servers[0].process.poll() is None
+
+
+@pytest.mark.parametrize("case", list(TRAINING_CASES), ids=[c.__name__ for c in TRAINING_CASES])
+def test_bad_training_request_is_refused_and_isolated(tiny_server, good_model, raw_node, case):
+    path, swarm = tiny_server
+    client = RawClient(raw_node, swarm.addresses[0], good_model)
+    replies = []
+
+    def interrupt():
+        replies.append(client.run(lambda framed, stream: case(framed, stream, client), TRAINING_PROTOCOL))
+
+    assert _decode_with_interruption(good_model, interrupt) == reference_greedy(path, IDS, 10)
+    assert replies[0]["code"] == TRAINING_CASES[case], replies[0]
+    assert len(replies[0]["message"]) > 10
+    assert client.free_tokens() == CACHE_TOKENS
+    # The server still answers training requests correctly.
+    hidden = good_model.head.embed(IDS)
+    expected = good_model.run_blocks(hidden, 0, 6)
+    torch.testing.assert_close(good_model.remote_blocks(hidden), expected, atol=1e-4, rtol=1e-4)
     assert swarm.servers[0].process.poll() is None
 
 

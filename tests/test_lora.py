@@ -220,6 +220,8 @@ def test_unknown_adapter_name_is_refused_and_spares_other_sessions(tiny_models, 
     hidden = ClientHead(source).embed(torch.tensor([[1, 2, 3]]))
     with pytest.raises(AdapterError, match="no adapter named 'other' .*holds: full"):
         span.forward(hidden, span.new_cache(1, 8), adapter="other")
+    torch.testing.assert_close(span.forward(hidden, span.new_cache(1, 8), adapter=""),  # the wire's "none"
+                               span.forward(hidden, span.new_cache(1, 8)))
     with pytest.raises(AdapterError, match="already holds an adapter named 'full'"):
         span.load_adapter(llama_adapters["partial"], name="full")
     narrow = load_lora_adapter(llama_adapters["full"], source.config, 0, 3, torch.float32, CPU, name="narrow")
@@ -360,3 +362,26 @@ def test_an_adapter_for_another_model_is_refused(tiny_models, llama_adapters):
     more_kv.num_key_value_heads = 4
     with pytest.raises(AdapterError, match=r"k_proj.lora_B.weight has shape \[32, 4\].*needs \[64, 4\]"):
         load_lora_adapter(llama_adapters["full"], more_kv, 0, TINY_BLOCKS, torch.float32, CPU)
+
+
+def test_training_forward_and_backward_with_an_adapter_match_peft(tiny_models, llama_adapters):
+    from petald.kernels.training_forward import span_backward, span_forward
+
+    model_dir = tiny_models["llama"]
+    source = open_source(str(model_dir))
+    span = BlockSpan(source, 1, 5, torch.float32, CPU)
+    adapter = span.load_adapter(llama_adapters["partial"], name="partial")
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(llama_adapters["partial"])).eval()
+    embeds = ClientHead(source).embed(ids_of(9, 7)).clone().requires_grad_()
+    states = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states  # [k]: the input of block k
+    grad_output = torch.randn_like(states[5])
+    (want_grad,) = torch.autograd.grad((states[5] * grad_output).sum(), states[1])
+
+    hidden = states[1].detach()
+    torch.testing.assert_close(span_forward(span, hidden, 1, 5, adapter=adapter).detach(), states[5].detach(),
+                               atol=1e-4, rtol=1e-4)
+    grad, _ = span_backward(span, hidden, grad_output, 1, 5, adapter=adapter)
+    torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)
+    (plain_grad, _) = span_backward(span, hidden, grad_output, 1, 5)
+    assert (plain_grad - want_grad).abs().max() > 1e-2  # the adapter does change the gradient

@@ -149,6 +149,8 @@ def _api_listen(socket: str | None, socket_group: str | None, http: str | None):
               help="Seconds one step may compute; a slower step ends its session (its client goes elsewhere).")
 @click.option("--session-timeout", default=86400.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a session may last in all.")
+@click.option("--max-training-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Most tokens (batch x length) in one training forward or backward request; bounds its memory.")
 @click.option("--shutdown-grace", default=30.0, show_default=True, type=click.FloatRange(min=0.0),
               help="On SIGTERM, seconds running sessions may go on before they are ended (new ones are refused).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
@@ -158,8 +160,8 @@ def _api_listen(socket: str | None, socket_group: str | None, http: str | None):
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
           network_mbps, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
-          step_timeout, session_timeout, shutdown_grace, threads, socket, socket_group, http, no_api, verbose,
-          debug) -> None:
+          step_timeout, session_timeout, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
+          no_api, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
     _setup_logging(verbose)
 
@@ -181,6 +183,7 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
                                limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
                                                    idle_timeout=idle_timeout, step_timeout=step_timeout,
                                                    session_timeout=session_timeout,
+                                                   max_training_tokens=max_training_tokens,
                                                    open_timeout=min(30.0, idle_timeout)),
                                initial_peers=_addresses(initial_peers), new_swarm=new_swarm,
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,

@@ -37,5 +37,14 @@ class ClientHead:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits_with_grad(hidden)
+
+    def embed_with_grad(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings usable in an autograd graph (``embed``'s are inference tensors); the table stays frozen."""
+        with torch.no_grad():
+            return F.embedding(input_ids.to(self.device), self.embed_weight)
+
+    def logits_with_grad(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits, differentiable in ``hidden`` (training through the swarm); the head's weights stay frozen."""
         h = rms_norm(hidden.to(self.device, self.dtype), self.norm_weight, self.eps)
         return self.lm_head(h).float()

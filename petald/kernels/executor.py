@@ -11,7 +11,9 @@ matmuls run once over all sessions' tokens, attention per session over its own
 pages. A step longer than one token (a prefill) advances by at most
 ``prefill_chunk`` tokens per turn (shared by all prefills of that turn, oldest
 first), so a long prompt never holds other sessions' decode steps for its whole
-length: they join the next turn. Before a turn, the thread waits briefly (at
+length: they join the next turn. Other work for the device (training forwards and
+backwards) runs one job per turn, after the turn's steps: decode steps never wait
+behind a queue of training jobs. Before a turn, the thread waits briefly (at
 most a quarter of the last turn) for the sessions served in the last turn, whose
 next steps are on their way, so that concurrent sessions stay in one batch.
 """
@@ -50,6 +52,7 @@ class StepJob:
     end: int
     out_dtype: torch.dtype
     done: Completion
+    prompts: torch.Tensor | None = None  # deep prompts for the step's first tokens (BlockSpan.forward_batch)
     adapter: str | None = None  # the LoRA adapter this session runs with
     offset: int = 0  # tokens already run
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -58,6 +61,14 @@ class StepJob:
     @property
     def remaining(self) -> int:
         return self.hidden.shape[1] - self.offset
+
+
+@dataclass
+class TaskJob:
+    """Any other work for the device: ``run()``'s result (or error) goes to ``done``."""
+
+    run: Callable[[], Any]
+    done: Completion
 
 
 class DeviceExecutor:
@@ -71,10 +82,15 @@ class DeviceExecutor:
         self._thread.start()
 
     def submit(self, cache: SessionCache, hidden: torch.Tensor, start: int, end: int, out_dtype: torch.dtype,
-               done: Completion, adapter: str | None = None) -> None:
-        """Run ``hidden`` through blocks [start, end) for ``cache``, with LoRA ``adapter`` if one is named;
-        ``done(output on CPU, error)`` follows."""
-        self._jobs.put(StepJob(cache, hidden, start, end, out_dtype, done, adapter))
+               done: Completion, prompts: torch.Tensor | None = None, adapter: str | None = None) -> None:
+        """Run ``hidden`` through blocks [start, end) for ``cache``, with deep ``prompts`` and LoRA ``adapter``
+        where given; ``done(output on CPU, error)`` follows."""
+        # "" (the wire's "no adapter") and None must batch together.
+        self._jobs.put(StepJob(cache, hidden, start, end, out_dtype, done, prompts, adapter or None))
+
+    def submit_task(self, run: Callable[[], Any], done: Completion) -> None:
+        """Run ``run()`` on the device thread between batched steps; ``done(result, error)`` follows."""
+        self._jobs.put(TaskJob(run, done))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._jobs.put(_STOP)
@@ -82,10 +98,11 @@ class DeviceExecutor:
 
     def _loop(self) -> None:
         pending: list[StepJob] = []
+        tasks: deque[TaskJob] = deque()
         expected: dict[int, SessionCache] = {}  # sessions whose step finished last turn: their next one is coming
         last_turn = 0.0
         while True:
-            arrived = [] if pending else [self._jobs.get()]  # block only when nothing is in progress
+            arrived = [] if pending or tasks else [self._jobs.get()]  # block only when nothing is in progress
             while True:
                 try:
                     arrived.append(self._jobs.get_nowait())
@@ -96,12 +113,30 @@ class DeviceExecutor:
                 if job is _STOP:
                     for p in pending:
                         self._finish(p, None, RuntimeError("the server is shutting down"))
+                    for t in tasks:
+                        t.done(None, RuntimeError("the server is shutting down"))
                     return
-                pending.append(job)
-            started = time.monotonic()
-            pending, finished = self._turn(pending)
-            last_turn = time.monotonic() - started
-            expected = {id(job.cache): job.cache for job in finished}
+                (tasks if isinstance(job, TaskJob) else pending).append(job)
+            if pending:
+                started = time.monotonic()
+                pending, finished = self._turn(pending)
+                last_turn = time.monotonic() - started
+                expected = {id(job.cache): job.cache for job in finished}
+            if tasks:
+                self._run_task(tasks.popleft())
+
+    @staticmethod
+    def _run_task(task: TaskJob) -> None:
+        try:
+            result = task.run()
+        except Exception as exc:
+            result, error = None, exc
+        else:
+            error = None
+        try:
+            task.done(result, error)
+        except Exception:
+            log.exception("executor completion callback failed")
 
     def _gather(self, expected: dict[int, SessionCache], have: list[Any], window: float) -> list[Any]:
         """Wait up to ``window`` seconds for the sessions served last turn to send their next step.
@@ -110,7 +145,7 @@ class DeviceExecutor:
         other; starting a turn with only the first would split them into turns of one, for good.
         """
         waiting = {key for key, cache in expected.items() if not cache.closed}
-        waiting -= {id(job.cache) for job in have if job is not _STOP}
+        waiting -= {id(job.cache) for job in have if isinstance(job, StepJob)}
         got: list[Any] = []
         deadline = time.monotonic() + window
         while waiting and not any(job is _STOP for job in have) and (left := deadline - time.monotonic()) > 0:
@@ -121,7 +156,8 @@ class DeviceExecutor:
             got.append(job)
             if job is _STOP:
                 break
-            waiting.discard(id(job.cache))
+            if isinstance(job, StepJob):
+                waiting.discard(id(job.cache))
         return got
 
     def _turn(self, pending: list[StepJob]) -> tuple[list[StepJob], list[StepJob]]:
@@ -149,7 +185,8 @@ class DeviceExecutor:
         try:
             outputs = self.span.forward_batch(
                 [(job.hidden[:, job.offset : job.offset + tokens], job.cache) for job, tokens in group], start, end,
-                adapter)
+                [self._prompt_part(job, tokens) for job, tokens in group] if any(j.prompts is not None for j, _ in group)
+                else None, adapter)
         except Exception as exc:
             if len(group) > 1:  # one bad step must not fail the others: run each alone
                 for item in group:
@@ -169,6 +206,13 @@ class DeviceExecutor:
                     self._finish(job, None, exc)
                 else:
                     self._finish(job, result, None)
+
+    @staticmethod
+    def _prompt_part(job: StepJob, tokens: int) -> torch.Tensor | None:
+        """The deep prompts of the chunk [offset, offset + tokens) of a step (a prefill runs in chunks)."""
+        if job.prompts is None or job.offset >= job.prompts.shape[2]:
+            return None
+        return job.prompts[:, :, job.offset : job.offset + tokens]
 
     @staticmethod
     def _finish(job: StepJob, result: Any, error: BaseException | None) -> None:

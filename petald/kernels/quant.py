@@ -83,7 +83,40 @@ class DenseLinear:
         return y.view(*x.shape[:-1], -1)
 
 
-class Int8Linear:
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """``layer.matmul(x)`` for quantized weights under autograd: the kernels have no derivative, and
+    the weights never train, so backward returns only the input's gradient, through the
+    dequantized weights (made for that one call, so the layer stays quantized in memory)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Int8Linear | Int4Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        weight = ctx.layer.dequantized().to(grad.dtype)  # [out, in]
+        return grad.reshape(-1, grad.shape[-1]).mm(weight).view(*grad.shape[:-1], -1), None
+
+
+class _QuantizedLinear:
+    bias: torch.Tensor | None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _FrozenQuantizedMatmul.apply(x, self)  # a training forward (kernels/training_forward.py)
+        else:
+            y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(_QuantizedLinear):
     """Per-output-channel symmetric int8 weights: w ~= q * scale, q in [-127, 127]."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -93,14 +126,16 @@ class Int8Linear:
         self.scale = scale.to(torch.bfloat16)
         self.bias = bias
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).to(x.dtype)
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.q.float() * self.scale.float()[:, None]
 
 
-class Int4Linear:
+class Int4Linear(_QuantizedLinear):
     """Asymmetric int4 weights in groups along the input dimension: w ~= (q - 8) * scale + zero."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP):
@@ -116,12 +151,17 @@ class Int4Linear:
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self.scale_zero = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1).to(torch.bfloat16).contiguous()
         self.group, self.bias = group, bias
+        self.packed_in_features = in_features
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero).to(x.dtype)
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+    def dequantized(self) -> torch.Tensor:
+        # The packed layout is the kernel's own: let the kernel unpack it, by multiplying the identity.
+        eye = torch.eye(self.packed_in_features, dtype=torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).t().float()
 
 
 def _bitsandbytes_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype: torch.dtype,

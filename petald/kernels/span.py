@@ -59,7 +59,8 @@ class BlockSpan:
         return adapter
 
     def adapter_named(self, name: str | None) -> LoraAdapter | None:
-        if name is None:
+        """The adapter called ``name``; None or "" (the wire's "no adapter") is the base model alone."""
+        if not name:
             return None
         try:
             return self.adapters[name]
@@ -89,14 +90,17 @@ class BlockSpan:
         The tokens take positions [cache.length, cache.length + T); the cache advances by T.
         ``adapter`` names one of ``self.adapters`` to apply (None: the base model alone).
         """
-        return self.forward_batch([(hidden, cache)], start, end, adapter)[0]
+        return self.forward_batch([(hidden, cache)], start, end, adapter=adapter)[0]
 
     @torch.inference_mode()
     def forward_batch(self, steps: list[tuple[torch.Tensor, SessionCache]], start: int | None = None,
-                      end: int | None = None, adapter: str | None = None) -> list[torch.Tensor]:
+                      end: int | None = None, prompts: list[torch.Tensor | None] | None = None,
+                      adapter: str | None = None) -> list[torch.Tensor]:
         """Run the steps of several sessions (one step each, all in one pool) as one batched forward.
 
-        All of them run with the same ``adapter`` (or none): the executor never mixes adapters in a batch.
+        ``prompts[i]`` (deep prompts of step i, [end - start, 1 or batch, n, hidden], or None) is added to
+        the first n tokens of step i before each block. All steps run with the same LoRA ``adapter`` (or
+        none): the executor never mixes adapters in a batch.
         """
         start = self.start if start is None else start
         end = self.end if end is None else end
@@ -118,7 +122,10 @@ class BlockSpan:
                 rows.append(hidden[row])
         batch = StepBatch(segments, pool, self.rotary, self.device)
         x = (rows[0] if len(rows) == 1 else torch.cat(rows)).to(device=self.device, dtype=self.dtype)
+        added = self._prompt_rows(steps, prompts, end - start) if prompts is not None else None
         for layer in range(start - self.start, end - self.start):
+            if added is not None:
+                x = x.index_add(0, added[0], added[1][layer - (start - self.start)])
             block_lora = None if lora is None else lora.block(self.start + layer)
             x = self.blocks[layer].forward(x, batch, pool.keys[layer], pool.values[layer], block_lora)
         outputs = []
@@ -126,3 +133,24 @@ class BlockSpan:
             outputs.append(out.view(hidden.shape[0], hidden.shape[1], -1))
             cache.length += hidden.shape[1]
         return outputs
+
+    def _prompt_rows(self, steps: list[tuple[torch.Tensor, SessionCache]], prompts: list[torch.Tensor | None],
+                     blocks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The flattened rows that deep prompts touch, and what each block adds there: [R], [blocks, R, hidden]."""
+        rows, addends = [], []
+        offset = 0
+        for (hidden, _), prompt in zip(steps, prompts, strict=True):
+            batch, tokens = hidden.shape[0], hidden.shape[1]
+            if prompt is not None:
+                if (prompt.dim() != 4 or prompt.shape[0] != blocks or prompt.shape[1] not in (1, batch)
+                        or prompt.shape[2] > tokens or prompt.shape[3] != self.hidden_size):
+                    raise ValueError(f"prompts have shape {list(prompt.shape)}; expected [{blocks}, 1 or {batch}, "
+                                     f"at most {tokens}, {self.hidden_size}]")
+                n = prompt.shape[2]
+                rows.append((offset + torch.arange(batch)[:, None] * tokens + torch.arange(n)[None]).reshape(-1))
+                addends.append(prompt.expand(blocks, batch, n, self.hidden_size).reshape(blocks, batch * n, -1))
+            offset += batch * tokens
+        if not rows:
+            return None
+        return (torch.cat(rows).to(self.device),
+                torch.cat(addends, dim=1).to(device=self.device, dtype=self.dtype))

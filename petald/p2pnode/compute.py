@@ -15,7 +15,7 @@ from petald.kernels.paged_kv_cache import SessionCache
 
 async def run_step(executor: DeviceExecutor, cache: SessionCache, hidden: torch.Tensor, start: int, end: int,
                    out_dtype: torch.dtype, finished: trio.Event | None = None,
-                   adapter: str | None = None) -> torch.Tensor:
+                   prompts: torch.Tensor | None = None, adapter: str | None = None) -> torch.Tensor:
     """The step's output, on the CPU in ``out_dtype``, once the executor has run it (batched with others).
 
     ``adapter`` names the span's LoRA adapter this session runs with (None: the base model).
@@ -23,8 +23,13 @@ async def run_step(executor: DeviceExecutor, cache: SessionCache, hidden: torch.
     ``finished`` is set when the executor is done with the step, even if this wait was cancelled:
     until then the step may still write into ``cache``, so its pages must not be freed.
     """
-    return await await_completion(lambda done: executor.submit(cache, hidden, start, end, out_dtype, done, adapter),
-                                  finished)
+    return await await_completion(
+        lambda done: executor.submit(cache, hidden, start, end, out_dtype, done, prompts, adapter), finished)
+
+
+async def run_task(executor: DeviceExecutor, run: Callable[[], Any]) -> Any:
+    """``run()``'s result, computed on the device thread between batched steps (training work)."""
+    return await await_completion(lambda done: executor.submit_task(run, done))
 
 
 async def await_completion(submit: Callable[[Completion], None], finished: trio.Event | None = None) -> Any:

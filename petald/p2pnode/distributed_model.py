@@ -6,6 +6,9 @@
     out = model.generate(ids, max_new_tokens=20)           # transformers-style
     states = model.hidden_states(ids, blocks=[4, 9])       # after any block
     h = model.run_blocks(states[4], 5, 10)                 # any slice, on your tensors
+    h = model.remote_blocks(embeddings, deep_prompts)      # differentiable: train client-side parameters
+
+``DistributedModel(..., adapter="name")`` runs every block with that LoRA adapter, on servers that hold it.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from petald.p2pnode.host import parse_peer_address
 from petald.p2pnode.identity import load_or_create_identity
 from petald.p2pnode.inference_session import InferenceSession, Recovery, token_chunks
 from petald.p2pnode.node_thread import NodeThread
+from petald.p2pnode.remote_autograd import RemoteBlocksFunction
 from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
 from petald.p2pnode.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
 from petald.p2pnode.server_bans import ServerBans
 from petald.p2pnode.swarm_dht import block_key
+from petald.p2pnode.training_pipeline import DEFAULT_MAX_CHUNK_TOKENS, TrainingPipeline
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import WIRE_VERSION
 
@@ -48,9 +53,12 @@ class DistributedModel:
 
     def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
                  initial_peers: Sequence[str] = (), wire_dtype: str = "float32", codec: str = "raw",
-                 step_timeout: float = 30.0, connect_timeout: float = 15.0, recovery_timeout: float = 60.0):
+                 step_timeout: float = 30.0, connect_timeout: float = 15.0, recovery_timeout: float = 60.0,
+                 adapter: str | None = None, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS):
         """``step_timeout`` bounds each server's answer (a hung server is replaced after it);
-        ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves."""
+        ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
+        ``adapter`` names a LoRA adapter: only servers holding it are used, and they apply it.
+        ``max_chunk_tokens`` caps the tokens of one training request (``remote_blocks``)."""
         if not peers and not initial_peers:
             raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
         self.source = open_source(model) if model is None or isinstance(model, str) else model
@@ -60,6 +68,8 @@ class DistributedModel:
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
         self.initial_peers, self.connect_timeout = list(initial_peers), connect_timeout
         self.peers, self.recovery_timeout = list(peers), recovery_timeout
+        self.adapter = adapter or ""
+        self.max_chunk_tokens = max_chunk_tokens
         self.bans = ServerBans()  # shared by every session of this client
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
         self._tokenizer: Any = None
@@ -116,7 +126,8 @@ class DistributedModel:
                 log.info("skipping %s: %s", record.peer_id, exc)
                 return
             if info.fingerprint == self.identity.fingerprint and info.wire_version == WIRE_VERSION:
-                found.append(RemoteServer(record.peer_id, record.addresses[0], info, rtt, record.inference_rps))
+                found.append(RemoteServer(record.peer_id, record.addresses[0], info, rtt, record.inference_rps,
+                                          record.forward_tps))
 
         async with trio.open_nursery() as nursery:
             for record in records:
@@ -178,7 +189,8 @@ class DistributedModel:
         return self.node.call(within_timeout)
 
     async def _find_route(self, start: int, end: int, deadline: float, cache_tokens_per_block: int = 0,
-                          split_after: frozenset[int] = frozenset()) -> SpanRoute:
+                          split_after: frozenset[int] = frozenset(), tokens: int = 0,
+                          busy: dict[str, float] | None = None) -> SpanRoute:
         """A route over servers that are not banned; while there is none, look at the swarm again
         (servers join, leave and move) every second until ``deadline``."""
         # What the client knew before it last looked may be dead: a server that failed comes back
@@ -186,15 +198,17 @@ class DistributedModel:
         self.servers = [s for s in self.servers if not self.bans.has_failed(s.peer_id)]
         looked = False
         while True:
-            usable = [s for s in self.servers if not self.bans.is_banned(s.peer_id)]
+            usable = [s for s in self.servers if not self.bans.is_banned(s.peer_id)
+                      and (not self.adapter or self.adapter in s.info.adapters)]
             try:
-                return SpanRoute.plan(usable, start, end, split_after, cache_tokens_per_block)
+                return SpanRoute.plan(usable, start, end, split_after, cache_tokens_per_block, tokens, busy)
             except NoRouteError as exc:
                 missing = exc
             if trio.current_time() >= deadline:
                 waited = f"waited {self.recovery_timeout:.0f} s for a server" if looked else "no time left to wait"
+                holding = f" holding adapter {self.adapter!r}" if self.adapter else ""
                 raise NoRouteError(f"blocks {format_block_ranges(missing.uncovered)} of {self.identity.model_id} "
-                                   f"have no reachable server ({waited}); start a server for them "
+                                   f"have no reachable server{holding} ({waited}); start a server for them "
                                    "or raise the recovery timeout", missing.uncovered) from None
             if looked:
                 await trio.sleep(max(0.0, min(RETRY_PERIOD_S, deadline - trio.current_time())))
@@ -213,9 +227,11 @@ class DistributedModel:
             return []  # none answers yet; the caller looks again until its deadline
 
     @contextlib.contextmanager
-    def inference_session(self, batch: int = 1, max_length: int = 2048, route: SpanRoute | None = None
-                          ) -> Iterator[InferenceSession]:
-        """A session whose servers are replaced (with a replay of its history) when they fail."""
+    def inference_session(self, batch: int = 1, max_length: int = 2048, route: SpanRoute | None = None,
+                          deep_prompts: torch.Tensor | None = None) -> Iterator[InferenceSession]:
+        """A session whose servers are replaced (with a replay of its history) when they fail.
+
+        ``deep_prompts`` [model blocks, 1 or batch, P, hidden] are added to positions [0, P) before each block."""
         cache_tokens = batch * max_length
         route = route or self.route(cache_tokens_per_block=cache_tokens)
 
@@ -224,7 +240,7 @@ class DistributedModel:
 
         session = InferenceSession(self.node.host, route, self.identity, batch, max_length,
                                    self.wire_dtype, self.codec, self.step_timeout,
-                                   find_route, self.bans, self.recovery_timeout)
+                                   find_route, self.bans, self.recovery_timeout, self.adapter, deep_prompts)
         try:
             self.node.call(session.open)
             yield session
@@ -248,11 +264,14 @@ class DistributedModel:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  eos_token_id: int | Sequence[int] | None = None,
-                 streamer: Callable[[torch.Tensor], None] | None = None) -> torch.LongTensor:
+                 streamer: Callable[[torch.Tensor], None] | None = None, prefix: torch.Tensor | None = None,
+                 deep_prompts: torch.Tensor | None = None) -> torch.LongTensor:
         """Like transformers' generate: returns prompt + new tokens, [batch, length].
 
         Greedy unless ``do_sample``. Stops when every row has produced an EOS token.
         ``streamer`` is called with each new column of tokens [batch] as it is chosen.
+        ``prefix`` [P, hidden] (soft prompt embeddings) goes before the prompt, and ``deep_prompts``
+        [model blocks, P, hidden] are added at those positions before each block (``PromptTuning``).
         """
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
@@ -268,8 +287,12 @@ class DistributedModel:
         batch = input_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool)
         tokens = [input_ids]
-        with self.inference_session(batch, input_ids.shape[1] + max_new_tokens) as session:
-            hidden = self._step(session, self.head.embed(input_ids))
+        embeds = self.head.embed(input_ids)
+        if prefix is not None:
+            embeds = torch.cat([prefix.to(embeds.dtype)[None].expand(batch, -1, -1), embeds], dim=1)
+        deep = deep_prompts[:, None] if deep_prompts is not None else None
+        with self.inference_session(batch, embeds.shape[1] + max_new_tokens, deep_prompts=deep) as session:
+            hidden = self._step(session, embeds)
             for _ in range(max_new_tokens):
                 logits = self.head.logits(hidden[:, -1])
                 nxt = sample_next(logits, temperature if do_sample else 0.0, top_p, generator)
@@ -312,6 +335,44 @@ class DistributedModel:
         """Run blocks [start, end) on caller-supplied hidden states [batch, tokens, hidden] at positions 0..T-1."""
         with self.inference_session(hidden.shape[0], hidden.shape[1], self.route(start, end)) as session:
             return self._step(session, hidden)
+
+    # --- training ------------------------------------------------------------------------------
+
+    def remote_blocks(self, hidden: torch.Tensor, deep_prompts: torch.Tensor | None = None, start: int = 0,
+                      end: int | None = None) -> torch.Tensor:
+        """Blocks [start, end) over whole sequences ``hidden`` [batch, tokens, hidden] (positions 0..T-1),
+        differentiable: gradients reach ``hidden`` and ``deep_prompts`` (servers send them back; their
+        weights stay frozen).
+
+        ``deep_prompts`` [end - start, 1 or batch, prompt tokens, hidden] is added to the first positions
+        of the hidden states before each block (deep prompt tuning). The batch is cut into chunks of at
+        most ``max_chunk_tokens`` tokens that run in parallel, routed for throughput; a server that fails
+        is replaced and the chunk carries on from the blocks it held.
+        """
+        end = self.identity.num_blocks if end is None else end
+        if not 0 <= start < end <= self.identity.num_blocks:
+            raise ValueError(f"blocks {start}:{end} are not a span of this model's {self.identity.num_blocks}")
+        if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or 0 in hidden.shape:
+            raise ValueError(f"hidden has shape {list(hidden.shape)}; expected [batch, tokens, "
+                             f"{self.config.hidden_size}]")
+        if deep_prompts is not None and (
+                deep_prompts.dim() != 4 or deep_prompts.shape[0] != end - start
+                or deep_prompts.shape[1] not in (1, hidden.shape[0]) or not 1 <= deep_prompts.shape[2] <= hidden.shape[1]
+                or deep_prompts.shape[3] != hidden.shape[2]):
+            raise ValueError(f"deep_prompts has shape {list(deep_prompts.shape)}; expected [{end - start}, 1 or "
+                             f"{hidden.shape[0]}, prompt tokens <= {hidden.shape[1]}, {hidden.shape[2]}]")
+        return RemoteBlocksFunction.apply(hidden, deep_prompts, self.node, self._training_pipeline(), start, end)
+
+    def _training_pipeline(self) -> TrainingPipeline:
+        async def find_route(start: int, end: int, deadline: float, tokens: int, busy: dict[str, float]
+                             ) -> SpanRoute:
+            return await self._find_route(start, end, deadline, tokens=tokens, busy=busy)
+
+        pipeline = TrainingPipeline(self.node.host, self.identity, find_route, self.bans, self.adapter,
+                                    self.wire_dtype, self.codec, self.step_timeout, self.recovery_timeout,
+                                    self.max_chunk_tokens)
+        pipeline.recoveries = self.recoveries  # one record of every server replaced, whatever the work
+        return pipeline
 
     def close(self) -> None:
         self.node.stop()

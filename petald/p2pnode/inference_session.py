@@ -72,8 +72,11 @@ class InferenceSession:
     def __init__(self, host: IHost, route: SpanRoute, identity: ModelIdentity, batch: int, max_length: int,
                  wire_dtype: str = "float32", codec: str = "raw", step_timeout: float = 30.0,
                  find_route: RouteFinder | None = None, bans: ServerBans | None = None,
-                 recovery_timeout: float = 60.0):
+                 recovery_timeout: float = 60.0, adapter: str = "", deep_prompts: torch.Tensor | None = None):
+        """``adapter`` names the LoRA adapter every server applies; ``deep_prompts`` [model blocks,
+        1 or batch, P, hidden] are added to positions [0, P) before each block."""
         self.host, self.route, self.identity = host, route, identity
+        self.adapter, self.deep_prompts = adapter, deep_prompts
         self.batch, self.max_length = batch, max_length
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
         self.find_route, self.recovery_timeout = find_route, recovery_timeout
@@ -140,8 +143,9 @@ class InferenceSession:
         return states
 
     async def _open_span(self, hop: SpanHop) -> RemoteSpanSession:
+        prompts = self.deep_prompts[hop.start : hop.end] if self.deep_prompts is not None else None
         return await RemoteSpanSession.open(self.host, hop, self.identity, self.batch, self.max_length,
-                                            self.wire_dtype, self.codec, self.step_timeout)
+                                            self.wire_dtype, self.codec, self.step_timeout, self.adapter, prompts)
 
     async def _replace(self, index: int, failure: BaseException, deadline: float) -> None:
         """Ban the server of link ``index``, route its blocks anew and replay its inputs there.

@@ -64,7 +64,7 @@ async def open_stream(host: IHost, peer_id: str, protocol: str, timeout: float) 
     return FramedStream(stream, send_timeout=timeout)
 
 
-async def _receive_reply(framed: FramedStream, peer: str, timeout: float, what: str) -> dict:
+async def receive_reply(framed: FramedStream, peer: str, timeout: float, what: str) -> dict:
     try:
         with trio.fail_after(timeout):
             msg = await framed.receive()
@@ -84,29 +84,34 @@ async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> Server
     framed = await open_stream(host, peer_id, INFO_PROTOCOL, timeout)
     try:
         await framed.send(InfoRequest().to_wire())
-        return ServerInfo.from_wire(await _receive_reply(framed, peer_id, timeout, "an info request"))
+        return ServerInfo.from_wire(await receive_reply(framed, peer_id, timeout, "an info request"))
     finally:
         await framed.close()
 
 
 class RemoteSpanSession:
-    def __init__(self, hop: SpanHop, framed: FramedStream, wire_dtype: str, codec: str, step_timeout: float):
+    def __init__(self, hop: SpanHop, framed: FramedStream, wire_dtype: str, codec: str, step_timeout: float,
+                 prompts: torch.Tensor | None = None):
+        """``prompts`` [hop blocks, 1 or batch, P, hidden]: deep prompts for positions [0, P), sent along
+        with the steps that cover them."""
         self.hop = hop
         self.framed = framed
         self.wire_dtype, self.codec = wire_dtype, codec
         self.step_timeout = step_timeout
+        self.prompts = prompts
         self.position = 0
         self._step_ids = 0
 
     @classmethod
     async def open(cls, host: IHost, hop: SpanHop, identity: ModelIdentity, batch: int, max_length: int,
-                   wire_dtype: str, codec: str, step_timeout: float) -> RemoteSpanSession:
+                   wire_dtype: str, codec: str, step_timeout: float, adapter: str = "",
+                   prompts: torch.Tensor | None = None) -> RemoteSpanSession:
         peer = hop.server.peer_id
         framed = await open_stream(host, peer, INFERENCE_PROTOCOL, step_timeout)
         try:
             await framed.send(OpenSession(identity.model_id, identity.fingerprint, hop.start, hop.end,
-                                          batch, max_length, wire_dtype, codec).to_wire())
-            opened = SessionOpened.from_wire(await _receive_reply(framed, peer, step_timeout, "opening a session"))
+                                          batch, max_length, wire_dtype, codec, adapter=adapter).to_wire())
+            opened = SessionOpened.from_wire(await receive_reply(framed, peer, step_timeout, "opening a session"))
             if (opened.start, opened.end) != (hop.start, hop.end):
                 raise ServerUnavailable(f"server ..{peer[-8:]} opened blocks {opened.start}:{opened.end}; "
                                         f"asked for {hop.start}:{hop.end}")
@@ -114,16 +119,20 @@ class RemoteSpanSession:
             with trio.CancelScope(shield=True):  # free the server's side even when we are cancelled
                 await framed.reset()
             raise
-        return cls(hop, framed, wire_dtype, codec, step_timeout)
+        return cls(hop, framed, wire_dtype, codec, step_timeout, prompts)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         self._step_ids += 1
         peer = self.hop.server.peer_id
         try:
-            await self.framed.send(Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec).to_wire())
+            prompts = None
+            if self.prompts is not None and self.position < self.prompts.shape[2]:
+                prompts = self.prompts[:, :, self.position : self.position + hidden.shape[1]]
+            await self.framed.send(Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec,
+                                        prompts).to_wire())
         except PeerGone as exc:
             raise ServerUnavailable(f"server ..{peer[-8:]} went away: {exc}") from None
-        out = StepOutput.from_wire(await _receive_reply(self.framed, peer, self.step_timeout, "a step"))
+        out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.step_timeout, "a step"))
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with shape "
                                     f"{list(out.hidden.shape)}; expected step {self._step_ids}, {list(hidden.shape)}")

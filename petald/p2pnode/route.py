@@ -3,6 +3,11 @@
 A hop costs its round trip plus its blocks' compute (blocks / announced steps per second
 per block) plus a small constant, so that among equals the route with fewer hops wins.
 Servers without figures (peers given directly) cost the constant alone: fewest hops.
+
+Training routes for throughput instead: a hop's compute is the chunk's tokens through its
+blocks at the announced forward tokens per second (three passes: the forward, and the
+backward's recomputed forward and its gradients), plus the work already given to that server
+by the other chunks of the same batch, so that parallel chunks spread over replicas.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from petald.protocol.messages import ServerInfo
 
 HOP_OVERHEAD_S = 1e-3  # serialisation and scheduling of one more hop
+TRAINING_PASSES = 3  # a training chunk's compute on a hop, in forwards of its tokens
 
 
 class NoRouteError(Exception):
@@ -52,9 +58,15 @@ class RemoteServer:
     info: ServerInfo
     rtt: float = 0.0  # seconds, measured by the client
     inference_rps: float = 0.0  # announced decode steps per second per block; 0 when unknown
+    forward_tps: float = 0.0  # announced forward tokens per second per block; 0 when unknown
 
-    def hop_cost(self, blocks: int) -> float:
-        compute = blocks / self.inference_rps if self.inference_rps > 0 else 0.0
+    def hop_cost(self, blocks: int, tokens: int = 0) -> float:
+        """Seconds for one decode step through ``blocks`` of this server, or (``tokens`` > 0) for one
+        training chunk of that many tokens."""
+        if tokens:
+            compute = TRAINING_PASSES * tokens * blocks / self.forward_tps if self.forward_tps > 0 else 0.0
+        else:
+            compute = blocks / self.inference_rps if self.inference_rps > 0 else 0.0
         return HOP_OVERHEAD_S + self.rtt + compute
 
 
@@ -71,12 +83,16 @@ class SpanRoute:
 
     @classmethod
     def plan(cls, servers: list[RemoteServer], start: int, end: int,
-             split_after: frozenset[int] = frozenset(), cache_tokens_per_block: int = 0) -> SpanRoute:
+             split_after: frozenset[int] = frozenset(), cache_tokens_per_block: int = 0,
+             tokens: int = 0, busy: dict[str, float] | None = None) -> SpanRoute:
         """The cheapest chain covering [start, end) (Dijkstra over block positions).
 
         ``split_after`` forces a hop boundary after those blocks (to read hidden states there);
         ``cache_tokens_per_block`` skips servers without that much free cache per block served.
+        ``tokens`` > 0 plans a training chunk of that many tokens, and ``busy`` holds the seconds
+        of work each server (by peer ID) already has from this batch.
         """
+        busy = busy or {}
         cuts = sorted(b + 1 for b in split_after if start <= b < end - 1)
         best: dict[int, float] = {start: 0.0}
         came_from: dict[int, SpanHop] = {}
@@ -94,7 +110,7 @@ class SpanRoute:
                 for stop in range(position + 1, min(server.info.end, limit) + 1):
                     if server.info.free_cache_tokens < cache_tokens_per_block * (stop - position):
                         break
-                    total = cost + server.hop_cost(stop - position)
+                    total = cost + server.hop_cost(stop - position, tokens) + busy.get(server.peer_id, 0.0)
                     if total < best.get(stop, float("inf")):
                         best[stop] = total
                         came_from[stop] = SpanHop(server, position, stop)

@@ -1,5 +1,9 @@
 """The server role: serve a span of blocks to inference sessions and answer info requests.
 
+Training requests (``/petald/training``) are one stream each: a ``forward`` or
+``backward`` frame over whole sequences, answered by one output frame; they run
+on the device thread between inference steps and keep nothing afterwards.
+
 One inference session is one long-lived stream. Its life: an ``open`` frame
 (model, fingerprint, sub-span, batch, max_length), then ``step`` frames each
 answered by an ``output`` frame, then ``close`` or end of stream. Whatever goes
@@ -24,7 +28,8 @@ from petald.kernels.executor import DeviceExecutor
 from petald.kernels.model_source import ModelIdentity
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, CacheFullError, SessionCache
 from petald.kernels.span import BlockSpan
-from petald.p2pnode.compute import run_step
+from petald.kernels.training_forward import check_training_inputs, span_backward, span_forward
+from petald.p2pnode.compute import run_step, run_task
 from petald.p2pnode.framed_stream import FramedStream, PeerGone
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import (
@@ -32,12 +37,15 @@ from petald.protocol.limits import (
     INFO_PROTOCOL,
     MAX_FIRST_FRAME_BYTES,
     MAX_FRAME_BYTES,
+    TRAINING_PROTOCOL,
 )
 from petald.protocol.messages import (
     ErrorReply,
     OpenSession,
     ServerInfo,
     SessionOpened,
+    SpanOutput,
+    SpanRequest,
     Step,
     StepOutput,
     expect_type,
@@ -55,6 +63,7 @@ class ServerLimits:
     idle_timeout: float = 300.0  # between steps; an idle session is closed and freed
     step_timeout: float = 60.0  # one step's compute; a slower step ends its session (the client goes elsewhere)
     session_timeout: float = 24 * 3600.0  # a session's whole life
+    max_training_tokens: int = 8192  # batch x tokens of one training request (bounds its activations' memory)
 
 
 # How long a session that ended mid-step waits for the executor to finish that step before its
@@ -99,6 +108,7 @@ class BlockServer:
     def register(self, host: IHost) -> None:
         host.set_stream_handler(TProtocol(INFO_PROTOCOL), self._handle_info)
         host.set_stream_handler(TProtocol(INFERENCE_PROTOCOL), self._handle_inference)
+        host.set_stream_handler(TProtocol(TRAINING_PROTOCOL), self._handle_training)
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -106,7 +116,7 @@ class BlockServer:
             num_blocks=self.identity.num_blocks, start=self.span.start, end=self.span.end,
             dtype=dtype_name(self.span.dtype), quant=self.span.quant, hidden_size=self.span.hidden_size,
             max_length=self.limits.max_length, free_cache_tokens=self.pool.free_tokens,
-            version=__version__,
+            version=__version__, adapters=sorted(self.span.adapters),
         )
 
     async def _handle_info(self, stream: INetStream) -> None:
@@ -175,6 +185,84 @@ class BlockServer:
             await framed.close()
             log.info("session %d closed", session_id)
 
+    async def _handle_training(self, stream: INetStream) -> None:
+        """One forward or backward request over whole sequences; nothing outlives the stream."""
+        framed = FramedStream(stream, MAX_FRAME_BYTES, send_timeout=self.limits.step_timeout)
+        peer = stream.muxed_conn.peer_id.to_string()[-8:]
+        try:
+            with trio.move_on_after(self.limits.open_timeout) as scope:
+                msg = await framed.receive()
+            if scope.cancelled_caught:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"no request within {self.limits.open_timeout:.0f} s")
+            if msg is None:
+                return
+            request = SpanRequest.from_wire(msg)
+            compute = self._training_job(request)
+            with trio.move_on_after(self.limits.step_timeout) as step_scope:
+                # On the device thread, between inference steps. A cancelled wait abandons the
+                # result; the job holds nothing that another request could need.
+                tensor, grad_prompts = await run_task(self.executor, compute)
+            if step_scope.cancelled_caught:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"the {'backward' if request.backward else 'forward'} "
+                                                       f"took longer than {self.limits.step_timeout:.0f} s")
+            await framed.send(SpanOutput(tensor, grad_prompts, request.backward, request.wire_dtype,
+                                         request.codec).to_wire())
+        except ProtocolError as err:
+            log.info("training request from ..%s refused: %s", peer, err)
+            await _send_error(framed, err.code, err.message)
+        except PeerGone as err:
+            log.info("training request from ..%s: peer gone (%s)", peer, err)
+        except Exception:  # a bug must cost one request, never the server
+            log.exception("training request from ..%s failed", peer)
+            await _send_error(framed, ErrorCode.INTERNAL, "internal server error in a training request; "
+                                                          "the server logged the details")
+        finally:
+            await framed.close()
+
+    def _training_job(self, request: SpanRequest):
+        """Check ``request`` against this server and return the computation it asks for."""
+        if self.draining:
+            raise self._shutting_down()
+        self._check_model(request.fingerprint, request.model_id, request.start, request.end)
+        adapter = self._adapter(request.adapter)
+        tensors = {"hidden": request.hidden, "grad_output": request.grad_output, "prompts": request.prompts}
+        for name, tensor in tensors.items():
+            if tensor is None:
+                continue
+            if dtype_name(tensor.dtype) != request.wire_dtype:
+                raise ProtocolError(ErrorCode.BAD_TENSOR, f"{name} is {dtype_name(tensor.dtype)}; the request "
+                                                          f"says {request.wire_dtype}")
+            if not torch.isfinite(tensor).all():
+                raise ProtocolError(ErrorCode.BAD_TENSOR, f"{name} holds NaN or infinite values")
+        h = request.hidden
+        try:
+            check_training_inputs(self.span, h, request.start, request.end, request.prompts)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, str(exc)) from None
+        if request.grad_output is not None and request.grad_output.shape != h.shape:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"grad_output has shape {list(request.grad_output.shape)}; "
+                                                      f"hidden has {list(h.shape)}")
+        if h.shape[0] * h.shape[1] > self.limits.max_training_tokens:
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"{h.shape[0]} x {h.shape[1]} tokens exceed this server's "
+                                f"{self.limits.max_training_tokens} per training request: send smaller chunks")
+        span, start, end, prompts = self.span, request.start, request.end, request.prompts
+        if request.grad_output is None:
+            def forward():
+                with torch.no_grad():
+                    return span_forward(span, h, start, end, prompts, adapter).to("cpu", torch.float32), None
+            return forward
+        grad = request.grad_output
+        return lambda: span_backward(span, h, grad, start, end, prompts, adapter)
+
+    def _adapter(self, name: str):
+        if not name:
+            return None
+        if name not in self.span.adapters:
+            held = ", ".join(sorted(self.span.adapters)) or "none"
+            raise ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"this server holds no adapter {name!r} (it holds: {held})")
+        return self.span.adapters[name]
+
     async def _free_after_steps(self, cache: SessionCache, live: _LiveSession | None, session_id: int) -> None:
         """Return the session's pages once no step of it can still write into them."""
         with trio.CancelScope(shield=True):
@@ -194,20 +282,24 @@ class BlockServer:
     def _check_open(self, request: OpenSession) -> None:
         if self.draining:
             raise self._shutting_down()
-        ident = self.identity
-        # The fingerprint pins the weights; the name part of a model id may differ between copies.
-        if request.fingerprint != ident.fingerprint:
-            raise ProtocolError(
-                ErrorCode.WRONG_MODEL,
-                f"this server holds {ident.model_id} (fingerprint {ident.fingerprint[:16]}), the client asked "
-                f"for {request.model_id} (fingerprint {request.fingerprint[:16]}): both must load the same weights")
-        if not self.span.start <= request.start < request.end <= self.span.end:
-            raise ProtocolError(
-                ErrorCode.SPAN_NOT_SERVED,
-                f"blocks {request.start}:{request.end} asked for; this server holds {self.span.start}:{self.span.end}")
+        self._check_model(request.fingerprint, request.model_id, request.start, request.end)
+        self._adapter(request.adapter)
         if request.max_length > self.limits.max_length:
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                 f"max_length {request.max_length} exceeds this server's {self.limits.max_length}")
+
+    def _check_model(self, fingerprint: str, model_id: str, start: int, end: int) -> None:
+        ident = self.identity
+        # The fingerprint pins the weights; the name part of a model id may differ between copies.
+        if fingerprint != ident.fingerprint:
+            raise ProtocolError(
+                ErrorCode.WRONG_MODEL,
+                f"this server holds {ident.model_id} (fingerprint {ident.fingerprint[:16]}), the client asked "
+                f"for {model_id} (fingerprint {fingerprint[:16]}): both must load the same weights")
+        if not self.span.start <= start < end <= self.span.end:
+            raise ProtocolError(
+                ErrorCode.SPAN_NOT_SERVED,
+                f"blocks {start}:{end} asked for; this server holds {self.span.start}:{self.span.end}")
 
     async def _serve_steps(self, framed: FramedStream, request: OpenSession, cache: SessionCache,
                            live: _LiveSession) -> None:
@@ -225,13 +317,15 @@ class BlockServer:
                 return
             step = Step.from_wire(msg)
             hidden = self._check_step(step, request, cache)
+            prompts = self._check_prompts(step, request)
             # Batched with other sessions' steps on the executor, which also copies the output to host
             # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
             finished = trio.Event()
             live.unfinished = [finished]  # the previous step had finished before this one was accepted
             live.in_step = True
             with trio.move_on_after(step_timeout) as step_scope:
-                out = await run_step(self.executor, cache, hidden, request.start, request.end, wire_dtype, finished)
+                out = await run_step(self.executor, cache, hidden, request.start, request.end, wire_dtype, finished,
+                                     prompts)
             if step_scope.cancelled_caught:
                 raise ProtocolError(ErrorCode.TIMEOUT, f"the step took longer than {step_timeout:.0f} s; "
                                                        "session closed")
@@ -255,6 +349,24 @@ class BlockServer:
         if not torch.isfinite(h).all():
             raise ProtocolError(ErrorCode.BAD_TENSOR, "hidden holds NaN or infinite values")
         return h
+
+
+    def _check_prompts(self, step: Step, request: OpenSession) -> torch.Tensor | None:
+        p = step.prompts
+        if p is None:
+            return None
+        blocks, hidden_size = request.end - request.start, self.span.hidden_size
+        if (p.dim() != 4 or p.shape[0] != blocks or p.shape[1] not in (1, request.batch)
+                or not 1 <= p.shape[2] <= step.hidden.shape[1] or p.shape[3] != hidden_size):
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"prompts have shape {list(p.shape)}; expected [{blocks}, 1 or {request.batch}, "
+                                f"1 to {step.hidden.shape[1]} tokens, {hidden_size}]")
+        if dtype_name(p.dtype) != request.wire_dtype:
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"prompts are {dtype_name(p.dtype)}; this session was opened for {request.wire_dtype}")
+        if not torch.isfinite(p).all():
+            raise ProtocolError(ErrorCode.BAD_TENSOR, "prompts hold NaN or infinite values")
+        return p
 
 
 async def _send_error(framed: FramedStream, code: ErrorCode, message: str) -> None:

@@ -17,8 +17,8 @@ import msgpack
 
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import decode_body
-from petald.protocol.limits import MAX_ARRAY_LEN, MAX_STRING, QUANT_MODES, WIRE_VERSION
-from petald.protocol.messages import _bad, _int, _str, expect_type
+from petald.protocol.limits import QUANT_MODES, WIRE_VERSION
+from petald.protocol.messages import _bad, _int, _str, _str_list, expect_type
 
 SERVER_STATES = ("joining", "online", "offline")
 MAX_ANNOUNCEMENT_BYTES = 16 * 1024  # a record is a few hundred bytes; a DHT value this size is refused
@@ -30,14 +30,6 @@ def _float(msg: dict[str, Any], name: str, lo: float = 0.0, hi: float = 1e12) ->
             or not lo <= value <= hi:
         raise _bad(f"field {name!r} must be a number in [{lo}, {hi}], got {value!r}")
     return float(value)
-
-
-def _str_list(msg: dict[str, Any], name: str) -> list[str]:
-    value = msg.get(name)
-    if not isinstance(value, list) or len(value) > MAX_ARRAY_LEN \
-            or not all(isinstance(v, str) and len(v) <= MAX_STRING for v in value):
-        raise _bad(f"field {name!r} must be a list of at most {MAX_ARRAY_LEN} strings")
-    return list(value)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ class ErrorCode(StrEnum):
     VERSION = "version"  # another wire version
     WRONG_MODEL = "wrong_model"  # the weights fingerprint differs
     SPAN_NOT_SERVED = "span_not_served"  # blocks this server does not hold
+    UNKNOWN_ADAPTER = "unknown_adapter"  # a LoRA adapter this server does not hold
     CACHE_FULL = "cache_full"
     BAD_STATE = "bad_state"  # e.g. a step at a position the session is not at
     TIMEOUT = "timeout"  # the peer was silent, or a step or session ran, longer than the server allows

@@ -4,6 +4,7 @@ WIRE_VERSION = 1  # major version of the message schemas; carried in protocol ID
 
 INFERENCE_PROTOCOL = "/petald/inference/1.0.0"
 INFO_PROTOCOL = "/petald/info/1.0.0"
+TRAINING_PROTOCOL = "/petald/training/1.0.0"  # stateless forward and backward over whole sequences
 
 FRAME_HEADER_BYTES = 4
 MAX_FRAME_BYTES = 32 * 1024 * 1024  # no frame, of any kind, is larger

@@ -6,7 +6,7 @@ raises ``ProtocolError`` naming the first bad field. docs/protocol.md lists them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ import torch
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import (
     CODECS,
+    MAX_ARRAY_LEN,
     MAX_BATCH,
     MAX_STRING,
     QUANT_MODES,
@@ -43,6 +44,14 @@ def _str(msg: dict[str, Any], name: str, choices: tuple[str, ...] | None = None)
     return value
 
 
+def _str_list(msg: dict[str, Any], name: str) -> list[str]:
+    value = msg.get(name)
+    if not isinstance(value, list) or len(value) > MAX_ARRAY_LEN \
+            or not all(isinstance(v, str) and len(v) <= MAX_STRING for v in value):
+        raise _bad(f"field {name!r} must be a list of at most {MAX_ARRAY_LEN} strings")
+    return list(value)
+
+
 def expect_type(msg: dict[str, Any], *types: str) -> str:
     if msg.get("type") not in types:
         raise _bad(f"expected a message of type {' or '.join(types)}, got {msg.get('type')!r}")
@@ -69,6 +78,7 @@ class ServerInfo:
     version: str
     wire_version: int = WIRE_VERSION
     quant: str = "none"  # weight quantization: none, int8, int4, nf4 (absent from servers before it existed)
+    adapters: list[str] = field(default_factory=list)  # names of the LoRA adapters it can apply
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "info", **self.__dict__}
@@ -83,6 +93,7 @@ class ServerInfo:
             max_length=_int(msg, "max_length", 1), free_cache_tokens=_int(msg, "free_cache_tokens", 0, 2**62),
             version=_str(msg, "version"), wire_version=_int(msg, "wire_version"),
             quant=_str(msg, "quant", QUANT_MODES) if "quant" in msg else "none",
+            adapters=_str_list(msg, "adapters") if "adapters" in msg else [],
         )
         if not info.start < info.end <= info.num_blocks:
             raise _bad(f"span {info.start}:{info.end} is not within {info.num_blocks} blocks")
@@ -100,6 +111,7 @@ class OpenSession:
     wire_dtype: str = "float32"
     codec: str = "raw"
     wire_version: int = WIRE_VERSION
+    adapter: str = ""  # the LoRA adapter to apply, by name; "" for none
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "open", **self.__dict__}
@@ -116,6 +128,7 @@ class OpenSession:
             start=_int(msg, "start"), end=_int(msg, "end", 1), batch=_int(msg, "batch", 1, MAX_BATCH),
             max_length=_int(msg, "max_length", 1), wire_dtype=_str(msg, "wire_dtype", WIRE_DTYPES),
             codec=_str(msg, "codec", CODECS), wire_version=version,
+            adapter=_str(msg, "adapter") if "adapter" in msg else "",
         )
 
 
@@ -136,23 +149,33 @@ class SessionOpened:
 
 @dataclass
 class Step:
-    """Hidden states [batch, tokens, hidden] for positions [position, position + tokens)."""
+    """Hidden states [batch, tokens, hidden] for positions [position, position + tokens).
+
+    ``prompts`` [blocks, 1 or batch, n, hidden], when present, is added to the step's first n
+    tokens before each block of the session's span (deep prompts, sent with the steps that
+    cover the prompt's positions)."""
 
     step_id: int
     position: int
     hidden: torch.Tensor
     wire_dtype: str = "float32"
     codec: str = "raw"
+    prompts: torch.Tensor | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "step", "step_id": self.step_id, "position": self.position,
-                "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+        msg = {"type": "step", "step_id": self.step_id, "position": self.position,
+               "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+        if self.prompts is not None:
+            msg["prompts"] = encode_tensor(self.prompts, self.wire_dtype, self.codec)
+        return msg
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any]) -> Step:
         expect_type(msg, "step")
+        prompts = msg.get("prompts")
         return cls(step_id=_int(msg, "step_id"), position=_int(msg, "position"),
-                   hidden=decode_tensor(msg.get("hidden"), "hidden"))
+                   hidden=decode_tensor(msg.get("hidden"), "hidden"),
+                   prompts=decode_tensor(prompts, "prompts") if prompts is not None else None)
 
 
 @dataclass
@@ -190,3 +213,85 @@ class ErrorReply:
     def from_wire(cls, msg: dict[str, Any]) -> ErrorReply:
         expect_type(msg, "error")
         return cls(code=_str(msg, "code"), message=_str(msg, "message"))
+
+
+@dataclass
+class SpanRequest:
+    """A training request on ``/petald/training``: run whole sequences ``hidden`` [batch, tokens, hidden]
+    (positions 0..tokens-1) through blocks [start, end), forward, or backward given ``grad_output``.
+
+    ``prompts`` [blocks, 1 or batch, prompt tokens, hidden] are deep prompts added to the first
+    positions before each block. Nothing is kept between requests: a backward recomputes the forward.
+    """
+
+    model_id: str
+    fingerprint: str
+    start: int
+    end: int
+    hidden: torch.Tensor
+    grad_output: torch.Tensor | None = None  # given: a backward request
+    prompts: torch.Tensor | None = None
+    adapter: str = ""
+    wire_dtype: str = "float32"
+    codec: str = "raw"
+    wire_version: int = WIRE_VERSION
+
+    @property
+    def backward(self) -> bool:
+        return self.grad_output is not None
+
+    def to_wire(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {
+            "type": "backward" if self.backward else "forward", "model_id": self.model_id,
+            "fingerprint": self.fingerprint, "start": self.start, "end": self.end, "adapter": self.adapter,
+            "wire_dtype": self.wire_dtype, "codec": self.codec, "wire_version": self.wire_version,
+            "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+        if self.grad_output is not None:
+            msg["grad_output"] = encode_tensor(self.grad_output, self.wire_dtype, self.codec)
+        if self.prompts is not None:
+            msg["prompts"] = encode_tensor(self.prompts, self.wire_dtype, self.codec)
+        return msg
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> SpanRequest:
+        kind = expect_type(msg, "forward", "backward")
+        version = _int(msg, "wire_version")
+        if version != WIRE_VERSION:
+            raise ProtocolError(ErrorCode.VERSION,
+                                f"client speaks wire version {version}, this server speaks {WIRE_VERSION}")
+        return cls(
+            model_id=_str(msg, "model_id"), fingerprint=_str(msg, "fingerprint"),
+            start=_int(msg, "start"), end=_int(msg, "end", 1), hidden=decode_tensor(msg.get("hidden"), "hidden"),
+            grad_output=decode_tensor(msg.get("grad_output"), "grad_output") if kind == "backward" else None,
+            prompts=decode_tensor(msg["prompts"], "prompts") if msg.get("prompts") is not None else None,
+            adapter=_str(msg, "adapter"), wire_dtype=_str(msg, "wire_dtype", WIRE_DTYPES),
+            codec=_str(msg, "codec", CODECS), wire_version=version,
+        )
+
+
+@dataclass
+class SpanOutput:
+    """The answer to a ``SpanRequest``: a forward's outputs, or a backward's gradients with respect to
+    its ``hidden`` (and to its ``prompts``, when it sent any)."""
+
+    tensor: torch.Tensor  # the outputs, or the gradient of hidden
+    grad_prompts: torch.Tensor | None = None
+    backward: bool = False
+    wire_dtype: str = "float32"
+    codec: str = "raw"
+
+    def to_wire(self) -> dict[str, Any]:
+        if not self.backward:
+            return {"type": "forward_output", "hidden": encode_tensor(self.tensor, self.wire_dtype, self.codec)}
+        msg = {"type": "backward_output", "grad_hidden": encode_tensor(self.tensor, self.wire_dtype, self.codec)}
+        if self.grad_prompts is not None:
+            msg["grad_prompts"] = encode_tensor(self.grad_prompts, self.wire_dtype, self.codec)
+        return msg
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> SpanOutput:
+        if expect_type(msg, "forward_output", "backward_output") == "forward_output":
+            return cls(decode_tensor(msg.get("hidden"), "hidden"))
+        grad_prompts = msg.get("grad_prompts")
+        return cls(decode_tensor(msg.get("grad_hidden"), "grad_hidden"),
+                   decode_tensor(grad_prompts, "grad_prompts") if grad_prompts is not None else None, backward=True)

@@ -1,0 +1,121 @@
+"""Forward and backward through a span for training: whole sequences, no KV cache, frozen weights.
+
+A training request carries whole sequences [batch, tokens, hidden] at positions
+0..tokens-1, so attention is plain causal attention over the request's own
+tokens; nothing is kept between requests. Backward recomputes the forward under
+autograd from the inputs the client sends again (as Petals does): a server holds
+no activations between a client's forward and its backward, so a client that
+vanishes costs it nothing, and any replica of the span can answer the backward.
+
+Deep prompts (deep prompt tuning, P-tuning v2 as Petals runs it): ``prompts``
+[blocks, batch or 1, P, hidden] is added to the first P positions of the hidden
+states before each block of the span. Gradients flow to the inputs and the
+prompts only; weights never require grad.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from petald.kernels.block import TransformerBlock, rms_norm
+from petald.kernels.rotary import apply_rotary
+from petald.kernels.span import BlockSpan
+
+
+class BlockAdapter(Protocol):
+    """One block's LoRA weights (kernels/lora.py): the additive delta of a fused projection's output."""
+
+    def delta(self, group: str, h: torch.Tensor) -> torch.Tensor | None: ...
+
+
+class SpanAdapter(Protocol):
+    def block(self, index: int) -> BlockAdapter | None: ...
+
+
+def _project(block_linear, h: torch.Tensor, lora: BlockAdapter | None, group: str) -> torch.Tensor:
+    y = block_linear(h)
+    delta = lora.delta(group, h) if lora is not None else None
+    return y if delta is None else y + delta
+
+
+def block_forward(block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                  lora: BlockAdapter | None = None) -> torch.Tensor:
+    """One block over whole sequences ``x`` [B, T, hidden] at positions 0..T-1 (``cos``/``sin_signed``
+    are the rotary tables' rows for those positions, [T, 1, head_dim])."""
+    b, t, _ = x.shape
+    h = rms_norm(x, block.ln_attn, block.eps)
+    qkv = _project(block.qkv, h, lora, "qkv")
+    q_size, kv_size = block.n_heads * block.head_dim, block.n_kv_heads * block.head_dim
+    qk = apply_rotary(qkv[..., : q_size + kv_size].reshape(b, t, block.n_heads + block.n_kv_heads, block.head_dim),
+                      cos, sin_signed)
+    q, k = qk[:, :, : block.n_heads], qk[:, :, block.n_heads :]
+    v = qkv[..., q_size + kv_size :].reshape(b, t, block.n_kv_heads, block.head_dim)
+    mask = None
+    if block.window is not None and t > block.window:
+        pos = torch.arange(t, device=x.device)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - block.window)
+    attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=block.n_heads != block.n_kv_heads)
+    x = x + _project(block.o, attn.transpose(1, 2).reshape(b, t, q_size), lora, "o")
+    h = rms_norm(x, block.ln_mlp, block.eps)
+    gate, up = _project(block.gate_up, h, lora, "gate_up").chunk(2, dim=-1)
+    return x + _project(block.down, F.silu(gate) * up, lora, "down")
+
+
+def check_training_inputs(span: BlockSpan, hidden: torch.Tensor, start: int, end: int,
+                          prompts: torch.Tensor | None) -> None:
+    """Raise ValueError naming the first input that does not fit blocks [start, end) of ``span``."""
+    if not span.start <= start < end <= span.end:
+        raise ValueError(f"blocks {start}:{end} are outside this span {span.start}:{span.end}")
+    if hidden.dim() != 3 or hidden.shape[2] != span.hidden_size or hidden.shape[1] < 1 or hidden.shape[0] < 1:
+        raise ValueError(f"hidden has shape {list(hidden.shape)}; expected [batch, tokens, {span.hidden_size}]")
+    if hidden.shape[1] > span.max_positions:
+        raise ValueError(f"{hidden.shape[1]} tokens exceed the model's {span.max_positions} positions")
+    if prompts is None:
+        return
+    batch, tokens = hidden.shape[0], hidden.shape[1]
+    if (prompts.dim() != 4 or prompts.shape[0] != end - start or prompts.shape[1] not in (1, batch)
+            or not 1 <= prompts.shape[2] <= tokens or prompts.shape[3] != span.hidden_size):
+        raise ValueError(f"prompts have shape {list(prompts.shape)}; expected [{end - start} blocks, "
+                         f"1 or {batch}, prompt tokens <= {tokens}, {span.hidden_size}]")
+
+
+def span_forward(span: BlockSpan, hidden: torch.Tensor, start: int, end: int,
+                 prompts: torch.Tensor | None = None, adapter: SpanAdapter | None = None) -> torch.Tensor:
+    """Blocks [start, end) of ``span`` over ``hidden`` [B, T, hidden], differentiable in ``hidden`` and
+    ``prompts``; the output is in the span's compute dtype, on its device."""
+    check_training_inputs(span, hidden, start, end, prompts)
+    x = hidden.to(span.device, span.dtype)
+    t = x.shape[1]
+    cos, sin_signed = span.rotary.cos[:t, None], span.rotary.sin_signed[:t, None]
+    if prompts is not None:
+        prompts = prompts.to(span.device, span.dtype)
+    for index in range(start, end):
+        if prompts is not None:
+            prompt = prompts[index - start]
+            n = prompt.shape[1]
+            x = torch.cat([x[:, :n] + prompt, x[:, n:]], dim=1)
+        lora = adapter.block(index) if adapter is not None else None
+        x = block_forward(span.blocks[index - span.start], x, cos, sin_signed, lora)
+    return x
+
+
+def span_backward(span: BlockSpan, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int,
+                  prompts: torch.Tensor | None = None, adapter: SpanAdapter | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``(span_forward(hidden, prompts) * grad_output).sum()`` with respect to ``hidden`` and
+    ``prompts`` (None without prompts), recomputing the forward; both on the CPU in float32."""
+    if grad_output.shape != hidden.shape:
+        raise ValueError(f"grad_output has shape {list(grad_output.shape)}; expected {list(hidden.shape)}")
+    with torch.enable_grad():
+        x = hidden.detach().to(span.device, span.dtype).requires_grad_()
+        p = prompts.detach().to(span.device, span.dtype).requires_grad_() if prompts is not None else None
+        out = span_forward(span, x, start, end, p, adapter)
+        inputs = [x] if p is None else [x, p]
+        grads = torch.autograd.grad(out, inputs, grad_output.to(out.device, out.dtype))
+    grad_hidden = grads[0].to("cpu", torch.float32)
+    return grad_hidden, (grads[1].to("cpu", torch.float32) if p is not None else None)
