@@ -37,6 +37,9 @@ def run_petald(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
          "none of the initial peers answered"),
         (["serve", "--blocks", "0:2", "--new-swarm", "--http", "8080"], "expected HOST:PORT"),
         (["chat", "--daemon"], "no petald daemon answers"),
+        (["serve", "--blocks", "0:2", "--new-swarm", "--adapters", "/no/such/adapter"],
+         "adapter /no/such/adapter does not exist"),
+        (["serve", "--blocks", "0:2", "--new-swarm", "--adapters", "/tmp"], "adapter_config.json"),
     ],
 )
 def test_errors_are_sentences_not_tracebacks(tiny_models, args, message):

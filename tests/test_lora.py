@@ -385,3 +385,57 @@ def test_training_forward_and_backward_with_an_adapter_match_peft(tiny_models, l
     torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)
     (plain_grad, _) = span_backward(span, hidden, grad_output, 1, 5)
     assert (plain_grad - want_grad).abs().max() > 1e-2  # the adapter does change the gradient
+
+
+@pytest.mark.slow
+def test_clients_pick_an_adapter_by_name_and_are_routed_to_its_servers(tiny_models, llama_adapters):
+    """A swarm where one server holds every block without adapters and two hold the adapter: a client
+    naming the adapter is routed only through those two (found in the DHT), and its logits, greedy
+    tokens and prompt gradients equal peft's; a client without it keeps the one-hop base route."""
+    import torch.nn.functional as F
+
+    from petald.cli.local_swarm import LocalSwarm
+    from petald.p2pnode.distributed_model import DistributedModel
+    from petald.p2pnode.route import NoRouteError
+
+    path = tiny_models["llama"]
+    adapter_dir = llama_adapters["full"]
+    name = adapter_dir.name
+    ids = ids_of(11, 10)
+    with LocalSwarm(["0:6"], model=str(path), extra_args=["--threads", "1"]) as swarm:
+        swarm.add("0:3", ["--adapters", str(adapter_dir)])
+        swarm.add("3:6", ["--adapters", str(adapter_dir)])
+        assert any(f"adapters: {name}" in line for line in swarm.servers[1].output)
+        with DistributedModel(initial_peers=swarm.addresses[:1], model=str(path), adapter=name) as model:
+            route = model.route()
+            assert [(h.start, h.end) for h in route.hops] == [(0, 3), (3, 6)]
+            torch.testing.assert_close(model.forward(ids), peft_logits(path, adapter_dir, ids), atol=1e-4, rtol=1e-4)
+
+            base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+            with torch.no_grad():
+                expected = peft_model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                               pad_token_id=0)
+            assert model.generate(ids, max_new_tokens=8, eos_token_id=[]).tolist() == expected.tolist()
+
+            # A soft prompt's gradient through the adapted servers equals peft's autograd.
+            prompt = (torch.randn(3, 64, generator=torch.Generator().manual_seed(12)) * 0.5).requires_grad_()
+            one = ids[:1]
+            x = torch.cat([prompt[None], model.head.embed_with_grad(one)], dim=1)
+            logits = model.head.logits_with_grad(model.remote_blocks(x))[:, 3:]
+            F.cross_entropy(logits[0, :-1], one[0, 1:]).backward()
+            ref_prompt = prompt.detach().clone().requires_grad_()
+            ref_logits = peft_model(inputs_embeds=torch.cat(
+                [ref_prompt[None], base.model.embed_tokens(one)], dim=1)).logits[:, 3:]
+            F.cross_entropy(ref_logits[0, :-1], one[0, 1:]).backward()
+            torch.testing.assert_close(prompt.grad, ref_prompt.grad, rtol=1e-4,
+                                       atol=5e-5 * float(ref_prompt.grad.abs().max()))
+
+        with DistributedModel(initial_peers=swarm.addresses[:1], model=str(path)) as model:
+            assert [(h.start, h.end) for h in model.route().hops] == [(0, 6)]
+            torch.testing.assert_close(model.forward(ids), reference_logits(str(path), ids), atol=1e-4, rtol=1e-4)
+
+        with DistributedModel(initial_peers=swarm.addresses[:1], model=str(path), adapter="no-such-adapter",
+                              recovery_timeout=1) as model:
+            with pytest.raises(NoRouteError, match="holding adapter 'no-such-adapter'"):
+                model.route()

@@ -149,6 +149,8 @@ def _api_listen(socket: str | None, socket_group: str | None, http: str | None):
               help="Seconds one step may compute; a slower step ends its session (its client goes elsewhere).")
 @click.option("--session-timeout", default=86400.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a session may last in all.")
+@click.option("--adapters", multiple=True, metavar="PATH",
+              help="A PEFT LoRA adapter directory to serve (repeatable); clients pick it by the directory's name.")
 @click.option("--max-training-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Most tokens (batch x length) in one training forward or backward request; bounds its memory.")
 @click.option("--shutdown-grace", default=30.0, show_default=True, type=click.FloatRange(min=0.0),
@@ -160,7 +162,7 @@ def _api_listen(socket: str | None, socket_group: str | None, http: str | None):
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
           network_mbps, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
-          step_timeout, session_timeout, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
+          step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
           no_api, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
     _setup_logging(verbose)
@@ -179,7 +181,7 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
         say = _announcer()
         progress = ProgressDisplay(say)
         options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
-                               dtype=dtype, quant=quant,
+                               dtype=dtype, quant=quant, adapters=list(adapters),
                                limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
                                                    idle_timeout=idle_timeout, step_timeout=step_timeout,
                                                    session_timeout=session_timeout,
@@ -292,7 +294,7 @@ def _no_swarm_error(socket: str | None) -> click.UsageError:
 
 
 def _client_node(peers: list[str], initial_peers: list[str], model: str | None, socket: str | None,
-                 wire_dtype: str, lz4: bool, step_timeout: float, recovery_timeout: float):
+                 wire_dtype: str, lz4: bool, step_timeout: float, recovery_timeout: float, adapter: str | None):
     """A client node of this command's own (no daemon): the servers given, or the swarm's."""
     if not peers and not initial_peers:
         raise _no_swarm_error(socket)
@@ -300,7 +302,13 @@ def _client_node(peers: list[str], initial_peers: list[str], model: str | None, 
 
     return DistributedModel(peers, model, initial_peers=initial_peers, wire_dtype=wire_dtype,
                             codec="lz4" if lz4 else "raw", step_timeout=step_timeout,
-                            recovery_timeout=recovery_timeout)
+                            recovery_timeout=recovery_timeout, adapter=adapter)
+
+
+def _refuse_adapter_through_daemon(adapter: str | None) -> None:
+    if adapter:
+        raise click.UsageError("--adapter needs a client node of this command's own: give the swarm with "
+                               "--initial-peers (or --peers); the local API does not select adapters")
 
 
 def _daemon_model_name(model: str | None) -> str | None:
@@ -336,6 +344,8 @@ def _client_options(fn: Callable) -> Callable:
                           "stays the same)."),
         click.option("--recovery-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.0),
                      help="Seconds to wait for a server to take over blocks nobody serves before giving up."),
+        click.option("--adapter", default=None, metavar="NAME",
+                     help="Run every block with this LoRA adapter, on servers that hold it (see petald swarm)."),
         click.option("-v", "--verbose", is_flag=True),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ]):
@@ -350,7 +360,7 @@ def _client_options(fn: Callable) -> Callable:
 @_client_options
 @click.pass_context
 def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-             seed, wire_dtype, lz4, step_timeout, recovery_timeout, verbose, debug) -> None:
+             seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, verbose, debug) -> None:
     """Generate text from PROMPT: through the local daemon when one runs, else as a client node of its
     own (petald generate "PROMPT" --initial-peers ADDR)."""
     _setup_logging(verbose)
@@ -360,6 +370,7 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
         daemon = _pick_daemon(ctx, use_daemon, socket,
                               _from_command_line(ctx, "peers", "initial_peers") or bool(args[1:]))
         if daemon is not None:
+            _refuse_adapter_through_daemon(adapter)
             with daemon:
                 body = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
                 if seed is not None:
@@ -378,7 +389,7 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
                 sys.stdout.write("\n")
             return
         with _client_node(direct_peers, swarm_peers, model, socket, wire_dtype, lz4, step_timeout,
-                          recovery_timeout) as dm:
+                          recovery_timeout, adapter) as dm:
             if verbose:
                 click.echo(f"route: {dm.route().describe()}", err=True)
             generate_text(dm, prompt, max_new_tokens, temperature, top_p, seed, chat)
@@ -393,7 +404,7 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
 @_client_options
 @click.pass_context
 def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-         seed, wire_dtype, lz4, step_timeout, recovery_timeout, verbose, debug) -> None:
+         seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, verbose, debug) -> None:
     """Chat with the model, a line at a time: through the local daemon when one runs, else as a
     client node of its own. /reset forgets the conversation; /exit or Ctrl-D ends it."""
     _setup_logging(verbose)
@@ -407,12 +418,13 @@ def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_da
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
         daemon = _pick_daemon(ctx, use_daemon, socket, _from_command_line(ctx, "peers", "initial_peers"))
         if daemon is not None:
+            _refuse_adapter_through_daemon(adapter)
             with daemon:
                 name = _daemon_model_name(model) if _from_command_line(ctx, "model") else None
                 run_chat(reply_through_daemon(daemon, name), sampling, system_prompt)
             return
         with _client_node(peers, initial_peers, model, socket, wire_dtype, lz4, step_timeout,
-                          recovery_timeout) as dm:
+                          recovery_timeout, adapter) as dm:
             run_chat(reply_through_model(dm), sampling, system_prompt)
 
     _run_cli(run, debug)

@@ -15,39 +15,22 @@ prompts only; weights never require grad.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 
-from petald.kernels.block import TransformerBlock, rms_norm
+from petald.kernels.block import TransformerBlock, project, rms_norm
+from petald.kernels.lora import BlockLora, LoraAdapter
 from petald.kernels.rotary import apply_rotary
 from petald.kernels.span import BlockSpan
 
 
-class BlockAdapter(Protocol):
-    """One block's LoRA weights (kernels/lora.py): the additive delta of a fused projection's output."""
-
-    def delta(self, group: str, h: torch.Tensor) -> torch.Tensor | None: ...
-
-
-class SpanAdapter(Protocol):
-    def block(self, index: int) -> BlockAdapter | None: ...
-
-
-def _project(block_linear, h: torch.Tensor, lora: BlockAdapter | None, group: str) -> torch.Tensor:
-    y = block_linear(h)
-    delta = lora.delta(group, h) if lora is not None else None
-    return y if delta is None else y + delta
-
-
 def block_forward(block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                  lora: BlockAdapter | None = None) -> torch.Tensor:
+                  lora: BlockLora | None = None) -> torch.Tensor:
     """One block over whole sequences ``x`` [B, T, hidden] at positions 0..T-1 (``cos``/``sin_signed``
     are the rotary tables' rows for those positions, [T, 1, head_dim])."""
     b, t, _ = x.shape
     h = rms_norm(x, block.ln_attn, block.eps)
-    qkv = _project(block.qkv, h, lora, "qkv")
+    qkv = project(block.qkv, "qkv", h, lora)
     q_size, kv_size = block.n_heads * block.head_dim, block.n_kv_heads * block.head_dim
     qk = apply_rotary(qkv[..., : q_size + kv_size].reshape(b, t, block.n_heads + block.n_kv_heads, block.head_dim),
                       cos, sin_signed)
@@ -60,10 +43,10 @@ def block_forward(block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, s
     attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           attn_mask=mask, is_causal=mask is None,
                                           enable_gqa=block.n_heads != block.n_kv_heads)
-    x = x + _project(block.o, attn.transpose(1, 2).reshape(b, t, q_size), lora, "o")
+    x = x + project(block.o, "o", attn.transpose(1, 2).reshape(b, t, q_size), lora)
     h = rms_norm(x, block.ln_mlp, block.eps)
-    gate, up = _project(block.gate_up, h, lora, "gate_up").chunk(2, dim=-1)
-    return x + _project(block.down, F.silu(gate) * up, lora, "down")
+    gate, up = project(block.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
+    return x + project(block.down, "down", F.silu(gate) * up, lora)
 
 
 def check_training_inputs(span: BlockSpan, hidden: torch.Tensor, start: int, end: int,
@@ -85,7 +68,7 @@ def check_training_inputs(span: BlockSpan, hidden: torch.Tensor, start: int, end
 
 
 def span_forward(span: BlockSpan, hidden: torch.Tensor, start: int, end: int,
-                 prompts: torch.Tensor | None = None, adapter: SpanAdapter | None = None) -> torch.Tensor:
+                 prompts: torch.Tensor | None = None, adapter: LoraAdapter | None = None) -> torch.Tensor:
     """Blocks [start, end) of ``span`` over ``hidden`` [B, T, hidden], differentiable in ``hidden`` and
     ``prompts``; the output is in the span's compute dtype, on its device."""
     check_training_inputs(span, hidden, start, end, prompts)
@@ -105,7 +88,7 @@ def span_forward(span: BlockSpan, hidden: torch.Tensor, start: int, end: int,
 
 
 def span_backward(span: BlockSpan, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int,
-                  prompts: torch.Tensor | None = None, adapter: SpanAdapter | None = None
+                  prompts: torch.Tensor | None = None, adapter: LoraAdapter | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of ``(span_forward(hidden, prompts) * grad_output).sum()`` with respect to ``hidden`` and
     ``prompts`` (None without prompts), recomputing the forward; both on the CPU in float32."""

@@ -13,6 +13,7 @@ import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import trio
@@ -22,6 +23,7 @@ from libp2p.crypto.keys import KeyPair
 from petald import __version__
 from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
 from petald.kernels.executor import DeviceExecutor
+from petald.kernels.lora import load_lora_adapter
 from petald.kernels.memory_plan import available_memory, blocks_that_fit
 from petald.kernels.model_source import ModelSource
 from petald.kernels.quant import check_quant
@@ -54,6 +56,7 @@ class ServeOptions:
     device: str = "auto"
     dtype: str = "auto"
     quant: str = "none"
+    adapters: list[str] = field(default_factory=list)  # PEFT LoRA adapter directories to serve
     limits: ServerLimits = field(default_factory=ServerLimits)
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
@@ -109,6 +112,7 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     check_quant(options.quant, device)  # before loading anything
+    check_adapters(options.adapters, source, dtype)
     if options.blocks == "auto":
         length, fixed = auto_block_count(options, source, dtype, device), None
     else:
@@ -124,6 +128,18 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     finally:
         node.shut_down_executors()
     announce(f"stopped ({dtype_name(dtype)}, quant {options.quant}, on {device})")
+
+
+def check_adapters(paths: list[str], source: ModelSource, dtype: torch.dtype) -> None:
+    """Read every adapter for the whole model before any block loads: a wrong path, format or model
+    fails now, with AdapterError's sentence, and two adapters of one name are refused."""
+    names: dict[str, str] = {}
+    for path in paths:
+        adapter = load_lora_adapter(path, source.config, 0, source.identity.num_blocks, dtype, torch.device("cpu"))
+        if adapter.name in names:
+            raise ValueError(f"--adapters {names[adapter.name]} and {path} are both named {adapter.name!r}: "
+                             "adapters are chosen by their directory's name, so rename one")
+        names[adapter.name] = path
 
 
 class ServerNode:
@@ -149,7 +165,11 @@ class ServerNode:
             model_id=self.identity.model_id, fingerprint=self.identity.fingerprint,
             num_blocks=self.identity.num_blocks, start=self.span_start, end=self.span_start + self.length,
             dtype=dtype_name(self.dtype), quant=self.options.quant, hidden_size=self.source.config.hidden_size,
-            max_length=limits.max_length, free_cache_tokens=limits.cache_tokens, version=__version__)
+            max_length=limits.max_length, free_cache_tokens=limits.cache_tokens, version=__version__,
+            adapters=self._adapter_names())
+
+    def _adapter_names(self) -> list[str]:
+        return sorted(Path(p).expanduser().resolve().name for p in self.options.adapters)
 
     def _how(self) -> str:
         return f"{dtype_name(self.dtype)}, quant {self.options.quant}, {self.device}"
@@ -276,9 +296,17 @@ class ServerNode:
             elif shown is None and text:
                 self.announce(text)
 
-        quant = self.options.quant
-        span = await trio.to_thread.run_sync(
-            lambda: BlockSpan(self.source, start, end, self.dtype, self.device, progress=progress, quant=quant))
+        quant, adapters = self.options.quant, self.options.adapters
+
+        def load() -> BlockSpan:
+            span = BlockSpan(self.source, start, end, self.dtype, self.device, progress=progress, quant=quant)
+            for path in adapters:
+                span.load_adapter(path)
+            return span
+
+        span = await trio.to_thread.run_sync(load)
+        if adapters:
+            self.announce(f"adapters: {', '.join(sorted(span.adapters))}")
         # Measured on this span before its executor starts: the figures are what a client will get.
         figures, cached = await trio.to_thread.run_sync(lambda: cached_throughput(
             span, self.identity.fingerprint, quant,

@@ -25,6 +25,7 @@ from libp2p.custom_types import TProtocol
 from petald import __version__
 from petald.kernels.dtypes import DTYPES, dtype_name
 from petald.kernels.executor import DeviceExecutor
+from petald.kernels.lora import AdapterError, LoraAdapter
 from petald.kernels.model_source import ModelIdentity
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, CacheFullError, SessionCache
 from petald.kernels.span import BlockSpan
@@ -255,13 +256,11 @@ class BlockServer:
         grad = request.grad_output
         return lambda: span_backward(span, h, grad, start, end, prompts, adapter)
 
-    def _adapter(self, name: str):
-        if not name:
-            return None
-        if name not in self.span.adapters:
-            held = ", ".join(sorted(self.span.adapters)) or "none"
-            raise ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"this server holds no adapter {name!r} (it holds: {held})")
-        return self.span.adapters[name]
+    def _adapter(self, name: str) -> LoraAdapter | None:
+        try:
+            return self.span.adapter_named(name)
+        except AdapterError as exc:
+            raise ProtocolError(ErrorCode.UNKNOWN_ADAPTER, str(exc)) from None
 
     async def _free_after_steps(self, cache: SessionCache, live: _LiveSession | None, session_id: int) -> None:
         """Return the session's pages once no step of it can still write into them."""
@@ -325,7 +324,7 @@ class BlockServer:
             live.in_step = True
             with trio.move_on_after(step_timeout) as step_scope:
                 out = await run_step(self.executor, cache, hidden, request.start, request.end, wire_dtype, finished,
-                                     prompts)
+                                     prompts, request.adapter)
             if step_scope.cancelled_caught:
                 raise ProtocolError(ErrorCode.TIMEOUT, f"the step took longer than {step_timeout:.0f} s; "
                                                        "session closed")

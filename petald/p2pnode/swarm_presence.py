@@ -46,7 +46,7 @@ class ServerPresence:
             max_length=info.max_length, free_cache_tokens=info.free_cache_tokens,
             inference_rps=self.inference_rps, forward_tps=self.forward_tps, network_mbps=self.network_mbps,
             issued_at=now, expires_at=now + max(MIN_EXPIRY_S, EXPIRY_PERIODS * self.period),
-            version=__version__, wire_version=info.wire_version,
+            version=__version__, wire_version=info.wire_version, adapters=info.adapters,
         )
 
     async def publish(self, state: str | None = None) -> ServerAnnouncement:
