@@ -307,6 +307,7 @@ def test_swarm_table_groups_blocks_and_marks_gaps():
                 "addresses": [f"/ip4/127.0.0.1/tcp/1/p2p/{peer}"]}
 
     servers = [server("12D3KooWAAAAAAAAAAAAAAAAAAA1", 0, 4), server("12D3KooWBBBBBBBBBBBBBBBBBBB2", 2, 5)]
+    servers[1]["adapters"] = ["style"]
     blocks = [{"block": b, "servers": [s["peer_id"] for s in servers if s["start"] <= b < s["end"]],
                "inference_rps": 100.0 * sum(s["start"] <= b < s["end"] for s in servers)} for b in range(8)]
     table = format_swarm_table([{"model_id": "m@1", "num_blocks": 8, "uncovered_blocks": [5, 6, 7],
@@ -316,4 +317,5 @@ def test_swarm_table_groups_blocks_and_marks_gaps():
     assert ["0:2", "1", "100"] in rows and ["2:4", "2", "200"] in rows and ["4:5", "1", "100"] in rows
     assert any(r[:3] == ["5:8", "0", "0"] and "UNCOVERED:" in r for r in rows)
     assert "3 blocks uncovered" in table
+    assert "adapter style: on 2:5" in table
     assert format_swarm_table([]) == "no servers found in the swarm"

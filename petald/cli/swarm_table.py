@@ -42,6 +42,10 @@ def format_swarm_table(models: list[dict[str, Any]]) -> str:
             lines.append(f"  ..{s['peer_id'][-14:]:<14} {span:<9} {s['state']:<8} "
                          f"{s['inference_rps']:>8.0f} {s['forward_tps']:>9.0f} {s['free_cache_tokens']:>10}  "
                          f"{s['dtype'] + '/' + s['quant']:<14} {address}")
+        adapters = sorted({a for s in m["servers"] for a in s.get("adapters", [])})
+        for name in adapters:
+            holders = [f"{s['start']}:{s['end']}" for s in m["servers"] if name in s.get("adapters", [])]
+            lines.append(f"  adapter {name}: on {', '.join(holders)}")
         lines.append("")
         lines.append(f"  {'BLOCKS':<9} {'SERVERS':>7} {'STEPS/S':>8}")
         for start, end, count, rps in _runs(m["blocks"]):

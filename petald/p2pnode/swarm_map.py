@@ -40,7 +40,8 @@ class ModelMap:
             "servers": [{"peer_id": s.peer_id, "start": s.start, "end": s.end, "state": s.state,
                          "inference_rps": round(s.inference_rps, 1), "forward_tps": round(s.forward_tps, 1),
                          "free_cache_tokens": s.free_cache_tokens, "dtype": s.dtype, "quant": s.quant,
-                         "version": s.version, "addresses": s.addresses, "expires_at": s.expires_at}
+                         "version": s.version, "addresses": s.addresses, "expires_at": s.expires_at,
+                         "adapters": s.adapters}
                         for s in self.servers],
             "blocks": [{"block": b, "servers": [s.peer_id for s in self.servers_of(b)],
                         "inference_rps": round(self.block_throughput(b), 1)} for b in range(self.num_blocks)],
