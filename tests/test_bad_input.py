@@ -158,6 +158,18 @@ async def step_out_of_order(framed, stream, client):
     return await _error_reply(framed)
 
 
+async def deep_prompts_of_the_wrong_shape(framed, stream, client):
+    await _open(framed, client)
+    await framed.send(Step(1, 0, torch.zeros(1, 3, 64), prompts=torch.zeros(5, 1, 2, 64)).to_wire())
+    return await _error_reply(framed)
+
+
+async def deep_prompts_with_nan(framed, stream, client):
+    await _open(framed, client)
+    await framed.send(Step(1, 0, torch.zeros(1, 3, 64), prompts=torch.full((6, 1, 2, 64), float("nan"))).to_wire())
+    return await _error_reply(framed)
+
+
 async def garbage_after_open(framed, stream, client):
     await _open(framed, client)
     await stream.write(_raw_frame(msgpack.packb({"type": "step", "step_id": "x"})))
@@ -177,6 +189,8 @@ CASES = {
     step_out_of_order: "bad_state",
     big_first_frame: "frame_too_large",
     garbage_after_open: "bad_message",
+    deep_prompts_of_the_wrong_shape: "bad_tensor",
+    deep_prompts_with_nan: "bad_tensor",
 }
 
 
@@ -242,7 +256,7 @@ TRAINING_CASES = {
     training_gradient_of_another_shape: "bad_tensor",
     training_prompts_of_the_wrong_shape: "bad_tensor",
     training_nan: "bad_tensor",
-    training_over_the_token_limit: "bad_tensor",
+    training_over_the_token_limit: "too_large",
     training_unknown_adapter: "unknown_adapter",
     training_blocks_not_held: "span_not_served",
     training_other_weights: "wrong_model",

@@ -229,6 +229,45 @@ def test_span_requests_round_trip():
     torch.testing.assert_close(out.grad_prompts, prompts)
 
 
+def test_every_chunk_of_a_wide_model_fits_in_one_backward_frame():
+    """hidden 4096 (a 7B model): chunks sized on the tensor limit alone overflowed the frame limit."""
+    from petald.protocol.framing import encode_frame
+    from petald.protocol.limits import MAX_FRAME_BYTES
+
+    for prompts in (None, torch.zeros(4, 1, 16, 4096), torch.zeros(4, 64, 16, 4096)):
+        rows = chunk_rows(64, 128, 4096, 1024, prompts)
+        r = rows[0]
+        hidden = torch.zeros(r.stop - r.start, 128, 4096)
+        chunk_prompts = None if prompts is None else prompts[:, : 1 if prompts.shape[1] == 1 else r.stop - r.start]
+        request = SpanRequest("m", "f" * 64, 0, 4, hidden, hidden, chunk_prompts)
+        assert len(encode_frame(request.to_wire())) <= MAX_FRAME_BYTES
+        assert sum(x.stop - x.start for x in rows) == 64
+
+
+def test_an_abandoned_training_job_never_runs(tiny_models):
+    import trio
+
+    from petald.p2pnode.compute import run_task
+
+    span = BlockSpan(open_source(str(tiny_models["llama"])), 0, 2, torch.float32, torch.device("cpu"))
+    executor = DeviceExecutor(span)
+    busy, ran = threading.Event(), []
+    try:
+        executor.submit_task(lambda: busy.wait(30), lambda result, error: None)  # holds the device thread
+
+        async def main():
+            with trio.move_on_after(0.2):
+                await run_task(executor, lambda: ran.append("late"))
+            busy.set()
+            assert await run_task(executor, lambda: "next") == "next"  # the queue moved past it
+
+        trio.run(main)
+    finally:
+        busy.set()
+        executor.shutdown()
+    assert ran == []
+
+
 def test_chunks_hold_whole_sequences_within_the_limits():
     assert chunk_rows(10, 100, 64, 1024) == [slice(0, 10)]
     assert chunk_rows(10, 300, 64, 1024) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
@@ -349,6 +388,7 @@ def test_training_goes_on_when_servers_die_mid_step(tiny_models):
     forward: the forward carries on from its blocks elsewhere. Gradients stay exact either way."""
     from petald.cli.local_swarm import LocalSwarm
     from petald.p2pnode.distributed_model import DistributedModel
+    from petald.p2pnode.route import NoRouteError
 
     path = str(tiny_models["llama"])
     ids, prompts, deep = _prompt_case(seed=9, batch=2)
@@ -376,5 +416,14 @@ def test_training_goes_on_when_servers_die_mid_step(tiny_models):
             assert_grads_close(grad_deep, expected[2])
             assert [(r.start, r.end) for r in model.recoveries] == [(2, 6), (4, 6)]
             assert all(model.bans.is_banned(r.peer_id) for r in model.recoveries)
-        for alive in (s0, s2, s4):
+
+            # Nobody holds 4:6 any more: the error is NoRouteError itself (not an exception group of
+            # the parallel chunks), within the recovery timeout.
+            s4.process.kill()
+            s4.process.wait()
+            model.recovery_timeout = 2
+            model.max_chunk_tokens = 14  # one sequence per chunk: two chunks in parallel
+            with pytest.raises(NoRouteError, match="4:6"):
+                _swarm_prompt_loss(model, ids, prompts, deep)
+        for alive in (s0, s2):
             assert alive.process.poll() is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +29,21 @@ async def run_step(executor: DeviceExecutor, cache: SessionCache, hidden: torch.
 
 
 async def run_task(executor: DeviceExecutor, run: Callable[[], Any]) -> Any:
-    """``run()``'s result, computed on the device thread between batched steps (training work)."""
-    return await await_completion(lambda done: executor.submit_task(run, done))
+    """``run()``'s result, computed on the device thread between batched steps (training work).
+
+    A wait that is cancelled (a timeout) before the job has started drops the job: nobody would
+    read its result, and a queue of abandoned jobs must not keep the device busy."""
+    abandoned = threading.Event()
+
+    def unless_abandoned() -> Any:
+        if abandoned.is_set():
+            raise RuntimeError("the request was abandoned before its job started")
+        return run()
+
+    try:
+        return await await_completion(lambda done: executor.submit_task(unless_abandoned, done))
+    finally:
+        abandoned.set()
 
 
 async def await_completion(submit: Callable[[Completion], None], finished: trio.Event | None = None) -> Any:

@@ -288,6 +288,9 @@ class DistributedModel:
         finished = torch.zeros(batch, dtype=torch.bool)
         tokens = [input_ids]
         embeds = self.head.embed(input_ids)
+        if deep_prompts is not None and (prefix is None or deep_prompts.shape[-2] != prefix.shape[0]):
+            raise ValueError("deep_prompts cover the prefix's positions: give a prefix of as many positions "
+                             f"as the deep prompts have ({deep_prompts.shape[-2]})")
         if prefix is not None:
             embeds = torch.cat([prefix.to(embeds.dtype)[None].expand(batch, -1, -1), embeds], dim=1)
         deep = deep_prompts[:, None] if deep_prompts is not None else None

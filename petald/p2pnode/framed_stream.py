@@ -81,7 +81,10 @@ class FramedStream:
         return msg
 
     async def send(self, message: dict[str, Any]) -> None:
-        frame = encode_frame(message)
+        await self.send_frame(encode_frame(message))
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Send a frame already made by ``encode_frame`` (a sender that must know it fits, first)."""
         try:
             with trio.fail_after(self.send_timeout):
                 await self.stream.write(frame)

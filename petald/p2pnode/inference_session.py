@@ -76,6 +76,13 @@ class InferenceSession:
         """``adapter`` names the LoRA adapter every server applies; ``deep_prompts`` [model blocks,
         1 or batch, P, hidden] are added to positions [0, P) before each block."""
         self.host, self.route, self.identity = host, route, identity
+        if deep_prompts is not None:
+            # Checked here: a wrong shape would be refused by every server, and look like failing servers.
+            hidden_size = route.hops[0].server.info.hidden_size
+            if (deep_prompts.dim() != 4 or deep_prompts.shape[0] < route.hops[-1].end
+                    or deep_prompts.shape[1] not in (1, batch) or deep_prompts.shape[3] != hidden_size):
+                raise ValueError(f"deep_prompts have shape {list(deep_prompts.shape)}; expected [model blocks, "
+                                 f"1 or {batch}, prompt tokens, {hidden_size}]")
         self.adapter, self.deep_prompts = adapter, deep_prompts
         self.batch, self.max_length = batch, max_length
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout

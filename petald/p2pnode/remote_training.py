@@ -9,6 +9,8 @@ from libp2p.abc import IHost
 from petald.kernels.model_source import ModelIdentity
 from petald.p2pnode.remote_span import ServerUnavailable, open_stream, receive_reply
 from petald.p2pnode.route import SpanHop
+from petald.protocol.errors import ProtocolError
+from petald.protocol.framing import encode_frame
 from petald.protocol.limits import TRAINING_PROTOCOL
 from petald.protocol.messages import SpanOutput, SpanRequest
 
@@ -24,11 +26,17 @@ async def remote_span_pass(host: IHost, hop: SpanHop, identity: ModelIdentity, h
     request = SpanRequest(identity.model_id, identity.fingerprint, hop.start, hop.end, hidden, grad_output,
                           prompts, adapter, wire_dtype, codec)
     what = "a backward" if request.backward else "a forward"
-    frame = request.to_wire()  # encoding errors (a tensor over the limit) are the caller's, raised before sending
+    # A request too large for the wire is the caller's error, raised before any server is involved
+    # (and so never taken for a server's failure).
+    try:
+        frame = encode_frame(request.to_wire())
+    except ProtocolError as exc:
+        raise ValueError(f"a training request of {what[2:]} over blocks {hop.start}:{hop.end} is too large: "
+                         f"{exc.message}; lower max_chunk_tokens") from None
     framed = await open_stream(host, peer, TRAINING_PROTOCOL, timeout)
     try:
         with trio.fail_after(timeout):
-            await framed.send(frame)
+            await framed.send_frame(frame)
         reply = SpanOutput.from_wire(await receive_reply(framed, peer, timeout, what))
     except trio.TooSlowError:
         raise ServerUnavailable(f"server ..{peer[-8:]} did not take {what} within {timeout:.0f} s") from None

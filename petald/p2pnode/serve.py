@@ -37,6 +37,7 @@ from petald.p2pnode.server import BlockServer, ServerLimits
 from petald.p2pnode.swarm_dht import SwarmDHT, block_key
 from petald.p2pnode.swarm_presence import ServerPresence
 from petald.protocol.announcement import ServerAnnouncement
+from petald.protocol.limits import MAX_ARRAY_LEN
 from petald.protocol.messages import ServerInfo
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
 def check_adapters(paths: list[str], source: ModelSource, dtype: torch.dtype) -> None:
     """Read every adapter for the whole model before any block loads: a wrong path, format or model
     fails now, with AdapterError's sentence, and two adapters of one name are refused."""
+    if len(paths) > MAX_ARRAY_LEN:
+        raise ValueError(f"{len(paths)} --adapters given; a server announces at most {MAX_ARRAY_LEN}")
     names: dict[str, str] = {}
     for path in paths:
         adapter = load_lora_adapter(path, source.config, 0, source.identity.num_blocks, dtype, torch.device("cpu"))

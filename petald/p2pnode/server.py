@@ -65,6 +65,7 @@ class ServerLimits:
     step_timeout: float = 60.0  # one step's compute; a slower step ends its session (the client goes elsewhere)
     session_timeout: float = 24 * 3600.0  # a session's whole life
     max_training_tokens: int = 8192  # batch x tokens of one training request (bounds its activations' memory)
+    training_slots: int = 2  # training requests read and computed at once; others wait up to open_timeout
 
 
 # How long a session that ended mid-step waits for the executor to finish that step before its
@@ -90,6 +91,9 @@ class BlockServer:
         self.pool = span.new_pool(self.limits.cache_tokens, self.limits.page_size)
         self._session_ids = itertools.count(1)
         self._live: dict[int, _LiveSession] = {}
+        # Bounds the memory of training requests (each up to a full frame plus its activations): a
+        # peer opening many training streams waits for a slot instead of filling the server.
+        self._training_slots = trio.CapacityLimiter(self.limits.training_slots)
         self.draining = False  # refuse new sessions (the server is leaving)
         self.closing = False  # end running sessions at their next step boundary
 
@@ -188,26 +192,18 @@ class BlockServer:
 
     async def _handle_training(self, stream: INetStream) -> None:
         """One forward or backward request over whole sequences; nothing outlives the stream."""
-        framed = FramedStream(stream, MAX_FRAME_BYTES, send_timeout=self.limits.step_timeout)
+        framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=self.limits.step_timeout)
         peer = stream.muxed_conn.peer_id.to_string()[-8:]
         try:
-            with trio.move_on_after(self.limits.open_timeout) as scope:
-                msg = await framed.receive()
-            if scope.cancelled_caught:
-                raise ProtocolError(ErrorCode.TIMEOUT, f"no request within {self.limits.open_timeout:.0f} s")
-            if msg is None:
-                return
-            request = SpanRequest.from_wire(msg)
-            compute = self._training_job(request)
-            with trio.move_on_after(self.limits.step_timeout) as step_scope:
-                # On the device thread, between inference steps. A cancelled wait abandons the
-                # result; the job holds nothing that another request could need.
-                tensor, grad_prompts = await run_task(self.executor, compute)
-            if step_scope.cancelled_caught:
-                raise ProtocolError(ErrorCode.TIMEOUT, f"the {'backward' if request.backward else 'forward'} "
-                                                       f"took longer than {self.limits.step_timeout:.0f} s")
-            await framed.send(SpanOutput(tensor, grad_prompts, request.backward, request.wire_dtype,
-                                         request.codec).to_wire())
+            with trio.move_on_after(self.limits.open_timeout) as slot_scope:
+                await self._training_slots.acquire()
+            if slot_scope.cancelled_caught:
+                raise ProtocolError(ErrorCode.BUSY, f"every training slot stayed taken for "
+                                                    f"{self.limits.open_timeout:.0f} s; try another server or later")
+            try:
+                await self._serve_training_request(framed)
+            finally:
+                self._training_slots.release()
         except ProtocolError as err:
             log.info("training request from ..%s refused: %s", peer, err)
             await _send_error(framed, err.code, err.message)
@@ -219,6 +215,26 @@ class BlockServer:
                                                           "the server logged the details")
         finally:
             await framed.close()
+
+    async def _serve_training_request(self, framed: FramedStream) -> None:
+        framed.allow_frames_up_to(MAX_FRAME_BYTES)  # a training request carries its tensors in its first frame
+        with trio.move_on_after(self.limits.open_timeout) as scope:
+            msg = await framed.receive()
+        if scope.cancelled_caught:
+            raise ProtocolError(ErrorCode.TIMEOUT, f"no request within {self.limits.open_timeout:.0f} s")
+        if msg is None:
+            return
+        request = SpanRequest.from_wire(msg)
+        compute = self._training_job(request)
+        with trio.move_on_after(self.limits.step_timeout) as step_scope:
+            # On the device thread, between inference steps. A cancelled wait abandons the result
+            # (and the job, if it has not started); the job holds nothing another request needs.
+            tensor, grad_prompts = await run_task(self.executor, compute)
+        if step_scope.cancelled_caught:
+            raise ProtocolError(ErrorCode.TIMEOUT, f"the {'backward' if request.backward else 'forward'} "
+                                                   f"took longer than {self.limits.step_timeout:.0f} s")
+        await framed.send(SpanOutput(tensor, grad_prompts, request.backward, request.wire_dtype,
+                                     request.codec).to_wire())
 
     def _training_job(self, request: SpanRequest):
         """Check ``request`` against this server and return the computation it asks for."""
@@ -244,7 +260,7 @@ class BlockServer:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"grad_output has shape {list(request.grad_output.shape)}; "
                                                       f"hidden has {list(h.shape)}")
         if h.shape[0] * h.shape[1] > self.limits.max_training_tokens:
-            raise ProtocolError(ErrorCode.BAD_TENSOR,
+            raise ProtocolError(ErrorCode.TOO_LARGE,
                                 f"{h.shape[0]} x {h.shape[1]} tokens exceed this server's "
                                 f"{self.limits.max_training_tokens} per training request: send smaller chunks")
         span, start, end, prompts = self.span, request.start, request.end, request.prompts

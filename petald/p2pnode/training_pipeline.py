@@ -29,11 +29,12 @@ from petald.p2pnode.remote_training import remote_span_pass
 from petald.p2pnode.route import NoRouteError, SpanHop, SpanRoute
 from petald.p2pnode.server_bans import ServerBans
 from petald.protocol.errors import RemoteError
-from petald.protocol.limits import MAX_TENSOR_BYTES
+from petald.protocol.limits import MAX_FRAME_BYTES, MAX_TENSOR_BYTES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CHUNK_TOKENS = 1024
+FRAME_SLACK_BYTES = 64 * 1024  # a request's fields beside its tensors, and msgpack's framing
 
 # ``find_route(start, end, deadline, tokens, busy)``: a throughput route for a chunk of ``tokens``
 # tokens over blocks [start, end) avoiding banned servers, waiting for one until ``deadline``.
@@ -74,16 +75,45 @@ class ForwardTrace:
     chunks: list[ChunkTrace]
 
 
-def chunk_rows(batch: int, tokens: int, hidden_size: int, max_chunk_tokens: int) -> list[slice]:
+def chunk_rows(batch: int, tokens: int, hidden_size: int, max_chunk_tokens: int,
+               prompts: torch.Tensor | None = None) -> list[slice]:
     """Whole sequences per chunk: at most ``max_chunk_tokens`` tokens, and small enough that a backward
-    request's tensors (float32) stay within the wire's tensor limit."""
-    by_tokens = max(1, max_chunk_tokens // tokens)
-    by_bytes = MAX_TENSOR_BYTES // (tokens * hidden_size * 4)
-    if by_bytes < 1:
-        raise ValueError(f"one sequence of {tokens} tokens is {tokens * hidden_size * 4} bytes, over the "
-                         f"wire's tensor limit of {MAX_TENSOR_BYTES}: use shorter sequences")
-    rows = min(by_tokens, by_bytes)
+    request (float32 ``hidden`` and ``grad_output``, plus the deep ``prompts`` of the widest hop) fits
+    in one frame, each tensor within the tensor limit."""
+    row = tokens * hidden_size * 4
+    shared = per_row = 0
+    if prompts is not None:  # [blocks, 1 or batch, P, hidden]: a hop sends at most all the blocks
+        prompt_row = prompts.shape[0] * prompts.shape[2] * prompts.shape[3] * 4
+        shared, per_row = (prompt_row, 0) if prompts.shape[1] == 1 else (0, prompt_row)
+    room = MAX_FRAME_BYTES - FRAME_SLACK_BYTES - shared
+    by_frame = room // (2 * row + per_row) if room > 0 else 0
+    by_tensor = min(MAX_TENSOR_BYTES // row, MAX_TENSOR_BYTES // per_row if per_row else batch)
+    rows = min(max(1, max_chunk_tokens // tokens), by_frame, by_tensor)
+    if rows < 1:
+        raise ValueError(f"one sequence of {tokens} tokens (with its deep prompts) does not fit in one "
+                         f"{MAX_FRAME_BYTES}-byte training request: use shorter sequences or fewer prompt tokens")
     return [slice(r, min(r + rows, batch)) for r in range(0, batch, rows)]
+
+
+async def _run_all(jobs: list[Callable[[], Awaitable[None]]]) -> None:
+    """Run ``jobs`` concurrently; the first failure cancels the others and is raised as itself
+    (not wrapped in an exception group), so callers can catch NoRouteError and the like."""
+    failure: BaseException | None = None
+
+    async with trio.open_nursery() as nursery:
+        async def run(job: Callable[[], Awaitable[None]]) -> None:
+            nonlocal failure
+            try:
+                await job()
+            except Exception as exc:
+                if failure is None:
+                    failure = exc
+                nursery.cancel_scope.cancel()
+
+        for job in jobs:
+            nursery.start_soon(run, job)
+    if failure is not None:
+        raise failure
 
 
 def _prompt_rows(prompts: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -105,7 +135,7 @@ class TrainingPipeline:
     async def forward(self, hidden: torch.Tensor, prompts: torch.Tensor | None, start: int, end: int
                       ) -> tuple[torch.Tensor, ForwardTrace]:
         """``hidden`` [B, T, H] through blocks [start, end), with deep ``prompts`` [end - start, 1 or B, P, H]."""
-        rows = chunk_rows(hidden.shape[0], hidden.shape[1], hidden.shape[2], self.max_chunk_tokens)
+        rows = chunk_rows(hidden.shape[0], hidden.shape[1], hidden.shape[2], self.max_chunk_tokens, prompts)
         busy: dict[str, float] = {}
         routes = []
         deadline = trio.current_time() + self.recovery_timeout
@@ -125,9 +155,7 @@ class TrainingPipeline:
                                                               list(routes[index].hops))
             traces[index] = ChunkTrace(r, hops)
 
-        async with trio.open_nursery() as nursery:
-            for index in range(len(rows)):
-                nursery.start_soon(run, index)
+        await _run_all([lambda i=index: run(i) for index in range(len(rows))])
         return torch.cat(outputs, dim=0), ForwardTrace(start, end, traces)  # type: ignore[arg-type]
 
     async def backward(self, trace: ForwardTrace, grad_output: torch.Tensor, prompts: torch.Tensor | None
@@ -141,9 +169,7 @@ class TrainingPipeline:
             grads[index], prompt_grads[index] = await self._backward_chunk(
                 chunk, grad_output[chunk.rows], _prompt_rows(prompts, chunk.rows), trace.start)
 
-        async with trio.open_nursery() as nursery:
-            for index in range(len(trace.chunks)):
-                nursery.start_soon(run, index)
+        await _run_all([lambda i=index: run(i) for index in range(len(trace.chunks))])
         grad_hidden = torch.cat(grads, dim=0)  # type: ignore[arg-type]
         if prompts is None:
             return grad_hidden, None
@@ -156,9 +182,13 @@ class TrainingPipeline:
     async def _pass(self, hop: SpanHop, hidden: torch.Tensor, prompts: torch.Tensor | None, offset: int,
                     grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         hop_prompts = prompts[hop.start - offset : hop.end - offset] if prompts is not None else None
+        # A slow but healthy server must not be taken for a hung one: allow for the work announced.
+        server, tokens = hop.server, hidden.shape[0] * hidden.shape[1]
+        expected = server.hop_cost(hop.end - hop.start, tokens) if server.forward_tps > 0 else 0.0
         try:
             result = await remote_span_pass(self.host, hop, self.identity, hidden, hop_prompts, grad,
-                                            self.adapter, self.wire_dtype, self.codec, self.timeout)
+                                            self.adapter, self.wire_dtype, self.codec,
+                                            self.timeout + 4 * expected)
         except SERVER_FAILURES as exc:
             raise _HopFailed(hop, exc) from None
         self.bans.forgive(hop.server.peer_id)  # only a computed pass clears a server
@@ -180,6 +210,7 @@ class TrainingPipeline:
             trace.append(HopTrace(hop, x))
             x, position = out, hop.end
             hops.pop(0)
+            deadline = None  # a later failure gets its own recovery time
         return x, trace
 
     async def _backward_chunk(self, chunk: ChunkTrace, grad: torch.Tensor, prompts: torch.Tensor | None,

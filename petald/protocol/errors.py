@@ -15,6 +15,8 @@ class ErrorCode(StrEnum):
     SPAN_NOT_SERVED = "span_not_served"  # blocks this server does not hold
     UNKNOWN_ADAPTER = "unknown_adapter"  # a LoRA adapter this server does not hold
     CACHE_FULL = "cache_full"
+    TOO_LARGE = "too_large"  # a request over this server's own limits (another server may take it)
+    BUSY = "busy"  # no room for the request now (e.g. every training slot taken): retry or go elsewhere
     BAD_STATE = "bad_state"  # e.g. a step at a position the session is not at
     TIMEOUT = "timeout"  # the peer was silent, or a step or session ran, longer than the server allows
     SHUTTING_DOWN = "shutting_down"  # the server is leaving: go elsewhere
