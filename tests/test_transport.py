@@ -14,12 +14,14 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io.exceptions import IncompleteReadError
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from petald.p2pnode import lean_transport
+from petald.p2pnode.direct_frames import DirectStream
 from petald.p2pnode.framed_stream import FramedStream
 from petald.p2pnode.host import (
     DEFAULT_LISTEN,
@@ -89,8 +91,53 @@ def test_petald_hosts_run_the_lean_path_end_to_end():
                 assert isinstance(muxed.secured_conn.conn, lean_transport.BufferedNoiseReadWriter)
                 assert isinstance(muxed._write_lock, lean_transport.EagerLock)
                 # trio sets TCP_NODELAY on its TCP streams; a small frame must not wait for Nagle.
-                sock = muxed.secured_conn.conn._raw.stream.stream.socket
+                sock = muxed.secured_conn.conn.raw.stream.stream.socket
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    trio.run(main)
+
+
+def test_small_frames_take_the_direct_path_and_the_rest_the_library(monkeypatch):
+    library_writes: list[int] = []
+    library_write = NetStream.write
+
+    async def counting_write(self, data: bytes) -> None:
+        if self.get_protocol() == ECHO:  # not identify's or ping's frames
+            library_writes.append(len(data))
+        await library_write(self, data)
+
+    monkeypatch.setattr(NetStream, "write", counting_write)
+
+    async def main():
+        async with running_host(load_or_create_identity(None)) as server, \
+                running_host(load_or_create_identity(None)) as client:
+            server.set_stream_handler(ECHO, _echo)
+            info = parse_peer_address(full_addresses(server)[0])
+            await client.connect(info)
+            framed = FramedStream(await client.new_stream(info.peer_id, [ECHO]))
+            assert framed._direct is not None
+            for size, via_library in ((10, False), (2400, False), (200_000, True)):
+                library_writes.clear()
+                await framed.send({"type": "echo", "data": b"x" * size})
+                with trio.fail_after(30):
+                    assert (await framed.receive())["data"] == b"x" * size
+                # Both ends: the client's frame and the echo server's reply.
+                assert (len(library_writes) == 2) is via_library, (size, library_writes)
+            await framed.close()
+
+    trio.run(main)
+
+
+def test_a_library_connection_keeps_the_library_path():
+    async def main():
+        plain, listen = _plain_library_host(load_or_create_identity(None))
+        async with plain.run(listen_addrs=listen), running_host(load_or_create_identity(None)) as server:
+            server.set_stream_handler(ECHO, _echo)
+            info = parse_peer_address(full_addresses(server)[0])
+            await plain.connect(info)
+            stream = await plain.new_stream(info.peer_id, [ECHO])
+            assert DirectStream.of(stream) is None
+            await stream.reset()
 
     trio.run(main)
 
@@ -122,7 +169,7 @@ class _Chunks:
 
 def _reader(chunks: list[bytes]) -> lean_transport.BufferedNoiseReadWriter:
     reader = object.__new__(lean_transport.BufferedNoiseReadWriter)
-    reader._raw = _Chunks(chunks)
+    reader.raw = _Chunks(chunks)
     reader._buffer = bytearray()
     reader.decrypt = lambda data: b"plain:" + data  # the framing is under test, not the cipher
     return reader

@@ -8,6 +8,7 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.io.exceptions import IOException
 
+from petald.p2pnode.direct_frames import DirectStream
 from petald.p2pnode.lean_transport import lean_net_stream
 from petald.protocol.framing import FrameDecoder, encode_frame
 from petald.protocol.limits import MAX_FRAME_BYTES
@@ -53,6 +54,7 @@ class FramedStream:
         self.stream = stream
         batch_window_updates(stream)
         lean_net_stream(stream)
+        self._direct = DirectStream.of(stream)  # None: not one of petald's own connections
         self.send_timeout = send_timeout  # a peer that stops reading must not hold us forever
         self._decoder = FrameDecoder(max_frame_bytes)
 
@@ -67,8 +69,11 @@ class FramedStream:
         """
         while (msg := self._decoder.next_message()) is None:
             want = self._decoder.wanted()  # raises on an oversized header before reading the body
+            size = min(max(want, _MIN_READ), _READ_CHUNK)
             try:
-                data = await self.stream.read(min(max(want, _MIN_READ), _READ_CHUNK))
+                data = await self._direct.read(size) if self._direct is not None else None
+                if data is None:  # not the common case: the library's read answers
+                    data = await self.stream.read(size)
             except EOFError:
                 data = b""
             except (IOException, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -87,7 +92,8 @@ class FramedStream:
         """Send a frame already made by ``encode_frame`` (a sender that must know it fits, first)."""
         try:
             with trio.fail_after(self.send_timeout):
-                await self.stream.write(frame)
+                if self._direct is None or not await self._direct.write(frame):
+                    await self.stream.write(frame)
         except trio.TooSlowError:
             raise PeerGone(f"peer did not take a {len(frame)}-byte frame within {self.send_timeout:.0f} s") from None
         except (IOException, trio.BrokenResourceError, trio.ClosedResourceError) as exc:

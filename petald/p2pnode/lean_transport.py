@@ -39,7 +39,7 @@ from libp2p.abc import IHost, INetStream, IRawConnection, ISecureConn
 from libp2p.io.exceptions import IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
-from libp2p.network.stream.net_stream import NetStream
+from libp2p.network.stream.net_stream import NetStream, StreamState
 from libp2p.peer.id import ID
 from libp2p.security.noise.io import NoisePacketReadWriter, NoiseTransportReadWriter
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -183,6 +183,15 @@ class LeanYamux(Yamux):
             # extra checkpoint after it would only add a scheduler pass.
             await self.secured_conn.write(data)
 
+    async def _read_data_body(self, length: int) -> bytes:
+        # A small frame's body nearly always came in the same Noise message as its header, so
+        # it is in the session's buffer already: take it without the library's per-frame
+        # timeout scope (which also re-reads an environment variable) and read_exactly loop.
+        session = self.secured_conn
+        if type(session) is SecureSession and session.high_watermark - session.low_watermark >= length:
+            return session._drain(length)
+        return await super()._read_data_body(length)
+
     async def open_stream(self) -> YamuxStream:
         stream = await super().open_stream()
         lean_stream(stream)
@@ -224,7 +233,7 @@ class BufferedNoiseReadWriter(NoiseTransportReadWriter):
 
     def __init__(self, transport_rw: NoiseTransportReadWriter) -> None:
         super().__init__(transport_rw.read_writer.read_write_closer, transport_rw.noise_state)
-        self._raw = transport_rw.read_writer.read_write_closer
+        self.raw = transport_rw.read_writer.read_write_closer  # a RawConnection (lean_secure_session checks)
         self._buffer = bytearray()
 
     async def read_msg(self, prefix_encoded: bool = False) -> bytes:
@@ -239,7 +248,7 @@ class BufferedNoiseReadWriter(NoiseTransportReadWriter):
                     if prefix_encoded:
                         encrypted = encrypted[len(self.prefix):]
                     return self.decrypt(encrypted)
-            data = await self._raw.read(_RECV_BYTES)
+            data = await self.raw.read(_RECV_BYTES)
             if not data:
                 # What the library's read_exactly raises: a clean close when nothing of
                 # the next message had arrived, a truncated message otherwise.
@@ -327,12 +336,27 @@ def check_library() -> None:
         if (type(packets) is not NoisePacketReadWriter or getattr(packets, "size_len_bytes", None) != _NOISE_LEN
                 or getattr(packets, "read_write_closer", None) is not raw or not hasattr(noise_rw, "noise_state")):
             missing.append("NoiseTransportReadWriter.read_writer (a NoisePacketReadWriter with 2-byte lengths)")
-        for cls, names in ((Yamux, ("_write_frame", "open_stream", "accept_stream")),
+        for cls, names in ((Yamux, ("_write_frame", "_read_data_body", "open_stream", "accept_stream")),
                            (NoiseTransport, ("secure_inbound", "secure_outbound")),
-                           (NoiseTransportReadWriter, ("read_msg", "decrypt", "prefix")),
-                           (SecureSession, ("read", "write"))):
+                           (NoiseTransportReadWriter, ("read_msg", "decrypt", "encrypt", "prefix")),
+                           (SecureSession, ("read", "write", "_drain")),
+                           (YamuxStream, ("_auto_tune_and_send_window_update",))):
             missing += [f"{cls.__name__}.{n}" for n in names if not hasattr(cls, n)]
-        locks(NetStream(stream, None, None), "_state_lock")
+        # What direct_frames reads and updates on the library's objects.
+        for obj, names in ((muxer, ("streams", "stream_buffers", "stream_events", "event_shutting_down")),
+                           (stream, ("stream_id", "send_window", "send_closed", "recv_closed", "closed",
+                                     "reset_received"))):
+            missing += [f"{type(obj).__name__}.{n}" for n in names if not hasattr(obj, n)]
+        net_stream = NetStream(stream, None, None)
+        locks(net_stream, "_state_lock")
+        if not isinstance(getattr(net_stream, "_state", None), StreamState):
+            missing.append("NetStream._state (a StreamState)")
+        session = SecureSession(local_peer=None, local_private_key=None, remote_peer=None,  # type: ignore[arg-type]
+                                remote_permanent_pubkey=None, is_initiator=True, conn=noise_rw)
+        if not (getattr(session, "low_watermark", None) == 0 == getattr(session, "high_watermark", None)):
+            missing.append("SecureSession.low_watermark, high_watermark")
+        if packets.encode_msg(b"abc") != b"\x00\x03abc":  # direct_frames writes Noise packets itself
+            missing.append("NoisePacketReadWriter.encode_msg (a 2-byte big-endian length, then the message)")
         if not isinstance(getattr(yamux_module, "logger", None), logging.Logger):
             missing.append("yamux.logger")
     except Exception as exc:
