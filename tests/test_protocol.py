@@ -13,7 +13,7 @@ from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import FrameDecoder, encode_frame
 from petald.protocol.limits import WIRE_VERSION
 from petald.protocol.messages import OpenSession, Step
-from petald.protocol.tensors import decode_tensor, encode_tensor
+from petald.protocol.tensors import all_finite, decode_tensor, encode_tensor
 
 
 def test_frames_roundtrip_across_arbitrary_splits():
@@ -115,3 +115,15 @@ def test_a_real_step_fits_the_container_limits():
     decoder = FrameDecoder()
     decoder.feed(frame)
     assert Step.from_wire(decoder.next_message()).hidden.shape == (64, 8, 4096)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_finds_nan_and_infinity_in_every_wire_dtype(dtype):
+    t = torch.randn(2, 3, 8).to(dtype)
+    assert all_finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = t.clone()
+        broken[1, 2, 7] = bad
+        assert not all_finite(broken)
+    assert all_finite(torch.empty(1, 0, 8, dtype=dtype))
+    assert not all_finite(torch.full((4,), float("nan"), requires_grad=True))

@@ -23,6 +23,7 @@ from petald.protocol.messages import (
     Step,
     StepOutput,
 )
+from petald.protocol.tensors import all_finite
 
 
 class ServerUnavailable(Exception):
@@ -136,7 +137,7 @@ class RemoteSpanSession:
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with shape "
                                     f"{list(out.hidden.shape)}; expected step {self._step_ids}, {list(hidden.shape)}")
-        if not torch.isfinite(out.hidden).all():
+        if not all_finite(out.hidden):
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with NaN or infinite values")
         self.position += hidden.shape[1]
         return out.hidden

@@ -51,6 +51,7 @@ from petald.protocol.messages import (
     StepOutput,
     expect_type,
 )
+from petald.protocol.tensors import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ class BlockServer:
         if step.position + h.shape[1] > request.max_length:
             raise ProtocolError(ErrorCode.BAD_STATE,
                                 f"step reaches position {step.position + h.shape[1]}, beyond max_length {request.max_length}")
-        if not torch.isfinite(h).all():
+        if not all_finite(h):
             raise ProtocolError(ErrorCode.BAD_TENSOR, "hidden holds NaN or infinite values")
         return h
 
@@ -379,7 +380,7 @@ class BlockServer:
         if dtype_name(p.dtype) != request.wire_dtype:
             raise ProtocolError(ErrorCode.BAD_TENSOR,
                                 f"prompts are {dtype_name(p.dtype)}; this session was opened for {request.wire_dtype}")
-        if not torch.isfinite(p).all():
+        if not all_finite(p):
             raise ProtocolError(ErrorCode.BAD_TENSOR, "prompts hold NaN or infinite values")
         return p
 

@@ -11,18 +11,34 @@ import math
 from typing import Any
 
 import lz4.block
+import numpy as np
 import torch
 
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import CODECS, MAX_TENSOR_BYTES, MAX_TENSOR_DIMS, WIRE_DTYPES
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ITEM_BYTES = {name: torch.empty((), dtype=t).element_size() for name, t in _TORCH.items()}
+_NUMPY_FLOATS = (torch.float32, torch.float16)  # numpy has no bfloat16
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in ``tensor`` (a CPU tensor, as decoded from the wire).
+
+    numpy answers for a decode step's hidden state in ~2.5 us against ~8 us for torch's
+    isfinite/all/bool (three operator dispatches): this check runs on both ends of every hop.
+    """
+    if tensor.dtype in _NUMPY_FLOATS and tensor.device.type == "cpu" and not tensor.requires_grad:
+        return bool(np.isfinite(tensor.numpy()).all())
+    return bool(torch.isfinite(tensor).all())
 
 
 def encode_tensor(tensor: torch.Tensor, dtype: str = "float32", codec: str = "raw") -> dict[str, Any]:
     if dtype not in _TORCH or codec not in CODECS:
         raise ValueError(f"unsupported wire dtype {dtype!r} or codec {codec!r}")
-    t = tensor.detach().to(device="cpu", dtype=_TORCH[dtype]).contiguous()
+    t = tensor.detach()
+    if t.dtype is not _TORCH[dtype] or t.device.type != "cpu" or not t.is_contiguous():
+        t = t.to(device="cpu", dtype=_TORCH[dtype]).contiguous()
     if t.numel() * t.element_size() > MAX_TENSOR_BYTES:
         raise ValueError(f"tensor of {t.numel() * t.element_size()} bytes exceeds {MAX_TENSOR_BYTES}; chunk it")
     raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
@@ -47,8 +63,7 @@ def decode_tensor(obj: Any, field: str = "tensor") -> torch.Tensor:
         raise bad(f"shape must be a list of at most {MAX_TENSOR_DIMS} ints in [0, {MAX_TENSOR_BYTES}], got {shape!r}")
     if not isinstance(data, bytes):
         raise bad("data must be bytes")
-    item = torch.empty((), dtype=_TORCH[dtype]).element_size()
-    nbytes = math.prod(shape) * item
+    nbytes = math.prod(shape) * _ITEM_BYTES[dtype]
     if nbytes > MAX_TENSOR_BYTES:
         raise bad(f"{nbytes} bytes exceeds the tensor limit of {MAX_TENSOR_BYTES}")
     if codec == "lz4" and nbytes:
