@@ -111,5 +111,6 @@ class DirectStream:
                     raise StreamError(f"Read operation failed: {error}") from error
                 return data
             await event.wait()  # set by the connection's reader for data, FIN, RST or shutdown
-            conn.stream_events[sid] = trio.Event()
+            if conn.stream_events.get(sid) is event:  # not when the stream was finalized meanwhile
+                conn.stream_events[sid] = trio.Event()
 
