@@ -18,7 +18,9 @@ loopback (docs/benchmarks.md has the figures):
   fewer when several arrive together.
 - yamux's ``_write_frame`` unpacks and formats every header for a debug log line
   that is off, then yields once more after the send; ``LeanYamux`` formats only
-  when debug logging is on and leaves the yield to the send itself.
+  when debug logging is on and leaves the yield to the send itself; its
+  ``_read_data_body`` takes a body already in the decrypted Noise buffer directly.
+  (``direct_frames`` goes further for petald's own frames, on the same objects.)
 
 Everything is installed by ``host.make_host`` (``LeanNoise`` as the host's Noise,
 ``install`` for its yamux connections) and touches only connections of that host. ``check_library``
