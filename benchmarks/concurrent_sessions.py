@@ -1,10 +1,11 @@
 """Aggregate decode throughput of 1, 4 and 16 concurrent sessions on one server, and KV memory.
 
-    python benchmarks/concurrent_sessions.py [--sessions 1 4 16] [--tokens 32] [--threads 2] [--quant none]
+    python benchmarks/concurrent_sessions.py [--sessions 1 4 16] [--tokens 32] [--prompt-tokens 8] [--threads 2]
+                                             [--dtype float32] [--quant none]
 
 One real `petald serve` process holds all 30 blocks of SmolLM2. One client
 process runs N sessions at once over libp2p (N trio tasks on its node). Each
-session sends an 8-token prompt, then --tokens single-token decode steps. To
+session sends an 8-token prompt (--prompt-tokens), then --tokens single-token decode steps. To
 measure the server and not the client, the steps are teacher-forced (the
 embeddings of a fixed token sequence, computed before timing) instead of
 running the LM head and sampling in the client. Aggregate tokens/s = N x
@@ -46,17 +47,20 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def decode_concurrently(model: DistributedModel, sessions: int, tokens: int) -> float:
-    """Seconds for ``sessions`` sessions to each run ``tokens`` decode steps at the same time."""
+def decode_concurrently(model: DistributedModel, sessions: int, tokens: int,
+                        prompt_tokens: int = len(PROMPT)) -> float:
+    """Seconds for ``sessions`` sessions to each run ``tokens`` decode steps at the same time, after a
+    prompt of ``prompt_tokens`` (PROMPT repeated): the decode steps attend over prompt + steps so far."""
     gen = torch.Generator().manual_seed(0)
-    prompts = [model.head.embed(torch.tensor([PROMPT])) for _ in range(sessions)]
+    prompt = (PROMPT * (prompt_tokens // len(PROMPT) + 1))[:prompt_tokens]
+    prompts = [model.head.embed(torch.tensor([prompt])) for _ in range(sessions)]
     steps = [[model.head.embed(torch.randint(0, 49152, (1, 1), generator=gen)) for _ in range(tokens)]
              for _ in range(sessions)]
 
     routes = [model.route() for _ in range(sessions)]  # route() blocks on the node's thread: not inside run()
 
     async def run() -> float:
-        opened = [InferenceSession(model.node.host, route, model.identity, 1, len(PROMPT) + tokens,
+        opened = [InferenceSession(model.node.host, route, model.identity, 1, prompt_tokens + tokens,
                                    model.wire_dtype, model.codec, 300.0) for route in routes]
         try:
             async with trio.open_nursery() as nursery:
@@ -116,7 +120,10 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=len(PROMPT),
+                        help="each session's prompt length: how many keys its decode steps attend over")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the server's compute dtype")
     parser.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
     parser.add_argument("--cache-tokens", type=int, default=1 << 20, help="KV budget for the capacity table")
     parser.add_argument("--out", default="benchmarks/results/concurrent_sessions.json")
@@ -124,10 +131,11 @@ def main() -> None:
     torch.set_num_threads(1)  # the client only embeds; leave the cores to the server
 
     source = open_source(None)
-    results: dict = {"model": source.identity.model_id, "tokens": args.tokens, "threads": args.threads,
-                     "quant": args.quant, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    results: dict = {"model": source.identity.model_id, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens,
+                     "threads": args.threads,
+                     "dtype": args.dtype, "quant": args.quant, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                      "torch": torch.__version__, "throughput": []}
-    extra = ["--threads", str(args.threads), "--quant", args.quant, "--max-length", "2048"]
+    extra = ["--threads", str(args.threads), "--dtype", args.dtype, "--quant", args.quant, "--max-length", "2048"]
     with LocalSwarm(["0:30"], extra_args=extra, log=say) as swarm:
         with DistributedModel(swarm.addresses, source) as model:
             decode_concurrently(model, 1, 4)  # warm up connections and the server
@@ -135,7 +143,7 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for n in args.sessions:
                     say(f"round {round_ + 1}/{args.rounds}: {n} concurrent sessions x {args.tokens} decode steps")
-                    seconds[n].append(decode_concurrently(model, n, args.tokens))
+                    seconds[n].append(decode_concurrently(model, n, args.tokens, args.prompt_tokens))
     for n, runs in seconds.items():
         median = statistics.median(runs)
         results["throughput"].append({"sessions": n, "seconds": median, "runs": runs,
@@ -145,7 +153,8 @@ def main() -> None:
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"Aggregate decode throughput, one server (0:30, {args.threads} threads, quant {args.quant}):\n")
+    print(f"Aggregate decode throughput, one server (0:30, {args.threads} threads, {args.dtype}, "
+          f"quant {args.quant}):\n")
     print("| sessions | aggregate tokens/s | ms per decode round | vs 1 session |")
     print("|---|---|---|---|")
     for r in results["throughput"]:

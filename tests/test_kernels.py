@@ -154,3 +154,23 @@ def test_gguf_config_and_tokenizer_come_back_equal_from_the_cache(tmp_path, monk
     assert cached(text).input_ids == tokenizer(text).input_ids
     assert cached.chat_template == tokenizer.chat_template and cached.eos_token_id == tokenizer.eos_token_id
 
+
+
+def test_throughput_is_measured_again_after_a_kernel_change(tiny_models, monkeypatch):
+    from petald.kernels import throughput
+    from petald.kernels.throughput import SpanThroughput, cached_throughput
+
+    span = BlockSpan(open_source(str(tiny_models["llama"])), 0, 2, torch.float32, torch.device("cpu"))
+    measured = []
+
+    def measure() -> SpanThroughput:
+        measured.append(1)
+        return SpanThroughput(inference_rps=10.0 * len(measured), forward_tps=100.0)
+
+    first, cached = cached_throughput(span, "fp-kernels", "none", measure)
+    assert not cached
+    again, cached = cached_throughput(span, "fp-kernels", "none", measure)
+    assert cached and again == first and len(measured) == 1
+    monkeypatch.setattr(throughput, "KERNELS_REVISION", throughput.KERNELS_REVISION + 1)
+    newer, cached = cached_throughput(span, "fp-kernels", "none", measure)
+    assert not cached and newer.inference_rps == 20.0

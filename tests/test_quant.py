@@ -10,7 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from petald.kernels.client_head import ClientHead
-from petald.kernels.quant import INT4_GROUP, Int4Linear, Int8Linear, QuantError, check_quant
+from petald.kernels.quant import (
+    INT4_GROUP,
+    DenseLinear,
+    Int4Linear,
+    Int8Linear,
+    PrepackedBf16Linear,
+    QuantError,
+    check_quant,
+    make_linear,
+    onednn_bf16_supported,
+)
 from petald.kernels.sources import open_source
 from petald.kernels.span import BlockSpan
 from petald.protocol.messages import ServerInfo
@@ -42,6 +52,34 @@ def test_int4_is_grouped_weights_times_bfloat16_activations():
     torch.testing.assert_close(layer(x), F.linear(x.bfloat16().float(), dequant), atol=0.2, rtol=0.02)
     with pytest.raises(QuantError, match="divisible"):
         Int4Linear(torch.randn(8, INT4_GROUP + 1), None)
+
+
+needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_supported(),
+                                       reason="this CPU has no native bfloat16 dot products for oneDNN")
+
+
+@needs_onednn_bf16
+def test_prepacked_bfloat16_is_bit_identical_to_plain_bfloat16():
+    gen = torch.Generator().manual_seed(4)
+    w, b = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen).bfloat16()
+    for bias in (None, b):
+        layer = PrepackedBf16Linear(w, bias)
+        assert torch.equal(layer.dense_weight(), w.bfloat16())
+        for shape in ((1, 64), (16, 64), (2, 3, 64)):
+            x = torch.randn(*shape, generator=gen).bfloat16()
+            got = layer(x)
+            assert got.dtype == torch.bfloat16 and got.shape == (*shape[:-1], 96)
+            assert torch.equal(got, F.linear(x, w.bfloat16(), bias))
+    # A strided input (a slice of a wider tensor, as the block's activations are) reads the same.
+    x = torch.randn(4, 128, generator=gen).bfloat16()[:, ::2]
+    assert torch.equal(layer(x), F.linear(x, w.bfloat16(), b))
+
+
+def test_dense_bfloat16_layers_are_prepacked_only_where_onednn_runs_bfloat16():
+    w = torch.randn(32, 16)
+    layer = make_linear(w, None, "none", torch.bfloat16, CPU)
+    assert isinstance(layer, PrepackedBf16Linear if onednn_bf16_supported() else DenseLinear)
+    assert isinstance(make_linear(w, None, "none", torch.float32, CPU), DenseLinear)
 
 
 def test_nf4_and_unknown_modes_are_refused_on_cpu():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from petald.kernels.executor import DeviceExecutor
-from petald.kernels.quant import Int4Linear, Int8Linear
+from petald.kernels.quant import Int4Linear, Int8Linear, PrepackedBf16Linear, onednn_bf16_supported
 from petald.kernels.sources import open_source
 from petald.kernels.span import BlockSpan
 from petald.kernels.training_forward import span_backward, span_forward
@@ -131,12 +131,38 @@ def test_quantized_layers_backward_through_their_own_weights(layer_type):
     layer = layer_type(torch.randn(96, 64, generator=g), None)
     x = torch.randn(5, 64, generator=g, dtype=torch.float32)
     # The dequantized matrix is the one the kernel multiplies by (up to the kernels' bfloat16 rounding).
-    y = x.bfloat16().float() @ layer.dequantized().t()
+    y = x.bfloat16().float() @ layer.dense_weight().t()
     torch.testing.assert_close(layer.matmul(x), y, atol=1e-2 * float(y.abs().max()), rtol=1e-2)
     x.requires_grad_()
     grad = torch.randn(5, 96, generator=g)
     (layer(x) * grad).sum().backward()
-    assert_grads_close(x.grad, grad @ layer.dequantized())
+    assert_grads_close(x.grad, grad @ layer.dense_weight())
+
+
+@pytest.mark.skipif(not onednn_bf16_supported(), reason="this CPU has no native bfloat16 dot products for oneDNN")
+def test_prepacked_bfloat16_layers_backward_as_plain_bfloat16_autograd():
+    # oneDNN's prepacked kernel has no autograd formula of its own (torch would warn and return
+    # nothing useful): the gradient must come through the layer's plain copy of the weights.
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 64, generator=g)
+    layer = PrepackedBf16Linear(w, None)
+    x = torch.randn(5, 64, generator=g).bfloat16().requires_grad_()
+    grad = torch.randn(5, 96, generator=g).bfloat16()
+    (layer(x) * grad).sum().backward()
+    plain = x.detach().clone().requires_grad_()
+    (F.linear(plain, w.bfloat16()) * grad).sum().backward()
+    assert torch.equal(x.grad, plain.grad)
+
+
+def test_bfloat16_span_gradients_stay_close_to_float32(tiny_models):
+    path = str(tiny_models["llama"])
+    full = BlockSpan(open_source(path), 0, 6, torch.float32, torch.device("cpu"))
+    half = BlockSpan(open_source(path), 0, 6, torch.bfloat16, torch.device("cpu"))
+    g = torch.Generator().manual_seed(6)
+    x, grad = torch.randn(2, 7, HIDDEN, generator=g), torch.randn(2, 7, HIDDEN, generator=g)
+    want, _ = span_backward(full, x, grad, 0, 6)
+    got, _ = span_backward(half, x, grad, 0, 6)  # computed in bfloat16, returned in float32
+    torch.testing.assert_close(got, want, atol=0.05 * float(want.abs().max()), rtol=0.05)
 
 
 def test_int8_span_gradients_stay_close_to_float32(tiny_models):

@@ -74,13 +74,19 @@ def measure_throughput(span: BlockSpan, seconds: float = 1.0,
     return SpanThroughput(inference_rps=steps_per_s * blocks, forward_tps=chunks_per_s * PREFILL_CHUNK * blocks)
 
 
+# Part of the cache key: raise it when a kernel change moves the speed of a configuration, so that
+# servers measure again instead of announcing figures of the old code (2: prepacked bfloat16 weights).
+KERNELS_REVISION = 2
+
+
 def cached_throughput(span: BlockSpan, fingerprint: str, quant: str,
                       measure: Callable[[], SpanThroughput]) -> tuple[SpanThroughput, bool]:
-    """``measure()`` unless this device, model, dtype and quantization were measured before.
+    """``measure()`` unless this device, model, dtype and quantization were measured before (by these kernels).
 
     Returns the figures and whether they came from the cache.
     """
-    key = "|".join([device_name(span.device), fingerprint, str(span.dtype), quant, torch.__version__])
+    key = "|".join([device_name(span.device), fingerprint, str(span.dtype), quant, torch.__version__,
+                    f"kernels {KERNELS_REVISION}"])
     path = petald_cache_dir() / "throughput.json"
     cache = read_json(path)
     cache = cache if isinstance(cache, dict) else {}
