@@ -184,7 +184,7 @@ class PrepackedBf16Linear(_KernelLinear):
     ``F.linear`` on plain bfloat16 weights reorders them on every call; prepacked, SmolLM2's 30
     blocks' matmuls on one core took 16.7 ms for one token against 26.5 (and 26.8 for float32's
     transposed layout), and 24 ms for 16 tokens against 40 (float32: 72-80): benchmarks.md,
-    "Concurrent sessions". The output is bit-identical to ``F.linear``'s. oneDNN's reordered
+    "bfloat16 on CPU". The output is bit-identical to ``F.linear``'s. oneDNN's reordered
     tensors have no autograd formula, hence the ``_KernelLinear`` path for training.
     """
 
