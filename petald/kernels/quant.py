@@ -19,6 +19,7 @@ residuals, the KV cache) stays in the compute dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -88,9 +89,14 @@ class DenseLinear:
         return y.view(*x.shape[:-1], -1)
 
 
+@functools.cache
 def onednn_bf16_supported() -> bool:
-    """Whether oneDNN runs bfloat16 matmuls natively on this CPU (AVX512-BF16 or AMX)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether oneDNN runs bfloat16 matmuls natively on this CPU (AVX512-BF16 or AMX), and this torch
+    still has the private ops ``PrepackedBf16Linear`` calls (else the plain weights serve, slower)."""
+    ops = ("_is_mkldnn_bf16_supported", "_reorder_linear_weight", "_linear_pointwise")
+    if not torch.backends.mkldnn.is_available() or not all(hasattr(torch.ops.mkldnn, op) for op in ops):
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class _FrozenKernelMatmul(torch.autograd.Function):
