@@ -383,7 +383,7 @@ def impatient_server(tiny_models):
         yield path, swarm
 
 
-@pytest.mark.parametrize("when", ["before_open", "between_steps"])
+@pytest.mark.parametrize("when", ["before_open", "between_steps", "before_training_request"])
 def test_silent_sessions_time_out_and_free_their_cache(impatient_server, good_model, raw_node, when):
     path, swarm = impatient_server
     client = RawClient(raw_node, swarm.addresses[0], good_model)
@@ -394,7 +394,7 @@ def test_silent_sessions_time_out_and_free_their_cache(impatient_server, good_mo
         with trio.fail_after(20):  # the server, not this bound, must end the wait
             return await _error_reply(framed)
 
-    reply = client.run(go_silent)
+    reply = client.run(go_silent, TRAINING_PROTOCOL if when == "before_training_request" else INFERENCE_PROTOCOL)
     assert reply["code"] == "timeout" and "s" in reply["message"]
     assert client.free_tokens() == CACHE_TOKENS
 

@@ -25,13 +25,14 @@ async def remote_span_pass(host: IHost, hop: SpanHop, identity: ModelIdentity, h
     peer = hop.server.peer_id
     request = SpanRequest(identity.model_id, identity.fingerprint, hop.start, hop.end, hidden, grad_output,
                           prompts, adapter, wire_dtype, codec)
-    what = "a backward" if request.backward else "a forward"
+    kind = "backward" if request.backward else "forward"
+    what = f"a {kind}"
     # A request too large for the wire is the caller's error, raised before any server is involved
     # (and so never taken for a server's failure).
     try:
         frame = encode_frame(request.to_wire())
     except ProtocolError as exc:
-        raise ValueError(f"a training request of {what[2:]} over blocks {hop.start}:{hop.end} is too large: "
+        raise ValueError(f"a training request of {kind} over blocks {hop.start}:{hop.end} is too large: "
                          f"{exc.message}; lower max_chunk_tokens") from None
     framed = await open_stream(host, peer, TRAINING_PROTOCOL, timeout)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import trio
@@ -150,10 +151,7 @@ class BlockServer:
         cache: SessionCache | None = None
         live: _LiveSession | None = None
         try:
-            with trio.move_on_after(self.limits.open_timeout) as scope:
-                msg = await framed.receive()
-            if scope.cancelled_caught:
-                raise ProtocolError(ErrorCode.TIMEOUT, f"no session open within {self.limits.open_timeout:.0f} s")
+            msg = await self._receive_first(framed, "session open")
             if msg is None:
                 return
             request = OpenSession.from_wire(msg)
@@ -191,6 +189,12 @@ class BlockServer:
             await framed.close()
             log.info("session %d closed", session_id)
 
+    async def _receive_first(self, framed: FramedStream, what: str) -> dict[str, Any] | None:
+        """A stream's first message (None: the peer closed it); a peer silent for ``open_timeout`` gets ``timeout``."""
+        with trio.move_on_after(self.limits.open_timeout):
+            return await framed.receive()
+        raise ProtocolError(ErrorCode.TIMEOUT, f"no {what} within {self.limits.open_timeout:.0f} s")
+
     async def _handle_training(self, stream: INetStream) -> None:
         """One forward or backward request over whole sequences; nothing outlives the stream."""
         framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=self.limits.step_timeout)
@@ -219,10 +223,7 @@ class BlockServer:
 
     async def _serve_training_request(self, framed: FramedStream) -> None:
         framed.allow_frames_up_to(MAX_FRAME_BYTES)  # a training request carries its tensors in its first frame
-        with trio.move_on_after(self.limits.open_timeout) as scope:
-            msg = await framed.receive()
-        if scope.cancelled_caught:
-            raise ProtocolError(ErrorCode.TIMEOUT, f"no request within {self.limits.open_timeout:.0f} s")
+        msg = await self._receive_first(framed, "request")
         if msg is None:
             return
         request = SpanRequest.from_wire(msg)
