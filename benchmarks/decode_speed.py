@@ -37,8 +37,9 @@ from petald.kernels.span import BlockSpan  # noqa: E402
 
 PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]
 # (compute dtype, block weights, LM head weights)
-PETALD_CONFIGS = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("float32", "int8", "none"),
-                  ("float32", "int4", "none"), ("float32", "int8", "int8"), ("float32", "int4", "int8"),
+PETALD_CONFIGS = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("bfloat16", "none", "bf16"),
+                  ("float32", "int8", "none"), ("float32", "int4", "none"), ("float32", "int8", "int8"),
+                  ("float32", "int4", "int8"), ("float32", "int4", "bf16"), ("bfloat16", "int4", "bf16"),
                   ("float32", "int4", "int4")]
 
 

@@ -1,7 +1,7 @@
 """Decode speed through 2 and 3 local server processes against the same blocks in one process.
 
     python benchmarks/pipeline_overhead.py [--tokens 64] [--threads 1] [--model PATH] [--quant none|int8|int4]
-                                           [--dtype float32|bfloat16]
+                                           [--dtype float32|bfloat16] [--head-quant none|bf16|int8|int4]
 
 All three configurations run in one invocation, one after another, so the
 ratios compare like with like on a noisy shared machine. Per-hop overhead is
@@ -38,10 +38,10 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def decode_local(source, tokens: int, dtype: str, quant: str) -> list[float]:
+def decode_local(source, tokens: int, dtype: str, quant: str, head_quant: str) -> list[float]:
     n = source.identity.num_blocks
     span = BlockSpan(source, 0, n, getattr(torch, dtype), torch.device("cpu"), quant=quant)
-    head = ClientHead(source)
+    head = ClientHead(source, quant=head_quant)
     cache = span.new_cache(1, len(PROMPT) + tokens + 1)
     ids = torch.tensor([PROMPT])
     hidden = span.forward(head.embed(ids), cache)
@@ -79,26 +79,28 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every process")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="the blocks' compute dtype, here and in servers (the client's head stays float32)")
+                        help="the blocks' compute dtype, here and in servers")
     parser.add_argument("--quant", default="none", choices=["none", "int8", "int4"], help="weights, here and in servers")
+    parser.add_argument("--head-quant", default="none", choices=["none", "bf16", "int8", "int4"],
+                        help="the client's LM head, in one process and through servers alike")
     parser.add_argument("--out", default="benchmarks/results/pipeline_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     source = open_source(args.model)
     n = source.identity.num_blocks
-    results: dict = {"model": source.identity.model_id, "tokens": args.tokens, "threads": args.threads, "dtype": args.dtype,
-               "quant": args.quant,
+    results: dict = {"model": source.identity.model_id, "tokens": args.tokens, "threads": args.threads,
+                     "dtype": args.dtype, "quant": args.quant, "head_quant": args.head_quant,
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__}
     say(f"one process: decoding {args.tokens} tokens of {source.identity.model_id}")
-    results["local"] = summarise(decode_local(source, args.tokens, args.dtype, args.quant))
+    results["local"] = summarise(decode_local(source, args.tokens, args.dtype, args.quant, args.head_quant))
 
     for servers in (2, 3):
         spans = even_spans(n, servers)
         say(f"{servers} servers ({', '.join(spans)}): starting processes")
         extra = ["--threads", str(args.threads), "--dtype", args.dtype, "--quant", args.quant]
         with LocalSwarm(spans, args.model, extra_args=extra, log=say) as swarm:
-            with DistributedModel(swarm.addresses, source) as model:
+            with DistributedModel(swarm.addresses, source, head_quant=args.head_quant) as model:
                 say(f"{servers} servers: decoding {args.tokens} tokens")
                 r = summarise(decode_remote(model, args.tokens))
         r["ratio_to_local"] = results["local"]["ms_per_token_median"] / r["ms_per_token_median"]

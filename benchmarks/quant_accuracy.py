@@ -27,8 +27,10 @@ from petald.kernels.sources import open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
 
 # (compute dtype, block weights, client LM head weights)
-MODES = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("float32", "int8", "none"),
-         ("float32", "int4", "none"), ("float32", "int8", "int8"), ("float32", "int4", "int8"), ("float32", "int4", "int4")]
+MODES = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("bfloat16", "none", "bf16"),
+         ("float32", "none", "bf16"), ("float32", "int8", "none"), ("float32", "int4", "none"),
+         ("float32", "int8", "int8"), ("float32", "int4", "int8"), ("float32", "int4", "bf16"),
+         ("bfloat16", "int4", "bf16"), ("float32", "int4", "int4")]
 
 
 def main() -> None:

@@ -40,6 +40,9 @@ def run_petald(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["serve", "--blocks", "0:2", "--new-swarm", "--adapters", "/no/such/adapter"],
          "adapter /no/such/adapter does not exist"),
         (["serve", "--blocks", "0:2", "--new-swarm", "--adapters", "/tmp"], "adapter_config.json"),
+        (["generate", "hi", "--head-quant", "fp8", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "'--head-quant'"),
+        (["generate", "hi", "--head-quant", "nf4", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"],
+         "the LM head cannot be stored as nf4: --quant nf4 needs a CUDA device"),
     ],
 )
 def test_errors_are_sentences_not_tracebacks(tiny_models, args, message):

@@ -105,27 +105,72 @@ def test_server_info_carries_quant_and_reads_older_servers_as_none():
 
 @pytest.fixture(scope="module")
 def smollm2_on_text():
-    """SmolLM2, its client head, the reference text's ids and float32's logits on them (computed once)."""
+    """SmolLM2, its client head, the reference text's ids, float32's final hidden states and logits on
+    them (computed once)."""
     source = open_source(None)
     head = ClientHead(source)
     ids = source.load_tokenizer()(REFERENCE_TEXT.read_text(), return_tensors="pt").input_ids
-    return source, head, ids, _logits(source, head, ids, "none")
+    hidden = _hidden(source, head, ids, "none")
+    return source, head, ids, hidden, head.logits(hidden)[0]
+
+
+def _hidden(source, head: ClientHead, ids: torch.Tensor, quant: str) -> torch.Tensor:
+    span = BlockSpan(source, 0, 30, torch.float32, CPU, quant=quant)
+    return span.forward(head.embed(ids), span.new_cache(1, ids.shape[1]))
 
 
 def _logits(source, head: ClientHead, ids: torch.Tensor, quant: str) -> torch.Tensor:
-    span = BlockSpan(source, 0, 30, torch.float32, CPU, quant=quant)
-    return head.logits(span.forward(head.embed(ids), span.new_cache(1, ids.shape[1])))[0]
+    return head.logits(_hidden(source, head, ids, quant))[0]
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_smollm2_agrees_with_float32_on_a_reference_text(smollm2_on_text, quant):
     """Top-1 agreement over every position of ~340 tokens of text (teacher-forced)."""
-    source, head, ids, want = smollm2_on_text
+    source, head, ids, _, want = smollm2_on_text
     assert ids.shape[1] > 300
     got = _logits(source, head, ids, quant)
     agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agreement >= 0.95, f"{quant}: top-1 agreement {agreement:.3f}"
     assert 0 < (got - want).abs().max() < 5  # quantized, yet close
+
+
+def test_a_bfloat16_lm_head_agrees_with_float32_on_a_reference_text(smollm2_on_text):
+    """The head's matrix in bfloat16 (prepacked where oneDNN runs bfloat16), the same float32 hidden states."""
+    source, _, ids, hidden, want = smollm2_on_text
+    head = ClientHead(source, quant="bf16")
+    got = head.logits(hidden)[0]
+    assert got.dtype == torch.float32
+    agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agreement >= 0.95, f"bf16 head: top-1 agreement {agreement:.3f}"
+    assert 0 < (got - want).abs().max() < 1
+
+
+def test_a_bfloat16_lm_head_keeps_the_embeddings_and_norm_in_float32(tiny_models):
+    source = open_source(str(tiny_models["llama"]))
+    plain, bf16 = ClientHead(source), ClientHead(source, quant="bf16")
+    ids = torch.randint(0, 320, (2, 5), generator=torch.Generator().manual_seed(3))
+    assert bf16.embed_weight.dtype == torch.float32
+    assert torch.equal(bf16.embed(ids), plain.embed(ids))  # not rounded with the head's matrix
+    matrix = source.client_tensors()["lm_head.weight"].bfloat16()
+    hidden = torch.randn(2, 5, source.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    normed = F.rms_norm(hidden, (hidden.shape[-1],), plain.norm_weight, plain.eps)
+    want = F.linear(normed.bfloat16(), matrix).float()
+    torch.testing.assert_close(bf16.logits(hidden), want, rtol=1e-2, atol=1e-2)
+    # Trainable through it: the input's gradient is that of the bfloat16 matmul's.
+    x = hidden.clone().requires_grad_()
+    bf16.logits_with_grad(x).square().sum().backward()
+    ref = hidden.clone().requires_grad_()
+    normed = F.rms_norm(ref, (ref.shape[-1],), plain.norm_weight, plain.eps)
+    F.linear(normed.bfloat16(), matrix).float().square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_the_lm_head_refuses_modes_it_cannot_run_here(tiny_models):
+    source = open_source(str(tiny_models["llama"]))
+    with pytest.raises(QuantError, match="unknown head quantization 'fp8'"):
+        ClientHead(source, quant="fp8")
+    with pytest.raises(QuantError, match="the LM head cannot be stored as nf4"):
+        ClientHead(source, quant="nf4")
 
 
 @pytest.mark.slow
@@ -154,3 +199,10 @@ def test_the_wire_and_the_kernels_know_the_same_quantization_modes():
     from petald.protocol import limits
 
     assert limits.QUANT_MODES == quant.QUANT_MODES
+
+
+def test_the_cli_offers_every_lm_head_mode():
+    from petald.cli.main import HEAD_QUANT_CHOICES
+    from petald.kernels.client_head import HEAD_QUANT_MODES
+
+    assert HEAD_QUANT_CHOICES == HEAD_QUANT_MODES

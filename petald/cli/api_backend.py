@@ -109,11 +109,12 @@ class ModelBackend:
     """
 
     def __init__(self, source: ModelSource, initial_peers: Sequence[str],
-                 make_model: Callable[[], DistributedModel] | None = None):
+                 make_model: Callable[[], DistributedModel] | None = None, head_quant: str = "none"):
         self.source = source
         self.identity = source.identity
         self.initial_peers = list(initial_peers)
-        self._make_model = make_model or (lambda: DistributedModel(model=source, initial_peers=self.initial_peers))
+        self._make_model = make_model or (lambda: DistributedModel(model=source, initial_peers=self.initial_peers,
+                                                                   head_quant=head_quant))
         self._model: DistributedModel | None = None
         self._creating = trio.Lock()
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_GENERATIONS)

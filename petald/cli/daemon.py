@@ -76,6 +76,7 @@ class DaemonOptions:
     listen_api: ApiListen
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
     identity: str | None = None
+    head_quant: str = "none"  # how the API's model stores its LM head (ClientHead)
 
 
 def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Callable[[str], None]) -> None:
@@ -95,7 +96,7 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
                         raise ServerUnavailable(f"none of the initial peers answered: {_listing(options.initial_peers)}")
                     announce(f"joined the swarm through {joined} of {len(options.initial_peers)} initial peers "
                              f"as a client for {source.identity.model_id}")
-                    backend = ModelBackend(source, options.initial_peers)
+                    backend = ModelBackend(source, options.initial_peers, head_quant=options.head_quant)
                     context = ApiContext(backend, lambda: read_swarm(dht), "client",
                                          details=lambda: {"peer_id": dht.peer_id})
                     stop = trio.Event()

@@ -294,7 +294,8 @@ def _no_swarm_error(socket: str | None) -> click.UsageError:
 
 
 def _client_node(peers: list[str], initial_peers: list[str], model: str | None, socket: str | None,
-                 wire_dtype: str, lz4: bool, step_timeout: float, recovery_timeout: float, adapter: str | None):
+                 wire_dtype: str, lz4: bool, step_timeout: float, recovery_timeout: float, adapter: str | None,
+                 head_quant: str):
     """A client node of this command's own (no daemon): the servers given, or the swarm's."""
     if not peers and not initial_peers:
         raise _no_swarm_error(socket)
@@ -302,13 +303,28 @@ def _client_node(peers: list[str], initial_peers: list[str], model: str | None, 
 
     return DistributedModel(peers, model, initial_peers=initial_peers, wire_dtype=wire_dtype,
                             codec="lz4" if lz4 else "raw", step_timeout=step_timeout,
-                            recovery_timeout=recovery_timeout, adapter=adapter)
+                            recovery_timeout=recovery_timeout, adapter=adapter, head_quant=head_quant)
 
 
-def _refuse_adapter_through_daemon(adapter: str | None) -> None:
+def _refuse_client_node_options(adapter: str | None, head_quant: str) -> None:
+    """Options that only a client node of this command's own can apply (the daemon holds its own model)."""
     if adapter:
         raise click.UsageError("--adapter needs a client node of this command's own: give the swarm with "
                                "--initial-peers (or --peers); the local API does not select adapters")
+    if head_quant != "none":
+        raise click.UsageError("--head-quant applies to a client node of this command's own: give the swarm "
+                               "with --initial-peers (or --peers), or start the daemon with --head-quant")
+
+
+# kernels/client_head.py's HEAD_QUANT_MODES, written out so that the CLI loads without torch (a test
+# keeps the two equal).
+HEAD_QUANT_CHOICES = ("none", "int8", "int4", "nf4", "bf16")
+
+
+def _head_quant_option() -> Callable:
+    return click.option("--head-quant", default="none", show_default=True, type=click.Choice(HEAD_QUANT_CHOICES),
+                        help="How the local LM head is stored: bf16 is faster on CPUs with native bfloat16 "
+                             "(AVX512-BF16, AMX); none (float32) is the reference.")
 
 
 def _daemon_model_name(model: str | None) -> str | None:
@@ -346,6 +362,7 @@ def _client_options(fn: Callable) -> Callable:
                      help="Seconds to wait for a server to take over blocks nobody serves before giving up."),
         click.option("--adapter", default=None, metavar="NAME",
                      help="Run every block with this LoRA adapter, on servers that hold it (see petald swarm)."),
+        _head_quant_option(),
         click.option("-v", "--verbose", is_flag=True),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ]):
@@ -360,7 +377,7 @@ def _client_options(fn: Callable) -> Callable:
 @_client_options
 @click.pass_context
 def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-             seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, verbose, debug) -> None:
+             seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
     """Generate text from PROMPT: through the local daemon when one runs, else as a client node of its
     own (petald generate "PROMPT" --initial-peers ADDR)."""
     _setup_logging(verbose)
@@ -370,7 +387,7 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
         daemon = _pick_daemon(ctx, use_daemon, socket,
                               _from_command_line(ctx, "peers", "initial_peers") or bool(args[1:]))
         if daemon is not None:
-            _refuse_adapter_through_daemon(adapter)
+            _refuse_client_node_options(adapter, head_quant)
             with daemon:
                 body = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
                 if seed is not None:
@@ -389,7 +406,7 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
                 sys.stdout.write("\n")
             return
         with _client_node(direct_peers, swarm_peers, model, socket, wire_dtype, lz4, step_timeout,
-                          recovery_timeout, adapter) as dm:
+                          recovery_timeout, adapter, head_quant) as dm:
             if verbose:
                 click.echo(f"route: {dm.route().describe()}", err=True)
             generate_text(dm, prompt, max_new_tokens, temperature, top_p, seed, chat)
@@ -404,7 +421,7 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
 @_client_options
 @click.pass_context
 def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-         seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, verbose, debug) -> None:
+         seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
     """Chat with the model, a line at a time: through the local daemon when one runs, else as a
     client node of its own. /reset forgets the conversation; /exit or Ctrl-D ends it."""
     _setup_logging(verbose)
@@ -418,13 +435,13 @@ def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_da
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
         daemon = _pick_daemon(ctx, use_daemon, socket, _from_command_line(ctx, "peers", "initial_peers"))
         if daemon is not None:
-            _refuse_adapter_through_daemon(adapter)
+            _refuse_client_node_options(adapter, head_quant)
             with daemon:
                 name = _daemon_model_name(model) if _from_command_line(ctx, "model") else None
                 run_chat(reply_through_daemon(daemon, name), sampling, system_prompt)
             return
         with _client_node(peers, initial_peers, model, socket, wire_dtype, lz4, step_timeout,
-                          recovery_timeout, adapter) as dm:
+                          recovery_timeout, adapter, head_quant) as dm:
             run_chat(reply_through_model(dm), sampling, system_prompt)
 
     _run_cli(run, debug)
@@ -492,9 +509,10 @@ def _read_swarm_here(initial_peers: list[str]) -> list[dict]:
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
               help="Ed25519 key file; created if missing (default: a new identity each start).")
 @_api_options
+@_head_quant_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def daemon(initial_peers, model, listen, identity, socket, socket_group, http, verbose, debug) -> None:
+def daemon(initial_peers, model, listen, identity, socket, socket_group, http, head_quant, verbose, debug) -> None:
     """Join the swarm as a client (no blocks) and serve the local API until SIGINT or SIGTERM."""
     _setup_logging(verbose)
 
@@ -509,7 +527,7 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, v
         say = _announcer()
         say(f"opening model {model or 'smollm2 (embedded default)'}")
         source = open_source(model)
-        run_client_daemon(DaemonOptions(peers, api, list(listen), identity), source, say)
+        run_client_daemon(DaemonOptions(peers, api, list(listen), identity, head_quant), source, say)
 
     _run_cli(run, debug)
 

@@ -7,25 +7,39 @@ import torch.nn.functional as F
 
 from petald.kernels.block import rms_norm
 from petald.kernels.model_source import ModelSource
-from petald.kernels.quant import DenseLinear, check_quant, make_linear
+from petald.kernels.quant import QUANT_MODES, DenseLinear, QuantError, check_quant, make_linear
+
+# How the LM head's matrix may be stored: the blocks' modes, plus "bf16": bfloat16 weights (prepacked
+# for oneDNN where the CPU multiplies bfloat16 natively) multiplied by the normed hidden state rounded
+# to bfloat16, while the embeddings, the final norm and the logits stay in the client's dtype.
+HEAD_QUANT_MODES = (*QUANT_MODES, "bf16")
 
 
 class ClientHead:
     """``quant`` stores the LM head (49152 x 576 for SmolLM2: the largest matrix a token touches) quantized,
-    as ``--quant`` does for blocks; the embeddings stay as loaded."""
+    as ``--quant`` does for blocks, or in bfloat16 (``"bf16"``); the embeddings stay as loaded."""
 
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", quant: str = "none"):
         tensors = source.client_tensors()
         self.config = source.config
         self.dtype, self.device = dtype, torch.device(device)
-        check_quant(quant, self.device)
+        if quant not in HEAD_QUANT_MODES:
+            raise QuantError(f"unknown head quantization {quant!r}: use one of {', '.join(HEAD_QUANT_MODES)}")
+        if quant != "bf16":
+            try:
+                check_quant(quant, self.device)
+            except QuantError as exc:
+                raise QuantError(f"the LM head cannot be stored as {quant}: {exc}") from None
         self.embed_weight = tensors["embed_tokens.weight"].to(self.device, dtype)
         self.norm_weight = tensors["norm.weight"].to(self.device, dtype)
         lm = tensors["lm_head.weight"]
         tied = lm is tensors["embed_tokens.weight"]
-        self.lm_head = make_linear(self.embed_weight if tied else lm, None, quant, dtype, self.device)
-        if tied and isinstance(self.lm_head, DenseLinear):
+        # The head's matmul runs in this dtype; its output is brought back to float32 logits.
+        self.head_dtype = torch.bfloat16 if quant == "bf16" else dtype
+        self.lm_head = make_linear(self.embed_weight if tied else lm, None, "none" if quant == "bf16" else quant,
+                                   self.head_dtype, self.device)
+        if tied and isinstance(self.lm_head, DenseLinear) and self.head_dtype == dtype:
             # The dense head keeps its matrix transposed (faster on CPU); the embedding table becomes
             # a view of that copy, so a tied head still holds the matrix once.
             self.embed_weight = self.lm_head.weight_t.t()
@@ -47,4 +61,4 @@ class ClientHead:
     def logits_with_grad(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits, differentiable in ``hidden`` (training through the swarm); the head's weights stay frozen."""
         h = rms_norm(hidden.to(self.device, self.dtype), self.norm_weight, self.eps)
-        return self.lm_head(h).float()
+        return self.lm_head(h.to(self.head_dtype)).float()

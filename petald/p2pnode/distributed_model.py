@@ -54,17 +54,20 @@ class DistributedModel:
     def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
                  initial_peers: Sequence[str] = (), wire_dtype: str = "float32", codec: str = "raw",
                  step_timeout: float = 30.0, connect_timeout: float = 15.0, recovery_timeout: float = 60.0,
-                 adapter: str | None = None, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS):
+                 adapter: str | None = None, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+                 head_quant: str = "none"):
         """``step_timeout`` bounds each server's answer (a hung server is replaced after it);
         ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
         ``adapter`` names a LoRA adapter: only servers holding it are used, and they apply it.
-        ``max_chunk_tokens`` caps the tokens of one training request (``remote_blocks``)."""
+        ``max_chunk_tokens`` caps the tokens of one training request (``remote_blocks``).
+        ``head_quant`` stores the local LM head as ``ClientHead`` does (``HEAD_QUANT_MODES``): "bf16"
+        is the fast choice on CPUs with native bfloat16; "none" (float32) is the reference."""
         if not peers and not initial_peers:
             raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
         self.source = open_source(model) if model is None or isinstance(model, str) else model
         self.identity = self.source.identity
         self.config = self.source.config
-        self.head = ClientHead(self.source)
+        self.head = ClientHead(self.source, quant=head_quant)
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
         self.initial_peers, self.connect_timeout = list(initial_peers), connect_timeout
         self.peers, self.recovery_timeout = list(peers), recovery_timeout
