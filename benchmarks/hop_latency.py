@@ -5,7 +5,9 @@
 Each server holds one block of a tiny random Llama (hidden size 64), so compute is
 ~0.1 ms and what remains is the data path: the client's thread hop onto its trio
 loop, framing and the tensor codec, libp2p (Noise + yamux over TCP on 127.0.0.1),
-the server's hand-off to its executor thread, and back.
+the server's hand-off to its executor thread, and back. The 3-server chain runs
+with pushes (each server hands its output to the next, the default) and without
+(every hop through the client).
 
 Wall time on a shared 2-core machine moves with the other jobs; the CPU columns
 (process CPU time per step, read from /proc, so Linux only) move much less and
@@ -39,10 +41,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(path: str, spans: list[str], steps: int) -> tuple[list[float], float, float]:
+def measure(path: str, spans: list[str], steps: int, push: bool) -> tuple[list[float], float, float]:
     """Per-step wall times, and CPU seconds per step of the client and of all servers together."""
     with LocalSwarm(spans, path, extra_args=["--threads", "1"]) as swarm:
-        with DistributedModel(swarm.addresses, path) as model:
+        with DistributedModel(swarm.addresses, path, push=push) as model:
             end = int(spans[-1].split(":")[1])
             with model.inference_session(1, steps + 20, model.route(0, end)) as session:
                 hidden = torch.randn(1, 1, model.config.hidden_size)
@@ -68,12 +70,13 @@ def main() -> None:
         path = str(save_tiny_model("llama", Path(tmp) / "tiny-llama"))
         print("| chain | ms/step median | p10 | p90 | ms per hop | client CPU ms/step | servers CPU ms/step |")
         print("|---|---|---|---|---|---|---|")
-        for spans in (["0:1"], ["0:1", "1:2", "2:3"]):
-            print(f"measuring {len(spans)} hop(s)", file=sys.stderr, flush=True)
-            times, client, servers = measure(path, spans, min(args.steps, 480))
+        for spans, push in ((["0:1"], True), (["0:1", "1:2", "2:3"], True), (["0:1", "1:2", "2:3"], False)):
+            label = f"{len(spans)} server(s)" + ("" if push or len(spans) == 1 else ", no push")
+            print(f"measuring {label}", file=sys.stderr, flush=True)
+            times, client, servers = measure(path, spans, min(args.steps, 480), push)
             ms = sorted(t * 1000 for t in times)
             med = statistics.median(ms)
-            print(f"| {len(spans)} server(s) | {med:.2f} | {ms[len(ms) // 10]:.2f} | {ms[9 * len(ms) // 10]:.2f} "
+            print(f"| {label} | {med:.2f} | {ms[len(ms) // 10]:.2f} | {ms[9 * len(ms) // 10]:.2f} "
                   f"| {med / len(spans):.2f} | {client * 1000:.2f} | {servers * 1000:.2f} |", flush=True)
 
 

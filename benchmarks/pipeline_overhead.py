@@ -3,10 +3,11 @@
     python benchmarks/pipeline_overhead.py [--tokens 64] [--threads 1] [--model PATH] [--quant none|int8|int4]
                                            [--dtype float32|bfloat16] [--head-quant none|bf16|int8|int4]
 
-All three configurations run in one invocation, one after another, so the
-ratios compare like with like on a noisy shared machine. Per-hop overhead is
-(ms/token through k servers - ms/token in one process) / k, since a decode step
-makes one client->server->client round trip per server.
+All configurations run in one invocation, one after another, so the ratios
+compare like with like on a noisy shared machine. Through servers, each swarm
+decodes twice: with pushes (each server hands its output straight to the next,
+the default) and without (every hop goes server -> client -> next server).
+Per-hop overhead is (ms/token through k servers - ms/token in one process) / k.
 """
 
 from __future__ import annotations
@@ -100,12 +101,14 @@ def main() -> None:
         say(f"{servers} servers ({', '.join(spans)}): starting processes")
         extra = ["--threads", str(args.threads), "--dtype", args.dtype, "--quant", args.quant]
         with LocalSwarm(spans, args.model, extra_args=extra, log=say) as swarm:
-            with DistributedModel(swarm.addresses, source, head_quant=args.head_quant) as model:
-                say(f"{servers} servers: decoding {args.tokens} tokens")
-                r = summarise(decode_remote(model, args.tokens))
-        r["ratio_to_local"] = results["local"]["ms_per_token_median"] / r["ms_per_token_median"]
-        r["per_hop_overhead_ms"] = (r["ms_per_token_median"] - results["local"]["ms_per_token_median"]) / servers
-        results[f"{servers}_servers"] = r
+            for push in (True, False):
+                with DistributedModel(swarm.addresses, source, head_quant=args.head_quant, push=push) as model:
+                    say(f"{servers} servers{'' if push else ', no push'}: decoding {args.tokens} tokens")
+                    r = summarise(decode_remote(model, args.tokens))
+                r["ratio_to_local"] = results["local"]["ms_per_token_median"] / r["ms_per_token_median"]
+                r["per_hop_overhead_ms"] = ((r["ms_per_token_median"] - results["local"]["ms_per_token_median"])
+                                            / servers)
+                results[f"{servers}_servers" + ("" if push else "_no_push")] = r
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
@@ -114,9 +117,10 @@ def main() -> None:
     loc = results["local"]
     print(f"| one process | {loc['ms_per_token_median']:.1f} | {loc['ms_per_token_p90']:.1f} | {loc['steps_per_s']:.1f} | 1.00x | - |")
     for servers in (2, 3):
-        r = results[f"{servers}_servers"]
-        print(f"| {servers} server processes | {r['ms_per_token_median']:.1f} | {r['ms_per_token_p90']:.1f} | "
-              f"{r['steps_per_s']:.1f} | {r['ratio_to_local']:.2f}x | {r['per_hop_overhead_ms']:.2f} ms |")
+        for suffix, label in (("", ""), ("_no_push", ", no push")):
+            r = results[f"{servers}_servers{suffix}"]
+            print(f"| {servers} server processes{label} | {r['ms_per_token_median']:.1f} | {r['ms_per_token_p90']:.1f} | "
+                  f"{r['steps_per_s']:.1f} | {r['ratio_to_local']:.2f}x | {r['per_hop_overhead_ms']:.2f} ms |")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from petald.p2pnode.host import parse_peer_address
 from petald.p2pnode.identity import load_or_create_identity
 from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
-from petald.protocol.limits import INFERENCE_PROTOCOL, TRAINING_PROTOCOL
-from petald.protocol.messages import OpenSession, SpanRequest, Step
+from petald.protocol.limits import INFERENCE_PROTOCOL, PUSH_PROTOCOL, TRAINING_PROTOCOL
+from petald.protocol.messages import OpenSession, PushOpen, SpanRequest, Step
 from petald.protocol.tensors import encode_tensor
 from tests.oracle import reference_greedy
 
@@ -342,6 +342,97 @@ def test_client_vanishing_mid_session_frees_its_cache(tiny_server, good_model, r
 
     assert _decode_with_interruption(good_model, interrupt) == reference_greedy(path, IDS, 10)
     for _ in range(50):  # the server notices the disconnect asynchronously
+        if client.free_tokens() == CACHE_TOKENS:
+            break
+        raw_node.call(trio.sleep, 0.1)
+    assert client.free_tokens() == CACHE_TOKENS
+    assert swarm.servers[0].process.poll() is None
+
+
+PUSH_STREAM_CASES = {"unknown_token": "bad_state", "malformed_frame": "bad_frame", "an_inference_open": "bad_message"}
+
+
+@pytest.mark.parametrize("case", list(PUSH_STREAM_CASES))
+def test_a_bad_push_stream_is_refused_and_isolated(tiny_server, good_model, raw_node, case):
+    path, swarm = tiny_server
+    client = RawClient(raw_node, swarm.addresses[0], good_model)
+    replies = []
+
+    async def bad_push_stream(framed, stream):
+        if case == "unknown_token":
+            await framed.send(PushOpen(b"\x01" * 16).to_wire())
+        elif case == "malformed_frame":
+            await stream.write(_raw_frame(b"\xc1 not msgpack"))
+        else:
+            await framed.send(client.open_message())
+        return await _error_reply(framed)
+
+    def interrupt():
+        replies.append(client.run(bad_push_stream, PUSH_PROTOCOL))
+
+    assert _decode_with_interruption(good_model, interrupt) == reference_greedy(path, IDS, 10)
+    assert replies[0]["code"] == PUSH_STREAM_CASES[case], replies[0]
+    assert client.free_tokens() == CACHE_TOKENS
+    assert swarm.servers[0].process.poll() is None
+
+
+# What is pushed into a session that takes pushes -> the error its client gets (None: none).
+PUSHED_STEP_CASES = {"garbage": "bad_message", "nan": "bad_tensor", "wrong_shape": "bad_tensor",
+                     "deep_prompts": "bad_message", "stale": None, "valid_then_the_clients_copy": None}
+
+
+@pytest.mark.parametrize("case", list(PUSHED_STEP_CASES))
+def test_pushed_steps_are_checked_like_the_clients_own(tiny_server, good_model, raw_node, case):
+    """A bad pushed step ends its session with an error to the session's client (which replays
+    elsewhere) and frees its cache; a stale one is ignored; a valid one is answered once, and
+    the client's own copy of it is not run again."""
+    path, swarm = tiny_server
+    client = RawClient(raw_node, swarm.addresses[0], good_model)
+    token = bytes(range(16))
+    hidden = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(8))
+    outcome = []
+
+    async def push_into_a_session(session, stream):
+        await _open(session, client, push_token=token)
+        peer = client.peer.peer_id
+        pusher = FramedStream(await raw_node.host.new_stream(peer, [TProtocol(PUSH_PROTOCOL)]))
+        try:
+            await pusher.send(PushOpen(token).to_wire())
+            if case == "garbage":
+                await pusher.send({"type": "step", "step_id": "x"})
+            elif case == "nan":
+                await pusher.send(Step(1, 0, torch.full((1, 3, 64), float("nan"))).to_wire())
+            elif case == "wrong_shape":
+                await pusher.send(Step(1, 0, torch.zeros(1, 3, 63)).to_wire())
+            elif case == "deep_prompts":
+                await pusher.send(Step(1, 0, hidden, prompts=torch.zeros(6, 1, 3, 64)).to_wire())
+            elif case == "stale":
+                await pusher.send(Step(1, 7, hidden).to_wire())  # not the session's position: ignored
+                await session.send(Step(1, 0, hidden).to_wire())
+                return await session.receive()
+            else:
+                await pusher.send(Step(1, 0, hidden).to_wire())
+                pushed = await session.receive()  # answered to the session's client, unasked
+                await session.send(Step(1, 0, hidden).to_wire())  # the client's own copy: skipped
+                await session.send(Step(2, 3, hidden[:, :1]).to_wire())
+                nxt = await session.receive()
+                assert (pushed["step_id"], nxt["step_id"]) == (1, 2), (pushed, nxt)
+                return nxt
+            return await _error_reply(session)
+        finally:
+            await pusher.close()
+
+    def interrupt():
+        outcome.append(client.run(push_into_a_session))
+
+    assert _decode_with_interruption(good_model, interrupt) == reference_greedy(path, IDS, 10)
+    want = PUSHED_STEP_CASES[case]
+    if want is None:
+        assert outcome[0]["type"] == "output", outcome[0]
+    else:
+        assert (outcome[0]["type"], outcome[0]["code"]) == ("error", want), outcome[0]
+        assert len(outcome[0]["message"]) > 10
+    for _ in range(50):  # the session's end is noticed asynchronously once the streams close
         if client.free_tokens() == CACHE_TOKENS:
             break
         raw_node.call(trio.sleep, 0.1)

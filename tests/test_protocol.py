@@ -12,7 +12,7 @@ import torch
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import FrameDecoder, encode_frame
 from petald.protocol.limits import WIRE_VERSION
-from petald.protocol.messages import OpenSession, Step
+from petald.protocol.messages import OpenSession, PushOpen, PushTarget, Step, StepOutput
 from petald.protocol.tensors import all_finite, decode_tensor, encode_tensor
 
 
@@ -98,6 +98,47 @@ def test_step_carries_its_tensor():
     step = Step(3, 7, torch.ones(1, 2, 4), "float16", "lz4")
     back = Step.from_wire(msgpack.unpackb(encode_frame(step.to_wire())[4:]))
     assert (back.step_id, back.position) == (3, 7) and back.hidden.dtype == torch.float16
+
+
+def _through_the_wire(msg: dict) -> dict:
+    decoder = FrameDecoder()
+    decoder.feed(encode_frame(msg))
+    return decoder.next_message()
+
+
+def test_pushes_cross_the_wire():
+    token = bytes(range(16))
+    targets = [PushTarget(f"peer{i}", f"/ip4/127.0.0.1/tcp/{i}/p2p/peer{i}", token, 5 + i) for i in range(2)]
+    back = Step.from_wire(_through_the_wire(Step(3, 7, torch.ones(1, 1, 4), push=targets).to_wire()))
+    assert back.push == targets
+    assert "push" not in Step(3, 7, torch.ones(1, 1, 4)).to_wire() and Step.from_wire(
+        _through_the_wire(Step(3, 7, torch.ones(1, 1, 4)).to_wire())).push == []
+    assert StepOutput.from_wire(_through_the_wire(StepOutput(3, torch.ones(1, 1, 4), pushed=True).to_wire())).pushed
+    assert not StepOutput.from_wire(_through_the_wire(StepOutput(3, torch.ones(1, 1, 4)).to_wire())).pushed
+    opened = OpenSession("m", "f", 0, 2, 1, 16, push_token=token)
+    assert OpenSession.from_wire(_through_the_wire(opened.to_wire())).push_token == token
+    assert "push_token" not in OpenSession("m", "f", 0, 2, 1, 16).to_wire()
+    assert PushOpen.from_wire(_through_the_wire(PushOpen(token).to_wire())).token == token
+
+
+def test_bad_push_fields_are_bad_messages():
+    token = bytes(range(16))
+    target = PushTarget("p", "/ip4/127.0.0.1/tcp/1/p2p/p", token, 1).to_wire()
+    step = Step(1, 0, torch.ones(1, 1, 4)).to_wire()
+    bad = [
+        (OpenSession.from_wire, {**OpenSession("m", "f", 0, 2, 1, 16).to_wire(), "push_token": b"short"}),
+        (PushOpen.from_wire, {"type": "push_open", "token": "not bytes"}),
+        (Step.from_wire, {**step, "push": target}),  # not a list
+        (Step.from_wire, {**step, "push": [target] * 17}),
+        (Step.from_wire, {**step, "push": [5]}),
+        (Step.from_wire, {**step, "push": [{**target, "token": token[:8]}]}),
+        (Step.from_wire, {**step, "push": [{**target, "step_id": -1}]}),
+        (StepOutput.from_wire, {**StepOutput(1, torch.ones(1, 1, 4)).to_wire(), "pushed": 1}),
+    ]
+    for parse, msg in bad:
+        with pytest.raises(ProtocolError) as err:
+            parse(msg)
+        assert err.value.code == ErrorCode.BAD_MESSAGE
 
 
 def test_container_bombs_are_bad_frames_not_gigabytes():

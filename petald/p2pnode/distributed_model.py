@@ -55,13 +55,15 @@ class DistributedModel:
                  initial_peers: Sequence[str] = (), wire_dtype: str = "float32", codec: str = "raw",
                  step_timeout: float = 30.0, connect_timeout: float = 15.0, recovery_timeout: float = 60.0,
                  adapter: str | None = None, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
-                 head_quant: str = "none"):
+                 head_quant: str = "none", push: bool = True):
         """``step_timeout`` bounds each server's answer (a hung server is replaced after it);
         ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
         ``adapter`` names a LoRA adapter: only servers holding it are used, and they apply it.
         ``max_chunk_tokens`` caps the tokens of one training request (``remote_blocks``).
         ``head_quant`` stores the local LM head as ``ClientHead`` does (``HEAD_QUANT_MODES``): "bf16"
-        is the fast choice on CPUs with native bfloat16; "none" (float32) is the reference."""
+        is the fast choice on CPUs with native bfloat16; "none" (float32) is the reference.
+        ``push``: servers pass each inference step's output on to the next server themselves
+        (docs/protocol.md, "Pushing steps"); False: every hop goes through this client."""
         if not peers and not initial_peers:
             raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
         self.source = open_source(model) if model is None or isinstance(model, str) else model
@@ -73,6 +75,7 @@ class DistributedModel:
         self.peers, self.recovery_timeout = list(peers), recovery_timeout
         self.adapter = adapter or ""
         self.max_chunk_tokens = max_chunk_tokens
+        self.push = push
         self.bans = ServerBans()  # shared by every session of this client
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
         self._tokenizer: Any = None
@@ -243,7 +246,8 @@ class DistributedModel:
 
         session = InferenceSession(self.node.host, route, self.identity, batch, max_length,
                                    self.wire_dtype, self.codec, self.step_timeout,
-                                   find_route, self.bans, self.recovery_timeout, self.adapter, deep_prompts)
+                                   find_route, self.bans, self.recovery_timeout, self.adapter, deep_prompts,
+                                   self.push)
         try:
             self.node.call(session.open)
             yield session

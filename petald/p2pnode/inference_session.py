@@ -7,6 +7,10 @@ server, asks for a new route over the same blocks, replays the hop's inputs thro
 servers (which rebuilds their KV caches) and carries on with the step that failed. Hop
 boundaries of the original route are kept, so hidden states read after a hop stay where the
 caller asked for them.
+
+With ``push`` (the default), each step also names the route's next sessions, and each server
+hands its output straight to the next one (``step_pusher.py``): the client reads every hop's
+output as before, for its history, but sends only to the servers nobody pushed to.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from petald.p2pnode.remote_span import RemoteSpanSession, ServerUnavailable
 from petald.p2pnode.route import NoRouteError, SpanHop, SpanRoute
 from petald.p2pnode.server_bans import ServerBans
 from petald.protocol.errors import ProtocolError, RemoteError
-from petald.protocol.limits import MAX_TENSOR_BYTES
+from petald.protocol.limits import MAX_ARRAY_LEN, MAX_TENSOR_BYTES
+from petald.protocol.messages import PushTarget
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +77,11 @@ class InferenceSession:
     def __init__(self, host: IHost, route: SpanRoute, identity: ModelIdentity, batch: int, max_length: int,
                  wire_dtype: str = "float32", codec: str = "raw", step_timeout: float = 30.0,
                  find_route: RouteFinder | None = None, bans: ServerBans | None = None,
-                 recovery_timeout: float = 60.0, adapter: str = "", deep_prompts: torch.Tensor | None = None):
+                 recovery_timeout: float = 60.0, adapter: str = "", deep_prompts: torch.Tensor | None = None,
+                 push: bool = True):
         """``adapter`` names the LoRA adapter every server applies; ``deep_prompts`` [model blocks,
-        1 or batch, P, hidden] are added to positions [0, P) before each block."""
+        1 or batch, P, hidden] are added to positions [0, P) before each block. ``push``: servers
+        pass step outputs on to the next server themselves."""
         self.host, self.route, self.identity = host, route, identity
         if deep_prompts is not None:
             # Checked here: a wrong shape would be refused by every server, and look like failing servers.
@@ -87,6 +94,8 @@ class InferenceSession:
         self.batch, self.max_length = batch, max_length
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
         self.find_route, self.recovery_timeout = find_route, recovery_timeout
+        self.push = push
+        self.pushed_steps = 0  # hop steps whose input a server pushed (the client only read their output)
         self.bans = bans if bans is not None else ServerBans()
         self.links = [_Link(hop) for hop in route.hops]
         self.recoveries: list[Recovery] = []
@@ -127,13 +136,19 @@ class InferenceSession:
         states: dict[int, torch.Tensor] = {}
         deadline: float | None = None  # of the recovery under way, from the first failure of this step
         index = 0
+        pushed = False  # the previous link's server pushed this link's input to it
         while index < len(self.links):
             link = self.links[index]
             try:
                 if link.span is None:
                     link.span = await self._open_span(link.hop)
+                    pushed = False  # it was nobody's push target
                 if hidden is not None:
-                    out = await link.span.step(hidden)
+                    if pushed:
+                        out, pushed = await link.span.pushed_step(hidden)
+                        self.pushed_steps += 1
+                    else:
+                        out, pushed = await link.span.step_pushing(hidden, self._push_chain(index))
                     link.inputs.append(hidden)
                     states[link.hop.end] = hidden = out
                     # Only a computed step clears a server: one that opens sessions and then fails
@@ -145,14 +160,30 @@ class InferenceSession:
                 if deadline is None:
                     deadline = trio.current_time() + self.recovery_timeout
                 await self._replace(index, exc, deadline)
+                pushed = False
                 continue  # the same input, to the replacement's first link
             index += 1
         return states
 
+    def _push_chain(self, index: int) -> list[PushTarget]:
+        """The open sessions after link ``index`` that may take this step by push, up to the first
+        that may not (not open yet, or owed deep prompts)."""
+        chain: list[PushTarget] = []
+        if not self.push:
+            return chain
+        for link in self.links[index + 1 : index + 1 + MAX_ARRAY_LEN]:
+            target = link.span.push_target() if link.span is not None else None
+            if target is None:
+                break
+            chain.append(target)
+        return chain
+
     async def _open_span(self, hop: SpanHop) -> RemoteSpanSession:
         prompts = self.deep_prompts[hop.start : hop.end] if self.deep_prompts is not None else None
+        # The first blocks' input is the client's own: their session never takes pushes.
         return await RemoteSpanSession.open(self.host, hop, self.identity, self.batch, self.max_length,
-                                            self.wire_dtype, self.codec, self.step_timeout, self.adapter, prompts)
+                                            self.wire_dtype, self.codec, self.step_timeout, self.adapter, prompts,
+                                            takes_pushes=self.push and hop.start > 0)
 
     async def _replace(self, index: int, failure: BaseException, deadline: float) -> None:
         """Ban the server of link ``index``, route its blocks anew and replay its inputs there.

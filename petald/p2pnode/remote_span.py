@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import torch
 import trio
 from libp2p.abc import IHost
@@ -12,12 +14,13 @@ from petald.kernels.model_source import ModelIdentity
 from petald.p2pnode.framed_stream import FramedStream, PeerGone
 from petald.p2pnode.route import SpanHop
 from petald.protocol.errors import RemoteError
-from petald.protocol.limits import INFERENCE_PROTOCOL, INFO_PROTOCOL
+from petald.protocol.limits import INFERENCE_PROTOCOL, INFO_PROTOCOL, PUSH_TOKEN_BYTES
 from petald.protocol.messages import (
     CloseSession,
     ErrorReply,
     InfoRequest,
     OpenSession,
+    PushTarget,
     ServerInfo,
     SessionOpened,
     Step,
@@ -92,26 +95,30 @@ async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> Server
 
 class RemoteSpanSession:
     def __init__(self, hop: SpanHop, framed: FramedStream, wire_dtype: str, codec: str, step_timeout: float,
-                 prompts: torch.Tensor | None = None):
+                 prompts: torch.Tensor | None = None, push_token: bytes = b""):
         """``prompts`` [hop blocks, 1 or batch, P, hidden]: deep prompts for positions [0, P), sent along
-        with the steps that cover them."""
+        with the steps that cover them. ``push_token``: the server takes steps pushed to this session
+        by servers that know it (the previous hop's)."""
         self.hop = hop
         self.framed = framed
         self.wire_dtype, self.codec = wire_dtype, codec
         self.step_timeout = step_timeout
         self.prompts = prompts
+        self.push_token = push_token
         self.position = 0
         self._step_ids = 0
 
     @classmethod
     async def open(cls, host: IHost, hop: SpanHop, identity: ModelIdentity, batch: int, max_length: int,
                    wire_dtype: str, codec: str, step_timeout: float, adapter: str = "",
-                   prompts: torch.Tensor | None = None) -> RemoteSpanSession:
+                   prompts: torch.Tensor | None = None, takes_pushes: bool = False) -> RemoteSpanSession:
         peer = hop.server.peer_id
+        push_token = secrets.token_bytes(PUSH_TOKEN_BYTES) if takes_pushes else b""
         framed = await open_stream(host, peer, INFERENCE_PROTOCOL, step_timeout)
         try:
             await framed.send(OpenSession(identity.model_id, identity.fingerprint, hop.start, hop.end,
-                                          batch, max_length, wire_dtype, codec, adapter=adapter).to_wire())
+                                          batch, max_length, wire_dtype, codec, adapter=adapter,
+                                          push_token=push_token).to_wire())
             opened = SessionOpened.from_wire(await receive_reply(framed, peer, step_timeout, "opening a session"))
             if (opened.start, opened.end) != (hop.start, hop.end):
                 raise ServerUnavailable(f"server ..{peer[-8:]} opened blocks {opened.start}:{opened.end}; "
@@ -120,19 +127,45 @@ class RemoteSpanSession:
             with trio.CancelScope(shield=True):  # free the server's side even when we are cancelled
                 await framed.reset()
             raise
-        return cls(hop, framed, wire_dtype, codec, step_timeout, prompts)
+        return cls(hop, framed, wire_dtype, codec, step_timeout, prompts, push_token)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (await self.step_pushing(hidden, []))[0]
+
+    def push_target(self) -> PushTarget | None:
+        """Where the previous hop's server may push this session's next step (None: it may not)."""
+        if not self.push_token or self._prompts_for(1) is not None:
+            return None  # a step with deep prompts comes from the client, which holds them
+        address = self.hop.server.address
+        if "/p2p/" not in address:
+            address = f"{address}/p2p/{self.hop.server.peer_id}"
+        return PushTarget(self.hop.server.peer_id, address, self.push_token, self._step_ids + 1)
+
+    def _prompts_for(self, tokens: int) -> torch.Tensor | None:
+        if self.prompts is not None and self.position < self.prompts.shape[2]:
+            return self.prompts[:, :, self.position : self.position + tokens]
+        return None
+
+    async def step_pushing(self, hidden: torch.Tensor, push: list[PushTarget]) -> tuple[torch.Tensor, bool]:
+        """Send ``hidden`` as the next step, asking the server to push its output along ``push``;
+        returns the output and whether the server pushed it to ``push[0]``."""
         self._step_ids += 1
         peer = self.hop.server.peer_id
         try:
-            prompts = None
-            if self.prompts is not None and self.position < self.prompts.shape[2]:
-                prompts = self.prompts[:, :, self.position : self.position + hidden.shape[1]]
             await self.framed.send(Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec,
-                                        prompts).to_wire())
+                                        self._prompts_for(hidden.shape[1]), push).to_wire())
         except PeerGone as exc:
             raise ServerUnavailable(f"server ..{peer[-8:]} went away: {exc}") from None
+        return await self._output(hidden)
+
+    async def pushed_step(self, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The output of the step the previous hop's server pushed here (``hidden``, as the client
+        received it from that server), and whether this server pushed it on in turn."""
+        self._step_ids += 1
+        return await self._output(hidden)
+
+    async def _output(self, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        peer = self.hop.server.peer_id
         out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.step_timeout, "a step"))
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with shape "
@@ -140,7 +173,7 @@ class RemoteSpanSession:
         if not all_finite(out.hidden):
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with NaN or infinite values")
         self.position += hidden.shape[1]
-        return out.hidden
+        return out.hidden, out.pushed
 
     async def close(self) -> None:
         with trio.move_on_after(2):

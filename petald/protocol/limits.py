@@ -5,6 +5,8 @@ WIRE_VERSION = 1  # major version of the message schemas; carried in protocol ID
 INFERENCE_PROTOCOL = "/petald/inference/1.0.0"
 INFO_PROTOCOL = "/petald/info/1.0.0"
 TRAINING_PROTOCOL = "/petald/training/1.0.0"  # stateless forward and backward over whole sequences
+PUSH_PROTOCOL = "/petald/push/1.0.0"  # a server hands its step output to the next server's session
+PUSH_TOKEN_BYTES = 16  # the secret a client gives a session, naming it to the servers that push to it
 
 FRAME_HEADER_BYTES = 4
 MAX_FRAME_BYTES = 32 * 1024 * 1024  # no frame, of any kind, is larger

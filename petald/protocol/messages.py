@@ -17,6 +17,7 @@ from petald.protocol.limits import (
     MAX_ARRAY_LEN,
     MAX_BATCH,
     MAX_STRING,
+    PUSH_TOKEN_BYTES,
     QUANT_MODES,
     WIRE_DTYPES,
     WIRE_VERSION,
@@ -50,6 +51,13 @@ def _str_list(msg: dict[str, Any], name: str) -> list[str]:
             or not all(isinstance(v, str) and len(v) <= MAX_STRING for v in value):
         raise _bad(f"field {name!r} must be a list of at most {MAX_ARRAY_LEN} strings")
     return list(value)
+
+
+def _token(msg: dict[str, Any], name: str) -> bytes:
+    value = msg.get(name)
+    if not isinstance(value, bytes) or len(value) != PUSH_TOKEN_BYTES:
+        raise _bad(f"field {name!r} must be {PUSH_TOKEN_BYTES} bytes")
+    return value
 
 
 def expect_type(msg: dict[str, Any], *types: str) -> str:
@@ -112,9 +120,14 @@ class OpenSession:
     codec: str = "raw"
     wire_version: int = WIRE_VERSION
     adapter: str = ""  # the LoRA adapter to apply, by name; "" for none
+    # Given, servers that know it may push this session's steps to it (PUSH_PROTOCOL); b"" for none.
+    push_token: bytes = b""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "open", **self.__dict__}
+        msg = {"type": "open", **self.__dict__}
+        if not self.push_token:
+            del msg["push_token"]
+        return msg
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any]) -> OpenSession:
@@ -129,7 +142,43 @@ class OpenSession:
             max_length=_int(msg, "max_length", 1), wire_dtype=_str(msg, "wire_dtype", WIRE_DTYPES),
             codec=_str(msg, "codec", CODECS), wire_version=version,
             adapter=_str(msg, "adapter") if "adapter" in msg else "",
+            push_token=_token(msg, "push_token") if "push_token" in msg else b"",
         )
+
+
+@dataclass
+class PushTarget:
+    """Where a server sends a step's output: the next server's session, as its step ``step_id``."""
+
+    peer_id: str
+    address: str  # a full multiaddr of that server, with /p2p/
+    token: bytes  # that session's push token
+    step_id: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"peer_id": self.peer_id, "address": self.address, "token": self.token, "step_id": self.step_id}
+
+    @classmethod
+    def from_wire(cls, msg: Any) -> PushTarget:
+        if not isinstance(msg, dict):
+            raise _bad("a push target must be a map")
+        return cls(peer_id=_str(msg, "peer_id"), address=_str(msg, "address"), token=_token(msg, "token"),
+                   step_id=_int(msg, "step_id"))
+
+
+@dataclass
+class PushOpen:
+    """The first message of a push stream: the session the pushed steps are for."""
+
+    token: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "push_open", "token": self.token}
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> PushOpen:
+        expect_type(msg, "push_open")
+        return cls(token=_token(msg, "token"))
 
 
 @dataclass
@@ -153,7 +202,10 @@ class Step:
 
     ``prompts`` [blocks, 1 or batch, n, hidden], when present, is added to the step's first n
     tokens before each block of the session's span (deep prompts, sent with the steps that
-    cover the prompt's positions)."""
+    cover the prompt's positions).
+
+    ``push`` names the sessions of the next servers of the route, in order: the output goes to the
+    first, which passes it on to the rest (docs/protocol.md, "Pushing steps")."""
 
     step_id: int
     position: int
@@ -161,21 +213,28 @@ class Step:
     wire_dtype: str = "float32"
     codec: str = "raw"
     prompts: torch.Tensor | None = None
+    push: list[PushTarget] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         msg = {"type": "step", "step_id": self.step_id, "position": self.position,
                "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
         if self.prompts is not None:
             msg["prompts"] = encode_tensor(self.prompts, self.wire_dtype, self.codec)
+        if self.push:
+            msg["push"] = [target.to_wire() for target in self.push]
         return msg
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any]) -> Step:
         expect_type(msg, "step")
         prompts = msg.get("prompts")
+        push = msg.get("push", [])
+        if not isinstance(push, list) or len(push) > MAX_ARRAY_LEN:
+            raise _bad(f"field 'push' must be a list of at most {MAX_ARRAY_LEN} push targets")
         return cls(step_id=_int(msg, "step_id"), position=_int(msg, "position"),
                    hidden=decode_tensor(msg.get("hidden"), "hidden"),
-                   prompts=decode_tensor(prompts, "prompts") if prompts is not None else None)
+                   prompts=decode_tensor(prompts, "prompts") if prompts is not None else None,
+                   push=[PushTarget.from_wire(target) for target in push])
 
 
 @dataclass
@@ -184,15 +243,22 @@ class StepOutput:
     hidden: torch.Tensor
     wire_dtype: str = "float32"
     codec: str = "raw"
+    pushed: bool = False  # the output was also handed to the next server (the step's first push target)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "output", "step_id": self.step_id,
-                "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+        msg = {"type": "output", "step_id": self.step_id,
+               "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+        if self.pushed:
+            msg["pushed"] = True
+        return msg
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any]) -> StepOutput:
         expect_type(msg, "output")
-        return cls(step_id=_int(msg, "step_id"), hidden=decode_tensor(msg.get("hidden"), "hidden"))
+        pushed = msg.get("pushed", False)
+        if not isinstance(pushed, bool):
+            raise _bad("field 'pushed' must be a boolean")
+        return cls(step_id=_int(msg, "step_id"), hidden=decode_tensor(msg.get("hidden"), "hidden"), pushed=pushed)
 
 
 @dataclass
