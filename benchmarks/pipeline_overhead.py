@@ -55,7 +55,8 @@ def decode_local(source, tokens: int, dtype: str, quant: str, head_quant: str) -
     return times
 
 
-def decode_remote(model: DistributedModel, tokens: int) -> list[float]:
+def decode_remote(model: DistributedModel, tokens: int) -> tuple[list[float], int]:
+    """Per-token times, and how many hop steps got their input by push."""
     ids = torch.tensor([PROMPT])
     times = []
     with model.inference_session(1, len(PROMPT) + tokens + 1) as session:
@@ -65,7 +66,7 @@ def decode_remote(model: DistributedModel, tokens: int) -> list[float]:
             nxt = model.head.logits(hidden[:, -1]).argmax(-1)
             hidden = model.node.call(session.step, model.head.embed(nxt[:, None]))
             times.append(time.perf_counter() - t0)
-    return times
+    return times, session.pushed_steps
 
 
 def summarise(times: list[float]) -> dict:
@@ -104,7 +105,9 @@ def main() -> None:
             for push in (True, False):
                 with DistributedModel(swarm.addresses, source, head_quant=args.head_quant, push=push) as model:
                     say(f"{servers} servers{'' if push else ', no push'}: decoding {args.tokens} tokens")
-                    r = summarise(decode_remote(model, args.tokens))
+                    times, pushed = decode_remote(model, args.tokens)
+                    r = summarise(times)
+                    r["pushed_hop_steps"] = pushed
                 r["ratio_to_local"] = results["local"]["ms_per_token_median"] / r["ms_per_token_median"]
                 r["per_hop_overhead_ms"] = ((r["ms_per_token_median"] - results["local"]["ms_per_token_median"])
                                             / servers)
@@ -112,15 +115,17 @@ def main() -> None:
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print("| configuration | ms/token (median) | p90 | steps/s | vs one process | per-hop overhead |")
-    print("|---|---|---|---|---|---|")
+    print("| configuration | ms/token (median) | p90 | steps/s | vs one process | per-hop overhead | pushed hop steps |")
+    print("|---|---|---|---|---|---|---|")
     loc = results["local"]
-    print(f"| one process | {loc['ms_per_token_median']:.1f} | {loc['ms_per_token_p90']:.1f} | {loc['steps_per_s']:.1f} | 1.00x | - |")
+    print(f"| one process | {loc['ms_per_token_median']:.1f} | {loc['ms_per_token_p90']:.1f} | {loc['steps_per_s']:.1f} "
+          "| 1.00x | - | - |")
     for servers in (2, 3):
         for suffix, label in (("", ""), ("_no_push", ", no push")):
             r = results[f"{servers}_servers{suffix}"]
             print(f"| {servers} server processes{label} | {r['ms_per_token_median']:.1f} | {r['ms_per_token_p90']:.1f} | "
-                  f"{r['steps_per_s']:.1f} | {r['ratio_to_local']:.2f}x | {r['per_hop_overhead_ms']:.2f} ms |")
+                  f"{r['steps_per_s']:.1f} | {r['ratio_to_local']:.2f}x | {r['per_hop_overhead_ms']:.2f} ms "
+                  f"| {r['pushed_hop_steps']} |")
 
 
 if __name__ == "__main__":

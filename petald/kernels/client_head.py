@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from petald.kernels.block import rms_norm
 from petald.kernels.model_source import ModelSource
-from petald.kernels.quant import QUANT_MODES, DenseLinear, QuantError, check_quant, make_linear
+from petald.kernels.quant import (
+    QUANT_MODES,
+    DenseLinear,
+    QuantError,
+    check_quant,
+    make_linear,
+    onednn_bf16_supported,
+)
+
+log = logging.getLogger(__name__)
 
 # How the LM head's matrix may be stored: the blocks' modes, plus "bf16": bfloat16 weights (prepacked
 # for oneDNN where the CPU multiplies bfloat16 natively) multiplied by the normed hidden state rounded
@@ -26,6 +37,9 @@ class ClientHead:
         self.dtype, self.device = dtype, torch.device(device)
         if quant not in HEAD_QUANT_MODES:
             raise QuantError(f"unknown head quantization {quant!r}: use one of {', '.join(HEAD_QUANT_MODES)}")
+        if quant == "bf16" and self.device.type == "cpu" and not onednn_bf16_supported():
+            log.warning("this CPU has no native bfloat16 matmul (AVX512-BF16 or AMX): a bf16 LM head is "
+                        "likely slower here than the float32 one (--head-quant none)")
         if quant != "bf16":
             try:
                 check_quant(quant, self.device)

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 # What a failing server can throw at us. Anything else is a bug here, not a server to ban.
 SERVER_FAILURES = (ServerUnavailable, RemoteError, ProtocolError, PeerGone)
 
+# Steps of at most this many rows (batch x tokens) are pushed: decode steps, where the hops'
+# overhead is what a token costs. A long prefill gains little from a push and would hold the
+# pushing server's answer behind a large transfer.
+PUSH_MAX_ROWS = 16
+
 # ``find_route(start, end, deadline)``: a route over blocks [start, end) that avoids banned
 # servers, looking again (the swarm changes) until trio time ``deadline``, then NoRouteError.
 RouteFinder = Callable[[int, int, float], Awaitable[SpanRoute]]
@@ -144,11 +149,13 @@ class InferenceSession:
                     link.span = await self._open_span(link.hop)
                     pushed = False  # it was nobody's push target
                 if hidden is not None:
+                    chain = self._push_chain(index, hidden)
                     if pushed:
-                        out, pushed = await link.span.pushed_step(hidden)
+                        out, pushed = await link.span.pushed_step(hidden, chain)
                         self.pushed_steps += 1
                     else:
-                        out, pushed = await link.span.step_pushing(hidden, self._push_chain(index))
+                        out, pushed = await link.span.step_pushing(hidden, chain)
+                    pushed = pushed and bool(chain)  # a server cannot have pushed where it was not asked to
                     link.inputs.append(hidden)
                     states[link.hop.end] = hidden = out
                     # Only a computed step clears a server: one that opens sessions and then fails
@@ -165,11 +172,11 @@ class InferenceSession:
             index += 1
         return states
 
-    def _push_chain(self, index: int) -> list[PushTarget]:
+    def _push_chain(self, index: int, hidden: torch.Tensor) -> list[PushTarget]:
         """The open sessions after link ``index`` that may take this step by push, up to the first
         that may not (not open yet, or owed deep prompts)."""
         chain: list[PushTarget] = []
-        if not self.push:
+        if not self.push or hidden.shape[0] * hidden.shape[1] > PUSH_MAX_ROWS:
             return chain
         for link in self.links[index + 1 : index + 1 + MAX_ARRAY_LEN]:
             target = link.span.push_target() if link.span is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 
 import torch
 import trio
@@ -93,6 +94,13 @@ async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> Server
         await framed.close()
 
 
+# A pushed step whose answer takes this much longer than the hop's last step (and at least
+# PUSH_GRACE_MIN_S) is sent by the client too: the push may have been lost between the servers.
+# The server runs whichever copy comes first and skips the other.
+PUSH_GRACE_FACTOR = 4.0
+PUSH_GRACE_MIN_S = 1.0
+
+
 class RemoteSpanSession:
     def __init__(self, hop: SpanHop, framed: FramedStream, wire_dtype: str, codec: str, step_timeout: float,
                  prompts: torch.Tensor | None = None, push_token: bytes = b""):
@@ -106,6 +114,7 @@ class RemoteSpanSession:
         self.prompts = prompts
         self.push_token = push_token
         self.position = 0
+        self.step_seconds = 0.0  # the last step, from sending it (or the previous hop's answer) to the answer
         self._step_ids = 0
 
     @classmethod
@@ -136,10 +145,7 @@ class RemoteSpanSession:
         """Where the previous hop's server may push this session's next step (None: it may not)."""
         if not self.push_token or self._prompts_for(1) is not None:
             return None  # a step with deep prompts comes from the client, which holds them
-        address = self.hop.server.address
-        if "/p2p/" not in address:
-            address = f"{address}/p2p/{self.hop.server.peer_id}"
-        return PushTarget(self.hop.server.peer_id, address, self.push_token, self._step_ids + 1)
+        return PushTarget(self.hop.server.peer_id, self.push_token, self._step_ids + 1)
 
     def _prompts_for(self, tokens: int) -> torch.Tensor | None:
         if self.prompts is not None and self.position < self.prompts.shape[2]:
@@ -151,20 +157,50 @@ class RemoteSpanSession:
         returns the output and whether the server pushed it to ``push[0]``."""
         self._step_ids += 1
         peer = self.hop.server.peer_id
+        began = time.perf_counter()
         try:
             await self.framed.send(Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec,
                                         self._prompts_for(hidden.shape[1]), push).to_wire())
         except PeerGone as exc:
             raise ServerUnavailable(f"server ..{peer[-8:]} went away: {exc}") from None
-        return await self._output(hidden)
+        return await self._output(hidden, began)
 
-    async def pushed_step(self, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    async def pushed_step(self, hidden: torch.Tensor, push: list[PushTarget]) -> tuple[torch.Tensor, bool]:
         """The output of the step the previous hop's server pushed here (``hidden``, as the client
-        received it from that server), and whether this server pushed it on in turn."""
-        self._step_ids += 1
-        return await self._output(hidden)
+        received it from that server), and whether this server pushed it on along ``push``.
 
-    async def _output(self, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        If the answer is late, the client sends the step too (the push may be lost) and keeps
+        waiting for the one answer the server gives, to whichever copy it ran."""
+        self._step_ids += 1
+        began = time.perf_counter()
+        copy = Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec, None, push)
+        # Before half the step timeout, so that the copy has time to be answered.
+        grace = min(max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * self.step_seconds), self.step_timeout / 2)
+        copy_sent: list[float] = []
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_late_copy, copy, grace, copy_sent)
+            try:
+                result = await self._output(hidden, began)
+            except Exception as exc:  # raised after the nursery, so not wrapped in an exception group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if copy_sent:  # the hop's own time, not the wait for a push that never came
+            self.step_seconds = time.perf_counter() - copy_sent[0]
+        return result
+
+    async def _send_late_copy(self, step: Step, delay: float, sent_at: list[float]) -> None:
+        await trio.sleep(delay)
+        with trio.CancelScope(shield=True):  # a frame cut off halfway would break the stream
+            sent_at.append(time.perf_counter())
+            try:
+                await self.framed.send(step.to_wire())
+            except PeerGone:
+                pass  # the wait for the answer reports the broken stream
+
+    async def _output(self, hidden: torch.Tensor, began: float) -> tuple[torch.Tensor, bool]:
         peer = self.hop.server.peer_id
         out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.step_timeout, "a step"))
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
@@ -173,6 +209,7 @@ class RemoteSpanSession:
         if not all_finite(out.hidden):
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with NaN or infinite values")
         self.position += hidden.shape[1]
+        self.step_seconds = time.perf_counter() - began
         return out.hidden, out.pushed
 
     async def close(self) -> None:

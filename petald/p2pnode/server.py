@@ -33,6 +33,7 @@ from petald.kernels.span import BlockSpan
 from petald.kernels.training_forward import check_training_inputs, span_backward, span_forward
 from petald.p2pnode.compute import run_step, run_task
 from petald.p2pnode.framed_stream import FramedStream, PeerGone
+from petald.p2pnode.session_inbox import PUSHED, SessionInbox, read_client
 from petald.p2pnode.step_pusher import StepPusher
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import (
@@ -78,38 +79,11 @@ class ServerLimits:
 UNFINISHED_STEP_WAIT_S = 120.0
 
 
-# A session's inbox passes on what its client sent and what servers pushed, in arrival order.
-# Unbuffered: a reader waits until the session takes its message, so a session never holds more
-# frames (each up to MAX_FRAME_BYTES) than the one it runs and one per stream feeding it.
-INBOX_SIZE = 0
-
-
 @dataclass
 class _LiveSession:
     scope: trio.CancelScope  # cancelled by the session timeout, or by a shutdown while idle
     in_step: bool = False
     unfinished: list[trio.Event] = field(default_factory=list)  # steps the executor may still be running
-
-
-@dataclass
-class _SessionInputs:
-    """Where a session's steps come from. Without a push token: its client's stream, read in the
-    session's own task. With one: an inbox that a reader task fills from the client's stream and
-    the push handler from pushes, so the session runs whichever step arrives first."""
-
-    framed: FramedStream
-    inbox: trio.MemoryReceiveChannel | None = None
-    pusher: StepPusher | None = None  # this session's own pushes to the next server
-    last_pushed: tuple[int, int] | None = None  # (position, tokens) of the last step a push ran
-
-    async def next(self) -> tuple[str, Any]:
-        """("client", message or None at the end of the stream) or ("push", Step)."""
-        if self.inbox is None:
-            return "client", await self.framed.receive()
-        kind, item = await self.inbox.receive()
-        if kind == "error":
-            raise item
-        return kind, item
 
 
 class BlockServer:
@@ -124,6 +98,7 @@ class BlockServer:
         self._session_ids = itertools.count(1)
         self._live: dict[int, _LiveSession] = {}
         self._push_inboxes: dict[bytes, trio.MemorySendChannel] = {}  # by push token
+        self._push_streams: dict[bytes, trio.CancelScope] = {}  # the push stream feeding each token's session
         self.host: IHost | None = None  # set by register(); pushes dial from it
         # Bounds the memory of training requests (each up to a full frame plus its activations): a
         # peer opening many training streams waits for a slot instead of filling the server.
@@ -200,14 +175,14 @@ class BlockServer:
                 if request.push_token in self._push_inboxes:
                     raise ProtocolError(ErrorCode.BAD_MESSAGE, "another session here has this push token")
                 # Before "opened": a push may follow the client's first step at once.
-                inbox_in, inbox = trio.open_memory_channel(INBOX_SIZE)
+                inbox_in, inbox = trio.open_memory_channel(0)
                 self._push_inboxes[request.push_token] = inbox_in
             framed.allow_frames_up_to(MAX_FRAME_BYTES)
             await framed.send(SessionOpened(request.start, request.end, request.max_length).to_wire())
             log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",
                      session_id, peer, request.start, request.end, request.batch, request.max_length)
             with live.scope:
-                await self._serve_session(_SessionInputs(framed, inbox), request, cache, live, inbox_in)
+                await self._serve_session(SessionInbox(framed, inbox), request, cache, live, inbox_in)
             if live.scope.cancelled_caught:
                 raise (self._shutting_down() if self.closing else ProtocolError(
                     ErrorCode.TIMEOUT, f"session open for longer than {self.limits.session_timeout:.0f} s; "
@@ -229,6 +204,7 @@ class BlockServer:
             if inbox_in is not None:
                 self._push_inboxes.pop(request.push_token, None)
                 inbox_in.close()
+                inbox.close()  # a push handler still offering a step gets BrokenResourceError, not a wait
             if cache is not None:
                 await self._free_after_steps(cache, live, session_id)
             await framed.close()
@@ -363,58 +339,63 @@ class BlockServer:
                 ErrorCode.SPAN_NOT_SERVED,
                 f"blocks {start}:{end} asked for; this server holds {self.span.start}:{self.span.end}")
 
-    async def _serve_session(self, inputs: _SessionInputs, request: OpenSession, cache: SessionCache,
+    async def _serve_session(self, inbox: SessionInbox, request: OpenSession, cache: SessionCache,
                              live: _LiveSession, inbox_in: trio.MemorySendChannel | None) -> None:
-        """Serve the session's steps: with an inbox (``inbox_in`` its sending side), also steps
+        """Serve the session's steps: with an inbox channel (``inbox_in`` its sending side), also steps
         pushed to it; with a host, push outputs on where steps ask. Errors are raised as themselves."""
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
-            if self.host is not None:
-                inputs.pusher = StepPusher(self.host, nursery, self.limits.open_timeout, self.limits.step_timeout)
+            pusher = StepPusher(self.host, nursery, self.limits.open_timeout) if self.host is not None else None
             if inbox_in is not None:
-                nursery.start_soon(_read_client, inputs.framed, inbox_in.clone())
+                nursery.start_soon(read_client, inbox.framed, inbox_in.clone())
             try:
-                await self._serve_steps(inputs, request, cache, live)
+                await self._serve_steps(inbox, pusher, request, cache, live)
             except Exception as exc:  # raised after the nursery, so not wrapped in an exception group
                 failure = exc
             finally:
-                if inputs.pusher is not None:
+                if pusher is not None:
                     with trio.CancelScope(shield=True):
-                        await inputs.pusher.close()
+                        await pusher.close()
                 nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
 
-    async def _serve_steps(self, inputs: _SessionInputs, request: OpenSession, cache: SessionCache,
-                           live: _LiveSession) -> None:
+    async def _serve_steps(self, inbox: SessionInbox, pusher: StepPusher | None, request: OpenSession,
+                           cache: SessionCache, live: _LiveSession) -> None:
         wire_dtype = DTYPES[request.wire_dtype]
         step_timeout = self.limits.step_timeout
-        framed = inputs.framed
+        framed = inbox.framed
         while True:
             if self.closing:
                 raise self._shutting_down()
             with trio.move_on_after(self.limits.idle_timeout) as scope:
-                kind, msg = await inputs.next()
+                kind, msg = await inbox.next()
             if scope.cancelled_caught:
                 raise ProtocolError(ErrorCode.TIMEOUT,
                                     f"session idle for {self.limits.idle_timeout:.0f} s; closed and freed")
-            if kind == "push":
+            if kind == PUSHED:
                 step = msg
                 if step.position != cache.length:
                     continue  # a head start that lost the race to the client's own copy
-                if step.prompts is not None:
-                    raise ProtocolError(ErrorCode.BAD_MESSAGE, "a pushed step carries deep prompts")
-                inputs.last_pushed = (step.position, step.hidden.shape[1] if step.hidden.dim() == 3 else -1)
+                try:
+                    hidden = self._check_step(step, request, cache)
+                    if step.prompts is not None:
+                        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a pushed step carries deep prompts")
+                except ProtocolError as err:
+                    # Dropped, not fatal: the pusher is at fault, not this session; its client sends
+                    # the step itself once the answer is late.
+                    log.warning("dropped a step pushed to a session: %s", err.message)
+                    continue
+                inbox.ran_pushed(step)
+                prompts = None
             else:
                 if msg is None or msg.get("type") == "close":
                     return
                 step = Step.from_wire(msg)
-                if (inputs.last_pushed is not None and step.hidden.dim() == 3
-                        and inputs.last_pushed == (step.position, step.hidden.shape[1])
-                        and step.position + step.hidden.shape[1] == cache.length):
-                    continue  # the client's copy of the step a push already ran, and answered
-            hidden = self._check_step(step, request, cache)
-            prompts = self._check_prompts(step, request)
+                if inbox.already_ran(step, cache.length):
+                    continue  # answered when the push ran it
+                hidden = self._check_step(step, request, cache)
+                prompts = self._check_prompts(step, request)
             # Batched with other sessions' steps on the executor, which also copies the output to host
             # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
             finished = trio.Event()
@@ -428,56 +409,63 @@ class BlockServer:
                                                        "session closed")
             # The next server first: its compute starts while the client still reads this reply.
             pushed = False
-            if step.push and inputs.pusher is not None:
-                pushed = await inputs.pusher.push(step.push, step.position, out, request.wire_dtype, request.codec)
+            if step.push and pusher is not None:
+                pushed = await pusher.push(step.push, step.position, out, request.wire_dtype, request.codec)
             await framed.send(StepOutput(step.step_id, out, request.wire_dtype, request.codec, pushed).to_wire())
             live.in_step = False
 
     async def _handle_push(self, stream: INetStream) -> None:
         """Steps another server pushes to one of this server's sessions (the token names it).
 
-        A pushed message that is not a valid step ends that session with an error to its client,
-        which replays elsewhere: the pushing server has probably reported the step pushed, so the
-        client would otherwise wait its step timeout for an answer that cannot come. A push stream
-        that merely ends or breaks ends only itself."""
+        One push stream feeds a session at a time: a newer one (the previous hop's replacement)
+        ends the older (reset). A stream that sends something that is not a step gets an error
+        frame, which its sender watches for: it stops pushing and tells its client so. A pushed
+        step that is wrong for its session is dropped there. Either way the session goes on, and
+        its client sends a step itself whose answer is late."""
         framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=self.limits.open_timeout)
         peer = stream.muxed_conn.peer_id.to_string()[-8:]
         inbox: trio.MemorySendChannel | None = None
+        token = b""
+        scope = trio.CancelScope()
+        clean_end = False
         try:
-            msg = await self._receive_first(framed, "push open")
-            if msg is None:
-                return
-            token = PushOpen.from_wire(msg).token
-            if token not in self._push_inboxes:
-                raise ProtocolError(ErrorCode.BAD_STATE, "no session here takes pushes with this token")
-            inbox = self._push_inboxes[token].clone()
-            framed.allow_frames_up_to(MAX_FRAME_BYTES)
-            while True:
-                with trio.move_on_after(self.limits.idle_timeout):
-                    msg = await framed.receive()
-                    if msg is None:
+            with scope:
+                msg = await self._receive_first(framed, "push open")
+                if msg is None:
+                    clean_end = True
+                    return
+                token = PushOpen.from_wire(msg).token
+                if token not in self._push_inboxes:
+                    raise ProtocolError(ErrorCode.BAD_STATE, "no session here takes pushes with this token")
+                inbox = self._push_inboxes[token].clone()
+                if token in self._push_streams:
+                    self._push_streams[token].cancel()
+                self._push_streams[token] = scope
+                framed.allow_frames_up_to(MAX_FRAME_BYTES)
+                while True:
+                    with trio.move_on_after(self.limits.idle_timeout) as idle:
+                        msg = await framed.receive()
+                    if idle.cancelled_caught or msg is None:
+                        clean_end = msg is None
                         return
-                    try:
-                        step = Step.from_wire(msg)
-                    except ProtocolError as err:
-                        await inbox.send(("error", ProtocolError(err.code, f"a step pushed by ..{peer}: {err.message}")))
-                        raise
-                    await inbox.send(("push", step))
-                    continue
-                return  # idle: the pushing session is gone
+                    await inbox.send((PUSHED, Step.from_wire(msg)))
         except ProtocolError as err:
             log.info("push stream from ..%s refused: %s", peer, err)
             await _send_error(framed, err.code, err.message)
-        except PeerGone:
-            # The pushing server died or moved on: the client notices and sends the steps itself,
-            # or through that server's replacement. Nothing here was wrong.
-            pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the session ended
+            clean_end = True  # the error frame must reach the sender, which a reset could drop
+        except (PeerGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the pusher went away or moved on, or the session ended: nothing was wrong here
+        except Exception:  # a bug must cost one push stream, never the server
+            log.exception("push stream from ..%s failed", peer)
         finally:
+            if self._push_streams.get(token) is scope:
+                del self._push_streams[token]
             if inbox is not None:
                 inbox.close()
-            await framed.close()
+            if clean_end:
+                await framed.close()
+            else:  # the sender's next push fails at once instead of going nowhere
+                await framed.reset()
 
     def _check_step(self, step: Step, request: OpenSession, cache: SessionCache) -> torch.Tensor:
         h = step.hidden
@@ -514,20 +502,6 @@ class BlockServer:
         if not all_finite(p):
             raise ProtocolError(ErrorCode.BAD_TENSOR, "prompts hold NaN or infinite values")
         return p
-
-
-async def _read_client(framed: FramedStream, inbox: trio.MemorySendChannel) -> None:
-    """Move a push-taking session's client messages into its inbox, up to the end of the stream."""
-    async with inbox:
-        while True:
-            try:
-                msg = await framed.receive()
-            except (ProtocolError, PeerGone) as exc:
-                await inbox.send(("error", exc))
-                return
-            await inbox.send(("client", msg))
-            if msg is None or msg.get("type") == "close":
-                return
 
 
 async def _send_error(framed: FramedStream, code: ErrorCode, message: str) -> None:

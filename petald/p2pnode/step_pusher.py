@@ -5,8 +5,9 @@ client -> next server, with the client's own wake-up and codec in between. With 
 client names the next sessions of its route in the step (``Step.push``); the server sends its
 output to the first of them as soon as it has it, and to the client as before, so the client
 still holds every hop's input for a replay. A push is only a head start: the reply says whether
-the output went (``StepOutput.pushed``), and where it did not, the client sends the step itself.
-docs/protocol.md, "Pushing steps", has the rules.
+the output went (``StepOutput.pushed``), the client sends the step itself where it did not, and
+also where a pushed step's answer is late (a push lost on the way). docs/protocol.md, "Pushing
+steps", has the rules.
 """
 
 from __future__ import annotations
@@ -18,30 +19,37 @@ import trio
 from libp2p.abc import IHost
 
 from petald.p2pnode.framed_stream import FramedStream
-from petald.p2pnode.host import parse_peer_address
 from petald.p2pnode.remote_span import open_stream
 from petald.protocol.limits import PUSH_PROTOCOL
 from petald.protocol.messages import PushOpen, PushTarget, Step
 
 log = logging.getLogger(__name__)
 
-CLOSE_WAIT_S = 2.0  # for a replaced push stream's polite close, in the background
+# Distinct next sessions one session may push to over its life (its route's next hop and that
+# hop's replacements): a client cannot make a server open streams without end.
+MAX_TARGETS_PER_SESSION = 8
+# A push waits this long for the next server to take it, then the step goes without a push:
+# the client's answer waits behind it.
+PUSH_SEND_TIMEOUT_S = 5.0
 
 
 class StepPusher:
     """The pushes of one session on the server that sends them.
 
     It keeps one push stream, to the session's current next server, and opens it in the
-    background (in the session's ``nursery``): no step waits for a dial, the first step to a
-    new target just goes without a push. A target whose stream could not be opened or broke
-    is not tried again in this session.
+    background (in the session's ``nursery``): no step waits for it, the steps to a new target
+    just go without a push until it is open. Streams are opened only to peers this server can
+    reach on its own (connected, or with addresses it learned from the swarm): a client names
+    a peer and a session, never an address to dial. A target whose stream could not be opened
+    or broke is not tried again in this session.
     """
 
-    def __init__(self, host: IHost, nursery: trio.Nursery, open_timeout: float, send_timeout: float):
-        self.host, self.nursery = host, nursery
-        self.open_timeout, self.send_timeout = open_timeout, send_timeout
+    def __init__(self, host: IHost, nursery: trio.Nursery, open_timeout: float):
+        self.host, self.nursery, self.open_timeout = host, nursery, open_timeout
         self._target: tuple[str, bytes] | None = None  # (peer, token) of the stream open or being opened
         self._stream: FramedStream | None = None
+        self._opening: trio.CancelScope | None = None
+        self._tried: set[tuple[str, bytes]] = set()
         self._failed: set[tuple[str, bytes]] = set()
 
     async def push(self, chain: list[PushTarget], position: int, hidden: torch.Tensor, wire_dtype: str,
@@ -55,9 +63,12 @@ class StepPusher:
         if key in self._failed:
             return False
         if self._target != key:
-            self._retire()
+            if key not in self._tried and len(self._tried) >= MAX_TARGETS_PER_SESSION:
+                return False
+            await self._retire()
+            self._tried.add(key)
             self._target = key
-            self.nursery.start_soon(self._open, first, key)
+            self.nursery.start_soon(self._open, first.peer_id, first.token, key)
             return False
         if self._stream is None:
             return False  # still opening
@@ -67,47 +78,52 @@ class StepPusher:
         except Exception as exc:  # whatever broke, the client sends this step itself
             log.info("push to ..%s failed (%s); the client sends the steps itself", first.peer_id[-8:], exc)
             self._failed.add(key)
-            self._retire()
+            await self._retire()
             return False
         return True
 
-    async def _open(self, target: PushTarget, key: tuple[str, bytes]) -> None:
+    async def _open(self, peer_id: str, token: bytes, key: tuple[str, bytes]) -> None:
+        scope = self._opening = trio.CancelScope()
+        framed: FramedStream | None = None
         try:
-            info = parse_peer_address(target.address)
-            if info.peer_id.to_base58() != target.peer_id:
-                raise ValueError(f"address {target.address} is not that of ..{target.peer_id[-8:]}")
-            with trio.fail_after(self.open_timeout):
-                await self.host.connect(info)
-            framed = await open_stream(self.host, target.peer_id, PUSH_PROTOCOL, self.open_timeout)
-            framed.send_timeout = self.send_timeout
+            with scope:
+                framed = await open_stream(self.host, peer_id, PUSH_PROTOCOL, self.open_timeout)
+                framed.send_timeout = PUSH_SEND_TIMEOUT_S
+                await framed.send(PushOpen(token).to_wire())
+            if not scope.cancelled_caught and self._target == key:
+                self._stream, framed = framed, None  # handed over
+                self.nursery.start_soon(self._watch, self._stream, key)
         except Exception as exc:
-            log.info("cannot push to ..%s (%s); the client sends the steps itself", target.peer_id[-8:], exc)
+            log.info("cannot push to ..%s (%s); the client sends the steps itself", peer_id[-8:], exc)
             self._failed.add(key)
-            return
-        try:
-            await framed.send(PushOpen(target.token).to_wire())
-        except Exception as exc:
-            log.info("push stream to ..%s broke at once (%s)", target.peer_id[-8:], exc)
-            self._failed.add(key)
-            await _close(framed)
-            return
-        if self._target != key:  # the route moved on while this stream opened
-            await _close(framed)
-            return
-        self._stream = framed
+        finally:
+            if self._opening is scope:
+                self._opening = None
+            if framed is not None:  # failed, cancelled or superseded after it opened
+                with trio.CancelScope(shield=True):
+                    await framed.reset()
 
-    def _retire(self) -> None:
-        """Forget the current stream; it is closed in the background."""
+    async def _watch(self, framed: FramedStream, key: tuple[str, bytes]) -> None:
+        """The receiver only ever speaks to refuse (an error frame) or ends the stream: either way,
+        stop pushing there, so that the next steps are reported as not pushed."""
+        try:
+            msg = await framed.receive()
+        except Exception as exc:
+            msg = {"message": str(exc)}
+        if self._stream is framed:
+            reason = (msg or {}).get("message", "the stream ended")
+            log.info("push stream to ..%s ended (%s); the client sends the steps itself", key[0][-8:], reason)
+            self._failed.add(key)
+            await self._retire()
+
+    async def _retire(self) -> None:
+        """Close the current stream (its receiver sees the end) and cancel any open in progress."""
         stream, self._stream, self._target = self._stream, None, None
+        if self._opening is not None:
+            self._opening.cancel()
         if stream is not None:
-            self.nursery.start_soon(_close, stream)
+            with trio.CancelScope(shield=True):
+                await stream.close()
 
     async def close(self) -> None:
-        stream, self._stream, self._target = self._stream, None, None
-        if stream is not None:
-            await _close(stream)
-
-
-async def _close(framed: FramedStream) -> None:
-    with trio.move_on_after(CLOSE_WAIT_S):
-        await framed.close()
+        await self._retire()

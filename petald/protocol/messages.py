@@ -148,22 +148,23 @@ class OpenSession:
 
 @dataclass
 class PushTarget:
-    """Where a server sends a step's output: the next server's session, as its step ``step_id``."""
+    """Where a server sends a step's output: the next server's session, as its step ``step_id``.
+
+    No address: the pushing server reaches the peer only by what it knows itself (a connection,
+    or addresses learned from the swarm), so a client cannot make it dial anywhere else."""
 
     peer_id: str
-    address: str  # a full multiaddr of that server, with /p2p/
     token: bytes  # that session's push token
     step_id: int
 
     def to_wire(self) -> dict[str, Any]:
-        return {"peer_id": self.peer_id, "address": self.address, "token": self.token, "step_id": self.step_id}
+        return {"peer_id": self.peer_id, "token": self.token, "step_id": self.step_id}
 
     @classmethod
     def from_wire(cls, msg: Any) -> PushTarget:
         if not isinstance(msg, dict):
             raise _bad("a push target must be a map")
-        return cls(peer_id=_str(msg, "peer_id"), address=_str(msg, "address"), token=_token(msg, "token"),
-                   step_id=_int(msg, "step_id"))
+        return cls(peer_id=_str(msg, "peer_id"), token=_token(msg, "token"), step_id=_int(msg, "step_id"))
 
 
 @dataclass
