@@ -374,20 +374,20 @@ class BlockServer:
                 raise ProtocolError(ErrorCode.TIMEOUT,
                                     f"session idle for {self.limits.idle_timeout:.0f} s; closed and freed")
             if kind == PUSHED:
-                step = msg
+                step, prompts = msg, None
                 if step.position != cache.length:
                     continue  # a head start that lost the race to the client's own copy
+                # A bad push is dropped, not fatal: the pusher is at fault, not this session, whose
+                # client sends the step itself once the answer is late.
+                if step.prompts is not None:
+                    log.warning("dropped a step pushed to a session: it carries deep prompts")
+                    continue
                 try:
                     hidden = self._check_step(step, request, cache)
-                    if step.prompts is not None:
-                        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a pushed step carries deep prompts")
                 except ProtocolError as err:
-                    # Dropped, not fatal: the pusher is at fault, not this session; its client sends
-                    # the step itself once the answer is late.
                     log.warning("dropped a step pushed to a session: %s", err.message)
                     continue
                 inbox.ran_pushed(step)
-                prompts = None
             else:
                 if msg is None or msg.get("type") == "close":
                     return
@@ -445,8 +445,10 @@ class BlockServer:
                 while True:
                     with trio.move_on_after(self.limits.idle_timeout) as idle:
                         msg = await framed.receive()
-                    if idle.cancelled_caught or msg is None:
-                        clean_end = msg is None
+                    if idle.cancelled_caught:
+                        return  # the pushing session is gone without a word: reset
+                    if msg is None:
+                        clean_end = True
                         return
                     await inbox.send((PUSHED, Step.from_wire(msg)))
         except ProtocolError as err:
