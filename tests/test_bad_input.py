@@ -13,6 +13,8 @@ from libp2p.custom_types import TProtocol
 
 from petald.cli.local_swarm import LocalSwarm
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE
+from petald.kernels.sources import open_source
+from petald.kernels.span import BlockSpan
 from petald.p2pnode.distributed_model import DistributedModel
 from petald.p2pnode.framed_stream import FramedStream
 from petald.p2pnode.host import parse_peer_address
@@ -20,7 +22,7 @@ from petald.p2pnode.identity import load_or_create_identity
 from petald.p2pnode.node_thread import NodeThread
 from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
 from petald.protocol.limits import INFERENCE_PROTOCOL, PUSH_PROTOCOL, TRAINING_PROTOCOL
-from petald.protocol.messages import OpenSession, PushOpen, SpanRequest, Step
+from petald.protocol.messages import OpenSession, PushOpen, SpanRequest, Step, StepOutput
 from petald.protocol.tensors import encode_tensor
 from tests.oracle import reference_greedy
 
@@ -405,7 +407,7 @@ def test_pushed_steps_are_checked_like_the_clients_own(tiny_server, good_model, 
             elif case == "wrong_shape":
                 await pusher.send(Step(1, 0, torch.zeros(1, 3, 63)).to_wire())
             elif case == "deep_prompts":
-                await pusher.send(Step(1, 0, hidden, prompts=torch.zeros(6, 1, 3, 64)).to_wire())
+                await pusher.send(Step(1, 0, hidden, prompts=torch.ones(6, 1, 3, 64)).to_wire())
             elif case == "stale":
                 await pusher.send(Step(1, 7, hidden).to_wire())  # not the session's position
             else:
@@ -426,6 +428,12 @@ def test_pushed_steps_are_checked_like_the_clients_own(tiny_server, good_model, 
 
     assert _decode_with_interruption(good_model, interrupt) == reference_greedy(path, IDS, 10)
     assert [(o["type"], o["step_id"]) for o in outputs] == [("output", 1), ("output", 2)], outputs
+    # Both answers are what the blocks make of the client's own steps: nothing of a dropped push got in.
+    span = BlockSpan(open_source(path), 0, 6, torch.float32, torch.device("cpu"))
+    cache = span.new_cache(1, 4)
+    for output, want_hidden in zip(outputs, (span.forward(hidden, cache), span.forward(hidden[:, :1], cache)),
+                                   strict=True):
+        torch.testing.assert_close(StepOutput.from_wire(output).hidden, want_hidden, atol=1e-5, rtol=1e-5)
     want = PUSHED_STEP_CASES[case]
     if want is not None:
         assert pusher_replies[0]["code"] == want and len(pusher_replies[0]["message"]) > 10
