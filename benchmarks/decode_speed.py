@@ -9,7 +9,9 @@ generated token costs). The configurations run round-robin --rounds times in
 one invocation and each reports the median over all its steps after the first
 two of a round, so the ratios compare like with like on a noisy machine.
 "head=" is the client's LM head (ClientHead(quant=...)): at 49152 x 576 it is
-the largest matrix a token touches, and llama.cpp reads it quantized too.
+the largest matrix a token touches, and llama.cpp reads it quantized too. int4 blocks
+run petald's own kernel where it builds (kernels/int4_native.py); "blocks=int4:torch"
+is the same weights through torch's _weight_int4pack_mm_for_cpu, for the comparison.
 llama.cpp runs through llama-cpp-python if it is importable (a benchmark-only
 install: pip install llama-cpp-python); otherwise it is skipped, and said so.
 """
@@ -39,8 +41,8 @@ PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]
 # (compute dtype, block weights, LM head weights)
 PETALD_CONFIGS = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("bfloat16", "none", "bf16"),
                   ("float32", "int8", "none"), ("float32", "int4", "none"), ("float32", "int8", "int8"),
-                  ("float32", "int4", "int8"), ("float32", "int4", "bf16"), ("bfloat16", "int4", "bf16"),
-                  ("float32", "int4", "int4")]
+                  ("float32", "int4", "int8"), ("float32", "int4", "bf16"), ("float32", "int4:torch", "bf16"),
+                  ("bfloat16", "int4", "bf16"), ("float32", "int4", "int4")]
 
 
 def say(text: str) -> None:
@@ -48,7 +50,11 @@ def say(text: str) -> None:
 
 
 def petald_decoder(source, dtype: str, quant: str, head_quant: str) -> Callable[[int], tuple[list[float], list[int]]]:
+    quant, _, kernel = quant.partition(":")
+    if kernel == "torch":  # int4 blocks through torch's kernel instead of petald's own (int4_native.py)
+        os.environ["PETALD_NATIVE_INT4"] = "0"
     span = BlockSpan(source, 0, source.identity.num_blocks, getattr(torch, dtype), torch.device("cpu"), quant=quant)
+    os.environ.pop("PETALD_NATIVE_INT4", None)
     head = ClientHead(source, quant=head_quant)
 
     @torch.inference_mode()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from petald.kernels import int4_native
 from petald.kernels.client_head import ClientHead
 from petald.kernels.quant import (
     INT4_GROUP,
@@ -52,6 +53,65 @@ def test_int4_is_grouped_weights_times_bfloat16_activations():
     torch.testing.assert_close(layer(x), F.linear(x.bfloat16().float(), dequant), atol=0.2, rtol=0.02)
     with pytest.raises(QuantError, match="divisible"):
         Int4Linear(torch.randn(8, INT4_GROUP + 1), None)
+
+
+def _int4_reference(w: torch.Tensor) -> torch.Tensor:
+    """The weights ``Int4Linear`` holds, computed here independently of both kernels' layouts."""
+    g = w.reshape(w.shape[0], -1, INT4_GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((g - lo) / scale).round().clamp(0, 15)
+    zero = lo + 8 * scale
+    return ((q - 8) * scale.bfloat16().float() + zero.bfloat16().float()).reshape(w.shape)
+
+
+def _skip_without_native_int4() -> None:
+    if not int4_native.native_int4_enabled():
+        pytest.skip("petald's int4 kernel needs a C compiler and a CPU with AVX512-BF16")
+
+
+def test_native_int4_kernel_multiplies_the_weights_int4linear_holds():
+    """Every row count the kernel unrolls separately (1-8) and past it, against weights computed
+    without either kernel: a wrong nibble, tile or group order cannot hide in a shared unpacking."""
+    _skip_without_native_int4()
+    gen = torch.Generator().manual_seed(7)
+    for out_features, in_features in ((48, 2 * INT4_GROUP), (32, 5 * INT4_GROUP)):
+        w, b = torch.randn(out_features, in_features, generator=gen), torch.randn(out_features, generator=gen)
+        layer = Int4Linear(w, b, native=True)
+        assert layer.native
+        want_w = _int4_reference(w)
+        torch.testing.assert_close(layer.dense_weight(), want_w, atol=1e-6, rtol=1e-6)
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 40):
+            x = torch.randn(rows, in_features, generator=gen)
+            torch.testing.assert_close(layer(x), x.bfloat16().float() @ want_w.t() + b, atol=1e-4, rtol=1e-5)
+        # Torch's kernel holds the same weights: the same products, up to its bfloat16 rounding.
+        x = torch.randn(2, 3, in_features, generator=gen)
+        torch.testing.assert_close(layer(x), Int4Linear(w, b, native=False)(x), atol=0.1, rtol=0.02)
+        got = Int4Linear(w, None, native=True)(x.bfloat16())  # a bfloat16 block's layer (its bias would be bfloat16)
+        assert got.dtype == torch.bfloat16 and got.shape == (2, 3, out_features)
+        assert layer(torch.empty(0, in_features)).shape == (0, out_features)
+
+
+def test_int4_refuses_layers_neither_kernel_can_tile():
+    with pytest.raises(QuantError, match="output widths divisible by 16"):
+        Int4Linear(torch.randn(40, 2 * INT4_GROUP), None)  # 40 outputs: not whole 16-row tiles
+
+
+def test_int4_falls_back_to_torchs_kernel_without_a_compiler_or_when_told(monkeypatch, tmp_path):
+    w, x = torch.randn(32, 2 * INT4_GROUP), torch.randn(3, 2 * INT4_GROUP)
+    monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))  # nothing built yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    int4_native._library.cache_clear()
+    try:
+        assert not int4_native.native_int4_enabled()
+        layer = Int4Linear(w, None)
+        assert not layer.native
+        torch.testing.assert_close(layer(x), x.bfloat16().float() @ _int4_reference(w).t(), atol=0.1, rtol=0.02)
+    finally:
+        int4_native._library.cache_clear()
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PETALD_NATIVE_INT4", "0")
+    assert not int4_native.native_int4_enabled() and not Int4Linear(w, None).native
 
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_supported(),

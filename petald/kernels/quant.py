@@ -9,7 +9,8 @@ residuals, the KV cache) stays in the compute dtype.
   ``_weight_int8pack_mm`` (its float32-activation path is a scalar loop, 10-100x
   slower, which is why activations go in as bfloat16).
 - ``int4`` on CPU: asymmetric, groups of ``INT4_GROUP`` along the input
-  dimension, torch's ``_weight_int4pack_mm_for_cpu``.
+  dimension; petald's own AVX512-BF16 kernel (``kernels/int4_native.py``), else
+  torch's ``_weight_int4pack_mm_for_cpu``.
 - ``none`` in bfloat16 on a CPU with native bfloat16 dot products (AVX512-BF16, AMX):
   the weights are reordered once into oneDNN's own blocked layout
   (``PrepackedBf16Linear``), not quantized.
@@ -24,8 +25,11 @@ from collections.abc import Callable
 
 import torch
 
+from petald.kernels import int4_native
+
 QUANT_MODES = ("none", "int8", "int4", "nf4")
 INT4_GROUP = 32
+INT4_TILE = 16  # output rows: torch's int4 kernel and petald's both need whole tiles
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -156,31 +160,53 @@ class Int8Linear(_KernelLinear):
 
 
 class Int4Linear(_KernelLinear):
-    """Asymmetric int4 weights in groups along the input dimension: w ~= (q - 8) * scale + zero."""
+    """Asymmetric int4 weights in groups along the input dimension: w ~= (q - 8) * scale + zero.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP):
+    Served by petald's own kernel (``kernels/int4_native.py``) where it builds and the CPU has
+    AVX512-BF16, else by torch's ``_weight_int4pack_mm_for_cpu``; ``native`` forces the choice
+    (False: torch's kernel). The weights are held in one kernel's layout only.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP,
+                 native: bool | None = None):
         out_features, in_features = weight.shape
         if in_features % group:
             raise QuantError(f"--quant int4 needs input widths divisible by {group}; this model has a layer "
                              f"of width {in_features}")
+        if out_features % INT4_TILE:  # both kernels' tiles
+            raise QuantError(f"--quant int4 needs output widths divisible by {INT4_TILE}; this model has a layer "
+                             f"of {out_features} outputs")
         w = weight.float().reshape(out_features, in_features // group, group)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
-        zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        self.scale_zero = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1).to(torch.bfloat16).contiguous()
+        zero = lo + 8 * scale  # the kernels compute (q - 8) * scale + zero
+        scale, zero = scale.squeeze(-1).t().to(torch.bfloat16), zero.squeeze(-1).t().to(torch.bfloat16)  # [G, N]
+        if native is None:
+            native = int4_native.native_int4_enabled() and group == int4_native.GROUP
+        self.native = native
+        if self.native:
+            self.packed = int4_native.pack(q, scale, zero)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            self.scale_zero = torch.stack([scale, zero], dim=-1).contiguous()
         self.group, self.bias = group, bias
-        self.packed_in_features = in_features
+        self.in_features, self.out_features = in_features, out_features
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero).to(x.dtype)
-        return y.view(*x.shape[:-1], -1)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.native:
+            y = int4_native.matmul(flat, self.packed, self.out_features)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group,
+                                                           self.scale_zero)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
-        # The packed layout is the kernel's own: let the kernel unpack it, by multiplying the identity.
-        eye = torch.eye(self.packed_in_features, dtype=torch.bfloat16)
+        # The packed layouts are the kernels' own: let the kernel unpack them, by multiplying the identity.
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        if self.native:
+            return int4_native.matmul(eye, self.packed, self.out_features).t()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).t().float()
 
 
