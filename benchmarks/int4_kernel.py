@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from petald.kernels.int4_native import native_int4_enabled
+from petald.kernels.int4_native import native_int4_available
 from petald.kernels.quant import Int4Linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of SmolLM2's fused projections
@@ -43,9 +43,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not native_int4_enabled():
-        sys.exit("petald's int4 kernel is not available here (no C compiler, a CPU without AVX512-BF16, "
-                 "or PETALD_NATIVE_INT4=0): nothing to compare")
+    if not native_int4_available():
+        sys.exit("petald's int4 kernel is not available here (no C compiler, or a CPU without AVX512-BF16): "
+                 "nothing to compare")
     gen = torch.Generator().manual_seed(0)
     weights = [[torch.randn(n, k, generator=gen) * 0.02 for n, k in SHAPES] for _ in range(args.blocks)]
     kernels = {

@@ -3,6 +3,9 @@ top-1 agreement with float32 on a reference text, and the mode a server announce
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,7 +69,7 @@ def _int4_reference(w: torch.Tensor) -> torch.Tensor:
 
 
 def _skip_without_native_int4() -> None:
-    if not int4_native.native_int4_enabled():
+    if not int4_native.native_int4_available():
         pytest.skip("petald's int4 kernel needs a C compiler and a CPU with AVX512-BF16")
 
 
@@ -92,6 +95,53 @@ def test_native_int4_kernel_multiplies_the_weights_int4linear_holds():
         assert layer(torch.empty(0, in_features)).shape == (0, out_features)
 
 
+def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong_inputs():
+    _skip_without_native_int4()
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(64, 3 * INT4_GROUP, generator=gen)
+    layer = Int4Linear(w, None, native=True)
+    x = torch.randn(int4_native.SPLIT_ROWS + 3, 3 * INT4_GROUP, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = layer(x)
+        torch.set_num_threads(3)  # 4 tiles over 3 threads: uneven parts
+        split = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, split)
+    torch.testing.assert_close(alone, x.bfloat16().float() @ _int4_reference(w).t(), atol=1e-4, rtol=1e-5)
+    for bad in (torch.randn(2, 4 * INT4_GROUP), torch.randn(2, 2 * INT4_GROUP), torch.randn(3 * INT4_GROUP)):
+        with pytest.raises(int4_native.NativeKernelError, match="rows of width 96"):
+            int4_native.matmul(bad, layer.packed)
+    with pytest.raises(QuantError, match="groups of 32"):
+        Int4Linear(torch.randn(16, 128), None, group=64, native=True)
+
+
+def test_a_corrupt_cached_int4_kernel_is_built_again(tmp_path):
+    """In fresh processes: this one has the library mapped, and overwriting a mapped file crashes it."""
+    _skip_without_native_int4()
+    env = {**os.environ, "PETALD_CACHE_DIR": str(tmp_path)}
+    probe = [sys.executable, "-c", "from petald.kernels import int4_native; print(int4_native.native_int4_enabled())"]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
+    (built,) = (tmp_path / "native").glob("*.so")
+    built.write_bytes(b"not a shared library")
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
+    assert built.read_bytes().startswith(b"\x7fELF")
+
+
+def test_int4_layers_take_the_kernel_that_measured_faster_unless_told(monkeypatch):
+    _skip_without_native_int4()
+    w = torch.randn(32, 2 * INT4_GROUP)
+    threads = torch.get_num_threads()
+    assert int4_native.native_int4_enabled() == int4_native.native_faster_at(threads)
+    assert Int4Linear(w, None).native == int4_native.native_faster_at(threads)
+    monkeypatch.setattr(int4_native, "native_faster_at", lambda threads: False)  # as on a many-core CPU
+    assert not int4_native.native_int4_enabled() and not Int4Linear(w, None).native
+    monkeypatch.setenv("PETALD_NATIVE_INT4", "1")
+    assert int4_native.native_int4_enabled() and Int4Linear(w, None).native
+
+
 def test_int4_refuses_layers_neither_kernel_can_tile():
     with pytest.raises(QuantError, match="output widths divisible by 16"):
         Int4Linear(torch.randn(40, 2 * INT4_GROUP), None)  # 40 outputs: not whole 16-row tiles
@@ -101,14 +151,14 @@ def test_int4_falls_back_to_torchs_kernel_without_a_compiler_or_when_told(monkey
     w, x = torch.randn(32, 2 * INT4_GROUP), torch.randn(3, 2 * INT4_GROUP)
     monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))  # nothing built yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    int4_native._library.cache_clear()
+    int4_native._reset_for_tests()
     try:
         assert not int4_native.native_int4_enabled()
         layer = Int4Linear(w, None)
         assert not layer.native
         torch.testing.assert_close(layer(x), x.bfloat16().float() @ _int4_reference(w).t(), atol=0.1, rtol=0.02)
     finally:
-        int4_native._library.cache_clear()
+        int4_native._reset_for_tests()
     monkeypatch.delenv("CC")
     monkeypatch.setenv("PETALD_NATIVE_INT4", "0")
     assert not int4_native.native_int4_enabled() and not Int4Linear(w, None).native

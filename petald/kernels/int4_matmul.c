@@ -109,13 +109,31 @@ static void tile_rows(const uint16_t *x, int K, const uint8_t *tile, const float
     }
 }
 
-/* x: bfloat16 [M, K] row-major; packed: N / 16 tiles of K / 32 records; out: float32 [M, N].
- * K must be a multiple of 32 and N of 16 (int4_native checks). Returns 0, or -1 if out of memory. */
+/* x: [M, K] row-major, bfloat16 (x_is_float32 = 0) or float32 (1: rounded here to bfloat16, to
+ * nearest even as torch's .to(torch.bfloat16) does, which saves the caller a conversion and a
+ * tensor per call); packed: N / 16 tiles of K / 32 records; out: float32 [M, N], of which this
+ * call writes the columns of tiles [tile_begin, tile_end) (int4_native splits a large product
+ * over threads by tiles). K must be a multiple of 32 and N of 16 (int4_native checks).
+ * Returns 0, or -1 if out of memory. */
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-int petald_int4_matmul(const uint16_t *x, int M, int K, const uint8_t *packed, int N, float *out) {
+int petald_int4_matmul(const void *x_in, int x_is_float32, int M, int K, const uint8_t *packed, int N,
+                       int tile_begin, int tile_end, float *out) {
     const int groups = K / GROUP;
     float *xsum = malloc(sizeof(float) * (size_t)M * groups);
-    if (xsum == NULL) return -1;
+    uint16_t *rounded = x_is_float32 ? malloc(sizeof(uint16_t) * (size_t)M * K) : NULL;
+    if (xsum == NULL || (x_is_float32 && rounded == NULL)) {
+        free(xsum);
+        free(rounded);
+        return -1;
+    }
+    if (x_is_float32) {
+        const float *xf = x_in;
+        for (size_t i = 0; i < (size_t)M * K; i += 16) {
+            __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(xf + i));
+            _mm256_storeu_si256((__m256i *)(rounded + i), (__m256i)b);
+        }
+    }
+    const uint16_t *x = x_is_float32 ? rounded : x_in;
     for (int m = 0; m < M; m++) {
         for (int g = 0; g < groups; g++) {
             const uint16_t *xg = x + (size_t)m * K + g * GROUP;
@@ -123,13 +141,14 @@ int petald_int4_matmul(const uint16_t *x, int M, int K, const uint8_t *packed, i
                 _mm512_reduce_add_ps(_mm512_add_ps(bf16x16_to_ps(xg), bf16x16_to_ps(xg + 16)));
         }
     }
-    for (int t = 0; t < N / TILE; t++) {
+    for (int t = tile_begin; t < tile_end; t++) {
         const uint8_t *tile = packed + (size_t)t * groups * RECORD;
         for (int m0 = 0; m0 < M; m0 += ROWS_PER_PASS) {
             const int rows = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
             tile_rows(x, K, tile, xsum, m0, rows, out, N, t * TILE);
         }
     }
+    free(rounded);
     free(xsum);
     return 0;
 }

@@ -8,9 +8,17 @@ AVX512-BF16 (see the C file's header), which is what a CPU with AVX512-BF16 (Zen
 Rapids and later) can do; benchmarks.md, "petald's own int4 kernel", has the figures.
 
 It is C, not a torch extension: no Python or torch headers, no ninja, one ``cc`` call (under
-a second), cached under petald's cache directory by the source's hash. Where there is no C
-compiler, the CPU lacks AVX512-BF16, or ``PETALD_NATIVE_INT4=0``, ``Int4Linear`` keeps
-torch's kernel: same weights, same arithmetic up to float rounding.
+a second), cached under petald's cache directory by the source's, flags' and machine's hash.
+Where there is no C compiler, the CPU lacks AVX512-BF16, ``PETALD_NATIVE_INT4=0``, or torch's
+kernel measures faster at a decode step with torch's thread count (``native_faster_at``: it
+spreads one row over all threads, the C kernel runs decode steps on one), ``Int4Linear`` keeps
+torch's kernel: same weights, same arithmetic up to float rounding. ``PETALD_NATIVE_INT4=1``
+skips that comparison.
+
+A product of at least ``SPLIT_ROWS`` rows is split by output tiles over torch's thread count
+(``torch.get_num_threads()``): the C call releases the GIL, so a small pool of this module's
+own threads runs the parts side by side. A decode step of a few rows stays on the calling
+thread: waking another costs more than its share of the work.
 """
 
 from __future__ import annotations
@@ -20,8 +28,15 @@ import functools
 import hashlib
 import logging
 import os
+import platform
+import shlex
 import shutil
+import statistics
 import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,19 +46,74 @@ from petald.kernels.cache_dir import petald_cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_matmul.c")
+CFLAGS = ["-O3", "-shared", "-fPIC"]  # no -m flags: the AVX512 functions carry their own target attributes
 TILE = 16  # output rows per packed tile (one float32 AVX512 register)
 GROUP = 32  # inputs per scale/zero group; kernels/quant.py's INT4_GROUP
 RECORD = 320  # bytes per (tile, group): 256 of nibbles, 16 bfloat16 scales, 16 bfloat16 zeros
+SPLIT_ROWS = 16  # products of this many rows or more are split over threads
+
+_UNLOADED = object()
+_loaded: ctypes.CDLL | None | object = _UNLOADED
+_load_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+class NativeKernelError(RuntimeError):
+    """A call the kernel cannot take (wrong width, device) or a kernel that is not there."""
 
 
 def native_int4_enabled() -> bool:
-    """Whether ``Int4Linear`` should use the C kernel: built, loadable, and this CPU runs it."""
-    return os.environ.get("PETALD_NATIVE_INT4", "1") != "0" and _library() is not None
+    """Whether ``Int4Linear`` should use the C kernel: built, loadable, this CPU runs it, and (unless
+    ``PETALD_NATIVE_INT4=1`` insists) it beats torch's kernel at a decode step with torch's thread count."""
+    setting = os.environ.get("PETALD_NATIVE_INT4", "auto")
+    if setting == "0" or not native_int4_available():
+        return False
+    return setting == "1" or native_faster_at(torch.get_num_threads())
+
+
+def native_int4_available() -> bool:
+    """Whether the C kernel is built, loaded and runs on this CPU (whatever the setting)."""
+    return _library() is not None
+
+
+@functools.cache
+def native_faster_at(threads: int) -> bool:
+    """Whether the C kernel, on one thread, multiplies one row by a 3072 x 576 int4 layer (SmolLM2's
+    gate/up) faster than torch's kernel does on ``threads`` threads; measured once per process and
+    thread count, ~5 ms. Here (2 cores) it is 2.1x faster with 1 thread and 1.3x with 2; on a CPU
+    with many cores torch's multi-threaded kernel may win at decode sizes, and then keeps serving."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (3072, 576), generator=gen, dtype=torch.int32)
+    scale = torch.rand(576 // GROUP, 3072, generator=gen).bfloat16()
+    torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scale_zero = torch.stack([scale, scale], dim=-1).contiguous()
+    packed = pack(q, scale, scale)
+    x = torch.randn(1, 576, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        timings: dict[str, list[float]] = {"torch": [], "petald": []}
+        for i in range(25):
+            for name in timings:
+                t0 = time.perf_counter()
+                if name == "torch":
+                    torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), torch_packed, GROUP, scale_zero)
+                else:
+                    matmul(x, packed)
+                if i >= 5:  # after warm-up
+                    timings[name].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    ours, theirs = statistics.median(timings["petald"]), statistics.median(timings["torch"])
+    log.info("int4 kernels at one row, %d thread(s): petald's %.0f us, torch's %.0f us: using %s", threads,
+             ours * 1e6, theirs * 1e6, "petald's" if ours <= theirs else "torch's")
+    return ours <= theirs
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The kernel's records from ``q`` [N, K] (ints in [0, 16)) and ``scale``, ``zero`` [K / 32, N];
-    N a multiple of 16 and K of 32 (``Int4Linear`` refuses other shapes).
+    """The kernel's records [N / 16, K / 32, 320] from ``q`` [N, K] (ints in [0, 16)) and ``scale``,
+    ``zero`` [K / 32, N]; N a multiple of 16 and K of 32 (``Int4Linear`` refuses other shapes).
 
     w[n, k] = (q[n, k] - 8) * scale[k // 32, n] + zero[k // 32, n], as in ``Int4Linear``.
     """
@@ -61,54 +131,110 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tens
     return torch.cat([nibbles, per_tile(scale), per_tile(zero)], dim=-1).contiguous()
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``x`` [M, K] (any float dtype) times the packed weights' transpose: float32 [M, N]."""
+def matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x`` [M, K] (any float dtype, rounded to bfloat16) times the packed weights' transpose: float32 [M, N]."""
     library = _library()
-    x = x.to(torch.bfloat16).contiguous()
-    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    if x.shape[0] == 0:
+    if library is None:
+        raise NativeKernelError("petald's int4 kernel is not loaded (see the log for why)")
+    tiles, groups = packed.shape[0], packed.shape[1]
+    if x.dim() != 2 or x.shape[1] != groups * GROUP or x.device.type != "cpu" or packed.shape[2] != RECORD:
+        raise NativeKernelError(f"the int4 kernel multiplies CPU rows of width {groups * GROUP}; "
+                                f"got {list(x.shape)} on {x.device}")
+    x_is_float32 = x.dtype == torch.float32  # the kernel rounds these itself
+    x = x.contiguous() if x_is_float32 else x.to(torch.bfloat16).contiguous()
+    rows = x.shape[0]
+    out = torch.empty(rows, tiles * TILE, dtype=torch.float32)
+    if rows == 0:
         return out
-    if library.petald_int4_matmul(x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(), out_features,
-                                  out.data_ptr()) != 0:
-        raise MemoryError("the int4 kernel could not allocate its scratch space")
+
+    def run(begin: int, end: int) -> None:
+        if library.petald_int4_matmul(x.data_ptr(), int(x_is_float32), rows, x.shape[1], packed.data_ptr(),
+                                      tiles * TILE, begin, end, out.data_ptr()) != 0:
+            raise MemoryError("the int4 kernel could not allocate its scratch space")
+
+    threads = min(torch.get_num_threads(), tiles) if rows >= SPLIT_ROWS else 1
+    if threads <= 1:
+        run(0, tiles)
+        return out
+    bounds = [tiles * i // threads for i in range(threads + 1)]
+    parts = [_thread_pool().submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    try:
+        run(bounds[0], bounds[1])
+    finally:
+        for part in parts:  # every part finishes before ``out`` and ``x`` can be freed
+            part.result()
     return out
 
 
-@functools.cache
+def _thread_pool() -> ThreadPoolExecutor:
+    """Threads for the parts of a split product beyond the caller's own: torch's count minus one."""
+    global _pool
+    with _pool_lock:
+        wanted = max(1, torch.get_num_threads() - 1)
+        if _pool is None or _pool._max_workers != wanted:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=wanted, thread_name_prefix="petald-int4")
+        return _pool
+
+
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (logged once) where it cannot be built or run here."""
+    global _loaded
+    with _load_lock:  # one build per process, and every caller sees its one outcome
+        if _loaded is _UNLOADED:
+            _loaded = _load()
+        return _loaded  # type: ignore[return-value]
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded kernel, so that the next call builds or refuses again."""
+    global _loaded
+    with _load_lock:
+        _loaded = _UNLOADED
+
+
+def _load() -> ctypes.CDLL | None:
     try:
-        path = _build()
-        library = ctypes.CDLL(str(path))
+        path = _build(rebuild=False)
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:  # a truncated or foreign file in the cache: build it again, once
+            library = ctypes.CDLL(str(_build(rebuild=True)))
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.info("petald's int4 kernel is not available (%s); int4 layers use torch's kernel", e)
+        log.warning("petald's int4 kernel is not available (%s); --quant int4 uses torch's kernel, "
+                    "about half as fast", e)
         return None
     library.petald_int4_cpu_supported.restype = ctypes.c_int
     if not library.petald_int4_cpu_supported():
-        log.info("this CPU lacks AVX512-BF16; int4 layers use torch's kernel")
+        log.info("this CPU lacks AVX512-BF16; --quant int4 uses torch's kernel")
         return None
     library.petald_int4_matmul.restype = ctypes.c_int
-    library.petald_int4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                           ctypes.c_int, ctypes.c_void_p]
+    library.petald_int4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                           ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                           ctypes.c_void_p]
     return library
 
 
-def _build() -> Path:
-    """Compile ``int4_matmul.c`` into the cache (once per source), atomically."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+def _build(rebuild: bool) -> Path:
+    """Compile ``int4_matmul.c`` into the cache (once per source, compiler, flags and machine)."""
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not compiler[0]:
         raise RuntimeError("no C compiler (cc) on PATH")
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
-    target = petald_cache_dir() / "native" / f"int4_matmul-{digest}.so"
-    if target.exists():
+    key = b"\0".join([source, " ".join(compiler + CFLAGS).encode(), platform.machine().encode()])
+    target = petald_cache_dir() / "native" / f"int4_matmul-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    if target.exists() and not rebuild:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    result = subprocess.run([compiler, "-O3", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
-                            capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-    tmp.replace(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([*compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-500:]}")
+        os.replace(tmp, target)  # atomic: another process sees the old file or the whole new one
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return target

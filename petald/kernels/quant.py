@@ -184,6 +184,8 @@ class Int4Linear(_KernelLinear):
         scale, zero = scale.squeeze(-1).t().to(torch.bfloat16), zero.squeeze(-1).t().to(torch.bfloat16)  # [G, N]
         if native is None:
             native = int4_native.native_int4_enabled() and group == int4_native.GROUP
+        elif native and group != int4_native.GROUP:
+            raise QuantError(f"petald's int4 kernel takes groups of {int4_native.GROUP}, not {group}")
         self.native = native
         if self.native:
             self.packed = int4_native.pack(q, scale, zero)
@@ -196,7 +198,7 @@ class Int4Linear(_KernelLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.native:
-            y = int4_native.matmul(flat, self.packed, self.out_features)
+            y = int4_native.matmul(flat, self.packed)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group,
                                                            self.scale_zero)
@@ -206,7 +208,7 @@ class Int4Linear(_KernelLinear):
         # The packed layouts are the kernels' own: let the kernel unpack them, by multiplying the identity.
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
         if self.native:
-            return int4_native.matmul(eye, self.packed, self.out_features).t()
+            return int4_native.matmul(eye, self.packed).t()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).t().float()
 
 
