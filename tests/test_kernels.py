@@ -174,3 +174,29 @@ def test_throughput_is_measured_again_after_a_kernel_change(tiny_models, monkeyp
     monkeypatch.setattr(throughput, "KERNELS_REVISION", throughput.KERNELS_REVISION + 1)
     newer, cached = cached_throughput(span, "fp-kernels", "none", measure)
     assert not cached and newer.inference_rps == 20.0
+
+
+def test_int4_throughput_is_measured_per_int4_kernel(tiny_models, monkeypatch, tmp_path):
+    """petald's and torch's int4 kernels differ in speed: a server announces the one it runs."""
+    from petald.kernels import int4_native
+    from petald.kernels.throughput import SpanThroughput, cached_throughput, kernel_of
+
+    if not int4_native.native_int4_available():
+        pytest.skip("petald's int4 kernel needs a C compiler and a CPU with AVX512-BF16")
+    monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))
+    source = open_source(str(tiny_models["llama"]))
+    spans = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("PETALD_NATIVE_INT4", setting)
+        spans[setting] = BlockSpan(source, 0, 2, torch.float32, torch.device("cpu"), quant="int4")
+    assert kernel_of(spans["0"], "int4") == "int4 torch kernel"
+    assert kernel_of(spans["1"], "int4") == "int4 petald kernel"
+    measured = []
+
+    def measure() -> SpanThroughput:
+        measured.append(1)
+        return SpanThroughput(inference_rps=10.0 * len(measured), forward_tps=100.0)
+
+    for setting in ("0", "1", "0"):
+        cached_throughput(spans[setting], "fp-int4", "int4", measure)
+    assert len(measured) == 2  # once per kernel, then from the cache

@@ -121,8 +121,8 @@ def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong
 def test_a_corrupt_cached_int4_kernel_is_built_again(tmp_path):
     """In fresh processes: this one has the library mapped, and overwriting a mapped file crashes it."""
     _skip_without_native_int4()
-    env = {**os.environ, "PETALD_CACHE_DIR": str(tmp_path)}
-    probe = [sys.executable, "-c", "from petald.kernels import int4_native; print(int4_native.native_int4_enabled())"]
+    env = {k: v for k, v in os.environ.items() if k != "PETALD_NATIVE_INT4"} | {"PETALD_CACHE_DIR": str(tmp_path)}
+    probe = [sys.executable, "-c", "from petald.kernels import int4_native; print(int4_native.native_int4_available())"]
     assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
     (built,) = (tmp_path / "native").glob("*.so")
     built.write_bytes(b"not a shared library")
@@ -132,6 +132,7 @@ def test_a_corrupt_cached_int4_kernel_is_built_again(tmp_path):
 
 def test_int4_layers_take_the_kernel_that_measured_faster_unless_told(monkeypatch):
     _skip_without_native_int4()
+    monkeypatch.delenv("PETALD_NATIVE_INT4", raising=False)
     w = torch.randn(32, 2 * INT4_GROUP)
     threads = torch.get_num_threads()
     assert int4_native.native_int4_enabled() == int4_native.native_faster_at(threads)

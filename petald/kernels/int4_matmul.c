@@ -111,7 +111,7 @@ static void tile_rows(const uint16_t *x, int K, const uint8_t *tile, const float
 
 /* x: [M, K] row-major, bfloat16 (x_is_float32 = 0) or float32 (1: rounded here to bfloat16, to
  * nearest even as torch's .to(torch.bfloat16) does, which saves the caller a conversion and a
- * tensor per call); packed: N / 16 tiles of K / 32 records; out: float32 [M, N], of which this
+ * tensor per call; unlike torch, subnormal inputs become zero, as vdpbf16ps would treat them anyway); packed: N / 16 tiles of K / 32 records; out: float32 [M, N], of which this
  * call writes the columns of tiles [tile_begin, tile_end) (int4_native splits a large product
  * over threads by tiles). K must be a multiple of 32 and N of 16 (int4_native checks).
  * Returns 0, or -1 if out of memory. */

@@ -55,7 +55,7 @@ SPLIT_ROWS = 16  # products of this many rows or more are split over threads
 _UNLOADED = object()
 _loaded: ctypes.CDLL | None | object = _UNLOADED
 _load_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[int, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
 
@@ -81,8 +81,11 @@ def native_int4_available() -> bool:
 def native_faster_at(threads: int) -> bool:
     """Whether the C kernel, on one thread, multiplies one row by a 3072 x 576 int4 layer (SmolLM2's
     gate/up) faster than torch's kernel does on ``threads`` threads; measured once per process and
-    thread count, ~5 ms. Here (2 cores) it is 2.1x faster with 1 thread and 1.3x with 2; on a CPU
-    with many cores torch's multi-threaded kernel may win at decode sizes, and then keeps serving."""
+    thread count, ~30 ms with preparing the layer. Here (2 cores) it is 2.1x faster with 1 thread
+    and 1.3x with 2; on a CPU with many cores torch's multi-threaded kernel may win at decode sizes,
+    and then keeps serving. Only one row is timed: steps of 2-15 rows (a few sessions batched) also
+    run on one thread, and where torch's kernel wins at one row it wins there too, but not always
+    the other way round."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (3072, 576), generator=gen, dtype=torch.int32)
     scale = torch.rand(576 // GROUP, 3072, generator=gen).bfloat16()
@@ -157,7 +160,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         run(0, tiles)
         return out
     bounds = [tiles * i // threads for i in range(threads + 1)]
-    parts = [_thread_pool().submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    pool = _thread_pool(threads - 1)
+    parts = [pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
     try:
         run(bounds[0], bounds[1])
     finally:
@@ -166,16 +170,13 @@ def matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _thread_pool() -> ThreadPoolExecutor:
-    """Threads for the parts of a split product beyond the caller's own: torch's count minus one."""
-    global _pool
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads for the parts of split products, made once per size and kept:
+    torch's thread count is per thread, so callers may differ, and a pool is cheap while idle."""
     with _pool_lock:
-        wanted = max(1, torch.get_num_threads() - 1)
-        if _pool is None or _pool._max_workers != wanted:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=wanted, thread_name_prefix="petald-int4")
-        return _pool
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="petald-int4")
+        return _pools[workers]
 
 
 def _library() -> ctypes.CDLL | None:

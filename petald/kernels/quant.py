@@ -9,8 +9,8 @@ residuals, the KV cache) stays in the compute dtype.
   ``_weight_int8pack_mm`` (its float32-activation path is a scalar loop, 10-100x
   slower, which is why activations go in as bfloat16).
 - ``int4`` on CPU: asymmetric, groups of ``INT4_GROUP`` along the input
-  dimension; petald's own AVX512-BF16 kernel (``kernels/int4_native.py``), else
-  torch's ``_weight_int4pack_mm_for_cpu``.
+  dimension; petald's own AVX512-BF16 kernel (``kernels/int4_native.py``) where
+  it builds and measures faster, else torch's ``_weight_int4pack_mm_for_cpu``.
 - ``none`` in bfloat16 on a CPU with native bfloat16 dot products (AVX512-BF16, AMX):
   the weights are reordered once into oneDNN's own blocked layout
   (``PrepackedBf16Linear``), not quantized.
@@ -162,9 +162,10 @@ class Int8Linear(_KernelLinear):
 class Int4Linear(_KernelLinear):
     """Asymmetric int4 weights in groups along the input dimension: w ~= (q - 8) * scale + zero.
 
-    Served by petald's own kernel (``kernels/int4_native.py``) where it builds and the CPU has
-    AVX512-BF16, else by torch's ``_weight_int4pack_mm_for_cpu``; ``native`` forces the choice
-    (False: torch's kernel). The weights are held in one kernel's layout only.
+    Served by petald's own kernel (``kernels/int4_native.py``) where it builds, the CPU has
+    AVX512-BF16 and it measured faster than torch's at a decode step (``native_int4_enabled``),
+    else by torch's ``_weight_int4pack_mm_for_cpu``; ``native`` forces the choice (False: torch's
+    kernel; True: petald's, which must be available). The weights are held in one kernel's layout only.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP,
@@ -186,6 +187,8 @@ class Int4Linear(_KernelLinear):
             native = int4_native.native_int4_enabled() and group == int4_native.GROUP
         elif native and group != int4_native.GROUP:
             raise QuantError(f"petald's int4 kernel takes groups of {int4_native.GROUP}, not {group}")
+        elif native and not int4_native.native_int4_available():
+            raise QuantError("petald's int4 kernel is not available here (see the log for why)")
         self.native = native
         if self.native:
             self.packed = int4_native.pack(q, scale, zero)

@@ -75,17 +75,27 @@ def measure_throughput(span: BlockSpan, seconds: float = 1.0,
 
 
 # Part of the cache key: raise it when a kernel change moves the speed of a configuration, so that
-# servers measure again instead of announcing figures of the old code (2: prepacked bfloat16 weights).
-KERNELS_REVISION = 2
+# servers measure again instead of announcing figures of the old code (2: prepacked bfloat16 weights;
+# 3: petald's own int4 kernel).
+KERNELS_REVISION = 3
+
+
+def kernel_of(span: BlockSpan, quant: str) -> str:
+    """``quant``, and for int4 which kernel serves it: petald's or torch's is chosen per process
+    (kernels/int4_native.py), and the two differ in speed by 1.1-2.2x."""
+    if quant != "int4":
+        return quant
+    return "int4 petald kernel" if getattr(span.blocks[0].qkv, "native", False) else "int4 torch kernel"
 
 
 def cached_throughput(span: BlockSpan, fingerprint: str, quant: str,
                       measure: Callable[[], SpanThroughput]) -> tuple[SpanThroughput, bool]:
-    """``measure()`` unless this device, model, dtype and quantization were measured before (by these kernels).
+    """``measure()`` unless this device, model, dtype and quantization were measured before (by these kernels:
+    for int4, by the same one of petald's and torch's).
 
     Returns the figures and whether they came from the cache.
     """
-    key = "|".join([device_name(span.device), fingerprint, str(span.dtype), quant, torch.__version__,
+    key = "|".join([device_name(span.device), fingerprint, str(span.dtype), kernel_of(span, quant), torch.__version__,
                     f"kernels {KERNELS_REVISION}"])
     path = petald_cache_dir() / "throughput.json"
     cache = read_json(path)
