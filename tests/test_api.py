@@ -254,7 +254,7 @@ def test_prompt_and_max_tokens_must_fit_the_context(swarm):
 
 def test_curl_on_the_daemon_socket(swarm):
     status, body = curl(swarm.daemon_socket, "/health")
-    assert status == 200 and json.loads(body)["role"] == "client"
+    assert status == 200 and json.loads(body)["role"] == "client" and json.loads(body)["head_quant"] == "none"
     status, body = curl(swarm.daemon_socket, "/v1/swarm")
     assert status == 200
     (model,) = json.loads(body)["models"]
@@ -268,6 +268,23 @@ def test_curl_on_the_daemon_socket(swarm):
     assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
     # The same API on TCP.
     assert httpx.get(f"{swarm.daemon.http}/v1/models").json()["data"][0]["id"].startswith("tinychat@")
+
+
+def test_a_servers_api_stores_its_lm_head_as_told(swarm, tmp_path):
+    """``petald serve --head-quant bf16``: its API's model keeps the LM head in bfloat16 and answers."""
+    api_socket = tmp_path / "bf16-head.sock"
+    with LocalSwarm(["0:6"], model=str(swarm.model),
+                    extra_args=["--threads", "1", "--socket", str(api_socket), "--head-quant", "bf16"]):
+        deadline = time.monotonic() + 60
+        while not api_socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status, body = curl(api_socket, "/health")
+        assert status == 200 and json.loads(body)["role"] == "server"
+        assert json.loads(body)["head_quant"] == "bf16"
+        answer = openai_client(api_socket).completions.create(model="tinychat", prompt="Once upon a time",
+                                                                max_tokens=4, temperature=0)
+        assert answer.usage.completion_tokens >= 1
+        assert json.loads(curl(api_socket, "/health")[1])["model_loaded"]
 
 
 @pytest.mark.parametrize("path, args, status, message", [

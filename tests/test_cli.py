@@ -41,6 +41,7 @@ def run_petald(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
          "adapter /no/such/adapter does not exist"),
         (["serve", "--blocks", "0:2", "--new-swarm", "--adapters", "/tmp"], "adapter_config.json"),
         (["generate", "hi", "--head-quant", "fp8", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "'--head-quant'"),
+        (["serve", "--blocks", "0:2", "--new-swarm", "--no-api", "--head-quant", "bf16"], "with --no-api there is none"),
         (["generate", "hi", "--head-quant", "nf4", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"],
          "the LM head cannot be stored as nf4: --quant nf4 needs a CUDA device"),
     ],

@@ -113,6 +113,7 @@ class ModelBackend:
         self.source = source
         self.identity = source.identity
         self.initial_peers = list(initial_peers)
+        self.head_quant = head_quant
         self._make_model = make_model or (lambda: DistributedModel(model=source, initial_peers=self.initial_peers,
                                                                    head_quant=head_quant))
         self._model: DistributedModel | None = None

@@ -34,11 +34,12 @@ from petald.p2pnode.swarm_map import read_swarm
 log = logging.getLogger(__name__)
 
 
-def api_beside_server(listen: ApiListen | None, model: str | None, announce: Callable[[str], None]
-                      ) -> Callable[[IHost, SwarmDHT], Awaitable[None]]:
+def api_beside_server(listen: ApiListen | None, model: str | None, announce: Callable[[str], None],
+                      head_quant: str = "none") -> Callable[[IHost, SwarmDHT], Awaitable[None]]:
     """The task ``petald serve`` starts once it is routable: the API (unless ``listen`` is None)
     and systemd's readiness. ``model`` is opened again here (cheap: the fingerprint is cached)
-    so that the server's own loading code stays as it is."""
+    so that the server's own loading code stays as it is. ``head_quant``: how the API's model
+    stores its LM head (``ClientHead``)."""
 
     async def run(host: IHost, dht: SwarmDHT) -> None:
         try:
@@ -47,7 +48,7 @@ def api_beside_server(listen: ApiListen | None, model: str | None, announce: Cal
                 await trio.sleep_forever()
             addresses = full_addresses(host)
             source = await trio.to_thread.run_sync(open_source, model)
-            backend = ModelBackend(source, addresses[:1])
+            backend = ModelBackend(source, addresses[:1], head_quant=head_quant)
             context = ApiContext(backend, lambda: read_swarm(dht), "server",
                                  details=lambda: {"peer_id": dht.peer_id, "addresses": addresses})
             await _serve(context, listen, announce)

@@ -61,7 +61,8 @@ def make_app(context: ApiContext) -> Starlette:
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "role": context.role, "model": model_id,
-                             "model_loaded": backend.model_loaded, "generations": backend.generations_running,
+                             "model_loaded": backend.model_loaded, "head_quant": backend.head_quant,
+                             "generations": backend.generations_running,
                              "tokens_generated": backend.tokens_generated,
                              "uptime_s": round(time.time() - context.started_at, 1), **context.details()})
 

@@ -83,6 +83,17 @@ def cli(ctx: click.Context, config_file: str | None) -> None:
     ctx.meta["petald.config"] = (path, settings)
 
 
+# kernels/client_head.py's HEAD_QUANT_MODES, written out so that the CLI loads without torch (a test
+# keeps the two equal).
+HEAD_QUANT_CHOICES = ("none", "int8", "int4", "nf4", "bf16")
+
+
+def _head_quant_option() -> Callable:
+    return click.option("--head-quant", default="none", show_default=True, type=click.Choice(HEAD_QUANT_CHOICES),
+                        help="How the local LM head is stored: bf16 is faster on CPUs with native bfloat16 "
+                             "(AVX512-BF16, AMX); none (float32) is the reference.")
+
+
 def _api_options(fn: Callable) -> Callable:
     """--socket, --socket-group and --http, shared by serve and daemon."""
     fn = click.option("--http", default=None, metavar="HOST:PORT",
@@ -158,14 +169,20 @@ def _api_listen(socket: str | None, socket_group: str | None, http: str | None):
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @_api_options
 @click.option("--no-api", is_flag=True, help="Do not serve the local API (e.g. a second server on this machine).")
+@_head_quant_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
           network_mbps, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
           step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
-          no_api, verbose, debug) -> None:
+          no_api, head_quant, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
     _setup_logging(verbose)
+    # Refused only when typed: a config file's top-level head_quant (meant for the daemon) must not
+    # stop a server started with --no-api.
+    if no_api and head_quant != "none" and _from_command_line(click.get_current_context(), "head_quant"):
+        raise click.UsageError("--head-quant sets how the local API's model stores its LM head; with --no-api "
+                               "there is none: drop one of the two")
 
     def run() -> None:
         import torch
@@ -191,7 +208,8 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,
                                announce_period=announce_period, rebalance_period=rebalance_period,
                                network_mbps=network_mbps, shutdown_grace=shutdown_grace,
-                               on_online=api_beside_server(api, model, say), progress=progress)
+                               on_online=api_beside_server(api, model, say, head_quant),
+                               progress=progress)
         try:
             serve(options, announce=say)
         finally:
@@ -314,17 +332,6 @@ def _refuse_client_node_options(adapter: str | None, head_quant: str) -> None:
     if head_quant != "none":
         raise click.UsageError("--head-quant applies to a client node of this command's own: give the swarm "
                                "with --initial-peers (or --peers), or start the daemon with --head-quant")
-
-
-# kernels/client_head.py's HEAD_QUANT_MODES, written out so that the CLI loads without torch (a test
-# keeps the two equal).
-HEAD_QUANT_CHOICES = ("none", "int8", "int4", "nf4", "bf16")
-
-
-def _head_quant_option() -> Callable:
-    return click.option("--head-quant", default="none", show_default=True, type=click.Choice(HEAD_QUANT_CHOICES),
-                        help="How the local LM head is stored: bf16 is faster on CPUs with native bfloat16 "
-                             "(AVX512-BF16, AMX); none (float32) is the reference.")
 
 
 def _daemon_model_name(model: str | None) -> str | None:
