@@ -51,10 +51,14 @@ def say(text: str) -> None:
 
 def petald_decoder(source, dtype: str, quant: str, head_quant: str) -> Callable[[int], tuple[list[float], list[int]]]:
     quant, _, kernel = quant.partition(":")
+    setting = os.environ.get("PETALD_NATIVE_INT4")
     if kernel == "torch":  # int4 blocks through torch's kernel instead of petald's own (int4_native.py)
         os.environ["PETALD_NATIVE_INT4"] = "0"
     span = BlockSpan(source, 0, source.identity.num_blocks, getattr(torch, dtype), torch.device("cpu"), quant=quant)
-    os.environ.pop("PETALD_NATIVE_INT4", None)
+    if setting is None:
+        os.environ.pop("PETALD_NATIVE_INT4", None)
+    else:
+        os.environ["PETALD_NATIVE_INT4"] = setting
     head = ClientHead(source, quant=head_quant)
 
     @torch.inference_mode()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from petald.kernels import int4_native
+from petald.kernels import int4_native, quant
 from petald.kernels.client_head import ClientHead
 from petald.kernels.quant import (
     INT4_GROUP,
@@ -135,12 +135,12 @@ def test_int4_layers_take_the_kernel_that_measured_faster_unless_told(monkeypatc
     monkeypatch.delenv("PETALD_NATIVE_INT4", raising=False)
     w = torch.randn(32, 2 * INT4_GROUP)
     threads = torch.get_num_threads()
-    assert int4_native.native_int4_enabled() == int4_native.native_faster_at(threads)
-    assert Int4Linear(w, None).native == int4_native.native_faster_at(threads)
-    monkeypatch.setattr(int4_native, "native_faster_at", lambda threads: False)  # as on a many-core CPU
-    assert not int4_native.native_int4_enabled() and not Int4Linear(w, None).native
+    assert quant.native_int4_enabled() == quant.native_faster_at(threads)
+    assert Int4Linear(w, None).native == quant.native_faster_at(threads)
+    monkeypatch.setattr(quant, "native_faster_at", lambda threads: False)  # as on a many-core CPU
+    assert not quant.native_int4_enabled() and not Int4Linear(w, None).native
     monkeypatch.setenv("PETALD_NATIVE_INT4", "1")
-    assert int4_native.native_int4_enabled() and Int4Linear(w, None).native
+    assert quant.native_int4_enabled() and Int4Linear(w, None).native
 
 
 def test_int4_refuses_layers_neither_kernel_can_tile():
@@ -154,7 +154,7 @@ def test_int4_falls_back_to_torchs_kernel_without_a_compiler_or_when_told(monkey
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     int4_native._reset_for_tests()
     try:
-        assert not int4_native.native_int4_enabled()
+        assert not quant.native_int4_enabled()
         layer = Int4Linear(w, None)
         assert not layer.native
         torch.testing.assert_close(layer(x), x.bfloat16().float() @ _int4_reference(w).t(), atol=0.1, rtol=0.02)
@@ -162,7 +162,7 @@ def test_int4_falls_back_to_torchs_kernel_without_a_compiler_or_when_told(monkey
         int4_native._reset_for_tests()
     monkeypatch.delenv("CC")
     monkeypatch.setenv("PETALD_NATIVE_INT4", "0")
-    assert not int4_native.native_int4_enabled() and not Int4Linear(w, None).native
+    assert not quant.native_int4_enabled() and not Int4Linear(w, None).native
 
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_supported(),
@@ -306,7 +306,6 @@ def test_a_quantized_server_announces_its_mode_and_serves_what_its_span_computes
 
 
 def test_the_wire_and_the_kernels_know_the_same_quantization_modes():
-    from petald.kernels import quant
     from petald.protocol import limits
 
     assert limits.QUANT_MODES == quant.QUANT_MODES

@@ -9,11 +9,9 @@ Rapids and later) can do; benchmarks.md, "petald's own int4 kernel", has the fig
 
 It is C, not a torch extension: no Python or torch headers, no ninja, one ``cc`` call (under
 a second), cached under petald's cache directory by the source's, flags' and machine's hash.
-Where there is no C compiler, the CPU lacks AVX512-BF16, ``PETALD_NATIVE_INT4=0``, or torch's
-kernel measures faster at a decode step with torch's thread count (``native_faster_at``: it
-spreads one row over all threads, the C kernel runs decode steps on one), ``Int4Linear`` keeps
-torch's kernel: same weights, same arithmetic up to float rounding. ``PETALD_NATIVE_INT4=1``
-skips that comparison.
+Where there is no C compiler or the CPU lacks AVX512-BF16, ``Int4Linear`` keeps torch's
+kernel: same weights, same arithmetic up to float rounding. Which of the two serves where both
+can is decided in ``kernels/quant.py`` (``native_int4_enabled``).
 
 A product of at least ``SPLIT_ROWS`` rows is split by output tiles over torch's thread count
 (``torch.get_num_threads()``): the C call releases the GIL, so a small pool of this module's
@@ -24,18 +22,15 @@ thread: waking another costs more than its share of the work.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
 import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,55 +58,9 @@ class NativeKernelError(RuntimeError):
     """A call the kernel cannot take (wrong width, device) or a kernel that is not there."""
 
 
-def native_int4_enabled() -> bool:
-    """Whether ``Int4Linear`` should use the C kernel: built, loadable, this CPU runs it, and (unless
-    ``PETALD_NATIVE_INT4=1`` insists) it beats torch's kernel at a decode step with torch's thread count."""
-    setting = os.environ.get("PETALD_NATIVE_INT4", "auto")
-    if setting == "0" or not native_int4_available():
-        return False
-    return setting == "1" or native_faster_at(torch.get_num_threads())
-
-
 def native_int4_available() -> bool:
     """Whether the C kernel is built, loaded and runs on this CPU (whatever the setting)."""
     return _library() is not None
-
-
-@functools.cache
-def native_faster_at(threads: int) -> bool:
-    """Whether the C kernel, on one thread, multiplies one row by a 3072 x 576 int4 layer (SmolLM2's
-    gate/up) faster than torch's kernel does on ``threads`` threads; measured once per process and
-    thread count, ~30 ms with preparing the layer. Here (2 cores) it is 2.1x faster with 1 thread
-    and 1.3x with 2; on a CPU with many cores torch's multi-threaded kernel may win at decode sizes,
-    and then keeps serving. Only one row is timed, though steps of 2-15 rows (a few sessions
-    batched) also run on one thread: here, with 2 threads, petald's margin is largest at one row
-    (1.37x) and smallest at 8 (1.07x), so a many-core CPU may prefer torch's kernel for those first."""
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (3072, 576), generator=gen, dtype=torch.int32)
-    scale = torch.rand(576 // GROUP, 3072, generator=gen).bfloat16()
-    torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    scale_zero = torch.stack([scale, scale], dim=-1).contiguous()
-    packed = pack(q, scale, scale)
-    x = torch.randn(1, 576, generator=gen)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        timings: dict[str, list[float]] = {"torch": [], "petald": []}
-        for i in range(25):
-            for name in timings:
-                t0 = time.perf_counter()
-                if name == "torch":
-                    torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), torch_packed, GROUP, scale_zero)
-                else:
-                    matmul(x, packed)
-                if i >= 5:  # after warm-up
-                    timings[name].append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
-    ours, theirs = statistics.median(timings["petald"]), statistics.median(timings["torch"])
-    log.info("int4 kernels at one row, %d thread(s): petald's %.0f us, torch's %.0f us: using %s", threads,
-             ours * 1e6, theirs * 1e6, "petald's" if ours <= theirs else "torch's")
-    return ours <= theirs
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

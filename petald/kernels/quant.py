@@ -21,11 +21,17 @@ residuals, the KV cache) stays in the compute dtype.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
 
 from petald.kernels import int4_native
+
+log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4", "nf4")
 INT4_GROUP = 32
@@ -159,6 +165,47 @@ class Int8Linear(_KernelLinear):
         return self.q.float() * self.scale.float()[:, None]
 
 
+def native_int4_enabled() -> bool:
+    """Whether new ``Int4Linear`` layers use petald's kernel (``kernels/int4_native.py``): it is built,
+    runs on this CPU, and (unless ``PETALD_NATIVE_INT4=1`` insists) it beats torch's kernel at a decode
+    step with torch's thread count. ``PETALD_NATIVE_INT4=0`` keeps torch's kernel."""
+    setting = os.environ.get("PETALD_NATIVE_INT4", "auto")
+    if setting == "0" or not int4_native.native_int4_available():
+        return False
+    return setting == "1" or native_faster_at(torch.get_num_threads())
+
+
+@functools.cache
+def native_faster_at(threads: int) -> bool:
+    """Whether petald's kernel, on one thread, multiplies one row by a 3072 x 576 int4 layer (SmolLM2's
+    gate/up) faster than torch's kernel does on ``threads`` threads; measured once per process and
+    thread count, ~0.1 s with quantizing the layer for both. Here (2 cores) it is 2.1x faster with 1 thread
+    and 1.3x with 2; on a CPU with many cores torch's multi-threaded kernel may win at decode sizes,
+    and then keeps serving. Only one row is timed, though steps of 2-15 rows (a few sessions
+    batched) also run on one thread: here, with 2 threads, petald's margin is largest at one row
+    (1.37x) and smallest at 8 (1.07x), so a many-core CPU may prefer torch's kernel for those first."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3072, 576, generator=gen)
+    kernels = {"torch": Int4Linear(weight, None, native=False), "petald": Int4Linear(weight, None, native=True)}
+    x = torch.randn(1, 576, generator=gen)
+    timings: dict[str, list[float]] = {name: [] for name in kernels}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i in range(25):
+            for name, layer in kernels.items():
+                t0 = time.perf_counter()
+                layer.matmul(x)
+                if i >= 5:  # after warm-up
+                    timings[name].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    ours, theirs = statistics.median(timings["petald"]), statistics.median(timings["torch"])
+    log.info("int4 kernels at one row, %d thread(s): petald's %.0f us, torch's %.0f us: using %s", threads,
+             ours * 1e6, theirs * 1e6, "petald's" if ours <= theirs else "torch's")
+    return ours <= theirs
+
+
 class Int4Linear(_KernelLinear):
     """Asymmetric int4 weights in groups along the input dimension: w ~= (q - 8) * scale + zero.
 
@@ -184,7 +231,7 @@ class Int4Linear(_KernelLinear):
         zero = lo + 8 * scale  # the kernels compute (q - 8) * scale + zero
         scale, zero = scale.squeeze(-1).t().to(torch.bfloat16), zero.squeeze(-1).t().to(torch.bfloat16)  # [G, N]
         if native is None:
-            native = int4_native.native_int4_enabled() and group == int4_native.GROUP
+            native = native_int4_enabled() and group == int4_native.GROUP
         elif native and group != int4_native.GROUP:
             raise QuantError(f"petald's int4 kernel takes groups of {int4_native.GROUP}, not {group}")
         elif native and not int4_native.native_int4_available():
