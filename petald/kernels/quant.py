@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4", "nf4")
 INT4_GROUP = 32
-INT4_TILE = 16  # output rows: torch's int4 kernel and petald's both need whole tiles
+INT4_TILE = int4_native.TILE  # output rows per tile: torch's int4 kernel needs whole tiles of 16 too
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
