@@ -559,3 +559,78 @@ def test_a_session_over_the_session_timeout_is_closed_and_freed(strict_server, g
     reply = client.run(linger)
     assert reply["code"] == "timeout" and "open for longer than 2 s" in reply["message"]
     assert _free_tokens_settle(client, CACHE_TOKENS) == CACHE_TOKENS
+
+
+def test_a_client_cannot_make_a_server_open_push_streams_without_end(caplog):
+    """A session's steps naming targets in turn (A, B, A, B, ...) or ever new ones: each target gets
+    one stream attempt per session, and at most MAX_TARGETS_PER_SESSION of them. Real libp2p host;
+    the targets are peers it cannot reach, so every attempt fails and is logged."""
+    import logging
+
+    from libp2p.peer.id import ID
+
+    from petald.p2pnode.host import running_host
+    from petald.p2pnode.step_pusher import MAX_TARGETS_PER_SESSION, StepPusher
+    from petald.protocol.messages import PushTarget
+
+    peers = [ID.from_pubkey(load_or_create_identity(None).public_key).to_base58()
+             for _ in range(MAX_TARGETS_PER_SESSION + 2)]
+    hidden = torch.zeros(1, 1, 8)
+
+    async def main() -> None:
+        async with running_host(load_or_create_identity(None), ["/ip4/127.0.0.1/tcp/0"]) as host:
+            async with trio.open_nursery() as nursery:
+                pusher = StepPusher(host, nursery, open_timeout=1.0)
+                for _ in range(5):  # A, B, A, B, ...
+                    for peer in peers[:2]:
+                        assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32", "raw")
+                        await trio.sleep(0.05)  # the background open fails meanwhile
+                for peer in peers[2:]:  # ever new targets
+                    assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32", "raw")
+                    await trio.sleep(0.05)
+                await trio.sleep(0.5)
+                nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.INFO, logger="petald.p2pnode.step_pusher"):
+        trio.run(main)
+    attempts = [r for r in caplog.records if "cannot push to" in r.getMessage()]
+    assert len(attempts) == MAX_TARGETS_PER_SESSION
+    assert {r.getMessage().split("..")[1][:8] for r in attempts} == {p[-8:] for p in peers[:MAX_TARGETS_PER_SESSION]}
+
+
+def test_a_push_target_switched_away_from_is_not_reopened(tiny_server, good_model, raw_node):
+    """Steps naming two live sessions in turn (A, B, A, ...): A's stream opens, B's replaces it, and
+    A is not pushed to again in this session, so a client cannot make a server reopen streams without
+    end. The pusher runs on a real node; A and B are real sessions on a real server."""
+    from petald.p2pnode.step_pusher import StepPusher
+    from petald.protocol.messages import PushTarget
+
+    _, swarm = tiny_server
+    client = RawClient(raw_node, swarm.addresses[0], good_model)
+    server_peer = client.peer.peer_id.to_base58()
+    hidden = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(9))
+    pushed: dict[str, list[bool]] = {"A": [], "B": [], "A again": []}
+
+    async def sessions_a_and_b(session_a, stream):
+        await _open(session_a, client, push_token=b"A" * 16)
+        session_b = FramedStream(await raw_node.host.new_stream(client.peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)]))
+        try:
+            await _open(session_b, client, push_token=b"B" * 16)
+            async with trio.open_nursery() as nursery:
+                pusher = StepPusher(raw_node.host, nursery, open_timeout=10.0)
+                for name, token in (("A", b"A" * 16), ("B", b"B" * 16), ("A again", b"A" * 16)):
+                    for _ in range(40):  # 2 s: long enough for a stream to open on loopback
+                        pushed[name].append(await pusher.push([PushTarget(server_peer, token, 1)], 0, hidden,
+                                                              "float32", "raw"))
+                        if pushed[name][-1]:
+                            break
+                        await trio.sleep(0.05)
+                await pusher.close()
+                nursery.cancel_scope.cancel()
+        finally:
+            await session_b.close()
+
+    client.run(sessions_a_and_b)
+    assert pushed["A"][-1] and pushed["B"][-1]  # both streams opened and took a step
+    assert not any(pushed["A again"])
+    assert client.free_tokens() == CACHE_TOKENS

@@ -40,8 +40,8 @@ class StepPusher:
     background (in the session's ``nursery``): no step waits for it, the steps to a new target
     just go without a push until it is open. Streams are opened only to peers this server can
     reach on its own (connected, or with addresses it learned from the swarm): a client names
-    a peer and a session, never an address to dial. A target whose stream could not be opened
-    or broke is not tried again in this session.
+    a peer and a session, never an address to dial. Each target gets one stream per session:
+    one that could not be opened, broke, or was switched away from is not tried again.
     """
 
     def __init__(self, host: IHost, nursery: trio.Nursery, open_timeout: float):
@@ -50,7 +50,6 @@ class StepPusher:
         self._stream: FramedStream | None = None
         self._opening: trio.CancelScope | None = None
         self._tried: set[tuple[str, bytes]] = set()
-        self._failed: set[tuple[str, bytes]] = set()
 
     async def push(self, chain: list[PushTarget], position: int, hidden: torch.Tensor, wire_dtype: str,
                    codec: str) -> bool:
@@ -60,12 +59,10 @@ class StepPusher:
             return False
         first = chain[0]
         key = (first.peer_id, first.token)
-        if key in self._failed:
-            return False
         if self._target != key:
-            if key not in self._tried and len(self._tried) >= MAX_TARGETS_PER_SESSION:
+            if key in self._tried or len(self._tried) >= MAX_TARGETS_PER_SESSION:
                 return False
-            await self._retire()
+            await self.close()
             self._tried.add(key)
             self._target = key
             self.nursery.start_soon(self._open, first.peer_id, first.token, key)
@@ -77,8 +74,7 @@ class StepPusher:
             await self._stream.send(step.to_wire())
         except Exception as exc:  # whatever broke, the client sends this step itself
             log.info("push to ..%s failed (%s); the client sends the steps itself", first.peer_id[-8:], exc)
-            self._failed.add(key)
-            await self._retire()
+            await self.close()
             return False
         return True
 
@@ -95,7 +91,6 @@ class StepPusher:
                 self.nursery.start_soon(self._watch, self._stream, key)
         except Exception as exc:
             log.info("cannot push to ..%s (%s); the client sends the steps itself", peer_id[-8:], exc)
-            self._failed.add(key)
         finally:
             if self._opening is scope:
                 self._opening = None
@@ -113,10 +108,9 @@ class StepPusher:
         if self._stream is framed:
             reason = (msg or {}).get("message", "the stream ended")
             log.info("push stream to ..%s ended (%s); the client sends the steps itself", key[0][-8:], reason)
-            self._failed.add(key)
-            await self._retire()
+            await self.close()
 
-    async def _retire(self) -> None:
+    async def close(self) -> None:
         """Close the current stream (its receiver sees the end) and cancel any open in progress."""
         stream, self._stream, self._target = self._stream, None, None
         if self._opening is not None:
@@ -124,6 +118,3 @@ class StepPusher:
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await stream.close()
-
-    async def close(self) -> None:
-        await self._retire()
