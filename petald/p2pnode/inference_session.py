@@ -147,7 +147,6 @@ class InferenceSession:
             try:
                 if link.span is None:
                     link.span = await self._open_span(link.hop)
-                    pushed = False  # it was nobody's push target
                 if hidden is not None:
                     chain = self._push_chain(index, hidden)
                     if pushed:
@@ -155,7 +154,6 @@ class InferenceSession:
                         self.pushed_steps += 1
                     else:
                         out, pushed = await link.span.step_pushing(hidden, chain)
-                    pushed = pushed and bool(chain)  # a server cannot have pushed where it was not asked to
                     link.inputs.append(hidden)
                     states[link.hop.end] = hidden = out
                     # Only a computed step clears a server: one that opens sessions and then fails

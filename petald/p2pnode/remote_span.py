@@ -155,15 +155,13 @@ class RemoteSpanSession:
     async def step_pushing(self, hidden: torch.Tensor, push: list[PushTarget]) -> tuple[torch.Tensor, bool]:
         """Send ``hidden`` as the next step, asking the server to push its output along ``push``;
         returns the output and whether the server pushed it to ``push[0]``."""
-        self._step_ids += 1
-        peer = self.hop.server.peer_id
+        step = self._next_step(hidden, push)
         began = time.perf_counter()
         try:
-            await self.framed.send(Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec,
-                                        self._prompts_for(hidden.shape[1]), push).to_wire())
+            await self.framed.send(step.to_wire())
         except PeerGone as exc:
-            raise ServerUnavailable(f"server ..{peer[-8:]} went away: {exc}") from None
-        return await self._output(hidden, began)
+            raise ServerUnavailable(f"server ..{self.hop.server.peer_id[-8:]} went away: {exc}") from None
+        return await self._output(hidden, began, push)
 
     async def pushed_step(self, hidden: torch.Tensor, push: list[PushTarget]) -> tuple[torch.Tensor, bool]:
         """The output of the step the previous hop's server pushed here (``hidden``, as the client
@@ -171,9 +169,8 @@ class RemoteSpanSession:
 
         If the answer is late, the client sends the step too (the push may be lost) and keeps
         waiting for the one answer the server gives, to whichever copy it ran."""
-        self._step_ids += 1
+        copy = self._next_step(hidden, push)
         began = time.perf_counter()
-        copy = Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec, None, push)
         # Before half the step timeout, so that the copy has time to be answered.
         grace = min(max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * self.step_seconds), self.step_timeout / 2)
         copy_sent: list[float] = []
@@ -181,7 +178,7 @@ class RemoteSpanSession:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_late_copy, copy, grace, copy_sent)
             try:
-                result = await self._output(hidden, began)
+                result = await self._output(hidden, began, push)
             except Exception as exc:  # raised after the nursery, so not wrapped in an exception group
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -200,7 +197,16 @@ class RemoteSpanSession:
             except PeerGone:
                 pass  # the wait for the answer reports the broken stream
 
-    async def _output(self, hidden: torch.Tensor, began: float) -> tuple[torch.Tensor, bool]:
+    def _next_step(self, hidden: torch.Tensor, push: list[PushTarget]) -> Step:
+        """The session's next step (a new step id) carrying ``hidden`` and the deep prompts it owes."""
+        self._step_ids += 1
+        return Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec,
+                    self._prompts_for(hidden.shape[1]), push)
+
+    async def _output(self, hidden: torch.Tensor, began: float, push: list[PushTarget]
+                      ) -> tuple[torch.Tensor, bool]:
+        """The server's answer to the step just sent, checked, and whether it pushed the output to
+        ``push[0]`` (a claim of a push nobody asked for counts as none)."""
         peer = self.hop.server.peer_id
         out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.step_timeout, "a step"))
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
@@ -210,7 +216,7 @@ class RemoteSpanSession:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with NaN or infinite values")
         self.position += hidden.shape[1]
         self.step_seconds = time.perf_counter() - began
-        return out.hidden, out.pushed
+        return out.hidden, out.pushed and bool(push)
 
     async def close(self) -> None:
         with trio.move_on_after(2):

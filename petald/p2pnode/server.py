@@ -392,7 +392,7 @@ class BlockServer:
                 if msg is None or msg.get("type") == "close":
                     return
                 step = Step.from_wire(msg)
-                if inbox.already_ran(step, cache.length):
+                if inbox.already_ran(step):
                     continue  # answered when the push ran it
                 hidden = self._check_step(step, request, cache)
                 prompts = self._check_prompts(step, request)

@@ -41,11 +41,12 @@ class SessionInbox:
     def ran_pushed(self, step: Step) -> None:
         self._pushed.append((step.position, step.hidden.shape[1]))
 
-    def already_ran(self, step: Step, length: int) -> bool:
+    def already_ran(self, step: Step) -> bool:
         """Whether ``step`` from the client is a copy of a step a push ran (and answered) already:
-        the client sends one when a push's answer is late, or when it was told nothing was pushed."""
+        the client sends one when a push's answer is late, or when it was told nothing was pushed.
+        (A pushed step that ran is in the cache: one that failed ended the session.)"""
         h = step.hidden
-        return h.dim() == 3 and step.position + h.shape[1] <= length and (step.position, h.shape[1]) in self._pushed
+        return h.dim() == 3 and (step.position, h.shape[1]) in self._pushed
 
 
 async def read_client(framed: FramedStream, channel: trio.MemorySendChannel) -> None:
