@@ -73,27 +73,29 @@ def test_pushed_steps_give_the_oracles_greedy_tokens(swarm, path, expected):
     assert pushed[-1] == 0
 
 
-def test_a_push_the_server_cannot_deliver_falls_back_to_the_client(swarm, path, expected, monkeypatch):
+@pytest.fixture
+def unreachable_push_targets(monkeypatch):
+    """Clients name push targets at a peer no server knows how to reach."""
     named = RemoteSpanSession.push_target
 
     def nowhere(self: RemoteSpanSession):
-        target = named(self)  # a peer no server knows how to reach
+        target = named(self)
         return None if target is None else dataclasses.replace(target, peer_id=NOBODY)
 
     monkeypatch.setattr(RemoteSpanSession, "push_target", nowhere)
+
+
+def test_a_push_the_server_cannot_deliver_falls_back_to_the_client(swarm, path, expected, unreachable_push_targets):
     with DistributedModel(swarm.addresses, path) as model:
         tokens, session, pushed = _generate(model)
     assert tokens == expected
     assert pushed[-1] == 0 and not session.recoveries
 
 
-def test_a_push_lost_on_the_way_is_sent_by_the_client_after_a_grace(swarm, path, expected, monkeypatch):
+def test_a_push_lost_on_the_way_is_sent_by_the_client_after_a_grace(swarm, path, expected, monkeypatch,
+                                                                     unreachable_push_targets):
     """The servers cannot push (their target is unreachable), yet every answer claims the step was
     pushed: the client waits for answers that do not come until it sends each step itself."""
-    named = RemoteSpanSession.push_target
-    monkeypatch.setattr(RemoteSpanSession, "push_target",
-                        lambda self: None if named(self) is None else dataclasses.replace(named(self), peer_id=NOBODY))
-
     honest = remote_span.StepOutput
 
     class ClaimsPushed(honest):
