@@ -11,7 +11,9 @@ two of a round, so the ratios compare like with like on a noisy machine.
 "head=" is the client's LM head (ClientHead(quant=...)): at 49152 x 576 it is
 the largest matrix a token touches, and llama.cpp reads it quantized too. int4 blocks
 run petald's own kernel where it builds (kernels/int4_native.py); "blocks=int4:torch"
-is the same weights through torch's _weight_int4pack_mm_for_cpu, for the comparison.
+is the same weights through torch's _weight_int4pack_mm_for_cpu, for the comparison. Decode steps'
+rotary, cache write and attention run in petald's C kernel (kernels/decode_attention.py) where it
+builds; ":torch-attention" rows run them in torch's ops instead (PETALD_NATIVE_ATTENTION=0).
 llama.cpp runs through llama-cpp-python if it is importable (a benchmark-only
 install: pip install llama-cpp-python); otherwise it is skipped, and said so.
 """
@@ -42,6 +44,7 @@ PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]
 PETALD_CONFIGS = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("bfloat16", "none", "bf16"),
                   ("float32", "int8", "none"), ("float32", "int4", "none"), ("float32", "int8", "int8"),
                   ("float32", "int4", "int8"), ("float32", "int4", "bf16"), ("float32", "int4:torch", "bf16"),
+                  ("float32", "int4:torch-attention", "bf16"), ("float32", "none:torch-attention", "none"),
                   ("bfloat16", "int4", "bf16"), ("float32", "int4", "int4")]
 
 
@@ -50,15 +53,20 @@ def say(text: str) -> None:
 
 
 def petald_decoder(source, dtype: str, quant: str, head_quant: str) -> Callable[[int], tuple[list[float], list[int]]]:
-    quant, _, kernel = quant.partition(":")
-    setting = os.environ.get("PETALD_NATIVE_INT4")
-    if kernel == "torch":  # int4 blocks through torch's kernel instead of petald's own (int4_native.py)
-        os.environ["PETALD_NATIVE_INT4"] = "0"
-    span = BlockSpan(source, 0, source.identity.num_blocks, getattr(torch, dtype), torch.device("cpu"), quant=quant)
-    if setting is None:
-        os.environ.pop("PETALD_NATIVE_INT4", None)
-    else:
-        os.environ["PETALD_NATIVE_INT4"] = setting
+    quant, _, variant = quant.partition(":")
+    # Which of petald's C kernels give way to torch's, while the span is built (each block reads its setting then).
+    overrides = {"torch": {"PETALD_NATIVE_INT4": "0"}, "torch-attention": {"PETALD_NATIVE_ATTENTION": "0"}}
+    settings = {name: os.environ.get(name) for name in ("PETALD_NATIVE_INT4", "PETALD_NATIVE_ATTENTION")}
+    os.environ.update(overrides.get(variant, {}))
+    try:
+        span = BlockSpan(source, 0, source.identity.num_blocks, getattr(torch, dtype), torch.device("cpu"),
+                         quant=quant)
+    finally:
+        for name, value in settings.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     head = ClientHead(source, quant=head_quant)
 
     @torch.inference_mode()

@@ -200,3 +200,29 @@ def test_int4_throughput_is_measured_per_int4_kernel(tiny_models, monkeypatch, t
     for setting in ("0", "1", "0"):
         cached_throughput(spans[setting], "fp-int4", "int4", measure)
     assert len(measured) == 2  # once per kernel, then from the cache
+
+
+def test_throughput_is_measured_per_decode_attention_path(tiny_models, monkeypatch, tmp_path):
+    """Decode attention in C or in torch's ops changes a step's speed: each is measured on its own."""
+    from petald.kernels.decode_attention import native_decode_attention_usable
+    from petald.kernels.throughput import SpanThroughput, cached_throughput, kernel_of
+
+    if not native_decode_attention_usable(torch.float32, torch.device("cpu"), 16):
+        pytest.skip("petald's decode attention needs a C compiler and a CPU with AVX512F")
+    monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))
+    source = open_source(str(tiny_models["llama"]))
+    spans = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("PETALD_NATIVE_ATTENTION", setting)
+        spans[setting] = BlockSpan(source, 0, 2, torch.float32, torch.device("cpu"))
+    assert kernel_of(spans["0"], "none") == "none, torch attention"
+    assert kernel_of(spans["1"], "none") == "none"
+    measured = []
+
+    def measure() -> SpanThroughput:
+        measured.append(1)
+        return SpanThroughput(inference_rps=10.0 * len(measured), forward_tps=100.0)
+
+    for setting in ("0", "1", "1", "0"):
+        cached_throughput(spans[setting], "fp-attention", "none", measure)
+    assert len(measured) == 2  # once per path, then from the cache

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from petald.kernels import int4_native, quant
+from petald.kernels import int4_native, native_library, quant
 from petald.kernels.client_head import ClientHead
 from petald.kernels.quant import (
     INT4_GROUP,
@@ -152,14 +152,14 @@ def test_int4_falls_back_to_torchs_kernel_without_a_compiler_or_when_told(monkey
     w, x = torch.randn(32, 2 * INT4_GROUP), torch.randn(3, 2 * INT4_GROUP)
     monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))  # nothing built yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    int4_native._reset_for_tests()
+    native_library._reset_for_tests()
     try:
         assert not quant.native_int4_enabled()
         layer = Int4Linear(w, None)
         assert not layer.native
         torch.testing.assert_close(layer(x), x.bfloat16().float() @ _int4_reference(w).t(), atol=0.1, rtol=0.02)
     finally:
-        int4_native._reset_for_tests()
+        native_library._reset_for_tests()
     monkeypatch.delenv("CC")
     monkeypatch.setenv("PETALD_NATIVE_INT4", "0")
     assert not quant.native_int4_enabled() and not Int4Linear(w, None).native

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
+from petald.kernels.decode_attention import decode_attention, native_decode_attention_usable
 from petald.kernels.lora import BlockLora
 from petald.kernels.quant import Linear, make_linear
 from petald.kernels.rotary import apply_rotary
@@ -67,6 +68,7 @@ class TransformerBlock:
         self.o = linear(["self_attn.o_proj"])
         self.gate_up = linear(["mlp.gate_proj", "mlp.up_proj"])
         self.down = linear(["mlp.down_proj"])
+        self.native_decode = native_decode_attention_usable(dtype, device, self.head_dim)
 
     def forward(self, x: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor,
                 lora: BlockLora | None = None) -> torch.Tensor:
@@ -74,9 +76,24 @@ class TransformerBlock:
 
         With ``lora``, each projection gets that adapter's delta added to its output.
         """
-        n = x.shape[0]
         h = rms_norm(x, self.ln_attn, self.eps)
         qkv = project(self.qkv, "qkv", h, lora)
+        if batch.all_decode and self.native_decode and not qkv.requires_grad:
+            attn = decode_attention(qkv, self.n_heads, self.n_kv_heads, batch.cos, batch.sin_signed, k_pool, v_pool,
+                                    batch.write_slots, batch.decode_slots, batch.decode_lengths, self.window)
+        else:
+            attn = self.attention(qkv, batch, k_pool, v_pool)
+        x = x + project(self.o, "o", attn, lora)
+        h = rms_norm(x, self.ln_mlp, self.eps)
+        gate, up = project(self.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
+        return x + project(self.down, "down", F.silu(gate) * up, lora)
+
+    def attention(self, qkv: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor,
+                  v_pool: torch.Tensor) -> torch.Tensor:
+        """Rotary, the cache write and attention in torch ops: [N, heads * head_dim] from ``qkv``.
+
+        ``kernels/decode_attention.py`` does the same for decode steps on CPU in one C call."""
+        n = qkv.shape[0]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         # Queries and keys rotated in one call: half the small ops of rotating each.
         qk = apply_rotary(qkv[:, : q_size + kv_size].view(n, self.n_heads + self.n_kv_heads, self.head_dim),
@@ -84,11 +101,7 @@ class TransformerBlock:
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         k_pool.index_copy_(0, batch.write_slots, k)
         v_pool.index_copy_(0, batch.write_slots, qkv[:, q_size + kv_size :].view(n, self.n_kv_heads, self.head_dim))
-        attn = self.attend(q, batch, k_pool, v_pool)
-        x = x + project(self.o, "o", attn.reshape(n, q_size), lora)
-        h = rms_norm(x, self.ln_mlp, self.eps)
-        gate, up = project(self.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
-        return x + project(self.down, "down", F.silu(gate) * up, lora)
+        return self.attend(q, batch, k_pool, v_pool).reshape(n, q_size)
 
     def attend(self, q: torch.Tensor, batch: StepBatch, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """Attention of each segment's queries [N, heads, head_dim] over that segment's own pages."""

@@ -7,8 +7,7 @@ The C kernel turns 32 weights into bfloat16 with one table lookup and multiplies
 AVX512-BF16 (see the C file's header), which is what a CPU with AVX512-BF16 (Zen 4, Sapphire
 Rapids and later) can do; benchmarks.md, "petald's own int4 kernel", has the figures.
 
-It is C, not a torch extension: no Python or torch headers, no ninja, one ``cc`` call (under
-a second), cached under petald's cache directory by the source's, flags' and machine's hash.
+It is built and loaded with petald's other C kernels (``kernels/native_library.py``).
 Where there is no C compiler or the CPU lacks AVX512-BF16, ``Int4Linear`` keeps torch's
 kernel: same weights, same arithmetic up to float rounding. Which of the two serves where both
 can is decided in ``kernels/quant.py`` (``native_int4_enabled``).
@@ -22,34 +21,22 @@ thread: waking another costs more than its share of the work.
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import functools
 import logging
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from petald.kernels.cache_dir import petald_cache_dir
+from petald.kernels.native_library import native_library
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_matmul.c")
-CFLAGS = ["-O3", "-shared", "-fPIC"]  # no -m flags: the AVX512 functions carry their own target attributes
 TILE = 16  # output rows per packed tile (one float32 AVX512 register)
 GROUP = 32  # inputs per scale/zero group; kernels/quant.py's INT4_GROUP
 RECORD = 320  # bytes per (tile, group): 256 of nibbles, 16 bfloat16 scales, 16 bfloat16 zeros
 SPLIT_ROWS = 16  # products of this many rows or more are split over threads
 
-_UNLOADED = object()
-_loaded: ctypes.CDLL | None | object = _UNLOADED
-_load_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
@@ -61,6 +48,19 @@ class NativeKernelError(RuntimeError):
 def native_int4_available() -> bool:
     """Whether the C kernel is built, loaded and runs on this CPU (whatever the setting)."""
     return _library() is not None
+
+
+def _library() -> ctypes.CDLL | None:
+    library = native_library()
+    return library if library is not None and _cpu_supported(library) else None
+
+
+@functools.cache
+def _cpu_supported(library: ctypes.CDLL) -> bool:
+    if library.petald_int4_cpu_supported():
+        return True
+    log.info("this CPU lacks AVX512-BF16; --quant int4 uses torch's kernel")
+    return False
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -126,65 +126,3 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
         if workers not in _pools:
             _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="petald-int4")
         return _pools[workers]
-
-
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (logged once) where it cannot be built or run here."""
-    global _loaded
-    with _load_lock:  # one build per process, and every caller sees its one outcome
-        if _loaded is _UNLOADED:
-            _loaded = _load()
-        return _loaded  # type: ignore[return-value]
-
-
-def _reset_for_tests() -> None:
-    """Forget the loaded kernel, so that the next call builds or refuses again."""
-    global _loaded
-    with _load_lock:
-        _loaded = _UNLOADED
-
-
-def _load() -> ctypes.CDLL | None:
-    try:
-        path = _build(rebuild=False)
-        try:
-            library = ctypes.CDLL(str(path))
-        except OSError:  # a truncated or foreign file in the cache: build it again, once
-            library = ctypes.CDLL(str(_build(rebuild=True)))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning("petald's int4 kernel is not available (%s); --quant int4 uses torch's kernel, "
-                    "about half as fast", e)
-        return None
-    library.petald_int4_cpu_supported.restype = ctypes.c_int
-    if not library.petald_int4_cpu_supported():
-        log.info("this CPU lacks AVX512-BF16; --quant int4 uses torch's kernel")
-        return None
-    library.petald_int4_matmul.restype = ctypes.c_int
-    library.petald_int4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_void_p]
-    return library
-
-
-def _build(rebuild: bool) -> Path:
-    """Compile ``int4_matmul.c`` into the cache (once per source, compiler, flags and machine)."""
-    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
-    if not compiler[0]:
-        raise RuntimeError("no C compiler (cc) on PATH")
-    source = SOURCE.read_bytes()
-    key = b"\0".join([source, " ".join(compiler + CFLAGS).encode(), platform.machine().encode()])
-    target = petald_cache_dir() / "native" / f"int4_matmul-{hashlib.sha256(key).hexdigest()[:16]}.so"
-    if target.exists() and not rebuild:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        result = subprocess.run([*compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-500:]}")
-        os.replace(tmp, target)  # atomic: another process sees the old file or the whole new one
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target

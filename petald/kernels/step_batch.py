@@ -74,6 +74,7 @@ class StepBatch:
                     slots[i, : lengths[i]] = pool.slots(s.session, s.row, 0, lengths[i])
             self.decode_slots = slots.to(device)
             self._decode_lengths = lengths
+            self.decode_lengths = torch.tensor(lengths)  # on CPU: kernels/decode_attention.py reads it
             if not self.all_decode:
                 offsets = itertools.accumulate((s.length for s in segments), initial=0)
                 self.decode_rows = torch.tensor([offset for offset, s in zip(offsets, segments, strict=False)

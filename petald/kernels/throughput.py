@@ -76,16 +76,18 @@ def measure_throughput(span: BlockSpan, seconds: float = 1.0,
 
 # Part of the cache key: raise it when a kernel change moves the speed of a configuration, so that
 # servers measure again instead of announcing figures of the old code (2: prepacked bfloat16 weights;
-# 3: petald's own int4 kernel).
-KERNELS_REVISION = 3
+# 3: petald's own int4 kernel; 4: decode attention in C).
+KERNELS_REVISION = 4
 
 
 def kernel_of(span: BlockSpan, quant: str) -> str:
-    """``quant``, and for int4 which kernel serves it: petald's or torch's is chosen per process
-    (kernels/int4_native.py), and the two differ in speed by 1.1-2.2x."""
-    if quant != "int4":
-        return quant
-    return "int4 petald kernel" if getattr(span.blocks[0].qkv, "native", False) else "int4 torch kernel"
+    """``quant``, with which of petald's C kernels and torch's serve it where that is chosen per process:
+    for int4 the matmul (kernels/int4_native.py; the two differ in speed by 1.1-2.2x), and for every
+    quantization decode attention (kernels/decode_attention.py)."""
+    label = quant
+    if quant == "int4":
+        label = "int4 petald kernel" if getattr(span.blocks[0].qkv, "native", False) else "int4 torch kernel"
+    return label if span.blocks[0].native_decode else f"{label}, torch attention"
 
 
 def cached_throughput(span: BlockSpan, fingerprint: str, quant: str,
