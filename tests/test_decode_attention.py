@@ -92,7 +92,8 @@ def test_decode_attention_refuses_inputs_that_do_not_fit_and_writes_nothing():
                 write_slots=write, key_slots=keys, lengths=lengths, window=None)
     bad = [{"qkv": qkv[:, :-d]}, {"qkv": qkv.bfloat16()}, {"qkv": qkv.t().contiguous().t()},
            {"kv_heads": 3}, {"lengths": lengths.int()}, {"write_slots": torch.tensor([0])},
-           {"v_pool": torch.zeros(9, kv_heads, 2 * d)}, {"cos": torch.ones(1, d)}]
+           {"v_pool": torch.zeros(9, kv_heads, 2 * d)}, {"cos": torch.ones(1, d)}, {"heads": 0, "kv_heads": 0},
+           {"lengths": torch.tensor([1, 3])}, {"lengths": torch.tensor([0, 2])}]  # lengths past the slots' width
     for change in bad:
         with pytest.raises(ValueError, match="decode attention"):
             da.decode_attention(**(good | change))
@@ -100,13 +101,29 @@ def test_decode_attention_refuses_inputs_that_do_not_fit_and_writes_nothing():
     assert da.decode_attention(**good).shape == (2, heads * d)
 
 
-def test_the_torch_ops_serve_where_the_kernel_cannot(monkeypatch, tmp_path):
-    """Head sizes not a multiple of 16, float16, other devices, PETALD_NATIVE_ATTENTION=0, and no compiler."""
+def test_a_nan_or_infinite_key_reaches_the_output_as_in_torch():
+    """Not a finite average of the values: the next hop's finiteness check must see the fault. (An
+    infinite key whose score is -inf gets no weight, in torch as here; +inf makes the head NaN.)"""
     _skip_without_kernel()
+    heads, kv_heads, d = 2, 1, 16
+    qkv = torch.randn(2, (heads + 2 * kv_heads) * d, generator=torch.Generator().manual_seed(5))
+    cos, sin = torch.ones(2, d), torch.zeros(2, d)
+    write, keys, lengths = torch.tensor([0, 4]), torch.tensor([[0, 8, 8], [2, 3, 4]]), torch.tensor([1, 3])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        k_pool, v_pool = torch.randn(9, kv_heads, d), torch.randn(9, kv_heads, d)
+        k_pool[2, 0, 3] = bad  # a key of the second session only
+        want = _reference(qkv, heads, kv_heads, cos, sin, k_pool, v_pool, write, keys, lengths, None)[0]
+        out = da.decode_attention(qkv, heads, kv_heads, cos, sin, k_pool, v_pool, write, keys, lengths, None)
+        assert out[0].isfinite().all() and out[1].isnan().any()
+        assert torch.equal(out.isnan(), want.isnan())
+
+
+def test_the_torch_ops_serve_where_the_kernel_cannot(monkeypatch, tmp_path):
+    """Head sizes not a multiple of 16, float16, other devices, PETALD_NATIVE_ATTENTION=0, and no compiler:
+    on any machine (where the kernel is missing, it is never usable)."""
     assert not da.native_decode_attention_usable(torch.float32, CPU, 24)
     assert not da.native_decode_attention_usable(torch.float16, CPU, 64)
     assert not da.native_decode_attention_usable(torch.float32, torch.device("cuda"), 64)
-    assert da.native_decode_attention_usable(torch.bfloat16, CPU, 64)
     monkeypatch.setenv("PETALD_NATIVE_ATTENTION", "0")
     assert not da.native_decode_attention_usable(torch.float32, CPU, 64)
     monkeypatch.delenv("PETALD_NATIVE_ATTENTION")

@@ -60,11 +60,15 @@ static void rotate(const float *x, const float *cos, const float *sin_signed, in
     for (int i = half; i < D; i++) result[i] = x[i] * cos[i] + x[i - half] * sin_signed[i];
 }
 
-/* exp of 16 floats <= 0 (scores minus their maximum), to about 1 ulp: exp(x) = 2^n exp(r) with
+/* exp of 16 floats <= 0 (scores minus their maximum), within 3 ulp (2.3e-7 relative, checked over
+ * every float in [-87, 0]): exp(x) = 2^n exp(r) with
  * r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] and exp(r) by its Taylor series to r^6 (error < 2e-7). */
 __attribute__((target("avx512f")))
 static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f)); /* exp(-88) ~ 6e-39: as good as zero beside exp(0) = 1 */
+    /* exp(-88) ~ 6e-39: as good as zero beside exp(0) = 1. vmaxps returns its second operand when
+     * either is NaN: x goes second, so that a NaN score (a NaN or infinite key or query) stays NaN
+     * and reaches the output, as in torch's attention, where the next hop's check refuses it. */
+    x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x); /* ln 2 in two parts (Cody-Waite) */
@@ -136,12 +140,17 @@ static void attend(const float *q, int group, int D, const void *k_pool, const v
             _mm512_storeu_ps(out + h * D + d, _mm512_mul_ps(_mm512_loadu_ps(out + h * D + d), _mm512_set1_ps(norm[h])));
 }
 
-/* Returns 0, or -1 if out of memory. window: 0 for none, else each token sees its last `window`
- * positions (itself included), as kernels/step_batch.py's masks. */
+/* Returns 0; -1 if out of memory; -2, before writing anything, if the sizes do not fit (a length
+ * outside [1, longest], heads not a positive multiple of KVH, D not a positive multiple of 16).
+ * window: 0 for none, else each token sees its last `window` positions (itself included), as
+ * kernels/step_batch.py's masks. */
 __attribute__((target("avx512f")))
 int petald_decode_attention(const void *qkv, int dtype, int S, int H, int KVH, int D, const void *cos,
                             const void *sin_signed, void *k_pool, void *v_pool, const int64_t *write_slot,
                             const int64_t *key_slots, int longest, const int64_t *lengths, int window, void *out) {
+    if (KVH < 1 || H < KVH || H % KVH || D < 16 || D % 16 || longest < 1 || window < 0) return -2;
+    for (int s = 0; s < S; s++)
+        if (lengths[s] < 1 || lengths[s] > longest) return -2;
     const int bf16 = dtype == 1, group = H / KVH, width = (H + 2 * KVH) * D;
     /* float32 copies: rotary tables, the heads of one token, one key/value head's outputs, scores */
     float *scratch = malloc(sizeof(float) * ((size_t)(2 + H + 2 + group) * D + (size_t)group * longest));

@@ -66,13 +66,13 @@ def _load() -> ctypes.CDLL | None:
             library = ctypes.CDLL(str(path))
         except OSError:  # a truncated or foreign file in the cache: build it again, once
             library = ctypes.CDLL(str(_build(rebuild=True)))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        for name, (argtypes, restype) in SIGNATURES.items():
+            function = getattr(library, name)  # AttributeError: a library without this kernel
+            function.argtypes, function.restype = argtypes, restype
+    except (OSError, subprocess.SubprocessError, RuntimeError, AttributeError) as e:
         log.warning("petald's C kernels are not available (%s): --quant int4 uses torch's kernel (about half "
                     "as fast) and decode attention torch's ops", e)
         return None
-    for name, (argtypes, restype) in SIGNATURES.items():
-        function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, restype
     return library
 
 

@@ -1,0 +1,95 @@
+"""A decode step's attention in petald's C kernel (kernels/decode_attention.py) against torch's ops.
+
+    python benchmarks/decode_attention.py [--threads 1] [--sessions 1 4 16] [--context 128 1024]
+
+SmolLM2's 30 blocks (the embedded GGUF, float32, or --quant int4) are built twice, once with
+PETALD_NATIVE_ATTENTION=0. For each session count and context length, that many sessions
+are prefilled to the context length, then decode steps of all of them run as one batched
+forward through the whole span, alternating the two builds; it reports milliseconds per
+batched step (the median of --steps each) and the largest difference between the two
+outputs relative to the largest output. The steps' keys and values are written and kept,
+so each session's context grows by --steps during the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from petald.kernels.decode_attention import native_decode_attention_usable  # noqa: E402
+from petald.kernels.sources import open_source  # noqa: E402
+from petald.kernels.span import BlockSpan  # noqa: E402
+
+
+def build(source, quant: str, native: bool) -> BlockSpan:
+    setting = os.environ.get("PETALD_NATIVE_ATTENTION")
+    os.environ["PETALD_NATIVE_ATTENTION"] = "1" if native else "0"
+    try:
+        return BlockSpan(source, 0, source.identity.num_blocks, torch.float32, torch.device("cpu"), quant=quant)
+    finally:
+        if setting is None:
+            os.environ.pop("PETALD_NATIVE_ATTENTION")
+        else:
+            os.environ["PETALD_NATIVE_ATTENTION"] = setting
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--context", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--quant", default="none", choices=["none", "int4"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not native_decode_attention_usable(torch.float32, torch.device("cpu"), 64):
+        sys.exit("petald's decode attention is not available here (no C compiler, or a CPU without AVX512F): "
+                 "nothing to compare")
+    source = open_source(None)
+    print("loading the span twice", file=sys.stderr, flush=True)
+    spans = {"torch": build(source, args.quant, native=False), "petald": build(source, args.quant, native=True)}
+    hidden_size = source.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    print(f"SmolLM2, 30 blocks, float32 activations, blocks={args.quant}, {args.threads} thread(s), "
+          f"torch {torch.__version__}\n")
+    print("| sessions | context | torch's ops: ms per step | petald's C kernel: ms per step | speed-up | "
+          "max relative difference |")
+    print("|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for context in args.context:
+            for sessions in args.sessions:
+                print(f"{sessions} sessions at {context} tokens", file=sys.stderr, flush=True)
+                prompt = torch.randn(sessions, context, hidden_size, generator=gen) * 0.1
+                caches = {}
+                for name, span in spans.items():
+                    length = context + args.steps + 2
+                    pool = span.new_pool(sessions * (length + 16) * source.identity.num_blocks)
+                    caches[name] = [pool.open(1, length) for _ in range(sessions)]
+                    for s, cache in enumerate(caches[name]):
+                        span.forward(prompt[s : s + 1], cache)
+                times: dict[str, list[float]] = {name: [] for name in spans}
+                worst = 0.0
+                for _ in range(args.steps):
+                    token = torch.randn(sessions, 1, 1, hidden_size, generator=gen) * 0.1
+                    outs = {}
+                    for name, span in spans.items():
+                        t0 = time.perf_counter()
+                        outs[name] = span.forward_batch([(token[s], c) for s, c in enumerate(caches[name])])
+                        times[name].append(time.perf_counter() - t0)
+                    for a, b in zip(outs["torch"], outs["petald"], strict=True):
+                        worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
+                ours, theirs = (1000 * statistics.median(times[n]) for n in ("petald", "torch"))
+                print(f"| {sessions} | {context} | {theirs:.2f} | {ours:.2f} | {theirs / ours:.2f}x | {worst:.1e} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
