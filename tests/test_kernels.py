@@ -176,53 +176,34 @@ def test_throughput_is_measured_again_after_a_kernel_change(tiny_models, monkeyp
     assert not cached and newer.inference_rps == 20.0
 
 
-def test_int4_throughput_is_measured_per_int4_kernel(tiny_models, monkeypatch, tmp_path):
-    """petald's and torch's int4 kernels differ in speed: a server announces the one it runs."""
+@pytest.mark.parametrize(("setting", "quant", "labels"), [
+    ("PETALD_NATIVE_INT4", "int4", {"0": "int4 torch kernel", "1": "int4 petald kernel"}),
+    ("PETALD_NATIVE_ATTENTION", "none", {"0": "none, torch attention", "1": "none"}),
+])
+def test_throughput_is_measured_per_kernel_choice(tiny_models, monkeypatch, tmp_path, setting, quant, labels):
+    """Where a process chooses between one of petald's C kernels and torch's (the int4 matmul, decode
+    attention), the two differ in speed: a server measures, caches and announces the one it runs."""
     from petald.kernels import int4_native
-    from petald.kernels.throughput import SpanThroughput, cached_throughput, kernel_of
-
-    if not int4_native.native_int4_available():
-        pytest.skip("petald's int4 kernel needs a C compiler and a CPU with AVX512-BF16")
-    monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))
-    source = open_source(str(tiny_models["llama"]))
-    spans = {}
-    for setting in ("0", "1"):
-        monkeypatch.setenv("PETALD_NATIVE_INT4", setting)
-        spans[setting] = BlockSpan(source, 0, 2, torch.float32, torch.device("cpu"), quant="int4")
-    assert kernel_of(spans["0"], "int4") == "int4 torch kernel"
-    assert kernel_of(spans["1"], "int4") == "int4 petald kernel"
-    measured = []
-
-    def measure() -> SpanThroughput:
-        measured.append(1)
-        return SpanThroughput(inference_rps=10.0 * len(measured), forward_tps=100.0)
-
-    for setting in ("0", "1", "0"):
-        cached_throughput(spans[setting], "fp-int4", "int4", measure)
-    assert len(measured) == 2  # once per kernel, then from the cache
-
-
-def test_throughput_is_measured_per_decode_attention_path(tiny_models, monkeypatch, tmp_path):
-    """Decode attention in C or in torch's ops changes a step's speed: each is measured on its own."""
     from petald.kernels.decode_attention import native_decode_attention_usable
     from petald.kernels.throughput import SpanThroughput, cached_throughput, kernel_of
 
-    if not native_decode_attention_usable(torch.float32, torch.device("cpu"), 16):
-        pytest.skip("petald's decode attention needs a C compiler and a CPU with AVX512F")
+    available = {"PETALD_NATIVE_INT4": int4_native.native_int4_available(),
+                 "PETALD_NATIVE_ATTENTION": native_decode_attention_usable(torch.float32, torch.device("cpu"), 16)}
+    if not available[setting]:
+        pytest.skip("petald's C kernels need a C compiler and a CPU with AVX512F (int4: AVX512-BF16)")
     monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))
     source = open_source(str(tiny_models["llama"]))
     spans = {}
-    for setting in ("0", "1"):
-        monkeypatch.setenv("PETALD_NATIVE_ATTENTION", setting)
-        spans[setting] = BlockSpan(source, 0, 2, torch.float32, torch.device("cpu"))
-    assert kernel_of(spans["0"], "none") == "none, torch attention"
-    assert kernel_of(spans["1"], "none") == "none"
+    for value in ("0", "1"):
+        monkeypatch.setenv(setting, value)
+        spans[value] = BlockSpan(source, 0, 2, torch.float32, torch.device("cpu"), quant=quant)
+        assert kernel_of(spans[value], quant) == labels[value]
     measured = []
 
     def measure() -> SpanThroughput:
         measured.append(1)
         return SpanThroughput(inference_rps=10.0 * len(measured), forward_tps=100.0)
 
-    for setting in ("0", "1", "1", "0"):
-        cached_throughput(spans[setting], "fp-attention", "none", measure)
-    assert len(measured) == 2  # once per path, then from the cache
+    for value in ("0", "1", "1", "0"):
+        cached_throughput(spans[value], f"fp-{setting}", quant, measure)
+    assert len(measured) == 2  # once per kernel, then from the cache

@@ -13,15 +13,11 @@ keeps them everywhere.
 from __future__ import annotations
 
 import ctypes
-import functools
-import logging
 import os
 
 import torch
 
-from petald.kernels.native_library import native_library
-
-log = logging.getLogger(__name__)
+from petald.kernels.native_library import library_running
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # decode_attention.c's dtype codes
 
@@ -36,16 +32,7 @@ def native_decode_attention_usable(dtype: torch.dtype, device: torch.device, hea
 
 
 def _library() -> ctypes.CDLL | None:
-    library = native_library()
-    return library if library is not None and _cpu_supported(library) else None
-
-
-@functools.cache
-def _cpu_supported(library: ctypes.CDLL) -> bool:
-    if library.petald_attention_cpu_supported():
-        return True
-    log.info("this CPU lacks AVX512F; decode attention uses torch's ops")
-    return False
+    return library_running("petald_attention_cpu_supported", "this CPU lacks AVX512F; decode attention uses torch's ops")
 
 
 def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin_signed: torch.Tensor,

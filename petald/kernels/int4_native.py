@@ -21,16 +21,12 @@ thread: waking another costs more than its share of the work.
 from __future__ import annotations
 
 import ctypes
-import functools
-import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from petald.kernels.native_library import native_library
-
-log = logging.getLogger(__name__)
+from petald.kernels.native_library import library_running
 
 TILE = 16  # output rows per packed tile (one float32 AVX512 register)
 GROUP = 32  # inputs per scale/zero group; kernels/quant.py's INT4_GROUP
@@ -51,16 +47,7 @@ def native_int4_available() -> bool:
 
 
 def _library() -> ctypes.CDLL | None:
-    library = native_library()
-    return library if library is not None and _cpu_supported(library) else None
-
-
-@functools.cache
-def _cpu_supported(library: ctypes.CDLL) -> bool:
-    if library.petald_int4_cpu_supported():
-        return True
-    log.info("this CPU lacks AVX512-BF16; --quant int4 uses torch's kernel")
-    return False
+    return library_running("petald_int4_cpu_supported", "this CPU lacks AVX512-BF16; --quant int4 uses torch's kernel")
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

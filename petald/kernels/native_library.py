@@ -10,6 +10,7 @@ no C compiler, or the library will not build or load, every caller keeps its tor
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -50,6 +51,21 @@ def native_library() -> ctypes.CDLL | None:
         if _loaded is _UNLOADED:
             _loaded = _load()
         return _loaded  # type: ignore[return-value]
+
+
+def library_running(cpu_check: str, lacking: str) -> ctypes.CDLL | None:
+    """The library where it loaded and its function ``cpu_check`` says this CPU has what a kernel needs;
+    else None, with ``lacking`` logged once."""
+    library = native_library()
+    return library if library is not None and _cpu_has(library, cpu_check, lacking) else None
+
+
+@functools.cache
+def _cpu_has(library: ctypes.CDLL, cpu_check: str, lacking: str) -> bool:
+    if getattr(library, cpu_check)():
+        return True
+    log.info(lacking)
+    return False
 
 
 def _reset_for_tests() -> None:
