@@ -93,7 +93,10 @@ def test_decode_attention_refuses_inputs_that_do_not_fit_and_writes_nothing():
     bad = [{"qkv": qkv[:, :-d]}, {"qkv": qkv.bfloat16()}, {"qkv": qkv.t().contiguous().t()},
            {"kv_heads": 3}, {"lengths": lengths.int()}, {"write_slots": torch.tensor([0])},
            {"v_pool": torch.zeros(9, kv_heads, 2 * d)}, {"cos": torch.ones(1, d)}, {"heads": 0, "kv_heads": 0},
-           {"lengths": torch.tensor([1, 3])}, {"lengths": torch.tensor([0, 2])}]  # lengths past the slots' width
+           {"lengths": torch.tensor([1, 3])}, {"lengths": torch.tensor([0, 2])},  # lengths past the slots' width
+           {"heads": 3, "qkv": torch.randn(2, (3 + 2 * kv_heads) * d)},  # 3 query heads over 2 key/value heads
+           {"qkv": torch.randn(2, (heads + 2 * kv_heads) * 8), "cos": torch.ones(2, 8), "sin_signed": torch.zeros(2, 8),
+            "k_pool": torch.zeros(9, kv_heads, 8), "v_pool": torch.zeros(9, kv_heads, 8)}]  # head size 8
     for change in bad:
         with pytest.raises(ValueError, match="decode attention"):
             da.decode_attention(**(good | change))

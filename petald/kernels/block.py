@@ -78,7 +78,7 @@ class TransformerBlock:
         """
         h = rms_norm(x, self.ln_attn, self.eps)
         qkv = project(self.qkv, "qkv", h, lora)
-        if batch.all_decode and self.native_decode and not qkv.requires_grad:
+        if batch.all_decode and self.native_decode:
             attn = decode_attention(qkv, self.n_heads, self.n_kv_heads, batch.cos, batch.sin_signed, k_pool, v_pool,
                                     batch.write_slots, batch.decode_slots, batch.decode_lengths, self.window)
         else:

@@ -17,7 +17,8 @@
  *   key_slots [S, longest]: the slots of each session's positions 0 .. lengths[s] - 1 (the rest unread);
  *   out [S, H * D].
  * Arithmetic is float32 throughout; bfloat16 is rounded to nearest even where it is stored.
- * D must be a multiple of 16 (decode_attention.py checks).
+ * D must be a multiple of 16, and H of KVH: the function refuses other sizes, and lengths outside
+ * [1, longest], before it writes anything. decode_attention.py checks the tensors' shapes.
  */
 #include <immintrin.h>
 #include <math.h>

@@ -43,9 +43,9 @@ def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Te
     ``sin_signed`` [S, head_dim] (``RotaryTable`` rows at each token's position), writes each key and
     value into the pools [slots, kv_heads, head_dim] at ``write_slots`` [S], and attends over the
     slots ``key_slots[s, :lengths[s]]`` (int64 [S, longest] and [S]), the last ``window`` of them
-    where given. Call only where ``native_decode_attention_usable``. Shapes, dtypes and lengths are checked
-    (the lengths by the C code, before it writes anything); slot values are not, as the C code trusts
-    them: ``StepBatch`` takes them from the pool's own page tables.
+    where given. Call only where ``native_decode_attention_usable``. Tensors' dtypes and shapes are checked
+    here, the sizes (lengths, head counts and size, window) by the C code before it writes anything; slot
+    values are not, as the C code trusts them: ``StepBatch`` takes them from the pool's own page tables.
     """
     library = _library()
     if library is None:
@@ -58,9 +58,8 @@ def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Te
     for t in (write_slots, key_slots, lengths):
         if t.dtype != torch.int64 or not t.is_cpu or not t.is_contiguous():
             raise ValueError("decode attention takes contiguous CPU int64 slots and lengths")
-    if dtype not in _DTYPES or kv_heads < 1 or heads < kv_heads or heads % kv_heads \
-            or qkv.shape != (seqs, (heads + 2 * kv_heads) * head_dim) \
-            or head_dim % 16 or cos.numel() != seqs * head_dim or sin_signed.numel() != seqs * head_dim \
+    if dtype not in _DTYPES or qkv.shape != (seqs, (heads + 2 * kv_heads) * head_dim) \
+            or cos.numel() != seqs * head_dim or sin_signed.numel() != seqs * head_dim \
             or k_pool.shape != v_pool.shape or k_pool.shape[1:] != (kv_heads, head_dim) \
             or write_slots.shape != (seqs,) or lengths.shape != (seqs,) or key_slots.dim() != 2 \
             or key_slots.shape[0] != seqs:
@@ -72,8 +71,9 @@ def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Te
         k_pool.data_ptr(), v_pool.data_ptr(), write_slots.data_ptr(), key_slots.data_ptr(), key_slots.shape[1],
         lengths.data_ptr(), window or 0, out.data_ptr())
     if status == -2:
-        raise ValueError(f"decode attention got lengths outside [1, {key_slots.shape[1]}] (the key slots' width) "
-                         f"or a window below 0")
+        raise ValueError(f"decode attention got sizes that do not fit: lengths outside [1, {key_slots.shape[1]}] "
+                         f"(the key slots' width), {heads} heads over {kv_heads} key/value heads, head size "
+                         f"{head_dim} (a multiple of 16), or a window below 0")
     if status != 0:
         raise MemoryError("the decode attention kernel could not allocate its scratch space")
     return out
