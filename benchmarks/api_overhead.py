@@ -36,7 +36,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 
 from petald.cli.local_swarm import LocalSwarm  # noqa: E402
-from petald.p2pnode.distributed_model import DistributedModel  # noqa: E402
+from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 

@@ -36,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from petald.cli.local_swarm import LocalSwarm, ServerProcess  # noqa: E402
-from petald.kernels.sources import default_gguf_path  # noqa: E402
+from petald.kernels.sources.open_source import default_gguf_path  # noqa: E402
 
 SPANS = ["0:10", "10:20", "20:30"] * 2
 PROMPTS = ["The capital of France is", "Rivers flow to the sea because", "A good recipe for bread needs",
@@ -135,8 +135,8 @@ def main() -> None:
     # The client's recovery warnings, on the same clock as the chaos lines.
     logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)9.0f ms  %(name)s: %(message)s")
 
-    from petald.kernels.sources import open_source
-    from petald.p2pnode.distributed_model import DistributedModel
+    from petald.kernels.sources.open_source import open_source
+    from petald.p2pnode.client.distributed_model import DistributedModel
 
     torch.set_num_threads(1)
     tokenizer = open_source(None).load_tokenizer()

@@ -36,9 +36,9 @@ import trio  # noqa: E402
 
 from petald.cli.local_swarm import LocalSwarm  # noqa: E402
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, CacheFullError, PagedKVCache  # noqa: E402
-from petald.kernels.sources import open_source  # noqa: E402
-from petald.p2pnode.distributed_model import DistributedModel  # noqa: E402
-from petald.p2pnode.inference_session import InferenceSession  # noqa: E402
+from petald.kernels.sources.open_source import open_source  # noqa: E402
+from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
+from petald.p2pnode.client.inference_session import InferenceSession  # noqa: E402
 
 PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]
 

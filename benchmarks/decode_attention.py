@@ -24,8 +24,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from petald.kernels.decode_attention import native_decode_attention_usable  # noqa: E402
-from petald.kernels.sources import open_source  # noqa: E402
+from petald.kernels.native.decode_attention import native_decode_attention_usable  # noqa: E402
+from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
 
 

@@ -36,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from petald.kernels.client_head import ClientHead  # noqa: E402
-from petald.kernels.sources import default_gguf_path, open_source  # noqa: E402
+from petald.kernels.sources.open_source import default_gguf_path, open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
 
 PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from petald.cli.local_swarm import LocalSwarm  # noqa: E402
-from petald.p2pnode.distributed_model import DistributedModel  # noqa: E402
+from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
 from tests.tiny_models import save_tiny_model  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from petald.kernels.int4_native import native_int4_available
+from petald.kernels.native.int4_native import native_int4_available
 from petald.kernels.quant import Int4Linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of SmolLM2's fused projections

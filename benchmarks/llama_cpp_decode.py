@@ -25,7 +25,7 @@ try:
 except ImportError:
     sys.exit("llama_cpp is not installed: run `bash scripts/dev bench-env` first (benchmark environment only)")
 
-from petald.kernels.sources import default_gguf_path
+from petald.kernels.sources.open_source import default_gguf_path
 
 PROMPT = "The capital of France is"
 

@@ -28,9 +28,9 @@ import torch  # noqa: E402
 
 from petald.cli.local_swarm import LocalSwarm, even_spans  # noqa: E402
 from petald.kernels.client_head import ClientHead  # noqa: E402
-from petald.kernels.sources import open_source  # noqa: E402
+from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
-from petald.p2pnode.distributed_model import DistributedModel  # noqa: E402
+from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
 
 PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]
 

@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from petald.kernels.client_head import ClientHead  # noqa: E402
-from petald.kernels.sources import open_source  # noqa: E402
+from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
 
 # (compute dtype, block weights, client LM head weights)

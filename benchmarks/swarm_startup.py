@@ -27,9 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from petald.cli.local_swarm import LocalSwarm  # noqa: E402
-from petald.p2pnode.identity import load_or_create_identity  # noqa: E402
-from petald.p2pnode.node_thread import NodeThread  # noqa: E402
-from petald.p2pnode.swarm_map import read_swarm  # noqa: E402
+from petald.p2pnode.client.node_thread import NodeThread  # noqa: E402
+from petald.p2pnode.swarm.swarm_map import read_swarm  # noqa: E402
+from petald.p2pnode.transport.identity import load_or_create_identity  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -74,8 +74,8 @@ def wait_until_covered(address: str, servers: int, timeout: float = 300.0) -> fl
 
 def client_phases(address: str) -> dict[str, float]:
     """The same work in this process, phase by phase."""
-    from petald.kernels.sources import open_source
-    from petald.p2pnode.distributed_model import DistributedModel
+    from petald.kernels.sources.open_source import open_source
+    from petald.p2pnode.client.distributed_model import DistributedModel
 
     t0 = time.monotonic()
     source = open_source(None)

@@ -30,10 +30,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from petald.cli.local_swarm import LocalSwarm, even_spans  # noqa: E402
 from petald.kernels.client_head import ClientHead  # noqa: E402
-from petald.kernels.sources import open_source  # noqa: E402
+from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
 from petald.kernels.training_forward import span_forward  # noqa: E402
-from petald.p2pnode.distributed_model import DistributedModel  # noqa: E402
+from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
 
 
 def say(text: str) -> None:

@@ -34,15 +34,15 @@ from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa:
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID  # noqa: E402
 from libp2p.stream_muxer.yamux.yamux import Yamux  # noqa: E402
 
-from petald.p2pnode.framed_stream import FramedStream  # noqa: E402
-from petald.p2pnode.host import (  # noqa: E402
+from petald.p2pnode.transport.framed_stream import FramedStream  # noqa: E402
+from petald.p2pnode.transport.host import (  # noqa: E402
     DEFAULT_LISTEN,
     full_addresses,
     make_host,
     parse_peer_address,
     quiet_libp2p_logs,
 )
-from petald.p2pnode.identity import load_or_create_identity  # noqa: E402
+from petald.p2pnode.transport.identity import load_or_create_identity  # noqa: E402
 
 ECHO = TProtocol("/petald/bench-echo/1.0.0")
 

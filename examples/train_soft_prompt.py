@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from petald.cli.local_swarm import LocalSwarm, even_spans
-from petald.p2pnode.distributed_model import DistributedModel
-from petald.p2pnode.prompt_tuning import PromptTuning
+from petald import DistributedModel, LocalSwarm, PromptTuning
+from petald.cli.local_swarm import even_spans
 
 DATA = Path(__file__).parent / "data"
 LABELS = (" positive", " negative")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from petald.kernels.sources import default_gguf_path
+from petald.kernels.sources.open_source import default_gguf_path
 
 
 @lru_cache(maxsize=4)

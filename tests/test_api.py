@@ -159,7 +159,7 @@ def test_openai_completions_are_the_oracles_greedy_tokens(swarm):
 
 
 def test_openai_chat_streams_the_same_text_as_distributed_model(swarm):
-    from petald.p2pnode.distributed_model import DistributedModel
+    from petald.p2pnode.client.distributed_model import DistributedModel
 
     client = openai_client(swarm.server_socket)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
@@ -324,7 +324,7 @@ def _native(swarm: Swarm, message: dict) -> httpx.Response:
 
 
 def test_native_span_endpoint_matches_run_blocks(swarm):
-    from petald.p2pnode.distributed_model import DistributedModel
+    from petald.p2pnode.client.distributed_model import DistributedModel
     from petald.protocol.tensors import decode_tensor, encode_tensor
 
     hidden = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))

@@ -13,14 +13,15 @@ from libp2p.custom_types import TProtocol
 
 from petald.cli.local_swarm import LocalSwarm
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE
-from petald.kernels.sources import open_source
+from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
-from petald.p2pnode.distributed_model import DistributedModel
-from petald.p2pnode.framed_stream import FramedStream
-from petald.p2pnode.host import parse_peer_address
-from petald.p2pnode.identity import load_or_create_identity
-from petald.p2pnode.node_thread import NodeThread
-from petald.p2pnode.remote_span import ServerUnavailable, fetch_info
+from petald.p2pnode.client.distributed_model import DistributedModel
+from petald.p2pnode.client.node_thread import NodeThread
+from petald.p2pnode.client.remote_span import fetch_info
+from petald.p2pnode.transport.framed_stream import FramedStream
+from petald.p2pnode.transport.host import parse_peer_address
+from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.peer_streams import ServerUnavailable
 from petald.protocol.limits import INFERENCE_PROTOCOL, PUSH_PROTOCOL, TRAINING_PROTOCOL
 from petald.protocol.messages import OpenSession, PushOpen, SpanRequest, Step, StepOutput
 from petald.protocol.tensors import encode_tensor
@@ -446,7 +447,7 @@ def test_other_protocol_version_is_a_clear_refusal(tiny_server, good_model, raw_
     peer = parse_peer_address(swarm.addresses[0])
 
     async def speak_v2():
-        from petald.p2pnode.remote_span import open_stream
+        from petald.p2pnode.transport.peer_streams import open_stream
 
         await raw_node.host.connect(peer)
         await open_stream(raw_node.host, peer.peer_id.to_base58(), "/petald/inference/2.0.0", 10)
@@ -495,7 +496,7 @@ def test_a_frozen_server_is_a_bounded_wait_not_a_hang(tiny_server, raw_node):
     import signal
     import time
 
-    from petald.p2pnode.route import NoRouteError
+    from petald.p2pnode.routing.route import NoRouteError
 
     path, swarm = tiny_server
     process = swarm.servers[0].process
@@ -569,8 +570,8 @@ def test_a_client_cannot_make_a_server_open_push_streams_without_end(caplog):
 
     from libp2p.peer.id import ID
 
-    from petald.p2pnode.host import running_host
-    from petald.p2pnode.step_pusher import MAX_TARGETS_PER_SESSION, StepPusher
+    from petald.p2pnode.server.step_pusher import MAX_TARGETS_PER_SESSION, StepPusher
+    from petald.p2pnode.transport.host import running_host
     from petald.protocol.messages import PushTarget
 
     peers = [ID.from_pubkey(load_or_create_identity(None).public_key).to_base58()
@@ -591,7 +592,7 @@ def test_a_client_cannot_make_a_server_open_push_streams_without_end(caplog):
                 await trio.sleep(0.5)
                 nursery.cancel_scope.cancel()
 
-    with caplog.at_level(logging.INFO, logger="petald.p2pnode.step_pusher"):
+    with caplog.at_level(logging.INFO, logger="petald.p2pnode.server.step_pusher"):
         trio.run(main)
     attempts = [r for r in caplog.records if "cannot push to" in r.getMessage()]
     assert len(attempts) == MAX_TARGETS_PER_SESSION
@@ -602,7 +603,7 @@ def test_a_push_target_switched_away_from_is_not_reopened(tiny_server, good_mode
     """Steps naming two live sessions in turn (A, B, A, ...): A's stream opens, B's replaces it, and
     A is not pushed to again in this session, so a client cannot make a server reopen streams without
     end. The pusher runs on a real node; A and B are real sessions on a real server."""
-    from petald.p2pnode.step_pusher import StepPusher
+    from petald.p2pnode.server.step_pusher import StepPusher
     from petald.protocol.messages import PushTarget
 
     _, swarm = tiny_server

@@ -11,9 +11,9 @@ import torch
 from petald.cli.local_swarm import LocalSwarm
 from petald.kernels.client_head import ClientHead
 from petald.kernels.executor import DeviceExecutor
-from petald.kernels.sources import open_source
+from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
-from petald.p2pnode.distributed_model import DistributedModel
+from petald.p2pnode.client.distributed_model import DistributedModel
 from tests.oracle import reference_greedy
 from tests.tiny_models import TINY_BLOCKS
 

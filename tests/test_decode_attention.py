@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from petald.kernels import decode_attention as da
-from petald.kernels import native_library
+from petald.kernels.native import decode_attention as da
+from petald.kernels.native import native_library
 
 CPU = torch.device("cpu")
 

@@ -16,13 +16,13 @@ import torch
 from libp2p.custom_types import TProtocol
 
 from petald.cli.local_swarm import LocalSwarm, ServerProcess
-from petald.p2pnode.distributed_model import DistributedModel
-from petald.p2pnode.framed_stream import FramedStream
-from petald.p2pnode.host import full_addresses, parse_peer_address
-from petald.p2pnode.identity import load_or_create_identity
-from petald.p2pnode.node_thread import NodeThread
-from petald.p2pnode.remote_span import RemoteSpanSession
-from petald.p2pnode.route import NoRouteError, RemoteServer, SpanHop, SpanRoute
+from petald.p2pnode.client.distributed_model import DistributedModel
+from petald.p2pnode.client.node_thread import NodeThread
+from petald.p2pnode.client.remote_span import RemoteSpanSession
+from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanHop, SpanRoute
+from petald.p2pnode.transport.framed_stream import FramedStream
+from petald.p2pnode.transport.host import full_addresses, parse_peer_address
+from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.protocol.errors import RemoteError
 from petald.protocol.limits import INFERENCE_PROTOCOL
 from petald.protocol.messages import OpenSession, SessionOpened, Step, StepOutput

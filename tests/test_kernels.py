@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from petald.kernels.client_head import ClientHead
-from petald.kernels.model_source import ModelSourceError
 from petald.kernels.sampling import sample_next
-from petald.kernels.sources import open_source
+from petald.kernels.sources.model_source import ModelSourceError
+from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from tests.oracle import reference_greedy, reference_logits
 from tests.tiny_models import FAMILIES, TINY_BLOCKS, save_tiny_model
@@ -140,8 +140,8 @@ def test_client_head_reads_no_block_tensors(tiny_models, monkeypatch):
 
 
 def test_gguf_config_and_tokenizer_come_back_equal_from_the_cache(tmp_path, monkeypatch):
-    from petald.kernels.gguf_source import GGUFSource
-    from petald.kernels.sources import default_gguf_path
+    from petald.kernels.sources.gguf_source import GGUFSource
+    from petald.kernels.sources.open_source import default_gguf_path
 
     monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))
     first = GGUFSource(default_gguf_path())
@@ -183,8 +183,8 @@ def test_throughput_is_measured_again_after_a_kernel_change(tiny_models, monkeyp
 def test_throughput_is_measured_per_kernel_choice(tiny_models, monkeypatch, tmp_path, setting, quant, labels):
     """Where a process chooses between one of petald's C kernels and torch's (the int4 matmul, decode
     attention), the two differ in speed: a server measures, caches and announces the one it runs."""
-    from petald.kernels import int4_native
-    from petald.kernels.decode_attention import native_decode_attention_usable
+    from petald.kernels.native import int4_native
+    from petald.kernels.native.decode_attention import native_decode_attention_usable
     from petald.kernels.throughput import SpanThroughput, cached_throughput, kernel_of
 
     available = {"PETALD_NATIVE_INT4": int4_native.native_int4_available(),

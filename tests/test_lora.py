@@ -20,10 +20,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from petald.kernels.adapters.lora import AdapterError, load_lora_adapter
 from petald.kernels.client_head import ClientHead
 from petald.kernels.executor import DeviceExecutor
-from petald.kernels.lora import AdapterError, load_lora_adapter
-from petald.kernels.sources import open_source
+from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from tests.oracle import reference_logits
 from tests.tiny_models import TINY_BLOCKS, tiny_config
@@ -395,8 +395,8 @@ def test_clients_pick_an_adapter_by_name_and_are_routed_to_its_servers(tiny_mode
     import torch.nn.functional as F
 
     from petald.cli.local_swarm import LocalSwarm
-    from petald.p2pnode.distributed_model import DistributedModel
-    from petald.p2pnode.route import NoRouteError
+    from petald.p2pnode.client.distributed_model import DistributedModel
+    from petald.p2pnode.routing.route import NoRouteError
 
     path = tiny_models["llama"]
     adapter_dir = llama_adapters["full"]

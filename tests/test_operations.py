@@ -133,7 +133,7 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path, system, args):
 
 
 def test_unit_runs_petald_with_systemd_directories():
-    from petald.cli.systemd_unit import service_command, unit_text
+    from petald.cli.systemd.unit import service_command, unit_text
 
     command = service_command(["--blocks", "0:4"], system=False, python="/opt/venv/bin/python")
     assert command[:4] == ["/opt/venv/bin/python", "-m", "petald.cli.main", "serve"]
@@ -146,7 +146,7 @@ def test_unit_runs_petald_with_systemd_directories():
 
 
 def test_readiness_datagrams_reach_notify_socket(tmp_path, monkeypatch):
-    from petald.cli import systemd_notify
+    from petald.cli.systemd import notify as systemd_notify
 
     assert systemd_notify.notify("READY=1") is False  # no NOTIFY_SOCKET: nothing to do
     path = tmp_path / "notify"
@@ -170,7 +170,7 @@ def test_readiness_datagrams_reach_notify_socket(tmp_path, monkeypatch):
 # --- the API socket ------------------------------------------------------------------------------
 
 def test_socket_is_claimed_private_stale_ones_replaced_live_ones_refused(tmp_path):
-    from petald.cli.api_socket import (
+    from petald.cli.api.unix_socket import (
         SocketInUseError,
         claim_socket,
         default_socket_path,
@@ -198,7 +198,7 @@ def test_socket_is_claimed_private_stale_ones_replaced_live_ones_refused(tmp_pat
 def test_socket_group_lets_a_group_in(tmp_path):
     import grp
 
-    from petald.cli.api_socket import claim_socket
+    from petald.cli.api.unix_socket import claim_socket
 
     group = grp.getgrgid(os.getgid())
     path = tmp_path / "api.sock"
@@ -210,7 +210,7 @@ def test_socket_group_lets_a_group_in(tmp_path):
 
 
 def test_default_socket_without_a_runtime_dir(monkeypatch, tmp_path):
-    from petald.cli.api_socket import default_socket_path
+    from petald.cli.api.unix_socket import default_socket_path
 
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -218,7 +218,7 @@ def test_default_socket_without_a_runtime_dir(monkeypatch, tmp_path):
 
 
 def test_serve_refuses_a_socket_a_live_daemon_holds_before_loading(tmp_path, tiny_models):
-    from petald.cli.api_socket import claim_socket
+    from petald.cli.api.unix_socket import claim_socket
 
     path = tmp_path / "api.sock"
     sock, _ = claim_socket(path)
@@ -249,7 +249,7 @@ class Letters:
     ("hello world", ["world!"], "hello world"),  # a partial stop string held back, then released
 ])
 def test_text_assembler_cuts_at_stop_strings_and_holds_back_prefixes(text, stop, expected):
-    from petald.cli.api_backend import TextAssembler
+    from petald.cli.api.backend import TextAssembler
 
     assembler = TextAssembler(Letters(text), stop)
     pieces = []
@@ -264,7 +264,7 @@ def test_text_assembler_cuts_at_stop_strings_and_holds_back_prefixes(text, stop,
 
 
 def test_text_assembler_waits_for_whole_characters():
-    from petald.cli.api_backend import TextAssembler
+    from petald.cli.api.backend import TextAssembler
 
     decoded = {1: "a", 2: "a\ufffd", 3: "aé"}
     assembler = TextAssembler(lambda ids: decoded[len(ids)], [])

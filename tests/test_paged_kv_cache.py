@@ -8,7 +8,7 @@ import torch
 
 from petald.kernels.client_head import ClientHead
 from petald.kernels.paged_kv_cache import CacheFullError, PagedKVCache
-from petald.kernels.sources import open_source
+from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from tests.oracle import reference_logits
 from tests.tiny_models import FAMILIES, TINY_BLOCKS

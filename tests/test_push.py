@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from petald.cli.local_swarm import LocalSwarm
-from petald.p2pnode import remote_span
-from petald.p2pnode.distributed_model import DistributedModel
-from petald.p2pnode.inference_session import InferenceSession
-from petald.p2pnode.remote_span import RemoteSpanSession
+from petald.p2pnode.client import remote_span
+from petald.p2pnode.client.distributed_model import DistributedModel
+from petald.p2pnode.client.inference_session import InferenceSession
+from petald.p2pnode.client.remote_span import RemoteSpanSession
 from tests.oracle import reference_greedy
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from petald.kernels import int4_native, native_library, quant
+from petald.kernels import quant
 from petald.kernels.client_head import ClientHead
+from petald.kernels.native import int4_native, native_library
 from petald.kernels.quant import (
     INT4_GROUP,
     DenseLinear,
@@ -25,7 +26,7 @@ from petald.kernels.quant import (
     make_linear,
     onednn_bf16_supported,
 )
-from petald.kernels.sources import open_source
+from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from petald.protocol.messages import ServerInfo
 from tests.test_cli import run_petald
@@ -122,7 +123,7 @@ def test_a_corrupt_cached_int4_kernel_is_built_again(tmp_path):
     """In fresh processes: this one has the library mapped, and overwriting a mapped file crashes it."""
     _skip_without_native_int4()
     env = {k: v for k, v in os.environ.items() if k != "PETALD_NATIVE_INT4"} | {"PETALD_CACHE_DIR": str(tmp_path)}
-    probe = [sys.executable, "-c", "from petald.kernels import int4_native; print(int4_native.native_int4_available())"]
+    probe = [sys.executable, "-c", "from petald.kernels.native import int4_native; print(int4_native.native_int4_available())"]
     assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
     (built,) = (tmp_path / "native").glob("*.so")
     built.write_bytes(b"not a shared library")
@@ -287,7 +288,7 @@ def test_the_lm_head_refuses_modes_it_cannot_run_here(tiny_models):
 @pytest.mark.slow
 def test_a_quantized_server_announces_its_mode_and_serves_what_its_span_computes(tiny_models):
     from petald.cli.local_swarm import LocalSwarm
-    from petald.p2pnode.distributed_model import DistributedModel
+    from petald.p2pnode.client.distributed_model import DistributedModel
 
     path = str(tiny_models["llama"])
     source = open_source(path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from petald.cli.local_swarm import LocalSwarm
-from petald.p2pnode.distributed_model import DistributedModel, ModelMismatchError
+from petald.p2pnode.client.distributed_model import DistributedModel, ModelMismatchError
 from tests.oracle import reference_greedy, reference_logits, reference_model
 from tests.tiny_models import FAMILIES
 
@@ -49,7 +49,7 @@ def test_run_a_slice_of_remote_blocks(smollm_swarm):
 
 
 def test_cli_generate_streams_the_oracles_text(smollm_swarm):
-    from petald.kernels.sources import open_source
+    from petald.kernels.sources.open_source import open_source
 
     tokenizer = open_source(None).load_tokenizer()
     prompt = "The capital of France is"
@@ -102,7 +102,7 @@ def test_sampling_is_reproducible_with_a_seed(smollm_swarm):
 
 
 def test_cli_chat_applies_the_template(smollm_swarm):
-    from petald.kernels.sources import open_source
+    from petald.kernels.sources.open_source import open_source
 
     tokenizer = open_source(None).load_tokenizer()
     question = "What is the capital of France?"

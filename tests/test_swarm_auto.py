@@ -18,12 +18,12 @@ import torch
 from libp2p.peer.id import ID
 
 from petald.cli.local_swarm import LocalSwarm
-from petald.p2pnode.block_selection import block_coverage
-from petald.p2pnode.distributed_model import DistributedModel
-from petald.p2pnode.host import parse_peer_address
-from petald.p2pnode.identity import load_or_create_identity
-from petald.p2pnode.node_thread import NodeThread
-from petald.p2pnode.swarm_map import ModelMap, read_swarm
+from petald.p2pnode.client.distributed_model import DistributedModel
+from petald.p2pnode.client.node_thread import NodeThread
+from petald.p2pnode.routing.placement import block_coverage
+from petald.p2pnode.swarm.swarm_map import ModelMap, read_swarm
+from petald.p2pnode.transport.host import parse_peer_address
+from petald.p2pnode.transport.identity import load_or_create_identity
 from tests.oracle import reference_greedy, reference_logits
 
 pytestmark = pytest.mark.slow
@@ -160,8 +160,8 @@ def test_forged_and_expired_records_are_dropped_by_real_servers(auto_swarm):
     claims a real server's peer ID, and a genuinely signed but expired record of its own."""
     import trio
 
-    from petald.p2pnode.host import running_host
-    from petald.p2pnode.swarm_dht import SwarmDHT, record_key, sign_announcement
+    from petald.p2pnode.swarm.dht import SwarmDHT, record_key, sign_announcement
+    from petald.p2pnode.transport.host import running_host
     from petald.protocol.announcement import ServerAnnouncement
 
     swarm, watcher = auto_swarm

@@ -6,9 +6,7 @@ import time
 
 import trio
 
-from petald.p2pnode.host import full_addresses, running_host
-from petald.p2pnode.identity import load_or_create_identity
-from petald.p2pnode.swarm_dht import (
+from petald.p2pnode.swarm.dht import (
     LIBRARY_KAD_PROTOCOL,
     PETALD_KAD_PROTOCOL,
     SERVERS_KEY,
@@ -17,7 +15,9 @@ from petald.p2pnode.swarm_dht import (
     record_key,
     sign_announcement,
 )
-from petald.p2pnode.swarm_map import read_swarm
+from petald.p2pnode.swarm.swarm_map import read_swarm
+from petald.p2pnode.transport.host import full_addresses, running_host
+from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.protocol.announcement import ServerAnnouncement
 
 

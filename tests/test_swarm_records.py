@@ -6,17 +6,17 @@ import time
 
 import pytest
 
-from petald.p2pnode.block_selection import better_start, block_coverage, choose_start
-from petald.p2pnode.identity import load_or_create_identity
-from petald.p2pnode.route import NoRouteError, RemoteServer, SpanRoute, uncovered_blocks
-from petald.p2pnode.server_bans import ServerBans
-from petald.p2pnode.swarm_dht import (
+from petald.p2pnode.routing.bans import ServerBans
+from petald.p2pnode.routing.placement import better_start, block_coverage, choose_start
+from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanRoute, uncovered_blocks
+from petald.p2pnode.swarm.dht import (
     AnnouncementValidator,
     InvalidAnnouncement,
     record_key,
     sign_announcement,
     verify_announcement,
 )
+from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
 from petald.protocol.messages import ServerInfo
 
@@ -192,7 +192,7 @@ def test_bans_grow_with_repeated_failures_and_end_on_success():
 def test_a_py_libp2p_without_the_dht_internals_we_use_is_refused_at_start(monkeypatch):
     from libp2p.kad_dht.value_store import ValueStore
 
-    from petald.p2pnode.swarm_dht import check_library
+    from petald.p2pnode.swarm.dht import check_library
 
     check_library()
     monkeypatch.delattr(ValueStore, "_get_from_peer")

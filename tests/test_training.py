@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from petald.kernels.executor import DeviceExecutor
 from petald.kernels.quant import Int4Linear, Int8Linear, PrepackedBf16Linear, onednn_bf16_supported
-from petald.kernels.sources import open_source
+from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from petald.kernels.training_forward import span_backward, span_forward
-from petald.p2pnode.route import RemoteServer, SpanRoute
-from petald.p2pnode.training_pipeline import chunk_rows
+from petald.p2pnode.client.training_pipeline import chunk_rows
+from petald.p2pnode.routing.route import RemoteServer, SpanRoute
 from petald.protocol.messages import ServerInfo, SpanOutput, SpanRequest
 from tests.oracle import reference_model
 
@@ -273,7 +273,7 @@ def test_every_chunk_of_a_wide_model_fits_in_one_backward_frame():
 def test_an_abandoned_training_job_never_runs(tiny_models):
     import trio
 
-    from petald.p2pnode.compute import run_task
+    from petald.p2pnode.server.executor_bridge import run_task
 
     span = BlockSpan(open_source(str(tiny_models["llama"])), 0, 2, torch.float32, torch.device("cpu"))
     executor = DeviceExecutor(span)
@@ -352,7 +352,7 @@ def _swarm_prompt_loss(model, ids, prompts, deep):
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt_rows", [1, 4])
 def test_gradients_through_two_and_three_servers_equal_local_autograd(training_swarm, prompt_rows):
-    from petald.p2pnode.distributed_model import DistributedModel
+    from petald.p2pnode.client.distributed_model import DistributedModel
 
     path, swarm = training_swarm
     a = swarm.addresses
@@ -370,8 +370,8 @@ def test_gradients_through_two_and_three_servers_equal_local_autograd(training_s
 
 @pytest.mark.slow
 def test_prompt_tuning_trains_saves_and_generates_like_the_oracle(training_swarm, tmp_path):
-    from petald.p2pnode.distributed_model import DistributedModel
-    from petald.p2pnode.prompt_tuning import PromptTuning
+    from petald.p2pnode.client.distributed_model import DistributedModel
+    from petald.p2pnode.client.prompt_tuning import PromptTuning
 
     path, swarm = training_swarm
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8))
@@ -413,8 +413,8 @@ def test_training_goes_on_when_servers_die_mid_step(tiny_models):
     (the forward is redone through the first to get the second's input). A server killed before a
     forward: the forward carries on from its blocks elsewhere. Gradients stay exact either way."""
     from petald.cli.local_swarm import LocalSwarm
-    from petald.p2pnode.distributed_model import DistributedModel
-    from petald.p2pnode.route import NoRouteError
+    from petald.p2pnode.client.distributed_model import DistributedModel
+    from petald.p2pnode.routing.route import NoRouteError
 
     path = str(tiny_models["llama"])
     ids, prompts, deep = _prompt_case(seed=9, batch=2)

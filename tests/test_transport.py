@@ -20,17 +20,17 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from petald.p2pnode import lean_transport
-from petald.p2pnode.direct_frames import DirectStream
-from petald.p2pnode.framed_stream import FramedStream
-from petald.p2pnode.host import (
+from petald.p2pnode.transport import lean_transport
+from petald.p2pnode.transport.direct_frames import DirectStream
+from petald.p2pnode.transport.framed_stream import FramedStream
+from petald.p2pnode.transport.host import (
     DEFAULT_LISTEN,
     full_addresses,
     make_host,
     parse_peer_address,
     running_host,
 )
-from petald.p2pnode.identity import load_or_create_identity
+from petald.p2pnode.transport.identity import load_or_create_identity
 
 ECHO = TProtocol("/petald/test-echo/1.0.0")
 
@@ -239,7 +239,7 @@ def test_eager_lock_excludes_and_hands_over_in_order():
 
 
 def test_executor_hand_off_returns_raises_and_abandons_on_cancel():
-    from petald.p2pnode.compute import await_completion
+    from petald.p2pnode.server.executor_bridge import await_completion
 
     release = threading.Event()
 

@@ -95,7 +95,7 @@ def save_tiny_gguf(family: str, path: Path, seed: int = 0) -> dict[str, torch.Te
 def save_tiny_chat_model(path: Path, seed: int = 0) -> Path:
     """A tiny random Llama that speaks SmolLM2's tokenizer (and chat template), so that the
     text APIs (completions, chat) can run on it in milliseconds."""
-    from petald.kernels.sources import open_source
+    from petald.kernels.sources.open_source import open_source
 
     tokenizer = open_source(None).load_tokenizer()
     config = tiny_config("llama")

@@ -13,12 +13,12 @@ import click
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that carry a message a person can act on (imported lazily: torch is slow to load)."""
-    from petald.cli.daemon_client import DaemonError
-    from petald.kernels.model_source import ModelSourceError
+    from petald.cli.api.daemon_client import DaemonError
     from petald.kernels.paged_kv_cache import CacheFullError
-    from petald.p2pnode.distributed_model import ModelMismatchError
-    from petald.p2pnode.remote_span import ServerUnavailable
-    from petald.p2pnode.route import NoRouteError
+    from petald.kernels.sources.model_source import ModelSourceError
+    from petald.p2pnode.client.distributed_model import ModelMismatchError
+    from petald.p2pnode.routing.route import NoRouteError
+    from petald.p2pnode.transport.peer_streams import ServerUnavailable
     from petald.protocol.errors import ProtocolError, RemoteError
 
     return (ModelSourceError, ModelMismatchError, ServerUnavailable, NoRouteError, RemoteError,
@@ -57,7 +57,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def _announcer() -> Callable[[str], None]:
     """Print ``petald: TEXT`` and tell systemd (STATUS=, shown by systemctl status)."""
-    from petald.cli import systemd_notify
+    from petald.cli.systemd import notify as systemd_notify
 
     def say(text: str) -> None:
         click.echo(f"petald: {text}")
@@ -107,15 +107,15 @@ def _api_options(fn: Callable) -> Callable:
 
 
 def _socket_path(socket: str | None) -> Path:
-    from petald.cli.api_socket import default_socket_path
+    from petald.cli.api.unix_socket import default_socket_path
 
     return Path(socket).expanduser() if socket else default_socket_path()
 
 
 def _api_listen(socket: str | None, socket_group: str | None, http: str | None):
     """Where the API listens; fails now, before any model is loaded, if the socket is taken."""
-    from petald.cli.api_server import ApiListen, parse_http_address
-    from petald.cli.api_socket import check_socket_free
+    from petald.cli.api.server import ApiListen, parse_http_address
+    from petald.cli.api.unix_socket import check_socket_free
 
     path = _socket_path(socket)
     check_socket_free(path)
@@ -187,10 +187,10 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
     def run() -> None:
         import torch
 
-        from petald.cli.daemon import api_beside_server
+        from petald.cli.api.daemon import api_beside_server
         from petald.cli.progress import ProgressDisplay
-        from petald.p2pnode.serve import ServeOptions, serve
-        from petald.p2pnode.server import ServerLimits
+        from petald.p2pnode.server.block_server import ServerLimits
+        from petald.p2pnode.server.server_node import ServeOptions, serve
 
         api = None if no_api else _api_listen(socket, socket_group, http)
         if threads:
@@ -291,7 +291,7 @@ def _pick_daemon(ctx: click.Context, use_daemon: bool | None, socket: str | None
     Unless told (--daemon / --no-daemon), the daemon is used when it answers and no swarm was
     named on the command line (--peers and --initial-peers mean: be a client node of your own).
     """
-    from petald.cli.daemon_client import DaemonClient
+    from petald.cli.api.daemon_client import DaemonClient
 
     path = _socket_path(socket)
     if use_daemon is False or (use_daemon is None and swarm_given):
@@ -317,7 +317,7 @@ def _client_node(peers: list[str], initial_peers: list[str], model: str | None, 
     """A client node of this command's own (no daemon): the servers given, or the swarm's."""
     if not peers and not initial_peers:
         raise _no_swarm_error(socket)
-    from petald.p2pnode.distributed_model import DistributedModel
+    from petald.p2pnode.client.distributed_model import DistributedModel
 
     return DistributedModel(peers, model, initial_peers=initial_peers, wire_dtype=wire_dtype,
                             codec="lz4" if lz4 else "raw", step_timeout=step_timeout,
@@ -338,7 +338,7 @@ def _daemon_model_name(model: str | None) -> str | None:
     """The model id to ask the daemon for: None (whatever it serves) unless --model was given."""
     if model is None:
         return None
-    from petald.kernels.sources import open_source
+    from petald.kernels.sources.open_source import open_source
 
     return open_source(model).identity.model_id
 
@@ -472,7 +472,7 @@ def swarm(initial_peers, socket, as_json, debug) -> None:
         if initial_peers:
             maps = _read_swarm_here(_addresses(initial_peers))
         else:
-            from petald.cli.daemon_client import DaemonClient
+            from petald.cli.api.daemon_client import DaemonClient
 
             daemon = DaemonClient.running_at(_socket_path(socket))
             if daemon is None:
@@ -490,9 +490,9 @@ def swarm(initial_peers, socket, as_json, debug) -> None:
 
 def _read_swarm_here(initial_peers: list[str]) -> list[dict]:
     """The swarm map (JSON form) read by a short-lived client node of this process."""
-    from petald.p2pnode.identity import load_or_create_identity
-    from petald.p2pnode.node_thread import NodeThread
-    from petald.p2pnode.swarm_map import read_swarm
+    from petald.p2pnode.client.node_thread import NodeThread
+    from petald.p2pnode.swarm.swarm_map import read_swarm
+    from petald.p2pnode.transport.identity import load_or_create_identity
 
     node = NodeThread(load_or_create_identity(None), with_dht=True)
     try:
@@ -524,8 +524,8 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, h
     _setup_logging(verbose)
 
     def run() -> None:
-        from petald.cli.daemon import DaemonOptions, run_client_daemon
-        from petald.kernels.sources import open_source
+        from petald.cli.api.daemon import DaemonOptions, run_client_daemon
+        from petald.kernels.sources.open_source import open_source
 
         peers = _addresses(initial_peers)
         if not peers:
@@ -571,7 +571,7 @@ def config_show(ctx, command) -> None:
 def install_service(args, system, run_as, name, print_only, output) -> None:
     """Write a systemd unit that runs `petald serve ARGS` (or `petald daemon ARGS`), e.g.
     petald install-service -- --initial-peers ADDR --blocks auto"""
-    from petald.cli.systemd_unit import unit_path, unit_text
+    from petald.cli.systemd.unit import unit_path, unit_text
 
     if not name.endswith(".service"):
         name += ".service"
@@ -605,8 +605,8 @@ def demo(prompt, servers, model, max_new_tokens, debug) -> None:
 
     def run() -> None:
         from petald.cli.local_swarm import LocalSwarm, even_spans
-        from petald.kernels.sources import open_source
-        from petald.p2pnode.distributed_model import DistributedModel
+        from petald.kernels.sources.open_source import open_source
+        from petald.p2pnode.client.distributed_model import DistributedModel
 
         source = open_source(model)
         spans = even_spans(source.identity.num_blocks, servers)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from petald.kernels.decode_attention import decode_attention, native_decode_attention_usable
-from petald.kernels.lora import BlockLora
+from petald.kernels.adapters.lora import BlockLora
+from petald.kernels.native.decode_attention import decode_attention, native_decode_attention_usable
 from petald.kernels.quant import Linear, make_linear
 from petald.kernels.rotary import apply_rotary
 from petald.kernels.step_batch import StepBatch

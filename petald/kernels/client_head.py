@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from petald.kernels.block import rms_norm
-from petald.kernels.model_source import ModelSource
 from petald.kernels.quant import (
     QUANT_MODES,
     DenseLinear,
@@ -17,6 +16,7 @@ from petald.kernels.quant import (
     make_linear,
     onednn_bf16_supported,
 )
+from petald.kernels.sources.model_source import ModelSource
 
 log = logging.getLogger(__name__)
 

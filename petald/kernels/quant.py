@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from petald.kernels import int4_native
+from petald.kernels.native import int4_native
 
 log = logging.getLogger(__name__)
 

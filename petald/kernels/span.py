@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
+from petald.kernels.adapters.lora import AdapterError, LoraAdapter, load_lora_adapter
 from petald.kernels.block import TransformerBlock
-from petald.kernels.lora import AdapterError, LoraAdapter, load_lora_adapter
-from petald.kernels.model_source import ModelSource
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache, SessionCache
 from petald.kernels.quant import check_quant
 from petald.kernels.rotary import RotaryTable
+from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.step_batch import Segment, StepBatch
 
 

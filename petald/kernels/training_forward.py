@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from petald.kernels.adapters.lora import BlockLora, LoraAdapter
 from petald.kernels.block import TransformerBlock, project, rms_norm
-from petald.kernels.lora import BlockLora, LoraAdapter
 from petald.kernels.rotary import apply_rotary
 from petald.kernels.span import BlockSpan
 

@@ -1,0 +1,127 @@
+"""The daemon's local API, in the two processes that serve it.
+
+- ``petald serve``: the server runs :func:`api_beside_server` in its nursery once its first
+  span is online; the API's DistributedModel joins the swarm through the server's own address.
+- ``petald daemon``: :func:`run_client_daemon` joins the swarm without serving blocks (a
+  client-mode DHT node) and serves only the API.
+
+Either way the API's DistributedModel is created by the first request that needs one
+(``ModelBackend``), and systemd hears ``READY=1`` once the API listens.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.abc import IHost
+
+from petald.cli.api.backend import ModelBackend
+from petald.cli.api.routes import ApiContext, make_app
+from petald.cli.api.server import ApiListen, serve_api
+from petald.cli.systemd import notify as systemd_notify
+from petald.kernels.sources.model_source import ModelSource
+from petald.kernels.sources.open_source import open_source
+from petald.p2pnode.swarm.dht import SwarmDHT
+from petald.p2pnode.swarm.swarm_map import read_swarm
+from petald.p2pnode.transport.host import (
+    DEFAULT_LISTEN,
+    full_addresses,
+    quiet_libp2p_logs,
+    running_host,
+)
+from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.peer_streams import ServerUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def api_beside_server(listen: ApiListen | None, model: str | None, announce: Callable[[str], None],
+                      head_quant: str = "none") -> Callable[[IHost, SwarmDHT], Awaitable[None]]:
+    """The task ``petald serve`` starts once it is routable: the API (unless ``listen`` is None)
+    and systemd's readiness. ``model`` is opened again here (cheap: the fingerprint is cached)
+    so that the server's own loading code stays as it is. ``head_quant``: how the API's model
+    stores its LM head (``ClientHead``)."""
+
+    async def run(host: IHost, dht: SwarmDHT) -> None:
+        try:
+            if listen is None:
+                systemd_notify.notify("READY=1", "STATUS=serving blocks (no local API)")
+                await trio.sleep_forever()
+            addresses = full_addresses(host)
+            source = await trio.to_thread.run_sync(open_source, model)
+            backend = ModelBackend(source, addresses[:1], head_quant=head_quant)
+            context = ApiContext(backend, lambda: read_swarm(dht), "server",
+                                 details=lambda: {"peer_id": dht.peer_id, "addresses": addresses})
+            await _serve(context, listen, announce)
+        finally:
+            systemd_notify.notify("STOPPING=1")
+
+    return run
+
+
+async def _serve(context: ApiContext, listen: ApiListen, announce: Callable[[str], None],
+                 stop: trio.Event | None = None) -> None:
+    async with context.backend.running(), trio.open_nursery() as nursery:
+        urls = await nursery.start(serve_api, make_app(context), listen)
+        for url in urls:
+            announce(f"local API on {url}")
+        systemd_notify.notify("READY=1", f"STATUS=serving the local API on {', '.join(urls)}")
+        if stop is None:
+            await trio.sleep_forever()
+        await stop.wait()
+        nursery.cancel_scope.cancel()
+
+
+@dataclass
+class DaemonOptions:
+    initial_peers: list[str]
+    listen_api: ApiListen
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    identity: str | None = None
+    head_quant: str = "none"  # how the API's model stores its LM head (ClientHead)
+
+
+def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Callable[[str], None]) -> None:
+    """Join the swarm as a client node and serve the local API until SIGINT or SIGTERM."""
+    if not options.initial_peers:
+        raise ValueError("a daemon joins a swarm: pass --initial-peers ADDR (any node of the swarm)")
+    quiet_libp2p_logs()
+    key_pair = load_or_create_identity(options.identity)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with running_host(key_pair, options.listen) as host:
+                dht = SwarmDHT(host, key_pair, server_mode=False)
+                async with dht.running():
+                    joined = await dht.join(options.initial_peers)
+                    if not joined:
+                        raise ServerUnavailable(f"none of the initial peers answered: {_listing(options.initial_peers)}")
+                    announce(f"joined the swarm through {joined} of {len(options.initial_peers)} initial peers "
+                             f"as a client for {source.identity.model_id}")
+                    backend = ModelBackend(source, options.initial_peers, head_quant=options.head_quant)
+                    context = ApiContext(backend, lambda: read_swarm(dht), "client",
+                                         details=lambda: {"peer_id": dht.peer_id})
+                    stop = trio.Event()
+
+                    async def wait_for_signal() -> None:
+                        async for signum in signals:
+                            announce(f"received {signal.Signals(signum).name}, shutting down")
+                            systemd_notify.notify("STOPPING=1")
+                            stop.set()
+                            return
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(wait_for_signal)
+                        await _serve(context, options.listen_api, announce, stop)
+                        nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    announce("stopped")
+
+
+def _listing(addresses: Sequence[str]) -> str:
+    return ", ".join(addresses)

@@ -1,0 +1,1 @@
+"""Running petald under systemd: the unit file and readiness notification."""

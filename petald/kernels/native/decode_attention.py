@@ -1,0 +1,79 @@
+"""A decode step's rotary, cache write and attention in one C call per block (``decode_attention.c``).
+
+For single-token steps on CPU, ``TransformerBlock`` hands the fused projection's output to
+``decode_attention`` instead of running rotary embedding, two ``index_copy_`` and a padded
+``scaled_dot_product_attention`` over gathered keys: about fifteen torch ops whose overhead,
+on a small model, costs several times their arithmetic (benchmarks.md, "Decode attention in
+C"). The C kernel reads each session's keys and values where they lie in the pools, so there
+is no gather, padding or mask. Prefill chunks, other devices and dtypes, head sizes that are not
+a multiple of 16 and CPUs without AVX512F keep the torch ops; ``PETALD_NATIVE_ATTENTION=0``
+keeps them everywhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from petald.kernels.native.native_library import library_running
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # decode_attention.c's dtype codes
+
+
+def native_decode_attention_usable(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether decode steps of blocks of this dtype, device and head size run through the C kernel."""
+    if os.environ.get("PETALD_NATIVE_ATTENTION", "1") == "0":
+        return False
+    if device.type != "cpu" or dtype not in _DTYPES or head_dim % 16:
+        return False
+    return _library() is not None
+
+
+def _library() -> ctypes.CDLL | None:
+    return library_running("petald_attention_cpu_supported", "this CPU lacks AVX512F; decode attention uses torch's ops")
+
+
+def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin_signed: torch.Tensor,
+                     k_pool: torch.Tensor, v_pool: torch.Tensor, write_slots: torch.Tensor,
+                     key_slots: torch.Tensor, lengths: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Attention output [S, heads * head_dim] of S single-token steps, from their fused projections
+    ``qkv`` [S, (heads + 2 kv_heads) * head_dim]: rotates the query and key heads by ``cos`` and
+    ``sin_signed`` [S, head_dim] (``RotaryTable`` rows at each token's position), writes each key and
+    value into the pools [slots, kv_heads, head_dim] at ``write_slots`` [S], and attends over the
+    slots ``key_slots[s, :lengths[s]]`` (int64 [S, longest] and [S]), the last ``window`` of them
+    where given. Call only where ``native_decode_attention_usable``. Tensors' dtypes and shapes are checked
+    here, the sizes (lengths, head counts and size, window) by the C code before it writes anything; slot
+    values are not, as the C code trusts them: ``StepBatch`` takes them from the pool's own page tables.
+    """
+    library = _library()
+    if library is None:
+        raise RuntimeError("petald's decode attention kernel is not loaded (see the log for why)")
+    seqs, head_dim = qkv.shape[0], k_pool.shape[-1]
+    dtype = qkv.dtype
+    for t in (qkv, cos, sin_signed, k_pool, v_pool):
+        if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
+            raise ValueError("decode attention takes contiguous CPU tensors of one dtype, float32 or bfloat16")
+    for t in (write_slots, key_slots, lengths):
+        if t.dtype != torch.int64 or not t.is_cpu or not t.is_contiguous():
+            raise ValueError("decode attention takes contiguous CPU int64 slots and lengths")
+    if dtype not in _DTYPES or qkv.shape != (seqs, (heads + 2 * kv_heads) * head_dim) \
+            or cos.numel() != seqs * head_dim or sin_signed.numel() != seqs * head_dim \
+            or k_pool.shape != v_pool.shape or k_pool.shape[1:] != (kv_heads, head_dim) \
+            or write_slots.shape != (seqs,) or lengths.shape != (seqs,) or key_slots.dim() != 2 \
+            or key_slots.shape[0] != seqs:
+        raise ValueError(f"decode attention got shapes that do not fit together: qkv {list(qkv.shape)} of {dtype} for "
+                         f"{heads}/{kv_heads} heads, pools {list(k_pool.shape)}, key slots {list(key_slots.shape)}")
+    out = torch.empty(seqs, heads * head_dim, dtype=qkv.dtype)
+    status = library.petald_decode_attention(
+        qkv.data_ptr(), _DTYPES[qkv.dtype], seqs, heads, kv_heads, head_dim, cos.data_ptr(), sin_signed.data_ptr(),
+        k_pool.data_ptr(), v_pool.data_ptr(), write_slots.data_ptr(), key_slots.data_ptr(), key_slots.shape[1],
+        lengths.data_ptr(), window or 0, out.data_ptr())
+    if status == -2:
+        raise ValueError(f"decode attention got sizes that do not fit: lengths outside [1, {key_slots.shape[1]}] "
+                         f"(the key slots' width), {heads} heads over {kv_heads} key/value heads, head size "
+                         f"{head_dim} (a multiple of 16), or a window below 0")
+    if status != 0:
+        raise MemoryError("the decode attention kernel could not allocate its scratch space")
+    return out

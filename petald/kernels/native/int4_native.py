@@ -1,0 +1,115 @@
+"""petald's own int4 matmul (``int4_matmul.c``), compiled on first use and called through ctypes.
+
+torch's ``_weight_int4pack_mm_for_cpu`` turns every 4-bit weight into a float before it
+multiplies, and runs at about 15 GMAC/s on one core here: SmolLM2's 30 int4 blocks spent
+8 ms of a 16.6 ms token in it, while reading their 53 MB of weights takes about 2 ms.
+The C kernel turns 32 weights into bfloat16 with one table lookup and multiplies pairs with
+AVX512-BF16 (see the C file's header), which is what a CPU with AVX512-BF16 (Zen 4, Sapphire
+Rapids and later) can do; benchmarks.md, "petald's own int4 kernel", has the figures.
+
+It is built and loaded with petald's other C kernels (``kernels/native_library.py``).
+Where there is no C compiler or the CPU lacks AVX512-BF16, ``Int4Linear`` keeps torch's
+kernel: same weights, same arithmetic up to float rounding. Which of the two serves where both
+can is decided in ``kernels/quant.py`` (``native_int4_enabled``).
+
+A product of at least ``SPLIT_ROWS`` rows is split by output tiles over torch's thread count
+(``torch.get_num_threads()``): the C call releases the GIL, so a small pool of this module's
+own threads runs the parts side by side. A decode step of a few rows stays on the calling
+thread: waking another costs more than its share of the work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from petald.kernels.native.native_library import library_running
+
+TILE = 16  # output rows per packed tile (one float32 AVX512 register)
+GROUP = 32  # inputs per scale/zero group; kernels/quant.py's INT4_GROUP
+RECORD = 320  # bytes per (tile, group): 256 of nibbles, 16 bfloat16 scales, 16 bfloat16 zeros
+SPLIT_ROWS = 16  # products of this many rows or more are split over threads
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pool_lock = threading.Lock()
+
+
+class NativeKernelError(RuntimeError):
+    """A call the kernel cannot take (wrong width, device) or a kernel that is not there."""
+
+
+def native_int4_available() -> bool:
+    """Whether the C kernel is built, loaded and runs on this CPU (whatever the setting)."""
+    return _library() is not None
+
+
+def _library() -> ctypes.CDLL | None:
+    return library_running("petald_int4_cpu_supported", "this CPU lacks AVX512-BF16; --quant int4 uses torch's kernel")
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The kernel's records [N / 16, K / 32, 320] from ``q`` [N, K] (ints in [0, 16)) and ``scale``,
+    ``zero`` [K / 32, N]; N a multiple of 16 and K of 32 (``Int4Linear`` refuses other shapes).
+
+    w[n, k] = (q[n, k] - 8) * scale[k // 32, n] + zero[k // 32, n], as in ``Int4Linear``.
+    """
+    n, k = q.shape
+    tiles, groups = n // TILE, k // GROUP
+    # k = 32 g + 4 c + 2 h + e: h picks the low (0) or high (1) nibble of a byte.
+    q6 = q.to(torch.uint8).reshape(tiles, TILE, groups, 8, 2, 2)
+    nibbles = q6[:, :, :, :, 0, :] | (q6[:, :, :, :, 1, :] << 4)  # [t, r, g, c, e]
+    nibbles = nibbles.permute(0, 2, 3, 1, 4).reshape(tiles, groups, 256)
+
+    def per_tile(v: torch.Tensor) -> torch.Tensor:  # [G, N] -> [T, G, 32] bytes of bfloat16
+        v = v.to(torch.bfloat16).reshape(groups, tiles, TILE).permute(1, 0, 2).contiguous()
+        return v.view(torch.uint8).reshape(tiles, groups, 2 * TILE)
+
+    return torch.cat([nibbles, per_tile(scale), per_tile(zero)], dim=-1).contiguous()
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x`` [M, K] (any float dtype, rounded to bfloat16) times the packed weights' transpose: float32 [M, N]."""
+    library = _library()
+    if library is None:
+        raise NativeKernelError("petald's int4 kernel is not loaded (see the log for why)")
+    tiles, groups = packed.shape[0], packed.shape[1]
+    if x.dim() != 2 or x.shape[1] != groups * GROUP or x.device.type != "cpu" or packed.shape[2] != RECORD:
+        raise NativeKernelError(f"the int4 kernel multiplies CPU rows of width {groups * GROUP}; "
+                                f"got {list(x.shape)} on {x.device}")
+    x_is_float32 = x.dtype == torch.float32  # the kernel rounds these itself
+    x = x.contiguous() if x_is_float32 else x.to(torch.bfloat16).contiguous()
+    rows = x.shape[0]
+    out = torch.empty(rows, tiles * TILE, dtype=torch.float32)
+    if rows == 0:
+        return out
+
+    def run(begin: int, end: int) -> None:
+        if library.petald_int4_matmul(x.data_ptr(), int(x_is_float32), rows, x.shape[1], packed.data_ptr(),
+                                      tiles * TILE, begin, end, out.data_ptr()) != 0:
+            raise MemoryError("the int4 kernel could not allocate its scratch space")
+
+    threads = min(torch.get_num_threads(), tiles) if rows >= SPLIT_ROWS else 1
+    if threads <= 1:
+        run(0, tiles)
+        return out
+    bounds = [tiles * i // threads for i in range(threads + 1)]
+    pool = _thread_pool(threads - 1)
+    parts = [pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    try:
+        run(bounds[0], bounds[1])
+    finally:
+        for part in parts:  # every part finishes before ``out`` and ``x`` can be freed
+            part.result()
+    return out
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads for the parts of split products, made once per size and kept:
+    torch's thread count is per thread, so callers may differ, and a pool is cheap while idle."""
+    with _pool_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="petald-int4")
+        return _pools[workers]

@@ -1,0 +1,3 @@
+"""The client role: the distributed model, inference sessions and training through remote spans.
+
+Never imports ``petald.p2pnode.server``."""

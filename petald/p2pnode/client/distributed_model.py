@@ -1,0 +1,395 @@
+"""The Python API: a model whose blocks live on remote servers and whose head lives here.
+
+    model = DistributedModel(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])  # via the DHT
+    model = DistributedModel(peers=[...])                  # or exactly these servers, no DHT
+    ids = model.tokenizer("Hello", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=20)           # transformers-style
+    states = model.hidden_states(ids, blocks=[4, 9])       # after any block
+    h = model.run_blocks(states[4], 5, 10)                 # any slice, on your tensors
+    h = model.remote_blocks(embeddings, deep_prompts)      # differentiable: train client-side parameters
+
+``DistributedModel(..., adapter="name")`` runs every block with that LoRA adapter, on servers that hold it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import trio
+
+from petald.kernels.client_head import ClientHead
+from petald.kernels.sampling import sample_next
+from petald.kernels.sources.model_source import ModelSource
+from petald.kernels.sources.open_source import open_source
+from petald.p2pnode.client.inference_session import InferenceSession, Recovery, token_chunks
+from petald.p2pnode.client.node_thread import NodeThread
+from petald.p2pnode.client.remote_autograd import RemoteBlocksFunction
+from petald.p2pnode.client.remote_span import fetch_info
+from petald.p2pnode.client.training_pipeline import DEFAULT_MAX_CHUNK_TOKENS, TrainingPipeline
+from petald.p2pnode.routing.bans import ServerBans
+from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
+from petald.p2pnode.swarm.dht import block_key
+from petald.p2pnode.transport.host import parse_peer_address
+from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.peer_streams import ServerUnavailable
+from petald.protocol.announcement import ServerAnnouncement
+from petald.protocol.limits import WIRE_VERSION
+
+log = logging.getLogger(__name__)
+
+RETRY_PERIOD_S = 1.0  # between looks at the swarm while blocks are uncovered
+
+
+class ModelMismatchError(Exception):
+    """The servers given hold other weights than the client's model."""
+
+
+class DistributedModel:
+    """Give ``initial_peers`` (any nodes of a swarm: servers are found in the DHT) or ``peers``
+    (exactly the servers to use, no DHT)."""
+
+    def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
+                 initial_peers: Sequence[str] = (), wire_dtype: str = "float32", codec: str = "raw",
+                 step_timeout: float = 30.0, connect_timeout: float = 15.0, recovery_timeout: float = 60.0,
+                 adapter: str | None = None, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+                 head_quant: str = "none", push: bool = True):
+        """``step_timeout`` bounds each server's answer (a hung server is replaced after it);
+        ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
+        ``adapter`` names a LoRA adapter: only servers holding it are used, and they apply it.
+        ``max_chunk_tokens`` caps the tokens of one training request (``remote_blocks``).
+        ``head_quant`` stores the local LM head as ``ClientHead`` does (``HEAD_QUANT_MODES``): "bf16"
+        is the fast choice on CPUs with native bfloat16; "none" (float32) is the reference.
+        ``push``: servers pass each inference step's output on to the next server themselves
+        (docs/protocol.md, "Pushing steps"); False: every hop goes through this client."""
+        if not peers and not initial_peers:
+            raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
+        self.source = open_source(model) if model is None or isinstance(model, str) else model
+        self.identity = self.source.identity
+        self.config = self.source.config
+        self.head = ClientHead(self.source, quant=head_quant)
+        self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
+        self.initial_peers, self.connect_timeout = list(initial_peers), connect_timeout
+        self.peers, self.recovery_timeout = list(peers), recovery_timeout
+        self.adapter = adapter or ""
+        self.max_chunk_tokens = max_chunk_tokens
+        self.push = push
+        self.bans = ServerBans()  # shared by every session of this client
+        self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
+        self._tokenizer: Any = None
+        self.node = NodeThread(load_or_create_identity(None), with_dht=bool(initial_peers))
+        try:
+            if initial_peers:
+                self.servers = self.node.call(self._discover, list(initial_peers), connect_timeout)
+            else:
+                self.servers = self.node.call(self._connect_all, list(peers), connect_timeout)
+        except BaseException:
+            self.node.stop()
+            raise
+
+    async def _discover(self, initial_peers: list[str], timeout: float) -> list[RemoteServer]:
+        """Join the swarm and find this model's servers; while blocks are uncovered (servers
+        still joining or moving), look again until ``timeout``."""
+        dht = self.node.dht
+        assert dht is not None
+        await dht.join(initial_peers, timeout)
+        deadline = trio.current_time() + timeout
+        while True:
+            servers = await self._find_servers()
+            covered = {b for s in servers for b in range(s.info.start, s.info.end)}
+            if len(covered) == self.identity.num_blocks:
+                return servers
+            if trio.current_time() + 1.0 > deadline:
+                if not servers:
+                    raise ServerUnavailable(f"no server in the swarm answers for {self.identity.model_id}; "
+                                            "check --model, or start servers for it")
+                return servers  # routing names the uncovered blocks
+            await trio.sleep(1.0)
+
+    async def _find_servers(self) -> list[RemoteServer]:
+        """This model's online servers from the DHT, each with a measured round trip."""
+        dht = self.node.dht
+        assert dht is not None
+        timeout = self.connect_timeout
+        keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
+        # Banned servers are not even asked: a hung one would hold up the whole look for its timeout.
+        records = [r for r in await dht.announcements(keys)
+                   if r.state == "online" and r.fingerprint == self.identity.fingerprint and r.addresses
+                   and not self.bans.is_banned(r.peer_id)]
+        found: list[RemoteServer] = []
+
+        async def measure(record: ServerAnnouncement) -> None:
+            try:
+                with trio.fail_after(timeout):
+                    # Connect first, so that the timed round trip does not include the handshake.
+                    await self.node.host.connect(parse_peer_address(record.addresses[0]))
+                began = trio.current_time()
+                info = await fetch_info(self.node.host, record.peer_id, timeout)
+                rtt = trio.current_time() - began
+            except Exception as exc:  # an unreachable server is skipped, like a dead one
+                log.info("skipping %s: %s", record.peer_id, exc)
+                return
+            if info.fingerprint == self.identity.fingerprint and info.wire_version == WIRE_VERSION:
+                found.append(RemoteServer(record.peer_id, record.addresses[0], info, rtt, record.inference_rps,
+                                          record.forward_tps))
+
+        async with trio.open_nursery() as nursery:
+            for record in records:
+                nursery.start_soon(measure, record)
+        return sorted(found, key=lambda s: s.peer_id)
+
+    async def _connect_all(self, peers: list[str], timeout: float) -> list[RemoteServer]:
+        host = self.node.host
+        reachable: dict[str, RemoteServer] = {}
+        failures: list[str] = []
+
+        parsed = {address: parse_peer_address(address) for address in peers}  # bad addresses fail here
+
+        async def connect(address: str) -> None:
+            info = parsed[address]
+            try:
+                with trio.fail_after(timeout):
+                    await host.connect(info)
+                server_info = await fetch_info(host, info.peer_id.to_base58(), timeout)
+                if server_info.wire_version != WIRE_VERSION:
+                    raise ServerUnavailable(f"it speaks wire version {server_info.wire_version}, "
+                                            f"this client {WIRE_VERSION}: upgrade one of them")
+            except Exception as exc:  # any failure only skips this peer; the reason is reported
+                failures.append(f"{address}: {exc or type(exc).__name__}")
+                return
+            reachable[address] = RemoteServer(info.peer_id.to_base58(), address, server_info)
+
+        async with trio.open_nursery() as nursery:
+            for address in peers:
+                nursery.start_soon(connect, address)
+        for address in failures:
+            log.warning("skipping peer %s", address)
+        servers = [reachable[a] for a in peers if a in reachable]
+        mismatched = [s for s in servers if s.info.fingerprint != self.identity.fingerprint]
+        if mismatched and len(mismatched) == len(servers):
+            s = mismatched[0]
+            raise ModelMismatchError(
+                f"the servers hold {s.info.model_id}, but this client loaded {self.identity.model_id}: "
+                "the weights differ (fingerprints do not match); pass the same --model to both")
+        for s in mismatched:
+            log.warning("ignoring %s: it serves %s, not %s", s.address, s.info.model_id, self.identity.model_id)
+        good = [s for s in servers if s not in mismatched]
+        if not good:
+            raise ServerUnavailable("no usable server among the peers given:\n  " + "\n  ".join(failures))
+        return good
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def route(self, start: int = 0, end: int | None = None, split_after: Sequence[int] = (),
+              cache_tokens_per_block: int = 0) -> SpanRoute:
+        """The quickest chain of servers over blocks [start, end); waits up to ``recovery_timeout``
+        for blocks nobody serves, then raises NoRouteError naming them."""
+        end = self.identity.num_blocks if end is None else end
+
+        async def within_timeout() -> SpanRoute:
+            deadline = trio.current_time() + self.recovery_timeout
+            return await self._find_route(start, end, deadline, cache_tokens_per_block, frozenset(split_after))
+
+        return self.node.call(within_timeout)
+
+    async def _find_route(self, start: int, end: int, deadline: float, cache_tokens_per_block: int = 0,
+                          split_after: frozenset[int] = frozenset(), tokens: int = 0,
+                          busy: dict[str, float] | None = None) -> SpanRoute:
+        """A route over servers that are not banned; while there is none, look at the swarm again
+        (servers join, leave and move) every second until ``deadline``."""
+        # What the client knew before it last looked may be dead: a server that failed comes back
+        # only once a fresh look at the swarm finds it alive.
+        self.servers = [s for s in self.servers if not self.bans.has_failed(s.peer_id)]
+        looked = False
+        while True:
+            usable = [s for s in self.servers if not self.bans.is_banned(s.peer_id)
+                      and (not self.adapter or self.adapter in s.info.adapters)]
+            try:
+                return SpanRoute.plan(usable, start, end, split_after, cache_tokens_per_block, tokens, busy)
+            except NoRouteError as exc:
+                missing = exc
+            if trio.current_time() >= deadline:
+                waited = f"waited {self.recovery_timeout:.0f} s for a server" if looked else "no time left to wait"
+                holding = f" holding adapter {self.adapter!r}" if self.adapter else ""
+                raise NoRouteError(f"blocks {format_block_ranges(missing.uncovered)} of {self.identity.model_id} "
+                                   f"have no reachable server{holding} ({waited}); start a server for them "
+                                   "or raise the recovery timeout", missing.uncovered) from None
+            if looked:
+                await trio.sleep(max(0.0, min(RETRY_PERIOD_S, deadline - trio.current_time())))
+            with trio.move_on_after(max(0.1, deadline - trio.current_time())):
+                self.servers = await self._refresh_servers()
+            looked = True
+
+    async def _refresh_servers(self) -> list[RemoteServer]:
+        """Who serves this model now: from the DHT, or the peers given, whichever this client uses."""
+        if self.initial_peers:
+            return await self._find_servers()
+        peers = [p for p in self.peers if not self.bans.is_banned(parse_peer_address(p).peer_id.to_base58())]
+        try:
+            return await self._connect_all(peers, self.connect_timeout)
+        except ServerUnavailable:
+            return []  # none answers yet; the caller looks again until its deadline
+
+    @contextlib.contextmanager
+    def inference_session(self, batch: int = 1, max_length: int = 2048, route: SpanRoute | None = None,
+                          deep_prompts: torch.Tensor | None = None) -> Iterator[InferenceSession]:
+        """A session whose servers are replaced (with a replay of its history) when they fail.
+
+        ``deep_prompts`` [model blocks, 1 or batch, P, hidden] are added to positions [0, P) before each block."""
+        cache_tokens = batch * max_length
+        route = route or self.route(cache_tokens_per_block=cache_tokens)
+
+        async def find_route(start: int, end: int, deadline: float) -> SpanRoute:
+            return await self._find_route(start, end, deadline, cache_tokens)
+
+        session = InferenceSession(self.node.host, route, self.identity, batch, max_length,
+                                   self.wire_dtype, self.codec, self.step_timeout,
+                                   find_route, self.bans, self.recovery_timeout, self.adapter, deep_prompts,
+                                   self.push)
+        try:
+            self.node.call(session.open)
+            yield session
+        finally:
+            self.node.call(session.close)
+            self.recoveries.extend(session.recoveries)
+
+    def _step(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
+        """Send ``hidden`` through the session in chunks; returns the last hop's output."""
+        outs = [self.node.call(session.step, part) for part in token_chunks(hidden)]
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    # --- the API -------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self.source.load_tokenizer()
+        return self._tokenizer
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | Sequence[int] | None = None,
+                 streamer: Callable[[torch.Tensor], None] | None = None, prefix: torch.Tensor | None = None,
+                 deep_prompts: torch.Tensor | None = None) -> torch.LongTensor:
+        """Like transformers' generate: returns prompt + new tokens, [batch, length].
+
+        Greedy unless ``do_sample``. Stops when every row has produced an EOS token.
+        ``streamer`` is called with each new column of tokens [batch] as it is chosen.
+        ``prefix`` [P, hidden] (soft prompt embeddings) goes before the prompt, and ``deep_prompts``
+        [model blocks, P, hidden] are added at those positions before each block (``PromptTuning``).
+        """
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []))
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        batch = input_ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool)
+        tokens = [input_ids]
+        embeds = self.head.embed(input_ids)
+        if deep_prompts is not None and (prefix is None or deep_prompts.shape[-2] != prefix.shape[0]):
+            raise ValueError("deep_prompts cover the prefix's positions: give a prefix of as many positions "
+                             f"as the deep prompts have ({deep_prompts.shape[-2]})")
+        if prefix is not None:
+            embeds = torch.cat([prefix.to(embeds.dtype)[None].expand(batch, -1, -1), embeds], dim=1)
+        deep = deep_prompts[:, None] if deep_prompts is not None else None
+        with self.inference_session(batch, embeds.shape[1] + max_new_tokens, deep_prompts=deep) as session:
+            hidden = self._step(session, embeds)
+            for _ in range(max_new_tokens):
+                logits = self.head.logits(hidden[:, -1])
+                nxt = sample_next(logits, temperature if do_sample else 0.0, top_p, generator)
+                nxt = torch.where(finished, torch.as_tensor(self.config.pad_token_id or 0), nxt)
+                tokens.append(nxt[:, None])
+                if streamer is not None:
+                    streamer(nxt)
+                finished |= torch.isin(nxt, eos)
+                if bool(finished.all()) or len(tokens) - 1 == max_new_tokens:
+                    break
+                hidden = self._step(session, self.head.embed(nxt[:, None]))
+        return torch.cat(tokens, dim=1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, tokens, vocab] for ``input_ids``."""
+        input_ids = torch.as_tensor(input_ids)
+        input_ids = input_ids.reshape(-1, input_ids.shape[-1])
+        with self.inference_session(input_ids.shape[0], input_ids.shape[1]) as session:
+            return self.head.logits(self._step(session, self.head.embed(input_ids)))
+
+    def hidden_states(self, input_ids: torch.Tensor, blocks: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """The hidden state after each block in ``blocks`` (default: every block), by block index.
+
+        The route is cut after each block asked for, so each state is what a server returned.
+        """
+        input_ids = torch.as_tensor(input_ids)
+        n = self.identity.num_blocks
+        wanted = sorted(set(range(n) if blocks is None else blocks))
+        if not wanted or any(not 0 <= b < n for b in wanted):
+            raise ValueError(f"blocks must be a non-empty list of block indices in [0, {n})")
+        route = self.route(0, wanted[-1] + 1, split_after=wanted)
+        states: dict[int, torch.Tensor] = {}
+        with self.inference_session(input_ids.shape[0], input_ids.shape[1], route) as session:
+            parts = [self.node.call(session.step_states, part) for part in token_chunks(self.head.embed(input_ids))]
+        for hop in route.hops:
+            states[hop.end - 1] = torch.cat([part[hop.end] for part in parts], dim=1)
+        return {b: states[b] for b in wanted}
+
+    def run_blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Run blocks [start, end) on caller-supplied hidden states [batch, tokens, hidden] at positions 0..T-1."""
+        with self.inference_session(hidden.shape[0], hidden.shape[1], self.route(start, end)) as session:
+            return self._step(session, hidden)
+
+    # --- training ------------------------------------------------------------------------------
+
+    def remote_blocks(self, hidden: torch.Tensor, deep_prompts: torch.Tensor | None = None, start: int = 0,
+                      end: int | None = None) -> torch.Tensor:
+        """Blocks [start, end) over whole sequences ``hidden`` [batch, tokens, hidden] (positions 0..T-1),
+        differentiable: gradients reach ``hidden`` and ``deep_prompts`` (servers send them back; their
+        weights stay frozen).
+
+        ``deep_prompts`` [end - start, 1 or batch, prompt tokens, hidden] is added to the first positions
+        of the hidden states before each block (deep prompt tuning). The batch is cut into chunks of at
+        most ``max_chunk_tokens`` tokens that run in parallel, routed for throughput; a server that fails
+        is replaced and the chunk carries on from the blocks it held.
+        """
+        end = self.identity.num_blocks if end is None else end
+        if not 0 <= start < end <= self.identity.num_blocks:
+            raise ValueError(f"blocks {start}:{end} are not a span of this model's {self.identity.num_blocks}")
+        if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or 0 in hidden.shape:
+            raise ValueError(f"hidden has shape {list(hidden.shape)}; expected [batch, tokens, "
+                             f"{self.config.hidden_size}]")
+        if deep_prompts is not None and (
+                deep_prompts.dim() != 4 or deep_prompts.shape[0] != end - start
+                or deep_prompts.shape[1] not in (1, hidden.shape[0]) or not 1 <= deep_prompts.shape[2] <= hidden.shape[1]
+                or deep_prompts.shape[3] != hidden.shape[2]):
+            raise ValueError(f"deep_prompts has shape {list(deep_prompts.shape)}; expected [{end - start}, 1 or "
+                             f"{hidden.shape[0]}, prompt tokens <= {hidden.shape[1]}, {hidden.shape[2]}]")
+        return RemoteBlocksFunction.apply(hidden, deep_prompts, self.node, self._training_pipeline(), start, end)
+
+    def _training_pipeline(self) -> TrainingPipeline:
+        async def find_route(start: int, end: int, deadline: float, tokens: int, busy: dict[str, float]
+                             ) -> SpanRoute:
+            return await self._find_route(start, end, deadline, tokens=tokens, busy=busy)
+
+        pipeline = TrainingPipeline(self.node.host, self.identity, find_route, self.bans, self.adapter,
+                                    self.wire_dtype, self.codec, self.step_timeout, self.recovery_timeout,
+                                    self.max_chunk_tokens)
+        pipeline.recoveries = self.recoveries  # one record of every server replaced, whatever the work
+        return pipeline
+
+    def close(self) -> None:
+        self.node.stop()
+
+    def __enter__(self) -> DistributedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

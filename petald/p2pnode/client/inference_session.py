@@ -1,0 +1,263 @@
+"""An inference session over a route: one remote span session per hop, stepped in order, that
+survives servers dying, hanging or lying about their span.
+
+Each hop keeps every input it was sent. When a hop's server fails (connection lost, error reply,
+step timeout, an output of the wrong shape, a span it no longer serves) the session bans that
+server, asks for a new route over the same blocks, replays the hop's inputs through the new
+servers (which rebuilds their KV caches) and carries on with the step that failed. Hop
+boundaries of the original route are kept, so hidden states read after a hop stay where the
+caller asked for them.
+
+With ``push`` (the default), each step also names the route's next sessions, and each server
+hands its output straight to the next one (``step_pusher.py``): the client reads every hop's
+output as before, for its history, but sends only to the servers nobody pushed to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+import trio
+from libp2p.abc import IHost
+
+from petald.kernels.sources.model_source import ModelIdentity
+from petald.p2pnode.client.remote_span import RemoteSpanSession
+from petald.p2pnode.routing.bans import ServerBans
+from petald.p2pnode.routing.route import NoRouteError, SpanHop, SpanRoute
+from petald.p2pnode.transport.framed_stream import PeerGone
+from petald.p2pnode.transport.peer_streams import ServerUnavailable
+from petald.protocol.errors import ProtocolError, RemoteError
+from petald.protocol.limits import MAX_ARRAY_LEN, MAX_TENSOR_BYTES
+from petald.protocol.messages import PushTarget
+
+log = logging.getLogger(__name__)
+
+# What a failing server can throw at us. Anything else is a bug here, not a server to ban.
+SERVER_FAILURES = (ServerUnavailable, RemoteError, ProtocolError, PeerGone)
+
+# Steps of at most this many rows (batch x tokens) are pushed: decode steps, where the hops'
+# overhead is what a token costs. A long prefill gains little from a push and would hold the
+# pushing server's answer behind a large transfer.
+PUSH_MAX_ROWS = 16
+
+# ``find_route(start, end, deadline)``: a route over blocks [start, end) that avoids banned
+# servers, looking again (the swarm changes) until trio time ``deadline``, then NoRouteError.
+RouteFinder = Callable[[int, int, float], Awaitable[SpanRoute]]
+
+
+def token_chunks(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Split along tokens so that no tensor on the wire exceeds the limit (float32 worst case)."""
+    if hidden.shape[1] == 0:
+        raise ValueError("nothing to run: the input has no tokens")
+    per_token = hidden.shape[0] * hidden.shape[2] * 4
+    return hidden.split(max(1, MAX_TENSOR_BYTES // 2 // per_token), dim=1)
+
+
+@dataclass
+class Recovery:
+    """One server replaced mid-session (for logs and the chaos benchmark)."""
+
+    peer_id: str
+    start: int
+    end: int
+    reason: str
+    seconds: float  # from noticing the failure to the replacement holding the history
+    routing_seconds: float  # of which finding a replacement (waiting for one, when none is known)
+    replayed_tokens: int
+
+
+@dataclass
+class _Link:
+    """One hop of the session: its server's session (opened lazily) and every input it was sent."""
+
+    hop: SpanHop
+    span: RemoteSpanSession | None = None
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    replayed: bool = False  # a replacement link holds its history
+
+
+class InferenceSession:
+    def __init__(self, host: IHost, route: SpanRoute, identity: ModelIdentity, batch: int, max_length: int,
+                 wire_dtype: str = "float32", codec: str = "raw", step_timeout: float = 30.0,
+                 find_route: RouteFinder | None = None, bans: ServerBans | None = None,
+                 recovery_timeout: float = 60.0, adapter: str = "", deep_prompts: torch.Tensor | None = None,
+                 push: bool = True):
+        """``adapter`` names the LoRA adapter every server applies; ``deep_prompts`` [model blocks,
+        1 or batch, P, hidden] are added to positions [0, P) before each block. ``push``: servers
+        pass step outputs on to the next server themselves."""
+        self.host, self.route, self.identity = host, route, identity
+        if deep_prompts is not None:
+            # Checked here: a wrong shape would be refused by every server, and look like failing servers.
+            hidden_size = route.hops[0].server.info.hidden_size
+            if (deep_prompts.dim() != 4 or deep_prompts.shape[0] < route.hops[-1].end
+                    or deep_prompts.shape[1] not in (1, batch) or deep_prompts.shape[3] != hidden_size):
+                raise ValueError(f"deep_prompts have shape {list(deep_prompts.shape)}; expected [model blocks, "
+                                 f"1 or {batch}, prompt tokens, {hidden_size}]")
+        self.adapter, self.deep_prompts = adapter, deep_prompts
+        self.batch, self.max_length = batch, max_length
+        self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
+        self.find_route, self.recovery_timeout = find_route, recovery_timeout
+        self.push = push
+        self.pushed_steps = 0  # hop steps whose input a server pushed (the client only read their output)
+        self.bans = bans if bans is not None else ServerBans()
+        self.links = [_Link(hop) for hop in route.hops]
+        self.recoveries: list[Recovery] = []
+        self.position = 0
+
+    @property
+    def spans(self) -> list[RemoteSpanSession]:
+        return [link.span for link in self.links if link.span is not None]
+
+    async def open(self) -> None:
+        """Open a session on every hop now, so that a full server is replaced before the first step."""
+        try:
+            await self._through(None)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``hidden`` [batch, tokens, hidden_size] through every hop; returns the last hop's output."""
+        states = await self.step_states(hidden)
+        return states[self.route.hops[-1].end]
+
+    async def step_states(self, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Like ``step``, but returns the output after every hop, keyed by the hop's end block."""
+        hidden_size = self.route.hops[0].server.info.hidden_size
+        if hidden.dim() != 3 or hidden.shape[0] != self.batch or hidden.shape[1] < 1 or hidden.shape[2] != hidden_size:
+            raise ValueError(f"hidden has shape {list(hidden.shape)}; this session takes "
+                             f"[{self.batch}, tokens >= 1, {hidden_size}]")
+        if self.position + hidden.shape[1] > self.max_length:
+            raise ValueError(f"session holds {self.max_length} tokens; this step would reach "
+                             f"{self.position + hidden.shape[1]}")
+        states = await self._through(hidden)
+        self.position += hidden.shape[1]
+        return states
+
+    async def _through(self, hidden: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """Send ``hidden`` through every link (None: only open them), replacing failed ones."""
+        states: dict[int, torch.Tensor] = {}
+        deadline: float | None = None  # of the recovery under way, from the first failure of this step
+        index = 0
+        pushed = False  # the previous link's server pushed this link's input to it
+        while index < len(self.links):
+            link = self.links[index]
+            try:
+                if link.span is None:
+                    link.span = await self._open_span(link.hop)
+                if hidden is not None:
+                    chain = self._push_chain(index, hidden)
+                    if pushed:
+                        out, pushed = await link.span.pushed_step(hidden, chain)
+                        self.pushed_steps += 1
+                    else:
+                        out, pushed = await link.span.step_pushing(hidden, chain)
+                    link.inputs.append(hidden)
+                    states[link.hop.end] = hidden = out
+                    # Only a computed step clears a server: one that opens sessions and then fails
+                    # every step must see its ban grow.
+                    self.bans.forgive(link.hop.server.peer_id)
+            except SERVER_FAILURES as exc:
+                if self.find_route is None:
+                    raise
+                if deadline is None:
+                    deadline = trio.current_time() + self.recovery_timeout
+                await self._replace(index, exc, deadline)
+                pushed = False
+                continue  # the same input, to the replacement's first link
+            index += 1
+        return states
+
+    def _push_chain(self, index: int, hidden: torch.Tensor) -> list[PushTarget]:
+        """The open sessions after link ``index`` that may take this step by push, up to the first
+        that may not (not open yet, or owed deep prompts)."""
+        chain: list[PushTarget] = []
+        if not self.push or hidden.shape[0] * hidden.shape[1] > PUSH_MAX_ROWS:
+            return chain
+        for link in self.links[index + 1 : index + 1 + MAX_ARRAY_LEN]:
+            target = link.span.push_target() if link.span is not None else None
+            if target is None:
+                break
+            chain.append(target)
+        return chain
+
+    async def _open_span(self, hop: SpanHop) -> RemoteSpanSession:
+        prompts = self.deep_prompts[hop.start : hop.end] if self.deep_prompts is not None else None
+        # The first blocks' input is the client's own: their session never takes pushes.
+        return await RemoteSpanSession.open(self.host, hop, self.identity, self.batch, self.max_length,
+                                            self.wire_dtype, self.codec, self.step_timeout, self.adapter, prompts,
+                                            takes_pushes=self.push and hop.start > 0)
+
+    async def _replace(self, index: int, failure: BaseException, deadline: float) -> None:
+        """Ban the server of link ``index``, route its blocks anew and replay its inputs there.
+
+        When a replacement fails during the replay, it is banned in turn and the blocks are
+        routed again. Raises NoRouteError (naming the blocks) when nothing holds them by ``deadline``.
+        """
+        assert self.find_route is not None
+        noticed = trio.current_time()
+        failed = self.links[index]
+        start, end, inputs = failed.hop.start, failed.hop.end, failed.inputs
+        culprit, abandoned = failed, [failed]
+        routing = 0.0
+        while True:
+            peer = culprit.hop.server.peer_id
+            ban = self.bans.ban(peer)
+            log.warning("server ..%s failed on blocks %d:%d (%s); banned for %.0f s, re-routing",
+                        peer[-8:], culprit.hop.start, culprit.hop.end, failure, ban)
+            for link in abandoned:
+                await _abandon(link)
+            if trio.current_time() > deadline:
+                raise NoRouteError(f"blocks {start}:{end}: every server tried failed within "
+                                   f"{self.recovery_timeout:.0f} s; the last: {failure}", [(start, end)])
+            began = trio.current_time()
+            try:
+                route = await self.find_route(start, end, deadline)
+            except NoRouteError as exc:
+                raise NoRouteError(f"{exc} (the last server failed with: {failure})", exc.uncovered) from None
+            routing += trio.current_time() - began
+            fresh = [_Link(hop) for hop in route.hops]
+            fresh[0].inputs = inputs
+            try:
+                await self._replay(fresh)
+            except SERVER_FAILURES as exc:
+                failure, abandoned = exc, fresh
+                culprit = next(link for link in fresh if not link.replayed)
+                continue
+            self.links[index:index + 1] = fresh
+            replayed = sum(x.shape[1] for x in inputs)
+            self.recoveries.append(Recovery(failed.hop.server.peer_id, start, end, str(failure),
+                                            trio.current_time() - noticed, routing, replayed))
+            log.warning("blocks %d:%d recovered on %s after replaying %d tokens",
+                        start, end, route.describe(), replayed)
+            return
+
+    async def _replay(self, fresh: list[_Link]) -> None:
+        """Open each new link in order and send it the history, so that it ends where the failed
+        one was. On failure, the first link not ``replayed`` is the one that failed."""
+        for position, link in enumerate(fresh):
+            link.span = await self._open_span(link.hop)
+            if link.inputs:
+                history = torch.cat(link.inputs, dim=1)
+                outputs = [await link.span.step(part) for part in token_chunks(history)]
+                if position + 1 < len(fresh):
+                    fresh[position + 1].inputs = outputs
+            link.replayed = True
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            for link in self.links:
+                if link.span is not None:
+                    await link.span.close()
+                    link.span = None
+
+
+async def _abandon(link: _Link) -> None:
+    """Drop a failed server's session without waiting on it: it may be hung."""
+    if link.span is not None:
+        with trio.CancelScope(shield=True):
+            await link.span.framed.reset()
+        link.span = None

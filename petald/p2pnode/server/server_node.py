@@ -1,0 +1,366 @@
+"""Run a server node until SIGINT or SIGTERM: join the swarm, place and load a span, announce, serve.
+
+The order matters to clients: a server says "serving blocks A:B ... at ADDR" only once its
+record says ``online``, so that line means "routable". Shutdown announces ``offline`` first.
+With ``--blocks auto`` the server also rebalances: every ``rebalance_period`` (with jitter,
+so that servers do not all move at once) it reads the swarm and moves when Petals' rule says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import trio
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+
+from petald import __version__
+from petald.kernels.adapters.lora import load_lora_adapter
+from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
+from petald.kernels.executor import DeviceExecutor
+from petald.kernels.memory_plan import available_memory, blocks_that_fit
+from petald.kernels.quant import check_quant
+from petald.kernels.sources.model_source import ModelSource
+from petald.kernels.sources.open_source import open_source
+from petald.kernels.span import BlockSpan
+from petald.kernels.throughput import cached_throughput, measure_throughput
+from petald.p2pnode.routing.placement import better_start, block_coverage, choose_start
+from petald.p2pnode.server.block_server import BlockServer, ServerLimits
+from petald.p2pnode.swarm.dht import SwarmDHT, block_key
+from petald.p2pnode.swarm.presence import ServerPresence
+from petald.p2pnode.transport.host import (
+    DEFAULT_LISTEN,
+    full_addresses,
+    quiet_libp2p_logs,
+    running_host,
+)
+from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.protocol.announcement import ServerAnnouncement
+from petald.protocol.limits import MAX_ARRAY_LEN
+from petald.protocol.messages import ServerInfo
+
+log = logging.getLogger(__name__)
+
+MEMORY_SHARE = 0.5  # of the free memory, when --blocks auto is given no budget
+MOVE_COOLDOWN_PERIODS = 3  # rebalance periods a server stays put after it moved
+FIRST_CHECK_S = (2.0, 8.0)  # range of the random delay before a server's first rebalance check
+STEPS_FINISH_S = 30.0  # after the grace period, the longest wait for running steps to finish
+
+
+@dataclass
+class ServeOptions:
+    model: str | None = None
+    blocks: str = "auto"
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    identity: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    quant: str = "none"
+    adapters: list[str] = field(default_factory=list)  # PEFT LoRA adapter directories to serve
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    initial_peers: list[str] = field(default_factory=list)
+    new_swarm: bool = False
+    num_blocks: int | None = None  # for --blocks auto
+    memory_limit_gib: float | None = None  # for --blocks auto
+    announce_period: float = 30.0
+    rebalance_period: float = 60.0
+    network_mbps: float = 0.0
+    throughput_seconds: float = 1.0
+    shutdown_grace: float = 30.0  # seconds running sessions may go on after SIGTERM
+    # Runs beside the server once its first span is online (the CLI's local API, systemd readiness).
+    on_online: Callable[[IHost, SwarmDHT], Awaitable[None]] | None = None
+    # (what, done, total) while loading blocks and measuring throughput; None: a few announced lines.
+    progress: Callable[[str, int, int], None] | None = None
+
+
+def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
+    """``A:B`` (B exclusive), ``A:`` for the rest, ``:B`` from the start."""
+    start_text, sep, end_text = text.partition(":")
+    try:
+        start = int(start_text) if start_text else 0
+        end = int(end_text) if end_text else num_blocks
+    except ValueError:
+        raise ValueError(f"--blocks {text!r}: expected A:B with integers (e.g. 0:15) or auto") from None
+    if not sep or not 0 <= start < end <= num_blocks:
+        raise ValueError(f"--blocks {text!r}: need 0 <= A < B <= {num_blocks} (this model has {num_blocks} blocks)")
+    return start, end
+
+
+def auto_block_count(options: ServeOptions, source: ModelSource, dtype: torch.dtype,
+                     device: torch.device) -> int:
+    total = source.identity.num_blocks
+    if options.num_blocks is not None:
+        if not 1 <= options.num_blocks <= total:
+            raise ValueError(f"--num-blocks {options.num_blocks}: this model has {total} blocks")
+        return options.num_blocks
+    if options.memory_limit_gib is not None:
+        budget = int(options.memory_limit_gib * 2**30)
+    else:
+        budget = int(available_memory(device) * MEMORY_SHARE)
+    count = blocks_that_fit(source.config, dtype, budget, options.limits.cache_tokens, options.quant)
+    if count < 1:
+        raise ValueError(f"not even one block fits in {budget / 2**30:.2f} GiB beside a KV cache of "
+                         f"{options.limits.cache_tokens} tokens: raise --memory-limit or lower --cache-tokens")
+    return count
+
+
+def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
+    """Load, listen, serve; return after a signal once everything is closed."""
+    quiet_libp2p_logs()
+    announce(f"opening model {options.model or 'smollm2 (embedded default)'}")
+    source = open_source(options.model)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    check_quant(options.quant, device)  # before loading anything
+    check_adapters(options.adapters, source, dtype)
+    if options.blocks == "auto":
+        length, fixed = auto_block_count(options, source, dtype, device), None
+    else:
+        fixed = parse_blocks(options.blocks, source.identity.num_blocks)
+        length = fixed[1] - fixed[0]
+    if not options.initial_peers and not options.new_swarm:
+        raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
+                         "or --new-swarm to start a new one")
+    key_pair = load_or_create_identity(options.identity)
+    node = ServerNode(options, source, dtype, device, announce)
+    try:
+        trio.run(node.run, key_pair, length, fixed)
+    finally:
+        node.shut_down_executors()
+    announce(f"stopped ({dtype_name(dtype)}, quant {options.quant}, on {device})")
+
+
+def check_adapters(paths: list[str], source: ModelSource, dtype: torch.dtype) -> None:
+    """Read every adapter for the whole model before any block loads: a wrong path, format or model
+    fails now, with AdapterError's sentence, and two adapters of one name are refused."""
+    if len(paths) > MAX_ARRAY_LEN:
+        raise ValueError(f"{len(paths)} --adapters given; a server announces at most {MAX_ARRAY_LEN}")
+    names: dict[str, str] = {}
+    for path in paths:
+        adapter = load_lora_adapter(path, source.config, 0, source.identity.num_blocks, dtype, torch.device("cpu"))
+        if adapter.name in names:
+            raise ValueError(f"--adapters {names[adapter.name]} and {path} are both named {adapter.name!r}: "
+                             "adapters are chosen by their directory's name, so rename one")
+        names[adapter.name] = path
+
+
+class ServerNode:
+    """Everything one server process runs on its trio loop."""
+
+    def __init__(self, options: ServeOptions, source: ModelSource, dtype: torch.dtype, device: torch.device,
+                 announce: Callable[[str], None]):
+        self.options, self.source, self.dtype, self.device = options, source, dtype, device
+        self.announce = announce
+        self.identity = source.identity
+        self.server: BlockServer | None = None
+        self.retired: list[BlockServer] = []  # earlier spans, serving their last sessions
+        self.span_start = 0
+        self.length = 0
+        self._moved_at = float("-inf")
+
+    def _info(self) -> ServerInfo:
+        """What the record says: the server's own info, or the span being loaded before it exists."""
+        if self.server is not None and self.server.span.start == self.span_start:
+            return self.server.info()
+        limits = self.options.limits
+        return ServerInfo(
+            model_id=self.identity.model_id, fingerprint=self.identity.fingerprint,
+            num_blocks=self.identity.num_blocks, start=self.span_start, end=self.span_start + self.length,
+            dtype=dtype_name(self.dtype), quant=self.options.quant, hidden_size=self.source.config.hidden_size,
+            max_length=limits.max_length, free_cache_tokens=limits.cache_tokens, version=__version__,
+            adapters=self._adapter_names())
+
+    def _adapter_names(self) -> list[str]:
+        return sorted(Path(p).expanduser().resolve().name for p in self.options.adapters)
+
+    def _how(self) -> str:
+        return f"{dtype_name(self.dtype)}, quant {self.options.quant}, {self.device}"
+
+    def shut_down_executors(self) -> None:
+        for server in self._all_servers():
+            server.executor.shutdown()
+
+    async def run(self, key_pair: KeyPair, length: int, fixed: tuple[int, int] | None) -> None:
+        self.length = length
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with running_host(key_pair, self.options.listen) as host:
+                if not full_addresses(host):
+                    # py-libp2p logs a failed bind (e.g. a port in use) and carries on without listening.
+                    raise OSError(f"could not listen on {', '.join(self.options.listen)}: "
+                                  "is the port in use, or the address not local?")
+                dht = SwarmDHT(host, key_pair, server_mode=True)
+                async with dht.running():
+                    await self._join(dht)
+                    presence = ServerPresence(dht, self._info, quant=self.options.quant,
+                                              period=self.options.announce_period,
+                                              network_mbps=self.options.network_mbps)
+                    if fixed is None:
+                        await trio.sleep(random.uniform(0.0, 1.0))  # servers started together choose apart
+                        self.span_start = choose_start(await self._coverage(dht), length)
+                    else:
+                        self.span_start = fixed[0]
+                    await self._take_span(host, presence)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(presence.keep_fresh)
+                        if self.options.on_online is not None:
+                            nursery.start_soon(self.options.on_online, host, dht)
+                        if fixed is None:
+                            nursery.start_soon(self._rebalance, dht, host, presence)
+                            nursery.start_soon(self._free_retired_spans)
+                        async for signum in signals:
+                            self.announce(f"received {signal.Signals(signum).name}: shutting down (announcing offline, "
+                                          "refusing new sessions)")
+                            break
+                        nursery.cancel_scope.cancel()  # no more announcements of "online", no more moves
+                    await self._drain(presence, signals)
+
+    async def _drain(self, presence: ServerPresence, signals: AsyncIterator[int]) -> None:
+        """Leave politely: refuse new sessions, say offline, let running sessions go on for the
+        grace period, then end them (their clients replay elsewhere) once their steps are done.
+        A second signal skips the wait."""
+        servers = self._all_servers()
+        for server in servers:
+            server.draining = True
+        with trio.move_on_after(5.0):
+            await presence.publish("offline")
+        grace = self.options.shutdown_grace
+
+        def live() -> int:
+            return sum(server.live_sessions for server in servers)
+
+        async with trio.open_nursery() as nursery:
+            async def second_signal() -> None:
+                async for signum in signals:
+                    self.announce(f"received {signal.Signals(signum).name} again: stopping now")
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(second_signal)
+            if live():
+                self.announce(f"{live()} sessions running: they may go on for up to {grace:.0f} s "
+                              "(signal again to stop now)")
+            with trio.move_on_after(grace):
+                while live():
+                    await trio.sleep(0.1)
+            if live():
+                self.announce(f"grace period over: ending {live()} sessions once their running steps finish; "
+                              "their clients continue on other servers")
+            for server in servers:
+                server.close_sessions()
+            with trio.move_on_after(STEPS_FINISH_S):
+                while live():
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    def _all_servers(self) -> list[BlockServer]:
+        return [*self.retired, *([self.server] if self.server else [])]
+
+    async def _join(self, dht: SwarmDHT) -> None:
+        if self.options.initial_peers:
+            joined = await dht.join(self.options.initial_peers)
+            self.announce(f"joined the swarm through {joined} of {len(self.options.initial_peers)} initial peers")
+        else:
+            self.announce("started a new swarm: other nodes join it with --initial-peers and this server's address")
+
+    async def _swarm_records(self, dht: SwarmDHT) -> list[ServerAnnouncement]:
+        keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
+        records = await dht.announcements(keys)
+        return [r for r in records if r.fingerprint == self.identity.fingerprint]
+
+    async def _coverage(self, dht: SwarmDHT) -> list[float]:
+        records = await self._swarm_records(dht)
+        return block_coverage(records, self.identity.num_blocks, exclude_peer=dht.peer_id)
+
+    async def _take_span(self, host: IHost, presence: ServerPresence) -> None:
+        """Claim ``span_start`` (joining), load and serve it, then say it is routable (online)."""
+        await presence.publish("joining")
+        await self._load(host, presence)
+        await presence.publish("online")
+        for address in full_addresses(host):
+            self.announce(f"serving blocks {self.span_start}:{self.span_start + self.length} of "
+                          f"{self.identity.model_id} ({self._how()}) at {address}")
+
+    async def _load(self, host: IHost, presence: ServerPresence) -> None:
+        """Load blocks [span_start, span_start + length), measure them, and serve them."""
+        start, end = self.span_start, self.span_start + self.length
+        step = max(1, (end - start) // 5)  # about five progress lines, whatever the span
+        loading = f"loading blocks {start}:{end} of {self.identity.model_id}"
+        shown = self.options.progress
+
+        def progress(done: int, total: int) -> None:
+            if shown is not None:
+                shown(loading, done, total)
+            elif done % step == 0 or done == total:
+                self.announce(f"{loading}: {done}/{total} ({100 * done // total}%)")
+
+        def measuring(text: str, done: int = 0, total: int = 0) -> None:
+            if shown is not None and total:
+                shown("measuring throughput", done, total)
+            elif shown is None and text:
+                self.announce(text)
+
+        quant, adapters = self.options.quant, self.options.adapters
+
+        def load() -> BlockSpan:
+            span = BlockSpan(self.source, start, end, self.dtype, self.device, progress=progress, quant=quant)
+            for path in adapters:
+                span.load_adapter(path)
+            return span
+
+        span = await trio.to_thread.run_sync(load)
+        if adapters:
+            self.announce(f"adapters: {', '.join(sorted(span.adapters))}")
+        # Measured on this span before its executor starts: the figures are what a client will get.
+        figures, cached = await trio.to_thread.run_sync(lambda: cached_throughput(
+            span, self.identity.fingerprint, quant,
+            lambda: measure_throughput(span, self.options.throughput_seconds, measuring)))
+        self.announce(f"throughput per block: {figures.inference_rps:.0f} inference steps/s, "
+                      f"{figures.forward_tps:.0f} forward tokens/s" + (" (cached)" if cached else ""))
+        presence.inference_rps, presence.forward_tps = figures.inference_rps, figures.forward_tps
+        # Sessions opened on the previous span keep it (and its executor and KV pool) until they
+        # end; new sessions get this one.
+        if self.server is not None:
+            self.retired.append(self.server)
+        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits)
+        self.server.register(host)
+
+    async def _free_retired_spans(self) -> None:
+        """Shut down a moved-from span's executor (freeing its weights and KV pool) once its
+        last session has ended; sessions end on close, error or the idle timeout."""
+        while True:
+            await trio.sleep(1.0)
+            for server in [s for s in self.retired if s.pool.free_tokens == s.pool.capacity_tokens]:
+                self.retired.remove(server)
+                await trio.to_thread.run_sync(server.executor.shutdown)
+                log.info("freed blocks %d:%d", server.span.start, server.span.end)
+
+    async def _rebalance(self, dht: SwarmDHT, host: IHost, presence: ServerPresence) -> None:
+        period = self.options.rebalance_period
+        # The first look comes soon: servers started together may have chosen the same span
+        # before they could see each other's records.
+        wait = random.uniform(FIRST_CHECK_S[0], min(FIRST_CHECK_S[1], period))
+        while True:
+            await trio.sleep(wait)
+            wait = random.uniform(0.5 * period, 1.5 * period)
+            if trio.current_time() - self._moved_at < MOVE_COOLDOWN_PERIODS * period:
+                continue  # let the swarm see the last move before judging it
+            try:
+                records = await self._swarm_records(dht)
+            except Exception as exc:
+                log.warning("could not read the swarm to rebalance: %s", exc)
+                continue
+            me = presence.record()
+            target = better_start(records, me, presence.inference_rps)
+            if target is None:
+                continue
+            old = f"{self.span_start}:{self.span_start + self.length}"
+            self.announce(f"rebalancing: moving from blocks {old} to {target}:{target + self.length}, "
+                          "where the swarm is weaker")
+            self.span_start = target
+            self._moved_at = trio.current_time()
+            await self._take_span(host, presence)

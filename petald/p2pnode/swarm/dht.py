@@ -1,0 +1,387 @@
+"""petald's view of libp2p's Kademlia DHT: our own protocol ID, signed server records, block lookup.
+
+Keys in the DHT:
+
+- ``/petald/<peer id>``: that server's ``SignedAnnouncement`` (one value per key, so one
+  key per server; the validator keeps the newest record and refuses forged ones).
+- sha256 of ``petald-block:<model id>:<block>``: provider records, one per server holding
+  the block. (A multihash, so that every node answers FIND_NODE for it.)
+- sha256 of ``petald-servers``: provider records of every server, for the swarm map.
+
+py-libp2p 0.8 limits and how this module deals with them (docs/swarm.md has the list):
+
+- ``KadDHT(protocol_prefix=...)`` is ignored: the library always speaks ``/ipfs/kad/1.0.0``.
+  ``KadProtocolAdapter`` hands the DHT a view of the host in which that ID reads as
+  ``/petald/kad/1.0.0``, so a petald swarm never mixes with IPFS.
+- Provider records live 48 h and are republished every 22 h; a server that left is still
+  listed. Its signed record expires within minutes, and lookups drop providers without a
+  live record, so the fixed TTL does not matter.
+- ``find_providers`` answers from the local store alone when it has any entry, even an
+  incomplete one; ``providers_of`` always asks the closest peers too and merges the answers
+  (duplicates removed).
+- ``get_value`` likewise answers from a local copy, which an earlier lookup may have cached
+  and which then never refreshes. py-libp2p also ignores FIND_NODE for keys longer than 50
+  bytes that are not multihashes, which ``/petald/<peer id>`` is, so value lookups cannot
+  iterate. ``announcement_of`` asks the record's own peer (it always holds its newest
+  record) and the closest peers it knows, and keeps the newest valid answer.
+- Every peer that opens a DHT stream is added to the routing table, client nodes included
+  (which serve no DHT protocol), and then every PUT to such a client stalls for 10 s.
+  ``SwarmKadDHT`` checks what the peer speaks (from identify) before adding it; a peer not
+  identified yet reads as "no DHT" and is added on a later contact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht import KadDHT
+from libp2p.kad_dht import common as kad_common
+from libp2p.kad_dht.kad_dht import DHTMode
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.validator import NamespacedValidator, Validator
+from libp2p.tools.anyio_service import background_trio_service
+
+from petald.p2pnode.transport.host import parse_peer_address
+from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
+from petald.protocol.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+PETALD_KAD_PROTOCOL = TProtocol("/petald/kad/1.0.0")
+LIBRARY_KAD_PROTOCOL = TProtocol(kad_common.PROTOCOL_ID)
+RECORD_NAMESPACE = "petald"
+UNIDENTIFIED = "/petald/unidentified"  # what a peer speaks before identify has told us
+MAX_CLOCK_SKEW_S = 60.0  # a record issued further in the future than this is refused
+LOOKUP_TIMEOUT_S = 10.0
+# Lookups (and provides) a node runs at once. Each one opens a stream to every close peer,
+# and the library resets inbound DHT streams beyond 12 at a time, so a node that fires 30
+# lookups together mostly gets resets back.
+CONCURRENT_LOOKUPS = 4
+
+
+class InvalidAnnouncement(Exception):
+    """A record whose signature, key, expiry or fields do not check out."""
+
+
+def record_key(peer_id: str) -> str:
+    return f"/{RECORD_NAMESPACE}/{peer_id}"
+
+
+def _multihash(text: str) -> bytes:
+    return bytes([0x12, 0x20]) + hashlib.sha256(text.encode()).digest()
+
+
+def block_key(model_id: str, block: int) -> bytes:
+    return _multihash(f"petald-block:{model_id}:{block}")
+
+
+SERVERS_KEY = _multihash("petald-servers")
+
+
+# --- signing -------------------------------------------------------------------------------------
+
+def sign_announcement(record: ServerAnnouncement, key_pair: KeyPair) -> SignedAnnouncement:
+    payload = record.to_bytes()
+    return SignedAnnouncement(payload, key_pair.public_key.serialize(), key_pair.private_key.sign(payload))
+
+
+def verify_announcement(data: bytes, now: float | None = None,
+                        expected_peer: str | None = None) -> ServerAnnouncement:
+    """The record inside ``data`` if its key signed it, it names that key's peer ID, and it is live."""
+    now = time.time() if now is None else now
+    try:
+        signed = SignedAnnouncement.from_bytes(data)
+        public_key = deserialize_public_key(signed.public_key)
+        record = ServerAnnouncement.from_bytes(signed.payload)
+    except (ProtocolError, ValueError, TypeError) as exc:
+        raise InvalidAnnouncement(f"malformed announcement: {exc}") from None
+    except Exception as exc:  # protobuf and key parsing raise their own types
+        raise InvalidAnnouncement(f"malformed public key in announcement: {exc}") from None
+    try:
+        signed_ok = public_key.verify(signed.payload, signed.signature)
+    except Exception:
+        signed_ok = False
+    if not signed_ok:
+        raise InvalidAnnouncement(f"bad signature on the record of {record.peer_id}")
+    signer = ID.from_pubkey(public_key).to_base58()
+    if record.peer_id != signer:
+        raise InvalidAnnouncement(f"record claims peer {record.peer_id} but is signed by {signer}")
+    if expected_peer is not None and record.peer_id != expected_peer:
+        raise InvalidAnnouncement(f"record of {record.peer_id} stored under {expected_peer}'s key")
+    if record.expires_at <= now:
+        raise InvalidAnnouncement(f"record of {record.peer_id} expired {now - record.expires_at:.0f} s ago")
+    if record.issued_at > now + MAX_CLOCK_SKEW_S:
+        raise InvalidAnnouncement(f"record of {record.peer_id} is issued in the future")
+    return record
+
+
+class AnnouncementValidator(Validator):
+    """What every DHT node runs on ``/petald/...`` values before storing or returning them."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        peer = key.removeprefix(f"/{RECORD_NAMESPACE}/")
+        verify_announcement(value, expected_peer=peer)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        def issued(value: bytes) -> float:
+            try:
+                return ServerAnnouncement.from_bytes(SignedAnnouncement.from_bytes(value).payload).issued_at
+            except ProtocolError:
+                return float("-inf")
+        return max(range(len(values)), key=lambda i: issued(values[i]))
+
+
+# --- the protocol ID ----------------------------------------------------------------------------
+
+def _speaks_dht(peerstore: Any, peer_id: ID) -> bool:
+    try:
+        return PETALD_KAD_PROTOCOL in (peerstore.get_protocols(peer_id) or [])
+    except Exception:  # the library raises for a peer it has no entry for
+        return False
+
+
+class _PeerstoreView:
+    """The host's peerstore, with peers' protocol lists read through the ID translation.
+
+    ``peer_ids`` lists only peers known to serve the DHT: the library falls back to every
+    known peer when its routing table is small, and a client node would stall its PUTs.
+    """
+
+    def __init__(self, peerstore: Any):
+        self._peerstore = peerstore
+
+    def peer_ids(self) -> list[ID]:
+        return [p for p in self._peerstore.peer_ids() if _speaks_dht(self._peerstore, p)]
+
+    def get_protocols(self, peer_id: ID) -> list[str]:
+        try:
+            protocols = self._peerstore.get_protocols(peer_id) or []
+        except Exception:  # the library raises for a peer it has no entry for
+            protocols = []
+        if not protocols:
+            return [UNIDENTIFIED]
+        # Report petald's DHT as the library's ID, and an IPFS node's as absent.
+        return [LIBRARY_KAD_PROTOCOL if p == PETALD_KAD_PROTOCOL else p
+                for p in protocols if p != LIBRARY_KAD_PROTOCOL]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._peerstore, name)
+
+
+class KadProtocolAdapter:
+    """The host as the DHT sees it: its one hard-coded protocol ID is ours on the wire."""
+
+    def __init__(self, host: IHost):
+        self._host = host
+        self._peerstore = _PeerstoreView(host.get_peerstore())
+
+    @staticmethod
+    def _ours(protocol: TProtocol) -> TProtocol:
+        return PETALD_KAD_PROTOCOL if protocol == LIBRARY_KAD_PROTOCOL else protocol
+
+    def set_stream_handler(self, protocol: TProtocol, handler: Any) -> None:
+        self._host.set_stream_handler(self._ours(protocol), handler)
+
+    def remove_stream_handler(self, protocol: TProtocol) -> None:
+        self._host.remove_stream_handler(self._ours(protocol))
+
+    async def new_stream(self, peer_id: ID, protocols: list[TProtocol]) -> Any:
+        return await self._host.new_stream(peer_id, [self._ours(p) for p in protocols])
+
+    def get_peerstore(self) -> Any:
+        return self._peerstore
+
+    def get_connected_peers(self) -> list[ID]:
+        # Same reason as _PeerstoreView.peer_ids: connected clients are not DHT servers.
+        return [p for p in self._host.get_connected_peers() if _speaks_dht(self._host.get_peerstore(), p)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
+
+
+# Library internals this module calls; checked at start so that another py-libp2p version
+# fails with a sentence rather than mid-lookup.
+_LIBRARY_INTERNALS = (("kad_dht.provider_store.ProviderStore", "_get_providers_from_peer_with_closers"),
+                      ("kad_dht.value_store.ValueStore", "_get_from_peer"),
+                      ("kad_dht.routing_table.RoutingTable", "find_local_closest_peers"))
+
+
+def check_library() -> None:
+    import importlib
+
+    for path, attribute in _LIBRARY_INTERNALS:
+        module_name, _, class_name = path.rpartition(".")
+        cls = getattr(importlib.import_module(f"libp2p.{module_name}"), class_name, None)
+        if cls is None or not hasattr(cls, attribute):
+            raise RuntimeError(f"this py-libp2p has no {path}.{attribute}, which petald's DHT uses; "
+                               "install libp2p>=0.8.1,<0.9")
+
+
+class SwarmKadDHT(KadDHT):
+    """The library's DHT, except that a peer joins the routing table only if it serves the DHT."""
+
+    async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
+        return await self.routing_table.add_peer(peer_id, skip_server_mode_check=False)
+
+
+# --- the DHT node --------------------------------------------------------------------------------
+
+class SwarmDHT:
+    """One node's DHT: join a swarm, publish this server's record, find the servers of blocks."""
+
+    def __init__(self, host: IHost, key_pair: KeyPair, *, server_mode: bool):
+        check_library()
+        self.host, self.key_pair = host, key_pair
+        validator = NamespacedValidator({RECORD_NAMESPACE: AnnouncementValidator()})
+        mode = DHTMode.SERVER if server_mode else DHTMode.CLIENT
+        self.kad = SwarmKadDHT(KadProtocolAdapter(host), mode, validator=validator,  # type: ignore[arg-type]
+                               validator_changed=True)
+        self.peer_id = host.get_id().to_base58()
+        self._lookups = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[SwarmDHT]:
+        async with background_trio_service(self.kad):
+            yield self
+
+    async def join(self, initial_peers: Iterable[str], timeout: float = 15.0) -> int:
+        """Connect to the initial peers and fill the routing table; returns how many answered."""
+        infos = [parse_peer_address(address) for address in initial_peers]
+        joined = 0
+
+        async def connect(info: PeerInfo) -> None:
+            nonlocal joined
+            try:
+                with trio.fail_after(timeout):
+                    await self.host.connect(info)
+            except Exception as exc:
+                log.warning("initial peer %s did not answer: %s", info.peer_id, exc)
+                return
+            # An initial peer is taken on trust: it is how we reach the swarm at all.
+            await self.kad.routing_table.add_peer(info.peer_id, skip_server_mode_check=True)
+            joined += 1
+
+        async with trio.open_nursery() as nursery:
+            for info in infos:
+                nursery.start_soon(connect, info)
+        if infos and joined == 0:
+            raise ConnectionError("none of the initial peers answered: "
+                                  + ", ".join(str(i.peer_id) for i in infos))
+        with trio.move_on_after(timeout):
+            await self.kad.refresh_routing_table()
+        return joined
+
+    async def publish(self, record: ServerAnnouncement, provide_keys: Iterable[bytes] = ()) -> None:
+        """Store this server's signed record (and advertise it for ``provide_keys``)."""
+        value = sign_announcement(record, self.key_pair).to_bytes()
+        with trio.move_on_after(LOOKUP_TIMEOUT_S):
+            await self.kad.put_value(record_key(self.peer_id), value)
+        keys = list(provide_keys)
+        if keys:
+            async with trio.open_nursery() as nursery:
+                for key in keys:
+                    nursery.start_soon(self._provide, key)
+
+    async def _provide(self, key: bytes) -> None:
+        async with self._lookups:
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                await self.kad.provider_store.provide(key)
+
+    async def providers_of(self, key: bytes) -> list[PeerInfo]:
+        """Every provider the closest peers know of (and the local store), without duplicates."""
+        store = self.kad.provider_store
+        found = {p.peer_id: p for p in store.get_providers(key)}
+        closest: list[ID] = []
+        with trio.move_on_after(LOOKUP_TIMEOUT_S):
+            closest = await self.kad.peer_routing.find_closest_peers_network(key)
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                try:
+                    providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
+                except Exception as exc:  # one silent peer does not spoil the lookup
+                    log.debug("providers of %s from %s failed: %s", key.hex(), peer, exc)
+                    return
+                for provider in providers:
+                    found.setdefault(provider.peer_id, provider)
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                if peer != self.host.get_id():
+                    nursery.start_soon(ask, peer)
+        return list(found.values())
+
+    async def announcement_of(self, peer: ID) -> ServerAnnouncement | None:
+        """The peer's newest live record, or None (absent, expired or forged).
+
+        Asks the peer itself and the closest peers this node knows, every time: the library's
+        ``get_value`` answers from a local copy when it has one, which may be stale.
+        """
+        key = record_key(peer.to_base58())
+        encoded = key.encode()
+        values: list[bytes] = []
+        local = self.kad.value_store.get(encoded)
+        if local is not None:
+            values.append(local.value)
+        holders = [peer, *self.kad.routing_table.find_local_closest_peers(encoded)]
+
+        async def ask(holder: ID) -> None:
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                try:
+                    answer = await self.kad.value_store._get_from_peer(holder, encoded, return_record=True)
+                except Exception as exc:  # one silent peer does not spoil the lookup
+                    log.debug("record of %s from %s failed: %s", peer, holder, exc)
+                    return
+                if answer is not None and getattr(answer, "value", None):
+                    values.append(answer.value)
+
+        async with trio.open_nursery() as nursery:
+            for holder in dict.fromkeys(holders):
+                if holder != self.host.get_id():
+                    nursery.start_soon(ask, holder)
+        records = []
+        for value in values:
+            try:
+                records.append(verify_announcement(value, expected_peer=peer.to_base58()))
+            except InvalidAnnouncement as exc:
+                log.info("dropping a record: %s", exc)
+        return max(records, key=lambda r: r.issued_at, default=None)
+
+    async def announcements(self, keys: Iterable[bytes]) -> list[ServerAnnouncement]:
+        """The live records of every server that provides any of ``keys``."""
+        peers: dict[ID, PeerInfo] = {}
+
+        async def collect(key: bytes) -> None:
+            async with self._lookups:
+                found = await self.providers_of(key)
+            for info in found:
+                peers.setdefault(info.peer_id, info)
+
+        async with trio.open_nursery() as nursery:
+            for key in set(keys):
+                nursery.start_soon(collect, key)
+        records: list[ServerAnnouncement] = []
+
+        async def fetch(info: PeerInfo) -> None:
+            if info.addrs:
+                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
+            async with self._lookups:
+                record = await self.announcement_of(info.peer_id)
+            if record is not None:
+                records.append(record)
+
+        async with trio.open_nursery() as nursery:
+            for info in peers.values():
+                nursery.start_soon(fetch, info)
+        return sorted(records, key=lambda r: r.peer_id)
