@@ -306,14 +306,19 @@ def test_a_quantized_server_announces_its_mode_and_serves_what_its_span_computes
     assert got == want
 
 
-def test_the_wire_and_the_kernels_know_the_same_quantization_modes():
-    from petald.protocol import limits
+def test_every_quantization_mode_is_offered_by_the_cli_and_accepted_by_the_wire():
+    """petald/vocabulary.py holds the modes once; the CLI's choices and the wire's check use that copy."""
+    from click.testing import CliRunner
 
-    assert limits.QUANT_MODES == quant.QUANT_MODES
+    from petald.cli.main import cli
+    from petald.protocol.errors import ProtocolError
+    from petald.protocol.messages import ServerInfo
 
-
-def test_the_cli_offers_every_lm_head_mode():
-    from petald.cli.main import HEAD_QUANT_CHOICES
-    from petald.kernels.client_head import HEAD_QUANT_MODES
-
-    assert HEAD_QUANT_CHOICES == HEAD_QUANT_MODES
+    serve_help = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200).output
+    generate_help = CliRunner().invoke(cli, ["generate", "--help"], terminal_width=200).output
+    assert "[none|int8|int4|nf4]" in serve_help and "[none|int8|int4|nf4|bf16]" in generate_help
+    info = ServerInfo("m@0", "ab", 30, 0, 30, "float32", 576, 2048, 100, "0.1.0")
+    for mode in ("none", "int8", "int4", "nf4"):
+        assert ServerInfo.from_wire({**info.to_wire(), "quant": mode}).quant == mode
+    with pytest.raises(ProtocolError, match="quant"):
+        ServerInfo.from_wire({**info.to_wire(), "quant": "int3"})

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, HEAD_QUANT_MODES, QUANT_MODES
+
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that carry a message a person can act on (imported lazily: torch is slow to load)."""
@@ -83,13 +85,8 @@ def cli(ctx: click.Context, config_file: str | None) -> None:
     ctx.meta["petald.config"] = (path, settings)
 
 
-# kernels/client_head.py's HEAD_QUANT_MODES, written out so that the CLI loads without torch (a test
-# keeps the two equal).
-HEAD_QUANT_CHOICES = ("none", "int8", "int4", "nf4", "bf16")
-
-
 def _head_quant_option() -> Callable:
-    return click.option("--head-quant", default="none", show_default=True, type=click.Choice(HEAD_QUANT_CHOICES),
+    return click.option("--head-quant", default="none", show_default=True, type=click.Choice(HEAD_QUANT_MODES),
                         help="How the local LM head is stored: bf16 is faster on CPUs with native bfloat16 "
                              "(AVX512-BF16, AMX); none (float32) is the reference.")
 
@@ -145,9 +142,9 @@ def _api_listen(socket: str | None, socket_group: str | None, http: str | None):
               help="Multiaddr to listen on (repeatable).")
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
               help="Ed25519 key file; created if missing. Keeps the peer ID stable across restarts.")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
-@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), show_default=True)
-@click.option("--quant", default="none", type=click.Choice(["none", "int8", "int4", "nf4"]), show_default=True,
+@click.option("--device", default="auto", type=click.Choice(DEVICE_CHOICES), show_default=True)
+@click.option("--dtype", default="auto", type=click.Choice(["auto", *DTYPE_NAMES]), show_default=True)
+@click.option("--quant", default="none", type=click.Choice(QUANT_MODES), show_default=True,
               help="Weight-only quantization: int8 and int4 on CPU; int8 and nf4 on CUDA need bitsandbytes.")
 @click.option("--max-length", default=8192, show_default=True, help="Longest session admitted, in tokens.")
 @click.option("--cache-tokens", default=1 << 20, show_default=True,
@@ -359,7 +356,7 @@ def _client_options(fn: Callable) -> Callable:
                      help="0 means greedy."),
         click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True)),
         click.option("--seed", default=None, type=int),
-        click.option("--wire-dtype", default="float32", type=click.Choice(["float32", "float16", "bfloat16"]),
+        click.option("--wire-dtype", default="float32", type=click.Choice(DTYPE_NAMES),
                      show_default=True),
         click.option("--lz4", is_flag=True, help="Compress hidden states on the wire."),
         click.option("--step-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),

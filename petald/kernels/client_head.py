@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from petald.kernels.block import rms_norm
 from petald.kernels.quant import (
-    QUANT_MODES,
     DenseLinear,
     QuantError,
     check_quant,
@@ -17,13 +16,14 @@ from petald.kernels.quant import (
     onednn_bf16_supported,
 )
 from petald.kernels.sources.model_source import ModelSource
+from petald.vocabulary import HEAD_QUANT_MODES
 
 log = logging.getLogger(__name__)
 
-# How the LM head's matrix may be stored: the blocks' modes, plus "bf16": bfloat16 weights (prepacked
-# for oneDNN where the CPU multiplies bfloat16 natively) multiplied by the normed hidden state rounded
-# to bfloat16, while the embeddings, the final norm and the logits stay in the client's dtype.
-HEAD_QUANT_MODES = (*QUANT_MODES, "bf16")
+# How the LM head's matrix may be stored (HEAD_QUANT_MODES): the blocks' modes, plus "bf16": bfloat16
+# weights (prepacked for oneDNN where the CPU multiplies bfloat16 natively) multiplied by the normed
+# hidden state rounded to bfloat16, while the embeddings, the final norm and the logits stay in the
+# client's dtype.
 
 
 class ClientHead:

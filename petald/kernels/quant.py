@@ -30,10 +30,10 @@ from collections.abc import Callable
 import torch
 
 from petald.kernels.native import int4_native
+from petald.vocabulary import QUANT_MODES
 
 log = logging.getLogger(__name__)
 
-QUANT_MODES = ("none", "int8", "int4", "nf4")
 INT4_GROUP = 32
 INT4_TILE = int4_native.TILE  # output rows per tile: torch's int4 kernel needs whole tiles of 16 too
 

@@ -1,8 +1,21 @@
-"""Choosing the next token from logits: greedy, temperature and nucleus (top-p)."""
+"""Choosing the next token from logits (greedy, temperature and nucleus top-p), and when to stop."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
+
+
+def end_of_sequence_ids(*values: int | Iterable[int] | None) -> list[int]:
+    """Every end-of-sequence id among ``values``, sorted, once each. Each value is one id, a list
+    of ids (Llama 3 configs carry several) or None (none given), as configs and tokenizers hold them."""
+    found: set[int] = set()
+    for value in values:
+        if value is None:
+            continue
+        found.update([int(value)] if isinstance(value, int) else (int(v) for v in value))
+    return sorted(found)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

@@ -9,6 +9,7 @@ import torch
 
 from petald.kernels.adapters.lora import AdapterError, LoraAdapter, load_lora_adapter
 from petald.kernels.block import TransformerBlock
+from petald.kernels.deep_prompts import check_deep_prompts
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache, SessionCache
 from petald.kernels.quant import check_quant
 from petald.kernels.rotary import RotaryTable
@@ -142,10 +143,7 @@ class BlockSpan:
         for (hidden, _), prompt in zip(steps, prompts, strict=True):
             batch, tokens = hidden.shape[0], hidden.shape[1]
             if prompt is not None:
-                if (prompt.dim() != 4 or prompt.shape[0] != blocks or prompt.shape[1] not in (1, batch)
-                        or prompt.shape[2] > tokens or prompt.shape[3] != self.hidden_size):
-                    raise ValueError(f"prompts have shape {list(prompt.shape)}; expected [{blocks}, 1 or {batch}, "
-                                     f"at most {tokens}, {self.hidden_size}]")
+                check_deep_prompts(prompt, blocks, batch, self.hidden_size, tokens)
                 n = prompt.shape[2]
                 rows.append((offset + torch.arange(batch)[:, None] * tokens + torch.arange(n)[None]).reshape(-1))
                 addends.append(prompt.expand(blocks, batch, n, self.hidden_size).reshape(blocks, batch * n, -1))

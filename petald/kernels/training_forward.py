@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from petald.kernels.adapters.lora import BlockLora, LoraAdapter
 from petald.kernels.block import TransformerBlock, project, rms_norm
+from petald.kernels.deep_prompts import check_deep_prompts
 from petald.kernels.rotary import apply_rotary
 from petald.kernels.span import BlockSpan
 
@@ -60,11 +61,7 @@ def check_training_inputs(span: BlockSpan, hidden: torch.Tensor, start: int, end
         raise ValueError(f"{hidden.shape[1]} tokens exceed the model's {span.max_positions} positions")
     if prompts is None:
         return
-    batch, tokens = hidden.shape[0], hidden.shape[1]
-    if (prompts.dim() != 4 or prompts.shape[0] != end - start or prompts.shape[1] not in (1, batch)
-            or not 1 <= prompts.shape[2] <= tokens or prompts.shape[3] != span.hidden_size):
-        raise ValueError(f"prompts have shape {list(prompts.shape)}; expected [{end - start} blocks, "
-                         f"1 or {batch}, prompt tokens <= {tokens}, {span.hidden_size}]")
+    check_deep_prompts(prompts, end - start, hidden.shape[0], span.hidden_size, hidden.shape[1])
 
 
 def span_forward(span: BlockSpan, hidden: torch.Tensor, start: int, end: int,

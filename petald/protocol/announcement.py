@@ -17,8 +17,9 @@ import msgpack
 
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import decode_body
-from petald.protocol.limits import QUANT_MODES, WIRE_VERSION
+from petald.protocol.limits import WIRE_VERSION
 from petald.protocol.messages import _bad, _int, _str, _str_list, expect_type
+from petald.vocabulary import QUANT_MODES
 
 SERVER_STATES = ("joining", "online", "offline")
 MAX_ANNOUNCEMENT_BYTES = 16 * 1024  # a record is a few hundred bytes; a DHT value this size is refused

@@ -1,5 +1,7 @@
 """Protocol IDs and every hard limit of the wire, in one place (see docs/protocol.md)."""
 
+from petald.vocabulary import DTYPE_NAMES
+
 WIRE_VERSION = 1  # major version of the message schemas; carried in protocol IDs and "open"
 
 INFERENCE_PROTOCOL = "/petald/inference/1.0.0"
@@ -17,8 +19,5 @@ MAX_STRING = 4096  # model ids, error messages
 MAX_ARRAY_LEN = 16  # msgpack arrays: tensor shapes, adapter names, a step's push chain
 MAX_MAP_LEN = 32  # msgpack maps (messages and tensors have a handful of fields)
 MAX_FIRST_FRAME_BYTES = 64 * 1024  # info requests and session opens are small
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
+WIRE_DTYPES = DTYPE_NAMES
 CODECS = ("raw", "lz4")
-# Weight quantization a server may announce (kernels/quant.py implements them; the rooms
-# cannot share the tuple, so a test keeps the two equal).
-QUANT_MODES = ("none", "int8", "int4", "nf4")

@@ -18,11 +18,11 @@ from petald.protocol.limits import (
     MAX_BATCH,
     MAX_STRING,
     PUSH_TOKEN_BYTES,
-    QUANT_MODES,
     WIRE_DTYPES,
     WIRE_VERSION,
 )
 from petald.protocol.tensors import decode_tensor, encode_tensor
+from petald.vocabulary import QUANT_MODES
 
 
 def _bad(message: str) -> ProtocolError:

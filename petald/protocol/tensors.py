@@ -17,7 +17,7 @@ import torch
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import CODECS, MAX_TENSOR_BYTES, MAX_TENSOR_DIMS, WIRE_DTYPES
 
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TORCH = {name: getattr(torch, name) for name in WIRE_DTYPES}
 _ITEM_BYTES = {name: torch.empty((), dtype=t).element_size() for name, t in _TORCH.items()}
 _NUMPY_FLOATS = (torch.float32, torch.float16)  # numpy has no bfloat16
 

@@ -22,7 +22,8 @@ import torch
 import trio
 
 from petald.kernels.client_head import ClientHead
-from petald.kernels.sampling import sample_next
+from petald.kernels.deep_prompts import check_deep_prompts
+from petald.kernels.sampling import end_of_sequence_ids, sample_next
 from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
 from petald.p2pnode.client.inference_session import InferenceSession, Recovery, token_chunks
@@ -288,9 +289,8 @@ class DistributedModel:
             raise ValueError("the prompt is empty: give at least one token")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if eos_token_id is None:
-            eos_token_id = self.config.eos_token_id
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []))
+        eos = torch.tensor(end_of_sequence_ids(self.config.eos_token_id if eos_token_id is None else eos_token_id),
+                           dtype=torch.long)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         batch = input_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool)
@@ -366,12 +366,9 @@ class DistributedModel:
         if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or 0 in hidden.shape:
             raise ValueError(f"hidden has shape {list(hidden.shape)}; expected [batch, tokens, "
                              f"{self.config.hidden_size}]")
-        if deep_prompts is not None and (
-                deep_prompts.dim() != 4 or deep_prompts.shape[0] != end - start
-                or deep_prompts.shape[1] not in (1, hidden.shape[0]) or not 1 <= deep_prompts.shape[2] <= hidden.shape[1]
-                or deep_prompts.shape[3] != hidden.shape[2]):
-            raise ValueError(f"deep_prompts has shape {list(deep_prompts.shape)}; expected [{end - start}, 1 or "
-                             f"{hidden.shape[0]}, prompt tokens <= {hidden.shape[1]}, {hidden.shape[2]}]")
+        if deep_prompts is not None:
+            check_deep_prompts(deep_prompts, end - start, hidden.shape[0], hidden.shape[2], hidden.shape[1],
+                               name="deep_prompts")
         return RemoteBlocksFunction.apply(hidden, deep_prompts, self.node, self._training_pipeline(), start, end)
 
     def _training_pipeline(self) -> TrainingPipeline:

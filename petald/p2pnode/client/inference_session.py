@@ -23,6 +23,7 @@ import torch
 import trio
 from libp2p.abc import IHost
 
+from petald.kernels.deep_prompts import check_deep_prompts
 from petald.kernels.sources.model_source import ModelIdentity
 from petald.p2pnode.client.remote_span import RemoteSpanSession
 from petald.p2pnode.routing.bans import ServerBans
@@ -91,11 +92,8 @@ class InferenceSession:
         self.host, self.route, self.identity = host, route, identity
         if deep_prompts is not None:
             # Checked here: a wrong shape would be refused by every server, and look like failing servers.
-            hidden_size = route.hops[0].server.info.hidden_size
-            if (deep_prompts.dim() != 4 or deep_prompts.shape[0] < route.hops[-1].end
-                    or deep_prompts.shape[1] not in (1, batch) or deep_prompts.shape[3] != hidden_size):
-                raise ValueError(f"deep_prompts have shape {list(deep_prompts.shape)}; expected [model blocks, "
-                                 f"1 or {batch}, prompt tokens, {hidden_size}]")
+            check_deep_prompts(deep_prompts, identity.num_blocks, batch, route.hops[0].server.info.hidden_size,
+                               max_length, name="deep_prompts")
         self.adapter, self.deep_prompts = adapter, deep_prompts
         self.batch, self.max_length = batch, max_length
         self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout

@@ -25,6 +25,7 @@ from libp2p.custom_types import TProtocol
 
 from petald import __version__
 from petald.kernels.adapters.lora import AdapterError, LoraAdapter
+from petald.kernels.deep_prompts import check_deep_prompts
 from petald.kernels.dtypes import DTYPES, dtype_name
 from petald.kernels.executor import DeviceExecutor
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, CacheFullError, SessionCache
@@ -492,12 +493,11 @@ class BlockServer:
         p = step.prompts
         if p is None:
             return None
-        blocks, hidden_size = request.end - request.start, self.span.hidden_size
-        if (p.dim() != 4 or p.shape[0] != blocks or p.shape[1] not in (1, request.batch)
-                or not 1 <= p.shape[2] <= step.hidden.shape[1] or p.shape[3] != hidden_size):
-            raise ProtocolError(ErrorCode.BAD_TENSOR,
-                                f"prompts have shape {list(p.shape)}; expected [{blocks}, 1 or {request.batch}, "
-                                f"1 to {step.hidden.shape[1]} tokens, {hidden_size}]")
+        try:
+            check_deep_prompts(p, request.end - request.start, request.batch, self.span.hidden_size,
+                               step.hidden.shape[1])
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, str(exc)) from None
         if dtype_name(p.dtype) != request.wire_dtype:
             raise ProtocolError(ErrorCode.BAD_TENSOR,
                                 f"prompts are {dtype_name(p.dtype)}; this session was opened for {request.wire_dtype}")

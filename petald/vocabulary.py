@@ -1,0 +1,19 @@
+"""The names every room agrees on: compute and wire dtypes, weight quantization modes.
+
+The wire (``protocol``) checks them, the compute (``kernels``) implements them and the command
+line offers them as choices; ``protocol`` and ``kernels`` may not import each other, and the CLI
+must load without torch, so the names live here, below every room, in plain strings.
+This module imports nothing.
+"""
+
+# Dtypes by name: what a server computes in (--dtype) and what hidden states travel as (--wire-dtype).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+# Weight-only quantization of a server's blocks (--quant), as kernels/quant.py implements it.
+QUANT_MODES = ("none", "int8", "int4", "nf4")
+
+# How a client may store its LM head (--head-quant): the blocks' modes, plus "bf16" (bfloat16
+# weights, the normed hidden state rounded to bfloat16; kernels/client_head.py).
+HEAD_QUANT_MODES = (*QUANT_MODES, "bf16")
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
