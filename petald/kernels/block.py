@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from petald.kernels.adapters.lora import BlockLora
+from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.registry import family_of
 from petald.kernels.native.decode_attention import decode_attention, native_decode_attention_usable
 from petald.kernels.quant import Linear, make_linear
 from petald.kernels.rotary import apply_rotary
@@ -23,14 +25,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)  # the same arithmetic, fewer ops
     # Normalise in fp32 whatever the compute dtype, as the reference models do.
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def sliding_window_of(config: PretrainedConfig, index: int) -> int | None:
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    if layer_types is not None:
-        return window if layer_types[index] == "sliding_attention" else None
-    return window if config.model_type == "mistral" else None
 
 
 def project(linear: Linear, group: str, h: torch.Tensor, lora: BlockLora | None) -> torch.Tensor:
@@ -55,12 +49,11 @@ class TransformerBlock:
                                   for b, n in zip(biases, names, strict=True)])
             return make_linear(weight, bias, quant, dtype, device)
 
+        dims = ModelDims.of(config)
         self.index = index
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         self.eps = config.rms_norm_eps
-        self.window = sliding_window_of(config, index)
+        self.window = family_of(config).sliding_window(config, index)
 
         self.ln_attn = w("input_layernorm.weight")
         self.ln_mlp = w("post_attention_layernorm.weight")
