@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import trio  # noqa: E402
 
 from petald.cli.local_swarm import LocalSwarm  # noqa: E402
+from petald.kernels.models.dims import ModelDims  # noqa: E402
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE, CacheFullError, PagedKVCache  # noqa: E402
 from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
@@ -90,13 +91,12 @@ async def _decode(session: InferenceSession, inputs: list[torch.Tensor]) -> None
 
 def kv_capacity(source, budget_tokens: int, max_lengths: list[int]) -> list[dict]:
     """Per-session KV bytes and how many sessions a --cache-tokens budget admits, for float32 and bfloat16."""
-    cfg = source.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dims = ModelDims.of(source.config)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         # The pool a server holding every block builds (torch.empty: nothing is committed here).
         pool = PagedKVCache.from_budget(budget_tokens, source.identity.num_blocks, DEFAULT_PAGE_SIZE,
-                                        cfg.num_key_value_heads, head_dim, dtype, torch.device("cpu"))
+                                        dims.kv_heads, dims.head_dim, dtype, torch.device("cpu"))
         for max_length in max_lengths:
             admitted = []
             try:

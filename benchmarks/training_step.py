@@ -46,7 +46,7 @@ def step(head: ClientHead, run_blocks, ids: torch.Tensor, prompts: torch.Tensor,
     p = prompts.clone().requires_grad_()
     d = deep.clone().requires_grad_() if deep is not None else None
     began = time.perf_counter()
-    x = torch.cat([p[None].expand(ids.shape[0], -1, -1), head.embed_with_grad(ids)], dim=1)
+    x = torch.cat([p[None].expand(ids.shape[0], -1, -1), head.embed_detached(ids)], dim=1)
     logits = head.logits_with_grad(run_blocks(x, d[:, None] if d is not None else None))[:, p.shape[0]:]
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     loss.backward()
@@ -85,7 +85,7 @@ def main() -> None:
     head = ClientHead(source)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, source.config.vocab_size, (args.batch, args.tokens), generator=g)
-    prompts = head.embed_with_grad(torch.randint(0, source.config.vocab_size, (args.prompts,), generator=g)).clone()
+    prompts = head.embed_detached(torch.randint(0, source.config.vocab_size, (args.prompts,), generator=g)).clone()
     deep = torch.zeros(n, args.prompts, source.config.hidden_size) if args.deep else None
 
     say("loading the blocks in this process ...")

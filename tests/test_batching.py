@@ -3,6 +3,7 @@ decode steps are served in between, and every session gets what it would get alo
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from petald.cli.local_swarm import LocalSwarm
 from petald.kernels.client_head import ClientHead
-from petald.kernels.executor import DeviceExecutor
+from petald.kernels.executor import BatchedForward, DeviceExecutor
 from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from petald.p2pnode.client.distributed_model import DistributedModel
@@ -41,6 +42,23 @@ class Steps:
 
         self.executor.submit(cache, hidden, 0, TINY_BLOCKS, torch.float32, done)
 
+    @contextlib.contextmanager
+    def holding(self, cache, hidden: torch.Tensor):
+        """Keep the executor thread in the completion of a step of ``cache`` for the ``with`` block:
+        the steps submitted meanwhile all wait for the executor's next turn."""
+        held, release = threading.Event(), threading.Event()
+
+        def done(result, error):
+            held.set()
+            assert release.wait(60)
+
+        self.executor.submit(cache, hidden, 0, TINY_BLOCKS, torch.float32, done)
+        assert held.wait(60), "the holding step never finished"
+        try:
+            yield
+        finally:
+            release.set()
+
     def wait(self, name: str) -> torch.Tensor:
         assert self._events[name].wait(60), f"step {name} never finished"
         result = self.results[name]
@@ -65,8 +83,9 @@ def test_concurrent_decode_steps_run_as_one_forward_and_match_running_alone(tiny
         span.forward(head.embed(ids), cache)
         alone.append(span.forward(head.embed(nxt), cache))
 
-    pool = span.new_pool(4 * 32 * TINY_BLOCKS)
-    executor = DeviceExecutor(span)
+    pool = span.new_pool(5 * 32 * TINY_BLOCKS)
+    forwards: list[BatchedForward] = []
+    executor = DeviceExecutor(span, on_forward=forwards.append)
     try:
         steps = Steps(executor)
         caches = [pool.open(1, 32) for _ in prompts]
@@ -74,13 +93,17 @@ def test_concurrent_decode_steps_run_as_one_forward_and_match_running_alone(tiny
             steps.submit(f"prefill{i}", cache, head.embed(ids))
         for i in range(len(prompts)):
             steps.wait(f"prefill{i}")
-        executor.batch_sizes.clear()
-        for i, cache in enumerate(caches):
-            steps.submit(f"decode{i}", cache, head.embed(nxt))
+        with steps.holding(pool.open(1, 4), head.embed(torch.tensor([[1]]))):
+            forwards.clear()  # the holding step's own forward came before its completion
+            for i, cache in enumerate(caches):
+                steps.submit(f"decode{i}", cache, head.embed(nxt))
         for i in range(len(prompts)):
             torch.testing.assert_close(steps.wait(f"decode{i}"), alone[i], atol=1e-5, rtol=1e-5)
-        assert max(executor.batch_sizes) > 1  # at least some decode steps shared a forward
-        assert sum(executor.batch_sizes) == len(prompts)
+        # Ready together, the four steps ran as one forward, each session once, in the order
+        # they came.
+        assert [(f.start, f.end, f.adapter) for f in forwards] == [(0, TINY_BLOCKS, None)]
+        ran = [(id(cache), tokens) for cache, tokens in forwards[0].steps]
+        assert ran == [(id(c), 1) for c in caches]
     finally:
         executor.shutdown()
 

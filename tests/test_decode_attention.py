@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from petald.kernels.native import decode_attention as da
-from petald.kernels.native import native_library
+from petald.kernels.native.native_library import NativeLibrary
 
 CPU = torch.device("cpu")
 
@@ -130,10 +130,7 @@ def test_the_torch_ops_serve_where_the_kernel_cannot(monkeypatch, tmp_path):
     monkeypatch.setenv("PETALD_NATIVE_ATTENTION", "0")
     assert not da.native_decode_attention_usable(torch.float32, CPU, 64)
     monkeypatch.delenv("PETALD_NATIVE_ATTENTION")
-    monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))  # nothing built yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    native_library._reset_for_tests()
-    try:
-        assert not da.native_decode_attention_usable(torch.float32, CPU, 64)
-    finally:
-        native_library._reset_for_tests()
+    unbuilt = NativeLibrary(cache_dir=tmp_path)  # nothing built there yet
+    assert not da.native_decode_attention_usable(torch.float32, CPU, 64, library=unbuilt)
+    assert unbuilt.load() is None and not list(tmp_path.rglob("*.so"))

@@ -60,13 +60,32 @@ def test_fingerprint_differs_for_other_weights(tmp_path, tiny_models):
     assert open_source(str(other)).identity.fingerprint != open_source(str(tiny_models["llama"])).identity.fingerprint
 
 
-def test_server_loads_only_its_blocks(tiny_models, monkeypatch):
-    source = open_source(str(tiny_models["llama"]))
-    asked: list[int] = []
-    real = source.block_tensors
-    monkeypatch.setattr(source, "block_tensors", lambda i: asked.append(i) or real(i))
+class WatchedSource:
+    """A model source that passes on what another gives, noting which blocks were asked for; with
+    ``refuse_blocks``, asking for one fails the test."""
+
+    def __init__(self, source, refuse_blocks: bool = False):
+        self.source, self.refuse_blocks = source, refuse_blocks
+        self.config, self.identity = source.config, source.identity
+        self.blocks_asked: list[int] = []
+
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        if self.refuse_blocks:
+            raise AssertionError(f"block {index} was read")
+        self.blocks_asked.append(index)
+        return self.source.block_tensors(index)
+
+    def client_tensors(self) -> dict[str, torch.Tensor]:
+        return self.source.client_tensors()
+
+    def load_tokenizer(self):
+        return self.source.load_tokenizer()
+
+
+def test_server_loads_only_its_blocks(tiny_models):
+    source = WatchedSource(open_source(str(tiny_models["llama"])))
     BlockSpan(source, 2, 4, torch.float32, CPU)
-    assert asked == [2, 3]
+    assert source.blocks_asked == [2, 3]
 
 
 def test_default_model_matches_transformers():
@@ -124,13 +143,8 @@ def test_gguf_tensors_load_back_in_hugging_face_order(tmp_path, family):
     assert torch.equal(client["lm_head.weight"], state.get("lm_head.weight", state["model.embed_tokens.weight"]))
 
 
-def test_client_head_reads_no_block_tensors(tiny_models, monkeypatch):
-    source = open_source(str(tiny_models["qwen2"]))
-
-    def refuse(index):
-        raise AssertionError(f"the client read block {index}")
-
-    monkeypatch.setattr(source, "block_tensors", refuse)
+def test_client_head_reads_no_block_tensors(tiny_models):
+    source = WatchedSource(open_source(str(tiny_models["qwen2"])), refuse_blocks=True)
     head = ClientHead(source)
     logits = head.logits(head.embed(torch.tensor([[1, 2, 3]])))
     assert logits.shape == (1, 3, 320)
@@ -155,10 +169,8 @@ def test_gguf_config_and_tokenizer_come_back_equal_from_the_cache(tmp_path, monk
     assert cached.chat_template == tokenizer.chat_template and cached.eos_token_id == tokenizer.eos_token_id
 
 
-
-def test_throughput_is_measured_again_after_a_kernel_change(tiny_models, monkeypatch):
-    from petald.kernels import throughput
-    from petald.kernels.throughput import SpanThroughput, cached_throughput
+def test_throughput_is_measured_again_after_a_kernel_change(tiny_models):
+    from petald.kernels.throughput import KERNELS_REVISION, SpanThroughput, cached_throughput
 
     span = BlockSpan(open_source(str(tiny_models["llama"])), 0, 2, torch.float32, torch.device("cpu"))
     measured = []
@@ -171,9 +183,11 @@ def test_throughput_is_measured_again_after_a_kernel_change(tiny_models, monkeyp
     assert not cached
     again, cached = cached_throughput(span, "fp-kernels", "none", measure)
     assert cached and again == first and len(measured) == 1
-    monkeypatch.setattr(throughput, "KERNELS_REVISION", throughput.KERNELS_REVISION + 1)
-    newer, cached = cached_throughput(span, "fp-kernels", "none", measure)
+    newer, cached = cached_throughput(span, "fp-kernels", "none", measure,
+                                      kernels_revision=KERNELS_REVISION + 1)
     assert not cached and newer.inference_rps == 20.0
+    again, cached = cached_throughput(span, "fp-kernels", "none", measure)
+    assert cached and again == first  # the old kernels' figures are still theirs
 
 
 @pytest.mark.parametrize(("setting", "quant", "labels"), [

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from petald.kernels.adapters.lora import AdapterError, load_lora_adapter
 from petald.kernels.client_head import ClientHead
-from petald.kernels.executor import DeviceExecutor
+from petald.kernels.executor import BatchedForward, DeviceExecutor
 from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from tests.oracle import reference_logits
@@ -176,7 +176,8 @@ def test_executor_never_mixes_adapters_in_one_forward(tiny_models, llama_adapter
     assert not torch.allclose(alone[0], alone[3]) and (alone[1] - alone[4]).abs().max() > 0
 
     pool = span.new_pool(len(sessions) * 32 * TINY_BLOCKS)
-    executor = DeviceExecutor(span)
+    forwards: list[BatchedForward] = []
+    executor = DeviceExecutor(span, on_forward=forwards.append)
     results: dict[int, object] = {}
     done_events = {i: threading.Event() for i in range(-1, len(sessions))}
 
@@ -201,14 +202,19 @@ def test_executor_never_mixes_adapters_in_one_forward(tiny_models, llama_adapter
         # Hold the executor in a completion so that all five decode steps arrive for one turn.
         submit(-1, pool.open(1, 4), head.embed(torch.tensor([[1]])), None)
         assert holding.wait(30)
-        executor.batch_sizes.clear()
+        forwards.clear()  # the holding step's own forward came before its completion
         for i, (adapter, _) in enumerate(sessions):
             submit(i, caches[i], nxt, adapter)
         hold.set()
         for i in range(len(sessions)):
             assert done_events[i].wait(30)
             torch.testing.assert_close(results[i], alone[i], atol=1e-5, rtol=1e-5)
-        assert sorted(executor.batch_sizes) == [1, 2, 2]  # one forward per adapter, the plain ones together
+        # One forward per adapter, each with every session of that adapter (the plain ones
+        # together).
+        ran = {f.adapter: [id(cache) for cache, _ in f.steps] for f in forwards}
+        assert len(forwards) == len(ran) == 3
+        assert ran == {"full": [id(caches[0]), id(caches[3])], None: [id(caches[1]), id(caches[4])],
+                       "partial": [id(caches[2])]}
     finally:
         executor.shutdown()
 
@@ -421,7 +427,7 @@ def test_clients_pick_an_adapter_by_name_and_are_routed_to_its_servers(tiny_mode
             # A soft prompt's gradient through the adapted servers equals peft's autograd.
             prompt = (torch.randn(3, 64, generator=torch.Generator().manual_seed(12)) * 0.5).requires_grad_()
             one = ids[:1]
-            x = torch.cat([prompt[None], model.head.embed_with_grad(one)], dim=1)
+            x = torch.cat([prompt[None], model.head.embed_detached(one)], dim=1)
             logits = model.head.logits_with_grad(model.remote_blocks(x))[:, 3:]
             F.cross_entropy(logits[0, :-1], one[0, 1:]).backward()
             ref_prompt = prompt.detach().clone().requires_grad_()

@@ -87,7 +87,7 @@ def test_batched_steps_over_scattered_pages_match_transformers(tiny_models, fami
     """Three sessions of different lengths share one scrambled pool full of NaN; their prefills run
     batched in uneven chunks, then their decode steps run batched (padded to the longest). Each one's logits match transformers' dense
     model on that session's whole sequence (mistral's sliding window of 24 is crossed). Decode steps
-    run through petald's C kernel (kernels/decode_attention.py) and through torch's ops."""
+    run through petald's C kernel (kernels/native/decode_attention.py) and through torch's ops."""
     path = str(tiny_models[family])
     source = open_source(path)
     monkeypatch.setenv("PETALD_NATIVE_ATTENTION", "1" if attention == "native" else "0")

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from petald.kernels import quant
 from petald.kernels.client_head import ClientHead
-from petald.kernels.native import int4_native, native_library
+from petald.kernels.native import int4_native
+from petald.kernels.native.native_library import NativeLibrary
 from petald.kernels.quant import (
     INT4_GROUP,
     DenseLinear,
@@ -138,10 +139,17 @@ def test_int4_layers_take_the_kernel_that_measured_faster_unless_told(monkeypatc
     threads = torch.get_num_threads()
     assert quant.native_int4_enabled() == quant.native_faster_at(threads)
     assert Int4Linear(w, None).native == quant.native_faster_at(threads)
-    monkeypatch.setattr(quant, "native_faster_at", lambda threads: False)  # as on a many-core CPU
-    assert not quant.native_int4_enabled() and not Int4Linear(w, None).native
+    asked: list[int] = []
+
+    def torch_faster(threads: int) -> bool:  # as on a many-core CPU
+        asked.append(threads)
+        return False
+
+    assert not quant.native_int4_enabled(faster_at=torch_faster) and asked == [threads]
+    assert quant.native_int4_enabled(faster_at=lambda threads: True)
     monkeypatch.setenv("PETALD_NATIVE_INT4", "1")
-    assert quant.native_int4_enabled() and Int4Linear(w, None).native
+    assert quant.native_int4_enabled(faster_at=torch_faster) and Int4Linear(w, None).native
+    assert asked == [threads]  # insisting skips the timing
 
 
 def test_int4_refuses_layers_neither_kernel_can_tile():
@@ -151,16 +159,15 @@ def test_int4_refuses_layers_neither_kernel_can_tile():
 
 def test_int4_falls_back_to_torchs_kernel_without_a_compiler_or_when_told(monkeypatch, tmp_path):
     w, x = torch.randn(32, 2 * INT4_GROUP), torch.randn(3, 2 * INT4_GROUP)
-    monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))  # nothing built yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    native_library._reset_for_tests()
-    try:
-        assert not quant.native_int4_enabled()
-        layer = Int4Linear(w, None)
-        assert not layer.native
-        torch.testing.assert_close(layer(x), x.bfloat16().float() @ _int4_reference(w).t(), atol=0.1, rtol=0.02)
-    finally:
-        native_library._reset_for_tests()
+    unbuilt = NativeLibrary(cache_dir=tmp_path)  # nothing built there yet
+    assert not int4_native.native_int4_available(unbuilt)
+    assert not quant.native_int4_enabled(unbuilt, faster_at=lambda threads: True)
+    monkeypatch.setenv("PETALD_NATIVE_INT4", "1")  # insisting builds no kernel
+    assert not quant.native_int4_enabled(unbuilt)
+    layer = Int4Linear(w, None, native=False)
+    want = x.bfloat16().float() @ _int4_reference(w).t()
+    torch.testing.assert_close(layer(x), want, atol=0.1, rtol=0.02)
     monkeypatch.delenv("CC")
     monkeypatch.setenv("PETALD_NATIVE_INT4", "0")
     assert not quant.native_int4_enabled() and not Int4Linear(w, None).native

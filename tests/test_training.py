@@ -342,7 +342,7 @@ def _prompt_case(seed: int = 7, batch: int = 4, tokens: int = 11, num_prompts: i
 
 def _swarm_prompt_loss(model, ids, prompts, deep):
     p, d = prompts.clone().requires_grad_(), deep.clone().requires_grad_()
-    x = torch.cat([p[None].expand(ids.shape[0], -1, -1), model.head.embed_with_grad(ids)], dim=1)
+    x = torch.cat([p[None].expand(ids.shape[0], -1, -1), model.head.embed_detached(ids)], dim=1)
     logits = model.head.logits_with_grad(model.remote_blocks(x, d))[:, p.shape[0]:]
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     loss.backward()
@@ -424,7 +424,7 @@ def test_training_goes_on_when_servers_die_mid_step(tiny_models):
         # Peers given directly have no figures: routes take the fewest hops, ties going to the first listed.
         with DistributedModel(swarm.addresses, path, step_timeout=10, recovery_timeout=20) as model:
             p, d = prompts.clone().requires_grad_(), deep.clone().requires_grad_()
-            x = torch.cat([p[None].expand(2, -1, -1), model.head.embed_with_grad(ids)], dim=1)
+            x = torch.cat([p[None].expand(2, -1, -1), model.head.embed_detached(ids)], dim=1)
             logits = model.head.logits_with_grad(model.remote_blocks(x, d))[:, 3:]  # through 0:2 and 2:6
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
             s1.process.kill()

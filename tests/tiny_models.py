@@ -11,7 +11,8 @@ FAMILIES = ("llama", "mistral", "qwen2")
 TINY_BLOCKS = 6
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, **overrides):
+    """A tiny config of ``family``; ``overrides`` replace or add config fields."""
     common = dict(
         vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_BLOCKS,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -21,7 +22,7 @@ def tiny_config(family: str):
         common["sliding_window"] = 24  # short enough that the tests cross it
     if family == "qwen2":
         common["tie_word_embeddings"] = True
-    return AutoConfig.for_model(family, **common)
+    return AutoConfig.for_model(family, **(common | overrides))
 
 
 def save_tiny_model(family: str, path: Path, sharded: bool = False, seed: int = 0) -> Path:

@@ -67,8 +67,9 @@ class ClientHead:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits_with_grad(hidden)
 
-    def embed_with_grad(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Embeddings usable in an autograd graph (``embed``'s are inference tensors); the table stays frozen."""
+    def embed_detached(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings as plain tensors that an autograd graph may take in (``embed``'s are inference
+        tensors, which autograd refuses), detached from the table: no gradient reaches it."""
         with torch.no_grad():
             return F.embedding(input_ids.to(self.device), self.embed_weight)
 

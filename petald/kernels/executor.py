@@ -71,12 +71,26 @@ class TaskJob:
     done: Completion
 
 
+@dataclass(frozen=True)
+class BatchedForward:
+    """What one batched forward ran: blocks [start, end) with ``adapter``, for ``steps`` (each
+    session's cache and how many tokens of its step ran), in the order they were submitted."""
+
+    start: int
+    end: int
+    adapter: str | None
+    steps: tuple[tuple[SessionCache, int], ...]
+
+
 class DeviceExecutor:
+    """``on_forward``, where given, hears of each batched forward that succeeded
+    (``BatchedForward``), on the executor thread, before that forward's steps complete."""
+
     def __init__(self, span: BlockSpan, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 gather_fraction: float = DEFAULT_GATHER_FRACTION, name: str = "petald-executor"):
+                 gather_fraction: float = DEFAULT_GATHER_FRACTION, name: str = "petald-executor",
+                 on_forward: Callable[[BatchedForward], None] | None = None):
         self.span, self.prefill_chunk, self.gather_fraction = span, prefill_chunk, gather_fraction
-        # Steps run in each of the last batched forwards (bounded: a server runs for days), for tests.
-        self.batch_sizes: deque[int] = deque(maxlen=1024)
+        self.on_forward = on_forward
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -194,7 +208,12 @@ class DeviceExecutor:
             else:
                 self._finish(group[0][0], None, exc)
             return
-        self.batch_sizes.append(len(group))
+        if self.on_forward is not None:
+            try:
+                ran = tuple((job.cache, tokens) for job, tokens in group)
+                self.on_forward(BatchedForward(start, end, adapter, ran))
+            except Exception:
+                log.exception("executor on_forward callback failed")
         for (job, tokens), out in zip(group, outputs, strict=True):
             job.outputs.append(out)
             job.offset += tokens

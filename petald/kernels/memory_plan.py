@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-
-def _dims(config: PretrainedConfig) -> tuple[int, int, int, int]:
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return hidden, heads * head_dim, kv_heads * head_dim, config.intermediate_size
-
+from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.registry import family_of
 
 # Bytes per weight of a quantized linear layer, scales included: int8 has one scale per
 # output row; int4 and nf4 pack two weights a byte plus a scale (and a minimum) per 32-64.
@@ -20,9 +14,12 @@ _QUANT_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.625, "nf4": 0.56}
 
 
 def weight_bytes_per_block(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none") -> int:
-    hidden, q, kv, inter = _dims(config)
-    linear = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter  # qkv, o, gate/up/down
-    small = (q + 2 * kv) + 2 * hidden  # a qkv bias if any, two norms: kept in the compute dtype
+    dims = ModelDims.of(config)
+    hidden, q, kv = dims.hidden, dims.q_size, dims.kv_size
+    # qkv, o, gate/up/down
+    linear = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * dims.intermediate
+    # The qkv bias where the family has one, and two norms: kept in the compute dtype.
+    small = (q + 2 * kv if family_of(config).qkv_bias(config) else 0) + 2 * hidden
     dtype_bytes = torch.finfo(dtype).bits / 8
     per_weight = _QUANT_BYTES_PER_WEIGHT.get(quant, dtype_bytes)
     return int(linear * per_weight + small * dtype_bytes)
@@ -30,8 +27,7 @@ def weight_bytes_per_block(config: PretrainedConfig, dtype: torch.dtype, quant: 
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     """Keys and values of one token in one block."""
-    _, _, kv, _ = _dims(config)
-    return 2 * kv * torch.finfo(dtype).bits // 8
+    return 2 * ModelDims.of(config).kv_size * torch.finfo(dtype).bits // 8
 
 
 def available_memory(device: torch.device) -> int:

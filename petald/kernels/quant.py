@@ -9,7 +9,7 @@ residuals, the KV cache) stays in the compute dtype.
   ``_weight_int8pack_mm`` (its float32-activation path is a scalar loop, 10-100x
   slower, which is why activations go in as bfloat16).
 - ``int4`` on CPU: asymmetric, groups of ``INT4_GROUP`` along the input
-  dimension; petald's own AVX512-BF16 kernel (``kernels/int4_native.py``) where
+  dimension; petald's own AVX512-BF16 kernel (``kernels/native/int4_native.py``) where
   it builds and measures faster, else torch's ``_weight_int4pack_mm_for_cpu``.
 - ``none`` in bfloat16 on a CPU with native bfloat16 dot products (AVX512-BF16, AMX):
   the weights are reordered once into oneDNN's own blocked layout
@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from petald.kernels.native import int4_native
+from petald.kernels.native.native_library import PROCESS_LIBRARY, NativeLibrary
 from petald.vocabulary import QUANT_MODES
 
 log = logging.getLogger(__name__)
@@ -165,16 +166,6 @@ class Int8Linear(_KernelLinear):
         return self.q.float() * self.scale.float()[:, None]
 
 
-def native_int4_enabled() -> bool:
-    """Whether new ``Int4Linear`` layers use petald's kernel (``kernels/int4_native.py``): it is built,
-    runs on this CPU, and (unless ``PETALD_NATIVE_INT4=1`` insists) it beats torch's kernel at a decode
-    step with torch's thread count. ``PETALD_NATIVE_INT4=0`` keeps torch's kernel."""
-    setting = os.environ.get("PETALD_NATIVE_INT4", "auto")
-    if setting == "0" or not int4_native.native_int4_available():
-        return False
-    return setting == "1" or native_faster_at(torch.get_num_threads())
-
-
 @functools.cache
 def native_faster_at(threads: int) -> bool:
     """Whether petald's kernel, on one thread, multiplies one row by a 3072 x 576 int4 layer (SmolLM2's
@@ -206,10 +197,22 @@ def native_faster_at(threads: int) -> bool:
     return ours <= theirs
 
 
+def native_int4_enabled(library: NativeLibrary = PROCESS_LIBRARY,
+                        faster_at: Callable[[int], bool] = native_faster_at) -> bool:
+    """Whether new ``Int4Linear`` layers use petald's kernel (``kernels/native/int4_native.py``):
+    it is built (in ``library``), runs on this CPU, and (unless ``PETALD_NATIVE_INT4=1`` insists)
+    it beats torch's kernel at a decode step with torch's thread count (``faster_at(threads)``).
+    ``PETALD_NATIVE_INT4=0`` keeps torch's kernel."""
+    setting = os.environ.get("PETALD_NATIVE_INT4", "auto")
+    if setting == "0" or not int4_native.native_int4_available(library):
+        return False
+    return setting == "1" or faster_at(torch.get_num_threads())
+
+
 class Int4Linear(_KernelLinear):
     """Asymmetric int4 weights in groups along the input dimension: w ~= (q - 8) * scale + zero.
 
-    Served by petald's own kernel (``kernels/int4_native.py``) where it builds, the CPU has
+    Served by petald's own kernel (``kernels/native/int4_native.py``) where it builds, the CPU has
     AVX512-BF16 and it measured faster than torch's at a decode step (``native_int4_enabled``),
     else by torch's ``_weight_int4pack_mm_for_cpu``; ``native`` forces the choice (False: torch's
     kernel; True: petald's, which must be available). The weights are held in one kernel's layout only.

@@ -6,10 +6,12 @@ import torch
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from petald.kernels.models.dims import ModelDims
+
 
 def _default_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
     base = config.rope_parameters["rope_theta"]
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = ModelDims.of(config).head_dim
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
 

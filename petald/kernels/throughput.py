@@ -82,8 +82,8 @@ KERNELS_REVISION = 4
 
 def kernel_of(span: BlockSpan, quant: str) -> str:
     """``quant``, with which of petald's C kernels and torch's serve it where that is chosen per process:
-    for int4 the matmul (kernels/int4_native.py; the two differ in speed by 1.1-2.2x), and for every
-    quantization decode attention (kernels/decode_attention.py)."""
+    for int4 the matmul (kernels/native/int4_native.py; the two differ in speed by 1.1-2.2x), and for every
+    quantization decode attention (kernels/native/decode_attention.py)."""
     label = quant
     if quant == "int4":
         label = "int4 petald kernel" if getattr(span.blocks[0].qkv, "native", False) else "int4 torch kernel"
@@ -91,14 +91,15 @@ def kernel_of(span: BlockSpan, quant: str) -> str:
 
 
 def cached_throughput(span: BlockSpan, fingerprint: str, quant: str,
-                      measure: Callable[[], SpanThroughput]) -> tuple[SpanThroughput, bool]:
+                      measure: Callable[[], SpanThroughput],
+                      kernels_revision: int = KERNELS_REVISION) -> tuple[SpanThroughput, bool]:
     """``measure()`` unless this device, model, dtype and quantization were measured before (by these kernels:
-    for int4, by the same one of petald's and torch's).
+    for int4, by the same one of petald's and torch's; by the same ``kernels_revision``).
 
     Returns the figures and whether they came from the cache.
     """
     key = "|".join([device_name(span.device), fingerprint, str(span.dtype), kernel_of(span, quant), torch.__version__,
-                    f"kernels {KERNELS_REVISION}"])
+                    f"kernels {kernels_revision}"])
     path = petald_cache_dir() / "throughput.json"
     cache = read_json(path)
     cache = cache if isinstance(cache, dict) else {}

@@ -2,7 +2,9 @@
 
 A training request carries whole sequences [batch, tokens, hidden] at positions
 0..tokens-1, so attention is plain causal attention over the request's own
-tokens; nothing is kept between requests. Backward recomputes the forward under
+tokens; nothing is kept between requests. The blocks run their own forward
+(``TransformerBlock.forward``, as for a server's steps) with that attention
+(``WholeSequences``) instead of the paged KV cache's. Backward recomputes the forward under
 autograd from the inputs the client sends again (as Petals does): a server holds
 no activations between a client's forward and its backward, so a client that
 vanishes costs it nothing, and any replica of the span can answer the backward.
@@ -18,36 +20,51 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from petald.kernels.adapters.lora import BlockLora, LoraAdapter
-from petald.kernels.block import TransformerBlock, project, rms_norm
+from petald.kernels.adapters.lora import LoraAdapter
+from petald.kernels.block import TransformerBlock
 from petald.kernels.deep_prompts import check_deep_prompts
-from petald.kernels.rotary import apply_rotary
+from petald.kernels.rotary import RotaryTable, apply_rotary
 from petald.kernels.span import BlockSpan
 
 
-def block_forward(block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                  lora: BlockLora | None = None) -> torch.Tensor:
-    """One block over whole sequences ``x`` [B, T, hidden] at positions 0..T-1 (``cos``/``sin_signed``
-    are the rotary tables' rows for those positions, [T, 1, head_dim])."""
-    b, t, _ = x.shape
-    h = rms_norm(x, block.ln_attn, block.eps)
-    qkv = project(block.qkv, "qkv", h, lora)
-    q_size, kv_size = block.n_heads * block.head_dim, block.n_kv_heads * block.head_dim
-    qk = apply_rotary(qkv[..., : q_size + kv_size].reshape(b, t, block.n_heads + block.n_kv_heads, block.head_dim),
-                      cos, sin_signed)
-    q, k = qk[:, :, : block.n_heads], qk[:, :, block.n_heads :]
-    v = qkv[..., q_size + kv_size :].reshape(b, t, block.n_kv_heads, block.head_dim)
-    mask = None
-    if block.window is not None and t > block.window:
-        pos = torch.arange(t, device=x.device)
-        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - block.window)
-    attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=block.n_heads != block.n_kv_heads)
-    x = x + project(block.o, "o", attn.transpose(1, 2).reshape(b, t, q_size), lora)
-    h = rms_norm(x, block.ln_mlp, block.eps)
-    gate, up = project(block.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
-    return x + project(block.down, "down", F.silu(gate) * up, lora)
+class WholeSequences:
+    """The blocks' attention for training (``block.Attention``): sequences [B, T] at positions
+    0..T-1, causal (within each block's sliding window), over their own keys only; nothing is
+    cached."""
+
+    all_decode = False  # whole sequences are never a server's single-token steps
+
+    def __init__(self, rotary: RotaryTable, tokens: int, device: torch.device):
+        # [T, 1, head_dim]: broadcast over the batch rows and heads
+        self.cos, self.sin_signed = rotary.cos[:tokens, None], rotary.sin_signed[:tokens, None]
+        self.tokens, self.device = tokens, device
+        self._masks: dict[int, torch.Tensor] = {}  # by window: the blocks of a span share one
+
+    def attend(self, block: TransformerBlock, qkv: torch.Tensor, k_pool: None = None,
+               v_pool: None = None) -> torch.Tensor:
+        b, t, _ = qkv.shape
+        heads, kv_heads, head_dim = block.n_heads, block.n_kv_heads, block.head_dim
+        q_and_k = block.q_size + block.kv_size
+        qk = apply_rotary(qkv[..., :q_and_k].reshape(b, t, heads + kv_heads, head_dim),
+                          self.cos, self.sin_signed)
+        q, k = qk[:, :, :heads], qk[:, :, heads:]
+        v = qkv[..., q_and_k:].reshape(b, t, kv_heads, head_dim)
+        mask = self._window_mask(block.window)
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2), attn_mask=mask,
+                                              is_causal=mask is None, enable_gqa=heads != kv_heads)
+        return attn.transpose(1, 2).reshape(b, t, block.q_size)
+
+    def _window_mask(self, window: int | None) -> torch.Tensor | None:
+        """[T, T] (True = attend) where a sliding window is shorter than the sequences, else None
+        (causal attention)."""
+        if window is None or self.tokens <= window:
+            return None
+        if window not in self._masks:
+            pos = torch.arange(self.tokens, device=self.device)
+            causal = pos[None, :] <= pos[:, None]
+            self._masks[window] = causal & (pos[None, :] > pos[:, None] - window)
+        return self._masks[window]
 
 
 def check_training_inputs(span: BlockSpan, hidden: torch.Tensor, start: int, end: int,
@@ -70,8 +87,7 @@ def span_forward(span: BlockSpan, hidden: torch.Tensor, start: int, end: int,
     ``prompts``; the output is in the span's compute dtype, on its device."""
     check_training_inputs(span, hidden, start, end, prompts)
     x = hidden.to(span.device, span.dtype)
-    t = x.shape[1]
-    cos, sin_signed = span.rotary.cos[:t, None], span.rotary.sin_signed[:t, None]
+    sequences = WholeSequences(span.rotary, x.shape[1], span.device)
     if prompts is not None:
         prompts = prompts.to(span.device, span.dtype)
     for index in range(start, end):
@@ -80,7 +96,7 @@ def span_forward(span: BlockSpan, hidden: torch.Tensor, start: int, end: int,
             n = prompt.shape[1]
             x = torch.cat([x[:, :n] + prompt, x[:, n:]], dim=1)
         lora = adapter.block(index) if adapter is not None else None
-        x = block_forward(span.blocks[index - span.start], x, cos, sin_signed, lora)
+        x = span.blocks[index - span.start].forward(x, sequences, lora=lora)
     return x
 
 

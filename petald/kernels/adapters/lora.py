@@ -32,6 +32,7 @@ from petald.kernels.adapters.peft_lora_config import (
     AdapterError,
     read_peft_lora_config,
 )
+from petald.kernels.models.dims import ModelDims
 
 # The block's fused projections and the PEFT modules each one is made of, in their row order.
 LORA_GROUPS = {
@@ -102,10 +103,8 @@ class LoraAdapter:
 
 def projection_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
     """(in, out) features of each block projection of this model."""
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    q, kv = heads * head_dim, config.num_key_value_heads * head_dim
-    inter = config.intermediate_size
+    dims = ModelDims.of(config)
+    hidden, q, kv, inter = dims.hidden, dims.q_size, dims.kv_size, dims.intermediate
     return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
             "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
 

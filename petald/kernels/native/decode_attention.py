@@ -17,22 +17,25 @@ import os
 
 import torch
 
-from petald.kernels.native.native_library import library_running
+from petald.kernels.native.native_library import PROCESS_LIBRARY, NativeLibrary
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # decode_attention.c's dtype codes
 
 
-def native_decode_attention_usable(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
-    """Whether decode steps of blocks of this dtype, device and head size run through the C kernel."""
+def native_decode_attention_usable(dtype: torch.dtype, device: torch.device, head_dim: int,
+                                   library: NativeLibrary = PROCESS_LIBRARY) -> bool:
+    """Whether decode steps of blocks of this dtype, device and head size run through the C kernel
+    (of ``library``: the process's own unless told)."""
     if os.environ.get("PETALD_NATIVE_ATTENTION", "1") == "0":
         return False
     if device.type != "cpu" or dtype not in _DTYPES or head_dim % 16:
         return False
-    return _library() is not None
+    return _library(library) is not None
 
 
-def _library() -> ctypes.CDLL | None:
-    return library_running("petald_attention_cpu_supported", "this CPU lacks AVX512F; decode attention uses torch's ops")
+def _library(library: NativeLibrary = PROCESS_LIBRARY) -> ctypes.CDLL | None:
+    return library.running("petald_attention_cpu_supported",
+                           "this CPU lacks AVX512F; decode attention uses torch's ops")
 
 
 def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin_signed: torch.Tensor,

@@ -7,7 +7,7 @@ The C kernel turns 32 weights into bfloat16 with one table lookup and multiplies
 AVX512-BF16 (see the C file's header), which is what a CPU with AVX512-BF16 (Zen 4, Sapphire
 Rapids and later) can do; benchmarks.md, "petald's own int4 kernel", has the figures.
 
-It is built and loaded with petald's other C kernels (``kernels/native_library.py``).
+It is built and loaded with petald's other C kernels (``kernels/native/native_library.py``).
 Where there is no C compiler or the CPU lacks AVX512-BF16, ``Int4Linear`` keeps torch's
 kernel: same weights, same arithmetic up to float rounding. Which of the two serves where both
 can is decided in ``kernels/quant.py`` (``native_int4_enabled``).
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from petald.kernels.native.native_library import library_running
+from petald.kernels.native.native_library import PROCESS_LIBRARY, NativeLibrary
 
 TILE = 16  # output rows per packed tile (one float32 AVX512 register)
 GROUP = 32  # inputs per scale/zero group; kernels/quant.py's INT4_GROUP
@@ -41,13 +41,15 @@ class NativeKernelError(RuntimeError):
     """A call the kernel cannot take (wrong width, device) or a kernel that is not there."""
 
 
-def native_int4_available() -> bool:
-    """Whether the C kernel is built, loaded and runs on this CPU (whatever the setting)."""
-    return _library() is not None
+def native_int4_available(library: NativeLibrary = PROCESS_LIBRARY) -> bool:
+    """Whether the C kernel is built, loaded and runs on this CPU (whatever the setting), in
+    ``library`` (the process's own unless told)."""
+    return _library(library) is not None
 
 
-def _library() -> ctypes.CDLL | None:
-    return library_running("petald_int4_cpu_supported", "this CPU lacks AVX512-BF16; --quant int4 uses torch's kernel")
+def _library(library: NativeLibrary = PROCESS_LIBRARY) -> ctypes.CDLL | None:
+    return library.running("petald_int4_cpu_supported",
+                           "this CPU lacks AVX512-BF16; --quant int4 uses torch's kernel")
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 They are plain C, not a torch extension: no Python or torch headers, no ninja, one ``cc``
 call (about a second), cached under petald's cache directory by the sources', compiler's,
 flags' and machine's hash. Each kernel's module (``int4_native.py``, ``decode_attention.py``)
-asks this one for the library and checks the CPU features its kernel needs; where there is
-no C compiler, or the library will not build or load, every caller keeps its torch path.
+asks this one for the library (``PROCESS_LIBRARY``, unless handed another ``NativeLibrary``)
+and checks the CPU features its kernel needs; where there is no C compiler, or the library
+will not build or load, every caller keeps its torch path.
 """
 
 from __future__ import annotations
@@ -40,24 +41,34 @@ SIGNATURES: dict[str, tuple[list[type], type]] = {
 }
 
 _UNLOADED = object()
-_loaded: ctypes.CDLL | None | object = _UNLOADED
-_load_lock = threading.Lock()
 
 
-def native_library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (logged once) where they cannot be built or loaded here."""
-    global _loaded
-    with _load_lock:  # one build per process, and every caller sees its one outcome
-        if _loaded is _UNLOADED:
-            _loaded = _load()
-        return _loaded  # type: ignore[return-value]
+class NativeLibrary:
+    """The C kernels, built into ``cache_dir`` (default: petald's cache directory, read at the
+    first use) and loaded at the first use, once: every later caller sees that one outcome. A
+    process uses ``PROCESS_LIBRARY``; another instance builds and loads its own (in a fresh
+    cache, a fresh build)."""
+
+    def __init__(self, cache_dir: Path | None = None):
+        self.cache_dir = cache_dir
+        self._loaded: ctypes.CDLL | None | object = _UNLOADED
+        self._lock = threading.Lock()
+
+    def load(self) -> ctypes.CDLL | None:
+        """The compiled kernels, or None (logged once) where they cannot be built or loaded here."""
+        with self._lock:  # one build per instance
+            if self._loaded is _UNLOADED:
+                self._loaded = _load(self.cache_dir or petald_cache_dir())
+            return self._loaded  # type: ignore[return-value]
+
+    def running(self, cpu_check: str, lacking: str) -> ctypes.CDLL | None:
+        """The library where it loaded and its function ``cpu_check`` says this CPU has what a
+        kernel needs; else None, with ``lacking`` logged once."""
+        library = self.load()
+        return library if library is not None and _cpu_has(library, cpu_check, lacking) else None
 
 
-def library_running(cpu_check: str, lacking: str) -> ctypes.CDLL | None:
-    """The library where it loaded and its function ``cpu_check`` says this CPU has what a kernel needs;
-    else None, with ``lacking`` logged once."""
-    library = native_library()
-    return library if library is not None and _cpu_has(library, cpu_check, lacking) else None
+PROCESS_LIBRARY = NativeLibrary()
 
 
 @functools.cache
@@ -68,20 +79,13 @@ def _cpu_has(library: ctypes.CDLL, cpu_check: str, lacking: str) -> bool:
     return False
 
 
-def _reset_for_tests() -> None:
-    """Forget the loaded library, so that the next call builds or refuses again."""
-    global _loaded
-    with _load_lock:
-        _loaded = _UNLOADED
-
-
-def _load() -> ctypes.CDLL | None:
+def _load(cache_dir: Path) -> ctypes.CDLL | None:
     try:
-        path = _build(rebuild=False)
+        path = _build(cache_dir, rebuild=False)
         try:
             library = ctypes.CDLL(str(path))
         except OSError:  # a truncated or foreign file in the cache: build it again, once
-            library = ctypes.CDLL(str(_build(rebuild=True)))
+            library = ctypes.CDLL(str(_build(cache_dir, rebuild=True)))
         for name, (argtypes, restype) in SIGNATURES.items():
             function = getattr(library, name)  # AttributeError: a library without this kernel
             function.argtypes, function.restype = argtypes, restype
@@ -92,14 +96,14 @@ def _load() -> ctypes.CDLL | None:
     return library
 
 
-def _build(rebuild: bool) -> Path:
-    """Compile the sources into the cache (once per sources, compiler, flags and machine)."""
+def _build(cache_dir: Path, rebuild: bool) -> Path:
+    """Compile the sources into ``cache_dir`` (once per sources, compiler, flags and machine)."""
     compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not compiler[0]:
         raise RuntimeError("no C compiler (cc) on PATH")
     key = b"\0".join([*(source.read_bytes() for source in SOURCES), " ".join(compiler + CFLAGS + LIBS).encode(),
                       platform.machine().encode()])
-    target = petald_cache_dir() / "native" / f"petald_kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    target = cache_dir / "native" / f"petald_kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.exists() and not rebuild:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """A GGUF file as a model source (llama.cpp's format; Llama-family architectures).
 
 The file is memory-mapped; a tensor is dequantized only when asked for. GGUF
-stores Q and K projections with llama.cpp's rotary row order, so they are
-permuted back to Hugging Face's order on load (the inverse of llama.cpp's
-converter).
+stores Q and K projections with llama.cpp's rotary row order for the families
+whose rules say so (``kernels/models/``), so they are permuted back to Hugging
+Face's order on load (the inverse of llama.cpp's converter).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gguf.quants import dequantize
 from transformers import AutoConfig, PretrainedConfig
 
 from petald.kernels.cache_dir import petald_cache_dir, read_json, write_json
+from petald.kernels.models.registry import family_of
 from petald.kernels.sources.fingerprint_cache import cached_fingerprint, file_stamp
 from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_architecture
 
@@ -43,10 +44,6 @@ _CLIENT_NAMES = {
     "output_norm.weight": "norm.weight",
     "output.weight": "lm_head.weight",
 }
-
-
-# llama.cpp's converter permutes Q/K rows only for these architectures (not Qwen2).
-_ROTARY_PERMUTED = ("llama", "mistral")
 
 
 def _unpermute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -131,7 +128,7 @@ class GGUFSource:
             if gguf_name in self._tensors:
                 out[hf_name] = self._load(gguf_name)
         cfg = self.config
-        if cfg.model_type not in _ROTARY_PERMUTED:
+        if not family_of(cfg).gguf_rotary_permuted:
             return out
         for proj, heads in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)):
             for kind in ("weight", "bias"):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from transformers import PretrainedConfig
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+from petald.kernels.models.registry import UnsupportedArchitecture, family_of
 
 
 class ModelSourceError(Exception):
@@ -54,8 +54,8 @@ class ModelSource(Protocol):
 
 
 def check_architecture(config: PretrainedConfig, origin: str) -> None:
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
-        raise ModelSourceError(
-            f"{origin}: architecture {config.model_type!r} is not supported; "
-            f"petald serves {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    """Refuse (ModelSourceError, naming ``origin``) a model of a family petald does not serve."""
+    try:
+        family_of(config)
+    except UnsupportedArchitecture as exc:
+        raise ModelSourceError(f"{origin}: {exc}") from None

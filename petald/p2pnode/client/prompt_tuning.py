@@ -42,7 +42,7 @@ class PromptTuning(torch.nn.Module):
             ids = ids.repeat(num_prompts // ids.numel() + 1)[:num_prompts]
         else:
             ids = torch.randint(0, config.vocab_size, (num_prompts,), generator=torch.Generator().manual_seed(seed))
-        self.prompts = torch.nn.Parameter(model.head.embed_with_grad(ids).float().clone())
+        self.prompts = torch.nn.Parameter(model.head.embed_detached(ids).float().clone())
         self.deep_prompts = torch.nn.Parameter(torch.zeros(config.num_hidden_layers, num_prompts,
                                                            config.hidden_size)) if deep else None
 
@@ -54,7 +54,7 @@ class PromptTuning(torch.nn.Module):
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        embeds = self.model.head.embed_with_grad(input_ids).float()
+        embeds = self.model.head.embed_detached(input_ids).float()
         prefix = self.prompts[None].expand(input_ids.shape[0], -1, -1)
         deep = self.deep_prompts[:, None] if self.deep_prompts is not None else None
         return self.model.remote_blocks(torch.cat([prefix, embeds], dim=1), deep)

@@ -1,0 +1,33 @@
+"""What a model family is, as the rest of ``kernels/`` reads it.
+
+Every family petald serves is a Llama-shaped decoder (RMS norms, rotary attention with grouped
+key/value heads, a SiLU-gated MLP); a family names only how it departs from the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    architecture: str  # config.model_type, which is also the GGUF's general.architecture
+    # Whether the config's ``sliding_window`` applies to every layer where the config names no
+    # per-layer ``layer_types`` (Mistral); otherwise layers without a type attend to all keys.
+    window_on_every_layer: bool
+    # Whether llama.cpp's converter interleaved each head's two rotary halves in the Q and K rows
+    # of this family's GGUF files (it does for Llama and Mistral, not for Qwen2).
+    gguf_rotary_permuted: bool
+    # Whether the q, k and v projections of a block carry biases.
+    qkv_bias: Callable[[PretrainedConfig], bool]
+
+    def sliding_window(self, config: PretrainedConfig, index: int) -> int | None:
+        """How many of the latest keys block ``index`` attends to, or None for all of them."""
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:  # the config says it layer by layer (transformers' Qwen2)
+            return window if layer_types[index] == "sliding_attention" else None
+        return window if self.window_on_every_layer else None

@@ -1,0 +1,82 @@
+"""The per-family rules (kernels/models/) against transformers' own models of each family: sliding
+windows, q/k/v biases and dimensions; and that every family served has a tiny model in the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from petald.kernels.memory_plan import weight_bytes_per_block
+from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.registry import (
+    SUPPORTED_ARCHITECTURES,
+    UnsupportedArchitecture,
+    family_of,
+)
+from petald.kernels.sources.model_source import ModelSourceError, check_architecture
+from petald.kernels.span import BlockSpan
+from tests.tiny_models import FAMILIES, TINY_BLOCKS, tiny_config
+
+
+def _variants() -> list[tuple[str, object]]:
+    """Each family's tiny config, and the options that change its rules."""
+    windowed_qwen2 = tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    biased_llama = tiny_config("llama", attention_bias=True)
+    wide_heads = tiny_config("llama", head_dim=32)
+    return [(family, tiny_config(family)) for family in FAMILIES] + [
+        ("qwen2 with sliding windows", windowed_qwen2), ("llama with biases", biased_llama),
+        ("llama with a head size not hidden / heads", wide_heads)]
+
+
+VARIANTS = _variants()
+
+
+def test_every_family_served_has_a_tiny_model_in_the_tests():
+    assert SUPPORTED_ARCHITECTURES == tuple(sorted(FAMILIES))
+
+
+@pytest.mark.parametrize(("name", "config"), VARIANTS, ids=[name for name, _ in VARIANTS])
+def test_family_rules_match_transformers(name, config):
+    layers = AutoModelForCausalLM.from_config(config).model.layers
+    family, dims = family_of(config), ModelDims.of(config)
+    if config.model_type == "mistral":  # transformers' Mistral passes the config's window to every layer
+        want_windows = [config.sliding_window] * TINY_BLOCKS
+    else:
+        want_windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
+    assert [family.sliding_window(config, i) for i in range(TINY_BLOCKS)] == want_windows
+    attention, mlp = layers[0].self_attn, layers[0].mlp
+    assert family.qkv_bias(config) == (attention.q_proj.bias is not None) == (attention.v_proj.bias is not None)
+    assert dims.head_dim == attention.head_dim
+    assert (dims.q_size, dims.kv_size) == (attention.q_proj.out_features, attention.k_proj.out_features)
+    assert (dims.hidden, dims.intermediate) == (attention.q_proj.in_features, mlp.gate_proj.out_features)
+
+
+def test_windows_and_biases_differ_where_the_families_do():
+    """So that the test above compares rules that matter: each variant departs from plain llama."""
+    windows = {name: [family_of(c).sliding_window(c, i) for i in range(TINY_BLOCKS)] for name, c in VARIANTS}
+    assert windows["llama"] == [None] * TINY_BLOCKS and windows["mistral"] == [24] * TINY_BLOCKS
+    assert windows["qwen2 with sliding windows"] == [None, None] + [8] * (TINY_BLOCKS - 2)
+    assert [family_of(c).qkv_bias(c) for _, c in VARIANTS[:3]] == [False, False, True]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_memory_plan_counts_a_blocks_weights_exactly(tiny_models, family):
+    """In float32 without quantization, the planned bytes are those of a loaded block's tensors."""
+    from petald.kernels.sources.open_source import open_source
+
+    source = open_source(str(tiny_models[family]))
+    block = BlockSpan(source, 0, 1, torch.float32, torch.device("cpu")).blocks[0]
+    tensors = [block.ln_attn, block.ln_mlp]
+    for linear in (block.qkv, block.o, block.gate_up, block.down):
+        tensors += [linear.weight_t] + ([linear.bias] if linear.bias is not None else [])
+    assert weight_bytes_per_block(source.config, torch.float32) == sum(t.numel() * 4 for t in tensors)
+
+
+def test_other_architectures_are_refused_naming_those_served():
+    config = AutoConfig.for_model("gpt2")
+    with pytest.raises(UnsupportedArchitecture):
+        family_of(config)
+    with pytest.raises(ModelSourceError, match=r"^here: architecture 'gpt2' is not supported; "
+                                                r"petald serves llama, mistral, qwen2$"):
+        check_architecture(config, "here")
