@@ -69,6 +69,8 @@ def equal_to(wanted: Any, words: str) -> Expect:
 
 @dataclass(frozen=True)
 class Internal:
+    """One attribute, method or constant of py-libp2p's that the data path depends on."""
+
     owner: str  # a key of library_samples(): which library object
     name: str  # the attribute read, replaced or overridden on it
     expect: Expect
