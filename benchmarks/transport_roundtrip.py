@@ -6,7 +6,7 @@ A client host and an echo server host run in one trio loop in one process and
 talk over TCP on 127.0.0.1 through Noise and yamux, with petald's framing
 (FramedStream) on top. "library" hosts are built as py-libp2p builds them
 (Noise + yamux, nothing patched); "petald" hosts are ``host.make_host``'s, with
-the lean data path of ``p2pnode/lean_transport.py``. Both run alternately in
+the lean data path of ``p2pnode/transport/libp2p_internals``. Both run alternately in
 the same invocation, several rounds, so the ratio compares like with like on a
 shared machine; with no thread or process hand-offs in the loop, the figures are
 the transport's own cost (both ends: two sends, two receives per round trip).

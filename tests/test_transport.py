@@ -1,10 +1,13 @@
-"""The lean data path under Noise and yamux: what it installs, that the wire is unchanged, its guards."""
+"""The lean data path under Noise and yamux: what it installs, that the wire is unchanged, and the
+check that refuses a py-libp2p it does not fit."""
 
 from __future__ import annotations
 
 import os
 import socket
 import threading
+import tomllib
+from pathlib import Path
 
 import multiaddr
 import pytest
@@ -15,22 +18,33 @@ from libp2p.custom_types import TProtocol
 from libp2p.io.exceptions import IncompleteReadError
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.net_stream import NetStream
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.security.noise.io import NoiseTransportReadWriter
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.mplex.mplex import MPLEX_PROTOCOL_ID, Mplex
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from noise.connection import NoiseConnection
 
-from petald.p2pnode.transport import lean_transport
-from petald.p2pnode.transport.direct_frames import DirectStream
 from petald.p2pnode.transport.framed_stream import FramedStream
 from petald.p2pnode.transport.host import (
     DEFAULT_LISTEN,
     full_addresses,
-    make_host,
     parse_peer_address,
     running_host,
 )
 from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.libp2p_internals import (
+    LIBP2P_REQUIREMENT,
+    BufferedNoiseReadWriter,
+    DirectStream,
+    EagerLock,
+    LeanTransportError,
+    LeanYamux,
+    check_library,
+)
+from petald.p2pnode.transport.libp2p_internals.library_check import library_samples, refused_import
 
 ECHO = TProtocol("/petald/test-echo/1.0.0")
 
@@ -45,12 +59,15 @@ async def _echo(stream) -> None:
     await framed.close()
 
 
-def _plain_library_host(key_pair):
-    """A py-libp2p host as the library builds it (Noise + yamux), with none of petald's patches."""
+def _plain_library_host(key_pair, offer: str = "noise+yamux"):
+    """A py-libp2p host as the library builds it, with none of petald's patches; it offers Noise
+    and yamux, or plaintext security, or the mplex muxer instead."""
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_pair().private_key)
+    security = ({TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(key_pair)} if offer == "plaintext"
+                else {TProtocol(NOISE_PROTOCOL_ID): noise})
+    muxers = {TProtocol(MPLEX_PROTOCOL_ID): Mplex} if offer == "mplex" else {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
     listen = [multiaddr.Multiaddr(DEFAULT_LISTEN)]
-    return new_host(key_pair=key_pair, sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-                    muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux}, listen_addrs=listen,
+    return new_host(key_pair=key_pair, sec_opt=security, muxer_opt=muxers, listen_addrs=listen,
                     connection_config=ConnectionConfig(min_connections=0, low_watermark=0,
                                                        auto_connect_interval=3600.0)), listen
 
@@ -87,9 +104,9 @@ def test_petald_hosts_run_the_lean_path_end_to_end():
             assert await _round_trips(client, full_addresses(server)[0]) == list(SIZES)
             for host in (client, server):
                 (muxed,) = _muxed_conns(host)
-                assert type(muxed) is lean_transport.LeanYamux
-                assert isinstance(muxed.secured_conn.conn, lean_transport.BufferedNoiseReadWriter)
-                assert isinstance(muxed._write_lock, lean_transport.EagerLock)
+                assert type(muxed) is LeanYamux
+                assert isinstance(muxed.secured_conn.conn, BufferedNoiseReadWriter)
+                assert isinstance(muxed._write_lock, EagerLock)
                 # trio sets TCP_NODELAY on its TCP streams; a small frame must not wait for Nagle.
                 sock = muxed.secured_conn.conn.raw.stream.stream.socket
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -98,6 +115,8 @@ def test_petald_hosts_run_the_lean_path_end_to_end():
 
 
 def test_small_frames_take_the_direct_path_and_the_rest_the_library(monkeypatch):
+    # NetStream.write is instrumented, not replaced: it still sends, and the count shows which
+    # frames the library's write path carried (the direct path never calls it).
     library_writes: list[int] = []
     library_write = NetStream.write
 
@@ -115,7 +134,6 @@ def test_small_frames_take_the_direct_path_and_the_rest_the_library(monkeypatch)
             info = parse_peer_address(full_addresses(server)[0])
             await client.connect(info)
             framed = FramedStream(await client.new_stream(info.peer_id, [ECHO]))
-            assert framed._direct is not None
             for size, via_library in ((10, False), (2400, False), (200_000, True)):
                 library_writes.clear()
                 await framed.send({"type": "echo", "data": b"x" * size})
@@ -156,6 +174,20 @@ def test_the_wire_is_unchanged_for_an_unpatched_library_peer(petald_side):
     trio.run(main)
 
 
+@pytest.mark.parametrize("offer", ["plaintext", "mplex"])
+def test_a_petald_host_takes_noise_and_yamux_only(offer):
+    async def main():
+        plain, listen = _plain_library_host(load_or_create_identity(None), offer)
+        async with plain.run(listen_addrs=listen), running_host(load_or_create_identity(None)) as petald:
+            with trio.fail_after(20):
+                with pytest.raises(Exception) as refused:
+                    await plain.connect(parse_peer_address(full_addresses(petald)[0]))
+            assert not isinstance(refused.value, trio.TooSlowError)
+            assert not petald.get_network().connections
+
+    trio.run(main)
+
+
 class _Chunks:
     """A raw connection that hands out prepared chunks, then end of stream."""
 
@@ -167,29 +199,40 @@ class _Chunks:
         return self.chunks.pop(0) if self.chunks else b""
 
 
-def _reader(chunks: list[bytes]) -> lean_transport.BufferedNoiseReadWriter:
-    reader = object.__new__(lean_transport.BufferedNoiseReadWriter)
-    reader.raw = _Chunks(chunks)
-    reader._buffer = bytearray()
-    reader.decrypt = lambda data: b"plain:" + data  # the framing is under test, not the cipher
-    return reader
+def _noise_pair() -> tuple[NoiseConnection, NoiseConnection]:
+    """The two ends of a finished Noise handshake (NN: no static keys), from libp2p's Noise package."""
+    sender = NoiseConnection.from_name(b"Noise_NN_25519_ChaChaPoly_SHA256")
+    receiver = NoiseConnection.from_name(b"Noise_NN_25519_ChaChaPoly_SHA256")
+    sender.set_as_initiator()
+    receiver.set_as_responder()
+    for end in (sender, receiver):
+        end.start_handshake()
+    receiver.read_message(sender.write_message())
+    sender.read_message(receiver.write_message())
+    return sender, receiver
+
+
+def _reader(chunks: list[bytes], cipher: NoiseConnection) -> BufferedNoiseReadWriter:
+    return BufferedNoiseReadWriter(NoiseTransportReadWriter(_Chunks(chunks), cipher))
 
 
 def test_buffered_noise_reader_cuts_messages_across_any_split():
-    wire = b"".join(len(body).to_bytes(2, "big") + body for body in (b"a", b"", b"x" * 65_000, b"zz"))
-    for cut in (1, 2, 3, 7, 65_003, len(wire) - 1):
-        reader = _reader([wire[:cut], wire[cut:]])
+    bodies = [b"a", b"", b"x" * 65_000, b"zz"]
+    for cut in (1, 2, 3, 7, 19, 65_003, 65_040):
+        sender, receiver = _noise_pair()
+        wire = b"".join(len(sealed).to_bytes(2, "big") + sealed for sealed in map(sender.encrypt, bodies))
+        reader = _reader([wire[:cut], wire[cut:]], receiver)
 
         async def read_all(reader=reader):
-            return [await reader.read_msg() for _ in range(4)]
+            return [await reader.read_msg() for _ in bodies]
 
-        assert trio.run(read_all) == [b"plain:a", b"plain:", b"plain:" + b"x" * 65_000, b"plain:zz"]
+        assert trio.run(read_all) == bodies, cut
 
 
 @pytest.mark.parametrize("chunks, received", [([], 0), ([b"\x00"], 1), ([b"\x00\x05abc"], 5)])
 def test_buffered_noise_reader_reports_a_close_like_the_library(chunks, received):
     async def read():
-        return await _reader(chunks).read_msg()
+        return await _reader(chunks, _noise_pair()[1]).read_msg()
 
     with pytest.raises(IncompleteReadError) as info:
         trio.run(read)
@@ -197,29 +240,60 @@ def test_buffered_noise_reader_reports_a_close_like_the_library(chunks, received
     assert info.value.is_clean_close == (received == 0)
 
 
-def test_an_unsupported_libp2p_version_stops_the_host_at_start(monkeypatch):
-    monkeypatch.setattr(lean_transport, "_checked", False)
-    monkeypatch.setattr(lean_transport, "version", lambda name: "0.9.0")
-    with pytest.raises(lean_transport.LeanTransportError, match="0.9.0"):
-        make_host(load_or_create_identity(None))
+def test_pyproject_asks_for_the_libp2p_range_the_check_enforces():
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    libp2p = [d for d in pyproject["project"]["dependencies"] if d.split(">")[0].split("<")[0].strip() == "libp2p"]
+    assert libp2p == [LIBP2P_REQUIREMENT]
 
 
-def test_a_missing_library_attribute_stops_the_host_at_start(monkeypatch):
-    monkeypatch.setattr(lean_transport, "_checked", False)
-    original = lean_transport.YamuxStream.__init__
+@pytest.mark.parametrize("installed", ["0.8.0", "0.9.0", "0.9.0rc1", "1.0.0"])
+def test_a_libp2p_outside_the_range_is_refused_naming_both(installed):
+    with pytest.raises(LeanTransportError) as info:
+        check_library(installed)
+    assert f"py-libp2p {installed} is installed" in str(info.value)
+    assert ">=0.8.1,<0.9" in str(info.value)
 
-    def without_window_lock(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        del self.window_lock
 
-    monkeypatch.setattr(lean_transport.YamuxStream, "__init__", without_window_lock)
-    with pytest.raises(lean_transport.LeanTransportError, match="window_lock"):
-        lean_transport.check_library()
+def test_the_installed_libp2p_passes_and_so_does_any_0_8_release():
+    check_library()
+    check_library("0.8.7")  # the version is in range; the objects are the installed library's
+
+
+def _without(owner: str, name: str):
+    """The library's own objects, except that ``owner`` lacks ``name`` (as a new release might)."""
+    def samples():
+        built = library_samples()
+        delattr(built[owner], name)
+        return built
+    return samples
+
+
+@pytest.mark.parametrize("owner, name", [("YamuxStream", "window_lock"), ("NetStream", "_state"),
+                                         ("Yamux", "stream_buffers"), ("SecureSession", "low_watermark")])
+def test_a_missing_library_attribute_is_refused_naming_it(owner, name):
+    with pytest.raises(LeanTransportError, match=rf"\n  {owner}\.{name} \(.*\): \w"):
+        check_library(samples=_without(owner, name))
+
+
+def test_a_library_attribute_of_another_kind_is_refused_naming_what_it_must_be():
+    def samples():
+        built = library_samples()
+        built["Yamux"]._write_lock = object()  # say, a release that moved to another lock type
+        return built
+
+    with pytest.raises(LeanTransportError, match=r"Yamux\._write_lock \(a trio\.Lock\)"):
+        check_library(samples=samples)
+
+
+def test_a_failed_import_of_the_data_path_names_the_range_or_the_missing_name():
+    gone = ImportError("cannot import name 'HEADER_SIZE'", name="libp2p.stream_muxer.yamux.yamux")
+    assert ">=0.8.1,<0.9" in str(refused_import(gone, "0.9.1"))
+    assert "cannot import name 'HEADER_SIZE'" in str(refused_import(gone, "0.8.2"))
 
 
 def test_eager_lock_excludes_and_hands_over_in_order():
     async def main():
-        lock = lean_transport.EagerLock()
+        lock = EagerLock()
         order = []
 
         async def worker(name: str):

@@ -8,41 +8,12 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.io.exceptions import IOException
 
-from petald.p2pnode.transport.direct_frames import DirectStream
-from petald.p2pnode.transport.lean_transport import lean_net_stream
+from petald.p2pnode.transport.libp2p_internals import prepare_framed_stream
 from petald.protocol.framing import FrameDecoder, encode_frame
 from petald.protocol.limits import MAX_FRAME_BYTES
 
 _READ_CHUNK = 1 << 20
 _MIN_READ = 64 * 1024  # read past the header in one go: fewer reads, fewer yamux window updates
-
-
-def batch_window_updates(stream: INetStream) -> None:
-    """Make this stream's yamux credit the peer once per half window, not after every read.
-
-    py-libp2p 0.8's YamuxStream sends a WINDOW_UPDATE frame after nearly every read(),
-    so each small request/response costs two extra encrypted frames, syscalls and
-    wake-ups on both sides (about 40% of a hop's CPU, see docs/benchmarks.md). We wrap
-    the method on this stream instance only: other protocols keep the library's
-    behaviour, and peers see ordinary (larger, rarer) window updates. The library's
-    own auto-tuning still runs on every credit we do pass on.
-    """
-    muxed = getattr(stream, "muxed_stream", None)
-    original = getattr(muxed, "_auto_tune_and_send_window_update", None)
-    window = getattr(muxed, "target_recv_window", None)
-    if original is None or not isinstance(window, int):
-        return  # another muxer or library version: keep its behaviour
-    owed = 0
-
-    async def credit_every_half_window(*, bytes_read: int = 0) -> None:
-        nonlocal owed
-        owed += bytes_read
-        if owed < muxed.target_recv_window // 2:
-            return
-        credit, owed = owed, 0
-        await original(bytes_read=credit)
-
-    muxed._auto_tune_and_send_window_update = credit_every_half_window
 
 
 class PeerGone(Exception):
@@ -52,9 +23,7 @@ class PeerGone(Exception):
 class FramedStream:
     def __init__(self, stream: INetStream, max_frame_bytes: int = MAX_FRAME_BYTES, send_timeout: float = 60.0):
         self.stream = stream
-        batch_window_updates(stream)
-        lean_net_stream(stream)
-        self._direct = DirectStream.of(stream)  # None: not one of petald's own connections
+        self._direct = prepare_framed_stream(stream)  # None: not one of petald's own connections
         self.send_timeout = send_timeout  # a peer that stops reading must not hold us forever
         self._decoder = FrameDecoder(max_frame_bytes)
 

@@ -2,8 +2,8 @@
 
 py-libp2p's defaults also accept plaintext, secio and TLS, and mplex (measured at
 ~15 MB/s here); a petald node offers none of them. Its Noise and yamux are the
-library's, on a leaner data path (``lean_transport``: same wire, fewer scheduler
-passes per frame).
+library's, on a leaner data path (``libp2p_internals``: same wire, fewer scheduler
+passes per frame). This module uses the library's public API only.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from petald.p2pnode.transport import lean_transport
+from petald.p2pnode.transport.libp2p_internals import LeanNoise, install, require_supported_library
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
@@ -37,8 +37,8 @@ def quiet_libp2p_logs() -> None:
 
 def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,)) -> IHost:
     """A host that is not yet listening; ``running_host`` also starts it."""
-    lean_transport.check_library()  # a py-libp2p the lean data path does not fit stops us here, loudly
-    noise = lean_transport.LeanNoise(key_pair, noise_privkey=new_x25519_pair().private_key)
+    require_supported_library()  # a py-libp2p the lean data path does not fit stops us here, loudly
+    noise = LeanNoise(key_pair, noise_privkey=new_x25519_pair().private_key)
     security = {TProtocol(NOISE_PROTOCOL_ID): noise}
     muxers = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
     # No auto-connector: by default py-libp2p keeps dialling every peer it has heard of
@@ -46,7 +46,7 @@ def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,)) -> I
     connections = ConnectionConfig(min_connections=0, low_watermark=0, auto_connect_interval=3600.0)
     host = new_host(key_pair=key_pair, sec_opt=security, muxer_opt=muxers,
                     listen_addrs=[multiaddr.Multiaddr(a) for a in listen], connection_config=connections)
-    lean_transport.install(host)
+    install(host)
     return host
 
 

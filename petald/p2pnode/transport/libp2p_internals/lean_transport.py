@@ -23,16 +23,14 @@ loopback (docs/benchmarks.md has the figures):
   (``direct_frames`` goes further for petald's own frames, on the same objects.)
 
 Everything is installed by ``host.make_host`` (``LeanNoise`` as the host's Noise,
-``install`` for its yamux connections) and touches only connections of that host. ``check_library``
-runs at every host start: it checks the library version range and builds the
-patched library objects once, so a release that renames what we rely on stops
-petald at start with a clear error instead of misbehaving.
+``install`` for its yamux connections) and touches only connections of that host. Every
+library internal used here is listed, with its reason, in ``library_check.INTERNALS``, which
+is checked at every host start.
 """
 
 from __future__ import annotations
 
 import logging
-from importlib.metadata import version
 from types import TracebackType
 from typing import Any
 
@@ -41,55 +39,63 @@ from libp2p.abc import IHost, INetStream, IRawConnection, ISecureConn
 from libp2p.io.exceptions import IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
-from libp2p.network.stream.net_stream import NetStream, StreamState
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.peer.id import ID
-from libp2p.security.noise.io import NoisePacketReadWriter, NoiseTransportReadWriter
+from libp2p.security.noise.io import NoiseTransportReadWriter
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.rw_lock import ReadWriteLock
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
-SUPPORTED_LIBP2P = ((0, 8, 1), (0, 9, 0))  # [low, high): the pin range in pyproject.toml
+from petald.p2pnode.transport.libp2p_internals.library_check import (
+    LeanTransportError,
+    require_supported_library,
+)
+
 _RECV_BYTES = 64 * 1024  # one Noise message is at most 65537 bytes on the wire
 _NOISE_LEN = 2
 
 
-class LeanTransportError(RuntimeError):
-    """The installed py-libp2p is not the one petald's data-path patches were written for."""
+class _EagerAcquire:
+    """The fast path of ``EagerLock`` and ``_EagerSemaphore``: take a free one without a yield.
 
-
-class EagerLock:
-    """A ``trio.Lock`` whose uncontended acquire does not yield to the scheduler.
-
-    Contended acquires park on the wrapped lock, so waiting, fairness, ownership
-    checks and "owner exited without releasing" errors are trio's own. A caller
-    that was already cancelled enters the critical section and meets the
-    cancellation at its next real checkpoint (every path here does I/O next).
+    Contended acquires park on the trio primitive underneath, so waiting, fairness, ownership
+    checks and "owner exited without releasing" errors are trio's own. A caller that was
+    already cancelled enters the critical section and meets the cancellation at its next real
+    checkpoint (every path here does I/O next).
     """
 
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
+    __slots__ = ("_inner",)
+    _inner: trio.Lock | trio.Semaphore
 
     async def acquire(self) -> None:
         try:
-            self._lock.acquire_nowait()
+            self._inner.acquire_nowait()
         except trio.WouldBlock:
-            await self._lock.acquire()
+            await self._inner.acquire()
 
     def acquire_nowait(self) -> None:
-        self._lock.acquire_nowait()
+        self._inner.acquire_nowait()
 
     def release(self) -> None:
-        self._lock.release()
+        self._inner.release()
+
+
+class EagerLock(_EagerAcquire):
+    """A ``trio.Lock`` whose uncontended acquire does not yield to the scheduler."""
+
+    __slots__ = ()
+    _inner: trio.Lock
+
+    def __init__(self) -> None:
+        self._inner = trio.Lock()
 
     def locked(self) -> bool:
-        return self._lock.locked()
+        return self._inner.locked()
 
     def statistics(self) -> Any:
-        return self._lock.statistics()
+        return self._inner.statistics()
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -99,29 +105,18 @@ class EagerLock:
         self.release()
 
 
-class _EagerSemaphore:
+class _EagerSemaphore(_EagerAcquire):
     """``trio.Semaphore`` with the same no-yield fast path (for ``ReadWriteLock``'s writer slot)."""
 
-    __slots__ = ("_sem",)
+    __slots__ = ()
+    _inner: trio.Semaphore
 
     def __init__(self, initial_value: int) -> None:
-        self._sem = trio.Semaphore(initial_value)
-
-    async def acquire(self) -> None:
-        try:
-            self._sem.acquire_nowait()
-        except trio.WouldBlock:
-            await self._sem.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._sem.acquire_nowait()
-
-    def release(self) -> None:
-        self._sem.release()
+        self._inner = trio.Semaphore(initial_value)
 
     @property
     def value(self) -> int:
-        return self._sem.value
+        return self._inner.value
 
 
 class EagerReadWriteLock(ReadWriteLock):
@@ -208,12 +203,12 @@ class LeanYamux(Yamux):
 
 def install(host: IHost) -> None:
     """Put every connection of ``host`` on the lean path (Noise is ``LeanNoise`` in its options)."""
-    check_library()
+    require_supported_library()
     muxers = getattr(getattr(host.get_network(), "upgrader", None), "muxer_multistream", None)
     original = getattr(muxers, "new_conn", None)
     if original is None:
         raise LeanTransportError("py-libp2p's swarm has no upgrader.muxer_multistream.new_conn to hook the "
-                                 "lean yamux path into (p2pnode/lean_transport.py)")
+                                 "lean yamux path into (p2pnode/transport/libp2p_internals)")
 
     async def new_conn(conn: ISecureConn, peer_id: ID) -> Any:
         muxed = await original(conn, peer_id)
@@ -286,84 +281,3 @@ class LeanNoise(NoiseTransport):
 
     async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:
         return lean_secure_session(await super().secure_outbound(conn, peer_id))
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
-_checked = False
-
-
-def check_library() -> None:
-    """Fail loudly if py-libp2p is outside the range, or lacks what the patches replace."""
-    global _checked
-    if _checked:
-        return
-    installed = version("libp2p")
-    low, high = SUPPORTED_LIBP2P
-    if not low <= _version_tuple(installed) < high:
-        raise LeanTransportError(
-            f"py-libp2p {installed} is installed; petald's data path (p2pnode/lean_transport.py) is written "
-            f"for >={'.'.join(map(str, low))},<{'.'.join(map(str, high))}: install a version in that range")
-    missing: list[str] = []
-
-    def locks(obj: object, *names: str) -> None:
-        missing.extend(f"{type(obj).__name__}.{n} (a trio.Lock)" for n in names
-                       if not isinstance(getattr(obj, n, None), trio.Lock))
-
-    try:
-        # Build the objects the patches reach into, as the library builds them, and
-        # check every attribute we read or replace.
-        muxer = Yamux(secured_conn=None, peer_id=None, is_initiator=True)  # type: ignore[arg-type]
-        locks(muxer, "streams_lock", "_write_lock")
-        stream = YamuxStream(1, muxer, True)
-        locks(stream, "window_lock", "close_lock")
-        rw = getattr(stream, "rw_lock", None)
-        if (type(rw) is not ReadWriteLock or getattr(rw, "_readers", None) != 0
-                or not isinstance(getattr(rw, "_readers_lock", None), trio.Lock)
-                or not isinstance(getattr(rw, "_writer_lock", None), trio.Semaphore)):
-            missing.append("YamuxStream.rw_lock (a ReadWriteLock with _readers, _readers_lock, _writer_lock)")
-        tcp = TrioTCPStream(None)  # type: ignore[arg-type]
-        locks(tcp, "read_lock", "write_lock")
-        raw = RawConnection(tcp, True)
-        if getattr(raw, "stream", None) is not tcp:
-            missing.append("RawConnection.stream")
-        noise_rw = NoiseTransportReadWriter(raw, None)  # type: ignore[arg-type]
-        packets = getattr(noise_rw, "read_writer", None)
-        if (type(packets) is not NoisePacketReadWriter or getattr(packets, "size_len_bytes", None) != _NOISE_LEN
-                or getattr(packets, "read_write_closer", None) is not raw or not hasattr(noise_rw, "noise_state")):
-            missing.append("NoiseTransportReadWriter.read_writer (a NoisePacketReadWriter with 2-byte lengths)")
-        for cls, names in ((Yamux, ("_write_frame", "_read_data_body", "open_stream", "accept_stream")),
-                           (NoiseTransport, ("secure_inbound", "secure_outbound")),
-                           (NoiseTransportReadWriter, ("read_msg", "decrypt", "encrypt", "prefix")),
-                           (SecureSession, ("read", "write", "_drain")),
-                           (YamuxStream, ("_auto_tune_and_send_window_update",))):
-            missing += [f"{cls.__name__}.{n}" for n in names if not hasattr(cls, n)]
-        # What direct_frames reads and updates on the library's objects.
-        for obj, names in ((muxer, ("streams", "stream_buffers", "stream_events", "event_shutting_down")),
-                           (stream, ("stream_id", "send_window", "send_closed", "recv_closed", "closed",
-                                     "reset_received"))):
-            missing += [f"{type(obj).__name__}.{n}" for n in names if not hasattr(obj, n)]
-        net_stream = NetStream(stream, None, None)
-        locks(net_stream, "_state_lock")
-        if not isinstance(getattr(net_stream, "_state", None), StreamState):
-            missing.append("NetStream._state (a StreamState)")
-        session = SecureSession(local_peer=None, local_private_key=None, remote_peer=None,  # type: ignore[arg-type]
-                                remote_permanent_pubkey=None, is_initiator=True, conn=noise_rw)
-        if not (getattr(session, "low_watermark", None) == 0 == getattr(session, "high_watermark", None)):
-            missing.append("SecureSession.low_watermark, high_watermark")
-        if packets.encode_msg(b"abc") != b"\x00\x03abc":  # direct_frames writes Noise packets itself
-            missing.append("NoisePacketReadWriter.encode_msg (a 2-byte big-endian length, then the message)")
-        if not isinstance(getattr(yamux_module, "logger", None), logging.Logger):
-            missing.append("yamux.logger")
-    except Exception as exc:
-        missing.append(f"building the library objects failed: {type(exc).__name__}: {exc}")
-    if missing:
-        raise LeanTransportError(
-            f"py-libp2p {installed} does not have what p2pnode/lean_transport.py patches: {', '.join(missing)}")
-    _checked = True

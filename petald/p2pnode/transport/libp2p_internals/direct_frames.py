@@ -21,8 +21,8 @@ window accounting, and leaves every other case to the library:
   always has (data left over, end of stream, or its exception).
 
 Only petald's own connections qualify (``LeanYamux`` over buffered Noise over TCP, as
-``lean_transport`` builds them); ``lean_transport.check_library`` checks at every host start
-that the library objects still have each attribute read here.
+``lean_transport`` builds them); every library attribute read here is listed, with its reason,
+in ``library_check.INTERNALS``, which is checked at every host start.
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE, TYPE_DATA, YAMUX_HEADER_FORMAT, YamuxStream
 
-from petald.p2pnode.transport.lean_transport import BufferedNoiseReadWriter, LeanYamux
+from petald.p2pnode.transport.libp2p_internals.lean_transport import (
+    BufferedNoiseReadWriter,
+    LeanYamux,
+)
 
 _YAMUX_HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
 MAX_DIRECT_FRAME = MAX_PLAINTEXT_LENGTH - HEADER_SIZE  # one yamux frame in one Noise message
