@@ -249,7 +249,7 @@ class Letters:
     ("hello world", ["world!"], "hello world"),  # a partial stop string held back, then released
 ])
 def test_text_assembler_cuts_at_stop_strings_and_holds_back_prefixes(text, stop, expected):
-    from petald.cli.api.backend import TextAssembler
+    from petald.cli.text_assembler import TextAssembler
 
     assembler = TextAssembler(Letters(text), stop)
     pieces = []
@@ -264,7 +264,7 @@ def test_text_assembler_cuts_at_stop_strings_and_holds_back_prefixes(text, stop,
 
 
 def test_text_assembler_waits_for_whole_characters():
-    from petald.cli.api.backend import TextAssembler
+    from petald.cli.text_assembler import TextAssembler
 
     decoded = {1: "a", 2: "a\ufffd", 3: "aé"}
     assembler = TextAssembler(lambda ids: decoded[len(ids)], [])
