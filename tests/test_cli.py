@@ -16,75 +16,83 @@ from tests.petald_cli import assert_refused, invoke, run_petald
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"
 NO_PEER_ID = "has no /p2p/<peer id> part; copy the full address a server prints"
 DEFAULT_SOCKET = "{runtime}/petald/api.sock"
+NEW_SWARM = ["serve", "--blocks", "0:2", "--new-swarm"]
+A_PEER = ["--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"]
 
-
-# (arguments, exit code, the whole message, whether the model was opened first); {model},
-# {runtime} and {unreachable} are filled in. Exit 2 is a usage error, said after click's usage lines.
-REFUSALS = [
-    (["serve", "--blocks", "0:99"], 1, "petald: error: --blocks '0:99': need 0 <= A < B <= 6 (this model has 6 "
-     "blocks)", True),
-    (["serve", "--blocks", "x"], 1, "petald: error: --blocks 'x': expected A:B with integers (e.g. 0:15) or auto",
+# Errors a person can act on, said as one sentence after "petald: error: " (exit 1): (arguments,
+# the sentence, whether the model was opened first). {model}, {runtime}, {unreachable} are filled in.
+SENTENCES = [
+    (["serve", "--blocks", "0:99"], "--blocks '0:99': need 0 <= A < B <= 6 (this model has 6 blocks)", True),
+    (["serve", "--blocks", "x"], "--blocks 'x': expected A:B with integers (e.g. 0:15) or auto", True),
+    (["serve", "--blocks", "0:2", "--model", "/no/such/model"], "model '/no/such/model' not found: give a .gguf "
+     "file, a Hugging Face directory, or 'smollm2'; loading from a model hub is not supported yet", True),
+    (["serve", "--blocks", "0:2"], "a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), or "
+     "--new-swarm to start a new one", True),
+    (["serve", "--blocks", "auto", "--num-blocks", "7", "--new-swarm"], "--num-blocks 7: this model has 6 blocks",
      True),
-    (["serve", "--blocks", "0:2", "--model", "/no/such/model"], 1, "petald: error: model '/no/such/model' not "
-     "found: give a .gguf file, a Hugging Face directory, or 'smollm2'; loading from a model hub is not supported "
-     "yet", True),
-    (["serve", "--blocks", "0:2"], 1, "petald: error: a server joins a swarm: pass --initial-peers ADDR (any node "
-     "of the swarm), or --new-swarm to start a new one", True),
-    (["serve", "--blocks", "auto", "--num-blocks", "7", "--new-swarm"], 1,
-     "petald: error: --num-blocks 7: this model has 6 blocks", True),
-    (["serve", "--blocks", "0:2", "--new-swarm", "--http", "8080"], 1,
-     "petald: error: --http '8080': expected HOST:PORT, e.g. 127.0.0.1:8080", False),
-    (["serve", "--blocks", "0:2", "--new-swarm", "--adapters", "/no/such/adapter"], 1,
-     "petald: error: adapter /no/such/adapter does not exist: give a directory saved by peft's save_pretrained "
-     "(adapter_config.json and adapter_model.safetensors)", True),
-    (["serve", "--blocks", "0:2", "--new-swarm", "--adapters", "/tmp"], 1,
-     "petald: error: /tmp is not a PEFT adapter: it has no adapter_config.json", True),
-    (["serve", "--blocks", "0:2", "--new-swarm", "--no-api", "--head-quant", "bf16"], 2,
-     "--head-quant sets how the local API's model stores its LM head; with --no-api there is none: drop one of "
-     "the two", False),
-    (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1"], 1, f"petald: error: '/ip4/127.0.0.1/tcp/1' {NO_PEER_ID}",
-     False),
-    (["generate", "hi"], 2, f"no local daemon answers on {DEFAULT_SOCKET}, and no swarm was given: give any node "
-     "of the swarm with --initial-peers MULTIADDR (or the servers themselves with --peers MULTIADDR ...), or start "
-     "a daemon (petald serve / petald daemon)", False),
-    (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], 2,
-     "give either --initial-peers (find servers in the swarm) or --peers (use exactly these servers), not both",
-     False),
-    (["generate", "", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], 2, "the prompt is empty", False),
-    (["generate", "hi", "there", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], 2,
-     "unexpected arguments ['there']: quote the prompt, and give peers as multiaddrs", False),
-    (["generate", "hi", "--top-p", "0", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], 2,
-     "Invalid value for '--top-p': 0.0 is not in the range 0.0<x<=1.0.", False),
-    (["generate", "hi", "--head-quant", "fp8", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], 2,
-     "Invalid value for '--head-quant': 'fp8' is not one of 'none', 'int8', 'int4', 'nf4', 'bf16'.", False),
-    (["generate", "hi", "--head-quant", "nf4", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], 1,
-     "petald: error: the LM head cannot be stored as nf4: --quant nf4 needs a CUDA device and bitsandbytes "
-     "(pip install bitsandbytes); on CPU use --quant int8 or int4", False),
-    (["chat", "--daemon"], 1, f"Error: no petald daemon answers on {DEFAULT_SOCKET}: start one (petald serve, "
-     "petald daemon) or leave out --daemon", False),
-    (["chat", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], 2,
-     "give either --initial-peers or --peers, not both", False),
-    (["swarm", "--initial-peers", "/ip4/127.0.0.1/tcp/1"], 1, f"petald: error: '/ip4/127.0.0.1/tcp/1' {NO_PEER_ID}",
-     False),
-    (["swarm"], 2, f"no local daemon answers on {DEFAULT_SOCKET}: give any node of the swarm with --initial-peers "
-     "MULTIADDR", False),
-    (["daemon"], 2, "a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)", False),
-    (["daemon", "--initial-peers", "{unreachable}"], 1, "petald: error: none of the initial peers answered: "
-     "12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw", True),
+    ([*NEW_SWARM, "--http", "8080"], "--http '8080': expected HOST:PORT, e.g. 127.0.0.1:8080", False),
+    ([*NEW_SWARM, "--adapters", "/no/such/adapter"], "adapter /no/such/adapter does not exist: give a directory "
+     "saved by peft's save_pretrained (adapter_config.json and adapter_model.safetensors)", True),
+    ([*NEW_SWARM, "--adapters", "/tmp"], "/tmp is not a PEFT adapter: it has no adapter_config.json", True),
+    (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1"], f"'/ip4/127.0.0.1/tcp/1' {NO_PEER_ID}", False),
+    (["generate", "hi", "--head-quant", "nf4", *A_PEER], "the LM head cannot be stored as nf4: --quant nf4 needs "
+     "a CUDA device and bitsandbytes (pip install bitsandbytes); on CPU use --quant int8 or int4", False),
+    (["swarm", "--initial-peers", "/ip4/127.0.0.1/tcp/1"], f"'/ip4/127.0.0.1/tcp/1' {NO_PEER_ID}", False),
+    (["daemon", "--initial-peers", "{unreachable}"],
+     "none of the initial peers answered: 12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw", True),
+]
+
+# Usage errors (exit 2, after click's usage lines), all before anything is opened.
+USAGE_ERRORS = [
+    ([*NEW_SWARM, "--no-api", "--head-quant", "bf16"], "--head-quant sets how the local API's model stores its LM "
+     "head; with --no-api there is none: drop one of the two"),
+    (["generate", "hi"], f"no local daemon answers on {DEFAULT_SOCKET}, and no swarm was given: give any node of "
+     "the swarm with --initial-peers MULTIADDR (or the servers themselves with --peers MULTIADDR ...), or start a "
+     "daemon (petald serve / petald daemon)"),
+    (["generate", "hi", *A_PEER, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "give either --initial-peers "
+     "(find servers in the swarm) or --peers (use exactly these servers), not both"),
+    (["generate", "", *A_PEER], "the prompt is empty"),
+    (["generate", "hi", "there", *A_PEER], "unexpected arguments ['there']: quote the prompt, and give peers as "
+     "multiaddrs"),
+    (["generate", "hi", "--top-p", "0", *A_PEER], "Invalid value for '--top-p': 0.0 is not in the range 0.0<x<=1.0."),
+    (["generate", "hi", "--head-quant", "fp8", *A_PEER],
+     "Invalid value for '--head-quant': 'fp8' is not one of 'none', 'int8', 'int4', 'nf4', 'bf16'."),
+    (["chat", *A_PEER, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "give either --initial-peers or --peers, "
+     "not both"),
+    (["swarm"], f"no local daemon answers on {DEFAULT_SOCKET}: give any node of the swarm with --initial-peers "
+     "MULTIADDR"),
+    (["daemon"], "a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)"),
 ]
 
 
-@pytest.mark.parametrize("args, exit_code, message, opened", REFUSALS, ids=lambda v: v if isinstance(v, str) else None)
-def test_errors_are_sentences_not_tracebacks(tiny_models, args, exit_code, message, opened):
-    model = str(tiny_models["llama"])
-    fill = {"model": model, "runtime": os.environ["XDG_RUNTIME_DIR"], "unreachable": UNREACHABLE}
+def _petald_with_model(tiny_models, args: list[str]):
+    """``petald ARGS`` with the tiny Llama unless ARGS name a model (swarm takes none); and the fill-ins."""
+    fill = {"model": str(tiny_models["llama"]), "runtime": os.environ["XDG_RUNTIME_DIR"], "unreachable": UNREACHABLE}
     args = [a.format(**fill) for a in args]
     if "--model" not in args and args[0] != "swarm":
-        args += ["--model", model]
-    result = invoke(*args)
-    assert_refused(result, exit_code, message.format(**fill))
-    opened_model = args[args.index("--model") + 1] if "--model" in args else None
-    assert result.stdout == (f"petald: opening model {opened_model}\n" if opened else "")
+        args += ["--model", fill["model"]]
+    return invoke(*args), args, fill
+
+
+@pytest.mark.parametrize("args, message, opened", SENTENCES, ids=lambda v: v if isinstance(v, str) else None)
+def test_errors_are_sentences_not_tracebacks(tiny_models, args, message, opened):
+    result, args, fill = _petald_with_model(tiny_models, args)
+    assert_refused(result, 1, "petald: error: " + message.format(**fill))
+    assert result.stdout == (f"petald: opening model {args[args.index('--model') + 1]}\n" if opened else "")
+
+
+@pytest.mark.parametrize("args, message", USAGE_ERRORS, ids=lambda v: v if isinstance(v, str) else None)
+def test_usage_errors_say_what_to_give(tiny_models, args, message):
+    result, _, fill = _petald_with_model(tiny_models, args)
+    assert_refused(result, 2, message.format(**fill))
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", [["chat"], ["generate", "hi"]])
+def test_daemon_asked_for_but_not_running(command):
+    result = invoke(*command, "--daemon")
+    assert_refused(result, 1, f"Error: no petald daemon answers on {os.environ['XDG_RUNTIME_DIR']}/petald/api.sock: "
+                              "start one (petald serve, petald daemon) or leave out --daemon")
 
 
 def test_unreachable_server_is_named(tiny_models):
