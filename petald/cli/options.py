@@ -1,5 +1,5 @@
-"""Options several commands take, and how their values are read: the LM head's storage, the
-local API's socket and TCP address, lists of multiaddrs, whether a value was typed."""
+"""Options several commands take, and how their values are read: the LM head's storage, where a
+node listens, the local API's socket and TCP address, lists of multiaddrs, whether a value was typed."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def head_quant_option() -> Callable:
     return click.option("--head-quant", default="none", show_default=True, type=click.Choice(HEAD_QUANT_MODES),
                         help="How the local LM head is stored: bf16 is faster on CPUs with native bfloat16 "
                              "(AVX512-BF16, AMX); none (float32) is the reference.")
+
+
+# p2pnode's DEFAULT_LISTEN (loopback, a free port), written out: importing it would load libp2p
+# for every `petald --help`.
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+
+
+def listen_option(help: str) -> Callable:
+    """--listen, repeatable, for serve and daemon."""
+    return click.option("--listen", multiple=True, default=[DEFAULT_LISTEN], show_default=True, help=help)
 
 
 def api_options(fn: Callable) -> Callable:

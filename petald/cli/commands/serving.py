@@ -13,6 +13,7 @@ from petald.cli.options import (
     api_options,
     from_command_line,
     head_quant_option,
+    listen_option,
 )
 from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_MODES
 
@@ -34,8 +35,7 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_MODES
               help="With --blocks auto: about how often (seconds, jittered) to check whether to move.")
 @click.option("--network-mbps", default=0.0, type=click.FloatRange(min=0.0),
               help="Announced network bandwidth in Mbit/s (0: unknown; petald does not probe the internet).")
-@click.option("--listen", multiple=True, default=["/ip4/127.0.0.1/tcp/0"], show_default=True,
-              help="Multiaddr to listen on (repeatable).")
+@listen_option("Multiaddr to listen on (repeatable).")
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
               help="Ed25519 key file; created if missing. Keeps the peer ID stable across restarts.")
 @click.option("--device", default="auto", type=click.Choice(DEVICE_CHOICES), show_default=True)
@@ -115,8 +115,7 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
 @click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
               help="Any node of the swarm to join (repeatable; with /p2p/ID).")
 @click.option("--model", default=None, help="The model to generate with (default: embedded SmolLM2-135M-Instruct).")
-@click.option("--listen", multiple=True, default=["/ip4/127.0.0.1/tcp/0"], show_default=True,
-              help="Multiaddr of this client node (repeatable).")
+@listen_option("Multiaddr of this client node (repeatable).")
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
               help="Ed25519 key file; created if missing (default: a new identity each start).")
 @api_options
