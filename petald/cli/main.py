@@ -1,9 +1,10 @@
 """``petald``: serve blocks, generate through a chain of servers, or run a local demo swarm.
 
 This module is the command group and its ``--config`` option; each command lives in
-``petald.cli.commands`` by what it does, and is added here. Nothing imports this module but the
-console script and ``python -m petald.cli.main`` (how servers are started as processes), so the
-commands' shared pieces live in modules of their own (``options``, ``command_errors``, ``logs``).
+``petald.cli.commands`` by what it does, and is added here. No module of petald imports this one:
+it runs as ``python -m petald.cli.main`` too (how servers are started as processes), where a
+command importing it back would get a second copy of the group. So the commands' shared pieces
+live in modules of their own (``options``, ``command_errors``, ``logs``).
 """
 
 from __future__ import annotations
