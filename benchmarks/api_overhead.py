@@ -36,6 +36,8 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 
 from petald.cli.local_swarm import LocalSwarm  # noqa: E402
+from petald.cli.text_generation import chat_prompt_ids  # noqa: E402
+from petald.kernels.sampling import end_of_sequence_ids  # noqa: E402
 from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -58,12 +60,12 @@ def through_api(socket: Path, tokens: int) -> tuple[float, list[float], int]:
 
 
 def in_process(model: DistributedModel, tokens: int) -> tuple[float, list[float], int]:
-    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"]
+    # The prompt and the end-of-sequence ids as petald chat and the API take them.
+    ids = chat_prompt_ids(model.tokenizer, [{"role": "user", "content": PROMPT}])
+    eos = end_of_sequence_ids(model.config.eos_token_id, model.tokenizer.eos_token_id)
     stamps: list[float] = []
     began = time.perf_counter()
-    model.generate(ids, max_new_tokens=tokens, eos_token_id=[model.tokenizer.eos_token_id],
-                   streamer=lambda _: stamps.append(time.perf_counter()))
+    model.generate(ids, max_new_tokens=tokens, eos_token_id=eos, streamer=lambda _: stamps.append(time.perf_counter()))
     return stamps[0] - began, gaps(stamps), len(stamps)
 
 

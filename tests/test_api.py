@@ -1,6 +1,7 @@
 """The local API against a real swarm: two server processes (one serving the API beside its
 blocks) and a client-only ``petald daemon``, reached through the official ``openai`` package
-and ``curl --unix-socket``; generate and chat through the daemon and without it."""
+and ``curl --unix-socket``; ``petald generate``, ``chat`` and ``swarm`` (run in this process)
+through the daemon and without it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,11 +23,11 @@ import torch
 
 from petald.cli.local_swarm import LocalSwarm
 from tests.oracle import reference_greedy
+from tests.petald_cli import PETALD, assert_refused, invoke
 from tests.tiny_models import save_tiny_chat_model
 
 pytestmark = pytest.mark.slow
 
-PETALD = [sys.executable, "-m", "petald.cli.main"]
 CURL = shutil.which("curl")
 
 
@@ -120,10 +120,9 @@ def curl(socket_path: Path, path: str, *args: str) -> tuple[int, str]:
     return int(status), body
 
 
-def run_petald(swarm: Swarm, *args: str, stdin: str | None = None, socket_path: Path | None = None
-               ) -> subprocess.CompletedProcess:
-    env = dict(swarm.env, PETALD_SOCKET=str(socket_path or swarm.daemon_socket))
-    return subprocess.run([*PETALD, *args], capture_output=True, text=True, timeout=180, env=env, input=stdin)
+def petald(swarm: Swarm, *args: str, stdin: str | None = None, socket_path: Path | None = None):
+    """``petald ARGS`` in this process, with the module daemon's socket as the local API."""
+    return invoke(*args, input=stdin, env={"PETALD_SOCKET": str(socket_path or swarm.daemon_socket)})
 
 
 def tokenizer(swarm: Swarm):
@@ -139,6 +138,23 @@ def oracle_text(swarm: Swarm, ids: list[int], max_new_tokens: int) -> tuple[str,
     if tok.eos_token_id in new:
         new = new[: new.index(tok.eos_token_id) + 1]
     return tok.decode(new, skip_special_tokens=True), new
+
+
+def chat_ids(swarm: Swarm, messages: list[dict[str, str]]) -> list[int]:
+    return list(tokenizer(swarm).apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"])
+
+
+def oracle_chat(swarm: Swarm, lines: list[str], max_new_tokens: int) -> list[str]:
+    """The answers of a conversation, each turn the oracle's greedy continuation of the whole history."""
+    history: list[dict[str, str]] = []
+    answers = []
+    for line in lines:
+        history.append({"role": "user", "content": line})
+        answer, _ = oracle_text(swarm, chat_ids(swarm, history), max_new_tokens)
+        answers.append(answer)
+        history.append({"role": "assistant", "content": answer})
+    return answers
 
 
 # --- the OpenAI package --------------------------------------------------------------------------
@@ -265,7 +281,10 @@ def test_curl_on_the_daemon_socket(swarm):
     assert status == 200
     events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    expected, new = oracle_text(swarm, chat_ids(swarm, [{"role": "user", "content": "hi"}]), 4)
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == expected
+    assert chunks[-1]["finish_reason"] == ("stop" if len(new) < 4 else "length")
     # The same API on TCP.
     assert httpx.get(f"{swarm.daemon.http}/v1/models").json()["data"][0]["id"].startswith("tinychat@")
 
@@ -281,9 +300,13 @@ def test_a_servers_api_stores_its_lm_head_as_told(swarm, tmp_path):
         status, body = curl(api_socket, "/health")
         assert status == 200 and json.loads(body)["role"] == "server"
         assert json.loads(body)["head_quant"] == "bf16"
+        prompt_ids = tokenizer(swarm)("Once upon a time")["input_ids"]
+        _, oracle = oracle_text(swarm, prompt_ids, 4)
+        assert len(oracle) == 4  # no EOS among them: the answer runs to max_tokens
         answer = openai_client(api_socket).completions.create(model="tinychat", prompt="Once upon a time",
                                                                 max_tokens=4, temperature=0)
-        assert answer.usage.completion_tokens >= 1
+        assert answer.choices[0].finish_reason == "length"
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt_ids), 4)
         assert json.loads(curl(api_socket, "/health")[1])["model_loaded"]
 
 
@@ -360,44 +383,78 @@ def test_native_endpoint_refuses_bad_tensors(swarm, message, status, text):
 def test_generate_uses_the_daemon_and_falls_back_to_its_own_node(swarm):
     prompt = "The capital of France is"
     expected, _ = oracle_text(swarm, tokenizer(swarm)(prompt)["input_ids"], 8)
-    through_daemon = run_petald(swarm, "generate", prompt, "--max-new-tokens", "8")
-    assert through_daemon.returncode == 0, through_daemon.stderr
-    assert "using the local daemon" in through_daemon.stderr
+    through_daemon = petald(swarm, "generate", prompt, "--max-new-tokens", "8")
+    assert through_daemon.exit_code == 0, through_daemon.output
+    assert through_daemon.stderr == f"petald: using the local daemon at {swarm.daemon_socket}\n"
     assert through_daemon.stdout == expected + "\n"
-    alone = run_petald(swarm, "generate", prompt, "--max-new-tokens", "8", "--model", str(swarm.model),
-                       "--initial-peers", swarm.first)
-    assert alone.returncode == 0, alone.stderr
-    assert "using the local daemon" not in alone.stderr and alone.stdout == expected + "\n"
-    no_daemon = run_petald(swarm, "generate", prompt, socket_path=swarm.daemon_socket.with_name("none.sock"))
-    assert no_daemon.returncode != 0 and "--initial-peers" in no_daemon.stderr
-    assert "Traceback" not in no_daemon.stderr
+    alone = petald(swarm, "generate", prompt, "--max-new-tokens", "8", "--model", str(swarm.model),
+                   "--initial-peers", swarm.first)
+    assert alone.exit_code == 0, alone.output
+    assert alone.stderr == "" and alone.stdout == expected + "\n"
+    missing = swarm.daemon_socket.with_name("none.sock")
+    no_daemon = petald(swarm, "generate", prompt, socket_path=missing)
+    assert_refused(no_daemon, 2, f"no local daemon answers on {missing}, and no swarm was given: give any node of "
+                                 "the swarm with --initial-peers MULTIADDR (or the servers themselves with --peers "
+                                 "MULTIADDR ...), or start a daemon (petald serve / petald daemon)")
+
+
+def test_generate_stops_at_any_of_a_list_of_end_of_sequence_ids(swarm, tmp_path):
+    """Llama 3 configs carry several end-of-sequence ids (a list): ``petald generate`` takes them
+    all and stops at whichever comes first."""
+    prompt = "The capital of France is"
+    tok = tokenizer(swarm)
+    new = reference_greedy(str(swarm.model), torch.tensor([tok(prompt)["input_ids"]]), 8)
+    stop_at = next(i for i in range(1, len(new)) if new[i] not in new[:i])  # the first token not seen before
+    assert tok.eos_token_id not in new[: stop_at + 1]
+    expected = tok.decode(new[: stop_at + 1], skip_special_tokens=True)
+    assert expected != tok.decode(new, skip_special_tokens=True)  # stopping there shows in the text
+    # The same directory name and weights (so the same model id as the servers'), but a config whose
+    # eos_token_id is a list: the tokenizer's EOS and the token greedy decoding reaches at stop_at.
+    model = tmp_path / swarm.model.name
+    model.mkdir()
+    for file in swarm.model.iterdir():
+        if file.name != "config.json":
+            (model / file.name).symlink_to(file)
+    config = json.loads((swarm.model / "config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], new[stop_at]]
+    (model / "config.json").write_text(json.dumps(config))
+    result = petald(swarm, "generate", prompt, "--max-new-tokens", "8", "--model", str(model),
+                    "--initial-peers", swarm.first)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"
 
 
 def test_chat_through_the_daemon_and_alone_say_the_same(swarm):
-    lines = "Hello!\nTell me more.\n/exit\n"
-    through_daemon = run_petald(swarm, "chat", "--max-new-tokens", "6", stdin=lines)
-    assert through_daemon.returncode == 0, through_daemon.stderr
-    alone = run_petald(swarm, "chat", "--max-new-tokens", "6", "--no-daemon", "--model", str(swarm.model),
-                       "--initial-peers", swarm.first, stdin=lines)
-    assert alone.returncode == 0, alone.stderr
-    assert through_daemon.stdout == alone.stdout
-    assert len(through_daemon.stdout.splitlines()) == 2  # one answer per line asked
+    lines = ["Hello!", "Tell me more."]
+    expected = "".join(answer + "\n" for answer in oracle_chat(swarm, lines, 6))
+    stdin = "\n".join(lines) + "\n/exit\n"
+    through_daemon = petald(swarm, "chat", "--max-new-tokens", "6", stdin=stdin)
+    assert through_daemon.exit_code == 0, through_daemon.output
+    assert through_daemon.stdout == expected
+    alone = petald(swarm, "chat", "--max-new-tokens", "6", "--no-daemon", "--model", str(swarm.model),
+                   "--initial-peers", swarm.first, stdin=stdin)
+    assert alone.exit_code == 0, alone.output
+    assert alone.stdout == expected
 
 
 def test_swarm_command_reads_the_daemons_map(swarm):
-    result = run_petald(swarm, "swarm")
-    assert result.returncode == 0, result.stderr
-    assert "tinychat@" in result.stdout and "every block is served" in result.stdout
-    assert "0:3" in result.stdout and "3:6" in result.stdout
+    model_id = openai_client(swarm.daemon_socket).models.list().data[0].id
+    result = petald(swarm, "swarm")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"{model_id}  (6 blocks, 2 of 2 servers online)\n"), result.stdout
+    assert "every block is served" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert sorted(r[1:3] for r in rows if r and r[0].startswith("..")) == [["0:3", "online"], ["3:6", "online"]]
+    assert [r[:2] for r in rows if r and r[0] in ("0:3", "3:6")] == [["0:3", "1"], ["3:6", "1"]]
 
 
 def test_socket_is_private_and_not_taken_over(swarm):
     for path in (swarm.server_socket, swarm.daemon_socket):
         assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
-    second = subprocess.run([*PETALD, "daemon", "--initial-peers", swarm.first, "--socket", str(swarm.daemon_socket)],
-                            capture_output=True, text=True, timeout=120, env=swarm.env)
-    assert second.returncode != 0 and "already serving its API" in second.stderr
-    assert "Traceback" not in second.stderr
+    second = invoke("daemon", "--initial-peers", swarm.first, "--socket", str(swarm.daemon_socket))
+    assert_refused(second, 1, f"petald: error: another petald daemon is already serving its API on "
+                              f"{swarm.daemon_socket}: stop it, or give this one another --socket (or --no-api)")
+    assert second.stdout == ""  # refused before opening the model
     assert curl(swarm.daemon_socket, "/health")[0] == 200
 
 

@@ -1,65 +1,133 @@
-"""The command line as a person meets it: clear errors, stable identities, clean shutdown."""
+"""The command line as a person meets it: clear errors, stable identities, clean shutdown.
+
+Commands run in this process (click's CliRunner) unless the process itself is what is tested."""
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
-import sys
+import socket
 
 import pytest
 
 from petald.cli.local_swarm import LocalSwarm
+from tests.petald_cli import assert_refused, invoke, run_petald
 
-PETALD = [sys.executable, "-m", "petald.cli.main"]
+UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"
+NO_PEER_ID = "has no /p2p/<peer id> part; copy the full address a server prints"
+DEFAULT_SOCKET = "{runtime}/petald/api.sock"
+NEW_SWARM = ["serve", "--blocks", "0:2", "--new-swarm"]
+A_PEER = ["--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"]
+
+# Errors a person can act on, said as one sentence after "petald: error: " (exit 1): (arguments,
+# the sentence, whether the model was opened first). {model}, {runtime}, {unreachable} are filled in.
+SENTENCES = [
+    (["serve", "--blocks", "0:99"], "--blocks '0:99': need 0 <= A < B <= 6 (this model has 6 blocks)", True),
+    (["serve", "--blocks", "x"], "--blocks 'x': expected A:B with integers (e.g. 0:15) or auto", True),
+    (["serve", "--blocks", "0:2", "--model", "/no/such/model"], "model '/no/such/model' not found: give a .gguf "
+     "file, a Hugging Face directory, or 'smollm2'; loading from a model hub is not supported yet", True),
+    (["serve", "--blocks", "0:2"], "a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), or "
+     "--new-swarm to start a new one", True),
+    (["serve", "--blocks", "auto", "--num-blocks", "7", "--new-swarm"], "--num-blocks 7: this model has 6 blocks",
+     True),
+    ([*NEW_SWARM, "--http", "8080"], "--http '8080': expected HOST:PORT, e.g. 127.0.0.1:8080", False),
+    ([*NEW_SWARM, "--adapters", "/no/such/adapter"], "adapter /no/such/adapter does not exist: give a directory "
+     "saved by peft's save_pretrained (adapter_config.json and adapter_model.safetensors)", True),
+    ([*NEW_SWARM, "--adapters", "/tmp"], "/tmp is not a PEFT adapter: it has no adapter_config.json", True),
+    (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1"], f"'/ip4/127.0.0.1/tcp/1' {NO_PEER_ID}", False),
+    (["generate", "hi", "--head-quant", "nf4", *A_PEER], "the LM head cannot be stored as nf4: --quant nf4 needs "
+     "a CUDA device and bitsandbytes (pip install bitsandbytes); on CPU use --quant int8 or int4", False),
+    (["swarm", "--initial-peers", "/ip4/127.0.0.1/tcp/1"], f"'/ip4/127.0.0.1/tcp/1' {NO_PEER_ID}", False),
+    (["daemon", "--initial-peers", "{unreachable}"],
+     "none of the initial peers answered: 12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw", True),
+]
+
+# Usage errors (exit 2, after click's usage lines), all before anything is opened.
+USAGE_ERRORS = [
+    ([*NEW_SWARM, "--no-api", "--head-quant", "bf16"], "--head-quant sets how the local API's model stores its LM "
+     "head; with --no-api there is none: drop one of the two"),
+    (["generate", "hi"], f"no local daemon answers on {DEFAULT_SOCKET}, and no swarm was given: give any node of "
+     "the swarm with --initial-peers MULTIADDR (or the servers themselves with --peers MULTIADDR ...), or start a "
+     "daemon (petald serve / petald daemon)"),
+    (["generate", "hi", *A_PEER, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "give either --initial-peers "
+     "(find servers in the swarm) or --peers (use exactly these servers), not both"),
+    (["generate", "", *A_PEER], "the prompt is empty"),
+    (["generate", "hi", "there", *A_PEER], "unexpected arguments ['there']: quote the prompt, and give peers as "
+     "multiaddrs"),
+    (["generate", "hi", "--top-p", "0", *A_PEER], "Invalid value for '--top-p': 0.0 is not in the range 0.0<x<=1.0."),
+    (["generate", "hi", "--head-quant", "fp8", *A_PEER],
+     "Invalid value for '--head-quant': 'fp8' is not one of 'none', 'int8', 'int4', 'nf4', 'bf16'."),
+    (["chat", *A_PEER, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "give either --initial-peers or --peers, "
+     "not both"),
+    (["swarm"], f"no local daemon answers on {DEFAULT_SOCKET}: give any node of the swarm with --initial-peers "
+     "MULTIADDR"),
+    (["daemon"], "a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)"),
+]
 
 
-def run_petald(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*PETALD, *args], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["serve", "--blocks", "0:99"], "need 0 <= A < B <= 6"),
-        (["serve", "--blocks", "x"], "expected A:B"),
-        (["serve", "--blocks", "0:2", "--model", "/no/such/model"], "not found"),
-        (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1"], "no /p2p/"),
-        (["generate", "hi"], "--initial-peers"),
-        (["generate", "hi", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"],
-         "not both"),
-        (["serve", "--blocks", "0:2"], "--new-swarm"),
-        (["serve", "--blocks", "auto", "--num-blocks", "7", "--new-swarm"], "this model has 6 blocks"),
-        (["swarm", "--initial-peers", "/ip4/127.0.0.1/tcp/1"], "no /p2p/"),
-        (["generate", "", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "prompt is empty"),
-        (["generate", "hi", "--top-p", "0", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "--top-p"),
-        (["daemon"], "--initial-peers"),
-        (["daemon", "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"],
-         "none of the initial peers answered"),
-        (["serve", "--blocks", "0:2", "--new-swarm", "--http", "8080"], "expected HOST:PORT"),
-        (["chat", "--daemon"], "no petald daemon answers"),
-        (["serve", "--blocks", "0:2", "--new-swarm", "--adapters", "/no/such/adapter"],
-         "adapter /no/such/adapter does not exist"),
-        (["serve", "--blocks", "0:2", "--new-swarm", "--adapters", "/tmp"], "adapter_config.json"),
-        (["generate", "hi", "--head-quant", "fp8", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "'--head-quant'"),
-        (["serve", "--blocks", "0:2", "--new-swarm", "--no-api", "--head-quant", "bf16"], "with --no-api there is none"),
-        (["generate", "hi", "--head-quant", "nf4", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"],
-         "the LM head cannot be stored as nf4: --quant nf4 needs a CUDA device"),
-    ],
-)
-def test_errors_are_sentences_not_tracebacks(tiny_models, args, message):
+def _petald_with_model(tiny_models, args: list[str]):
+    """``petald ARGS`` with the tiny Llama unless ARGS name a model (swarm takes none); and the fill-ins."""
+    fill = {"model": str(tiny_models["llama"]), "runtime": os.environ["XDG_RUNTIME_DIR"], "unreachable": UNREACHABLE}
+    args = [a.format(**fill) for a in args]
     if "--model" not in args and args[0] != "swarm":
-        args = [*args, "--model", str(tiny_models["llama"])]
-    result = run_petald(*args)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+        args += ["--model", fill["model"]]
+    return invoke(*args), args, fill
+
+
+@pytest.mark.parametrize("args, message, opened", SENTENCES, ids=lambda v: v if isinstance(v, str) else None)
+def test_errors_are_sentences_not_tracebacks(tiny_models, args, message, opened):
+    result, args, fill = _petald_with_model(tiny_models, args)
+    assert_refused(result, 1, "petald: error: " + message.format(**fill))
+    assert result.stdout == (f"petald: opening model {args[args.index('--model') + 1]}\n" if opened else "")
+
+
+@pytest.mark.parametrize("args, message", USAGE_ERRORS, ids=lambda v: v if isinstance(v, str) else None)
+def test_usage_errors_say_what_to_give(tiny_models, args, message):
+    result, _, fill = _petald_with_model(tiny_models, args)
+    assert_refused(result, 2, message.format(**fill))
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", [["chat"], ["generate", "hi"]])
+def test_daemon_asked_for_but_not_running(command):
+    result = invoke(*command, "--daemon")
+    assert_refused(result, 1, f"Error: no petald daemon answers on {os.environ['XDG_RUNTIME_DIR']}/petald/api.sock: "
+                              "start one (petald serve, petald daemon) or leave out --daemon")
 
 
 def test_unreachable_server_is_named(tiny_models):
-    address = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"
-    result = run_petald("generate", "hi", "--peers", address, "--model", str(tiny_models["llama"]), timeout=120)
-    assert result.returncode == 1
-    assert "no usable server" in result.stderr and "Traceback" not in result.stderr
+    result = invoke("generate", "hi", "--peers", UNREACHABLE, "--model", str(tiny_models["llama"]))
+    assert result.exit_code == 1 and result.stdout == ""
+    # the reason after the address is py-libp2p's own wording
+    assert result.stderr.startswith(f"petald: error: no usable server among the peers given:\n  {UNREACHABLE}: "
+                                    "unable to connect to 12D3KooW"), result.stderr
+
+
+def test_port_in_use_is_reported(tiny_models):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = invoke("serve", "--blocks", "0:6", "--model", str(tiny_models["llama"]), "--new-swarm",
+                        "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    assert_refused(result, 1, f"petald: error: could not listen on /ip4/127.0.0.1/tcp/{port}: is the port in use, "
+                              "or the address not local?")
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    listed = result.stdout.split("\nCommands:\n", 1)[1].splitlines()
+    assert [line.split()[0] for line in listed] == ["chat", "config", "daemon", "demo", "generate", "install-service",
+                                                    "serve", "swarm"]
+    assert result.stdout.startswith("Usage: petald [OPTIONS] COMMAND [ARGS]...\n")
+
+
+def test_module_entry_point_runs_the_command_line():
+    """Servers, the demo's and systemd's, are started as ``python -m petald.cli.main``."""
+    result = run_petald("config", "show", "nope", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.endswith("\nError: no command 'nope'; commands: chat, daemon, demo, generate, serve, swarm\n")
 
 
 @pytest.mark.slow
@@ -73,7 +141,8 @@ def test_identity_is_stable_and_signals_stop_cleanly(tmp_path, tiny_models, sig)
             peer_ids.append(swarm.addresses[0].rsplit("/p2p/", 1)[1])
             server = swarm.servers[0]
             assert server.stop(sig) == 0
-        assert any("shutting down" in line for line in server.output)
+        said = f"petald: received {signal.Signals(sig).name}: shutting down"
+        assert any(line.startswith(said) for line in server.output), server.output
         assert any(line.startswith("petald: stopped") for line in server.output)
     assert peer_ids[0] == peer_ids[1]
     assert key.stat().st_mode & 0o777 == 0o600
@@ -85,20 +154,34 @@ def test_demo_runs_a_local_swarm_and_answers():
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ready at /ip4/127.0.0.1/") == 2
     assert "Paris" in result.stdout
-    assert "servers stopped" in result.stdout
+    assert result.stdout.endswith("petald demo: servers stopped\n")
 
 
-def test_port_in_use_is_reported(tiny_models):
-    import socket
+def test_chat_keeps_the_history_and_forgets_it_on_reset():
+    import io
 
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        result = run_petald("serve", "--blocks", "0:6", "--model", str(tiny_models["llama"]), "--new-swarm",
-                            "--listen", f"/ip4/127.0.0.1/tcp/{port}", timeout=120)
-    assert result.returncode == 1
-    assert "could not listen" in result.stderr and "Traceback" not in result.stderr
+    from petald.cli.chat import run_chat
+    from petald.cli.text_generation import Sampling
+
+    asked: list[list[dict[str, str]]] = []
+
+    def reply(messages, sampling, out) -> str:
+        asked.append([dict(m) for m in messages])
+        answer = f"answer {len(asked)}"
+        out.write(answer)
+        return answer
+
+    out = io.StringIO()
+    run_chat(reply, Sampling(8, 0.0, 1.0, None), "Be brief.", io.StringIO("hi\n\nmore\n/reset\nagain\n/exit\nlost\n"),
+             out)
+    system = {"role": "system", "content": "Be brief."}
+    assert asked == [
+        [system, {"role": "user", "content": "hi"}],
+        [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "answer 1"},
+         {"role": "user", "content": "more"}],
+        [system, {"role": "user", "content": "again"}],
+    ]
+    assert out.getvalue() == "answer 1\nanswer 2\n(conversation forgotten)\nanswer 3\n"
 
 
 def test_even_spans_cover_every_block_once():

@@ -8,28 +8,19 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from petald.cli.main import cli
-
-PETALD = [sys.executable, "-m", "petald.cli.main"]
-
-
-def invoke(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-
+from tests.petald_cli import assert_refused, invoke
 
 # --- configuration -------------------------------------------------------------------------------
 
-def _socket_used(*args: str, env: dict[str, str] | None = None) -> str:
-    """The socket ``petald generate --daemon`` looked for (nothing answers there)."""
-    result = invoke(*args, "generate", "hi", "--daemon", env=env)
-    assert result.exit_code == 1
-    return result.output.split("no petald daemon answers on ", 1)[1].split(":", 1)[0]
+def _socket_used(*before: str, after: tuple[str, ...] = (), env: dict[str, str] | None = None) -> str:
+    """The socket ``petald [BEFORE] generate hi --daemon [AFTER]`` looked for (nothing answers there)."""
+    result = invoke(*before, "generate", "hi", "--daemon", *after, env=env)
+    assert result.exit_code == 1 and result.stderr.startswith("Error: no petald daemon answers on "), result.stderr
+    return result.stderr.split("no petald daemon answers on ", 1)[1].split(":", 1)[0]
 
 
 def test_flags_beat_environment_beat_file_beat_defaults(tmp_path):
@@ -39,8 +30,8 @@ def test_flags_beat_environment_beat_file_beat_defaults(tmp_path):
     assert _socket_used("--config", str(config)) == "/tmp/from-file.sock"
     env = {"PETALD_SOCKET": "/tmp/from-env.sock"}
     assert _socket_used("--config", str(config), env=env) == "/tmp/from-env.sock"
-    result = invoke("--config", str(config), "generate", "hi", "--daemon", "--socket", "/tmp/from-flag.sock", env=env)
-    assert "no petald daemon answers on /tmp/from-flag.sock" in result.output
+    assert _socket_used("--config", str(config), after=("--socket", "/tmp/from-flag.sock"), env=env) \
+        == "/tmp/from-flag.sock"
 
 
 def section(shown: str, name: str) -> str:
@@ -76,32 +67,30 @@ def test_default_config_file_is_found_and_the_environment_names_another(tmp_path
 
 
 @pytest.mark.parametrize("text, message", [
-    ("blocks = [", "not valid TOML"),
-    ("no_such_option = 1", "'no_such_option' is not an option of any petald command"),
-    ("[serve]\nprompt_tokens = 3", "[serve] 'prompt_tokens' is not an option of petald serve"),
-    ("[fly]\nx = 1", "[fly] is not a petald command"),
-    ("[serve]\ninitial_peers = 5", "initial_peers must be a list"),
+    ("blocks = [", "the config file {path} is not valid TOML: Invalid value (at end of document)"),
+    ("no_such_option = 1", "{path}: 'no_such_option' is not an option of any petald command"),
+    ("[serve]\nprompt_tokens = 3", "{path}: [serve] 'prompt_tokens' is not an option of petald serve"),
+    ("[fly]\nx = 1", "{path}: [fly] is not a petald command (commands: chat, daemon, demo, generate, serve, swarm)"),
+    ("[serve]\ninitial_peers = 5", "{path} [serve]: initial_peers must be a list"),
+    ("[serve]\nblocks = [1]", "{path} [serve]: blocks must be a single value"),
 ])
 def test_bad_config_files_are_sentences(tmp_path, text, message):
     config = tmp_path / "config.toml"
     config.write_text(text)
-    result = subprocess.run([*PETALD, "--config", str(config), "config", "show"], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
+    result = invoke("--config", str(config), "config", "show")
+    assert_refused(result, 1, "Error: " + message.format(path=config))
 
 
 def test_missing_named_config_file_is_an_error(tmp_path):
     result = invoke("--config", str(tmp_path / "none.toml"), "config", "show")
-    assert result.exit_code != 0 and "does not exist" in result.output
+    assert_refused(result, 1, f"Error: the config file {tmp_path / 'none.toml'} does not exist")
 
 
 def test_config_values_are_checked_like_flags(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text("[generate]\ntemperature = -1\n")
-    result = subprocess.run([*PETALD, "--config", str(config), "generate", "hi"], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 2 and "--temperature" in result.stderr
+    result = invoke("--config", str(config), "generate", "hi")
+    assert_refused(result, 2, "Invalid value for '--temperature': -1.0 is not in the range 0.0<=x<=2.0.")
 
 
 # --- systemd -------------------------------------------------------------------------------------
@@ -130,6 +119,27 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path, system, args):
                            env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime), SYSTEMD_LOG_LEVEL="warning"))
     # verify exits 0 on mere warnings (an unknown key, say): any output at all fails this test.
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stderr
+
+
+@pytest.mark.parametrize("system", [False, True], ids=["user-unit", "system-unit"])
+def test_install_service_writes_the_unit_and_says_how_to_start_it(tmp_path, system):
+    from petald.cli.systemd.unit import unit_text
+
+    unit = tmp_path / "units" / "petald-7.service"
+    args = ["--", "--initial-peers", "/ip4/10.0.0.1/tcp/1/p2p/QmX"]
+    result = invoke("install-service", "--output", str(unit), "--name", "petald-7", *(["--system"] if system else []),
+                    *args)
+    assert result.exit_code == 0, result.output
+    manager, journal = ("systemctl", "journalctl -u") if system else ("systemctl --user", "journalctl --user -u")
+    assert result.stdout == (f"petald: wrote {unit}\n"
+                             f"petald: start it with: {manager} daemon-reload && {manager} enable --now "
+                             "petald-7.service\n"
+                             f"petald: its log: {journal} petald-7.service -f\n"
+                             + ("" if system else "petald: to keep it running after you log out: "
+                                                  "loginctl enable-linger\n"))
+    assert unit.read_text() == unit_text(args[1:], system, None)
+    printed = invoke("install-service", "--print", *(["--system"] if system else []), *args)
+    assert printed.exit_code == 0 and printed.stdout == unit.read_text()
 
 
 def test_unit_runs_petald_with_systemd_directories():
@@ -223,11 +233,10 @@ def test_serve_refuses_a_socket_a_live_daemon_holds_before_loading(tmp_path, tin
     path = tmp_path / "api.sock"
     sock, _ = claim_socket(path)
     with sock:
-        result = subprocess.run([*PETALD, "serve", "--model", str(tiny_models["llama"]), "--new-swarm",
-                                 "--socket", str(path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert "already serving its API" in result.stderr and "--no-api" in result.stderr
-    assert "opening model" not in result.stdout and "Traceback" not in result.stderr
+        result = invoke("serve", "--model", str(tiny_models["llama"]), "--new-swarm", "--socket", str(path))
+    assert_refused(result, 1, f"petald: error: another petald daemon is already serving its API on {path}: stop "
+                              "it, or give this one another --socket (or --no-api)")
+    assert result.stdout == ""  # refused before the model was opened
 
 
 # --- text, progress, table -----------------------------------------------------------------------
@@ -249,7 +258,7 @@ class Letters:
     ("hello world", ["world!"], "hello world"),  # a partial stop string held back, then released
 ])
 def test_text_assembler_cuts_at_stop_strings_and_holds_back_prefixes(text, stop, expected):
-    from petald.cli.api.backend import TextAssembler
+    from petald.cli.text_assembler import TextAssembler
 
     assembler = TextAssembler(Letters(text), stop)
     pieces = []
@@ -264,7 +273,7 @@ def test_text_assembler_cuts_at_stop_strings_and_holds_back_prefixes(text, stop,
 
 
 def test_text_assembler_waits_for_whole_characters():
-    from petald.cli.api.backend import TextAssembler
+    from petald.cli.text_assembler import TextAssembler
 
     decoded = {1: "a", 2: "a\ufffd", 3: "aé"}
     assembler = TextAssembler(lambda ids: decoded[len(ids)], [])

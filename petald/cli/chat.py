@@ -5,65 +5,45 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TextIO
 
 from petald.cli.api.daemon_client import DaemonClient
+from petald.cli.text_generation import (
+    Sampling,
+    chat_prompt_ids,
+    daemon_request,
+    print_daemon_stream,
+    print_generated,
+)
 
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-
 
 Reply = Callable[[list[dict[str, str]], Sampling, TextIO], str]
 
 
 def reply_through_daemon(client: DaemonClient, model: str | None) -> Reply:
+    """Answers from the daemon; ``model``: the model id to ask for (None: the daemon's)."""
     def reply(messages: list[dict[str, str]], sampling: Sampling, out: TextIO) -> str:
-        body: dict[str, Any] = {"messages": messages, "max_tokens": sampling.max_new_tokens,
-                                "temperature": sampling.temperature, "top_p": sampling.top_p}
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
-        if model is not None:
-            body["model"] = model
-        pieces = []
-        for piece in client.stream("/v1/chat/completions", body):
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
-        return "".join(pieces)
+        return print_daemon_stream(client, "/v1/chat/completions",
+                                   {"messages": messages, **daemon_request(sampling, model)}, out)
 
     return reply
 
 
 def reply_through_model(model: Any) -> Reply:
-    """``model``: a DistributedModel of this process."""
-    from petald.cli.main import TokenPrinter
-
+    """Answers from ``model``, a DistributedModel of this process."""
     def reply(messages: list[dict[str, str]], sampling: Sampling, out: TextIO) -> str:
-        tokenizer = model.tokenizer
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
-        printer = TokenPrinter(tokenizer, out)
-        eos = sorted({t for t in (model.config.eos_token_id, tokenizer.eos_token_id) if isinstance(t, int)})
-        result = model.generate(ids, max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
-                                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                                eos_token_id=eos, streamer=printer)
-        return tokenizer.decode(result[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        new = print_generated(model, chat_prompt_ids(model.tokenizer, messages), sampling, out)
+        return model.tokenizer.decode(new, skip_special_tokens=True)
 
     return reply
 
 
-def run_chat(reply: Reply, sampling: Sampling, system: str | None, stdin: TextIO = sys.stdin,
-             out: TextIO = sys.stdout) -> None:
-    """Read a line, answer it, until end of input or /exit."""
+def run_chat(reply: Reply, sampling: Sampling, system: str | None, stdin: TextIO | None = None,
+             out: TextIO | None = None) -> None:
+    """Read a line, answer it, until end of input or /exit (stdin and stdout unless given)."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout  # looked up now: a test runner may replace them
     interactive = stdin.isatty()
     if interactive:
         out.write(f"petald chat: {RESET_COMMAND} forgets the conversation, {EXIT_COMMANDS[0]} or Ctrl-D ends it\n")

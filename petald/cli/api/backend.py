@@ -19,6 +19,8 @@ from typing import Any
 
 import trio
 
+from petald.cli.text_assembler import TextAssembler
+from petald.kernels.sampling import end_of_sequence_ids
 from petald.kernels.sources.model_source import ModelSource
 from petald.p2pnode.client.distributed_model import DistributedModel
 
@@ -54,49 +56,6 @@ class GenerationEnd:
 
 class _StopGeneration(Exception):
     """Raised from the streamer to end ``generate`` early."""
-
-
-class TextAssembler:
-    """Turns tokens into text deltas: holds back an incomplete UTF-8 character and any suffix
-    that could still become a stop string, and cuts the text where a stop string begins."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str]):
-        self.decode, self.stop = decode, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.stopped = False
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.decode(self.ids)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            text = text[:cut]
-            safe = len(text)
-        elif text.endswith("\ufffd"):
-            return ""
-        else:
-            safe = len(text) - self._possible_stop_prefix(text)
-        delta = text[self.emitted:safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return delta
-
-    def tail(self) -> str:
-        """At the end, whatever was held back for a stop string that never completed."""
-        if self.stopped:
-            return ""
-        text = self.decode(self.ids).rstrip("\ufffd")
-        return text[self.emitted:]
-
-    def _possible_stop_prefix(self, text: str) -> int:
-        longest = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), longest, -1):
-                if s.startswith(text[-n:]):
-                    longest = n
-                    break
-        return longest
 
 
 class ModelBackend:
@@ -187,15 +146,6 @@ class ModelBackend:
         with self._tokenizer_lock:
             return self._tokenizer_now().decode(ids, skip_special_tokens=True)
 
-    def _eos_ids(self, model: DistributedModel) -> list[int]:
-        found: set[int] = set()
-        for value in (model.config.eos_token_id, self._tokenizer_now().eos_token_id):
-            if isinstance(value, int):
-                found.add(value)
-            elif value:
-                found.update(int(v) for v in value)
-        return sorted(found)
-
     # --- generation ------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextPiece | GenerationEnd]:
@@ -242,7 +192,7 @@ class ModelBackend:
         if stop.is_set():
             return None  # the client left while this request waited for a thread
         with self._tokenizer_lock:
-            eos = self._eos_ids(model)
+            eos = end_of_sequence_ids(model.config.eos_token_id, self._tokenizer_now().eos_token_id)
         assembler = TextAssembler(self._decode, request.stop)
         state = {"count": 0, "eos": False}
 

@@ -86,9 +86,8 @@ class DaemonOptions:
 
 
 def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Callable[[str], None]) -> None:
-    """Join the swarm as a client node and serve the local API until SIGINT or SIGTERM."""
-    if not options.initial_peers:
-        raise ValueError("a daemon joins a swarm: pass --initial-peers ADDR (any node of the swarm)")
+    """Join the swarm as a client node and serve the local API until SIGINT or SIGTERM.
+    ``options.initial_peers`` names at least one node (``petald daemon`` refuses none)."""
     quiet_libp2p_logs()
     key_pair = load_or_create_identity(options.identity)
 

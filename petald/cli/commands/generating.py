@@ -1,0 +1,213 @@
+"""``petald generate`` and ``petald chat``: through the local daemon when one answers and no swarm
+is named, else as a client node of this command's own (a DistributedModel in this process)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import click
+
+from petald.cli.command_errors import run_command
+from petald.cli.logs import setup_logging
+from petald.cli.options import addresses, from_command_line, head_quant_option, socket_path
+from petald.vocabulary import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from petald.cli.api.daemon_client import DaemonClient
+    from petald.p2pnode.client.distributed_model import DistributedModel
+
+
+def _client_options(fn: Callable) -> Callable:
+    """Options shared by generate and chat."""
+    for decorator in reversed([
+        click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
+                     help="Any node of the swarm (with /p2p/ID): servers are found through the DHT."),
+        click.option("--peers", multiple=True, help="Use exactly these servers, no DHT (multiaddrs with /p2p/ID)."),
+        click.option("--model", default=None,
+                     help="Same model as the servers (default: embedded SmolLM2-135M-Instruct; through the "
+                          "daemon: the daemon's model)."),
+        click.option("--daemon/--no-daemon", "use_daemon", default=None,
+                     help="Use the local daemon (default: when it answers and no swarm is named here), or never."),
+        click.option("--socket", default=None, metavar="PATH", help="The local daemon's API socket."),
+        click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0, 2.0),
+                     help="0 means greedy."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True)),
+        click.option("--seed", default=None, type=int),
+        click.option("--wire-dtype", default="float32", type=click.Choice(DTYPE_NAMES),
+                     show_default=True),
+        click.option("--lz4", is_flag=True, help="Compress hidden states on the wire."),
+        click.option("--step-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+                     help="Seconds to wait for a server's answer; a slower server is replaced (the output "
+                          "stays the same)."),
+        click.option("--recovery-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.0),
+                     help="Seconds to wait for a server to take over blocks nobody serves before giving up."),
+        click.option("--adapter", default=None, metavar="NAME",
+                     help="Run every block with this LoRA adapter, on servers that hold it (see petald swarm)."),
+        head_quant_option(),
+        click.option("-v", "--verbose", is_flag=True),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.argument("args", nargs=-1, required=True)
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
+@_client_options
+@click.pass_context
+def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
+             seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
+    """Generate text from PROMPT: through the local daemon when one runs, else as a client node of its
+    own (petald generate "PROMPT" --initial-peers ADDR)."""
+    setup_logging(verbose)
+    prompt, direct_peers, swarm_peers = _split_prompt_and_peers(args, peers, initial_peers)
+
+    def run() -> None:
+        from petald.cli.text_generation import (
+            Sampling,
+            daemon_request,
+            generate_text,
+            print_daemon_stream,
+        )
+
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+        daemon = _pick_daemon(ctx, use_daemon, socket,
+                              from_command_line(ctx, "peers", "initial_peers") or bool(args[1:]))
+        if daemon is not None:
+            _refuse_client_node_options(adapter, head_quant)
+            with daemon:
+                body = daemon_request(sampling, _daemon_model_name(ctx, model))
+                if chat:
+                    print_daemon_stream(daemon, "/v1/chat/completions",
+                                        {**body, "messages": [{"role": "user", "content": prompt}]}, sys.stdout)
+                else:
+                    print_daemon_stream(daemon, "/v1/completions", {**body, "prompt": prompt}, sys.stdout)
+                sys.stdout.write("\n")
+            return
+        with _client_node(direct_peers, swarm_peers, model, socket, wire_dtype, lz4, step_timeout,
+                          recovery_timeout, adapter, head_quant) as dm:
+            if verbose:
+                click.echo(f"route: {dm.route().describe()}", err=True)
+            generate_text(dm, prompt, sampling, chat)
+
+    run_command(run, debug)
+
+
+@click.command()
+@click.option("--system-prompt", default=None, metavar="TEXT", help="A system message to start with.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Longest answer, in tokens.")
+@_client_options
+@click.pass_context
+def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
+         seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
+    """Chat with the model, a line at a time: through the local daemon when one runs, else as a
+    client node of its own. /reset forgets the conversation; /exit or Ctrl-D ends it."""
+    setup_logging(verbose)
+    peers, initial_peers = _one_way_to_the_swarm(peers, initial_peers,
+                                                 "give either --initial-peers or --peers, not both")
+
+    def run() -> None:
+        from petald.cli.chat import reply_through_daemon, reply_through_model, run_chat
+        from petald.cli.text_generation import Sampling
+
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+        daemon = _pick_daemon(ctx, use_daemon, socket, from_command_line(ctx, "peers", "initial_peers"))
+        if daemon is not None:
+            _refuse_client_node_options(adapter, head_quant)
+            with daemon:
+                run_chat(reply_through_daemon(daemon, _daemon_model_name(ctx, model)), sampling, system_prompt)
+            return
+        with _client_node(peers, initial_peers, model, socket, wire_dtype, lz4, step_timeout,
+                          recovery_timeout, adapter, head_quant) as dm:
+            run_chat(reply_through_model(dm), sampling, system_prompt)
+
+    run_command(run, debug)
+
+
+def _one_way_to_the_swarm(peers: Sequence[str], initial_peers: Sequence[str], both_given: str
+                          ) -> tuple[list[str], list[str]]:
+    """The multiaddrs of --peers and of --initial-peers; ``both_given``: the refusal when both are."""
+    peers, initial_peers = addresses(peers), addresses(initial_peers)
+    if peers and initial_peers:
+        raise click.UsageError(both_given)
+    return peers, initial_peers
+
+
+def _split_prompt_and_peers(args: Sequence[str], peers: Sequence[str], initial_peers: Sequence[str]
+                            ) -> tuple[str, list[str], list[str]]:
+    """The prompt, then the multiaddrs that followed --peers or --initial-peers unquoted
+    (both lists empty: no swarm given, use the local daemon)."""
+    if not args:
+        raise click.UsageError("give a prompt, e.g. petald generate \"Once upon a time\"")
+    prompt, extra = args[0], list(args[1:])
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
+    bad = [a for a in extra if not a.startswith("/")]
+    if bad:
+        raise click.UsageError(f"unexpected arguments {bad}: quote the prompt, and give peers as multiaddrs")
+    peers, initial_peers = _one_way_to_the_swarm(
+        peers, initial_peers,
+        "give either --initial-peers (find servers in the swarm) or --peers (use exactly these servers), not both")
+    if initial_peers:
+        return prompt, [], initial_peers + extra
+    return prompt, peers + extra, []
+
+
+def _pick_daemon(ctx: click.Context, use_daemon: bool | None, socket: str | None,
+                 swarm_given: bool) -> DaemonClient | None:
+    """The local daemon's client when this command should use it, else None.
+
+    Unless told (--daemon / --no-daemon), the daemon is used when it answers and no swarm was
+    named on the command line (--peers and --initial-peers mean: be a client node of your own).
+    """
+    from petald.cli.api.daemon_client import DaemonClient
+
+    path = socket_path(socket)
+    if use_daemon is False or (use_daemon is None and swarm_given):
+        return None
+    client = DaemonClient.running_at(path)
+    if client is None and use_daemon:
+        raise click.ClickException(f"no petald daemon answers on {path}: start one (petald serve, petald daemon) "
+                                   "or leave out --daemon")
+    if client is not None:
+        click.echo(f"petald: using the local daemon at {path}", err=True)
+    return client
+
+
+def _client_node(peers: list[str], initial_peers: list[str], model: str | None, socket: str | None,
+                 wire_dtype: str, lz4: bool, step_timeout: float, recovery_timeout: float, adapter: str | None,
+                 head_quant: str) -> DistributedModel:
+    """A client node of this command's own (no daemon): the servers given, or the swarm's."""
+    if not peers and not initial_peers:
+        raise click.UsageError(f"no local daemon answers on {socket_path(socket)}, and no swarm was given: give "
+                               "any node of the swarm with --initial-peers MULTIADDR (or the servers themselves "
+                               "with --peers MULTIADDR ...), or start a daemon (petald serve / petald daemon)")
+    from petald.p2pnode.client.distributed_model import DistributedModel
+
+    return DistributedModel(peers, model, initial_peers=initial_peers, wire_dtype=wire_dtype,
+                            codec="lz4" if lz4 else "raw", step_timeout=step_timeout,
+                            recovery_timeout=recovery_timeout, adapter=adapter, head_quant=head_quant)
+
+
+def _refuse_client_node_options(adapter: str | None, head_quant: str) -> None:
+    """Options that only a client node of this command's own can apply (the daemon holds its own model)."""
+    if adapter:
+        raise click.UsageError("--adapter needs a client node of this command's own: give the swarm with "
+                               "--initial-peers (or --peers); the local API does not select adapters")
+    if head_quant != "none":
+        raise click.UsageError("--head-quant applies to a client node of this command's own: give the swarm "
+                               "with --initial-peers (or --peers), or start the daemon with --head-quant")
+
+
+def _daemon_model_name(ctx: click.Context, model: str | None) -> str | None:
+    """The model id to ask the daemon for: None (whatever it serves) unless --model was typed."""
+    if model is None or not from_command_line(ctx, "model"):
+        return None
+    from petald.kernels.sources.open_source import open_source
+
+    return open_source(model).identity.model_id

@@ -1,0 +1,40 @@
+"""``petald install-service``: a systemd unit that runs ``petald serve`` (or ``daemon``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("install-service", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--system", is_flag=True, help="A system unit in /etc/systemd/system (run as root) instead of a "
+                                              "user unit in ~/.config/systemd/user.")
+@click.option("--user", "run_as", default=None, help="With --system: the account petald runs as (default: you).")
+@click.option("--name", default="petald.service", show_default=True, help="Unit name (one per server).")
+@click.option("--print", "print_only", is_flag=True, help="Print the unit instead of writing it.")
+@click.option("--output", default=None, type=click.Path(dir_okay=False), help="Write the unit here instead.")
+def install_service(args, system, run_as, name, print_only, output) -> None:
+    """Write a systemd unit that runs `petald serve ARGS` (or `petald daemon ARGS`), e.g.
+    petald install-service -- --initial-peers ADDR --blocks auto"""
+    from petald.cli.systemd.unit import unit_path, unit_text
+
+    if not name.endswith(".service"):
+        name += ".service"
+    text = unit_text(list(args), system, run_as)
+    if print_only:
+        click.echo(text, nl=False)
+        return
+    path = Path(output) if output else unit_path(system, name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except PermissionError:
+        raise click.ClickException(f"cannot write {path}: run as root for --system, or use --output") from None
+    click.echo(f"petald: wrote {path}")
+    manager = "systemctl" if system else "systemctl --user"
+    click.echo(f"petald: start it with: {manager} daemon-reload && {manager} enable --now {name}")
+    click.echo(f"petald: its log: journalctl {'' if system else '--user '}-u {name} -f")
+    if not system:
+        click.echo("petald: to keep it running after you log out: loginctl enable-linger")

@@ -1,0 +1,142 @@
+"""``petald serve`` (a span of blocks, and the local API beside them) and ``petald daemon`` (the
+local API on a client node that serves no blocks)."""
+
+from __future__ import annotations
+
+import click
+
+from petald.cli.command_errors import run_command
+from petald.cli.logs import announcer, setup_logging
+from petald.cli.options import (
+    addresses,
+    api_listen,
+    api_options,
+    from_command_line,
+    head_quant_option,
+    listen_option,
+)
+from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_MODES
+
+
+@click.command()
+@click.option("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M-Instruct).")
+@click.option("--blocks", default="auto", show_default=True,
+              help="Span of blocks to serve, A:B with B exclusive (e.g. 0:15), or auto: as many as the memory "
+                   "budget holds, where the swarm is weakest, moving when the swarm changes.")
+@click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
+              help="Any node of the swarm to join (repeatable; with /p2p/ID).")
+@click.option("--new-swarm", is_flag=True, help="Start a new swarm instead of joining one.")
+@click.option("--num-blocks", default=None, type=click.IntRange(min=1), help="With --blocks auto: serve this many.")
+@click.option("--memory-limit", default=None, type=click.FloatRange(min=0, min_open=True), metavar="GIB",
+              help="With --blocks auto: blocks and KV cache must fit in this many GiB (default: half the free memory).")
+@click.option("--announce-period", default=30.0, show_default=True, type=click.FloatRange(min=0.5),
+              help="Seconds between republications of this server's signed record.")
+@click.option("--rebalance-period", default=60.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="With --blocks auto: about how often (seconds, jittered) to check whether to move.")
+@click.option("--network-mbps", default=0.0, type=click.FloatRange(min=0.0),
+              help="Announced network bandwidth in Mbit/s (0: unknown; petald does not probe the internet).")
+@listen_option("Multiaddr to listen on (repeatable).")
+@click.option("--identity", default=None, type=click.Path(dir_okay=False),
+              help="Ed25519 key file; created if missing. Keeps the peer ID stable across restarts.")
+@click.option("--device", default="auto", type=click.Choice(DEVICE_CHOICES), show_default=True)
+@click.option("--dtype", default="auto", type=click.Choice(["auto", *DTYPE_NAMES]), show_default=True)
+@click.option("--quant", default="none", type=click.Choice(QUANT_MODES), show_default=True,
+              help="Weight-only quantization: int8 and int4 on CPU; int8 and nf4 on CUDA need bitsandbytes.")
+@click.option("--max-length", default=8192, show_default=True, help="Longest session admitted, in tokens.")
+@click.option("--cache-tokens", default=1 << 20, show_default=True,
+              help="KV cache budget in tokens, summed over blocks and batch rows (a pool of pages allocated at start).")
+@click.option("--page-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per KV cache page; a session reserves whole pages up to its max_length.")
+@click.option("--idle-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a session may stay idle between steps before it is closed and its cache freed.")
+@click.option("--step-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.001),
+              help="Seconds one step may compute; a slower step ends its session (its client goes elsewhere).")
+@click.option("--session-timeout", default=86400.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a session may last in all.")
+@click.option("--adapters", multiple=True, metavar="PATH",
+              help="A PEFT LoRA adapter directory to serve (repeatable); clients pick it by the directory's name.")
+@click.option("--max-training-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Most tokens (batch x length) in one training forward or backward request; bounds its memory.")
+@click.option("--shutdown-grace", default=30.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="On SIGTERM, seconds running sessions may go on before they are ended (new ones are refused).")
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+@api_options
+@click.option("--no-api", is_flag=True, help="Do not serve the local API (e.g. a second server on this machine).")
+@head_quant_option()
+@click.option("-v", "--verbose", is_flag=True, help="Log every session.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
+          network_mbps, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
+          step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
+          no_api, head_quant, verbose, debug) -> None:
+    """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
+    setup_logging(verbose)
+    # Refused only when typed: a config file's top-level head_quant (meant for the daemon) must not
+    # stop a server started with --no-api.
+    if no_api and head_quant != "none" and from_command_line(click.get_current_context(), "head_quant"):
+        raise click.UsageError("--head-quant sets how the local API's model stores its LM head; with --no-api "
+                               "there is none: drop one of the two")
+
+    def run() -> None:
+        import torch
+
+        from petald.cli.api.daemon import api_beside_server
+        from petald.cli.progress import ProgressDisplay
+        from petald.p2pnode.server.block_server import ServerLimits
+        from petald.p2pnode.server.server_node import ServeOptions, serve
+
+        api = None if no_api else api_listen(socket, socket_group, http)
+        if threads:
+            torch.set_num_threads(threads)
+        say = announcer()
+        progress = ProgressDisplay(say)
+        options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
+                               dtype=dtype, quant=quant, adapters=list(adapters),
+                               limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
+                                                   idle_timeout=idle_timeout, step_timeout=step_timeout,
+                                                   session_timeout=session_timeout,
+                                                   max_training_tokens=max_training_tokens,
+                                                   open_timeout=min(30.0, idle_timeout)),
+                               initial_peers=addresses(initial_peers), new_swarm=new_swarm,
+                               num_blocks=num_blocks, memory_limit_gib=memory_limit,
+                               announce_period=announce_period, rebalance_period=rebalance_period,
+                               network_mbps=network_mbps, shutdown_grace=shutdown_grace,
+                               on_online=api_beside_server(api, model, say, head_quant),
+                               progress=progress)
+        try:
+            serve(options, announce=say)
+        finally:
+            progress.close()
+
+    run_command(run, debug)
+
+
+@click.command()
+@click.option("--initial-peers", multiple=True, metavar="MULTIADDR",
+              help="Any node of the swarm to join (repeatable; with /p2p/ID).")
+@click.option("--model", default=None, help="The model to generate with (default: embedded SmolLM2-135M-Instruct).")
+@listen_option("Multiaddr of this client node (repeatable).")
+@click.option("--identity", default=None, type=click.Path(dir_okay=False),
+              help="Ed25519 key file; created if missing (default: a new identity each start).")
+@api_options
+@head_quant_option()
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def daemon(initial_peers, model, listen, identity, socket, socket_group, http, head_quant, verbose, debug) -> None:
+    """Join the swarm as a client (no blocks) and serve the local API until SIGINT or SIGTERM."""
+    setup_logging(verbose)
+
+    def run() -> None:
+        from petald.cli.api.daemon import DaemonOptions, run_client_daemon
+        from petald.kernels.sources.open_source import open_source
+
+        peers = addresses(initial_peers)
+        if not peers:
+            raise click.UsageError("a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)")
+        api = api_listen(socket, socket_group, http)
+        say = announcer()
+        say(f"opening model {model or 'smollm2 (embedded default)'}")
+        source = open_source(model)
+        run_client_daemon(DaemonOptions(peers, api, list(listen), identity, head_quant), source, say)
+
+    run_command(run, debug)

@@ -1,0 +1,85 @@
+"""Text generated for a person to read, printed as it comes: through a DistributedModel of this
+process, or through the local daemon's API. ``petald generate``, ``chat`` and ``demo`` all go
+through here, so the sampling settings, the end-of-sequence rule and the printing are written once.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
+
+from petald.cli.text_assembler import TextAssembler
+
+if TYPE_CHECKING:
+    from petald.cli.api.daemon_client import DaemonClient
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    seed: int | None
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> Any:
+    """The token ids [1, T] of a conversation, in the model's chat template, ready for the answer."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+
+
+def print_generated(model: Any, ids: Any, sampling: Sampling, out: TextIO) -> list[int]:
+    """Generate after ``ids`` (token ids [1, T]) with ``model`` (a DistributedModel), writing the
+    text to ``out`` as tokens arrive; returns the new token ids."""
+    from petald.kernels.sampling import end_of_sequence_ids
+
+    tokenizer = model.tokenizer
+    text = TextAssembler(lambda new: tokenizer.decode(new, skip_special_tokens=True), stop=())
+
+    def print_token(column: Any) -> None:
+        out.write(text.add(int(column[0])))
+        out.flush()
+
+    result = model.generate(ids, max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
+                            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                            eos_token_id=end_of_sequence_ids(model.config.eos_token_id, tokenizer.eos_token_id),
+                            streamer=print_token)
+    return result[0, ids.shape[1]:].tolist()
+
+
+def generate_text(model: Any, prompt: str, sampling: Sampling, chat: bool, out: TextIO | None = None) -> list[int]:
+    """Tokenize ``prompt`` (in the chat template with ``chat``), generate through ``model`` (a
+    DistributedModel), print the text and end the line; returns the new token ids."""
+    out = out or sys.stdout  # looked up now: a caller (click's test runner) may have replaced it
+    tokenizer = model.tokenizer
+    if chat:
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    new = print_generated(model, ids, sampling, out)
+    out.write("\n")
+    out.flush()
+    return new
+
+
+def daemon_request(sampling: Sampling, model: str | None) -> dict[str, Any]:
+    """The sampling fields of a request to the daemon's OpenAI endpoints; ``model``: the model id
+    to ask for (None: whatever the daemon serves)."""
+    body: dict[str, Any] = {"max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                            "top_p": sampling.top_p}
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def print_daemon_stream(daemon: DaemonClient, path: str, body: dict[str, Any], out: TextIO) -> str:
+    """POST ``body`` to the daemon's ``path``, writing the text to ``out`` as it streams; returns it all."""
+    pieces = []
+    for piece in daemon.stream(path, body):
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    return "".join(pieces)
