@@ -1,4 +1,4 @@
-"""The names every room agrees on: compute and wire dtypes, weight quantization modes.
+"""The names every room agrees on: compute and wire dtypes, weight quantization modes, defaults.
 
 The wire (``protocol``) checks them, the compute (``kernels``) implements them and the command
 line offers them as choices; ``protocol`` and ``kernels`` may not import each other, and the CLI
@@ -17,3 +17,6 @@ QUANT_MODES = ("none", "int8", "int4", "nf4")
 HEAD_QUANT_MODES = (*QUANT_MODES, "bf16")
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+# Where a node listens unless told (--listen): loopback, a port the system picks.
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"

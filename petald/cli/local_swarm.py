@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from petald.vocabulary import DEFAULT_LISTEN
+
 _ADDRESS = re.compile(r"serving blocks (\d+):(\d+) .* at (/ip4/\S+/p2p/\S+)")
 
 
@@ -100,7 +102,7 @@ class LocalSwarm:
         started: list[tuple[ServerProcess, threading.Event]] = []
         for blocks in spans:
             cmd = [sys.executable, "-m", "petald.cli.main", "serve", "--blocks", blocks,
-                   "--listen", "/ip4/127.0.0.1/tcp/0", *swarm_args, *self.extra_args]
+                   "--listen", DEFAULT_LISTEN, *swarm_args, *self.extra_args]
             if "--socket" not in cmd:
                 cmd.append("--no-api")  # servers of one machine would all claim the default socket
             if self.model:

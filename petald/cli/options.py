@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from petald.vocabulary import HEAD_QUANT_MODES
+from petald.vocabulary import DEFAULT_LISTEN, HEAD_QUANT_MODES
 
 if TYPE_CHECKING:
     from petald.cli.api.server import ApiListen
@@ -19,11 +19,6 @@ def head_quant_option() -> Callable:
     return click.option("--head-quant", default="none", show_default=True, type=click.Choice(HEAD_QUANT_MODES),
                         help="How the local LM head is stored: bf16 is faster on CPUs with native bfloat16 "
                              "(AVX512-BF16, AMX); none (float32) is the reference.")
-
-
-# p2pnode's DEFAULT_LISTEN (loopback, a free port), written out: importing it would load libp2p
-# for every `petald --help`.
-DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
 def listen_option(help: str) -> Callable:

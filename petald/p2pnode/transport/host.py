@@ -25,8 +25,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from petald.p2pnode.transport.libp2p_internals import LeanNoise, install, require_supported_library
-
-DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+from petald.vocabulary import DEFAULT_LISTEN
 
 
 def quiet_libp2p_logs() -> None:
