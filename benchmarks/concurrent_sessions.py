@@ -20,6 +20,7 @@ server builds it (``PagedKVCache.from_budget``, as ``BlockSpan.new_pool`` calls 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -62,7 +63,7 @@ def decode_concurrently(model: DistributedModel, sessions: int, tokens: int,
 
     async def run() -> float:
         opened = [InferenceSession(model.node.host, route, model.identity, 1, prompt_tokens + tokens,
-                                   model.wire_dtype, model.codec, 300.0) for route in routes]
+                                   dataclasses.replace(model.options, step_timeout=300.0)) for route in routes]
         try:
             async with trio.open_nursery() as nursery:
                 for s, prompt in zip(opened, prompts, strict=True):

@@ -2,7 +2,7 @@
 
 The public API, stable however the rooms inside move::
 
-    from petald import DistributedModel, PromptTuning
+    from petald import ClientOptions, DistributedModel, PromptTuning
 
 The package has four rooms that import one way only:
 ``cli -> p2pnode -> {protocol, kernels}`` (docs/architecture.md).
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _PUBLIC = {
     "DistributedModel": "petald.p2pnode.client.distributed_model",
+    "ClientOptions": "petald.p2pnode.client.client_options",
     "ModelMismatchError": "petald.p2pnode.client.distributed_model",
     "PromptTuning": "petald.p2pnode.client.prompt_tuning",
     "NoRouteError": "petald.p2pnode.routing.route",
@@ -32,6 +33,7 @@ __all__ = ["__version__", *_PUBLIC]
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports
     from petald.cli.local_swarm import LocalSwarm  # noqa: F401
     from petald.kernels.sources.open_source import open_source  # noqa: F401
+    from petald.p2pnode.client.client_options import ClientOptions  # noqa: F401
     from petald.p2pnode.client.distributed_model import DistributedModel, ModelMismatchError  # noqa: F401
     from petald.p2pnode.client.prompt_tuning import PromptTuning  # noqa: F401
     from petald.p2pnode.routing.route import NoRouteError  # noqa: F401

@@ -16,6 +16,7 @@ import torch
 from libp2p.custom_types import TProtocol
 
 from petald.cli.local_swarm import LocalSwarm, ServerProcess
+from petald.p2pnode.client.client_options import ClientOptions
 from petald.p2pnode.client.distributed_model import DistributedModel
 from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.client.remote_span import RemoteSpanSession
@@ -26,7 +27,7 @@ from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.protocol.errors import RemoteError
 from petald.protocol.limits import INFERENCE_PROTOCOL
 from petald.protocol.messages import OpenSession, SessionOpened, Step, StepOutput
-from tests.oracle import reference_greedy
+from tests.oracle import greedy_through_session, reference_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -123,15 +124,12 @@ def test_a_server_that_lies_is_replaced(swarm, tiny_models, expected, lie):
             honest = model.route().hops[0].server
             model.node.call(model.node.host.connect, parse_peer_address(liar.address))
             route = SpanRoute((SpanHop(liar.as_server_of(honest), 0, 6),))
-            tokens = IDS
-            with model.inference_session(1, IDS.shape[1] + NEW_TOKENS, route) as session:
-                hidden = model.node.call(session.step, model.head.embed(IDS))
-                for _ in range(NEW_TOKENS):
-                    nxt = model.head.logits(hidden[:, -1]).argmax(-1)
-                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                    hidden = model.node.call(session.step, model.head.embed(nxt[:, None]))
-                assert [r.peer_id for r in session.recoveries] == [liar.as_server_of(honest).peer_id]
-            assert tokens[0, IDS.shape[1]:].tolist() == expected
+            tokens, session = greedy_through_session(model, IDS, NEW_TOKENS, route)
+            assert tokens == expected
+            # Found out at its open or its first step, so the replacement had no history to replay:
+            # the prompt went to it as the step that failed.
+            assert [(r.peer_id, r.start, r.end, r.replayed_tokens) for r in session.recoveries] == [
+                (liar.as_server_of(honest).peer_id, 0, 6, 0)]
     finally:
         liar.node.stop()
 
@@ -190,32 +188,33 @@ def test_sigterm_drains_then_the_client_moves_on(swarm, tiny_models, expected):
         _wait_routable(model, _peer(swarm.servers[-1]))
         leaving = _server_of(swarm, model, 3)
         leaving_peer = _peer(leaving)
-        tokens = IDS
-        with model.inference_session(1, IDS.shape[1] + NEW_TOKENS) as session:
-            hidden = model.node.call(session.step, model.head.embed(IDS))
-            for index in range(NEW_TOKENS):
-                nxt = model.head.logits(hidden[:, -1]).argmax(-1)
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                if index == 3:
-                    leaving.process.send_signal(signal.SIGTERM)
-                    time.sleep(0.5)
-                    server = next(s for s in model.servers if s.peer_id == leaving_peer)
-                    with pytest.raises(RemoteError, match="shutting_down"):
-                        model.node.call(_open_on, model, server)
-                if index == 5:
-                    time.sleep(1.5)  # past the 1 s grace: the next step meets the end of the session
-                if index + 1 < NEW_TOKENS:
-                    hidden = model.node.call(session.step, model.head.embed(nxt[:, None]))
-            recovered = [r for r in session.recoveries if r.peer_id == leaving_peer]
-        assert tokens[0, IDS.shape[1]:].tolist() == expected
-        assert recovered  # ended by the server (shutting_down) or gone with its process
+
+        def leave(index: int, session) -> None:
+            if index == 3:
+                leaving.process.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                server = next(s for s in model.servers if s.peer_id == leaving_peer)
+                with pytest.raises(RemoteError, match="shutting_down"):
+                    model.node.call(_open_on, model, server)
+            if index == 5:
+                time.sleep(1.5)  # past the 1 s grace: the next step meets the end of the session
+
+        tokens, session = greedy_through_session(model, IDS, NEW_TOKENS, before_step=leave)
+        assert tokens == expected
+        # The leaving server's blocks moved once, to the other server of 3:6, with the whole
+        # history it had been sent: at least the prompt and the three tokens before the SIGTERM.
+        (recovery,) = session.recoveries
+        assert (recovery.peer_id, recovery.start, recovery.end) == (leaving_peer, 3, 6)
+        assert recovery.replayed_tokens >= IDS.shape[1] + 3
+        assert leaving_peer not in [link.hop.server.peer_id for link in session.links]
     assert leaving.process.wait(30) == 0
-    assert any("grace period over" in line for line in leaving.output)
+    # Our session was the one the grace period ended.
+    assert any("grace period over: ending 1 sessions" in line for line in leaving.output)
 
 
 async def _open_on(model: DistributedModel, server: RemoteServer) -> None:
     span = await RemoteSpanSession.open(model.node.host, SpanHop(server, 3, 6), model.identity, 1, 8,
-                                        "float32", "raw", 5.0)
+                                        ClientOptions(step_timeout=5.0))
     await span.close()
 
 

@@ -5,25 +5,30 @@ swarm)."""
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 
 import pytest
 import torch
+import trio
+from libp2p.custom_types import TProtocol
 
 from petald.cli.local_swarm import LocalSwarm
-from petald.p2pnode.client import remote_span
 from petald.p2pnode.client.distributed_model import DistributedModel
 from petald.p2pnode.client.inference_session import InferenceSession
-from petald.p2pnode.client.remote_span import RemoteSpanSession
-from tests.oracle import reference_greedy
+from petald.p2pnode.client.node_thread import NodeThread
+from petald.p2pnode.routing.route import RemoteServer, SpanHop, SpanRoute
+from petald.p2pnode.transport.framed_stream import FramedStream
+from petald.p2pnode.transport.host import full_addresses, parse_peer_address
+from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.peer_streams import open_stream
+from petald.protocol.limits import INFERENCE_PROTOCOL, PUSH_PROTOCOL
+from tests.oracle import greedy_through_session, reference_greedy
 
 pytestmark = pytest.mark.slow
 
 IDS = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(21))
 NEW_TOKENS = 14
 SPANS = ["0:2", "2:4", "2:4", "4:6"]  # a 3-hop route, with a spare for its middle
-NOBODY = "12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"
 
 
 @pytest.fixture(scope="module")
@@ -42,27 +47,25 @@ def expected(path) -> list[int]:
     return reference_greedy(path, IDS, NEW_TOKENS)
 
 
-def _generate(model: DistributedModel, fault_after: int | None = None,
-              fault=None) -> tuple[list[int], InferenceSession, list[int]]:
+def _generate(model: DistributedModel, route: SpanRoute | None = None,
+              fault_after: int | None = None, fault=None) -> tuple[list[int], InferenceSession, list[int]]:
     """Greedy tokens, the session, and how many hop steps had been pushed after each step."""
-    tokens: list[int] = []
     pushed: list[int] = []
-    with model.inference_session(1, IDS.shape[1] + NEW_TOKENS) as session:
-        assert len(session.route.hops) == 3
-        hidden = model.node.call(session.step, model.head.embed(IDS))
-        for i in range(NEW_TOKENS):
-            nxt = model.head.logits(hidden[:, -1]).argmax(-1)
-            tokens.append(int(nxt[0]))
-            if i == fault_after:
-                fault(session)
-            hidden = model.node.call(session.step, model.head.embed(nxt[:, None]))
-            pushed.append(session.pushed_steps)
+
+    def watch(index: int, session: InferenceSession) -> None:
+        pushed.append(session.pushed_steps)
+        if index == fault_after:
+            fault(session)
+
+    tokens, session = greedy_through_session(model, IDS, NEW_TOKENS, route, watch)
+    pushed.append(session.pushed_steps)
     return tokens, session, pushed
 
 
 def test_pushed_steps_give_the_oracles_greedy_tokens(swarm, path, expected):
     with DistributedModel(swarm.addresses, path) as model:
-        tokens, _, pushed = _generate(model)
+        tokens, session, pushed = _generate(model)
+    assert len(session.route.hops) == 3
     assert tokens == expected
     # Of each step's 3 hops, the last two get their input by push once the push streams are
     # open (they open in the background during the first steps).
@@ -73,42 +76,96 @@ def test_pushed_steps_give_the_oracles_greedy_tokens(swarm, path, expected):
     assert pushed[-1] == 0
 
 
-@pytest.fixture
-def unreachable_push_targets(monkeypatch):
-    """Clients name push targets at a peer no server knows how to reach."""
-    named = RemoteSpanSession.push_target
+class PushlessRelay:
+    """A peer that serves a span by relaying each session, frame by frame, to a real server of
+    it, but mishandles the steps pushed to it: with ``swallowing``, the previous server reaches
+    it and every step it pushes is dropped (a push lost on the way); without, the previous
+    server cannot reach it at all (a push it cannot deliver)."""
 
-    def nowhere(self: RemoteSpanSession):
-        target = named(self)
-        return None if target is None else dataclasses.replace(target, peer_id=NOBODY)
+    def __init__(self, server: RemoteServer, previous: RemoteServer, swallowing: bool):
+        self.real = parse_peer_address(server.address)
+        self.relayed: list[int] = []  # positions of the steps its client sent
+        self.swallowed: list[int] = []  # positions of the steps pushed to it
+        self.node = NodeThread(load_or_create_identity(None))
+        self.node.call(self._start, parse_peer_address(previous.address) if swallowing else None)
+        self.address = full_addresses(self.node.host)[0]
+        self.as_server = RemoteServer(self.address.rsplit("/", 1)[1], self.address, server.info)
 
-    monkeypatch.setattr(RemoteSpanSession, "push_target", nowhere)
+    async def _start(self, previous) -> None:
+        host = self.node.host
+        host.set_stream_handler(TProtocol(INFERENCE_PROTOCOL), self._relay)
+        host.set_stream_handler(TProtocol(PUSH_PROTOCOL), self._swallow)
+        await host.connect(self.real)
+        if previous is not None:  # so that the previous server can open push streams to this peer
+            await host.connect(previous)
+
+    async def _relay(self, stream) -> None:
+        client = FramedStream(stream)
+        server = await open_stream(self.node.host, self.real.peer_id.to_base58(), INFERENCE_PROTOCOL, 10)
+        try:
+            async with trio.open_nursery() as nursery:
+                async def answers() -> None:
+                    while (msg := await server.receive()) is not None:
+                        await client.send(msg)
+
+                nursery.start_soon(answers)
+                while (msg := await client.receive()) is not None:
+                    if msg["type"] == "step":
+                        self.relayed.append(msg["position"])
+                    await server.send(msg)
+                nursery.cancel_scope.cancel()
+        finally:
+            await server.close()
+            await client.close()
+
+    async def _swallow(self, stream) -> None:
+        framed = FramedStream(stream)
+        try:
+            await framed.receive()  # the push open
+            while (msg := await framed.receive()) is not None:
+                self.swallowed.append(msg["position"])
+        finally:
+            await framed.close()
 
 
-def test_a_push_the_server_cannot_deliver_falls_back_to_the_client(swarm, path, expected, unreachable_push_targets):
+def _through_relay(model: DistributedModel, swallowing: bool) -> tuple[SpanRoute, PushlessRelay]:
+    """The model's 3-hop route with its middle hop served through a PushlessRelay."""
+    first, middle, last = model.route().hops
+    relay = PushlessRelay(middle.server, first.server, swallowing)
+    model.node.call(model.node.host.connect, parse_peer_address(relay.address))
+    return SpanRoute((first, SpanHop(relay.as_server, middle.start, middle.end), last)), relay
+
+
+def test_a_push_the_server_cannot_deliver_falls_back_to_the_client(swarm, path, expected):
     with DistributedModel(swarm.addresses, path) as model:
-        tokens, session, pushed = _generate(model)
+        route, relay = _through_relay(model, swallowing=False)
+        try:
+            tokens, session, pushed = _generate(model, route)
+        finally:
+            relay.node.stop()
     assert tokens == expected
-    assert pushed[-1] == 0 and not session.recoveries
+    assert not session.recoveries
+    # The client sent every step to the relay itself; only the last hop got its input by push.
+    assert relay.swallowed == [] and len(relay.relayed) == NEW_TOKENS
+    assert pushed[-1] - pushed[-3] == 2 * 1, pushed
 
 
-def test_a_push_lost_on_the_way_is_sent_by_the_client_after_a_grace(swarm, path, expected, monkeypatch,
-                                                                     unreachable_push_targets):
-    """The servers cannot push (their target is unreachable), yet every answer claims the step was
-    pushed: the client waits for answers that do not come until it sends each step itself."""
-    honest = remote_span.StepOutput
-
-    class ClaimsPushed(honest):
-        @classmethod
-        def from_wire(cls, msg):
-            return dataclasses.replace(honest.from_wire(msg), pushed=True)
-
-    monkeypatch.setattr(remote_span, "StepOutput", ClaimsPushed)
-    monkeypatch.setattr(remote_span, "PUSH_GRACE_MIN_S", 0.05)
-    with DistributedModel(swarm.addresses, path) as model:
-        tokens, session, pushed = _generate(model)
+def test_a_push_lost_on_the_way_is_sent_by_the_client_after_a_grace(swarm, path, expected):
+    """The first server pushes to the relay, which drops the steps: the client waits for answers
+    that do not come until it sends each of those steps itself, after the push grace."""
+    with DistributedModel(swarm.addresses, path, push_grace=0.05) as model:
+        route, relay = _through_relay(model, swallowing=True)
+        try:
+            tokens, session, pushed = _generate(model, route)
+        finally:
+            relay.node.stop()
     assert tokens == expected
-    assert pushed[-1] == 2 * (NEW_TOKENS + 1) and not session.recoveries
+    assert not session.recoveries
+    # Every step the relay ran came from the client, the lost pushes' late copies included.
+    assert len(relay.relayed) == NEW_TOKENS
+    assert relay.swallowed and set(relay.swallowed) <= set(relay.relayed)
+    assert relay.swallowed[-1] == relay.relayed[-1]  # the last step too was pushed, and lost
+    assert pushed[-1] - pushed[-3] == 2 * 2, pushed
 
 
 def test_a_server_killed_between_pushes_changes_no_token(swarm, path, expected):
@@ -124,6 +181,7 @@ def test_a_server_killed_between_pushes_changes_no_token(swarm, path, expected):
     with DistributedModel(swarm.addresses, path) as model:
         tokens, session, pushed = _generate(model, fault_after=5, fault=kill_the_middle)
     assert tokens == expected
-    assert [r.peer_id for r in session.recoveries] == killed, [(r.peer_id[-6:], r.start, r.end, r.reason) for r in session.recoveries]
-    # Pushes resume through the replacement (its push stream opens in the background).
-    assert pushed[-1] > pushed[5], pushed
+    assert [(r.peer_id, r.start, r.end) for r in session.recoveries] == [(killed[0], 2, 4)], session.recoveries
+    # Pushes resume through the replacement (its push stream opens in the background): the last
+    # steps have both later hops pushed again.
+    assert pushed[-1] - pushed[-3] == 2 * 2, pushed

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
+from petald import ClientOptions
 from petald.cli.local_swarm import LocalSwarm
 from petald.p2pnode.client.distributed_model import DistributedModel, ModelMismatchError
-from tests.oracle import reference_greedy, reference_logits, reference_model
+from tests.oracle import reference_greedy, reference_logits, reference_model, reference_text
 from tests.tiny_models import FAMILIES
 
 pytestmark = pytest.mark.slow
@@ -53,12 +54,7 @@ def test_cli_generate_streams_the_oracles_text(smollm_swarm):
 
     tokenizer = open_source(None).load_tokenizer()
     prompt = "The capital of France is"
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    # The CLI stops at EOS; the oracle runs on, so cut it at the first EOS too.
-    expected_ids = reference_greedy(None, ids, 16)
-    if 2 in expected_ids:
-        expected_ids = expected_ids[: expected_ids.index(2) + 1]
-    expected = tokenizer.decode(expected_ids, skip_special_tokens=True)
+    expected = reference_text(None, tokenizer(prompt, return_tensors="pt").input_ids, 16)
     cmd = [sys.executable, "-m", "petald.cli.main", "generate", prompt, "--peers", *smollm_swarm.addresses[2:],
            "--max-new-tokens", "16"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -68,6 +64,7 @@ def test_cli_generate_streams_the_oracles_text(smollm_swarm):
 
 def test_wire_fp16_with_lz4_stays_close(smollm_swarm):
     with DistributedModel(smollm_swarm.addresses[:2], wire_dtype="float16", codec="lz4") as model:
+        assert model.options == ClientOptions(wire_dtype="float16", codec="lz4")
         logits = model.forward(PROMPT_IDS)
     ref = reference_logits(None, PROMPT_IDS)
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
@@ -86,6 +83,14 @@ def test_tiny_family_over_two_and_three_processes(tiny_models, family):
                 assert len(model.route().hops) == hops
                 torch.testing.assert_close(model.forward(ids), reference_logits(path, ids), atol=1e-4, rtol=1e-4)
                 assert model.generate(ids, max_new_tokens=20, eos_token_id=[])[0, 28:].tolist() == expected[:20]
+
+
+def test_settings_are_client_options_fields():
+    """``DistributedModel(**settings)`` takes ClientOptions' fields by name; a misspelt one is
+    refused before anything is loaded or dialled."""
+    with pytest.raises(TypeError, match="step_timout"):
+        DistributedModel(["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"],
+                         step_timout=3.0)
 
 
 def test_client_with_other_weights_is_refused(smollm_swarm, tiny_models):
@@ -108,14 +113,11 @@ def test_cli_chat_applies_the_template(smollm_swarm):
     question = "What is the capital of France?"
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
-    expected_ids = reference_greedy(None, ids, 12)
-    if 2 in expected_ids:
-        expected_ids = expected_ids[: expected_ids.index(2) + 1]
     cmd = [sys.executable, "-m", "petald.cli.main", "generate", question, "--chat", "--max-new-tokens", "12",
            "--peers", *smollm_swarm.addresses[:2]]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == tokenizer.decode(expected_ids, skip_special_tokens=True).strip()
+    assert result.stdout.strip() == reference_text(None, ids, 12).strip()
 
 
 def test_long_prefill_crosses_flow_control_windows(smollm_swarm):

@@ -18,13 +18,14 @@ import torch
 from libp2p.peer.id import ID
 
 from petald.cli.local_swarm import LocalSwarm
+from petald.kernels.sources.open_source import open_source
 from petald.p2pnode.client.distributed_model import DistributedModel
 from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.routing.placement import block_coverage
 from petald.p2pnode.swarm.swarm_map import ModelMap, read_swarm
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
-from tests.oracle import reference_greedy, reference_logits
+from tests.oracle import reference_greedy, reference_logits, reference_text
 
 pytestmark = pytest.mark.slow
 
@@ -98,11 +99,13 @@ def test_generation_through_the_dht_alone_matches_the_oracle(auto_swarm):
         out = model.generate(PROMPT_IDS, max_new_tokens=16, eos_token_id=[])
     assert out[0, PROMPT_IDS.shape[1]:].tolist() == reference_greedy(None, PROMPT_IDS, 16)
     # The CLI needs nothing but one address of the swarm.
-    result = subprocess.run([sys.executable, "-m", "petald.cli.main", "generate", "The capital of France is",
+    prompt = "The capital of France is"
+    result = subprocess.run([sys.executable, "-m", "petald.cli.main", "generate", prompt,
                              "--initial-peers", swarm.addresses[1], "--max-new-tokens", "4"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+    ids = open_source(None).load_tokenizer()(prompt, return_tensors="pt").input_ids
+    assert result.stdout.strip() == reference_text(None, ids, 4).strip()
 
 
 def test_a_fifth_server_places_itself_on_the_weakest_blocks(auto_swarm):

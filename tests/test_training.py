@@ -3,6 +3,7 @@ training protocol and client pipeline, checked against transformers' autograd on
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -447,8 +448,8 @@ def test_training_goes_on_when_servers_die_mid_step(tiny_models):
             # the parallel chunks), within the recovery timeout.
             s4.process.kill()
             s4.process.wait()
-            model.recovery_timeout = 2
-            model.max_chunk_tokens = 14  # one sequence per chunk: two chunks in parallel
+            # One sequence per chunk: two chunks in parallel.
+            model.options = dataclasses.replace(model.options, recovery_timeout=2, max_chunk_tokens=14)
             with pytest.raises(NoRouteError, match="4:6"):
                 _swarm_prompt_loss(model, ids, prompts, deep)
         for alive in (s0, s2):

@@ -9,11 +9,14 @@
     h = model.remote_blocks(embeddings, deep_prompts)      # differentiable: train client-side parameters
 
 ``DistributedModel(..., adapter="name")`` runs every block with that LoRA adapter, on servers that hold it.
+Settings (``wire_dtype``, ``step_timeout``, ``adapter``, ``push``, ...) are ``ClientOptions``' fields,
+given by name or as ``options=ClientOptions(...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -26,11 +29,13 @@ from petald.kernels.deep_prompts import check_deep_prompts
 from petald.kernels.sampling import end_of_sequence_ids, sample_next
 from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
-from petald.p2pnode.client.inference_session import InferenceSession, Recovery, token_chunks
+from petald.p2pnode.client.client_options import ClientOptions
+from petald.p2pnode.client.failover import Recovery
+from petald.p2pnode.client.inference_session import InferenceSession, token_chunks
 from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.client.remote_autograd import RemoteBlocksFunction
 from petald.p2pnode.client.remote_span import fetch_info
-from petald.p2pnode.client.training_pipeline import DEFAULT_MAX_CHUNK_TOKENS, TrainingPipeline
+from petald.p2pnode.client.training_pipeline import TrainingPipeline
 from petald.p2pnode.routing.bans import ServerBans
 from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
 from petald.p2pnode.swarm.dht import block_key
@@ -54,34 +59,24 @@ class DistributedModel:
     (exactly the servers to use, no DHT)."""
 
     def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
-                 initial_peers: Sequence[str] = (), wire_dtype: str = "float32", codec: str = "raw",
-                 step_timeout: float = 30.0, connect_timeout: float = 15.0, recovery_timeout: float = 60.0,
-                 adapter: str | None = None, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
-                 head_quant: str = "none", push: bool = True):
-        """``step_timeout`` bounds each server's answer (a hung server is replaced after it);
-        ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
-        ``adapter`` names a LoRA adapter: only servers holding it are used, and they apply it.
-        ``max_chunk_tokens`` caps the tokens of one training request (``remote_blocks``).
-        ``head_quant`` stores the local LM head as ``ClientHead`` does (``HEAD_QUANT_MODES``): "bf16"
-        is the fast choice on CPUs with native bfloat16; "none" (float32) is the reference.
-        ``push``: servers pass each inference step's output on to the next server themselves
-        (docs/protocol.md, "Pushing steps"); False: every hop goes through this client."""
+                 initial_peers: Sequence[str] = (), options: ClientOptions | None = None, **settings: Any):
+        """``settings`` are ``ClientOptions`` fields by name (``wire_dtype="bfloat16"``, ``push=False``,
+        ...), applied over ``options`` (default: ``ClientOptions()``); an unknown name is a TypeError.
+        ``step_timeout`` bounds each server's answer (a hung server is replaced after it);
+        ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves."""
+        self.options = dataclasses.replace(options or ClientOptions(), **settings)
         if not peers and not initial_peers:
             raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
         self.source = open_source(model) if model is None or isinstance(model, str) else model
         self.identity = self.source.identity
         self.config = self.source.config
-        self.head = ClientHead(self.source, quant=head_quant)
-        self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
-        self.initial_peers, self.connect_timeout = list(initial_peers), connect_timeout
-        self.peers, self.recovery_timeout = list(peers), recovery_timeout
-        self.adapter = adapter or ""
-        self.max_chunk_tokens = max_chunk_tokens
-        self.push = push
+        self.head = ClientHead(self.source, quant=self.options.head_quant)
+        self.initial_peers, self.peers = list(initial_peers), list(peers)
         self.bans = ServerBans()  # shared by every session of this client
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
         self._tokenizer: Any = None
         self.node = NodeThread(load_or_create_identity(None), with_dht=bool(initial_peers))
+        connect_timeout = self.options.connect_timeout
         try:
             if initial_peers:
                 self.servers = self.node.call(self._discover, list(initial_peers), connect_timeout)
@@ -114,7 +109,7 @@ class DistributedModel:
         """This model's online servers from the DHT, each with a measured round trip."""
         dht = self.node.dht
         assert dht is not None
-        timeout = self.connect_timeout
+        timeout = self.options.connect_timeout
         keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
         # Banned servers are not even asked: a hung one would hold up the whole look for its timeout.
         records = [r for r in await dht.announcements(keys)
@@ -191,7 +186,7 @@ class DistributedModel:
         end = self.identity.num_blocks if end is None else end
 
         async def within_timeout() -> SpanRoute:
-            deadline = trio.current_time() + self.recovery_timeout
+            deadline = trio.current_time() + self.options.recovery_timeout
             return await self._find_route(start, end, deadline, cache_tokens_per_block, frozenset(split_after))
 
         return self.node.call(within_timeout)
@@ -205,16 +200,18 @@ class DistributedModel:
         # only once a fresh look at the swarm finds it alive.
         self.servers = [s for s in self.servers if not self.bans.has_failed(s.peer_id)]
         looked = False
+        adapter = self.options.adapter
         while True:
             usable = [s for s in self.servers if not self.bans.is_banned(s.peer_id)
-                      and (not self.adapter or self.adapter in s.info.adapters)]
+                      and (not adapter or adapter in s.info.adapters)]
             try:
                 return SpanRoute.plan(usable, start, end, split_after, cache_tokens_per_block, tokens, busy)
             except NoRouteError as exc:
                 missing = exc
             if trio.current_time() >= deadline:
-                waited = f"waited {self.recovery_timeout:.0f} s for a server" if looked else "no time left to wait"
-                holding = f" holding adapter {self.adapter!r}" if self.adapter else ""
+                waited = (f"waited {self.options.recovery_timeout:.0f} s for a server" if looked
+                          else "no time left to wait")
+                holding = f" holding adapter {adapter!r}" if adapter else ""
                 raise NoRouteError(f"blocks {format_block_ranges(missing.uncovered)} of {self.identity.model_id} "
                                    f"have no reachable server{holding} ({waited}); start a server for them "
                                    "or raise the recovery timeout", missing.uncovered) from None
@@ -230,7 +227,7 @@ class DistributedModel:
             return await self._find_servers()
         peers = [p for p in self.peers if not self.bans.is_banned(parse_peer_address(p).peer_id.to_base58())]
         try:
-            return await self._connect_all(peers, self.connect_timeout)
+            return await self._connect_all(peers, self.options.connect_timeout)
         except ServerUnavailable:
             return []  # none answers yet; the caller looks again until its deadline
 
@@ -246,10 +243,8 @@ class DistributedModel:
         async def find_route(start: int, end: int, deadline: float) -> SpanRoute:
             return await self._find_route(start, end, deadline, cache_tokens)
 
-        session = InferenceSession(self.node.host, route, self.identity, batch, max_length,
-                                   self.wire_dtype, self.codec, self.step_timeout,
-                                   find_route, self.bans, self.recovery_timeout, self.adapter, deep_prompts,
-                                   self.push)
+        session = InferenceSession(self.node.host, route, self.identity, batch, max_length, self.options,
+                                   find_route, self.bans, deep_prompts)
         try:
             self.node.call(session.open)
             yield session
@@ -357,7 +352,7 @@ class DistributedModel:
 
         ``deep_prompts`` [end - start, 1 or batch, prompt tokens, hidden] is added to the first positions
         of the hidden states before each block (deep prompt tuning). The batch is cut into chunks of at
-        most ``max_chunk_tokens`` tokens that run in parallel, routed for throughput; a server that fails
+        most ``options.max_chunk_tokens`` tokens that run in parallel, routed for throughput; a server that fails
         is replaced and the chunk carries on from the blocks it held.
         """
         end = self.identity.num_blocks if end is None else end
@@ -376,11 +371,8 @@ class DistributedModel:
                              ) -> SpanRoute:
             return await self._find_route(start, end, deadline, tokens=tokens, busy=busy)
 
-        pipeline = TrainingPipeline(self.node.host, self.identity, find_route, self.bans, self.adapter,
-                                    self.wire_dtype, self.codec, self.step_timeout, self.recovery_timeout,
-                                    self.max_chunk_tokens)
-        pipeline.recoveries = self.recoveries  # one record of every server replaced, whatever the work
-        return pipeline
+        # One record of every server replaced, whatever the work.
+        return TrainingPipeline(self.node.host, self.identity, find_route, self.bans, self.options, self.recoveries)
 
     def close(self) -> None:
         self.node.stop()

@@ -8,7 +8,7 @@ servers (which rebuilds their KV caches) and carries on with the step that faile
 boundaries of the original route are kept, so hidden states read after a hop stay where the
 caller asked for them.
 
-With ``push`` (the default), each step also names the route's next sessions, and each server
+With ``ClientOptions.push`` (the default), each step also names the route's next sessions, and each server
 hands its output straight to the next one (``step_pusher.py``): the client reads every hop's
 output as before, for its history, but sends only to the servers nobody pushed to.
 """
@@ -16,7 +16,6 @@ output as before, for its history, but sends only to the servers nobody pushed t
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,28 +24,26 @@ from libp2p.abc import IHost
 
 from petald.kernels.deep_prompts import check_deep_prompts
 from petald.kernels.sources.model_source import ModelIdentity
+from petald.p2pnode.client.client_options import ClientOptions
+from petald.p2pnode.client.failover import (
+    SERVER_FAILURES,
+    Failover,
+    HopFailed,
+    Recovery,
+    RouteFinder,
+)
 from petald.p2pnode.client.remote_span import RemoteSpanSession
 from petald.p2pnode.routing.bans import ServerBans
-from petald.p2pnode.routing.route import NoRouteError, SpanHop, SpanRoute
-from petald.p2pnode.transport.framed_stream import PeerGone
-from petald.p2pnode.transport.peer_streams import ServerUnavailable
-from petald.protocol.errors import ProtocolError, RemoteError
+from petald.p2pnode.routing.route import SpanHop, SpanRoute
 from petald.protocol.limits import MAX_ARRAY_LEN, MAX_TENSOR_BYTES
 from petald.protocol.messages import PushTarget
-
-log = logging.getLogger(__name__)
-
-# What a failing server can throw at us. Anything else is a bug here, not a server to ban.
-SERVER_FAILURES = (ServerUnavailable, RemoteError, ProtocolError, PeerGone)
 
 # Steps of at most this many rows (batch x tokens) are pushed: decode steps, where the hops'
 # overhead is what a token costs. A long prefill gains little from a push and would hold the
 # pushing server's answer behind a large transfer.
 PUSH_MAX_ROWS = 16
 
-# ``find_route(start, end, deadline)``: a route over blocks [start, end) that avoids banned
-# servers, looking again (the swarm changes) until trio time ``deadline``, then NoRouteError.
-RouteFinder = Callable[[int, int, float], Awaitable[SpanRoute]]
+log = logging.getLogger(__name__)
 
 
 def token_chunks(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -55,19 +52,6 @@ def token_chunks(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise ValueError("nothing to run: the input has no tokens")
     per_token = hidden.shape[0] * hidden.shape[2] * 4
     return hidden.split(max(1, MAX_TENSOR_BYTES // 2 // per_token), dim=1)
-
-
-@dataclass
-class Recovery:
-    """One server replaced mid-session (for logs and the chaos benchmark)."""
-
-    peer_id: str
-    start: int
-    end: int
-    reason: str
-    seconds: float  # from noticing the failure to the replacement holding the history
-    routing_seconds: float  # of which finding a replacement (waiting for one, when none is known)
-    replayed_tokens: int
 
 
 @dataclass
@@ -82,32 +66,27 @@ class _Link:
 
 class InferenceSession:
     def __init__(self, host: IHost, route: SpanRoute, identity: ModelIdentity, batch: int, max_length: int,
-                 wire_dtype: str = "float32", codec: str = "raw", step_timeout: float = 30.0,
-                 find_route: RouteFinder | None = None, bans: ServerBans | None = None,
-                 recovery_timeout: float = 60.0, adapter: str = "", deep_prompts: torch.Tensor | None = None,
-                 push: bool = True):
-        """``adapter`` names the LoRA adapter every server applies; ``deep_prompts`` [model blocks,
-        1 or batch, P, hidden] are added to positions [0, P) before each block. ``push``: servers
-        pass step outputs on to the next server themselves."""
+                 options: ClientOptions | None = None, find_route: RouteFinder | None = None,
+                 bans: ServerBans | None = None, deep_prompts: torch.Tensor | None = None):
+        """``options`` (default: ``ClientOptions()``) name the wire dtype and codec, the timeouts, the LoRA
+        adapter every server applies and whether servers push step outputs on to the next server themselves.
+        ``find_route`` finds replacements for failed servers (None: a failure is raised).
+        ``deep_prompts`` [model blocks, 1 or batch, P, hidden] are added to positions [0, P) before each block."""
+        self.options = options = options or ClientOptions()
         self.host, self.route, self.identity = host, route, identity
         if deep_prompts is not None:
             # Checked here: a wrong shape would be refused by every server, and look like failing servers.
             check_deep_prompts(deep_prompts, identity.num_blocks, batch, route.hops[0].server.info.hidden_size,
                                max_length, name="deep_prompts")
-        self.adapter, self.deep_prompts = adapter, deep_prompts
+        self.deep_prompts = deep_prompts
         self.batch, self.max_length = batch, max_length
-        self.wire_dtype, self.codec, self.step_timeout = wire_dtype, codec, step_timeout
-        self.find_route, self.recovery_timeout = find_route, recovery_timeout
-        self.push = push
+        self.find_route = find_route
         self.pushed_steps = 0  # hop steps whose input a server pushed (the client only read their output)
         self.bans = bans if bans is not None else ServerBans()
         self.links = [_Link(hop) for hop in route.hops]
         self.recoveries: list[Recovery] = []
+        self.failover = Failover(self.bans, options.recovery_timeout, self.recoveries)
         self.position = 0
-
-    @property
-    def spans(self) -> list[RemoteSpanSession]:
-        return [link.span for link in self.links if link.span is not None]
 
     async def open(self) -> None:
         """Open a session on every hop now, so that a full server is replaced before the first step."""
@@ -161,8 +140,7 @@ class InferenceSession:
             except SERVER_FAILURES as exc:
                 if self.find_route is None:
                     raise
-                if deadline is None:
-                    deadline = trio.current_time() + self.recovery_timeout
+                deadline = deadline or self.failover.deadline()
                 await self._replace(index, exc, deadline)
                 pushed = False
                 continue  # the same input, to the replacement's first link
@@ -173,7 +151,7 @@ class InferenceSession:
         """The open sessions after link ``index`` that may take this step by push, up to the first
         that may not (not open yet, or owed deep prompts)."""
         chain: list[PushTarget] = []
-        if not self.push or hidden.shape[0] * hidden.shape[1] > PUSH_MAX_ROWS:
+        if not self.options.push or hidden.shape[0] * hidden.shape[1] > PUSH_MAX_ROWS:
             return chain
         for link in self.links[index + 1 : index + 1 + MAX_ARRAY_LEN]:
             target = link.span.push_target() if link.span is not None else None
@@ -186,52 +164,32 @@ class InferenceSession:
         prompts = self.deep_prompts[hop.start : hop.end] if self.deep_prompts is not None else None
         # The first blocks' input is the client's own: their session never takes pushes.
         return await RemoteSpanSession.open(self.host, hop, self.identity, self.batch, self.max_length,
-                                            self.wire_dtype, self.codec, self.step_timeout, self.adapter, prompts,
-                                            takes_pushes=self.push and hop.start > 0)
+                                            self.options, prompts, takes_pushes=self.options.push and hop.start > 0)
 
     async def _replace(self, index: int, failure: BaseException, deadline: float) -> None:
-        """Ban the server of link ``index``, route its blocks anew and replay its inputs there.
-
-        When a replacement fails during the replay, it is banned in turn and the blocks are
-        routed again. Raises NoRouteError (naming the blocks) when nothing holds them by ``deadline``.
-        """
+        """Ban the server of link ``index``, route its blocks anew and replay its inputs there
+        (``Failover.reroute``: a replacement failing during the replay is replaced in turn)."""
         assert self.find_route is not None
-        noticed = trio.current_time()
         failed = self.links[index]
-        start, end, inputs = failed.hop.start, failed.hop.end, failed.inputs
-        culprit, abandoned = failed, [failed]
-        routing = 0.0
-        while True:
-            peer = culprit.hop.server.peer_id
-            ban = self.bans.ban(peer)
-            log.warning("server ..%s failed on blocks %d:%d (%s); banned for %.0f s, re-routing",
-                        peer[-8:], culprit.hop.start, culprit.hop.end, failure, ban)
-            for link in abandoned:
-                await _abandon(link)
-            if trio.current_time() > deadline:
-                raise NoRouteError(f"blocks {start}:{end}: every server tried failed within "
-                                   f"{self.recovery_timeout:.0f} s; the last: {failure}", [(start, end)])
-            began = trio.current_time()
-            try:
-                route = await self.find_route(start, end, deadline)
-            except NoRouteError as exc:
-                raise NoRouteError(f"{exc} (the last server failed with: {failure})", exc.uncovered) from None
-            routing += trio.current_time() - began
+        await _abandon(failed)
+        inputs = failed.inputs
+
+        async def replay(route: SpanRoute) -> None:
             fresh = [_Link(hop) for hop in route.hops]
             fresh[0].inputs = inputs
             try:
                 await self._replay(fresh)
             except SERVER_FAILURES as exc:
-                failure, abandoned = exc, fresh
-                culprit = next(link for link in fresh if not link.replayed)
-                continue
+                for link in fresh:
+                    await _abandon(link)
+                raise HopFailed(next(link for link in fresh if not link.replayed).hop, exc) from None
             self.links[index:index + 1] = fresh
-            replayed = sum(x.shape[1] for x in inputs)
-            self.recoveries.append(Recovery(failed.hop.server.peer_id, start, end, str(failure),
-                                            trio.current_time() - noticed, routing, replayed))
-            log.warning("blocks %d:%d recovered on %s after replaying %d tokens",
-                        start, end, route.describe(), replayed)
-            return
+
+        replayed = sum(x.shape[1] for x in inputs)
+        start, end = failed.hop.start, failed.hop.end
+        route = await self.failover.reroute(HopFailed(failed.hop, failure), start, end, deadline, self.find_route,
+                                            replay, replayed)
+        log.warning("blocks %d:%d recovered on %s after replaying %d tokens", start, end, route.describe(), replayed)
 
     async def _replay(self, fresh: list[_Link]) -> None:
         """Open each new link in order and send it the history, so that it ends where the failed

@@ -10,7 +10,9 @@ import trio
 from libp2p.abc import IHost
 
 from petald.kernels.sources.model_source import ModelIdentity
+from petald.p2pnode.client.client_options import ClientOptions
 from petald.p2pnode.routing.route import SpanHop
+from petald.p2pnode.transport.first_failure import open_first_failure_nursery
 from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
 from petald.p2pnode.transport.peer_streams import ServerUnavailable, open_stream, receive_reply
 from petald.protocol.limits import INFERENCE_PROTOCOL, INFO_PROTOCOL, PUSH_TOKEN_BYTES
@@ -37,22 +39,21 @@ async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> Server
 
 
 # A pushed step whose answer takes this much longer than the hop's last step (and at least
-# PUSH_GRACE_MIN_S) is sent by the client too: the push may have been lost between the servers.
-# The server runs whichever copy comes first and skips the other.
+# ClientOptions.push_grace) is sent by the client too: the push may have been lost between the
+# servers. The server runs whichever copy comes first and skips the other.
 PUSH_GRACE_FACTOR = 4.0
-PUSH_GRACE_MIN_S = 1.0
 
 
 class RemoteSpanSession:
-    def __init__(self, hop: SpanHop, framed: FramedStream, wire_dtype: str, codec: str, step_timeout: float,
+    def __init__(self, hop: SpanHop, framed: FramedStream, options: ClientOptions,
                  prompts: torch.Tensor | None = None, push_token: bytes = b""):
-        """``prompts`` [hop blocks, 1 or batch, P, hidden]: deep prompts for positions [0, P), sent along
+        """``options``: the wire dtype and codec, the step timeout and the push grace.
+        ``prompts`` [hop blocks, 1 or batch, P, hidden]: deep prompts for positions [0, P), sent along
         with the steps that cover them. ``push_token``: the server takes steps pushed to this session
         by servers that know it (the previous hop's)."""
         self.hop = hop
         self.framed = framed
-        self.wire_dtype, self.codec = wire_dtype, codec
-        self.step_timeout = step_timeout
+        self.options = options
         self.prompts = prompts
         self.push_token = push_token
         self.position = 0
@@ -61,15 +62,16 @@ class RemoteSpanSession:
 
     @classmethod
     async def open(cls, host: IHost, hop: SpanHop, identity: ModelIdentity, batch: int, max_length: int,
-                   wire_dtype: str, codec: str, step_timeout: float, adapter: str = "",
-                   prompts: torch.Tensor | None = None, takes_pushes: bool = False) -> RemoteSpanSession:
+                   options: ClientOptions, prompts: torch.Tensor | None = None,
+                   takes_pushes: bool = False) -> RemoteSpanSession:
         peer = hop.server.peer_id
+        step_timeout = options.step_timeout
         push_token = secrets.token_bytes(PUSH_TOKEN_BYTES) if takes_pushes else b""
         framed = await open_stream(host, peer, INFERENCE_PROTOCOL, step_timeout)
         try:
             await framed.send(OpenSession(identity.model_id, identity.fingerprint, hop.start, hop.end,
-                                          batch, max_length, wire_dtype, codec, adapter=adapter,
-                                          push_token=push_token).to_wire())
+                                          batch, max_length, options.wire_dtype, options.codec,
+                                          adapter=options.adapter, push_token=push_token).to_wire())
             opened = SessionOpened.from_wire(await receive_reply(framed, peer, step_timeout, "opening a session"))
             if (opened.start, opened.end) != (hop.start, hop.end):
                 raise ServerUnavailable(f"server ..{peer[-8:]} opened blocks {opened.start}:{opened.end}; "
@@ -78,7 +80,7 @@ class RemoteSpanSession:
             with trio.CancelScope(shield=True):  # free the server's side even when we are cancelled
                 await framed.reset()
             raise
-        return cls(hop, framed, wire_dtype, codec, step_timeout, prompts, push_token)
+        return cls(hop, framed, options, prompts, push_token)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         return (await self.step_pushing(hidden, []))[0]
@@ -114,18 +116,13 @@ class RemoteSpanSession:
         copy = self._next_step(hidden, push)
         began = time.perf_counter()
         # Before half the step timeout, so that the copy has time to be answered.
-        grace = min(max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * self.step_seconds), self.step_timeout / 2)
+        grace = min(max(self.options.push_grace, PUSH_GRACE_FACTOR * self.step_seconds),
+                    self.options.step_timeout / 2)
         copy_sent: list[float] = []
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:
+        async with open_first_failure_nursery() as nursery:
             nursery.start_soon(self._send_late_copy, copy, grace, copy_sent)
-            try:
-                result = await self._output(hidden, began, push)
-            except Exception as exc:  # raised after the nursery, so not wrapped in an exception group
-                failure = exc
+            result = await self._output(hidden, began, push)
             nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
         if copy_sent:  # the hop's own time, not the wait for a push that never came
             self.step_seconds = time.perf_counter() - copy_sent[0]
         return result
@@ -142,7 +139,7 @@ class RemoteSpanSession:
     def _next_step(self, hidden: torch.Tensor, push: list[PushTarget]) -> Step:
         """The session's next step (a new step id) carrying ``hidden`` and the deep prompts it owes."""
         self._step_ids += 1
-        return Step(self._step_ids, self.position, hidden, self.wire_dtype, self.codec,
+        return Step(self._step_ids, self.position, hidden, self.options.wire_dtype, self.options.codec,
                     self._prompts_for(hidden.shape[1]), push)
 
     async def _output(self, hidden: torch.Tensor, began: float, push: list[PushTarget]
@@ -150,7 +147,7 @@ class RemoteSpanSession:
         """The server's answer to the step just sent, checked, and whether it pushed the output to
         ``push[0]`` (a claim of a push nobody asked for counts as none)."""
         peer = self.hop.server.peer_id
-        out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.step_timeout, "a step"))
+        out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.options.step_timeout, "a step"))
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with shape "
                                     f"{list(out.hidden.shape)}; expected step {self._step_ids}, {list(hidden.shape)}")

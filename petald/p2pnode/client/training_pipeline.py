@@ -20,20 +20,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
-import trio
 from libp2p.abc import IHost
 
 from petald.kernels.sources.model_source import ModelIdentity
-from petald.p2pnode.client.inference_session import SERVER_FAILURES, Recovery
+from petald.p2pnode.client.client_options import ClientOptions
+from petald.p2pnode.client.failover import SERVER_FAILURES, Failover, HopFailed, Recovery
 from petald.p2pnode.client.remote_training import remote_span_pass
 from petald.p2pnode.routing.bans import ServerBans
-from petald.p2pnode.routing.route import NoRouteError, SpanHop, SpanRoute
+from petald.p2pnode.routing.route import SpanHop, SpanRoute
+from petald.p2pnode.transport.first_failure import open_first_failure_nursery
 from petald.protocol.errors import RemoteError
 from petald.protocol.limits import MAX_FRAME_BYTES, MAX_TENSOR_BYTES
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CHUNK_TOKENS = 1024
 FRAME_SLACK_BYTES = 64 * 1024  # a request's fields beside its tensors, and msgpack's framing
 
 # ``find_route(start, end, deadline, tokens, busy)``: a throughput route for a chunk of ``tokens``
@@ -42,14 +42,6 @@ TrainingRouteFinder = Callable[[int, int, float, int, dict[str, float]], Awaitab
 
 # Error codes that say the request itself is wrong: every server would answer the same.
 _CALLER_ERRORS = ("bad_tensor", "bad_message")
-
-
-class _HopFailed(Exception):
-    """A server failed one pass of ``hop``."""
-
-    def __init__(self, hop: SpanHop, failure: BaseException):
-        super().__init__(str(failure))
-        self.hop, self.failure = hop, failure
 
 
 @dataclass
@@ -96,24 +88,11 @@ def chunk_rows(batch: int, tokens: int, hidden_size: int, max_chunk_tokens: int,
 
 
 async def _run_all(jobs: list[Callable[[], Awaitable[None]]]) -> None:
-    """Run ``jobs`` concurrently; the first failure cancels the others and is raised as itself
-    (not wrapped in an exception group), so callers can catch NoRouteError and the like."""
-    failure: BaseException | None = None
-
-    async with trio.open_nursery() as nursery:
-        async def run(job: Callable[[], Awaitable[None]]) -> None:
-            nonlocal failure
-            try:
-                await job()
-            except Exception as exc:
-                if failure is None:
-                    failure = exc
-                nursery.cancel_scope.cancel()
-
+    """Run ``jobs`` concurrently; the first failure cancels the others and is raised as itself,
+    so callers can catch NoRouteError and the like."""
+    async with open_first_failure_nursery() as nursery:
         for job in jobs:
-            nursery.start_soon(run, job)
-    if failure is not None:
-        raise failure
+            nursery.start_soon(job)
 
 
 def _prompt_rows(prompts: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -125,20 +104,22 @@ def _prompt_rows(prompts: torch.Tensor | None, rows: slice) -> torch.Tensor | No
 
 class TrainingPipeline:
     def __init__(self, host: IHost, identity: ModelIdentity, find_route: TrainingRouteFinder, bans: ServerBans,
-                 adapter: str = "", wire_dtype: str = "float32", codec: str = "raw", timeout: float = 30.0,
-                 recovery_timeout: float = 60.0, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS):
+                 options: ClientOptions, recoveries: list[Recovery] | None = None):
+        """``options``: the wire dtype and codec, the timeouts, the adapter and the chunk size.
+        Every server replaced is recorded in ``recoveries``."""
         self.host, self.identity, self.find_route, self.bans = host, identity, find_route, bans
-        self.adapter, self.wire_dtype, self.codec = adapter, wire_dtype, codec
-        self.timeout, self.recovery_timeout, self.max_chunk_tokens = timeout, recovery_timeout, max_chunk_tokens
-        self.recoveries: list[Recovery] = []
+        self.options = options
+        self.recoveries: list[Recovery] = [] if recoveries is None else recoveries
+        self.failover = Failover(bans, options.recovery_timeout, self.recoveries, work="a training pass ")
 
     async def forward(self, hidden: torch.Tensor, prompts: torch.Tensor | None, start: int, end: int
                       ) -> tuple[torch.Tensor, ForwardTrace]:
         """``hidden`` [B, T, H] through blocks [start, end), with deep ``prompts`` [end - start, 1 or B, P, H]."""
-        rows = chunk_rows(hidden.shape[0], hidden.shape[1], hidden.shape[2], self.max_chunk_tokens, prompts)
+        rows = chunk_rows(hidden.shape[0], hidden.shape[1], hidden.shape[2], self.options.max_chunk_tokens,
+                          prompts)
         busy: dict[str, float] = {}
         routes = []
-        deadline = trio.current_time() + self.recovery_timeout
+        deadline = self.failover.deadline()
         for r in rows:
             tokens = (r.stop - r.start) * hidden.shape[1]
             route = await self.find_route(start, end, deadline, tokens, busy)
@@ -187,10 +168,9 @@ class TrainingPipeline:
         expected = server.hop_cost(hop.end - hop.start, tokens) if server.forward_tps > 0 else 0.0
         try:
             result = await remote_span_pass(self.host, hop, self.identity, hidden, hop_prompts, grad,
-                                            self.adapter, self.wire_dtype, self.codec,
-                                            self.timeout + 4 * expected)
+                                            self.options, self.options.step_timeout + 4 * expected)
         except SERVER_FAILURES as exc:
-            raise _HopFailed(hop, exc) from None
+            raise HopFailed(hop, exc) from None
         self.bans.forgive(hop.server.peer_id)  # only a computed pass clears a server
         return result
 
@@ -203,8 +183,8 @@ class TrainingPipeline:
             hop = hops[0]
             try:
                 out, _ = await self._pass(hop, x, prompts, start)
-            except _HopFailed as failed:
-                deadline = deadline or trio.current_time() + self.recovery_timeout
+            except HopFailed as failed:
+                deadline = deadline or self.failover.deadline()
                 hops = list((await self._reroute(failed, position, end, deadline, x)).hops)
                 continue
             trace.append(HopTrace(hop, x))
@@ -239,30 +219,21 @@ class TrainingPipeline:
                     if prompt_grad is not None:
                         prompt_grads.insert(0, prompt_grad)
                 return grad, (torch.cat(prompt_grads, dim=0) if prompt_grads else None)
-            except _HopFailed as failed:
-                deadline = deadline or trio.current_time() + self.recovery_timeout
+            except HopFailed as failed:
+                deadline = deadline or self.failover.deadline()
                 hops = list((await self._reroute(failed, step.hop.start, step.hop.end, deadline, step.inputs)).hops)
 
-    async def _reroute(self, failed: _HopFailed, start: int, end: int, deadline: float,
+    async def _reroute(self, failed: HopFailed, start: int, end: int, deadline: float,
                        inputs: torch.Tensor) -> SpanRoute:
         """Ban the failed server and route blocks [start, end) anew, waiting until ``deadline``."""
         exc = failed.failure
         if isinstance(exc, RemoteError) and exc.code in _CALLER_ERRORS:
             raise exc  # the request is at fault, not the server: every server would refuse it
-        peer = failed.hop.server.peer_id
-        ban = self.bans.ban(peer)
-        log.warning("server ..%s failed a training pass on blocks %d:%d (%s); banned for %.0f s, re-routing",
-                    peer[-8:], failed.hop.start, failed.hop.end, exc, ban)
-        if trio.current_time() > deadline:
-            raise NoRouteError(f"blocks {start}:{end}: every server tried failed within "
-                               f"{self.recovery_timeout:.0f} s; the last: {exc}", [(start, end)])
-        noticed = trio.current_time()
         tokens = inputs.shape[0] * inputs.shape[1]
-        try:
-            route = await self.find_route(start, end, deadline, tokens, {})
-        except NoRouteError as err:
-            raise NoRouteError(f"{err} (the last server failed with: {exc})", err.uncovered) from None
-        seconds = trio.current_time() - noticed
-        self.recoveries.append(Recovery(peer, failed.hop.start, failed.hop.end, str(exc), seconds, seconds, 0))
+
+        async def find_route(start: int, end: int, deadline: float) -> SpanRoute:
+            return await self.find_route(start, end, deadline, tokens, {})
+
+        route = await self.failover.reroute(failed, start, end, deadline, find_route)
         log.warning("blocks %d:%d re-routed to %s", start, end, route.describe())
         return route

@@ -11,16 +11,14 @@ from __future__ import annotations
 import logging
 import random
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import trio
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 
-from petald import __version__
 from petald.kernels.adapters.lora import load_lora_adapter
 from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
 from petald.kernels.executor import DeviceExecutor
@@ -32,6 +30,7 @@ from petald.kernels.span import BlockSpan
 from petald.kernels.throughput import cached_throughput, measure_throughput
 from petald.p2pnode.routing.placement import better_start, block_coverage, choose_start
 from petald.p2pnode.server.block_server import BlockServer, ServerLimits
+from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.swarm.dht import SwarmDHT, block_key
 from petald.p2pnode.swarm.presence import ServerPresence
 from petald.p2pnode.transport.host import (
@@ -118,7 +117,7 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     check_quant(options.quant, device)  # before loading anything
-    check_adapters(options.adapters, source, dtype)
+    adapter_names = check_adapters(options.adapters, source, dtype)
     if options.blocks == "auto":
         length, fixed = auto_block_count(options, source, dtype, device), None
     else:
@@ -128,7 +127,7 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
         raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
                          "or --new-swarm to start a new one")
     key_pair = load_or_create_identity(options.identity)
-    node = ServerNode(options, source, dtype, device, announce)
+    node = ServerNode(options, source, dtype, device, announce, adapter_names)
     try:
         trio.run(node.run, key_pair, length, fixed)
     finally:
@@ -136,9 +135,10 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     announce(f"stopped ({dtype_name(dtype)}, quant {options.quant}, on {device})")
 
 
-def check_adapters(paths: list[str], source: ModelSource, dtype: torch.dtype) -> None:
+def check_adapters(paths: list[str], source: ModelSource, dtype: torch.dtype) -> list[str]:
     """Read every adapter for the whole model before any block loads: a wrong path, format or model
-    fails now, with AdapterError's sentence, and two adapters of one name are refused."""
+    fails now, with AdapterError's sentence, and two adapters of one name are refused. Returns
+    their names."""
     if len(paths) > MAX_ARRAY_LEN:
         raise ValueError(f"{len(paths)} --adapters given; a server announces at most {MAX_ARRAY_LEN}")
     names: dict[str, str] = {}
@@ -148,15 +148,18 @@ def check_adapters(paths: list[str], source: ModelSource, dtype: torch.dtype) ->
             raise ValueError(f"--adapters {names[adapter.name]} and {path} are both named {adapter.name!r}: "
                              "adapters are chosen by their directory's name, so rename one")
         names[adapter.name] = path
+    return list(names)
 
 
 class ServerNode:
     """Everything one server process runs on its trio loop."""
 
     def __init__(self, options: ServeOptions, source: ModelSource, dtype: torch.dtype, device: torch.device,
-                 announce: Callable[[str], None]):
+                 announce: Callable[[str], None], adapter_names: Sequence[str] = ()):
+        """``adapter_names``: those of ``options.adapters`` (``check_adapters``)."""
         self.options, self.source, self.dtype, self.device = options, source, dtype, device
         self.announce = announce
+        self.adapter_names = list(adapter_names)
         self.identity = source.identity
         self.server: BlockServer | None = None
         self.retired: list[BlockServer] = []  # earlier spans, serving their last sessions
@@ -169,15 +172,9 @@ class ServerNode:
         if self.server is not None and self.server.span.start == self.span_start:
             return self.server.info()
         limits = self.options.limits
-        return ServerInfo(
-            model_id=self.identity.model_id, fingerprint=self.identity.fingerprint,
-            num_blocks=self.identity.num_blocks, start=self.span_start, end=self.span_start + self.length,
-            dtype=dtype_name(self.dtype), quant=self.options.quant, hidden_size=self.source.config.hidden_size,
-            max_length=limits.max_length, free_cache_tokens=limits.cache_tokens, version=__version__,
-            adapters=self._adapter_names())
-
-    def _adapter_names(self) -> list[str]:
-        return sorted(Path(p).expanduser().resolve().name for p in self.options.adapters)
+        return span_info(self.identity, self.span_start, self.span_start + self.length, self.dtype,
+                         self.options.quant, self.source.config.hidden_size, limits.max_length, limits.cache_tokens,
+                         self.adapter_names)
 
     def _how(self) -> str:
         return f"{dtype_name(self.dtype)}, quant {self.options.quant}, {self.device}"
@@ -197,8 +194,7 @@ class ServerNode:
                 dht = SwarmDHT(host, key_pair, server_mode=True)
                 async with dht.running():
                     await self._join(dht)
-                    presence = ServerPresence(dht, self._info, quant=self.options.quant,
-                                              period=self.options.announce_period,
+                    presence = ServerPresence(dht, self._info, period=self.options.announce_period,
                                               network_mbps=self.options.network_mbps)
                     if fixed is None:
                         await trio.sleep(random.uniform(0.0, 1.0))  # servers started together choose apart

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import trio
 
-from petald import __version__
 from petald.p2pnode.swarm.dht import SERVERS_KEY, SwarmDHT, block_key
 from petald.p2pnode.transport.host import full_addresses
 from petald.protocol.announcement import ServerAnnouncement
@@ -27,9 +26,10 @@ REPROVIDE_EVERY = 5  # provider records are re-sent every this many periods (and
 
 
 class ServerPresence:
-    def __init__(self, dht: SwarmDHT, info: Callable[[], ServerInfo], *, quant: str = "none",
-                 period: float = 30.0, network_mbps: float = 0.0):
-        self.dht, self.info, self.quant = dht, info, quant
+    def __init__(self, dht: SwarmDHT, info: Callable[[], ServerInfo], *, period: float = 30.0,
+                 network_mbps: float = 0.0):
+        """``info()``: what the server holds now (span, dtype, quantization, free cache, adapters)."""
+        self.dht, self.info = dht, info
         self.period, self.network_mbps = period, network_mbps
         self.state = "joining"
         self.inference_rps = 0.0
@@ -42,11 +42,11 @@ class ServerPresence:
         return ServerAnnouncement(
             peer_id=self.dht.peer_id, addresses=full_addresses(self.dht.host)[:8],
             state=state or self.state, model_id=info.model_id, fingerprint=info.fingerprint,
-            num_blocks=info.num_blocks, start=info.start, end=info.end, dtype=info.dtype, quant=self.quant,
+            num_blocks=info.num_blocks, start=info.start, end=info.end, dtype=info.dtype, quant=info.quant,
             max_length=info.max_length, free_cache_tokens=info.free_cache_tokens,
             inference_rps=self.inference_rps, forward_tps=self.forward_tps, network_mbps=self.network_mbps,
             issued_at=now, expires_at=now + max(MIN_EXPIRY_S, EXPIRY_PERIODS * self.period),
-            version=__version__, wire_version=info.wire_version, adapters=info.adapters,
+            version=info.version, wire_version=info.wire_version, adapters=info.adapters,
         )
 
     async def publish(self, state: str | None = None) -> ServerAnnouncement:

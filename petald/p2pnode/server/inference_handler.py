@@ -1,0 +1,251 @@
+"""Inference sessions (``/petald/inference``): one long-lived stream each.
+
+A session's life: an ``open`` frame (model, fingerprint, sub-span, batch, max_length), then
+``step`` frames each answered by an ``output`` frame, then ``close`` or end of stream. Whatever
+goes wrong inside one session (bad frame, bad tensor, vanished peer) ends that session alone,
+returns its cache tokens, and leaves the server serving others. A session opened with a push
+token also runs the steps the previous hop's server pushes to it (``push_handler.py``), and a
+step may ask this server to push its output on (``step_pusher.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import trio
+from libp2p.abc import INetStream
+
+from petald.kernels.deep_prompts import check_deep_prompts
+from petald.kernels.dtypes import DTYPES, dtype_name
+from petald.kernels.paged_kv_cache import CacheFullError, SessionCache
+from petald.p2pnode.server.executor_bridge import run_step
+from petald.p2pnode.server.session_inbox import PUSHED, SessionInbox, read_client
+from petald.p2pnode.server.step_pusher import StepPusher
+from petald.p2pnode.server.stream_frames import receive_first, send_error
+from petald.p2pnode.transport.first_failure import open_first_failure_nursery
+from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
+from petald.protocol.errors import ErrorCode, ProtocolError
+from petald.protocol.limits import MAX_FIRST_FRAME_BYTES, MAX_FRAME_BYTES
+from petald.protocol.messages import OpenSession, SessionOpened, Step, StepOutput
+from petald.protocol.tensors import all_finite
+
+if TYPE_CHECKING:
+    from petald.p2pnode.server.block_server import BlockServer
+
+log = logging.getLogger(__name__)
+
+# How long a session that ended mid-step waits for the executor to finish that step before its
+# pages are freed: until then the step may still write into them.
+UNFINISHED_STEP_WAIT_S = 120.0
+
+
+@dataclass
+class _LiveSession:
+    scope: trio.CancelScope  # cancelled by the session timeout, or by a shutdown while idle
+    in_step: bool = False
+    unfinished: list[trio.Event] = field(default_factory=list)  # steps the executor may still be running
+
+
+class InferenceSessions:
+    def __init__(self, server: BlockServer):
+        self.server = server
+        self._ids = itertools.count(1)
+        self._live: dict[int, _LiveSession] = {}
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    def end_idle(self) -> None:
+        """End the sessions waiting for their next step now; those in a step end at its end
+        (``BlockServer.closing``)."""
+        for live in self._live.values():
+            if not live.in_step:
+                live.scope.cancel()
+
+    async def handle(self, stream: INetStream) -> None:
+        server, limits = self.server, self.server.limits
+        # Until a valid open arrives, a peer may only send a small frame.
+        framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=limits.idle_timeout)
+        session_id = next(self._ids)
+        peer = stream.muxed_conn.peer_id.to_string()[-8:]
+        cache: SessionCache | None = None
+        live: _LiveSession | None = None
+        inbox_in: trio.MemorySendChannel | None = None
+        inbox: trio.MemoryReceiveChannel | None = None
+        try:
+            msg = await receive_first(framed, limits.open_timeout, "session open")
+            if msg is None:
+                return
+            request = OpenSession.from_wire(msg)
+            self._check_open(request)
+            # Reserves pages up to max_length (or raises CacheFullError holding nothing); pages are taken as it grows.
+            cache = server.pool.open(request.batch, request.max_length)
+            live = self._live[session_id] = _LiveSession(
+                trio.CancelScope(deadline=trio.current_time() + limits.session_timeout))
+            if request.push_token:
+                # Before "opened": a push may follow the client's first step at once.
+                inbox_in, inbox = server.pushes.open(request.push_token)
+            framed.allow_frames_up_to(MAX_FRAME_BYTES)
+            await framed.send(SessionOpened(request.start, request.end, request.max_length).to_wire())
+            log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",
+                     session_id, peer, request.start, request.end, request.batch, request.max_length)
+            with live.scope:
+                await self._serve_session(SessionInbox(framed, inbox), request, cache, live, inbox_in)
+            if live.scope.cancelled_caught:
+                raise (server.shutting_down() if server.closing else ProtocolError(
+                    ErrorCode.TIMEOUT, f"session open for longer than {limits.session_timeout:.0f} s; "
+                                       "closed and freed"))
+        except ProtocolError as err:
+            log.info("session %d from ..%s refused: %s", session_id, peer, err)
+            await send_error(framed, err.code, err.message)
+        except CacheFullError as err:
+            await send_error(framed, ErrorCode.CACHE_FULL, str(err))
+        except PeerGone as err:
+            log.info("session %d from ..%s: peer gone (%s)", session_id, peer, err)
+        except Exception:  # a bug must cost one session, never the server
+            log.exception("session %d failed", session_id)
+            # No exception text to the peer: it can carry paths and internals of this machine.
+            await send_error(framed, ErrorCode.INTERNAL, f"internal server error in session {session_id}; "
+                                                         "the server logged the details")
+        finally:
+            self._live.pop(session_id, None)
+            if inbox_in is not None and inbox is not None:
+                server.pushes.close(request.push_token, inbox_in, inbox)
+            if cache is not None:
+                await self._free_after_steps(cache, live, session_id)
+            await framed.close()
+            log.info("session %d closed", session_id)
+
+    async def _free_after_steps(self, cache: SessionCache, live: _LiveSession | None, session_id: int) -> None:
+        """Return the session's pages once no step of it can still write into them."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(UNFINISHED_STEP_WAIT_S):
+                for finished in live.unfinished if live is not None else []:
+                    await finished.wait()
+        if live is not None and not all(finished.is_set() for finished in live.unfinished):
+            # Freeing now could hand pages being written to another session: keep them instead.
+            log.error("session %d: a step did not finish within %.0f s; its %d KV pages stay reserved",
+                      session_id, UNFINISHED_STEP_WAIT_S, cache.reserved_pages)
+            return
+        self.server.pool.close(cache)
+
+    def _check_open(self, request: OpenSession) -> None:
+        server = self.server
+        if server.draining:
+            raise server.shutting_down()
+        server.check_model(request.fingerprint, request.model_id, request.start, request.end)
+        server.adapter(request.adapter)
+        if request.max_length > server.limits.max_length:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                f"max_length {request.max_length} exceeds this server's {server.limits.max_length}")
+
+    async def _serve_session(self, inbox: SessionInbox, request: OpenSession, cache: SessionCache,
+                             live: _LiveSession, inbox_in: trio.MemorySendChannel | None) -> None:
+        """Serve the session's steps: with an inbox channel (``inbox_in`` its sending side), also steps
+        pushed to it; with a host, push outputs on where steps ask. Errors are raised as themselves."""
+        host = self.server.host
+        async with open_first_failure_nursery() as nursery:
+            pusher = StepPusher(host, nursery, self.server.limits.open_timeout) if host is not None else None
+            if inbox_in is not None:
+                nursery.start_soon(read_client, inbox.framed, inbox_in.clone())
+            try:
+                await self._serve_steps(inbox, pusher, request, cache, live)
+            finally:
+                if pusher is not None:
+                    with trio.CancelScope(shield=True):
+                        await pusher.close()
+                nursery.cancel_scope.cancel()
+
+    async def _serve_steps(self, inbox: SessionInbox, pusher: StepPusher | None, request: OpenSession,
+                           cache: SessionCache, live: _LiveSession) -> None:
+        server, limits = self.server, self.server.limits
+        wire_dtype = DTYPES[request.wire_dtype]
+        framed = inbox.framed
+        while True:
+            if server.closing:
+                raise server.shutting_down()
+            with trio.move_on_after(limits.idle_timeout) as scope:
+                kind, msg = await inbox.next()
+            if scope.cancelled_caught:
+                raise ProtocolError(ErrorCode.TIMEOUT,
+                                    f"session idle for {limits.idle_timeout:.0f} s; closed and freed")
+            if kind == PUSHED:
+                step, prompts = msg, None
+                if step.position != cache.length:
+                    continue  # a head start that lost the race to the client's own copy
+                # A bad push is dropped, not fatal: the pusher is at fault, not this session, whose
+                # client sends the step itself once the answer is late.
+                if step.prompts is not None:
+                    log.warning("dropped a step pushed to a session: it carries deep prompts")
+                    continue
+                try:
+                    hidden = self._check_step(step, request, cache)
+                except ProtocolError as err:
+                    log.warning("dropped a step pushed to a session: %s", err.message)
+                    continue
+                inbox.ran_pushed(step)
+            else:
+                if msg is None or msg.get("type") == "close":
+                    return
+                step = Step.from_wire(msg)
+                if inbox.already_ran(step):
+                    continue  # answered when the push ran it
+                hidden = self._check_step(step, request, cache)
+                prompts = self._check_prompts(step, request)
+            # Batched with other sessions' steps on the executor, which also copies the output to host
+            # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
+            finished = trio.Event()
+            live.unfinished = [finished]  # the previous step had finished before this one was accepted
+            live.in_step = True
+            with trio.move_on_after(limits.step_timeout) as step_scope:
+                out = await run_step(server.executor, cache, hidden, request.start, request.end, wire_dtype,
+                                     finished, prompts, request.adapter)
+            if step_scope.cancelled_caught:
+                raise ProtocolError(ErrorCode.TIMEOUT, f"the step took longer than {limits.step_timeout:.0f} s; "
+                                                       "session closed")
+            # The next server first: its compute starts while the client still reads this reply.
+            pushed = False
+            if step.push and pusher is not None:
+                pushed = await pusher.push(step.push, step.position, out, request.wire_dtype, request.codec)
+            await framed.send(StepOutput(step.step_id, out, request.wire_dtype, request.codec, pushed).to_wire())
+            live.in_step = False
+
+    def _check_step(self, step: Step, request: OpenSession, cache: SessionCache) -> torch.Tensor:
+        h = step.hidden
+        hidden_size = self.server.span.hidden_size
+        expected = f"[{request.batch}, tokens, {hidden_size}]"
+        if h.dim() != 3 or h.shape[0] != request.batch or h.shape[2] != hidden_size or h.shape[1] < 1:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"hidden has shape {list(h.shape)}; expected {expected}")
+        if dtype_name(h.dtype) != request.wire_dtype:
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"hidden is {dtype_name(h.dtype)}; this session was opened for {request.wire_dtype}")
+        if step.position != cache.length:
+            raise ProtocolError(ErrorCode.BAD_STATE,
+                                f"step at position {step.position}, but the session is at position {cache.length}")
+        if step.position + h.shape[1] > request.max_length:
+            raise ProtocolError(ErrorCode.BAD_STATE,
+                                f"step reaches position {step.position + h.shape[1]}, beyond max_length {request.max_length}")
+        if not all_finite(h):
+            raise ProtocolError(ErrorCode.BAD_TENSOR, "hidden holds NaN or infinite values")
+        return h
+
+    def _check_prompts(self, step: Step, request: OpenSession) -> torch.Tensor | None:
+        p = step.prompts
+        if p is None:
+            return None
+        try:
+            check_deep_prompts(p, request.end - request.start, request.batch, self.server.span.hidden_size,
+                               step.hidden.shape[1])
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, str(exc)) from None
+        if dtype_name(p.dtype) != request.wire_dtype:
+            raise ProtocolError(ErrorCode.BAD_TENSOR,
+                                f"prompts are {dtype_name(p.dtype)}; this session was opened for {request.wire_dtype}")
+        if not all_finite(p):
+            raise ProtocolError(ErrorCode.BAD_TENSOR, "prompts hold NaN or infinite values")
+        return p
