@@ -128,14 +128,14 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, h
 
     def run() -> None:
         from petald.cli.api.daemon import DaemonOptions, run_client_daemon
-        from petald.kernels.sources.open_source import open_source
+        from petald.kernels.sources.open_source import describe_model, open_source
 
         peers = addresses(initial_peers)
         if not peers:
             raise click.UsageError("a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)")
         api = api_listen(socket, socket_group, http)
         say = announcer()
-        say(f"opening model {model or 'smollm2 (embedded default)'}")
+        say(f"opening model {describe_model(model)}")
         source = open_source(model)
         run_client_daemon(DaemonOptions(peers, api, list(listen), identity, head_quant), source, say)
 

@@ -28,6 +28,11 @@ def default_gguf_path() -> Path:
     raise ModelSourceError(f"the {_DEFAULT_PACKAGE} package holds no .gguf file")
 
 
+def describe_model(model: str | None) -> str:
+    """What ``open_source(model)`` opens, in words for progress lines."""
+    return model or "smollm2 (embedded default)"
+
+
 def open_source(model: str | None = None) -> ModelSource:
     """Open ``model``: None or "smollm2" for the default, a .gguf path, or a model directory."""
     if model is None or model == DEFAULT_MODEL:

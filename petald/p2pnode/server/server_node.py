@@ -25,7 +25,7 @@ from petald.kernels.executor import DeviceExecutor
 from petald.kernels.memory_plan import available_memory, blocks_that_fit
 from petald.kernels.quant import check_quant
 from petald.kernels.sources.model_source import ModelSource
-from petald.kernels.sources.open_source import open_source
+from petald.kernels.sources.open_source import describe_model, open_source
 from petald.kernels.span import BlockSpan
 from petald.kernels.throughput import cached_throughput, measure_throughput
 from petald.p2pnode.routing.placement import better_start, block_coverage, choose_start
@@ -112,7 +112,7 @@ def auto_block_count(options: ServeOptions, source: ModelSource, dtype: torch.dt
 def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
     """Load, listen, serve; return after a signal once everything is closed."""
     quiet_libp2p_logs()
-    announce(f"opening model {options.model or 'smollm2 (embedded default)'}")
+    announce(f"opening model {describe_model(options.model)}")
     source = open_source(options.model)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)

@@ -53,6 +53,7 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from petald.p2pnode.transport.host import parse_peer_address
+from petald.p2pnode.transport.libp2p_internals import LIBP2P_REQUIREMENT
 from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
 from petald.protocol.errors import ProtocolError
 
@@ -211,7 +212,8 @@ class KadProtocolAdapter:
 
 
 # Library internals this module calls; checked at start so that another py-libp2p version
-# fails with a sentence rather than mid-lookup.
+# fails with a sentence rather than mid-lookup. (The data path's internals, and the supported
+# range, are in transport/libp2p_internals.)
 _LIBRARY_INTERNALS = (("kad_dht.provider_store.ProviderStore", "_get_providers_from_peer_with_closers"),
                       ("kad_dht.value_store.ValueStore", "_get_from_peer"),
                       ("kad_dht.routing_table.RoutingTable", "find_local_closest_peers"))
@@ -225,7 +227,7 @@ def check_library() -> None:
         cls = getattr(importlib.import_module(f"libp2p.{module_name}"), class_name, None)
         if cls is None or not hasattr(cls, attribute):
             raise RuntimeError(f"this py-libp2p has no {path}.{attribute}, which petald's DHT uses; "
-                               "install libp2p>=0.8.1,<0.9")
+                               f"install {LIBP2P_REQUIREMENT}")
 
 
 class SwarmKadDHT(KadDHT):
