@@ -1,4 +1,4 @@
-"""A decode step's attention in petald's C kernel (kernels/decode_attention.py) against torch's ops.
+"""A decode step's attention in petald's C kernel (kernels/native/decode_attention.py) against torch's ops.
 
     python benchmarks/decode_attention.py [--threads 1] [--sessions 1 4 16] [--context 128 1024]
 

@@ -10,10 +10,11 @@ one invocation and each reports the median over all its steps after the first
 two of a round, so the ratios compare like with like on a noisy machine.
 "head=" is the client's LM head (ClientHead(quant=...)): at 49152 x 576 it is
 the largest matrix a token touches, and llama.cpp reads it quantized too. int4 blocks
-run petald's own kernel where it builds (kernels/int4_native.py); "blocks=int4:torch"
-is the same weights through torch's _weight_int4pack_mm_for_cpu, for the comparison. Decode steps'
-rotary, cache write and attention run in petald's C kernel (kernels/decode_attention.py) where it
-builds; ":torch-attention" rows run them in torch's ops instead (PETALD_NATIVE_ATTENTION=0).
+run petald's own kernel where it builds (kernels/native/int4_native.py);
+"blocks=int4:torch" is the same weights through torch's _weight_int4pack_mm_for_cpu, for the
+comparison. Decode steps' rotary, cache write and attention run in petald's C kernel
+(kernels/native/decode_attention.py) where it builds; ":torch-attention" rows run them in
+torch's ops instead (PETALD_NATIVE_ATTENTION=0).
 llama.cpp runs through llama-cpp-python if it is importable (a benchmark-only
 install: pip install llama-cpp-python); otherwise it is skipped, and said so.
 """

@@ -1,4 +1,4 @@
-"""petald's own int4 matmul (kernels/int4_native.py) against torch's _weight_int4pack_mm_for_cpu.
+"""petald's own int4 matmul (kernels/native/int4_native.py) against torch's _weight_int4pack_mm_for_cpu.
 
     python benchmarks/int4_kernel.py [--threads 1] [--rows 1 2 4 8 16 64 256]
 

@@ -1,4 +1,4 @@
-"""petald's C decode attention (kernels/decode_attention.c): rotary, cache write and attention of
+"""petald's C decode attention (kernels/native/decode_attention.c): rotary, cache write and attention of
 single-token steps, against an independent reference and against the torch ops it replaces."""
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ class DenseLinear:
     On CPU, MKL multiplies a few rows by an [in, out] matrix much faster than by the
     transpose of an [out, in] one (what ``F.linear`` does): with 1 thread, one token through
     SmolLM2's 30 blocks' float32 matmuls took 35-38 ms against 45 ms, and its LM head 6.2 ms
-    against 10.8 ms; at 16 rows both layouts cost the same (benchmarks.md, "Executor decode speed").
+    against 10.8 ms; at 16 rows both layouts cost the same (decisions.md, "What the executor-speed
+    work changed").
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -270,7 +271,7 @@ class PrepackedBf16Linear(_KernelLinear):
 
     ``F.linear`` on plain bfloat16 weights reorders them on every call; prepacked, SmolLM2's 30
     blocks' matmuls on one core took 16.7 ms for one token against 26.5 (and 26.8 for float32's
-    transposed layout), and 24 ms for 16 tokens against 40 (float32: 72-80): benchmarks.md,
+    transposed layout), and 24 ms for 16 tokens against 40 (float32: 72-80): decisions.md,
     "bfloat16 on CPU". The output is bit-identical to ``F.linear``'s. oneDNN's reordered
     tensors have no autograd formula, hence the ``_KernelLinear`` path for training.
     """

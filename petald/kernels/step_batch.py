@@ -162,7 +162,7 @@ class StepBatch:
         The query heads that share a key/value head attend as the rows of one query matrix
         ([S, kv_heads, group, head_dim]): the arithmetic of ``enable_gqa``, without its expansion of the
         keys. On CPU, for 16 sessions, float32 is 1.1-1.8x and bfloat16 4.5-7x faster, and one session is
-        no slower (benchmarks.md, "bfloat16 on CPU"). Prefill chunks keep ``enable_gqa``: there the
+        no slower (decisions.md, "bfloat16 on CPU"). Prefill chunks keep ``enable_gqa``: there the
         grouped form measured slower.
         """
         seqs, longest = self.decode_slots.shape

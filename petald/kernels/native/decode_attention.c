@@ -1,11 +1,11 @@
 /* One attention step for single-token (decode) steps, over a paged KV cache, on x86 CPUs with AVX512F.
  *
- * Built into the same library as int4_matmul.c (kernels/native_library.py) and called through
- * ctypes by kernels/decode_attention.py. For each of S sessions' one new token it does, in one
- * call, what kernels/block.py otherwise does with about fifteen torch ops per block: rotary
- * position embedding of the token's query and key heads, writing its key and value into the
- * pools, and attention of each query head over that session's keys (grouped-query heads share
- * a key/value head; an optional sliding window). On a decode step of SmolLM2 those ops cost
+ * Built into the same library as int4_matmul.c (kernels/native/native_library.py) and called
+ * through ctypes by kernels/native/decode_attention.py. For each of S sessions' one new token it
+ * does, in one call, what kernels/step_batch.py otherwise does with about fifteen torch ops per
+ * block: rotary position embedding of the token's query and key heads, writing its key and value
+ * into the pools, and attention of each query head over that session's keys (grouped-query
+ * heads share a key/value head; an optional sliding window). On a decode step of SmolLM2 those ops cost
  * ~65 us per block against ~15 us of arithmetic: the rest is torch's per-op overhead, the
  * gathers of the keys and values into dense tensors, and the padding and mask.
  *

@@ -1,7 +1,7 @@
 /* int4 weight-only matmul for x86 CPUs with AVX512-BF16: out[M, N] = x[M, K] @ W[N, K]^T.
  *
- * Built and loaded at run time by kernels/int4_native.py (plain C ABI, called through ctypes;
- * no Python or torch headers). The weights are int4 in groups of 32 along K, asymmetric, as
+ * Built and loaded at run time by kernels/native/int4_native.py (plain C ABI, called through
+ * ctypes; no Python or torch headers). The weights are int4 in groups of 32 along K, asymmetric, as
  * kernels/quant.py's Int4Linear quantizes them: w = (q - 8) * scale + zero, q in [0, 15].
  *
  * Why it is faster than torch's _weight_int4pack_mm_for_cpu at decode sizes: a 4-bit weight

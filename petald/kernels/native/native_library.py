@@ -1,4 +1,4 @@
-"""petald's C kernels (``kernels/*.c``): compiled into one shared library on first use, loaded with ctypes.
+"""petald's C kernels (``kernels/native/*.c``): compiled into one shared library on first use, loaded with ctypes.
 
 They are plain C, not a torch extension: no Python or torch headers, no ninja, one ``cc``
 call (about a second), cached under petald's cache directory by the sources', compiler's,
