@@ -22,7 +22,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # float32 on CPU: the arithmetic of the reference models, and the fastest unless the CPU has native
-        # bfloat16 dot products (then --dtype bfloat16 is ~1.5x faster: benchmarks.md); GPUs halve memory for free.
+        # bfloat16 dot products (then --dtype bfloat16 is ~1.4x faster: benchmarks.md); GPUs halve memory for free.
         if device.type == "cpu":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -1,6 +1,8 @@
-"""Every piece of petald that reaches into py-libp2p's internals, and the check that they still fit.
+"""Every piece of petald's data path that reaches into py-libp2p's internals, and the check that
+they still fit. (The DHT's three lookups into the library's Kademlia, ``swarm/dht.py``, are checked
+there, against the same supported range.)
 
-The rest of petald uses py-libp2p's public API only, and the lean data path through the names
+The rest of the data path uses py-libp2p's public API only, and the lean path through the names
 exported here: ``make_host`` takes ``LeanNoise``, ``install`` and ``require_supported_library``;
 ``FramedStream`` takes ``prepare_framed_stream``. Inside:
 
