@@ -17,11 +17,13 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io.exceptions import IncompleteReadError
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from libp2p.security.noise.io import NoiseTransportReadWriter
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.mplex.mplex import MPLEX_PROTOCOL_ID, Mplex
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
@@ -273,6 +275,18 @@ def _without(owner: str, name: str):
 def test_a_missing_library_attribute_is_refused_naming_it(owner, name):
     with pytest.raises(LeanTransportError, match=rf"\n  {owner}\.{name} \(.*\): \w"):
         check_library(samples=_without(owner, name))
+
+
+@pytest.mark.parametrize("cls, name", [(SecureSession, "read"), (SecureSession, "write"),
+                                       (RawConnection, "read"), (RawConnection, "write"),
+                                       (NoiseTransport, "secure_inbound"), (NoiseTransport, "secure_outbound")])
+def test_a_missing_library_method_is_refused_naming_it(monkeypatch, cls, name):
+    # Deleted from the library's class, so the real sample lacks its own: what is left under the
+    # name is the interface's abstract stub, which is no method to call or override.
+    owner = "NoiseTransport" if cls is NoiseTransport else cls.__name__
+    monkeypatch.delattr(cls, name)
+    with pytest.raises(LeanTransportError, match=rf"\n  {owner}\.{name} \(a method\): \w"):
+        check_library()
 
 
 def test_a_library_attribute_of_another_kind_is_refused_naming_what_it_must_be():

@@ -9,8 +9,8 @@ tree on PYTHONPATH), and reading a requirement string needs ``packaging``, which
 depend on. A drift between the two is a test failure, before any release.
 
 ``INTERNALS`` is data: one entry per attribute, method or constant of the library's objects that
-``lean_transport``, ``direct_frames`` or ``window_credit`` read, replace or override, with what
-it must look like and why petald touches it. ``check_library`` builds one of each library object
+``lean_transport``, ``direct_frames`` or ``window_credit`` read, call, replace or override, with
+what it must look like and why petald touches it. ``check_library`` builds one of each library object
 as the library does (``library_samples``) and walks the list, so a release that renames or
 retypes any of them stops petald at start, naming each, instead of misbehaving mid-session.
 Both the installed version and the objects are arguments, so the check itself is testable.
@@ -45,7 +45,10 @@ class Expect:
 
 
 PRESENT = Expect("", lambda value, samples: True)
-METHOD = Expect("a method", lambda value, samples: callable(value))
+# Not an abstract one: were a release to drop a class's own method, an interface's abstract stub
+# would still be found under the same name.
+METHOD = Expect("a method", lambda value, samples: callable(value)
+                and not getattr(value, "__isabstractmethod__", False))
 
 
 def a(kind: type) -> Expect:
@@ -83,6 +86,9 @@ _READ = "the direct read checks it before taking buffered bytes (direct_frames)"
 _WRITE = "the direct write checks it before sending (direct_frames)"
 _ENCODE = Expect("a 2-byte big-endian length, then the message",
                  lambda encode, samples: encode(b"abc") == b"\x00\x03abc")
+_CLOSED = Expect("an exception that takes expected_bytes and received_bytes",
+                 lambda error, samples: issubclass(error, Exception)
+                 and error("closed", expected_bytes=2, received_bytes=0).is_clean_close)
 
 INTERNALS: tuple[Internal, ...] = (
     # the yamux connection
@@ -136,6 +142,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("SecureSession", "low_watermark", equal_to(0, "0 at start"), "LeanYamux: decrypted, unread"),
     Internal("SecureSession", "high_watermark", equal_to(0, "0 at start"), "LeanYamux: decrypted, unread"),
     Internal("SecureSession", "_drain", METHOD, "LeanYamux takes a DATA body from the decrypted buffer"),
+    Internal("SecureSession", "read", METHOD,
+             "the library's yamux reads through it; it fills the decrypted buffer LeanYamux drains, from "
+             "BufferedNoiseReadWriter.read_msg"),
+    Internal("SecureSession", "write", METHOD, "LeanYamux._write_frame sends each frame through it"),
     Internal("NoiseTransportReadWriter", "read_writer", exactly_a("NoisePacketReadWriter"),
              "BufferedNoiseReadWriter reaches the raw connection through it"),
     Internal("NoiseTransportReadWriter", "noise_state", PRESENT, "BufferedNoiseReadWriter keeps the cipher"),
@@ -147,10 +157,20 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("NoisePacketReadWriter", "size_len_bytes", equal_to(2, "2"), "BufferedNoiseReadWriter cuts by it"),
     Internal("NoisePacketReadWriter", "encode_msg", _ENCODE, "the direct write frames Noise itself"),
     Internal("noise.io", "MAX_PLAINTEXT_LENGTH", a(int), "the most one Noise message carries"),
+    Internal("io.exceptions", "IncompleteReadError", _CLOSED,
+             "BufferedNoiseReadWriter raises it on a close, with the counts, as the library's read does"),
     Internal("RawConnection", "stream", exactly_a("TrioTCPStream"), "its TCP stream's locks are swapped"),
+    Internal("RawConnection", "read", METHOD,
+             "BufferedNoiseReadWriter receives through it (64 KiB at a time), with its error mapping"),
+    Internal("RawConnection", "write", METHOD,
+             "the direct write sends its Noise message through it (direct_frames), with its error mapping"),
     Internal("TrioTCPStream", "read_lock", _LOCK, _EAGER),
     Internal("TrioTCPStream", "write_lock", _LOCK, _EAGER),
     # where a host's connections are built
+    Internal("NoiseTransport", "secure_inbound", METHOD,
+             "LeanNoise overrides it: the library's handshake, then the buffered reader"),
+    Internal("NoiseTransport", "secure_outbound", METHOD,
+             "LeanNoise overrides it: the library's handshake, then the buffered reader"),
     Internal("Swarm", "upgrader", exactly_a("TransportUpgrader"), "install hooks a petald host's connections"),
     Internal("TransportUpgrader", "muxer_multistream", exactly_a("MuxerMultistream"),
              "install hooks its new_conn, which builds Yamux by name whatever the host's options say"),
@@ -164,6 +184,9 @@ def library_samples() -> dict[str, Any]:
     The imports are here, not at the top, so that a library without one of them is reported
     by ``check_library`` like any other missing piece.
     """
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_pair
+    from libp2p.io import exceptions as io_exceptions
     from libp2p.io.trio import TrioTCPStream
     from libp2p.network.connection.raw_connection import RawConnection
     from libp2p.network.stream.net_stream import NetStream, StreamState
@@ -172,6 +195,7 @@ def library_samples() -> dict[str, Any]:
     from libp2p.peer.peerstore import PeerStore
     from libp2p.security.noise import io as noise_io
     from libp2p.security.noise.io import NoisePacketReadWriter, NoiseTransportReadWriter
+    from libp2p.security.noise.transport import Transport as NoiseTransport
     from libp2p.security.secure_session import SecureSession
     from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
     from libp2p.stream_muxer.rw_lock import ReadWriteLock
@@ -190,6 +214,8 @@ def library_samples() -> dict[str, Any]:
         "Yamux": muxer, "YamuxStream": stream, "ReadWriteLock": ReadWriteLock(), "yamux": yamux,
         "NetStream": NetStream(stream, None, None), "StreamState": StreamState,  # type: ignore[arg-type]
         "SecureSession": session, "NoiseTransportReadWriter": noise, "noise.io": noise_io,
+        "io.exceptions": io_exceptions,
+        "NoiseTransport": NoiseTransport(create_new_key_pair(), noise_privkey=new_x25519_pair().private_key),
         "NoisePacketReadWriter": NoisePacketReadWriter(raw), "RawConnection": raw, "TrioTCPStream": tcp,
         "Swarm": Swarm(ID(b"petald"), PeerStore(), upgrader), "TransportUpgrader": upgrader,
         "MuxerMultistream": MuxerMultistream({}),
