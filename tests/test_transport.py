@@ -3,6 +3,7 @@ check that refuses a py-libp2p it does not fit."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import threading
@@ -29,10 +30,12 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from noise.connection import NoiseConnection
 
+from petald.p2pnode.transport import host as host_module
 from petald.p2pnode.transport.framed_stream import FramedStream
 from petald.p2pnode.transport.host import (
     DEFAULT_LISTEN,
     full_addresses,
+    make_host,
     parse_peer_address,
     running_host,
 )
@@ -45,6 +48,7 @@ from petald.p2pnode.transport.libp2p_internals import (
     LeanTransportError,
     LeanYamux,
     check_library,
+    require_supported_library,
 )
 from petald.p2pnode.transport.libp2p_internals.library_check import library_samples, refused_import
 
@@ -297,6 +301,31 @@ def test_a_library_attribute_of_another_kind_is_refused_naming_what_it_must_be()
 
     with pytest.raises(LeanTransportError, match=r"Yamux\._write_lock \(a trio\.Lock\)"):
         check_library(samples=samples)
+
+
+def test_a_host_is_not_built_on_a_library_the_check_refuses(monkeypatch):
+    built = []
+    monkeypatch.setattr(host_module, "new_host", lambda *args, **kwargs: built.append(args or kwargs))
+    monkeypatch.setattr(host_module, "LeanNoise", lambda *args, **kwargs: built.append(args or kwargs))
+
+    def refuse() -> None:
+        raise LeanTransportError("py-libp2p 9.9.9 is installed; petald's data path is written for ...")
+
+    with pytest.raises(LeanTransportError, match="9.9.9"):
+        make_host(load_or_create_identity(None), check_library=refuse)
+
+    async def run():
+        async with running_host(load_or_create_identity(None), check_library=refuse):
+            pass
+
+    with pytest.raises(LeanTransportError, match="9.9.9"):
+        trio.run(run)
+    assert built == []
+
+
+def test_a_host_checks_the_installed_library_unless_told_otherwise():
+    for start in (make_host, running_host):
+        assert inspect.signature(start).parameters["check_library"].default is require_supported_library
 
 
 def test_a_failed_import_of_the_data_path_names_the_range_or_the_missing_name():

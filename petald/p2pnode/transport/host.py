@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import multiaddr
 from libp2p import new_host
@@ -34,9 +34,14 @@ def quiet_libp2p_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,)) -> IHost:
-    """A host that is not yet listening; ``running_host`` also starts it."""
-    require_supported_library()  # a py-libp2p the lean data path does not fit stops us here, loudly
+def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
+              check_library: Callable[[], None] = require_supported_library) -> IHost:
+    """A host that is not yet listening; ``running_host`` also starts it.
+
+    ``check_library`` runs first, before anything is built: a py-libp2p the lean data path does
+    not fit stops us here, loudly (tests pass a check of their own).
+    """
+    check_library()
     noise = LeanNoise(key_pair, noise_privkey=new_x25519_pair().private_key)
     security = {TProtocol(NOISE_PROTOCOL_ID): noise}
     muxers = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
@@ -50,9 +55,11 @@ def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,)) -> I
 
 
 @contextlib.asynccontextmanager
-async def running_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,)) -> AsyncIterator[IHost]:
-    """Make a host and run it (listening on ``listen``) for the duration of the block."""
-    host = make_host(key_pair, listen)
+async def running_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
+                       check_library: Callable[[], None] = require_supported_library) -> AsyncIterator[IHost]:
+    """Make a host (``make_host``, which runs ``check_library`` first) and run it, listening on
+    ``listen``, for the duration of the block."""
+    host = make_host(key_pair, listen, check_library=check_library)
     async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]):
         yield host
 
