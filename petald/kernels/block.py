@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from petald.kernels.adapters.lora import BlockLora
 from petald.kernels.models.dims import ModelDims
 from petald.kernels.models.registry import family_of
-from petald.kernels.native.decode_attention import decode_attention, native_decode_attention_usable
+from petald.kernels.native.decode_attention import native_decode_attention_usable
 from petald.kernels.quant import Linear, make_linear
 
 
@@ -42,11 +42,6 @@ class Attention(Protocol):
     them, and attention. A server's batched steps over its paged KV cache are
     ``kernels/step_batch.StepBatch``; training over whole sequences is
     ``kernels/training_forward.WholeSequences``."""
-
-    # Every token is a single-token step of a session: then, where the block may
-    # (``TransformerBlock.native_decode``), the C decode kernel does all of ``attend`` in one call,
-    # reading the StepBatch's rotary rows and slots.
-    all_decode: bool
 
     def attend(self, block: TransformerBlock, qkv: torch.Tensor, k_pool: torch.Tensor | None,
                v_pool: torch.Tensor | None) -> torch.Tensor:
@@ -83,6 +78,7 @@ class TransformerBlock:
         self.o = linear(["self_attn.o_proj"])
         self.gate_up = linear(["mlp.gate_proj", "mlp.up_proj"])
         self.down = linear(["mlp.down_proj"])
+        # Whether a StepBatch of decode steps may run this block's attention in petald's C kernel.
         self.native_decode = native_decode_attention_usable(dtype, device, self.head_dim)
 
     def forward(self, x: torch.Tensor, attention: Attention, k_pool: torch.Tensor | None = None,
@@ -94,13 +90,7 @@ class TransformerBlock:
         """
         h = rms_norm(x, self.ln_attn, self.eps)
         qkv = project(self.qkv, "qkv", h, lora)
-        if attention.all_decode and self.native_decode:  # a StepBatch of decode steps: one C call
-            attn = decode_attention(qkv, self.n_heads, self.n_kv_heads, attention.cos,
-                                    attention.sin_signed, k_pool, v_pool, attention.write_slots,
-                                    attention.decode_slots, attention.decode_lengths, self.window)
-        else:
-            attn = attention.attend(self, qkv, k_pool, v_pool)
-        x = x + project(self.o, "o", attn, lora)
+        x = x + project(self.o, "o", attention.attend(self, qkv, k_pool, v_pool), lora)
         h = rms_norm(x, self.ln_mlp, self.eps)
         gate, up = project(self.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
         return x + project(self.down, "down", F.silu(gate) * up, lora)

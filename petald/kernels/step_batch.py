@@ -7,7 +7,8 @@ per-token work (matmuls, norms, rotary) runs once over all N; attention runs per
 segment over that segment's own pages. Single-token segments (decode steps) are
 gathered into one padded attention call; longer ones (prefill chunks) each get
 their own causal call. On CPU, a batch of decode steps only skips all of this for
-petald's C kernel (``TransformerBlock.forward``, ``kernels/native/decode_attention.py``).
+petald's C kernel (``StepBatch.attend``, ``kernels/native/decode_attention.py``), in blocks
+where it is usable (``TransformerBlock.native_decode``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from petald.kernels.native.decode_attention import decode_attention
 from petald.kernels.paged_kv_cache import PagedKVCache, SessionCache
 from petald.kernels.rotary import RotaryTable, apply_rotary
 
@@ -124,10 +126,15 @@ class StepBatch:
 
     def attend(self, block: TransformerBlock, qkv: torch.Tensor, k_pool: torch.Tensor,
                v_pool: torch.Tensor) -> torch.Tensor:
-        """Rotary, the cache write and attention in torch ops: [N, heads * head_dim] from ``qkv`` of
-        ``block``, whose keys and values live in ``k_pool`` and ``v_pool``.
+        """Rotary, the cache write and attention: [N, heads * head_dim] from ``qkv`` of ``block``,
+        whose keys and values live in ``k_pool`` and ``v_pool``.
 
-        ``kernels/native/decode_attention.py`` does the same for decode steps on CPU in one C call."""
+        A batch of decode steps, in a block where it is usable, runs all of it in one C call
+        (``kernels/native/decode_attention.py``); anything else runs torch's ops."""
+        if self.all_decode and block.native_decode:
+            return decode_attention(qkv, block.n_heads, block.n_kv_heads, self.cos, self.sin_signed,
+                                    k_pool, v_pool, self.write_slots, self.decode_slots,
+                                    self.decode_lengths, block.window)
         n, heads, kv_heads, head_dim = qkv.shape[0], block.n_heads, block.n_kv_heads, block.head_dim
         q_and_k = block.q_size + block.kv_size
         # Queries and keys rotated in one call: half the small ops of rotating each.

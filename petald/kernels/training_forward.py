@@ -32,8 +32,6 @@ class WholeSequences:
     0..T-1, causal (within each block's sliding window), over their own keys only; nothing is
     cached."""
 
-    all_decode = False  # whole sequences are never a server's single-token steps
-
     def __init__(self, rotary: RotaryTable, tokens: int, device: torch.device):
         # [T, 1, head_dim]: broadcast over the batch rows and heads
         self.cos, self.sin_signed = rotary.cos[:tokens, None], rotary.sin_signed[:tokens, None]

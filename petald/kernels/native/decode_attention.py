@@ -1,6 +1,6 @@
 """A decode step's rotary, cache write and attention in one C call per block (``decode_attention.c``).
 
-For single-token steps on CPU, ``TransformerBlock`` hands the fused projection's output to
+For single-token steps on CPU, ``StepBatch.attend`` hands a block's fused projection output to
 ``decode_attention`` instead of running rotary embedding, two ``index_copy_`` and a padded
 ``scaled_dot_product_attention`` over gathered keys: about fifteen torch ops whose overhead,
 on a small model, costs several times their arithmetic (benchmarks.md, "Decode attention in
