@@ -159,14 +159,19 @@ def test_int4_refuses_layers_neither_kernel_can_tile():
 
 def test_int4_falls_back_to_torchs_kernel_without_a_compiler_or_when_told(monkeypatch, tmp_path):
     w, x = torch.randn(32, 2 * INT4_GROUP), torch.randn(3, 2 * INT4_GROUP)
+    monkeypatch.delenv("PETALD_NATIVE_INT4", raising=False)  # petald's kernel wherever it builds
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     unbuilt = NativeLibrary(cache_dir=tmp_path)  # nothing built there yet
     assert not int4_native.native_int4_available(unbuilt)
     assert not quant.native_int4_enabled(unbuilt, faster_at=lambda threads: True)
+    want = x.bfloat16().float() @ _int4_reference(w).t()
+    layer = Int4Linear(w, None, library=unbuilt)  # the default choice, where no kernel builds
+    assert not layer.native
+    torch.testing.assert_close(layer(x), want, atol=0.1, rtol=0.02)
     monkeypatch.setenv("PETALD_NATIVE_INT4", "1")  # insisting builds no kernel
     assert not quant.native_int4_enabled(unbuilt)
-    layer = Int4Linear(w, None, native=False)
-    want = x.bfloat16().float() @ _int4_reference(w).t()
+    layer = Int4Linear(w, None, library=unbuilt)
+    assert not layer.native
     torch.testing.assert_close(layer(x), want, atol=0.1, rtol=0.02)
     monkeypatch.delenv("CC")
     monkeypatch.setenv("PETALD_NATIVE_INT4", "0")

@@ -216,11 +216,12 @@ class Int4Linear(_KernelLinear):
     Served by petald's own kernel (``kernels/native/int4_native.py``) where it builds, the CPU has
     AVX512-BF16 and it measured faster than torch's at a decode step (``native_int4_enabled``),
     else by torch's ``_weight_int4pack_mm_for_cpu``; ``native`` forces the choice (False: torch's
-    kernel; True: petald's, which must be available). The weights are held in one kernel's layout only.
+    kernel; True: petald's, which must be available). petald's kernel is ``library``'s (the process's
+    own unless told). The weights are held in one kernel's layout only.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP,
-                 native: bool | None = None):
+                 native: bool | None = None, library: NativeLibrary = PROCESS_LIBRARY):
         out_features, in_features = weight.shape
         if in_features % group:
             raise QuantError(f"--quant int4 needs input widths divisible by {group}; this model has a layer "
@@ -235,12 +236,12 @@ class Int4Linear(_KernelLinear):
         zero = lo + 8 * scale  # the kernels compute (q - 8) * scale + zero
         scale, zero = scale.squeeze(-1).t().to(torch.bfloat16), zero.squeeze(-1).t().to(torch.bfloat16)  # [G, N]
         if native is None:
-            native = native_int4_enabled() and group == int4_native.GROUP
+            native = native_int4_enabled(library) and group == int4_native.GROUP
         elif native and group != int4_native.GROUP:
             raise QuantError(f"petald's int4 kernel takes groups of {int4_native.GROUP}, not {group}")
-        elif native and not int4_native.native_int4_available():
+        elif native and not int4_native.native_int4_available(library):
             raise QuantError("petald's int4 kernel is not available here (see the log for why)")
-        self.native = native
+        self.native, self.library = native, library
         if self.native:
             self.packed = int4_native.pack(q, scale, zero)
         else:
@@ -252,7 +253,7 @@ class Int4Linear(_KernelLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.native:
-            y = int4_native.matmul(flat, self.packed)
+            y = int4_native.matmul(flat, self.packed, self.library)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group,
                                                            self.scale_zero)
@@ -262,7 +263,7 @@ class Int4Linear(_KernelLinear):
         # The packed layouts are the kernels' own: let the kernel unpack them, by multiplying the identity.
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
         if self.native:
-            return int4_native.matmul(eye, self.packed).t()
+            return int4_native.matmul(eye, self.packed, self.library).t()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).t().float()
 
 

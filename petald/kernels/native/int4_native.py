@@ -72,9 +72,10 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tens
     return torch.cat([nibbles, per_tile(scale), per_tile(zero)], dim=-1).contiguous()
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``x`` [M, K] (any float dtype, rounded to bfloat16) times the packed weights' transpose: float32 [M, N]."""
-    library = _library()
+def matmul(x: torch.Tensor, packed: torch.Tensor, library: NativeLibrary = PROCESS_LIBRARY) -> torch.Tensor:
+    """``x`` [M, K] (any float dtype, rounded to bfloat16) times the packed weights' transpose: float32 [M, N],
+    by the kernel of ``library`` (the process's own unless told)."""
+    library = _library(library)
     if library is None:
         raise NativeKernelError("petald's int4 kernel is not loaded (see the log for why)")
     tiles, groups = packed.shape[0], packed.shape[1]
