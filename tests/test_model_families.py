@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from petald.kernels.memory_plan import weight_bytes_per_block
 from petald.kernels.models.dims import ModelDims
@@ -36,14 +37,29 @@ def test_every_family_served_has_a_tiny_model_in_the_tests():
     assert SUPPORTED_ARCHITECTURES == tuple(sorted(FAMILIES))
 
 
+def windows_transformers_uses(model, monkeypatch) -> list[int | None]:
+    """The sliding window each layer of ``model`` hands its attention function in a forward: what
+    transformers' own modules decide (from a layer's attribute, as Qwen2's, or the config, as
+    Mistral's), read where they use it."""
+    windows: dict[int, int | None] = {}
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def recording(module, *args, **kwargs):
+        windows[module.layer_idx] = kwargs.get("sliding_window")
+        return sdpa(module, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    return [windows[i] for i in range(len(model.model.layers))]
+
+
 @pytest.mark.parametrize(("name", "config"), VARIANTS, ids=[name for name, _ in VARIANTS])
-def test_family_rules_match_transformers(name, config):
-    layers = AutoModelForCausalLM.from_config(config).model.layers
+def test_family_rules_match_transformers(name, config, monkeypatch):
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    layers = model.model.layers
     family, dims = family_of(config), ModelDims.of(config)
-    if config.model_type == "mistral":  # transformers' Mistral passes the config's window to every layer
-        want_windows = [config.sliding_window] * TINY_BLOCKS
-    else:
-        want_windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
+    want_windows = windows_transformers_uses(model, monkeypatch)
     assert [family.sliding_window(config, i) for i in range(TINY_BLOCKS)] == want_windows
     attention, mlp = layers[0].self_attn, layers[0].mlp
     assert family.qkv_bias(config) == (attention.q_proj.bias is not None) == (attention.v_proj.bias is not None)
