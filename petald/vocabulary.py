@@ -7,7 +7,7 @@ This module imports nothing.
 """
 
 # Dtypes by name: what a server computes in (--dtype) and what hidden states travel as (--wire-dtype).
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 # Weight-only quantization of a server's blocks (--quant), as kernels/quant.py implements it.
 QUANT_MODES = ("none", "int8", "int4", "nf4")

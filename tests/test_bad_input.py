@@ -187,7 +187,7 @@ async def step_out_of_order(framed, stream, client):
     return await _error_reply(framed)
 
 
-@refused(CASES, "bad_tensor", r"prompts have shape \[5, 1, 2, 64\]; expected \[6 blocks")
+@refused(CASES, "bad_tensor", r"prompts have shape \[5, 1, 2, 64\]; expected \[6, 1 or 1, 1 to 3 tokens, 64\]")
 async def deep_prompts_of_the_wrong_shape(framed, stream, client):
     await _open(framed, client)
     await framed.send(Step(1, 0, torch.zeros(1, 3, 64), prompts=torch.zeros(5, 1, 2, 64)).to_wire())
@@ -229,7 +229,7 @@ async def training_gradient_of_another_shape(framed, stream, client):
     return await _error_reply(framed)
 
 
-@refused(TRAINING_CASES, "bad_tensor", r"prompts have shape \[5, 1, 2, 64\]; expected \[6 blocks")
+@refused(TRAINING_CASES, "bad_tensor", r"prompts have shape \[5, 1, 2, 64\]; expected \[6, 1 or 2, 1 to 5 tokens, 64\]")
 async def training_prompts_of_the_wrong_shape(framed, stream, client):
     await framed.send(_span_request(client, prompts=encode_tensor(torch.zeros(5, 1, 2, 64))))
     return await _error_reply(framed)

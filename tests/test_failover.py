@@ -204,7 +204,7 @@ def test_sigterm_drains_then_the_client_moves_on(swarm, tiny_models, expected):
         # The leaving server's blocks moved once, to the other server of 3:6, with the whole
         # history it had been sent: at least the prompt and the three tokens before the SIGTERM.
         (recovery,) = session.recoveries
-        assert (recovery.peer_id, recovery.start, recovery.end) == (leaving_peer, 3, 6)
+        assert recovery.peer_id == leaving_peer and recovery.start <= 3 < recovery.end
         assert recovery.replayed_tokens >= IDS.shape[1] + 3
         assert leaving_peer not in [link.hop.server.peer_id for link in session.links]
     assert leaving.process.wait(30) == 0

@@ -52,7 +52,9 @@ def _imports(module: str, path: Path) -> set[str]:
                 base = ".".join(anchor + ([base] if base else []))
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
-    return names
+    # ``from petald import DistributedModel`` inside a room is an import of the module behind it.
+    return {petald._PUBLIC.get(name.removeprefix("petald."), name) if name.count(".") == 1 else name
+            for name in names}
 
 
 def _within(name: str, room: str) -> bool:

@@ -65,6 +65,9 @@ def test_cli_generate_streams_the_oracles_text(smollm_swarm):
 def test_wire_fp16_with_lz4_stays_close(smollm_swarm):
     with DistributedModel(smollm_swarm.addresses[:2], wire_dtype="float16", codec="lz4") as model:
         assert model.options == ClientOptions(wire_dtype="float16", codec="lz4")
+        assert (model.wire_dtype, model.codec, model.step_timeout) == ("float16", "lz4", 30.0)  # read as before
+        with pytest.raises(AttributeError, match="step_timeout is a client setting"):
+            model.step_timeout = 5.0  # would change nothing: sessions read model.options
         logits = model.forward(PROMPT_IDS)
     ref = reference_logits(None, PROMPT_IDS)
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9

@@ -454,3 +454,22 @@ def test_training_goes_on_when_servers_die_mid_step(tiny_models):
                 _swarm_prompt_loss(model, ids, prompts, deep)
         for alive in (s0, s2):
             assert alive.process.poll() is None
+
+
+def test_an_inference_session_takes_deep_prompts_for_the_blocks_it_routes():
+    """Deep prompts are indexed by block: a session over blocks [0, 3) needs those three, and more
+    are not used; fewer, or a prompt of no tokens, are refused before any server sees them."""
+    from petald.kernels.sources.model_source import ModelIdentity
+    from petald.p2pnode.client.inference_session import InferenceSession
+    from petald.p2pnode.routing.route import SpanHop
+
+    info = ServerInfo("m@0", "ab", 6, 0, 3, "float32", 64, 64, 1000, "0.1.0")
+    route = SpanRoute((SpanHop(RemoteServer("peer", "address", info), 0, 3),))
+    identity = ModelIdentity("m", "ab" * 32, 6)
+    for blocks in (3, 6, 7):
+        session = InferenceSession(None, route, identity, 1, 10, deep_prompts=torch.zeros(blocks, 1, 2, 64))
+        assert session.deep_prompts.shape[0] == blocks
+    for prompts in (torch.zeros(2, 1, 2, 64), torch.zeros(3, 1, 0, 64), torch.zeros(3, 2, 2, 64)):
+        with pytest.raises(ValueError, match=rf"deep_prompts have shape \[{', '.join(map(str, prompts.shape))}\]; "
+                                             r"expected \[3, 1 or 1, 1 to 10 tokens, 64\]"):
+            InferenceSession(None, route, identity, 1, 10, deep_prompts=prompts)

@@ -18,5 +18,5 @@ def check_deep_prompts(prompts: torch.Tensor, blocks: int, batch: int, hidden_si
     with at most ``max_tokens`` prompt positions."""
     if (prompts.dim() != 4 or prompts.shape[0] != blocks or prompts.shape[1] not in (1, batch)
             or not 1 <= prompts.shape[2] <= max_tokens or prompts.shape[3] != hidden_size):
-        raise ValueError(f"{name} have shape {list(prompts.shape)}; expected [{blocks} blocks, 1 or {batch}, "
-                         f"1 to {max_tokens} prompt tokens, {hidden_size}]")
+        raise ValueError(f"{name} have shape {list(prompts.shape)}; expected [{blocks}, 1 or {batch}, "
+                         f"1 to {max_tokens} tokens, {hidden_size}]")

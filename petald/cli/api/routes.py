@@ -33,7 +33,7 @@ from starlette.routing import Route
 from petald.cli.api.backend import GenerationEnd, GenerationRequest, ModelBackend, TextPiece
 from petald.cli.api.errors import ApiError, as_api_error, bad_request
 from petald.p2pnode.swarm.swarm_map import ModelMap
-from petald.protocol.limits import MAX_BATCH, MAX_FRAME_BYTES
+from petald.protocol.limits import MAX_BATCH, MAX_FRAME_BYTES, WIRE_DTYPES
 from petald.protocol.tensors import decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,7 @@ def _span_request(raw: bytes, backend: ModelBackend) -> tuple[Any, int, int, str
     if not 1 <= hidden.shape[0] <= MAX_BATCH or hidden.shape[1] < 1:
         raise bad_request(f"hidden needs 1 to {MAX_BATCH} rows and at least one token", "hidden", "bad_tensor")
     reply_dtype = message.get("reply_dtype", message["hidden"]["dtype"])
-    if reply_dtype not in ("float32", "float16", "bfloat16"):
+    if reply_dtype not in WIRE_DTYPES:
         raise bad_request("reply_dtype must be float32, float16 or bfloat16", "reply_dtype")
     return hidden.float(), start, end, reply_dtype
 

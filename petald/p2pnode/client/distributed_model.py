@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 RETRY_PERIOD_S = 1.0  # between looks at the swarm while blocks are uncovered
 
+# ClientOptions' fields: once attributes of the model itself (``model.step_timeout``), still read there.
+_SETTINGS = frozenset(field.name for field in dataclasses.fields(ClientOptions))
+
 
 class ModelMismatchError(Exception):
     """The servers given hold other weights than the client's model."""
@@ -63,7 +66,9 @@ class DistributedModel:
         """``settings`` are ``ClientOptions`` fields by name (``wire_dtype="bfloat16"``, ``push=False``,
         ...), applied over ``options`` (default: ``ClientOptions()``); an unknown name is a TypeError.
         ``step_timeout`` bounds each server's answer (a hung server is replaced after it);
-        ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves."""
+        ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
+        ``model.options`` may be replaced later for the timeouts, the wire, the adapter and pushes
+        (read at each use); ``head_quant`` and ``connect_timeout`` take effect here only."""
         self.options = dataclasses.replace(options or ClientOptions(), **settings)
         if not peers and not initial_peers:
             raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
@@ -85,6 +90,18 @@ class DistributedModel:
         except BaseException:
             self.node.stop()
             raise
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _SETTINGS and "options" in self.__dict__:
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Setting ``model.step_timeout`` would change nothing (sessions read ``options``): refused.
+        if name in _SETTINGS:
+            raise AttributeError(f"{name} is a client setting: pass it to DistributedModel(..., {name}=...) "
+                                 "or replace model.options")
+        super().__setattr__(name, value)
 
     async def _discover(self, initial_peers: list[str], timeout: float) -> list[RemoteServer]:
         """Join the swarm and find this model's servers; while blocks are uncovered (servers

@@ -53,10 +53,11 @@ class HopFailed(Exception):
 class Failover:
     def __init__(self, bans: ServerBans, recovery_timeout: float, recoveries: list[Recovery],
                  work: str = ""):
-        """Every server replaced is recorded in ``recoveries``; ``work`` names what failed in the
-        log ("a training pass ")."""
+        """Every server replaced is recorded in ``recoveries``; ``work`` names what the server
+        failed in the log ("a training pass"; "": its blocks)."""
         self.bans, self.recovery_timeout = bans, recovery_timeout
-        self.recoveries, self.work = recoveries, work
+        self.recoveries = recoveries
+        self.work = f"{work} " if work else ""  # "failed a training pass on blocks ..." / "failed on blocks ..."
 
     def deadline(self) -> float:
         """The trio time by which a recovery starting now must have found a server."""
@@ -64,12 +65,12 @@ class Failover:
 
     async def reroute(self, failed: HopFailed, start: int, end: int, deadline: float, find_route: RouteFinder,
                       take_over: Callable[[SpanRoute], Awaitable[None]] | None = None,
-                      replayed_tokens: int = 0) -> SpanRoute:
+                      replayed_tokens: int = 0, noticed: float | None = None) -> SpanRoute:
         """Ban ``failed.hop``'s server, route blocks [start, end) (its blocks, or the rest of the work
         they were part of) anew and call ``take_over(route)``; when that raises HopFailed, ban that
         server too and route again. Returns the route that took over; raises NoRouteError (naming
         the blocks) when nothing holds them by ``deadline``."""
-        noticed = trio.current_time()
+        noticed = trio.current_time() if noticed is None else noticed  # trio time the failure was seen
         culprit, failure = failed.hop, failed.failure
         routing = 0.0
         while True:

@@ -76,7 +76,9 @@ class InferenceSession:
         self.host, self.route, self.identity = host, route, identity
         if deep_prompts is not None:
             # Checked here: a wrong shape would be refused by every server, and look like failing servers.
-            check_deep_prompts(deep_prompts, identity.num_blocks, batch, route.hops[0].server.info.hidden_size,
+            # Indexed by block: the route's blocks [0, end) must be there, later ones are not used.
+            end = route.hops[-1].end
+            check_deep_prompts(deep_prompts[:end], end, batch, route.hops[0].server.info.hidden_size,
                                max_length, name="deep_prompts")
         self.deep_prompts = deep_prompts
         self.batch, self.max_length = batch, max_length
@@ -140,7 +142,7 @@ class InferenceSession:
             except SERVER_FAILURES as exc:
                 if self.find_route is None:
                     raise
-                deadline = deadline or self.failover.deadline()
+                deadline = self.failover.deadline() if deadline is None else deadline
                 await self._replace(index, exc, deadline)
                 pushed = False
                 continue  # the same input, to the replacement's first link
@@ -170,6 +172,7 @@ class InferenceSession:
         """Ban the server of link ``index``, route its blocks anew and replay its inputs there
         (``Failover.reroute``: a replacement failing during the replay is replaced in turn)."""
         assert self.find_route is not None
+        noticed = trio.current_time()
         failed = self.links[index]
         await _abandon(failed)
         inputs = failed.inputs
@@ -188,7 +191,7 @@ class InferenceSession:
         replayed = sum(x.shape[1] for x in inputs)
         start, end = failed.hop.start, failed.hop.end
         route = await self.failover.reroute(HopFailed(failed.hop, failure), start, end, deadline, self.find_route,
-                                            replay, replayed)
+                                            replay, replayed, noticed)
         log.warning("blocks %d:%d recovered on %s after replaying %d tokens", start, end, route.describe(), replayed)
 
     async def _replay(self, fresh: list[_Link]) -> None:

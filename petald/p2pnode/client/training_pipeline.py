@@ -110,7 +110,7 @@ class TrainingPipeline:
         self.host, self.identity, self.find_route, self.bans = host, identity, find_route, bans
         self.options = options
         self.recoveries: list[Recovery] = [] if recoveries is None else recoveries
-        self.failover = Failover(bans, options.recovery_timeout, self.recoveries, work="a training pass ")
+        self.failover = Failover(bans, options.recovery_timeout, self.recoveries, work="a training pass")
 
     async def forward(self, hidden: torch.Tensor, prompts: torch.Tensor | None, start: int, end: int
                       ) -> tuple[torch.Tensor, ForwardTrace]:
@@ -184,7 +184,7 @@ class TrainingPipeline:
             try:
                 out, _ = await self._pass(hop, x, prompts, start)
             except HopFailed as failed:
-                deadline = deadline or self.failover.deadline()
+                deadline = self.failover.deadline() if deadline is None else deadline
                 hops = list((await self._reroute(failed, position, end, deadline, x)).hops)
                 continue
             trace.append(HopTrace(hop, x))
@@ -220,7 +220,7 @@ class TrainingPipeline:
                         prompt_grads.insert(0, prompt_grad)
                 return grad, (torch.cat(prompt_grads, dim=0) if prompt_grads else None)
             except HopFailed as failed:
-                deadline = deadline or self.failover.deadline()
+                deadline = self.failover.deadline() if deadline is None else deadline
                 hops = list((await self._reroute(failed, step.hop.start, step.hop.end, deadline, step.inputs)).hops)
 
     async def _reroute(self, failed: HopFailed, start: int, end: int, deadline: float,

@@ -5,7 +5,9 @@ node's work catch specific errors (NoRouteError, ProtocolError, ServerUnavailabl
 nursery that stands for one piece of work re-raises the first failure alone: the first task to
 fail cancels the others (as in any nursery), and what they raise while being cancelled is dropped.
 Both roles use it: a client running a batch's chunks or a step beside its late copy, a server
-running a session beside the reader of its stream.
+running a session beside the reader of its stream. It is plain trio, nothing of libp2p: it lives in
+transport/ because that is the one room both roles stand on (server/ and client/ may not import
+each other).
 """
 
 from __future__ import annotations
