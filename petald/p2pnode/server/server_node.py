@@ -30,6 +30,7 @@ from petald.kernels.span import BlockSpan
 from petald.kernels.throughput import cached_throughput, measure_throughput
 from petald.p2pnode.routing.placement import better_start, block_coverage, choose_start
 from petald.p2pnode.server.block_server import BlockServer, ServerLimits
+from petald.p2pnode.server.reachability import ServerReachability
 from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.swarm.dht import SwarmDHT, block_key
 from petald.p2pnode.swarm.presence import ServerPresence
@@ -70,6 +71,7 @@ class ServeOptions:
     announce_period: float = 30.0
     rebalance_period: float = 60.0
     network_mbps: float = 0.0
+    reachability: str = "auto"  # auto (peers dial back), public or private (server/reachability.py)
     throughput_seconds: float = 1.0
     shutdown_grace: float = 30.0  # seconds running sessions may go on after SIGTERM
     # Runs beside the server once its first span is online (the CLI's local API, systemd readiness).
@@ -191,11 +193,14 @@ class ServerNode:
                     # py-libp2p logs a failed bind (e.g. a port in use) and carries on without listening.
                     raise OSError(f"could not listen on {', '.join(self.options.listen)}: "
                                   "is the port in use, or the address not local?")
-                dht = SwarmDHT(host, key_pair, server_mode=True)
-                async with dht.running():
+                reach = ServerReachability(host, self.options.reachability, self.options.initial_peers,
+                                           self.announce)
+                # A server others cannot dial answers no DHT queries: they would wait on it in vain.
+                dht = SwarmDHT(host, key_pair, server_mode=await reach.decide())
+                async with dht.running(), reach.running(dht):
                     await self._join(dht)
                     presence = ServerPresence(dht, self._info, period=self.options.announce_period,
-                                              network_mbps=self.options.network_mbps)
+                                              network_mbps=self.options.network_mbps, addresses=reach.addresses)
                     if fixed is None:
                         await trio.sleep(random.uniform(0.0, 1.0))  # servers started together choose apart
                         self.span_start = choose_start(await self._coverage(dht), length)
@@ -277,7 +282,7 @@ class ServerNode:
         await presence.publish("joining")
         await self._load(host, presence)
         await presence.publish("online")
-        for address in full_addresses(host):
+        for address in presence.addresses():
             self.announce(f"serving blocks {self.span_start}:{self.span_start + self.length} of "
                           f"{self.identity.model_id} ({self._how()}) at {address}")
 

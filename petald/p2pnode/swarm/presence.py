@@ -27,9 +27,11 @@ REPROVIDE_EVERY = 5  # provider records are re-sent every this many periods (and
 
 class ServerPresence:
     def __init__(self, dht: SwarmDHT, info: Callable[[], ServerInfo], *, period: float = 30.0,
-                 network_mbps: float = 0.0):
-        """``info()``: what the server holds now (span, dtype, quantization, free cache, adapters)."""
+                 network_mbps: float = 0.0, addresses: Callable[[], list[str]] | None = None):
+        """``info()``: what the server holds now (span, dtype, quantization, free cache, adapters);
+        ``addresses()``: where it is reached (default: the host's own addresses)."""
         self.dht, self.info = dht, info
+        self.addresses = addresses or (lambda: full_addresses(dht.host))
         self.period, self.network_mbps = period, network_mbps
         self.state = "joining"
         self.inference_rps = 0.0
@@ -40,7 +42,7 @@ class ServerPresence:
     def record(self, state: str | None = None) -> ServerAnnouncement:
         info, now = self.info(), time.time()
         return ServerAnnouncement(
-            peer_id=self.dht.peer_id, addresses=full_addresses(self.dht.host)[:8],
+            peer_id=self.dht.peer_id, addresses=self.addresses()[:8],
             state=state or self.state, model_id=info.model_id, fingerprint=info.fingerprint,
             num_blocks=info.num_blocks, start=info.start, end=info.end, dtype=info.dtype, quant=info.quant,
             max_length=info.max_length, free_cache_tokens=info.free_cache_tokens,

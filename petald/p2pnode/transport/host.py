@@ -24,6 +24,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from petald.p2pnode.transport.circuit_dialing import install_circuit_dialing
 from petald.p2pnode.transport.libp2p_internals import LeanNoise, install, require_supported_library
 from petald.vocabulary import DEFAULT_LISTEN
 
@@ -51,6 +52,7 @@ def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
     host = new_host(key_pair=key_pair, sec_opt=security, muxer_opt=muxers,
                     listen_addrs=[multiaddr.Multiaddr(a) for a in listen], connection_config=connections)
     install(host)
+    install_circuit_dialing(host)  # peers behind NAT are dialled at their relay addresses
     return host
 
 
