@@ -1,0 +1,139 @@
+"""The internet in a box itself: who reaches whom, what the NAT does to addresses, and that it
+cleans up after itself. Every connection here is a real TCP connection between namespaces."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.internet_in_a_box import InternetInABox, require_internet_in_a_box
+
+# Listens on ADDRESS (port 0), prints its port, then answers each connection with the address it
+# came from, or (with a byte count as the 2nd argument) with that many bytes.
+TELL_PEER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+while True:
+    conn, (peer, _) = server.accept()
+    with conn:
+        conn.sendall(b"x" * int(sys.argv[2]) if len(sys.argv) > 2 else peer.encode())
+"""
+# Connects to ADDRESS PORT (2 s timeout) and prints what it reads until the other end closes,
+# or (with "count") how many bytes; "refused" or "timeout" when it cannot connect.
+DIAL = """
+import socket, sys
+try:
+    conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
+except ConnectionRefusedError:
+    sys.exit(print("refused"))
+except (TimeoutError, socket.timeout):
+    sys.exit(print("timeout"))
+conn.settimeout(60)
+data = b""
+while chunk := conn.recv(1 << 16):
+    data += chunk
+print(len(data) if len(sys.argv) > 3 else data.decode())
+"""
+
+
+@pytest.fixture(scope="module")
+def box():
+    require_internet_in_a_box()
+    with InternetInABox() as box:
+        yield box
+
+
+def listen(box: InternetInABox, host: str, address: str | None = None, size: int | None = None) -> int:
+    """Start TELL_PEER on ``host`` (on its own address unless told); returns its port."""
+    argv = [sys.executable, "-c", TELL_PEER, address or box.address(host)] + ([str(size)] if size else [])
+    process = box.popen(host, argv, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    return int(process.stdout.readline())
+
+
+def dial(box: InternetInABox, host: str, address: str, port: int, *extra: str) -> str:
+    result = box.run(host, [sys.executable, "-c", DIAL, address, str(port), *extra], capture_output=True, text=True,
+                     timeout=90)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_every_host_has_loopback_and_its_address(box):
+    for host in ("public1", "public2", "client", "home_router", "home"):
+        port = listen(box, host, "127.0.0.1")
+        assert dial(box, host, "127.0.0.1", port) == "127.0.0.1"
+    assert box.address("public1") != box.address("public2")
+    assert box.address("home").startswith("192.168.")
+
+
+def test_public_hosts_reach_each_other_and_home_dials_out(box):
+    port = listen(box, "public1")
+    for host in ("public2", "client"):
+        assert dial(box, host, box.address("public1"), port) == box.address(host)
+    assert dial(box, "home", box.address("public1"), port) != "timeout"
+
+
+def test_nat_rewrites_a_home_connection_to_the_routers_wan_address(box):
+    port = listen(box, "public2")
+    assert dial(box, "home", box.address("public2"), port) == box.address("home_router")
+
+
+def test_the_internet_cannot_dial_into_the_home(box):
+    port = listen(box, "home", "0.0.0.0")
+    # the home does listen: its own router (on the LAN side) reaches it
+    assert dial(box, "home_router", box.address("home"), port) == "192.168.1.1"
+    # the router's public address has no port forwarding: new connections are dropped, not refused
+    assert dial(box, "public1", box.address("home_router"), port) == "timeout"
+    # even a neighbour on the internet that routes the LAN through the router gets nothing through
+    box.run("public2", ["ip", "route", "add", "192.168.1.0/24", "via", box.address("home_router")], check=True)
+    assert dial(box, "public2", box.address("home"), port) == "timeout"
+
+
+def test_bandwidth_cap_slows_a_transfer(box):
+    """1 MB through a 4 Mbit/s cap takes at least ~2 s (a lower bound: load cannot make it faster),
+    while the uncapped link in the same run takes a fraction of that."""
+    size, mbps = 1_000_000, 4.0
+    port = listen(box, "public1", size=size)
+    started = time.monotonic()
+    assert dial(box, "public2", box.address("public1"), port, "count") == str(size)
+    uncapped = time.monotonic() - started
+    box.limit_bandwidth("client", mbps)
+    started = time.monotonic()
+    assert dial(box, "client", box.address("public1"), port, "count") == str(size)
+    capped = time.monotonic() - started
+    assert capped >= 0.9 * size * 8 / (mbps * 1e6)
+    assert capped > 2 * uncapped, (capped, uncapped)
+
+
+def _namespaces() -> set[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in listed.splitlines() if line.strip()}
+
+
+def test_second_home_and_cleanup_after_a_failure():
+    require_internet_in_a_box()
+    before = _namespaces()
+    with pytest.raises(RuntimeError, match="inside the box"):
+        with InternetInABox(publics=("public1",), homes=("home", "home2")) as box:
+            ours = {box.namespace(host) for host in box.hosts} | {box.prefix + "internet"}
+            assert ours <= _namespaces()
+            sleeper = box.popen("home2", ["sleep", "60"])
+            port = listen(box, "public1")
+            assert dial(box, "home2", box.address("public1"), port) == box.address("home2_router")
+            raise RuntimeError("a failure inside the box")
+    assert sleeper.poll() is not None
+    assert _namespaces() == before
+
+
+def test_bad_host_names_are_refused():
+    require_internet_in_a_box()
+    with InternetInABox(publics=("public1",), homes=()) as box:
+        for name in ("public1", "internet", "Bad-Name"):
+            with pytest.raises(ValueError, match="host name"):
+                box.add_public(name)
+        with pytest.raises(KeyError):
+            box.address("nobody")
