@@ -49,6 +49,10 @@ class CircuitAddress:
 
     @classmethod
     def parse(cls, address: str) -> CircuitAddress:
+        try:
+            multiaddr.Multiaddr(address)  # checks every part, peer IDs included
+        except Exception as exc:
+            raise ValueError(f"{address!r} is not a multiaddr: {exc}") from None
         relay_part, sep, rest = str(address).partition(CIRCUIT)
         if not sep or not rest.startswith("/p2p/") or "/p2p/" not in relay_part:
             raise ValueError(f"{address!r} is not a relay address (RELAY/p2p/RELAY_ID/p2p-circuit/p2p/PEER_ID)")

@@ -116,7 +116,7 @@ class RelayService(CircuitV2Protocol):
         log.info("relay refused %s from ..%s: %s", "request", str(stream.muxed_conn.peer_id)[-8:], why)
         with trio.move_on_after(STREAM_TIMEOUT_S):
             await self._send_status(stream, code, why)
-        await stream.reset()
+        await self._close_stream(stream)  # a close, not a reset: a reset can overtake the status
 
     async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
         # A reservation is for the peer on this connection, never for a peer the message names.
