@@ -55,10 +55,10 @@ async def _round_trips(host, peer: ID, count: int) -> list[int]:
 
 
 @contextlib.asynccontextmanager
-async def _relay_and_relayed(limits: RelayServiceLimits = RelayServiceLimits()) -> AsyncIterator[tuple]:
+async def _relay_and_relayed(limits: RelayServiceLimits | None = None) -> AsyncIterator[tuple]:
     """A relay, a peer reserved on it (answering ECHO) and its circuit address."""
     async with running_host(create_new_key_pair()) as relay, running_host(create_new_key_pair()) as relayed:
-        service = RelayService(relay, offer_hop=True, limits=limits)
+        service = RelayService(relay, offer_hop=True, limits=limits or RelayServiceLimits())
         async with background_trio_service(service), \
                 background_trio_service(RelayService(relayed, offer_hop=False)):
             relayed.set_stream_handler(ECHO, _echo)

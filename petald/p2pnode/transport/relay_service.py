@@ -97,7 +97,8 @@ class RelayService(CircuitV2Protocol):
     Run it with ``libp2p.tools.anyio_service.background_trio_service``.
     """
 
-    def __init__(self, host: IHost, *, offer_hop: bool, limits: RelayServiceLimits = RelayServiceLimits()):
+    def __init__(self, host: IHost, *, offer_hop: bool, limits: RelayServiceLimits | None = None):
+        limits = limits or RelayServiceLimits()
         super().__init__(host, limits=limits.library_limits(), allow_hop=offer_hop, read_timeout=STREAM_TIMEOUT_S,
                          write_timeout=STREAM_TIMEOUT_S, close_timeout=STREAM_TIMEOUT_S)
         self.service_limits = limits
