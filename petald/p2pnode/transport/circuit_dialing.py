@@ -15,6 +15,7 @@ address from the swarm), then dialled again.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,9 @@ from petald.p2pnode.transport.relay_client import RelayRefused, dial_circuit, is
 log = logging.getLogger(__name__)
 
 FOUND_TTL_S = 600  # how long a relay address found by lookup stays in the peer store
+# Set while a lookup runs (trio's child tasks inherit it): the lookup's own dials (DHT queries)
+# never start lookups of their own, which could recurse without end while peers are unreachable.
+_in_lookup: contextvars.ContextVar[bool] = contextvars.ContextVar("petald_in_lookup", default=False)
 
 
 def relay_addresses_of(host: IHost, peer: ID) -> list[str]:
@@ -67,9 +71,13 @@ def install_circuit_dialing(host: IHost) -> None:
             return await dial_known(peer_id)
         except SwarmException:
             finder = _finders.get(network)
-            if not finder or relay_addresses_of(host, peer_id):
+            if not finder or _in_lookup.get() or relay_addresses_of(host, peer_id):
                 raise
-            found = [a for a in await finder[0](peer_id) if is_circuit_address(a)]
+            token = _in_lookup.set(True)
+            try:
+                found = [a for a in await finder[0](peer_id) if is_circuit_address(a)]
+            finally:
+                _in_lookup.reset(token)
             if not found:
                 raise
             host.get_peerstore().add_addrs(peer_id, [multiaddr.Multiaddr(a) for a in found], FOUND_TTL_S)
