@@ -9,7 +9,8 @@ tree on PYTHONPATH), and reading a requirement string needs ``packaging``, which
 depend on. A drift between the two is a test failure, before any release.
 
 ``INTERNALS`` is data: one entry per attribute, method or constant of the library's objects that
-``lean_transport``, ``direct_frames`` or ``window_credit`` read, call, replace or override, with
+``lean_transport``, ``direct_frames`` or ``window_credit`` (and the relay modules of ``transport/``:
+``relay_service``, ``circuit_dialing``, ``dialback``) read, call, replace or override, with
 what it must look like and why petald touches it. ``check_library`` builds one of each library object
 as the library does (``library_samples``) and walks the list, so a release that renames or
 retypes any of them stops petald at start, naming each, instead of misbehaving mid-session.
@@ -175,6 +176,22 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("TransportUpgrader", "muxer_multistream", exactly_a("MuxerMultistream"),
              "install hooks its new_conn, which builds Yamux by name whatever the host's options say"),
     Internal("MuxerMultistream", "new_conn", METHOD, "install wraps it to adopt each Yamux into LeanYamux"),
+    # relays (transport/relay_service, circuit_dialing, dialback)
+    Internal("Swarm", "dial_peer", METHOD, "install_circuit_dialing wraps it: the swarm skips /p2p-circuit"),
+    Internal("Swarm", "transport_manager", PRESENT, "a dial-back dials through its TCP transport, off the swarm"),
+    Internal("TransportUpgrader", "upgrade_security", METHOD, "a dial-back's Noise handshake proves the peer"),
+    Internal("CircuitV2Protocol", "_handle_reserve", METHOD,
+             "RelayService overrides it: a reservation only for the sender, per-IP and total limits"),
+    Internal("CircuitV2Protocol", "_handle_connect", METHOD, "RelayService overrides it: circuits per source, total"),
+    Internal("CircuitV2Protocol", "_relay_data", METHOD, "RelayService overrides it: a circuit closes its own streams"),
+    Internal("CircuitV2Protocol", "_send_status", METHOD, "RelayService sends its refusals through it"),
+    Internal("CircuitV2Protocol", "_close_stream", METHOD, "RelayService closes refused and ended streams with it"),
+    Internal("CircuitV2Protocol", "_active_relays", a(dict), "RelayService replaces it with a map that files nothing"),
+    Internal("CircuitV2Protocol", "resource_manager", exactly_a("RelayResourceManager"),
+             "RelayService puts its own reservation book in its place"),
+    Internal("RelayResourceManager", "_reservations", a(dict), "RelayService counts and drops reservations in it"),
+    Internal("RelayResourceManager", "_clean_expired", METHOD, "overridden: also drops disconnected peers"),
+    Internal("RelayResourceManager", "_is_peer_connected", METHOD, "the reservation book asks it"),
 )
 
 
@@ -193,6 +210,7 @@ def library_samples() -> dict[str, Any]:
     from libp2p.network.swarm import Swarm
     from libp2p.peer.id import ID
     from libp2p.peer.peerstore import PeerStore
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
     from libp2p.security.noise import io as noise_io
     from libp2p.security.noise.io import NoisePacketReadWriter, NoiseTransportReadWriter
     from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -208,6 +226,7 @@ def library_samples() -> dict[str, Any]:
     raw = RawConnection(tcp, True)
     noise = NoiseTransportReadWriter(raw, None)  # type: ignore[arg-type]
     upgrader = TransportUpgrader({}, {})
+    relay = CircuitV2Protocol(None)  # type: ignore[arg-type]
     session = SecureSession(local_peer=None, local_private_key=None, remote_peer=None,  # type: ignore[arg-type]
                             remote_permanent_pubkey=None, is_initiator=True, conn=noise)
     return {
@@ -219,6 +238,7 @@ def library_samples() -> dict[str, Any]:
         "NoisePacketReadWriter": NoisePacketReadWriter(raw), "RawConnection": raw, "TrioTCPStream": tcp,
         "Swarm": Swarm(ID(b"petald"), PeerStore(), upgrader), "TransportUpgrader": upgrader,
         "MuxerMultistream": MuxerMultistream({}),
+        "CircuitV2Protocol": relay, "RelayResourceManager": relay.resource_manager,
     }
 
 
