@@ -38,6 +38,8 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_MODES
 @click.option("--reachability", default="auto", show_default=True, type=click.Choice(["auto", "public", "private"]),
               help="auto: peers dial this server back to find out whether others can reach it, and if they "
                    "cannot it serves through a relay. public/private: skip the check (e.g. a port forward).")
+@click.option("--no-direct-upgrade", is_flag=True,
+              help="Keep relayed connections on the relay: no hole punching (DCUtR) towards a direct one.")
 @listen_option("Multiaddr to listen on (repeatable).")
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
               help="Ed25519 key file; created if missing. Keeps the peer ID stable across restarts.")
@@ -69,7 +71,7 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_MODES
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
-          network_mbps, reachability, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
+          network_mbps, reachability, no_direct_upgrade, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
           step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
           no_api, head_quant, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
@@ -103,7 +105,8 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
                                initial_peers=addresses(initial_peers), new_swarm=new_swarm,
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,
                                announce_period=announce_period, rebalance_period=rebalance_period,
-                               network_mbps=network_mbps, reachability=reachability, shutdown_grace=shutdown_grace,
+                               network_mbps=network_mbps, reachability=reachability, direct_upgrade=not no_direct_upgrade,
+                               shutdown_grace=shutdown_grace,
                                on_online=api_beside_server(api, model, say, head_quant),
                                progress=progress)
         try:

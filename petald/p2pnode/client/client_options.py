@@ -29,6 +29,9 @@ class ClientOptions:
     # A pushed step whose answer is this late (or 4x the hop's last step, if longer) is sent by the
     # client too: the push may have been lost between the servers.
     push_grace: float = 1.0
+    # Relayed connections to servers behind NAT are upgraded to direct ones where the NATs allow
+    # (DCUtR hole punching, docs/nat.md); False: they stay on the relay.
+    direct_upgrade: bool = True
 
     def __post_init__(self) -> None:
         if self.adapter is None:  # the CLI's "no --adapter"

@@ -39,6 +39,7 @@ from petald.p2pnode.client.training_pipeline import TrainingPipeline
 from petald.p2pnode.routing.bans import ServerBans
 from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
 from petald.p2pnode.swarm.dht import block_key
+from petald.p2pnode.transport.direct_upgrade import client_listen
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
@@ -80,7 +81,9 @@ class DistributedModel:
         self.bans = ServerBans()  # shared by every session of this client
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
         self._tokenizer: Any = None
-        self.node = NodeThread(load_or_create_identity(None), with_dht=bool(initial_peers))
+        upgrade = self.options.direct_upgrade
+        self.node = NodeThread(load_or_create_identity(None), client_listen([*initial_peers, *peers], upgrade),
+                               with_dht=bool(initial_peers), direct_upgrade=upgrade)
         connect_timeout = self.options.connect_timeout
         try:
             if initial_peers:

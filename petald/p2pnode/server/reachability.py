@@ -29,6 +29,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from petald.p2pnode.swarm.dht import SERVERS_KEY, SwarmDHT
 from petald.p2pnode.transport.circuit_dialing import set_address_finder
 from petald.p2pnode.transport.dialback import DialBackHelper, ask_dial_back
+from petald.p2pnode.transport.direct_upgrade import direct_upgrades
 from petald.p2pnode.transport.host import full_addresses, parse_peer_address
 from petald.p2pnode.transport.relay_client import is_circuit_address
 from petald.p2pnode.transport.relay_reservation import RelayReservation
@@ -73,10 +74,12 @@ async def is_reachable(host: IHost, helpers: list[ID], announce: Callable[[str],
 class ServerReachability:
     """What a server does about reachability, for as long as it runs (``running``)."""
 
-    def __init__(self, host: IHost, mode: str, initial_peers: list[str], announce: Callable[[str], None]):
+    def __init__(self, host: IHost, mode: str, initial_peers: list[str], announce: Callable[[str], None], *,
+                 direct_upgrade: bool = True):
         if mode not in REACHABILITY_MODES:
             raise ValueError(f"--reachability {mode!r}: choose one of {', '.join(REACHABILITY_MODES)}")
         self.host, self.mode, self.initial_peers, self.announce = host, mode, initial_peers, announce
+        self.direct_upgrade = direct_upgrade
         self.public = mode != "private"
         self.reservation: RelayReservation | None = None
         self.dht: SwarmDHT | None = None
@@ -125,10 +128,12 @@ class ServerReachability:
 
     @contextlib.asynccontextmanager
     async def running(self, dht: SwarmDHT) -> AsyncIterator[None]:
-        """Relay service (hop only when public), and while private, a reservation kept fresh."""
+        """Relay service (hop only when public), DCUtR on relayed connections, and while private, a
+        reservation kept fresh."""
         self.dht = dht
         set_address_finder(self.host, self._find_addresses)
-        async with background_trio_service(RelayService(self.host, offer_hop=self.public)):
+        async with background_trio_service(RelayService(self.host, offer_hop=self.public)), \
+                direct_upgrades(self.host, self.direct_upgrade):
             if self.public:
                 yield
                 return

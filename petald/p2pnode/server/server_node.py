@@ -72,6 +72,7 @@ class ServeOptions:
     rebalance_period: float = 60.0
     network_mbps: float = 0.0
     reachability: str = "auto"  # auto (peers dial back), public or private (server/reachability.py)
+    direct_upgrade: bool = True  # DCUtR on relayed connections (transport/direct_upgrade.py)
     throughput_seconds: float = 1.0
     shutdown_grace: float = 30.0  # seconds running sessions may go on after SIGTERM
     # Runs beside the server once its first span is online (the CLI's local API, systemd readiness).
@@ -194,7 +195,7 @@ class ServerNode:
                     raise OSError(f"could not listen on {', '.join(self.options.listen)}: "
                                   "is the port in use, or the address not local?")
                 reach = ServerReachability(host, self.options.reachability, self.options.initial_peers,
-                                           self.announce)
+                                           self.announce, direct_upgrade=self.options.direct_upgrade)
                 # A server others cannot dial answers no DHT queries: they would wait on it in vain.
                 dht = SwarmDHT(host, key_pair, server_mode=await reach.decide())
                 async with dht.running(), reach.running(dht):
