@@ -27,6 +27,7 @@ from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
 from petald.p2pnode.swarm.dht import SwarmDHT
 from petald.p2pnode.swarm.swarm_map import read_swarm
+from petald.p2pnode.transport.announced_addresses import address_plan
 from petald.p2pnode.transport.host import (
     DEFAULT_LISTEN,
     full_addresses,
@@ -93,7 +94,8 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with running_host(key_pair, options.listen) as host:
+            plan = address_plan(options.listen, options.initial_peers)
+            async with running_host(key_pair, options.listen, addresses=plan) as host:
                 dht = SwarmDHT(host, key_pair, server_mode=False)
                 async with dht.running():
                     joined = await dht.join(options.initial_peers)
