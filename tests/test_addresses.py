@@ -26,7 +26,7 @@ from petald.p2pnode.transport.announced_addresses import (
     is_loopback_swarm,
     parse_announce,
 )
-from petald.p2pnode.transport.host import full_addresses, running_host
+from petald.p2pnode.transport.host import full_addresses, local_addresses, running_host
 from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
 from petald.p2pnode.transport.listen_port import PortInUse, refuse_shared_ports, refuse_taken_ports
 from tests.petald_cli import invoke
@@ -124,13 +124,19 @@ def test_a_real_host_on_all_interfaces_announces_this_hosts_addresses_never_the_
     key_pair = load_or_create_identity(None)
     interfaces = [ip for ip in host_interface_ips() if ip.version == 4 and not ip.is_link_local]
 
-    async def main() -> tuple[list[str], list[str]]:
+    async def main() -> tuple[list[str], list[str], list[str], str]:
         plan = address_plan(["/ip4/0.0.0.0/tcp/0"])
         async with running_host(key_pair, ["/ip4/0.0.0.0/tcp/0"], addresses=plan) as host:
-            return full_addresses(host), [str(a) for a in host.get_transport_addrs()]
+            # What a process of this machine (the server's local API) dials: loopback, and it answers.
+            async with running_host(load_or_create_identity(None)) as other:
+                with trio.fail_after(10):
+                    reached = await connect_first_answering(other, peer_id_of(key_pair), local_addresses(host),
+                                                            UnansweredAddresses())
+            return full_addresses(host), [str(a) for a in host.get_transport_addrs()], local_addresses(host), reached
 
-    announced, bound = trio.run(main)
+    announced, bound, local, reached = trio.run(main)
     port = multiaddr.Multiaddr(bound[0]).value_for_protocol("tcp")
+    assert local == [f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id_of(key_pair)}"] and reached == local[0]
     assert port != "0" and announced
     for address in announced:
         maddr = multiaddr.Multiaddr(address)

@@ -31,6 +31,7 @@ from petald.p2pnode.transport.announced_addresses import address_plan
 from petald.p2pnode.transport.host import (
     DEFAULT_LISTEN,
     full_addresses,
+    local_addresses,
     quiet_libp2p_logs,
     running_host,
 )
@@ -54,7 +55,9 @@ def api_beside_server(listen: ApiListen | None, model: str | None, announce: Cal
                 await trio.sleep_forever()
             addresses = full_addresses(host)
             source = await trio.to_thread.run_sync(open_source, model)
-            backend = ModelBackend(source, addresses[:1], head_quant=head_quant)
+            # The API's client joins through this server at an address of this machine: what the
+            # server announces (--announce: a forwarded port, a proxy) may not loop back here.
+            backend = ModelBackend(source, local_addresses(host)[:1], head_quant=head_quant)
             context = ApiContext(backend, lambda: read_swarm(dht), "server",
                                  details=lambda: {"peer_id": dht.peer_id, "addresses": addresses})
             await _serve(context, listen, announce)

@@ -93,8 +93,8 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
             torch.set_num_threads(threads)
         say = announcer()
         progress = ProgressDisplay(say)
-        options = ServeOptions(model=model, blocks=blocks, listen=list(listen), announce=announce, identity=identity,
-                               device=device, dtype=dtype, quant=quant, adapters=list(adapters),
+        options = ServeOptions(model=model, blocks=blocks, listen=list(listen), announce_addrs=announce,
+                               identity=identity, device=device, dtype=dtype, quant=quant, adapters=list(adapters),
                                limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
                                                    idle_timeout=idle_timeout, step_timeout=step_timeout,
                                                    session_timeout=session_timeout,

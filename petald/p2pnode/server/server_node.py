@@ -59,7 +59,7 @@ class ServeOptions:
     model: str | None = None
     blocks: str = "auto"
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
-    announce: list[str] = field(default_factory=list)  # addresses to announce instead of the listen ones
+    announce_addrs: list[str] = field(default_factory=list)  # --announce: announced instead of the listen ones
     identity: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -115,7 +115,7 @@ def auto_block_count(options: ServeOptions, source: ModelSource, dtype: torch.dt
 def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
     """Load, listen, serve; return after a signal once everything is closed."""
     quiet_libp2p_logs()
-    address_plan(options.listen, options.initial_peers, options.announce)  # bad --announce: fail before loading
+    address_plan(options.listen, options.initial_peers, options.announce_addrs)  # bad --announce: fail before loading
     refuse_taken_ports(options.listen)  # and a port in use too (running_host checks again)
     announce(f"opening model {describe_model(options.model)}")
     source = open_source(options.model)
@@ -191,7 +191,7 @@ class ServerNode:
     async def run(self, key_pair: KeyPair, length: int, fixed: tuple[int, int] | None) -> None:
         self.length = length
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            plan = address_plan(self.options.listen, self.options.initial_peers, self.options.announce,
+            plan = address_plan(self.options.listen, self.options.initial_peers, self.options.announce_addrs,
                                 peer_id_of(key_pair))
             async with running_host(key_pair, self.options.listen, addresses=plan) as host:
                 dht = SwarmDHT(host, key_pair, server_mode=True)

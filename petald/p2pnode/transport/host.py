@@ -100,3 +100,17 @@ def full_addresses(host: IHost) -> list[str]:
         text = str(a)
         out.append(text if "/p2p/" in text else f"{text}/p2p/{peer}")
     return out
+
+
+def local_addresses(host: IHost) -> list[str]:
+    """Where a process on this machine reaches ``host``: its bound listen addresses, a wildcard
+    as loopback (an announced address, a forwarded port or a proxy, may not loop back here)."""
+    peer = host.get_id().to_string()
+    out = []
+    for a in host.get_transport_addrs():
+        text = str(a)
+        for wildcard, loopback in (("/ip4/0.0.0.0/", "/ip4/127.0.0.1/"), ("/ip6/::/", "/ip6/::1/")):
+            if text.startswith(wildcard):
+                text = loopback + text[len(wildcard):]
+        out.append(f"{text}/p2p/{peer}")
+    return out
