@@ -93,6 +93,15 @@ def test_a_wildcard_is_announced_as_each_interface_address_with_the_bound_port()
                                    "/ip6/2001:db8::7/tcp/40124"]
 
 
+def test_observed_addresses_follow_the_nodes_own_under_the_same_loopback_rule():
+    listening = [multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/40123")]
+    plan = _plan(False, "10.1.2.3", "127.0.0.1")
+    plan.listening = lambda: listening
+    observed = [multiaddr.Multiaddr("/ip4/93.184.216.99/tcp/5555"), multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/777")]
+    # A global observed address still comes after a private address of our own.
+    assert _texts(plan([*listening, *observed])) == ["/ip4/10.1.2.3/tcp/40123", "/ip4/93.184.216.99/tcp/5555"]
+
+
 def test_loopback_is_announced_inside_a_loopback_swarm_only_and_first():
     bound = [multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/40123")]
     assert _texts(_plan(True, "10.1.2.3", "127.0.0.1")(bound)) == ["/ip4/127.0.0.1/tcp/40123",

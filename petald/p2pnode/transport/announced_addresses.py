@@ -13,7 +13,9 @@ The rule, written once here:
   address points every other host at itself. A host with no other address keeps its loopback
   ones (it can only be in a loopback swarm).
 - Order: the addresses most likely to answer first (loopback inside a loopback swarm, then
-  global, then private), since a dialler tries them in order.
+  global, then private), since a dialler tries them in order. Addresses that peers confirmed
+  they saw us at (py-libp2p's identify, four observers or more) follow our own, under the same
+  loopback rule: we never made them, so they are tried last.
 
 ``AddressPlan`` is what the host's ``addrs_factory`` calls; a later step (relay addresses,
 reachability) extends ``AddressPlan.select``.
@@ -130,6 +132,9 @@ class AddressPlan:
     announce: Sequence[multiaddr.Multiaddr] = ()
     loopback_swarm: bool = True
     interface_ips: Callable[[], list[IpAddress]] = field(default=host_interface_ips)
+    # The host's bound listen addresses (``make_host`` sets it to ``host.get_transport_addrs``);
+    # candidates beyond them are observed ones. None: every candidate is a listen address.
+    listening: Callable[[], Sequence[multiaddr.Multiaddr]] | None = None
 
     def __call__(self, candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return self.select(candidates)
@@ -137,20 +142,23 @@ class AddressPlan:
     def select(self, candidates: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         if self.announce:
             return list(self.announce)
-        wildcard = any(ip is not None and ip.is_unspecified for ip in map(_ip_of, candidates))
+        own = list(self.listening()) if self.listening is not None else list(candidates)
+        wildcard = any(ip is not None and ip.is_unspecified for ip in map(_ip_of, own))
         interface_ips = self.interface_ips() if wildcard else []
-        seen: dict[str, multiaddr.Multiaddr] = {}
-        for candidate in candidates:
-            for address in _expand(candidate, interface_ips):
-                ip = _ip_of(address)
-                if ip is not None and (ip.is_link_local or ip.is_unspecified):
-                    continue
-                seen.setdefault(str(address), address)
-        usable = list(seen.values())
+        expanded = [address for candidate in own for address in _expand(candidate, interface_ips)]
+        ours = sorted(self._usable(expanded), key=lambda a: _preference(a, self.loopback_swarm))
+        observed = self._usable([c for c in candidates if str(c) not in {str(a) for a in own}])
+        return list({str(a): a for a in [*ours, *observed]}.values())
+
+    def _usable(self, addresses: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        """Without link-local and wildcard addresses, and without loopback outside a loopback
+        swarm (unless loopback is all there is)."""
+        usable = [a for a in addresses
+                  if (ip := _ip_of(a)) is None or not (ip.is_link_local or ip.is_unspecified)]
         if not self.loopback_swarm:
             beyond_loopback = [a for a in usable if not _is_loopback_text(str(a))]
             usable = beyond_loopback or usable  # a host with loopback alone keeps it
-        return sorted(usable, key=lambda a: _preference(a, self.loopback_swarm))
+        return usable
 
 
 def address_plan(listen: Sequence[str], initial_peers: Sequence[str] = (), announce: Sequence[str] = (),

@@ -53,9 +53,11 @@ def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
     # No auto-connector: by default py-libp2p keeps dialling every peer it has heard of
     # to hold 50+ connections; a petald node connects to the servers it routes through.
     connections = ConnectionConfig(min_connections=0, low_watermark=0, auto_connect_interval=3600.0)
+    plan = addresses or AddressPlan(loopback_swarm=is_loopback_swarm(listen, ()))
     host = new_host(key_pair=key_pair, sec_opt=security, muxer_opt=muxers,
                     listen_addrs=[multiaddr.Multiaddr(a) for a in listen], connection_config=connections,
-                    addrs_factory=addresses or AddressPlan(loopback_swarm=is_loopback_swarm(listen, ())))
+                    addrs_factory=plan)
+    plan.listening = host.get_transport_addrs  # so that the plan tells its own addresses from observed ones
     install(host)
     return host
 
