@@ -18,6 +18,7 @@ import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStoreError
 
 # One address's TCP connect plus the Noise and yamux handshakes (named so that the WAN work
 # can tune it with the other timeouts).
@@ -76,6 +77,20 @@ def _connected_address(host: IHost, peer: ID, addresses: Sequence[str]) -> str |
     return announced or (f"{remote[0]}/p2p/{peer.to_base58()}" if remote else addresses[0])
 
 
+def _put_first(host: IHost, peer: ID, answered: multiaddr.Multiaddr, dead: list[multiaddr.Multiaddr]) -> None:
+    """Reorder what the peerstore knows of ``peer``: ``answered`` first, ``dead`` gone. py-libp2p's
+    later dials (a stream after the connection dropped, a DHT query) try only its first TCP one."""
+    store = host.get_peerstore()
+    drop = {str(a) for a in [answered, *dead]}
+    try:
+        known = store.addrs(peer)
+    except PeerStoreError:
+        known = []  # expired meanwhile: the answered address alone
+    others = [a for a in known if str(_without_peer_id(str(a))) not in drop]
+    store.clear_addrs(peer)
+    store.add_addrs(peer, [answered, *others], 600)
+
+
 async def connect_first_answering(host: IHost, peer_id: str, addresses: Sequence[str],
                                   unanswered: UnansweredAddresses, dial_timeout: float = DIAL_TIMEOUT_S) -> str:
     """Connect ``host`` to ``peer_id`` through the first of ``addresses`` (its announced ones, in
@@ -99,8 +114,7 @@ async def connect_first_answering(host: IHost, peer_id: str, addresses: Sequence
         except Exception as exc:
             failures.append(f"{address}: {exc or type(exc).__name__}")
         else:
-            # Later dials by py-libp2p (a stream after the connection dropped) start from here.
-            host.get_peerstore().add_addrs(peer, [maddr], 600)
+            _put_first(host, peer, maddr, [_without_peer_id(a) for a in addresses if unanswered.skips(a)])
             return address
         unanswered.remember(address)
     raise ConnectionError(f"no address of ..{peer_id[-8:]} answered: " + "; ".join(failures) if failures
