@@ -66,15 +66,17 @@ def _without_peer_id(address: str) -> multiaddr.Multiaddr:
     return maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{own}")) if own else maddr
 
 
-def _connected_address(host: IHost, peer: ID, addresses: Sequence[str]) -> str | None:
-    """The address ``host`` is connected to ``peer`` through (the announced one when it is among
-    ``addresses``), None when not connected."""
+def _connected_address(host: IHost, peer: ID, addresses: Sequence[str],
+                       unanswered: UnansweredAddresses) -> str | None:
+    """The announced address ``host`` is connected to ``peer`` through, None when not connected.
+    A connection the peer opened comes from no announced address: the first one not skipped
+    stands for it."""
     connections = host.get_network().get_connections(peer)
-    if not connections:
+    if not connections or not addresses:
         return None
-    remote = [str(a) for c in connections for a in c.get_transport_addresses()]
-    announced = next((a for a in addresses if str(_without_peer_id(a)) in remote), None)
-    return announced or (f"{remote[0]}/p2p/{peer.to_base58()}" if remote else addresses[0])
+    remote = {str(a) for c in connections for a in c.get_transport_addresses()}
+    through = [a for a in addresses if str(_without_peer_id(a)) in remote]
+    return next(iter(through), next((a for a in addresses if not unanswered.skips(a)), addresses[0]))
 
 
 def _put_first(host: IHost, peer: ID, answered: multiaddr.Multiaddr, dead: list[multiaddr.Multiaddr]) -> None:
@@ -97,7 +99,7 @@ async def connect_first_answering(host: IHost, peer_id: str, addresses: Sequence
     order) that answers; return that address. Raise ConnectionError naming each failure when
     none does (addresses skipped as unanswered lately count as failures)."""
     peer = ID.from_base58(peer_id)
-    connected = _connected_address(host, peer, addresses)
+    connected = _connected_address(host, peer, addresses, unanswered)
     if connected is not None:
         return connected  # an earlier dial, or the peer dialled us: nothing to dial
     failures: list[str] = []
