@@ -26,6 +26,7 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
 
+from petald.p2pnode.transport.announced_addresses import is_loopback_swarm
 from petald.p2pnode.transport.relay_client import is_circuit_address
 from petald.vocabulary import DEFAULT_LISTEN
 
@@ -50,8 +51,8 @@ def client_listen(peers: list[str], direct_upgrade: bool) -> list[str]:
     """Where a client listens. Hole punching dials from the listen port, so a client that may
     punch towards servers beyond this machine listens on every interface (any port); a client of
     a loopback swarm, or one that does not punch, stays on loopback."""
-    beyond_loopback = any("/ip4/127." not in p and "/ip6/::1/" not in p for p in peers)
-    return [ALL_INTERFACES] if direct_upgrade and beyond_loopback else [DEFAULT_LISTEN]
+    in_loopback_swarm = is_loopback_swarm((), peers)  # announced_addresses' rule, written once
+    return [DEFAULT_LISTEN] if in_loopback_swarm or not direct_upgrade else [ALL_INTERFACES]
 
 
 @contextlib.asynccontextmanager
