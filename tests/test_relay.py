@@ -14,6 +14,7 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
@@ -22,7 +23,9 @@ from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
+from petald.p2pnode.transport.circuit_dialing import set_address_finder
 from petald.p2pnode.transport.dialback import DialBackHelper, ask_dial_back
+from petald.p2pnode.transport.direct_upgrade import client_listen
 from petald.p2pnode.transport.framed_stream import FramedStream
 from petald.p2pnode.transport.host import full_addresses, parse_peer_address, running_host
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
@@ -231,3 +234,54 @@ def test_asking_a_peer_without_dial_back_is_a_clear_failure():
                     await ask_dial_back(node, other.get_id().to_base58())
 
     trio.run(main)
+
+
+def test_a_peer_known_by_no_address_is_looked_up_and_reached_through_its_relay():
+    """A server pushing to a relayed server it knows nothing of: the address finder (a server's
+    DHT record lookup) gives the circuit address, and the dial goes through the relay."""
+    async def main():
+        with trio.fail_after(30):
+            async with _relay_and_relayed() as (relay, relayed, service, address), \
+                    running_host(create_new_key_pair()) as pusher:
+                asked = []
+
+                async def find(peer: ID) -> list[str]:
+                    asked.append(peer)
+                    return [address] if peer == relayed.get_id() else []
+
+                set_address_finder(pusher, find)
+                assert await _round_trips(pusher, relayed.get_id(), 3) == [0, 1, 2]
+                assert asked == [relayed.get_id()] and service.stats()["circuits"] == 1
+
+    trio.run(main)
+
+
+def test_a_lookup_whose_own_dials_fail_starts_no_lookups_of_its_own():
+    """The finder's DHT queries dial peers too; were each failed dial to look its peer up, lookups
+    would nest without end (this once crashed a relayed server with a RecursionError)."""
+    async def main():
+        with trio.fail_after(30):
+            async with running_host(create_new_key_pair()) as host:
+                asked = []
+                nobody = [ID.from_pubkey(create_new_key_pair().public_key) for _ in range(3)]
+
+                async def find(peer: ID) -> list[str]:
+                    asked.append(peer)
+                    with contextlib.suppress(Exception):
+                        await host.new_stream(nobody[len(asked) % 3], [ECHO])  # a DHT query to a dead peer
+                    return []
+
+                set_address_finder(host, find)
+                with pytest.raises(SwarmException):
+                    await host.new_stream(nobody[0], [ECHO])
+                assert asked == [nobody[0]]
+
+    trio.run(main)
+
+
+def test_a_client_listens_on_every_interface_only_to_punch_beyond_loopback():
+    beyond = ["/ip4/203.0.113.5/tcp/31330/p2p/12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"]
+    here = ["/ip4/127.0.0.1/tcp/31330/p2p/12D3KooWLshnq6TvssFMhSmSWnA2BbJjLsUyW1PRy6dcDC61H1mw"]
+    assert client_listen(beyond, direct_upgrade=True) == ["/ip4/0.0.0.0/tcp/0"]
+    assert client_listen(beyond, direct_upgrade=False) == ["/ip4/127.0.0.1/tcp/0"]
+    assert client_listen(here, direct_upgrade=True) == ["/ip4/127.0.0.1/tcp/0"]
