@@ -128,9 +128,12 @@ class ServerReachability:
 
     @contextlib.asynccontextmanager
     async def running(self, dht: SwarmDHT) -> AsyncIterator[None]:
-        """Relay service (hop only when public), DCUtR on relayed connections, and while private, a
-        reservation kept fresh."""
+        """Decide (``decide``), then relay service (hop only when public), DCUtR on relayed
+        connections, and while private, a DHT that asks but answers no queries and a reservation
+        kept fresh. ``dht`` has joined the swarm already."""
         self.dht = dht
+        if not await self.decide():
+            await dht.answer_queries(False)  # others could not dial this server for DHT queries
         set_address_finder(self.host, self._find_addresses)
         async with background_trio_service(RelayService(self.host, offer_hop=self.public)), \
                 direct_upgrades(self.host, self.direct_upgrade):

@@ -198,31 +198,33 @@ class ServerNode:
             async with running_host(key_pair, self.options.listen, addresses=plan) as host:
                 reach = ServerReachability(host, self.options.reachability, self.options.initial_peers,
                                            self.announce, direct_upgrade=self.options.direct_upgrade)
-                # A server others cannot dial answers no DHT queries: they would wait on it in vain.
-                dht = SwarmDHT(host, key_pair, server_mode=await reach.decide())
-                async with dht.running(), reach.running(dht):
+                dht = SwarmDHT(host, key_pair, server_mode=True)
+                async with dht.running():
                     await self._join(dht)
-                    presence = ServerPresence(dht, self._info, period=self.options.announce_period,
-                                              network_mbps=self.options.network_mbps, addresses=reach.addresses)
-                    if fixed is None:
-                        await trio.sleep(random.uniform(0.0, 1.0))  # servers started together choose apart
-                        self.span_start = choose_start(await self._coverage(dht), length)
-                    else:
-                        self.span_start = fixed[0]
-                    await self._take_span(host, presence)
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(presence.keep_fresh)
-                        if self.options.on_online is not None:
-                            nursery.start_soon(self.options.on_online, host, dht)
+                    # Joined first, as every server does: the reachability check comes after, so that
+                    # servers started together join the swarm as promptly as they did without it.
+                    async with reach.running(dht):
+                        presence = ServerPresence(dht, self._info, period=self.options.announce_period,
+                                                  network_mbps=self.options.network_mbps, addresses=reach.addresses)
                         if fixed is None:
-                            nursery.start_soon(self._rebalance, dht, host, presence)
-                            nursery.start_soon(self._free_retired_spans)
-                        async for signum in signals:
-                            self.announce(f"received {signal.Signals(signum).name}: shutting down (announcing offline, "
-                                          "refusing new sessions)")
-                            break
-                        nursery.cancel_scope.cancel()  # no more announcements of "online", no more moves
-                    await self._drain(presence, signals)
+                            await trio.sleep(random.uniform(0.0, 1.0))  # servers started together choose apart
+                            self.span_start = choose_start(await self._coverage(dht), length)
+                        else:
+                            self.span_start = fixed[0]
+                        await self._take_span(host, presence)
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(presence.keep_fresh)
+                            if self.options.on_online is not None:
+                                nursery.start_soon(self.options.on_online, host, dht)
+                            if fixed is None:
+                                nursery.start_soon(self._rebalance, dht, host, presence)
+                                nursery.start_soon(self._free_retired_spans)
+                            async for signum in signals:
+                                self.announce(f"received {signal.Signals(signum).name}: shutting down (announcing offline, "
+                                              "refusing new sessions)")
+                                break
+                            nursery.cancel_scope.cancel()  # no more announcements of "online", no more moves
+                        await self._drain(presence, signals)
 
     async def _drain(self, presence: ServerPresence, signals: AsyncIterator[int]) -> None:
         """Leave politely: refuse new sessions, say offline, let running sessions go on for the

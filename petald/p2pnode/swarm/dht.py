@@ -252,6 +252,14 @@ class SwarmDHT:
         self.peer_id = host.get_id().to_base58()
         self._lookups = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
 
+    async def answer_queries(self, answer: bool) -> None:
+        """Switch between server mode (answers other nodes' queries) and client mode (only asks):
+        a node others cannot dial switches to client mode once it knows (server/reachability.py)."""
+        known = self.kad.routing_table.get_peer_ids()
+        await self.kad.switch_mode(DHTMode.SERVER if answer else DHTMode.CLIENT)
+        for peer in known:  # the library empties the routing table on a switch to client mode
+            await self.kad.routing_table.add_peer(peer, skip_server_mode_check=True)
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[SwarmDHT]:
         async with background_trio_service(self.kad):

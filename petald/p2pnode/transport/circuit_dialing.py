@@ -7,10 +7,10 @@ wraps that one method on a petald host's swarm: a peer with a relay address in t
 dialled through its relay (``relay_client.dial_circuit``) before its other addresses, so every
 caller (clients opening sessions, servers pushing, DHT queries) reaches a relayed server without
 knowing it is relayed. A peer that announces a relay address has found itself unreachable, so
-its direct addresses are only tried when every relay fails. A peer the host knows no relay
-address for, and cannot dial, is looked up with ``find_addresses`` where the node sets one (a
-server sets its DHT's record lookup: a server pushing to a relayed server learns its relay
-address from the swarm), then dialled again.
+its direct addresses are only tried when every relay fails. A peer the host cannot dial with
+what it knows is looked up with ``find_addresses`` where the node sets one (a server sets its
+DHT's record lookup: a server pushing to the next server, relayed or not, learns its announced
+addresses from the swarm), then dialled once more.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from petald.p2pnode.transport.relay_client import RelayRefused, dial_circuit, is
 
 log = logging.getLogger(__name__)
 
-FOUND_TTL_S = 600  # how long a relay address found by lookup stays in the peer store
+FOUND_TTL_S = 600  # how long an address found by lookup stays in the peer store
 # Set while a lookup runs (trio's child tasks inherit it): the lookup's own dials (DHT queries)
 # never start lookups of their own, which could recurse without end while peers are unreachable.
 _in_lookup: contextvars.ContextVar[bool] = contextvars.ContextVar("petald_in_lookup", default=False)
@@ -62,9 +62,21 @@ def set_address_finder(host: IHost, find_addresses: AddressFinder) -> None:
     _finders[host.get_network()] = [find_addresses]
 
 
+def _store_form(address: str, peer: ID) -> multiaddr.Multiaddr:
+    """An announced address as the peer store keeps it: a direct one without its /p2p/PEER."""
+    suffix = f"/p2p/{peer.to_base58()}"
+    if not is_circuit_address(address) and address.endswith(suffix):
+        address = address[:-len(suffix)]
+    return multiaddr.Multiaddr(address)
+
+
 def install_circuit_dialing(host: IHost) -> None:
     network: Any = host.get_network()
     dial_known = network.dial_peer
+    dialling: dict[ID, trio.Lock] = {}  # one circuit dial per peer at a time; the others wait and reuse it
+
+    def live(peer: ID) -> list[INetConn]:
+        return [c for c in network.get_connections(peer) if not getattr(c, "is_closed", False)]
 
     async def dial_direct(peer_id: ID) -> list[INetConn]:
         try:
@@ -75,17 +87,15 @@ def install_circuit_dialing(host: IHost) -> None:
                 raise
             token = _in_lookup.set(True)
             try:
-                found = [a for a in await finder[0](peer_id) if is_circuit_address(a)]
+                found = await finder[0](peer_id)
             finally:
                 _in_lookup.reset(token)
             if not found:
                 raise
-            host.get_peerstore().add_addrs(peer_id, [multiaddr.Multiaddr(a) for a in found], FOUND_TTL_S)
-        return await dial_peer(peer_id)
-    dialling: dict[ID, trio.Lock] = {}  # one circuit dial per peer at a time; the others wait and reuse it
-
-    def live(peer: ID) -> list[INetConn]:
-        return [c for c in network.get_connections(peer) if not getattr(c, "is_closed", False)]
+            host.get_peerstore().add_addrs(peer_id, [_store_form(a, peer_id) for a in found], FOUND_TTL_S)
+        if relay_addresses_of(host, peer_id):
+            return await dial_peer(peer_id)  # through a relay first; its fallback is dial_known, not this
+        return await dial_known(peer_id)
 
     async def dial_peer(peer_id: ID) -> list[INetConn]:
         circuits = relay_addresses_of(host, peer_id)
