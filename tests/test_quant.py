@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from petald.kernels import quant
 from petald.kernels.client_head import ClientHead
 from petald.kernels.native import int4_native
-from petald.kernels.native.native_library import NativeLibrary
+from petald.kernels.native.decode_attention import decode_attention_kernel
+from petald.kernels.native.native_library import ChosenKernel, CpuKernelError, NativeLibrary
 from petald.kernels.quant import (
     INT4_GROUP,
     DenseLinear,
@@ -70,20 +71,26 @@ def _int4_reference(w: torch.Tensor) -> torch.Tensor:
     return ((q - 8) * scale.bfloat16().float() + zero.bfloat16().float()).reshape(w.shape)
 
 
-def _skip_without_native_int4() -> None:
-    if not int4_native.native_int4_available():
-        pytest.skip("petald's int4 kernel needs a C compiler and a CPU with AVX512-BF16")
+def _skip_without_native_int4() -> ChosenKernel:
+    """The int4 kernel of the set PETALD_CPU_KERNELS forces (else this CPU's best), or a skip saying why not."""
+    try:
+        kernel = int4_native.int4_kernel()
+    except CpuKernelError as exc:
+        pytest.skip(str(exc))
+    if kernel is None:
+        pytest.skip("petald's int4 kernel needs a C compiler and a CPU with AVX512-BF16 or AVX2 and FMA")
+    return kernel
 
 
-def test_native_int4_kernel_multiplies_the_weights_int4linear_holds():
+def test_native_int4_kernel_multiplies_the_weights_int4linear_holds(cpu_kernels):
     """Every row count the kernel unrolls separately (1-8) and past it, against weights computed
     without either kernel: a wrong nibble, tile or group order cannot hide in a shared unpacking."""
-    _skip_without_native_int4()
+    assert _skip_without_native_int4().isa == cpu_kernels
     gen = torch.Generator().manual_seed(7)
     for out_features, in_features in ((48, 2 * INT4_GROUP), (32, 5 * INT4_GROUP)):
         w, b = torch.randn(out_features, in_features, generator=gen), torch.randn(out_features, generator=gen)
         layer = Int4Linear(w, b, native=True)
-        assert layer.native
+        assert layer.native and layer.kernel.isa == cpu_kernels
         want_w = _int4_reference(w)
         torch.testing.assert_close(layer.dense_weight(), want_w, atol=1e-6, rtol=1e-6)
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 40):
@@ -97,7 +104,7 @@ def test_native_int4_kernel_multiplies_the_weights_int4linear_holds():
         assert layer(torch.empty(0, in_features)).shape == (0, out_features)
 
 
-def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong_inputs():
+def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong_inputs(cpu_kernels):
     _skip_without_native_int4()
     gen = torch.Generator().manual_seed(8)
     w = torch.randn(64, 3 * INT4_GROUP, generator=gen)
@@ -115,7 +122,7 @@ def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong
     torch.testing.assert_close(alone, x.bfloat16().float() @ _int4_reference(w).t(), atol=1e-4, rtol=1e-5)
     for bad in (torch.randn(2, 4 * INT4_GROUP), torch.randn(2, 2 * INT4_GROUP), torch.randn(3 * INT4_GROUP)):
         with pytest.raises(int4_native.NativeKernelError, match="rows of width 96"):
-            int4_native.matmul(bad, layer.packed)
+            int4_native.matmul(bad, layer.packed, layer.kernel)
     with pytest.raises(QuantError, match="groups of 32"):
         Int4Linear(torch.randn(16, 128), None, group=64, native=True)
 
@@ -150,6 +157,45 @@ def test_int4_layers_take_the_kernel_that_measured_faster_unless_told(monkeypatc
     monkeypatch.setenv("PETALD_NATIVE_INT4", "1")
     assert quant.native_int4_enabled(faster_at=torch_faster) and Int4Linear(w, None).native
     assert asked == [threads]  # insisting skips the timing
+
+
+def test_the_int4_variants_agree_on_inputs_of_every_sign_and_size(monkeypatch):
+    """AVX2's sums q x and subtracts 8 x once per group where AVX512's sums (q - 8) x: on a layer of
+    SmolLM2's size with inputs far from zero, the two stay within float32 rounding of each other."""
+    gen = torch.Generator().manual_seed(9)
+    w, x = torch.randn(3072, 576, generator=gen) * 0.02, torch.randn(5, 576, generator=gen) * 10 + 3
+    outputs = {}
+    for isa in ("avx512", "avx2"):
+        monkeypatch.setenv("PETALD_CPU_KERNELS", isa)
+        _skip_without_native_int4()
+        outputs[isa] = Int4Linear(w, None, native=True)(x)
+    want = x.bfloat16().double() @ _int4_reference(w).double().t()
+    for got in outputs.values():
+        torch.testing.assert_close(got.double(), want, atol=2e-4 * want.abs().max().item(), rtol=0)
+
+
+def test_cpu_kernel_sets_are_chosen_by_the_cpus_features_or_the_switch(monkeypatch):
+    """One place decides: the best set this CPU (here: an injected view of one) runs; PETALD_CPU_KERNELS
+    forces one, and naming a set the CPU lacks, or none at all, is an error that says what to do."""
+    library = NativeLibrary()
+    if library.load() is None:
+        pytest.skip("petald's C kernels need a C compiler")
+    views = {"avx512 with bfloat16": ({"avx2", "fma", "avx512f", "avx512bw", "avx512bf16"}, "avx512", "avx512"),
+             "avx512 without bfloat16": ({"avx2", "fma", "avx512f", "avx512bw"}, "avx2", "avx512"),
+             "avx2 only": ({"avx2", "fma"}, "avx2", "avx2"), "older": ({"avx2"}, None, None)}
+    for name, (features, int4, attention) in views.items():
+        view = NativeLibrary(features=frozenset(features))  # the same build, from the cache: only the view differs
+        chosen = int4_native.int4_kernel(view), decode_attention_kernel(torch.float32, CPU, 64, view)
+        assert tuple(k and k.isa for k in chosen) == (int4, attention), name
+    avx2_only = NativeLibrary(features=frozenset({"avx2", "fma"}))
+    monkeypatch.setenv("PETALD_CPU_KERNELS", "avx512")
+    with pytest.raises(CpuKernelError, match="PETALD_CPU_KERNELS=avx512: .*needs avx512bf16, avx512bw, avx512f"):
+        int4_native.int4_kernel(avx2_only)
+    monkeypatch.setenv("PETALD_CPU_KERNELS", "torch")
+    assert int4_native.int4_kernel(library) is None and not Int4Linear(torch.randn(16, 32), None).native
+    monkeypatch.setenv("PETALD_CPU_KERNELS", "sse9")
+    with pytest.raises(CpuKernelError, match="'sse9' is not a kernel set: use one of auto, avx512, avx2, torch"):
+        Int4Linear(torch.randn(16, 32), None)
 
 
 def test_int4_refuses_layers_neither_kernel_can_tile():
