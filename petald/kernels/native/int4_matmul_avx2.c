@@ -44,13 +44,16 @@ static inline void half_pass(const float *xs, int K, const uint8_t *tile, const 
         const uint8_t *record = tile + (size_t)g * RECORD;
         __m256 part[ROWS_PER_PASS * 4];
         for (int i = 0; i < rows * split; i++) part[i] = _mm256_setzero_ps();
+#pragma GCC unroll 4
         for (int b = 0; b < 4; b++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(record + 32 * (4 * h + b)));
+#pragma GCC unroll 8
             for (int i = 0; i < 8; i++) {
                 /* The top nibble by a shift: masked, it would read as a negative int32. */
                 const __m256 w = _mm256_cvtepi32_ps(i == 7 ? _mm256_srli_epi32(v, 28)
                                                            : _mm256_and_si256(v, _mm256_set1_epi32(0xF << (4 * i))));
                 const int s = (8 * b + i) % split, j = g * GROUP + 8 * b + i;
+#pragma GCC unroll 4
                 for (int m = 0; m < rows; m++)
                     part[m * split + s] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(xs + (size_t)(m0 + m) * K + j),
                                                           part[m * split + s]);
