@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from petald.kernels import quant
 from petald.kernels.client_head import ClientHead
+from petald.kernels.dtypes import resolve_dtype
 from petald.kernels.native import int4_native
 from petald.kernels.native.decode_attention import decode_attention_kernel
 from petald.kernels.native.native_library import ChosenKernel, CpuKernelError, NativeLibrary
@@ -250,6 +251,30 @@ def test_dense_bfloat16_layers_are_prepacked_only_where_onednn_runs_bfloat16():
     layer = make_linear(w, None, "none", torch.bfloat16, CPU)
     assert isinstance(layer, PrepackedBf16Linear if onednn_bf16_supported() else DenseLinear)
     assert isinstance(make_linear(w, None, "none", torch.float32, CPU), DenseLinear)
+
+
+def test_bfloat16_settings_fall_back_to_float32_with_one_warning_where_bfloat16_is_not_native(
+        tiny_models, monkeypatch, caplog):
+    """--head-quant bf16 and --dtype bfloat16 on a CPU without native bfloat16 (this one acting as an AVX2-only
+    CPU, PETALD_CPU_KERNELS=avx2) would be slower than float32: they run float32, and say so once each."""
+    source = open_source(str(tiny_models["llama"]))
+    hidden = torch.randn(2, 3, source.config.hidden_size)
+    reference = ClientHead(source, quant="none")
+    monkeypatch.setenv("PETALD_CPU_KERNELS", "avx2")
+    assert not quant.native_bfloat16_matmul()
+    with caplog.at_level("WARNING"):
+        head = ClientHead(source, quant="bf16")
+        dtype = resolve_dtype("bfloat16", CPU)
+    assert head.quant == "none" and head.head_dtype == torch.float32 and isinstance(head.lm_head, DenseLinear)
+    assert torch.equal(head.logits(hidden), reference.logits(hidden))
+    assert dtype == torch.float32 and resolve_dtype("float16", CPU) == torch.float16
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("no native bfloat16 matmul" in w and "float32" in w for w in warnings)
+    assert isinstance(make_linear(torch.randn(32, 16), None, "none", torch.bfloat16, CPU), DenseLinear)
+    monkeypatch.delenv("PETALD_CPU_KERNELS")
+    native = onednn_bf16_supported()  # this CPU's own answer: bfloat16 stays where it is native
+    assert (ClientHead(source, quant="bf16").head_dtype == torch.bfloat16) == native
+    assert (resolve_dtype("bfloat16", CPU) == torch.bfloat16) == native
 
 
 def test_nf4_and_unknown_modes_are_refused_on_cpu():

@@ -30,7 +30,11 @@ from collections.abc import Callable
 import torch
 
 from petald.kernels.native import int4_native
-from petald.kernels.native.native_library import PROCESS_LIBRARY, NativeLibrary
+from petald.kernels.native.native_library import (
+    PROCESS_LIBRARY,
+    NativeLibrary,
+    native_bfloat16_view,
+)
 from petald.vocabulary import QUANT_MODES
 
 log = logging.getLogger(__name__)
@@ -65,7 +69,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dty
                 device: torch.device) -> Linear:
     """A callable computing ``x @ weight.T + bias`` with ``weight`` [out, in] stored as ``quant`` asks."""
     if quant == "none":
-        if dtype == torch.bfloat16 and device.type == "cpu" and onednn_bf16_supported():
+        if dtype == torch.bfloat16 and device.type == "cpu" and native_bfloat16_matmul():
             return PrepackedBf16Linear(weight, _bias(bias, dtype, device))
         return DenseLinear(weight.to(device, dtype), _bias(bias, dtype, device))
     if device.type == "cuda":
@@ -109,6 +113,14 @@ def onednn_bf16_supported() -> bool:
     if not torch.backends.mkldnn.is_available() or not all(hasattr(torch.ops.mkldnn, op) for op in ops):
         return False
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def native_bfloat16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (``onednn_bf16_supported``), unless
+    ``PETALD_CPU_KERNELS=avx2`` makes it act as one without. Where it does not, bfloat16 weights and
+    activations run slower than float32 ones (1.3-3.4x, benchmarks.md): ``--dtype bfloat16`` and
+    ``--head-quant bf16`` fall back to float32 there (``dtypes.resolve_dtype``, ``ClientHead``)."""
+    return native_bfloat16_view() and onednn_bf16_supported()
 
 
 class _FrozenKernelMatmul(torch.autograd.Function):
