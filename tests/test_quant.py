@@ -291,6 +291,13 @@ def test_serve_quant_nf4_on_cpu_is_a_clear_cli_error(tiny_models):
     assert "nf4 needs a CUDA device and bitsandbytes" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_unknown_cpu_kernel_set_is_a_clear_cli_error_before_loading(tiny_models):
+    result = run_petald("serve", "--blocks", "0:6", "--quant", "int4", "--device", "cpu", "--new-swarm",
+                        "--model", str(tiny_models["llama"]), env=os.environ | {"PETALD_CPU_KERNELS": "avx3"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "PETALD_CPU_KERNELS='avx3' is not a kernel set: use one of auto, avx512, avx2, torch" in result.stderr
+
+
 def test_server_info_carries_quant_and_reads_older_servers_as_none():
     info = ServerInfo("m@1", "f" * 64, 30, 0, 15, "float32", 576, 8192, 100, "0.1.0", quant="int8")
     assert ServerInfo.from_wire(info.to_wire()).quant == "int8"

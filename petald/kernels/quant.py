@@ -33,6 +33,7 @@ from petald.kernels.native import int4_native
 from petald.kernels.native.native_library import (
     PROCESS_LIBRARY,
     NativeLibrary,
+    cpu_kernel_setting,
     native_bfloat16_view,
 )
 from petald.vocabulary import QUANT_MODES
@@ -50,7 +51,9 @@ class QuantError(ValueError):
 
 
 def check_quant(quant: str, device: torch.device) -> None:
-    """Refuse, before any weight is loaded, a mode this device cannot run."""
+    """Refuse, before any weight is loaded, a mode this device cannot run (or an unknown ``PETALD_CPU_KERNELS``)."""
+    if device.type == "cpu":
+        cpu_kernel_setting()
     if quant not in QUANT_MODES:
         raise QuantError(f"unknown --quant {quant!r}: use one of {', '.join(QUANT_MODES)}")
     if quant == "nf4" and device.type != "cuda":
