@@ -325,10 +325,16 @@ def _logits(source, head: ClientHead, ids: torch.Tensor, quant: str) -> torch.Te
     return head.logits(_hidden(source, head, ids, quant))[0]
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_smollm2_agrees_with_float32_on_a_reference_text(smollm2_on_text, quant):
-    """Top-1 agreement over every position of ~340 tokens of text (teacher-forced)."""
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4:avx2"])
+def test_quantized_smollm2_agrees_with_float32_on_a_reference_text(smollm2_on_text, quant, monkeypatch):
+    """Top-1 agreement over every position of ~340 tokens of text (teacher-forced); "int4:avx2" through
+    petald's AVX2 int4 kernel, whatever this CPU would choose."""
     source, head, ids, _, want = smollm2_on_text
+    quant, _, kernels = quant.partition(":")
+    if kernels:
+        monkeypatch.setenv("PETALD_CPU_KERNELS", kernels)
+        monkeypatch.setenv("PETALD_NATIVE_INT4", "1")
+        assert _skip_without_native_int4().isa == kernels
     assert ids.shape[1] > 300
     got = _logits(source, head, ids, quant)
     agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
