@@ -1,13 +1,15 @@
-"""A decode step's attention in petald's C kernel (kernels/native/decode_attention.py) against torch's ops.
+"""A decode step's attention in petald's C kernel (kernels/native/decode_attention.py), each variant this CPU
+runs (AVX512F, AVX2 with FMA), against torch's ops.
 
     python benchmarks/decode_attention.py [--threads 1] [--sessions 1 4 16] [--context 128 1024]
 
-SmolLM2's 30 blocks (the embedded GGUF, float32, or --quant int4) are built twice, once with
-PETALD_NATIVE_ATTENTION=0. For each session count and context length, that many sessions
+SmolLM2's 30 blocks (the embedded GGUF, float32, or --quant int4) are built once with
+PETALD_NATIVE_ATTENTION=0 and once per variant (PETALD_CPU_KERNELS=avx512, avx2; the int4 matmul
+is then that variant's too). For each session count and context length, that many sessions
 are prefilled to the context length, then decode steps of all of them run as one batched
-forward through the whole span, alternating the two builds; it reports milliseconds per
-batched step (the median of --steps each) and the largest difference between the two
-outputs relative to the largest output. The steps' keys and values are written and kept,
+forward through the whole span, alternating the builds; it reports milliseconds per
+batched step (the median of --steps each) and the largest difference between torch's and
+a variant's outputs relative to the largest output. The steps' keys and values are written and kept,
 so each session's context grows by --steps during the measurement.
 """
 
@@ -24,21 +26,23 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from petald.kernels.native.decode_attention import native_decode_attention_usable  # noqa: E402
+from petald.kernels.native.native_library import PROCESS_LIBRARY, SWITCH, CpuKernelError  # noqa: E402
 from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
 
 
-def build(source, quant: str, native: bool) -> BlockSpan:
-    setting = os.environ.get("PETALD_NATIVE_ATTENTION")
-    os.environ["PETALD_NATIVE_ATTENTION"] = "1" if native else "0"
+def build(source, quant: str, setting: dict[str, str]) -> BlockSpan:
+    """The span, built with the environment ``setting`` (PETALD_* switches), which is then undone."""
+    before = {name: os.environ.get(name) for name in setting}
+    os.environ.update(setting)
     try:
         return BlockSpan(source, 0, source.identity.num_blocks, torch.float32, torch.device("cpu"), quant=quant)
     finally:
-        if setting is None:
-            os.environ.pop("PETALD_NATIVE_ATTENTION")
-        else:
-            os.environ["PETALD_NATIVE_ATTENTION"] = setting
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def main() -> None:
@@ -50,19 +54,25 @@ def main() -> None:
     parser.add_argument("--quant", default="none", choices=["none", "int4"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not native_decode_attention_usable(torch.float32, torch.device("cpu"), 64):
-        sys.exit("petald's decode attention is not available here (no C compiler, or a CPU without AVX512F): "
-                 "nothing to compare")
     source = open_source(None)
-    print("loading the span twice", file=sys.stderr, flush=True)
-    spans = {"torch": build(source, args.quant, native=False), "petald": build(source, args.quant, native=True)}
+    print("loading the span once per kernel", file=sys.stderr, flush=True)
+    spans = {"torch": build(source, args.quant, {"PETALD_NATIVE_ATTENTION": "0"})}
+    for isa in ("avx512", "avx2"):
+        try:
+            spans[f"petald {isa}"] = build(source, args.quant, {SWITCH: isa, "PETALD_NATIVE_INT4": "1"})
+        except CpuKernelError as exc:
+            print(f"not measured: {exc}", file=sys.stderr)
+    ours = [name for name, span in spans.items() if name != "torch" and span.blocks[0].native_decode]
+    if not ours:
+        sys.exit("petald's decode attention is not available here (no C compiler, or a CPU with neither AVX512F "
+                 "nor AVX2 and FMA): nothing to compare")
     hidden_size = source.config.hidden_size
     gen = torch.Generator().manual_seed(0)
     print(f"SmolLM2, 30 blocks, float32 activations, blocks={args.quant}, {args.threads} thread(s), "
-          f"torch {torch.__version__}\n")
-    print("| sessions | context | torch's ops: ms per step | petald's C kernel: ms per step | speed-up | "
-          "max relative difference |")
-    print("|---|---|---|---|---|---|")
+          f"torch {torch.__version__}, CPU features: {', '.join(sorted(PROCESS_LIBRARY.cpu_features()))}\n")
+    print("| sessions | context | torch's ops: ms per step | "
+          + " | ".join(f"{name}: ms per step | speed-up" for name in ours) + " | max relative difference |")
+    print("|---|---|---|" + "---|---|" * len(ours) + "---|")
     with torch.inference_mode():
         for context in args.context:
             for sessions in args.sessions:
@@ -84,11 +94,12 @@ def main() -> None:
                         t0 = time.perf_counter()
                         outs[name] = span.forward_batch([(token[s], c) for s, c in enumerate(caches[name])])
                         times[name].append(time.perf_counter() - t0)
-                    for a, b in zip(outs["torch"], outs["petald"], strict=True):
-                        worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
-                ours, theirs = (1000 * statistics.median(times[n]) for n in ("petald", "torch"))
-                print(f"| {sessions} | {context} | {theirs:.2f} | {ours:.2f} | {theirs / ours:.2f}x | {worst:.1e} |",
-                      flush=True)
+                    for name in ours:
+                        for a, b in zip(outs["torch"], outs[name], strict=True):
+                            worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
+                ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+                cells = " | ".join(f"{ms[name]:.2f} | {ms['torch'] / ms[name]:.2f}x" for name in ours)
+                print(f"| {sessions} | {context} | {ms['torch']:.2f} | {cells} | {worst:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

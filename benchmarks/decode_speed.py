@@ -14,7 +14,10 @@ run petald's own kernel where it builds (kernels/native/int4_native.py);
 "blocks=int4:torch" is the same weights through torch's _weight_int4pack_mm_for_cpu, for the
 comparison. Decode steps' rotary, cache write and attention run in petald's C kernel
 (kernels/native/decode_attention.py) where it builds; ":torch-attention" rows run them in
-torch's ops instead (PETALD_NATIVE_ATTENTION=0).
+torch's ops instead (PETALD_NATIVE_ATTENTION=0). ":avx2" rows build blocks and head as on an
+AVX2-only CPU (PETALD_CPU_KERNELS=avx2: petald's AVX2 kernels, no native bfloat16, so head=bf16
+keeps float32); torch's own kernels (MKL, oneDNN) still use whatever this CPU has.
+--configs SUBSTRING ... keeps only petald's configurations whose name contains one of them.
 llama.cpp runs through llama-cpp-python if it is importable (a benchmark-only
 install: pip install llama-cpp-python); otherwise it is skipped, and said so.
 """
@@ -37,16 +40,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from petald.kernels.client_head import ClientHead  # noqa: E402
+from petald.kernels.native.native_library import PROCESS_LIBRARY  # noqa: E402
 from petald.kernels.sources.open_source import default_gguf_path, open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
 
 PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]
+REFERENCE = "petald float32 blocks=none head=none"  # always run: the others' tokens are compared with its
 # (compute dtype, block weights, LM head weights)
 PETALD_CONFIGS = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("bfloat16", "none", "bf16"),
                   ("float32", "int8", "none"), ("float32", "int4", "none"), ("float32", "int8", "int8"),
                   ("float32", "int4", "int8"), ("float32", "int4", "bf16"), ("float32", "int4:torch", "bf16"),
                   ("float32", "int4:torch-attention", "bf16"), ("float32", "none:torch-attention", "none"),
-                  ("bfloat16", "int4", "bf16"), ("float32", "int4", "int4")]
+                  ("bfloat16", "int4", "bf16"), ("float32", "int4", "int4"), ("float32", "none:avx2", "none"),
+                  ("float32", "int4:avx2", "none"), ("float32", "int4:avx2", "bf16")]
 
 
 def say(text: str) -> None:
@@ -55,20 +61,23 @@ def say(text: str) -> None:
 
 def petald_decoder(source, dtype: str, quant: str, head_quant: str) -> Callable[[int], tuple[list[float], list[int]]]:
     quant, _, variant = quant.partition(":")
-    # Which of petald's C kernels give way to torch's, while the span is built (each block reads its setting then).
-    overrides = {"torch": {"PETALD_NATIVE_INT4": "0"}, "torch-attention": {"PETALD_NATIVE_ATTENTION": "0"}}
-    settings = {name: os.environ.get(name) for name in ("PETALD_NATIVE_INT4", "PETALD_NATIVE_ATTENTION")}
+    # Which of petald's C kernels give way to torch's or to their AVX2 variant, while the span and head are built
+    # (each block and layer reads its setting then).
+    overrides = {"torch": {"PETALD_NATIVE_INT4": "0"}, "torch-attention": {"PETALD_NATIVE_ATTENTION": "0"},
+                 "avx2": {"PETALD_CPU_KERNELS": "avx2", "PETALD_NATIVE_INT4": "1"}}
+    settings = {name: os.environ.get(name) for name in ("PETALD_NATIVE_INT4", "PETALD_NATIVE_ATTENTION",
+                                                        "PETALD_CPU_KERNELS")}
     os.environ.update(overrides.get(variant, {}))
     try:
         span = BlockSpan(source, 0, source.identity.num_blocks, getattr(torch, dtype), torch.device("cpu"),
                          quant=quant)
+        head = ClientHead(source, quant=head_quant)
     finally:
         for name, value in settings.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    head = ClientHead(source, quant=head_quant)
 
     @torch.inference_mode()
     def decode(tokens: int) -> tuple[list[float], list[int]]:
@@ -138,6 +147,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/decode_speed.json")
+    parser.add_argument("--configs", nargs="+", default=[""], help="substrings of petald's configurations to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -145,6 +155,8 @@ def main() -> None:
     decoders: dict[str, Callable[[int], tuple[list[float], list[int]]]] = {}
     for dtype, quant, head_quant in PETALD_CONFIGS:
         name = f"petald {dtype} blocks={quant} head={head_quant}"
+        if name != REFERENCE and not any(part in name for part in args.configs):
+            continue
         say(f"loading {name}")
         decoders[name] = petald_decoder(source, dtype, quant, head_quant)
     say("loading transformers")
@@ -166,7 +178,7 @@ def main() -> None:
             tokens[name] = out
 
     medians = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    reference = tokens["petald float32 blocks=none head=none"]
+    reference = tokens[REFERENCE]
     llama_ms = medians.get("llama.cpp (llama-cpp-python)")
     rows = []
     for name, ms in medians.items():
@@ -177,9 +189,11 @@ def main() -> None:
                      "greedy_tokens_same_as_petald_fp32": f"{same}/{len(reference)}"})
     results = {"tokens": args.tokens, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
+               "cpu_features": sorted(PROCESS_LIBRARY.cpu_features()),
                "llama_cpp": "measured" if llama_ms else "skipped: llama_cpp not importable"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"CPU features: {', '.join(results['cpu_features'])}; {results['machine']}; {args.threads} thread(s)\n")
     print("| configuration | ms/token (median) | tokens/s | vs transformers | vs llama.cpp | greedy tokens = petald fp32 |")
     print("|---|---|---|---|---|---|")
     for r in rows:

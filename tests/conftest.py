@@ -42,3 +42,11 @@ def smollm_swarm():
 
     with LocalSwarm(["0:15", "15:30", "0:10", "10:20", "20:30"], extra_args=["--threads", "1"]) as swarm:
         yield swarm
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def cpu_kernels(request, monkeypatch) -> str:
+    """Each of petald's C kernel sets forced in turn (PETALD_CPU_KERNELS), so that a CPU with AVX512 tests
+    the AVX2 kernels too; a test skips, with the reason, a set this CPU lacks."""
+    monkeypatch.setenv("PETALD_CPU_KERNELS", request.param)
+    return request.param

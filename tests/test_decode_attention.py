@@ -9,14 +9,20 @@ import pytest
 import torch
 
 from petald.kernels.native import decode_attention as da
-from petald.kernels.native.native_library import NativeLibrary
+from petald.kernels.native.native_library import ChosenKernel, CpuKernelError, NativeLibrary
 
 CPU = torch.device("cpu")
 
 
-def _skip_without_kernel() -> None:
-    if not da.native_decode_attention_usable(torch.float32, CPU, 16):
-        pytest.skip("petald's decode attention needs a C compiler and a CPU with AVX512F")
+def _skip_without_kernel() -> ChosenKernel:
+    """The kernel of the set PETALD_CPU_KERNELS forces (else this CPU's best), or a skip saying why not."""
+    try:
+        kernel = da.decode_attention_kernel(torch.float32, CPU, 16)
+    except CpuKernelError as exc:
+        pytest.skip(str(exc))
+    if kernel is None:
+        pytest.skip("petald's decode attention needs a C compiler and a CPU with AVX512F or AVX2 and FMA")
+    return kernel
 
 
 def _reference(qkv, heads, kv_heads, cos, sin, k_pool, v_pool, write_slots, key_slots, lengths, window):
@@ -47,10 +53,11 @@ def _reference(qkv, heads, kv_heads, cos, sin, k_pool, v_pool, write_slots, key_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "window"), [(4, 2, 16, None), (9, 3, 64, None),
                                                                        (6, 6, 32, 5)])
-def test_decode_attention_matches_an_independent_reference(dtype, heads, kv_heads, head_dim, window):
+def test_decode_attention_matches_an_independent_reference(cpu_kernels, dtype, heads, kv_heads, head_dim, window):
     """Three sessions of different lengths whose keys lie scattered over the pool; with a sliding window
     in one case. The new keys and values land in the pools, rotated as the definition says."""
-    _skip_without_kernel()
+    kernel = _skip_without_kernel()
+    assert kernel.isa == cpu_kernels
     gen = torch.Generator().manual_seed(head_dim)
     lengths = torch.tensor([1, 19, 7])
     slots = 40
@@ -71,7 +78,8 @@ def test_decode_attention_matches_an_independent_reference(dtype, heads, kv_head
     sin_signed = torch.cat([-angles.sin(), angles.sin()], -1).to(dtype)  # as RotaryTable keeps it
     want, want_k, want_v = _reference(qkv, heads, kv_heads, cos, sin, k_pool, v_pool, write_slots, key_slots,
                                       lengths, window)
-    got = da.decode_attention(qkv, heads, kv_heads, cos, sin_signed, k_pool, v_pool, write_slots, key_slots, lengths, window)
+    got = da.decode_attention(qkv, heads, kv_heads, cos, sin_signed, k_pool, v_pool, write_slots, key_slots, lengths,
+                              window, kernel)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.03, "rtol": 0.02}
     assert got.dtype == dtype and got.shape == (3, heads * head_dim)
     torch.testing.assert_close(got.double(), want, **tolerance)
@@ -81,7 +89,7 @@ def test_decode_attention_matches_an_independent_reference(dtype, heads, kv_head
     assert k_pool[slots].isnan().all()  # nothing wrote the slot no session owns
 
 
-def test_decode_attention_refuses_inputs_that_do_not_fit_and_writes_nothing():
+def test_decode_attention_refuses_inputs_that_do_not_fit_and_writes_nothing(cpu_kernels):
     _skip_without_kernel()
     heads, kv_heads, d = 4, 2, 16
     qkv = torch.randn(2, (heads + 2 * kv_heads) * d)
@@ -104,7 +112,7 @@ def test_decode_attention_refuses_inputs_that_do_not_fit_and_writes_nothing():
     assert da.decode_attention(**good).shape == (2, heads * d)
 
 
-def test_a_nan_or_infinite_key_reaches_the_output_as_in_torch():
+def test_a_nan_or_infinite_key_reaches_the_output_as_in_torch(cpu_kernels):
     """Not a finite average of the values: the next hop's finiteness check must see the fault. (An
     infinite key whose score is -inf gets no weight, in torch as here; +inf makes the head NaN.)"""
     _skip_without_kernel()

@@ -191,33 +191,47 @@ def test_throughput_is_measured_again_after_a_kernel_change(tiny_models):
 
 
 @pytest.mark.parametrize(("setting", "quant", "labels"), [
-    ("PETALD_NATIVE_INT4", "int4", {"0": "int4 torch kernel", "1": "int4 petald kernel"}),
-    ("PETALD_NATIVE_ATTENTION", "none", {"0": "none, torch attention", "1": "none"}),
+    ("PETALD_NATIVE_INT4", "int4", {"0": "int4 torch kernel", "1": "int4 petald {int4} kernel"}),
+    ("PETALD_NATIVE_ATTENTION", "none", {"0": "none, torch attention", "1": "none, {attention} attention"}),
+    ("PETALD_CPU_KERNELS", "int4", {"avx2": "int4 petald avx2 kernel, avx2 attention",
+                                    "torch": "int4 torch kernel, torch attention"}),
 ])
 def test_throughput_is_measured_per_kernel_choice(tiny_models, monkeypatch, tmp_path, setting, quant, labels):
-    """Where a process chooses between one of petald's C kernels and torch's (the int4 matmul, decode
-    attention), the two differ in speed: a server measures, caches and announces the one it runs."""
-    from petald.kernels.native import int4_native
-    from petald.kernels.native.decode_attention import native_decode_attention_usable
+    """Where a process chooses between one of petald's C kernels (and its variant for this CPU) and torch's
+    (the int4 matmul, decode attention), they differ in speed: a server measures, caches and announces the
+    one it runs."""
+    from petald.kernels.native.decode_attention import decode_attention_kernel
+    from petald.kernels.native.int4_native import int4_kernel
+    from petald.kernels.native.native_library import CpuKernelError
     from petald.kernels.throughput import SpanThroughput, cached_throughput, kernel_of
 
-    available = {"PETALD_NATIVE_INT4": int4_native.native_int4_available(),
-                 "PETALD_NATIVE_ATTENTION": native_decode_attention_usable(torch.float32, torch.device("cpu"), 16)}
-    if not available[setting]:
-        pytest.skip("petald's C kernels need a C compiler and a CPU with AVX512F (int4: AVX512-BF16)")
+    if setting != "PETALD_NATIVE_INT4":
+        monkeypatch.setenv("PETALD_NATIVE_INT4", "1")  # petald's int4 kernel, not whichever measures faster here
+    try:
+        with monkeypatch.context() as forced:
+            forced.setenv("PETALD_CPU_KERNELS", "avx2" if setting == "PETALD_CPU_KERNELS" else "auto")
+            kernels = (int4_kernel(), decode_attention_kernel(torch.float32, torch.device("cpu"), 16))
+    except CpuKernelError as exc:
+        pytest.skip(str(exc))
+    if None in kernels:
+        pytest.skip("petald's C kernels need a C compiler and a CPU with AVX512F (int4: AVX512-BF16) or AVX2 and FMA")
     monkeypatch.setenv("PETALD_CACHE_DIR", str(tmp_path))
     source = open_source(str(tiny_models["llama"]))
     spans = {}
-    for value in ("0", "1"):
+    for value in labels:
         monkeypatch.setenv(setting, value)
         spans[value] = BlockSpan(source, 0, 2, torch.float32, torch.device("cpu"), quant=quant)
-        assert kernel_of(spans[value], quant) == labels[value]
+        label = kernel_of(spans[value], quant)
+        if quant == "int4" and setting == "PETALD_NATIVE_INT4":
+            label = label.rsplit(", ", 1)[0]  # the attention's part is the next case's
+        assert label == labels[value].format(int4=kernels[0].isa, attention=kernels[1].isa)
     measured = []
 
     def measure() -> SpanThroughput:
         measured.append(1)
         return SpanThroughput(inference_rps=10.0 * len(measured), forward_tps=100.0)
 
-    for value in ("0", "1", "1", "0"):
+    first, second = labels
+    for value in (first, second, second, first):
         cached_throughput(spans[value], f"fp-{setting}", quant, measure)
     assert len(measured) == 2  # once per kernel, then from the cache

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from petald.kernels.client_head import ClientHead
+from petald.kernels.native.native_library import CpuKernelError
 from petald.kernels.paged_kv_cache import CacheFullError, PagedKVCache
 from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
@@ -81,19 +82,26 @@ def scramble(pool: PagedKVCache) -> None:
         pool.close(s)
 
 
-@pytest.mark.parametrize("attention", ["native", "torch"])
+@pytest.mark.parametrize("attention", ["avx512", "avx2", "torch"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_steps_over_scattered_pages_match_transformers(tiny_models, family, attention, monkeypatch):
     """Three sessions of different lengths share one scrambled pool full of NaN; their prefills run
     batched in uneven chunks, then their decode steps run batched (padded to the longest). Each one's logits match transformers' dense
     model on that session's whole sequence (mistral's sliding window of 24 is crossed). Decode steps
-    run through petald's C kernel (kernels/native/decode_attention.py) and through torch's ops."""
+    run through each variant of petald's C kernel (kernels/native/decode_attention.py) and through torch's ops."""
     path = str(tiny_models[family])
     source = open_source(path)
-    monkeypatch.setenv("PETALD_NATIVE_ATTENTION", "1" if attention == "native" else "0")
-    span = BlockSpan(source, 0, TINY_BLOCKS, torch.float32, CPU)
-    if span.blocks[0].native_decode != (attention == "native"):
-        pytest.skip("petald's decode attention needs a C compiler and a CPU with AVX512F")
+    if attention == "torch":
+        monkeypatch.setenv("PETALD_NATIVE_ATTENTION", "0")
+    else:
+        monkeypatch.setenv("PETALD_CPU_KERNELS", attention)
+    try:
+        span = BlockSpan(source, 0, TINY_BLOCKS, torch.float32, CPU)
+    except CpuKernelError as exc:
+        pytest.skip(str(exc))
+    kernel = span.blocks[0].native_decode
+    if (kernel.isa if kernel is not None else "torch") != attention:
+        pytest.skip("petald's decode attention needs a C compiler and a CPU with AVX512F or AVX2 and FMA")
     head = ClientHead(source)
     pool = span.new_pool(64 * 16 * TINY_BLOCKS, page_size=16)
     scramble(pool)

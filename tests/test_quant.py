@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 from petald.kernels import quant
 from petald.kernels.client_head import ClientHead
+from petald.kernels.dtypes import resolve_dtype
 from petald.kernels.native import int4_native
-from petald.kernels.native.native_library import NativeLibrary
+from petald.kernels.native.decode_attention import decode_attention_kernel
+from petald.kernels.native.native_library import ChosenKernel, CpuKernelError, NativeLibrary
 from petald.kernels.quant import (
     INT4_GROUP,
     DenseLinear,
@@ -70,20 +72,26 @@ def _int4_reference(w: torch.Tensor) -> torch.Tensor:
     return ((q - 8) * scale.bfloat16().float() + zero.bfloat16().float()).reshape(w.shape)
 
 
-def _skip_without_native_int4() -> None:
-    if not int4_native.native_int4_available():
-        pytest.skip("petald's int4 kernel needs a C compiler and a CPU with AVX512-BF16")
+def _skip_without_native_int4() -> ChosenKernel:
+    """The int4 kernel of the set PETALD_CPU_KERNELS forces (else this CPU's best), or a skip saying why not."""
+    try:
+        kernel = int4_native.int4_kernel()
+    except CpuKernelError as exc:
+        pytest.skip(str(exc))
+    if kernel is None:
+        pytest.skip("petald's int4 kernel needs a C compiler and a CPU with AVX512-BF16 or AVX2 and FMA")
+    return kernel
 
 
-def test_native_int4_kernel_multiplies_the_weights_int4linear_holds():
+def test_native_int4_kernel_multiplies_the_weights_int4linear_holds(cpu_kernels):
     """Every row count the kernel unrolls separately (1-8) and past it, against weights computed
     without either kernel: a wrong nibble, tile or group order cannot hide in a shared unpacking."""
-    _skip_without_native_int4()
+    assert _skip_without_native_int4().isa == cpu_kernels
     gen = torch.Generator().manual_seed(7)
     for out_features, in_features in ((48, 2 * INT4_GROUP), (32, 5 * INT4_GROUP)):
         w, b = torch.randn(out_features, in_features, generator=gen), torch.randn(out_features, generator=gen)
         layer = Int4Linear(w, b, native=True)
-        assert layer.native
+        assert layer.native and layer.kernel.isa == cpu_kernels
         want_w = _int4_reference(w)
         torch.testing.assert_close(layer.dense_weight(), want_w, atol=1e-6, rtol=1e-6)
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 40):
@@ -97,7 +105,7 @@ def test_native_int4_kernel_multiplies_the_weights_int4linear_holds():
         assert layer(torch.empty(0, in_features)).shape == (0, out_features)
 
 
-def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong_inputs():
+def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong_inputs(cpu_kernels):
     _skip_without_native_int4()
     gen = torch.Generator().manual_seed(8)
     w = torch.randn(64, 3 * INT4_GROUP, generator=gen)
@@ -115,7 +123,7 @@ def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong
     torch.testing.assert_close(alone, x.bfloat16().float() @ _int4_reference(w).t(), atol=1e-4, rtol=1e-5)
     for bad in (torch.randn(2, 4 * INT4_GROUP), torch.randn(2, 2 * INT4_GROUP), torch.randn(3 * INT4_GROUP)):
         with pytest.raises(int4_native.NativeKernelError, match="rows of width 96"):
-            int4_native.matmul(bad, layer.packed)
+            int4_native.matmul(bad, layer.packed, layer.kernel)
     with pytest.raises(QuantError, match="groups of 32"):
         Int4Linear(torch.randn(16, 128), None, group=64, native=True)
 
@@ -150,6 +158,45 @@ def test_int4_layers_take_the_kernel_that_measured_faster_unless_told(monkeypatc
     monkeypatch.setenv("PETALD_NATIVE_INT4", "1")
     assert quant.native_int4_enabled(faster_at=torch_faster) and Int4Linear(w, None).native
     assert asked == [threads]  # insisting skips the timing
+
+
+def test_the_int4_variants_agree_on_inputs_of_every_sign_and_size(monkeypatch):
+    """AVX2's sums q x and subtracts 8 x once per group where AVX512's sums (q - 8) x: on a layer of
+    SmolLM2's size with inputs far from zero, the two stay within float32 rounding of each other."""
+    gen = torch.Generator().manual_seed(9)
+    w, x = torch.randn(3072, 576, generator=gen) * 0.02, torch.randn(5, 576, generator=gen) * 10 + 3
+    outputs = {}
+    for isa in ("avx512", "avx2"):
+        monkeypatch.setenv("PETALD_CPU_KERNELS", isa)
+        _skip_without_native_int4()
+        outputs[isa] = Int4Linear(w, None, native=True)(x)
+    want = x.bfloat16().double() @ _int4_reference(w).double().t()
+    for got in outputs.values():
+        torch.testing.assert_close(got.double(), want, atol=2e-4 * want.abs().max().item(), rtol=0)
+
+
+def test_cpu_kernel_sets_are_chosen_by_the_cpus_features_or_the_switch(monkeypatch):
+    """One place decides: the best set this CPU (here: an injected view of one) runs; PETALD_CPU_KERNELS
+    forces one, and naming a set the CPU lacks, or none at all, is an error that says what to do."""
+    library = NativeLibrary()
+    if library.load() is None:
+        pytest.skip("petald's C kernels need a C compiler")
+    views = {"avx512 with bfloat16": ({"avx2", "fma", "avx512f", "avx512bw", "avx512bf16"}, "avx512", "avx512"),
+             "avx512 without bfloat16": ({"avx2", "fma", "avx512f", "avx512bw"}, "avx2", "avx512"),
+             "avx2 only": ({"avx2", "fma"}, "avx2", "avx2"), "older": ({"avx2"}, None, None)}
+    for name, (features, int4, attention) in views.items():
+        view = NativeLibrary(features=frozenset(features))  # the same build, from the cache: only the view differs
+        chosen = int4_native.int4_kernel(view), decode_attention_kernel(torch.float32, CPU, 64, view)
+        assert tuple(k and k.isa for k in chosen) == (int4, attention), name
+    avx2_only = NativeLibrary(features=frozenset({"avx2", "fma"}))
+    monkeypatch.setenv("PETALD_CPU_KERNELS", "avx512")
+    with pytest.raises(CpuKernelError, match="PETALD_CPU_KERNELS=avx512: .*needs avx512bf16, avx512bw, avx512f"):
+        int4_native.int4_kernel(avx2_only)
+    monkeypatch.setenv("PETALD_CPU_KERNELS", "torch")
+    assert int4_native.int4_kernel(library) is None and not Int4Linear(torch.randn(16, 32), None).native
+    monkeypatch.setenv("PETALD_CPU_KERNELS", "sse9")
+    with pytest.raises(CpuKernelError, match="'sse9' is not a kernel set: use one of auto, avx512, avx2, torch"):
+        Int4Linear(torch.randn(16, 32), None)
 
 
 def test_int4_refuses_layers_neither_kernel_can_tile():
@@ -206,6 +253,30 @@ def test_dense_bfloat16_layers_are_prepacked_only_where_onednn_runs_bfloat16():
     assert isinstance(make_linear(w, None, "none", torch.float32, CPU), DenseLinear)
 
 
+def test_bfloat16_settings_fall_back_to_float32_with_one_warning_where_bfloat16_is_not_native(
+        tiny_models, monkeypatch, caplog):
+    """--head-quant bf16 and --dtype bfloat16 on a CPU without native bfloat16 (this one acting as an AVX2-only
+    CPU, PETALD_CPU_KERNELS=avx2) would be slower than float32: they run float32, and say so once each."""
+    source = open_source(str(tiny_models["llama"]))
+    hidden = torch.randn(2, 3, source.config.hidden_size)
+    reference = ClientHead(source, quant="none")
+    monkeypatch.setenv("PETALD_CPU_KERNELS", "avx2")
+    assert not quant.native_bfloat16_matmul()
+    with caplog.at_level("WARNING"):
+        head = ClientHead(source, quant="bf16")
+        dtype = resolve_dtype("bfloat16", CPU)
+    assert head.quant == "none" and head.head_dtype == torch.float32 and isinstance(head.lm_head, DenseLinear)
+    assert torch.equal(head.logits(hidden), reference.logits(hidden))
+    assert dtype == torch.float32 and resolve_dtype("float16", CPU) == torch.float16
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("no native bfloat16 matmul" in w and "float32" in w for w in warnings)
+    assert isinstance(make_linear(torch.randn(32, 16), None, "none", torch.bfloat16, CPU), DenseLinear)
+    monkeypatch.delenv("PETALD_CPU_KERNELS")
+    native = onednn_bf16_supported()  # this CPU's own answer: bfloat16 stays where it is native
+    assert (ClientHead(source, quant="bf16").head_dtype == torch.bfloat16) == native
+    assert (resolve_dtype("bfloat16", CPU) == torch.bfloat16) == native
+
+
 def test_nf4_and_unknown_modes_are_refused_on_cpu():
     with pytest.raises(QuantError, match="needs a CUDA device and bitsandbytes"):
         check_quant("nf4", CPU)
@@ -218,6 +289,13 @@ def test_serve_quant_nf4_on_cpu_is_a_clear_cli_error(tiny_models):
                         "--model", str(tiny_models["llama"]))
     assert result.returncode == 1
     assert "nf4 needs a CUDA device and bitsandbytes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unknown_cpu_kernel_set_is_a_clear_cli_error_before_loading(tiny_models):
+    result = run_petald("serve", "--blocks", "0:6", "--quant", "int4", "--device", "cpu", "--new-swarm",
+                        "--model", str(tiny_models["llama"]), env=os.environ | {"PETALD_CPU_KERNELS": "avx3"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "PETALD_CPU_KERNELS='avx3' is not a kernel set: use one of auto, avx512, avx2, torch" in result.stderr
 
 
 def test_server_info_carries_quant_and_reads_older_servers_as_none():
@@ -247,10 +325,16 @@ def _logits(source, head: ClientHead, ids: torch.Tensor, quant: str) -> torch.Te
     return head.logits(_hidden(source, head, ids, quant))[0]
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_smollm2_agrees_with_float32_on_a_reference_text(smollm2_on_text, quant):
-    """Top-1 agreement over every position of ~340 tokens of text (teacher-forced)."""
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4:avx2"])
+def test_quantized_smollm2_agrees_with_float32_on_a_reference_text(smollm2_on_text, quant, monkeypatch):
+    """Top-1 agreement over every position of ~340 tokens of text (teacher-forced); "int4:avx2" through
+    petald's AVX2 int4 kernel, whatever this CPU would choose."""
     source, head, ids, _, want = smollm2_on_text
+    quant, _, kernels = quant.partition(":")
+    if kernels:
+        monkeypatch.setenv("PETALD_CPU_KERNELS", kernels)
+        monkeypatch.setenv("PETALD_NATIVE_INT4", "1")
+        assert _skip_without_native_int4().isa == kernels
     assert ids.shape[1] > 300
     got = _logits(source, head, ids, quant)
     agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()

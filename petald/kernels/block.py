@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from petald.kernels.adapters.lora import BlockLora
 from petald.kernels.models.dims import ModelDims
 from petald.kernels.models.registry import family_of
-from petald.kernels.native.decode_attention import native_decode_attention_usable
+from petald.kernels.native.decode_attention import decode_attention_kernel
 from petald.kernels.quant import Linear, make_linear
 
 
@@ -78,8 +78,8 @@ class TransformerBlock:
         self.o = linear(["self_attn.o_proj"])
         self.gate_up = linear(["mlp.gate_proj", "mlp.up_proj"])
         self.down = linear(["mlp.down_proj"])
-        # Whether a StepBatch of decode steps may run this block's attention in petald's C kernel.
-        self.native_decode = native_decode_attention_usable(dtype, device, self.head_dim)
+        # The variant of petald's C kernel a StepBatch of decode steps runs this block's attention in, if any.
+        self.native_decode = decode_attention_kernel(dtype, device, self.head_dim)
 
     def forward(self, x: torch.Tensor, attention: Attention, k_pool: torch.Tensor | None = None,
                 v_pool: torch.Tensor | None = None, lora: BlockLora | None = None) -> torch.Tensor:

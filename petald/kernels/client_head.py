@@ -13,7 +13,7 @@ from petald.kernels.quant import (
     QuantError,
     check_quant,
     make_linear,
-    onednn_bf16_supported,
+    native_bfloat16_matmul,
 )
 from petald.kernels.sources.model_source import ModelSource
 from petald.vocabulary import HEAD_QUANT_MODES
@@ -21,9 +21,9 @@ from petald.vocabulary import HEAD_QUANT_MODES
 log = logging.getLogger(__name__)
 
 # How the LM head's matrix may be stored (HEAD_QUANT_MODES): the blocks' modes, plus "bf16": bfloat16
-# weights (prepacked for oneDNN where the CPU multiplies bfloat16 natively) multiplied by the normed
-# hidden state rounded to bfloat16, while the embeddings, the final norm and the logits stay in the
-# client's dtype.
+# weights (prepacked for oneDNN) multiplied by the normed hidden state rounded to bfloat16, while the
+# embeddings, the final norm and the logits stay in the client's dtype. On a CPU that does not multiply
+# bfloat16 natively (quant.native_bfloat16_matmul), "bf16" keeps the float32 head: it is faster there.
 
 
 class ClientHead:
@@ -37,9 +37,11 @@ class ClientHead:
         self.dtype, self.device = dtype, torch.device(device)
         if quant not in HEAD_QUANT_MODES:
             raise QuantError(f"unknown head quantization {quant!r}: use one of {', '.join(HEAD_QUANT_MODES)}")
-        if quant == "bf16" and self.device.type == "cpu" and not onednn_bf16_supported():
-            log.warning("this CPU has no native bfloat16 matmul (AVX512-BF16 or AMX): a bf16 LM head is "
-                        "likely slower here than the float32 one (--head-quant none)")
+        if quant == "bf16" and self.device.type == "cpu" and not native_bfloat16_matmul():
+            log.warning("--head-quant bf16: this CPU has no native bfloat16 matmul (AVX512-BF16 or AMX), where a "
+                        "bfloat16 LM head is slower than a float32 one: using the float32 head (--head-quant none)")
+            quant = "none"
+        self.quant = quant  # as stored: "bf16" may have fallen back to "none"
         if quant != "bf16":
             try:
                 check_quant(quant, self.device)

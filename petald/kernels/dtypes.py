@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from petald.kernels.quant import native_bfloat16_matmul
 from petald.vocabulary import DTYPE_NAMES
+
+log = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -28,6 +33,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    if name == "bfloat16" and device.type == "cpu" and not native_bfloat16_matmul():
+        log.warning("--dtype bfloat16: this CPU has no native bfloat16 matmul (AVX512-BF16 or AMX), where "
+                    "bfloat16 blocks run slower than float32 ones: using float32")
+        return torch.float32
     return DTYPES[name]
 
 

@@ -9,8 +9,8 @@ residuals, the KV cache) stays in the compute dtype.
   ``_weight_int8pack_mm`` (its float32-activation path is a scalar loop, 10-100x
   slower, which is why activations go in as bfloat16).
 - ``int4`` on CPU: asymmetric, groups of ``INT4_GROUP`` along the input
-  dimension; petald's own AVX512-BF16 kernel (``kernels/native/int4_native.py``) where
-  it builds and measures faster, else torch's ``_weight_int4pack_mm_for_cpu``.
+  dimension; petald's own kernel (``kernels/native/int4_native.py``: AVX512-BF16 or
+  AVX2 with FMA) where it builds and measures faster, else torch's ``_weight_int4pack_mm_for_cpu``.
 - ``none`` in bfloat16 on a CPU with native bfloat16 dot products (AVX512-BF16, AMX):
   the weights are reordered once into oneDNN's own blocked layout
   (``PrepackedBf16Linear``), not quantized.
@@ -30,7 +30,12 @@ from collections.abc import Callable
 import torch
 
 from petald.kernels.native import int4_native
-from petald.kernels.native.native_library import PROCESS_LIBRARY, NativeLibrary
+from petald.kernels.native.native_library import (
+    PROCESS_LIBRARY,
+    NativeLibrary,
+    cpu_kernel_setting,
+    native_bfloat16_view,
+)
 from petald.vocabulary import QUANT_MODES
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,9 @@ class QuantError(ValueError):
 
 
 def check_quant(quant: str, device: torch.device) -> None:
-    """Refuse, before any weight is loaded, a mode this device cannot run."""
+    """Refuse, before any weight is loaded, a mode this device cannot run (or an unknown ``PETALD_CPU_KERNELS``)."""
+    if device.type == "cpu":
+        cpu_kernel_setting()
     if quant not in QUANT_MODES:
         raise QuantError(f"unknown --quant {quant!r}: use one of {', '.join(QUANT_MODES)}")
     if quant == "nf4" and device.type != "cuda":
@@ -65,7 +72,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dty
                 device: torch.device) -> Linear:
     """A callable computing ``x @ weight.T + bias`` with ``weight`` [out, in] stored as ``quant`` asks."""
     if quant == "none":
-        if dtype == torch.bfloat16 and device.type == "cpu" and onednn_bf16_supported():
+        if dtype == torch.bfloat16 and device.type == "cpu" and native_bfloat16_matmul():
             return PrepackedBf16Linear(weight, _bias(bias, dtype, device))
         return DenseLinear(weight.to(device, dtype), _bias(bias, dtype, device))
     if device.type == "cuda":
@@ -109,6 +116,14 @@ def onednn_bf16_supported() -> bool:
     if not torch.backends.mkldnn.is_available() or not all(hasattr(torch.ops.mkldnn, op) for op in ops):
         return False
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def native_bfloat16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (``onednn_bf16_supported``), unless
+    ``PETALD_CPU_KERNELS=avx2`` makes it act as one without. Where it does not, bfloat16 weights and
+    activations run slower than float32 ones (1.3-3.4x, benchmarks.md): ``--dtype bfloat16`` and
+    ``--head-quant bf16`` fall back to float32 there (``dtypes.resolve_dtype``, ``ClientHead``)."""
+    return native_bfloat16_view() and onednn_bf16_supported()
 
 
 class _FrozenKernelMatmul(torch.autograd.Function):
@@ -167,15 +182,20 @@ class Int8Linear(_KernelLinear):
         return self.q.float() * self.scale.float()[:, None]
 
 
-@functools.cache
 def native_faster_at(threads: int) -> bool:
-    """Whether petald's kernel, on one thread, multiplies one row by a 3072 x 576 int4 layer (SmolLM2's
+    """Whether petald's kernel (the variant chosen for this CPU), on one thread, multiplies one row by a 3072 x 576 int4 layer (SmolLM2's
     gate/up) faster than torch's kernel does on ``threads`` threads; measured once per process and
     thread count, ~0.1 s with quantizing the layer for both. Here (2 cores) it is 2.1x faster with 1 thread
     and 1.3x with 2; on a CPU with many cores torch's multi-threaded kernel may win at decode sizes,
     and then keeps serving. Only one row is timed, though steps of 2-15 rows (a few sessions
     batched) also run on one thread: here, with 2 threads, petald's margin is largest at one row
     (1.37x) and smallest at 8 (1.07x), so a many-core CPU may prefer torch's kernel for those first."""
+    kernel = int4_native.int4_kernel()
+    return kernel is not None and _native_faster_at(threads, kernel.isa)
+
+
+@functools.cache
+def _native_faster_at(threads: int, isa: str) -> bool:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(3072, 576, generator=gen)
     kernels = {"torch": Int4Linear(weight, None, native=False), "petald": Int4Linear(weight, None, native=True)}
@@ -193,8 +213,8 @@ def native_faster_at(threads: int) -> bool:
     finally:
         torch.set_num_threads(before)
     ours, theirs = statistics.median(timings["petald"]), statistics.median(timings["torch"])
-    log.info("int4 kernels at one row, %d thread(s): petald's %.0f us, torch's %.0f us: using %s", threads,
-             ours * 1e6, theirs * 1e6, "petald's" if ours <= theirs else "torch's")
+    log.info("int4 kernels at one row, %d thread(s): petald's %s %.0f us, torch's %.0f us: using %s", threads,
+             isa, ours * 1e6, theirs * 1e6, "petald's" if ours <= theirs else "torch's")
     return ours <= theirs
 
 
@@ -213,11 +233,12 @@ def native_int4_enabled(library: NativeLibrary = PROCESS_LIBRARY,
 class Int4Linear(_KernelLinear):
     """Asymmetric int4 weights in groups along the input dimension: w ~= (q - 8) * scale + zero.
 
-    Served by petald's own kernel (``kernels/native/int4_native.py``) where it builds, the CPU has
-    AVX512-BF16 and it measured faster than torch's at a decode step (``native_int4_enabled``),
+    Served by petald's own kernel (``kernels/native/int4_native.py``) where it builds, the CPU runs
+    one of its variants and it measured faster than torch's at a decode step (``native_int4_enabled``),
     else by torch's ``_weight_int4pack_mm_for_cpu``; ``native`` forces the choice (False: torch's
     kernel; True: petald's, which must be available). petald's kernel is ``library``'s (the process's
-    own unless told). The weights are held in one kernel's layout only.
+    own unless told); ``kernel`` is its variant, None for torch's. The weights are held in one kernel's
+    layout only.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP,
@@ -239,11 +260,12 @@ class Int4Linear(_KernelLinear):
             native = native_int4_enabled(library) and group == int4_native.GROUP
         elif native and group != int4_native.GROUP:
             raise QuantError(f"petald's int4 kernel takes groups of {int4_native.GROUP}, not {group}")
-        elif native and not int4_native.native_int4_available(library):
+        self.kernel = int4_native.int4_kernel(library) if native else None
+        if native and self.kernel is None:
             raise QuantError("petald's int4 kernel is not available here (see the log for why)")
-        self.native, self.library = native, library
-        if self.native:
-            self.packed = int4_native.pack(q, scale, zero)
+        self.native = native
+        if self.kernel is not None:
+            self.packed = int4_native.pack(q, scale, zero, self.kernel.isa)
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self.scale_zero = torch.stack([scale, zero], dim=-1).contiguous()
@@ -252,8 +274,8 @@ class Int4Linear(_KernelLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.native:
-            y = int4_native.matmul(flat, self.packed, self.library)
+        if self.kernel is not None:
+            y = int4_native.matmul(flat, self.packed, self.kernel)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group,
                                                            self.scale_zero)
@@ -262,8 +284,8 @@ class Int4Linear(_KernelLinear):
     def dense_weight(self) -> torch.Tensor:
         # The packed layouts are the kernels' own: let the kernel unpack them, by multiplying the identity.
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        if self.native:
-            return int4_native.matmul(eye, self.packed, self.library).t()
+        if self.kernel is not None:
+            return int4_native.matmul(eye, self.packed, self.kernel).t()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).t().float()
 
 

@@ -134,7 +134,7 @@ class StepBatch:
         if self.all_decode and block.native_decode:
             return decode_attention(qkv, block.n_heads, block.n_kv_heads, self.cos, self.sin_signed,
                                     k_pool, v_pool, self.write_slots, self.decode_slots,
-                                    self.decode_lengths, block.window)
+                                    self.decode_lengths, block.window, block.native_decode)
         n, heads, kv_heads, head_dim = qkv.shape[0], block.n_heads, block.n_kv_heads, block.head_dim
         q_and_k = block.q_size + block.kv_size
         # Queries and keys rotated in one call: half the small ops of rotating each.

@@ -1,4 +1,5 @@
 /* int4 weight-only matmul for x86 CPUs with AVX512-BF16: out[M, N] = x[M, K] @ W[N, K]^T.
+ * (int4_matmul_avx2.c is the same product for CPUs with AVX2 and FMA only, in its own layout.)
  *
  * Built and loaded at run time by kernels/native/int4_native.py (plain C ABI, called through
  * ctypes; no Python or torch headers). The weights are int4 in groups of 32 along K, asymmetric, as
@@ -31,12 +32,6 @@
 #define GROUP 32
 #define RECORD 320
 #define ROWS_PER_PASS 8
-
-int petald_int4_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512bf16");
-}
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 static inline __m512 bf16x16_to_ps(const uint16_t *p) {
@@ -116,7 +111,7 @@ static void tile_rows(const uint16_t *x, int K, const uint8_t *tile, const float
  * over threads by tiles). K must be a multiple of 32 and N of 16 (int4_native checks).
  * Returns 0, or -1 if out of memory. */
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-int petald_int4_matmul(const void *x_in, int x_is_float32, int M, int K, const uint8_t *packed, int N,
+int petald_int4_matmul_avx512(const void *x_in, int x_is_float32, int M, int K, const uint8_t *packed, int N,
                        int tile_begin, int tile_end, float *out) {
     const int groups = K / GROUP;
     float *xsum = malloc(sizeof(float) * (size_t)M * groups);

@@ -1,10 +1,14 @@
-"""petald's C kernels (``kernels/native/*.c``): compiled into one shared library on first use, loaded with ctypes.
+"""petald's C kernels (``kernels/native/*.c``): compiled into one shared library on first use, loaded with ctypes,
+and the one place that decides which of them runs on this CPU.
 
 They are plain C, not a torch extension: no Python or torch headers, no ninja, one ``cc``
-call (about a second), cached under petald's cache directory by the sources', compiler's,
-flags' and machine's hash. Each kernel's module (``int4_native.py``, ``decode_attention.py``)
-asks this one for the library (``PROCESS_LIBRARY``, unless handed another ``NativeLibrary``)
-and checks the CPU features its kernel needs; where there is no C compiler, or the library
+call (a few seconds), cached under petald's cache directory by the sources', compiler's,
+flags' and machine's hash. Each kernel comes in variants for an instruction set (``Variant``):
+AVX512 (int4: AVX512-BF16) and AVX2 with FMA, the CPUs most volunteers have. ``NativeLibrary.choose``
+picks, per kernel, the first variant this CPU runs (``cpu_features``), or the one
+``PETALD_CPU_KERNELS`` names (``CPU_KERNEL_SETTINGS``: ``auto``, the default; ``avx512``; ``avx2``,
+which also makes a CPU with AVX512 act as an AVX2-only one, bfloat16 included, so that it tests
+those paths; ``torch``: none of petald's kernels). Where there is no C compiler, or the library
 will not build or load, every caller keeps its torch path.
 """
 
@@ -21,24 +25,64 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from petald.kernels.cache_dir import petald_cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4_matmul.c", "decode_attention.c")]
-CFLAGS = ["-O3", "-shared", "-fPIC"]  # no -m flags: the AVX512 functions carry their own target attributes
+SOURCES = [Path(__file__).with_name(name) for name in (
+    "cpu_features.c", "int4_matmul.c", "int4_matmul_avx2.c", "decode_attention_avx512.c", "decode_attention_avx2.c")]
+HEADERS = [Path(__file__).with_name("decode_attention_body.h")]  # in the build's hash, not on its command line
+CFLAGS = ["-O3", "-shared", "-fPIC"]  # no -m flags: the vector functions carry their own target attributes
 LIBS = ["-lm"]  # expf, sqrtf
 _INT, _PTR = ctypes.c_int, ctypes.c_void_p
 # Every exported function's (argument types, result type): ctypes converts and checks by these.
+_INT4 = ([_PTR, _INT, _INT, _INT, _PTR, _INT, _INT, _INT, _PTR], _INT)
+_ATTENTION = ([_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _INT, _PTR], _INT)
 SIGNATURES: dict[str, tuple[list[type], type]] = {
-    "petald_int4_cpu_supported": ([], _INT),
-    "petald_int4_matmul": ([_PTR, _INT, _INT, _INT, _PTR, _INT, _INT, _INT, _PTR], _INT),
-    "petald_attention_cpu_supported": ([], _INT),
-    "petald_decode_attention": ([_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT,
-                                 _PTR, _INT, _PTR], _INT),
+    "petald_cpu_features": ([], _INT),
+    "petald_int4_matmul_avx512": _INT4,
+    "petald_int4_matmul_avx2": _INT4,
+    "petald_decode_attention_avx512": _ATTENTION,
+    "petald_decode_attention_avx2": _ATTENTION,
 }
+FEATURE_BITS = ("avx2", "fma", "avx512f", "avx512bw", "avx512bf16")  # cpu_features.c's bits, lowest first
+
+SWITCH = "PETALD_CPU_KERNELS"
+CPU_KERNEL_SETTINGS = ("auto", "avx512", "avx2", "torch")
+
+
+class CpuKernelError(ValueError):
+    """``PETALD_CPU_KERNELS`` names no kernel set, or one this CPU cannot run."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One instruction set's build of a kernel: its name in ``PETALD_CPU_KERNELS``, C function and CPU needs."""
+
+    isa: str
+    symbol: str
+    needs: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ChosenKernel:
+    """The variant of a kernel that runs here, and its C function."""
+
+    isa: str
+    function: Any
+
+
+def cpu_kernel_setting() -> str:
+    """``PETALD_CPU_KERNELS``, read at each choice (default ``auto``); an unknown value is an error."""
+    setting = os.environ.get(SWITCH, "auto").strip().lower() or "auto"
+    if setting not in CPU_KERNEL_SETTINGS:
+        raise CpuKernelError(f"{SWITCH}={os.environ[SWITCH]!r} is not a kernel set: use one of "
+                             f"{', '.join(CPU_KERNEL_SETTINGS)}")
+    return setting
 
 _UNLOADED = object()
 
@@ -49,8 +93,9 @@ class NativeLibrary:
     process uses ``PROCESS_LIBRARY``; another instance builds and loads its own (in a fresh
     cache, a fresh build)."""
 
-    def __init__(self, cache_dir: Path | None = None):
+    def __init__(self, cache_dir: Path | None = None, features: frozenset[str] | None = None):
         self.cache_dir = cache_dir
+        self._features = features  # a CPU's view to act as (tests); None: this CPU's own
         self._loaded: ctypes.CDLL | None | object = _UNLOADED
         self._lock = threading.Lock()
 
@@ -61,22 +106,47 @@ class NativeLibrary:
                 self._loaded = _load(self.cache_dir or petald_cache_dir())
             return self._loaded  # type: ignore[return-value]
 
-    def running(self, cpu_check: str, lacking: str) -> ctypes.CDLL | None:
-        """The library where it loaded and its function ``cpu_check`` says this CPU has what a
-        kernel needs; else None, with ``lacking`` logged once."""
+    def cpu_features(self) -> frozenset[str]:
+        """The features of ``FEATURE_BITS`` this CPU has (as the library's cpuid says; none where it did
+        not load), or the ones this instance was told to act as having."""
+        if self._features is not None:
+            return self._features
         library = self.load()
-        return library if library is not None and _cpu_has(library, cpu_check, lacking) else None
+        bits = library.petald_cpu_features() if library is not None else 0
+        return frozenset(name for i, name in enumerate(FEATURE_BITS) if bits >> i & 1)
+
+    def choose(self, kernel: str, variants: tuple[Variant, ...]) -> ChosenKernel | None:
+        """The first of ``variants`` (fastest first) this CPU runs, or the one ``PETALD_CPU_KERNELS``
+        names (``CpuKernelError`` if this CPU lacks what it needs); None for torch's path (why, logged
+        once): the setting ``torch``, no library, or no variant this CPU runs."""
+        setting = cpu_kernel_setting()
+        if setting == "torch" or self.load() is None:
+            return None
+        features = self.cpu_features()
+        for variant in variants:
+            if setting in ("auto", variant.isa) and variant.needs <= features:
+                return ChosenKernel(variant.isa, getattr(self.load(), variant.symbol))
+        if setting != "auto":
+            needs = next((v.needs for v in variants if v.isa == setting), frozenset())
+            raise CpuKernelError(f"{SWITCH}={setting}: petald's {kernel} kernel for {setting} needs "
+                                 f"{', '.join(sorted(needs - features)) or 'a variant there is not'}, which this CPU "
+                                 f"lacks; use {SWITCH}=auto")
+        _log_once(f"this CPU has none of {', '.join(sorted(set().union(*(v.needs for v in variants))))} "
+                  f"in the combinations petald's {kernel} kernel needs: it uses torch's ops")
+        return None
 
 
 PROCESS_LIBRARY = NativeLibrary()
 
 
+def native_bfloat16_view() -> bool:
+    """False where ``PETALD_CPU_KERNELS=avx2`` makes this CPU act as one without native bfloat16."""
+    return cpu_kernel_setting() != "avx2"
+
+
 @functools.cache
-def _cpu_has(library: ctypes.CDLL, cpu_check: str, lacking: str) -> bool:
-    if getattr(library, cpu_check)():
-        return True
-    log.info(lacking)
-    return False
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 def _load(cache_dir: Path) -> ctypes.CDLL | None:
@@ -101,7 +171,7 @@ def _build(cache_dir: Path, rebuild: bool) -> Path:
     compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not compiler[0]:
         raise RuntimeError("no C compiler (cc) on PATH")
-    key = b"\0".join([*(source.read_bytes() for source in SOURCES), " ".join(compiler + CFLAGS + LIBS).encode(),
+    key = b"\0".join([*(source.read_bytes() for source in SOURCES + HEADERS), " ".join(compiler + CFLAGS + LIBS).encode(),
                       platform.machine().encode()])
     target = cache_dir / "native" / f"petald_kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.exists() and not rebuild:
