@@ -137,3 +137,35 @@ def test_bad_host_names_are_refused():
                 box.add_public(name)
         with pytest.raises(KeyError):
             box.address("nobody")
+
+
+@pytest.mark.slow
+def test_swarm_across_namespaces(tmp_path):
+    """Servers on public1 and public2, each on its own public address; a client on a third host that
+    knows only public1's address finds public2 through the DHT and generates the oracle's greedy
+    tokens (float32 on the wire, so exactly); so does a client at home, behind the NAT. A tiny random
+    Llama with SmolLM2's tokenizer keeps it fast."""
+    require_internet_in_a_box()
+    from petald.kernels.sources.open_source import open_source
+    from tests.oracle import reference_text
+    from tests.petald_cli import PETALD
+    from tests.swarm_in_a_box import start_server
+    from tests.tiny_models import save_tiny_chat_model
+
+    model = str(save_tiny_chat_model(tmp_path / "tiny-chat"))
+    prompt, new_tokens = "The capital of France is", 12
+    ids = open_source(model).load_tokenizer()(prompt, return_tensors="pt").input_ids
+    with InternetInABox() as box:
+        first = start_server(box, "public1", "0:3", ["--new-swarm", "--model", model])
+        second = start_server(box, "public2", "3:6", ["--initial-peers", first.address, "--model", model])
+        assert first.address.startswith(f"/ip4/{box.address('public1')}/tcp/")
+        assert second.address.startswith(f"/ip4/{box.address('public2')}/tcp/")
+        generate = [*PETALD, "generate", prompt, "--model", model, "--initial-peers", first.address,
+                    "--max-new-tokens", str(new_tokens), "--temperature", "0", "--wire-dtype", "float32"]
+        # the client on a public host, and one at home behind the NAT (it only dials out)
+        results = {host: box.run(host, generate, capture_output=True, text=True, timeout=300)
+                   for host in ("client", "home")}
+    expected = reference_text(model, ids, new_tokens) + "\n"
+    for host, result in results.items():
+        assert result.returncode == 0, (host, result.stderr)
+        assert result.stdout == expected, host
