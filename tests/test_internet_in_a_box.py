@@ -169,3 +169,16 @@ def test_swarm_across_namespaces(tmp_path):
     for host, result in results.items():
         assert result.returncode == 0, (host, result.stderr)
         assert result.stdout == expected, host
+
+
+def test_a_delay_proxy_puts_a_host_farther_away(box):
+    """A service on public2's loopback, reachable only through the proxy on public2's address: its
+    answer reaches the client one delay later (the dial itself is not delayed: the proxy accepts at once)."""
+    from tests.swarm_in_a_box import start_delay_proxy
+
+    hidden = listen(box, "public2", "127.0.0.1")
+    proxied = start_delay_proxy(box, "public2", ("127.0.0.1", hidden), delay_ms=300)
+    started = time.monotonic()
+    assert dial(box, "client", box.address("public2"), proxied) == "127.0.0.1"  # the proxy's leg to the service
+    assert time.monotonic() - started >= 0.3
+    assert dial(box, "client", box.address("public2"), hidden) == "refused"  # not reachable around the proxy
