@@ -14,7 +14,9 @@ have been (at ``mbps``), then arrives ``delay`` later, as on a real link of that
 TCP_NODELAY is on for both legs, so the proxy adds no batching of its own. A close travels like data:
 when one side closes its sending half, the other leg's sending half is closed once the data before
 it is delivered; when one side resets, the other leg is reset after that side's last data. A write
-to a side that has gone away closes both legs at once.
+to a side that has gone away closes both legs at once. The TCP handshake is not delayed (the proxy
+accepts at once, then dials ``--to``): a new connection is one round trip quicker to open than on a
+real link of that length; data on it, the Noise handshake included, gets the full delays.
 
 Importable: ``serve_delay_proxy`` (trio) and ``DelayProxy`` (a context manager that runs one on a
 thread of its own, for synchronous callers such as tests).

@@ -121,9 +121,12 @@ class InternetInABox:
 
     # -- building -----------------------------------------------------------------------------
 
-    def _new_namespace(self, name: str) -> str:
+    def _check_name(self, name: str) -> None:
         if name in self.hosts or name == "internet" or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"host name {name!r}: taken, or not lower-case letters, digits and _")
+
+    def _new_namespace(self, name: str) -> str:
+        self._check_name(name)
         namespace = self.prefix + name
         _ip("netns", "add", namespace)
         self._up_loopback(namespace)
@@ -160,6 +163,8 @@ class InternetInABox:
     def add_home(self, name: str) -> Host:
         """A host ``name`` on a LAN of its own behind a NAT router ``<name>_router``."""
         router_name = f"{name}_router"
+        self._check_name(name)
+        self._check_name(router_name)
         router = self._new_namespace(router_name)
         wan_address, peer = self._plug_into_internet(router, "wan")
         self.hosts[router_name] = Host(router_name, router, wan_address, "wan", peer)
@@ -252,13 +257,16 @@ def _delete_namespace(namespace: str) -> None:
 
 
 def sweep_orphaned_boxes() -> None:
-    """Delete namespaces of boxes whose process no longer runs (it was killed before its cleanup)."""
+    """Delete namespaces of boxes whose process no longer runs (it was killed before its cleanup)
+    and in which nothing runs any more."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     for line in listed.splitlines():
         namespace = line.split()[0] if line.split() else ""
         owner = _OWNED.match(namespace)
         if owner and not os.path.exists(f"/proc/{owner.group(1)}"):
-            _delete_namespace(namespace)
+            inside = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout
+            if not inside.strip():
+                _delete_namespace(namespace)
 
 
 @lru_cache(maxsize=1)
