@@ -319,6 +319,24 @@ def test_an_address_that_does_not_answer_is_passed_over_then_not_dialled_again()
         silent.close()
 
 
+def test_an_address_that_did_not_answer_is_still_tried_when_no_other_answers():
+    async def main() -> None:
+        async with running_host(load_or_create_identity(None), ["/ip4/127.0.0.1/tcp/0"]) as server:
+            peer, (good,) = server.get_id().to_base58(), full_addresses(server)
+            dead = f"/ip4/127.0.0.1/tcp/{_free_port()}/p2p/{peer}"
+            memory = UnansweredAddresses()
+            memory.remember(good)  # it failed once, in a slow moment
+            async with running_host(load_or_create_identity(None), ["/ip4/127.0.0.1/tcp/0"]) as client:
+                with trio.fail_after(10):
+                    assert await connect_first_answering(client, peer, [good, dead], memory) == good
+            assert not memory.skips(good) and memory.skips(dead)  # it answered: forgotten
+            async with running_host(load_or_create_identity(None), ["/ip4/127.0.0.1/tcp/0"]) as client:
+                with pytest.raises(ConnectionError, match=f"no address of ..{peer[-8:]} answered: {dead}: "):
+                    await connect_first_answering(client, peer, [dead], memory)
+
+    trio.run(main)
+
+
 def test_the_dial_timeout_is_explicit():
     assert 0 < DIAL_TIMEOUT_S <= 10
 

@@ -4,8 +4,10 @@ py-libp2p's own dial (``host.connect``) tries only the first TCP address it know
 and, when that fails, refuses the whole peer for a while: one dead address in a record (a
 stale interface, a forwarded port that was closed) would hide a server that answers on its
 next address. Here each address is dialled in the record's order, each within
-``DIAL_TIMEOUT_S``; one that does not answer is remembered for ``UNANSWERED_FOR_S`` and not
-dialled again meanwhile (``UnansweredAddresses``, at most ``MAX_REMEMBERED`` of them).
+``DIAL_TIMEOUT_S``; one that does not answer is remembered for ``UNANSWERED_FOR_S``
+(``UnansweredAddresses``, at most ``MAX_REMEMBERED`` of them) and meanwhile dialled only when
+no other address of the peer answers: a peer whose only address failed once (a slow moment)
+is not hidden for that long, and a dead address never delays a good one.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from libp2p.peer.peerstore import PeerStoreError
 from petald.p2pnode.transport.relay_client import dial_circuit, is_circuit_address
 
 # One address's TCP connect plus the Noise and yamux handshakes (named so that the WAN work
-# can tune it with the other timeouts).
-DIAL_TIMEOUT_S = 5.0
+# can tune it with the other timeouts; py-libp2p's own default is 10 s too).
+DIAL_TIMEOUT_S = 10.0
 UNANSWERED_FOR_S = 120.0  # how long an address that did not answer is skipped
 MAX_REMEMBERED = 1024  # the oldest entries go first beyond this many
 
@@ -98,17 +100,15 @@ def _put_first(host: IHost, peer: ID, answered: multiaddr.Multiaddr, dead: list[
 async def connect_first_answering(host: IHost, peer_id: str, addresses: Sequence[str],
                                   unanswered: UnansweredAddresses, dial_timeout: float = DIAL_TIMEOUT_S) -> str:
     """Connect ``host`` to ``peer_id`` through the first of ``addresses`` (its announced ones, in
-    order) that answers; return that address. Raise ConnectionError naming each failure when
-    none does (addresses skipped as unanswered lately count as failures)."""
+    order; those that did not answer lately last) that answers; return that address. Raise
+    ConnectionError naming each failure when none does."""
     peer = ID.from_base58(peer_id)
     connected = _connected_address(host, peer, addresses, unanswered)
     if connected is not None:
         return connected  # an earlier dial, or the peer dialled us: nothing to dial
+    stale = [a for a in addresses if unanswered.skips(a)]
     failures: list[str] = []
-    for address in addresses:
-        if unanswered.skips(address):
-            failures.append(f"{address}: did not answer lately")
-            continue
+    for address in [*(a for a in addresses if a not in stale), *stale]:
         circuit = is_circuit_address(address)
         try:
             maddr = multiaddr.Multiaddr(address) if circuit else _without_peer_id(address)
@@ -122,6 +122,7 @@ async def connect_first_answering(host: IHost, peer_id: str, addresses: Sequence
         except Exception as exc:
             failures.append(f"{address}: {exc or type(exc).__name__}")
         else:
+            unanswered.forget(address)
             if circuit:  # later dials go through the relay too (circuit_dialing)
                 host.get_peerstore().add_addrs(peer, [maddr], 600)
             else:
