@@ -38,7 +38,6 @@ from petald.p2pnode.client.remote_span import fetch_info
 from petald.p2pnode.client.training_pipeline import TrainingPipeline
 from petald.p2pnode.routing.bans import ServerBans
 from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
-from petald.p2pnode.swarm.dht import block_key
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
@@ -127,9 +126,8 @@ class DistributedModel:
         dht = self.node.dht
         assert dht is not None
         timeout = self.options.connect_timeout
-        keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
         # Banned servers are not even asked: a hung one would hold up the whole look for its timeout.
-        records = [r for r in await dht.announcements(keys)
+        records = [r for r in await dht.model_announcements(self.identity.model_id, self.identity.num_blocks)
                    if r.state == "online" and r.fingerprint == self.identity.fingerprint and r.addresses
                    and not self.bans.is_banned(r.peer_id)]
         found: list[RemoteServer] = []

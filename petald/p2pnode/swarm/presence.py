@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import trio
 
-from petald.p2pnode.swarm.dht import SERVERS_KEY, SwarmDHT, block_key
+from petald.p2pnode.swarm.dht import SERVERS_KEY, SwarmDHT, block_key, model_key
 from petald.p2pnode.transport.host import full_addresses
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.messages import ServerInfo
@@ -57,7 +57,8 @@ class ServerPresence:
         span = (record.model_id, record.start, record.end)
         keys: list[bytes] = []
         if self.state != "offline" and (span != self._provided or self._publishes % REPROVIDE_EVERY == 0):
-            keys = [block_key(record.model_id, b) for b in range(record.start, record.end)] + [SERVERS_KEY]
+            keys = [block_key(record.model_id, b) for b in range(record.start, record.end)]
+            keys += [model_key(record.model_id), SERVERS_KEY]
             self._provided = span
         self._publishes += 1
         await self.dht.publish(record, keys)
