@@ -158,25 +158,31 @@ def test_boxes_of_killed_runs_are_swept():
 
 @pytest.mark.slow
 def test_swarm_across_namespaces(tmp_path):
-    """Servers on public1 and public2, each on its own public address; a client on a third host that
-    knows only public1's address finds public2 through the DHT and generates the oracle's greedy
-    tokens (float32 on the wire, so exactly); so does a client at home, behind the NAT. A tiny random
-    Llama with SmolLM2's tokenizer keeps it fast."""
+    """A server on public1 listening on all interfaces (it announces its public address), and one on
+    public2 that listens on its loopback behind a 25 ms delay proxy and announces the proxy's address
+    (the WAN benchmark's shape); a client on a third host that knows only public1's address finds
+    public2 through the DHT and generates the oracle's greedy tokens (float32 on the wire, so
+    exactly); so does a client at home, behind the NAT. A tiny random Llama with SmolLM2's tokenizer
+    keeps it fast."""
     require_internet_in_a_box()
     from petald.kernels.sources.open_source import open_source
     from tests.oracle import reference_text
     from tests.petald_cli import PETALD
-    from tests.swarm_in_a_box import start_server
+    from tests.swarm_in_a_box import start_delay_proxy, start_server
     from tests.tiny_models import save_tiny_chat_model
 
     model = str(save_tiny_chat_model(tmp_path / "tiny-chat"))
     prompt, new_tokens = "The capital of France is", 12
     ids = open_source(model).load_tokenizer()(prompt, return_tensors="pt").input_ids
     with InternetInABox() as box:
-        first = start_server(box, "public1", "0:3", ["--new-swarm", "--model", model])
-        second = start_server(box, "public2", "3:6", ["--initial-peers", first.address, "--model", model])
+        first = start_server(box, "public1", "0:3", ["--new-swarm", "--model", model], listen="/ip4/0.0.0.0/tcp/0")
         assert first.address.startswith(f"/ip4/{box.address('public1')}/tcp/")
-        assert second.address.startswith(f"/ip4/{box.address('public2')}/tcp/")
+        # each host has its own ports: the server and its proxy can both take 31337
+        far = f"/ip4/{box.address('public2')}/tcp/31337"
+        start_delay_proxy(box, "public2", ("127.0.0.1", 31337), delay_ms=25, port=31337)
+        second = start_server(box, "public2", "3:6", ["--initial-peers", first.address, "--model", model,
+                                                      "--announce", far], listen="/ip4/127.0.0.1/tcp/31337")
+        assert second.address.startswith(far + "/p2p/")
         generate = [*PETALD, "generate", prompt, "--model", model, "--initial-peers", first.address,
                     "--max-new-tokens", str(new_tokens), "--temperature", "0", "--wire-dtype", "float32"]
         # the client on a public host, and one at home behind the NAT (it only dials out)
