@@ -168,7 +168,7 @@ def test_swarm_across_namespaces(tmp_path):
     from petald.kernels.sources.open_source import open_source
     from tests.oracle import reference_text
     from tests.petald_cli import PETALD
-    from tests.swarm_in_a_box import start_delay_proxy, start_server
+    from tests.swarm_in_a_box import start_server, start_server_behind_delay
     from tests.tiny_models import save_tiny_chat_model
 
     model = str(save_tiny_chat_model(tmp_path / "tiny-chat"))
@@ -177,12 +177,9 @@ def test_swarm_across_namespaces(tmp_path):
     with InternetInABox() as box:
         first = start_server(box, "public1", "0:3", ["--new-swarm", "--model", model], listen="/ip4/0.0.0.0/tcp/0")
         assert first.address.startswith(f"/ip4/{box.address('public1')}/tcp/")
-        # each host has its own ports: the server and its proxy can both take 31337
-        far = f"/ip4/{box.address('public2')}/tcp/31337"
-        start_delay_proxy(box, "public2", ("127.0.0.1", 31337), delay_ms=25, port=31337)
-        second = start_server(box, "public2", "3:6", ["--initial-peers", first.address, "--model", model,
-                                                      "--announce", far], listen="/ip4/127.0.0.1/tcp/31337")
-        assert second.address.startswith(far + "/p2p/")
+        second = start_server_behind_delay(box, "public2", "3:6", ["--initial-peers", first.address, "--model", model],
+                                           delay_ms=25)
+        assert second.address.startswith(f"/ip4/{box.address('public2')}/tcp/31337/p2p/")  # the proxy's
         generate = [*PETALD, "generate", prompt, "--model", model, "--initial-peers", first.address,
                     "--max-new-tokens", str(new_tokens), "--temperature", "0", "--wire-dtype", "float32"]
         # the client on a public host, and one at home behind the NAT (it only dials out)
