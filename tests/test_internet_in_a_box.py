@@ -137,10 +137,13 @@ def test_bad_host_names_are_refused_and_a_failed_build_leaves_nothing():
                 box.add_public(name)
         with pytest.raises(KeyError):
             box.address("nobody")
-    half_built = InternetInABox(publics=("public1", "public2"), homes=("home", "Home2"))
-    with pytest.raises(ValueError, match="host name 'Home2'"):
-        half_built.__enter__()
-    assert not any(name.startswith(half_built.prefix) for name in _namespaces())
+    for half_built, message in [
+        (InternetInABox(publics=("public1", "public2"), homes=("home", "Home2")), "host name 'Home2'"),
+        (InternetInABox(bandwidth_mbps={"home": 0}), "bandwidth cap for home: 0 is not a positive number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            half_built.__enter__()
+        assert not any(name.startswith(half_built.prefix) for name in _namespaces())
 
 
 def test_boxes_of_killed_runs_are_swept():
