@@ -166,6 +166,10 @@ class DelayProxy:
         assert self.address is not None
         return self.address[1]
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def __enter__(self) -> DelayProxy:
         self._thread.start()
         self._ready.wait(30)

@@ -44,7 +44,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -272,12 +272,16 @@ def sweep_orphaned_boxes() -> None:
 
 
 @lru_cache(maxsize=1)
-def why_no_internet_in_a_box() -> str | None:
-    """Why a box cannot be built here (None: it can)."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+def why_no_internet_in_a_box(euid: int | None = None,
+                             which: Callable[[str], str | None] = shutil.which) -> str | None:
+    """Why a box cannot be built here (None: it can). ``euid`` and ``which`` stand in for this
+    process's effective user id and the PATH lookup of a tool (a test gives others)."""
+    if euid is None:
+        euid = os.geteuid() if hasattr(os, "geteuid") else -1
+    if euid != 0:
         return "the internet in a box needs root (network namespaces, veths, nftables)"
     for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("tc", "iproute2")):
-        if shutil.which(tool) is None:
+        if which(tool) is None:
             return f"the internet in a box needs `{tool}`: apt-get install -y {package}"
     probe = f"{_PREFIX}{os.getpid()}n{next(_numbers)}-probe"
     try:

@@ -9,7 +9,11 @@ import time
 
 import pytest
 
-from tests.internet_in_a_box import InternetInABox, require_internet_in_a_box
+from tests.internet_in_a_box import (
+    InternetInABox,
+    require_internet_in_a_box,
+    why_no_internet_in_a_box,
+)
 
 # Listens on ADDRESS (port 0), prints its port, then answers each connection with the address it
 # came from, or (with a byte count as the 2nd argument) with that many bytes.
@@ -144,6 +148,13 @@ def test_bad_host_names_are_refused_and_a_failed_build_leaves_nothing():
         with pytest.raises(ValueError, match=message):
             half_built.__enter__()
         assert not any(name.startswith(half_built.prefix) for name in _namespaces())
+
+
+def test_where_the_box_cannot_be_built_the_reason_says_what_is_missing():
+    assert why_no_internet_in_a_box(euid=1000) == "the internet in a box needs root (network namespaces, veths, " \
+                                                  "nftables)"
+    no_nft = why_no_internet_in_a_box(euid=0, which=lambda tool: None if tool == "nft" else f"/usr/sbin/{tool}")
+    assert no_nft == "the internet in a box needs `nft`: apt-get install -y nftables"
 
 
 def test_boxes_of_killed_runs_are_swept():
