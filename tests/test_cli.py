@@ -110,8 +110,8 @@ def test_port_in_use_is_reported(tiny_models):
         port = busy.getsockname()[1]
         result = invoke("serve", "--blocks", "0:6", "--model", str(tiny_models["llama"]), "--new-swarm",
                         "--listen", f"/ip4/127.0.0.1/tcp/{port}")
-    assert_refused(result, 1, f"petald: error: could not listen on /ip4/127.0.0.1/tcp/{port}: is the port in use, "
-                              "or the address not local?")
+    assert_refused(result, 1, f"petald: error: port {port} on 127.0.0.1 is already in use (another petald, or "
+                              "another program): choose another --listen port, or stop what holds it")
 
 
 def test_help_lists_every_command():

@@ -26,6 +26,25 @@ def listen_option(help: str) -> Callable:
     return click.option("--listen", multiple=True, default=[DEFAULT_LISTEN], show_default=True, help=help)
 
 
+def announce_option() -> Callable:
+    """--announce, repeatable, for serve: checked as soon as the command line is read."""
+
+    def check(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+        from petald.p2pnode.transport.announced_addresses import AnnounceError, parse_announce
+
+        for value in values:
+            try:
+                parse_announce(value)
+            except AnnounceError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return list(values)
+
+    return click.option("--announce", multiple=True, metavar="MULTIADDR", callback=check,
+                        help="Address others reach this server at, when it differs from --listen (port "
+                             "forwarding, a proxy), e.g. /ip4/203.0.113.5/tcp/31337 (repeatable). Announced "
+                             "instead of the listen addresses.")
+
+
 def api_options(fn: Callable) -> Callable:
     """--socket, --socket-group and --http, shared by serve and daemon."""
     fn = click.option("--http", default=None, metavar="HOST:PORT",

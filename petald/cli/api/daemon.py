@@ -27,9 +27,11 @@ from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
 from petald.p2pnode.swarm.dht import SwarmDHT
 from petald.p2pnode.swarm.swarm_map import read_swarm
+from petald.p2pnode.transport.announced_addresses import address_plan
 from petald.p2pnode.transport.host import (
     DEFAULT_LISTEN,
     full_addresses,
+    local_addresses,
     quiet_libp2p_logs,
     running_host,
 )
@@ -53,7 +55,9 @@ def api_beside_server(listen: ApiListen | None, model: str | None, announce: Cal
                 await trio.sleep_forever()
             addresses = full_addresses(host)
             source = await trio.to_thread.run_sync(open_source, model)
-            backend = ModelBackend(source, addresses[:1], head_quant=head_quant)
+            # The API's client joins through this server at an address of this machine: what the
+            # server announces (--announce: a forwarded port, a proxy) may not loop back here.
+            backend = ModelBackend(source, local_addresses(host)[:1], head_quant=head_quant)
             context = ApiContext(backend, lambda: read_swarm(dht), "server",
                                  details=lambda: {"peer_id": dht.peer_id, "addresses": addresses})
             await _serve(context, listen, announce)
@@ -93,7 +97,8 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with running_host(key_pair, options.listen) as host:
+            plan = address_plan(options.listen, options.initial_peers)
+            async with running_host(key_pair, options.listen, addresses=plan) as host:
                 dht = SwarmDHT(host, key_pair, server_mode=False)
                 async with dht.running():
                     joined = await dht.join(options.initial_peers)

@@ -9,6 +9,7 @@ from petald.cli.command_errors import run_command
 from petald.cli.logs import announcer, setup_logging
 from petald.cli.options import (
     addresses,
+    announce_option,
     api_listen,
     api_options,
     from_command_line,
@@ -35,7 +36,9 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_MODES
               help="With --blocks auto: about how often (seconds, jittered) to check whether to move.")
 @click.option("--network-mbps", default=0.0, type=click.FloatRange(min=0.0),
               help="Announced network bandwidth in Mbit/s (0: unknown; petald does not probe the internet).")
-@listen_option("Multiaddr to listen on (repeatable).")
+@listen_option("Multiaddr to listen on (repeatable); on 0.0.0.0 or :: this host's interface addresses are "
+               "announced, never the wildcard.")
+@announce_option()
 @click.option("--identity", default=None, type=click.Path(dir_okay=False),
               help="Ed25519 key file; created if missing. Keeps the peer ID stable across restarts.")
 @click.option("--device", default="auto", type=click.Choice(DEVICE_CHOICES), show_default=True)
@@ -66,7 +69,7 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_MODES
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
-          network_mbps, listen, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
+          network_mbps, listen, announce, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
           step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
           no_api, head_quant, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
@@ -90,8 +93,8 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
             torch.set_num_threads(threads)
         say = announcer()
         progress = ProgressDisplay(say)
-        options = ServeOptions(model=model, blocks=blocks, listen=list(listen), identity=identity, device=device,
-                               dtype=dtype, quant=quant, adapters=list(adapters),
+        options = ServeOptions(model=model, blocks=blocks, listen=list(listen), announce_addrs=announce,
+                               identity=identity, device=device, dtype=dtype, quant=quant, adapters=list(adapters),
                                limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
                                                    idle_timeout=idle_timeout, step_timeout=step_timeout,
                                                    session_timeout=session_timeout,
@@ -129,11 +132,13 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, h
     def run() -> None:
         from petald.cli.api.daemon import DaemonOptions, run_client_daemon
         from petald.kernels.sources.open_source import describe_model, open_source
+        from petald.p2pnode.transport.listen_port import refuse_taken_ports
 
         peers = addresses(initial_peers)
         if not peers:
             raise click.UsageError("a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)")
         api = api_listen(socket, socket_group, http)
+        refuse_taken_ports(list(listen))  # before the model is opened
         say = announcer()
         say(f"opening model {describe_model(model)}")
         source = open_source(model)

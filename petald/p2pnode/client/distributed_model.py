@@ -39,6 +39,7 @@ from petald.p2pnode.client.remote_span import fetch_info
 from petald.p2pnode.client.training_pipeline import TrainingPipeline
 from petald.p2pnode.routing.bans import ServerBans
 from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
+from petald.p2pnode.transport.address_dialer import UnansweredAddresses, connect_first_answering
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
@@ -77,6 +78,7 @@ class DistributedModel:
         self.config = self.source.config
         self.initial_peers, self.peers = list(initial_peers), list(peers)
         self.bans = ServerBans()  # shared by every session of this client
+        self.unanswered = UnansweredAddresses()  # announced addresses not dialled again for a while
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
         self._tokenizer: Any = None
         self.node = NodeThread(load_or_create_identity(None), with_dht=bool(initial_peers))
@@ -141,7 +143,8 @@ class DistributedModel:
             try:
                 with trio.fail_after(timeout):
                     # Connect first, so that the timed round trip does not include the handshake.
-                    await self.node.host.connect(parse_peer_address(record.addresses[0]))
+                    address = await connect_first_answering(self.node.host, record.peer_id, record.addresses,
+                                                            self.unanswered)
                 began = trio.current_time()
                 info = await fetch_info(self.node.host, record.peer_id, timeout)
                 rtt = trio.current_time() - began
@@ -149,7 +152,7 @@ class DistributedModel:
                 log.info("skipping %s: %s", record.peer_id, exc)
                 return
             if info.fingerprint == self.identity.fingerprint and info.wire_version == WIRE_VERSION:
-                found.append(RemoteServer(record.peer_id, record.addresses[0], info, rtt, record.inference_rps,
+                found.append(RemoteServer(record.peer_id, address, info, rtt, record.inference_rps,
                                           record.forward_tps))
 
         async with trio.open_nursery() as nursery:

@@ -33,13 +33,15 @@ from petald.p2pnode.server.block_server import BlockServer, ServerLimits
 from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.swarm.dht import SwarmDHT
 from petald.p2pnode.swarm.presence import ServerPresence
+from petald.p2pnode.transport.announced_addresses import address_plan
 from petald.p2pnode.transport.host import (
     DEFAULT_LISTEN,
     full_addresses,
     quiet_libp2p_logs,
     running_host,
 )
-from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
+from petald.p2pnode.transport.listen_port import refuse_taken_ports
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import MAX_ARRAY_LEN
 from petald.protocol.messages import ServerInfo
@@ -57,6 +59,7 @@ class ServeOptions:
     model: str | None = None
     blocks: str = "auto"
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    announce_addrs: list[str] = field(default_factory=list)  # --announce: announced instead of the listen ones
     identity: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -112,6 +115,8 @@ def auto_block_count(options: ServeOptions, source: ModelSource, dtype: torch.dt
 def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
     """Load, listen, serve; return after a signal once everything is closed."""
     quiet_libp2p_logs()
+    address_plan(options.listen, options.initial_peers, options.announce_addrs)  # bad --announce: fail before loading
+    refuse_taken_ports(options.listen)  # and a port in use too (running_host checks again)
     announce(f"opening model {describe_model(options.model)}")
     source = open_source(options.model)
     device = resolve_device(options.device)
@@ -186,11 +191,9 @@ class ServerNode:
     async def run(self, key_pair: KeyPair, length: int, fixed: tuple[int, int] | None) -> None:
         self.length = length
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with running_host(key_pair, self.options.listen) as host:
-                if not full_addresses(host):
-                    # py-libp2p logs a failed bind (e.g. a port in use) and carries on without listening.
-                    raise OSError(f"could not listen on {', '.join(self.options.listen)}: "
-                                  "is the port in use, or the address not local?")
+            plan = address_plan(self.options.listen, self.options.initial_peers, self.options.announce_addrs,
+                                peer_id_of(key_pair))
+            async with running_host(key_pair, self.options.listen, addresses=plan) as host:
                 dht = SwarmDHT(host, key_pair, server_mode=True)
                 async with dht.running():
                     await self._join(dht)

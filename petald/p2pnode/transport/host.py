@@ -24,7 +24,9 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from petald.p2pnode.transport.announced_addresses import AddressPlan, is_loopback_swarm
 from petald.p2pnode.transport.libp2p_internals import LeanNoise, install, require_supported_library
+from petald.p2pnode.transport.listen_port import refuse_shared_ports, refuse_taken_ports
 from petald.vocabulary import DEFAULT_LISTEN
 
 
@@ -35,11 +37,14 @@ def quiet_libp2p_logs() -> None:
 
 
 def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
-              check_library: Callable[[], None] = require_supported_library) -> IHost:
+              check_library: Callable[[], None] = require_supported_library,
+              addresses: AddressPlan | None = None) -> IHost:
     """A host that is not yet listening; ``running_host`` also starts it.
 
     ``check_library`` runs first, before anything is built: a py-libp2p the lean data path does
-    not fit stops us here, loudly (tests pass a check of their own).
+    not fit stops us here, loudly (tests pass a check of their own). ``addresses``: what the
+    host announces (``announced_addresses``); by default its listen addresses, loopback kept
+    when it listens on loopback only.
     """
     check_library()
     noise = LeanNoise(key_pair, noise_privkey=new_x25519_pair().private_key)
@@ -53,19 +58,32 @@ def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
     # beside a direct connection). Every stream to a peer shares its one connection anyway.
     connections = ConnectionConfig(min_connections=0, low_watermark=0, auto_connect_interval=3600.0,
                                    max_connections_per_peer=1)
+    plan = addresses or AddressPlan(loopback_swarm=is_loopback_swarm(listen, ()))
     host = new_host(key_pair=key_pair, sec_opt=security, muxer_opt=muxers,
-                    listen_addrs=[multiaddr.Multiaddr(a) for a in listen], connection_config=connections)
+                    listen_addrs=[multiaddr.Multiaddr(a) for a in listen], connection_config=connections,
+                    addrs_factory=plan)
+    plan.listening = host.get_transport_addrs  # so that the plan tells its own addresses from observed ones
     install(host)
     return host
 
 
 @contextlib.asynccontextmanager
 async def running_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
-                       check_library: Callable[[], None] = require_supported_library) -> AsyncIterator[IHost]:
+                       check_library: Callable[[], None] = require_supported_library,
+                       addresses: AddressPlan | None = None) -> AsyncIterator[IHost]:
     """Make a host (``make_host``, which runs ``check_library`` first) and run it, listening on
-    ``listen``, for the duration of the block."""
-    host = make_host(key_pair, listen, check_library=check_library)
+    ``listen``, for the duration of the block.
+
+    A fixed port something else holds is refused (PortInUse) before and after binding, and an
+    address py-libp2p could not bind (it only logs that) is an OSError, not a silent node."""
+    refuse_taken_ports(listen)
+    host = make_host(key_pair, listen, check_library=check_library, addresses=addresses)
     async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]):
+        bound = [str(a) for a in host.get_transport_addrs()]
+        if len(bound) < len(listen):
+            raise OSError(f"could not listen on {', '.join(listen)} (bound only {', '.join(bound) or 'nothing'}): "
+                          "is the address one of this host's?")
+        refuse_shared_ports(bound)
         yield host
 
 
@@ -82,9 +100,24 @@ def parse_peer_address(address: str) -> PeerInfo:
 
 
 def full_addresses(host: IHost) -> list[str]:
+    """What ``host`` announces (its AddressPlan), each with /p2p/<its peer ID>."""
     peer = host.get_id().to_string()
     out = []
     for a in host.get_addrs():
         text = str(a)
         out.append(text if "/p2p/" in text else f"{text}/p2p/{peer}")
+    return out
+
+
+def local_addresses(host: IHost) -> list[str]:
+    """Where a process on this machine reaches ``host``: its bound listen addresses, a wildcard
+    as loopback (an announced address, a forwarded port or a proxy, may not loop back here)."""
+    peer = host.get_id().to_string()
+    out = []
+    for a in host.get_transport_addrs():
+        text = str(a)
+        for wildcard, loopback in (("/ip4/0.0.0.0/", "/ip4/127.0.0.1/"), ("/ip6/::/", "/ip6/::1/")):
+            if text.startswith(wildcard):
+                text = loopback + text[len(wildcard):]
+        out.append(f"{text}/p2p/{peer}")
     return out

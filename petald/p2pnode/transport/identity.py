@@ -7,6 +7,7 @@ from pathlib import Path
 
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
 from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
 
 
 def load_or_create_identity(path: str | Path | None) -> KeyPair:
@@ -29,3 +30,8 @@ def load_or_create_identity(path: str | Path | None) -> KeyPair:
     with os.fdopen(fd, "wb") as f:
         f.write(pair.private_key.to_bytes()[:32])
     return pair
+
+
+def peer_id_of(key_pair: KeyPair) -> str:
+    """The peer ID (base58) this key pair gives a node."""
+    return ID.from_pubkey(key_pair.public_key).to_base58()
