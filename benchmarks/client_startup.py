@@ -36,6 +36,7 @@ from pathlib import Path
 SPANS = ["0:10", "10:20", "20:30"]
 PROMPT = "The capital of France is"
 DHT_PROTOCOL = "/petald/kad/1.0.0"
+THIS_SCRIPT = Path(__file__).resolve()  # the probe each tree's process runs (from that tree's directory)
 
 
 def say(text: str) -> None:
@@ -142,12 +143,16 @@ def swarm_of(tree: Path) -> Iterator[str]:
     """A 3-server swarm running ``tree``'s code; yields the last server's address."""
     from petald.cli.local_swarm import LocalSwarm
 
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree)  # LocalSwarm's servers inherit this process's environment
+    # LocalSwarm's servers inherit this process's environment and directory (``python -m`` puts the
+    # directory first on the path, ahead of PYTHONPATH).
+    saved, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
+    os.environ["PYTHONPATH"] = str(tree)
+    os.chdir(tree)
     try:
         swarm = LocalSwarm(SPANS, extra_args=["--threads", "1"])
-        swarm.start()
+        swarm.__enter__()  # stops what it started if a server fails to start
     finally:
+        os.chdir(cwd)
         if saved is None:
             os.environ.pop("PYTHONPATH", None)
         else:
@@ -159,7 +164,7 @@ def swarm_of(tree: Path) -> Iterator[str]:
 
 
 def run_probe(tree: Path, address: str) -> dict[str, float]:
-    done = subprocess.run([sys.executable, __file__, "--probe", address], env=tree_env(tree),
+    done = subprocess.run([sys.executable, str(THIS_SCRIPT), "--probe", address], env=tree_env(tree), cwd=tree,
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"the probe failed with {tree} on the path:\n{done.stderr[-3000:]}")
@@ -171,7 +176,7 @@ def generate_first_byte(tree: Path, address: str) -> float:
     began = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "petald.cli.main", "generate", PROMPT, "--initial-peers",
                              address, "--max-new-tokens", "4"], env=tree_env(tree),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tree)
     assert proc.stdout is not None
     proc.stdout.read(1)
     first = time.monotonic() - began
@@ -192,7 +197,7 @@ def main() -> None:
         print(json.dumps(probe(args.probe)))
         return
     trees = {}
-    for item in args.tree or [f"this={Path(__file__).resolve().parents[1]}"]:
+    for item in args.tree or [f"this={THIS_SCRIPT.parents[1]}"]:
         name, _, path = item.partition("=")
         if not path or not (Path(path) / "petald").is_dir():
             parser.error(f"--tree {item}: give NAME=PATH to a checkout that holds petald/")
