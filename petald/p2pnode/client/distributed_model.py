@@ -35,7 +35,7 @@ from petald.p2pnode.client.failover import Recovery
 from petald.p2pnode.client.inference_session import InferenceSession, token_chunks
 from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.client.remote_autograd import RemoteBlocksFunction
-from petald.p2pnode.client.remote_span import fetch_info
+from petald.p2pnode.client.remote_span import timed_info
 from petald.p2pnode.client.training_pipeline import TrainingPipeline
 from petald.p2pnode.routing.bans import ServerBans
 from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
@@ -145,9 +145,7 @@ class DistributedModel:
                     # Connect first, so that the timed round trip does not include the handshake.
                     address = await connect_first_answering(self.node.host, record.peer_id, record.addresses,
                                                             self.unanswered)
-                began = trio.current_time()
-                info = await fetch_info(self.node.host, record.peer_id, timeout)
-                rtt = trio.current_time() - began
+                info, rtt = await timed_info(self.node.host, record.peer_id, timeout)
             except Exception as exc:  # an unreachable server is skipped, like a dead one
                 log.info("skipping %s: %s", record.peer_id, exc)
                 return
@@ -172,7 +170,7 @@ class DistributedModel:
             try:
                 with trio.fail_after(timeout):
                     await host.connect(info)
-                server_info = await fetch_info(host, info.peer_id.to_base58(), timeout)
+                server_info, _ = await timed_info(host, info.peer_id.to_base58(), timeout)
                 if server_info.wire_version != WIRE_VERSION:
                     raise ServerUnavailable(f"it speaks wire version {server_info.wire_version}, "
                                             f"this client {WIRE_VERSION}: upgrade one of them")

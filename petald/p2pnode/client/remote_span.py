@@ -30,10 +30,20 @@ from petald.protocol.tensors import all_finite
 
 
 async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> ServerInfo:
+    return (await timed_info(host, peer_id, timeout))[0]
+
+
+async def timed_info(host: IHost, peer_id: str, timeout: float = 15.0) -> tuple[ServerInfo, float]:
+    """The server's info, and the seconds from sending the request to its answer: one round trip
+    plus the server's (tiny) handling, which routing compares between servers. The stream is
+    opened first, so that its protocol negotiation (more round trips) is not counted."""
     framed = await open_stream(host, peer_id, INFO_PROTOCOL, timeout)
     try:
+        began = time.perf_counter()
         await framed.send(InfoRequest().to_wire())
-        return ServerInfo.from_wire(await receive_reply(framed, peer_id, timeout, "an info request"))
+        reply = await receive_reply(framed, peer_id, timeout, "an info request")
+        rtt = time.perf_counter() - began
+        return ServerInfo.from_wire(reply), rtt
     finally:
         await framed.close()
 
