@@ -121,12 +121,12 @@ class DistributedModel:
             covered = {b for s in servers for b in range(s.info.start, s.info.end)}
             if len(covered) == self.identity.num_blocks:
                 return servers
-            if trio.current_time() + 1.0 > deadline:
+            if trio.current_time() + RETRY_PERIOD_S > deadline:
                 if not servers:
                     raise ServerUnavailable(f"no server in the swarm answers for {self.identity.model_id}; "
                                             "check --model, or start servers for it")
                 return servers  # routing names the uncovered blocks
-            await trio.sleep(1.0)
+            await trio.sleep(RETRY_PERIOD_S)
 
     async def _find_servers(self) -> list[RemoteServer]:
         """This model's online servers from the DHT, each with a measured round trip."""

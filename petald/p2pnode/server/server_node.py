@@ -52,6 +52,9 @@ MEMORY_SHARE = 0.5  # of the free memory, when --blocks auto is given no budget
 MOVE_COOLDOWN_PERIODS = 3  # rebalance periods a server stays put after it moved
 FIRST_CHECK_S = (2.0, 8.0)  # range of the random delay before a server's first rebalance check
 STEPS_FINISH_S = 30.0  # after the grace period, the longest wait for running steps to finish
+# Saying "offline" on the way out: one DHT put (a lookup and a store, ~1 s at 100 ms round
+# trips); a swarm that does not answer in time sees the record expire instead.
+OFFLINE_RECORD_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -226,7 +229,7 @@ class ServerNode:
         servers = self._all_servers()
         for server in servers:
             server.draining = True
-        with trio.move_on_after(5.0):
+        with trio.move_on_after(OFFLINE_RECORD_TIMEOUT_S):
             await presence.publish("offline")
         grace = self.options.shutdown_grace
 

@@ -67,6 +67,9 @@ LIBRARY_KAD_PROTOCOL = TProtocol(kad_common.PROTOCOL_ID)
 RECORD_NAMESPACE = "petald"
 UNIDENTIFIED = "/petald/unidentified"  # what a peer speaks before identify has told us
 MAX_CLOCK_SKEW_S = 60.0  # a record issued further in the future than this is refused
+# One whole lookup (or provide, or record fetch). At 100 ms round trips a round of a lookup costs
+# a dial (~0.5 s: TCP, Noise and yamux handshakes) and a DHT request (~0.2 s with its stream's
+# negotiation): 10 s leaves room for the handful of rounds a swarm of thousands needs.
 LOOKUP_TIMEOUT_S = 10.0
 # Lookups (and provides) a node runs at once. Each one opens a stream to every close peer,
 # and the library resets inbound DHT streams beyond 12 at a time, so a node that fires 30
