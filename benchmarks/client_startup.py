@@ -2,10 +2,13 @@
 
     python benchmarks/client_startup.py [--runs 5]
     python benchmarks/client_startup.py --tree before=/path/to/main --tree after=.   # side by side
+    python benchmarks/client_startup.py --delay-ms 50     # every server 50 ms away, each way
 
 For each code tree (default: the petald this script imports) a swarm of 3 ``petald serve``
 processes on 127.0.0.1 serves SmolLM2's 30 blocks (0:10, 10:20, 20:30), started with that
-tree on PYTHONPATH. Then, run after run, alternating between the trees so that load on the
+tree on PYTHONPATH (with ``--delay-ms``, each behind a delay proxy of that one-way delay,
+announcing the proxy's address, so that every connection to a server crosses it: trees without
+``serve --announce`` cannot). Then, run after run, alternating between the trees so that load on the
 machine falls on both alike, a new process of each tree:
 
 - opens a client as the Python API does (``open_source`` then ``DistributedModel(model=...,
@@ -26,6 +29,7 @@ import collections
 import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -139,9 +143,20 @@ def tree_env(tree: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def swarm_of(tree: Path) -> Iterator[str]:
-    """A 3-server swarm running ``tree``'s code; yields the last server's address."""
+def swarm_of(tree: Path, delay_ms: float) -> Iterator[str]:
+    """A 3-server swarm running ``tree``'s code, each server ``delay_ms`` away (0: on loopback);
+    yields the last server's address."""
+    from benchmarks.delay_proxy import DelayProxy
     from petald.cli.local_swarm import LocalSwarm
+
+    proxies = contextlib.ExitStack()
+    server_args: list[list[str]] = []
+    for _ in SPANS if delay_ms else ():
+        with socket.socket() as probe:  # a free port for the server, behind the proxy
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proxy = proxies.enter_context(DelayProxy(("127.0.0.1", port), delay_ms / 1000))
+        server_args.append(["--listen", f"/ip4/127.0.0.1/tcp/{port}", "--announce", f"/ip4/127.0.0.1/tcp/{proxy.port}"])
 
     # LocalSwarm's servers inherit this process's environment and directory (``python -m`` puts the
     # directory first on the path, ahead of PYTHONPATH).
@@ -149,8 +164,11 @@ def swarm_of(tree: Path) -> Iterator[str]:
     os.environ["PYTHONPATH"] = str(tree)
     os.chdir(tree)
     try:
-        swarm = LocalSwarm(SPANS, extra_args=["--threads", "1"])
+        swarm = LocalSwarm(SPANS, extra_args=["--threads", "1"], server_args=server_args)
         swarm.__enter__()  # stops what it started if a server fails to start
+    except BaseException:
+        proxies.close()
+        raise
     finally:
         os.chdir(cwd)
         if saved is None:
@@ -161,6 +179,7 @@ def swarm_of(tree: Path) -> Iterator[str]:
         yield swarm.addresses[-1]
     finally:
         swarm.stop()
+        proxies.close()
 
 
 def run_probe(tree: Path, address: str) -> dict[str, float]:
@@ -191,6 +210,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
                         help="a checkout whose petald to measure (repeatable; default: this one)")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="one-way delay in front of every server (each direction), in ms")
     parser.add_argument("--probe", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -206,7 +227,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         addresses = {}
         for name, tree in trees.items():
-            addresses[name] = stack.enter_context(swarm_of(tree))
+            addresses[name] = stack.enter_context(swarm_of(tree, args.delay_ms))
             say(f"{name}: swarm of {len(SPANS)} servers up ({tree})")
         for run in range(args.runs):
             for name, tree in trees.items():
@@ -216,14 +237,15 @@ def main() -> None:
                 results[name].append(row)
                 say(f"run {run + 1} {name}: {row['start to first token (s)']:.2f} s to the first token, "
                     f"{row['to first token: bytes sent'] + row['to first token: bytes received']:.0f} bytes")
-    print_table(results)
+    print_table(results, args.delay_ms)
 
 
-def print_table(results: dict[str, list[dict[str, float]]]) -> None:
+def print_table(results: dict[str, list[dict[str, float]]], delay_ms: float) -> None:
     names = list(results)
     measures = list(dict.fromkeys(key for rows in results.values() for row in rows for key in row))
     runs = len(next(iter(results.values())))
-    print(f"\nmedians of {runs} runs; 3 servers (SmolLM2, 30 blocks in 3 spans) on 127.0.0.1\n")
+    where = f"each behind a {delay_ms:g} ms one-way delay proxy" if delay_ms else "on loopback"
+    print(f"\nmedians of {runs} runs; 3 servers (SmolLM2, 30 blocks in 3 spans) on 127.0.0.1, {where}\n")
     print("| measure | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for measure in measures:
