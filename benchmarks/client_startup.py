@@ -78,21 +78,40 @@ class WireCounters:
             counts["TCP connections"] += 1
             init(stream, socket)
 
-        async def counted_select(client, protocols, *args, **kwargs):
-            protocol = await select_one_of(client, protocols, *args, **kwargs)
-            counts[f"streams out {protocol}"] += 1
-            return protocol
+        def counting(select):
+            async def counted_select(client, protocols, communicator, *args, **kwargs):
+                if getattr(communicator, "_counted", False):  # a subclass's call of the library's
+                    return await select(client, protocols, communicator, *args, **kwargs)
+                communicator._counted = True
+                protocol = await select(client, protocols, communicator, *args, **kwargs)
+                counts[f"streams out {protocol}"] += 1
+                return protocol
+            return counted_select
 
         async def counted_negotiate(muxer, *args, **kwargs):
             answer = await negotiate(muxer, *args, **kwargs)
             counts[f"streams in {answer[0]}"] += 1
             return answer
 
+        self._selects_counted = {multiselect_client.MultiselectClient}
         trio.SocketStream.send_all = counted_send_all
         trio.SocketStream.receive_some = counted_receive_some
         trio.SocketStream.__init__ = counted_init
-        multiselect_client.MultiselectClient.select_one_of = counted_select
+        multiselect_client.MultiselectClient.select_one_of = counting(select_one_of)
+        self._count_selects = counting
         multiselect.Multiselect.negotiate = counted_negotiate
+
+    def count_subclasses(self) -> None:
+        """Count the selections of the multiselect clients imported since ``install`` too."""
+        from libp2p.protocol_muxer.multiselect_client import MultiselectClient
+
+        pending = list(MultiselectClient.__subclasses__())
+        while pending:
+            cls = pending.pop()
+            pending.extend(cls.__subclasses__())
+            if cls not in self._selects_counted and "select_one_of" in vars(cls):
+                cls.select_one_of = self._count_selects(vars(cls)["select_one_of"])
+                self._selects_counted.add(cls)
 
 
 def probe(address: str) -> dict[str, float]:
@@ -107,6 +126,8 @@ def probe(address: str) -> dict[str, float]:
     from petald.kernels.sources.open_source import open_source
     from petald.p2pnode.client.distributed_model import DistributedModel
     from petald.p2pnode.transport.host import quiet_libp2p_logs
+
+    counters.count_subclasses()  # a tree's own multiselect client (petald's pipelined one)
 
     quiet_libp2p_logs()
     out: dict[str, float] = {}
