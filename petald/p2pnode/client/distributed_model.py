@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -76,6 +75,7 @@ class DistributedModel:
         self.source = open_source(model) if model is None or isinstance(model, str) else model
         self.identity = self.source.identity
         self.config = self.source.config
+        self.head = ClientHead(self.source, quant=self.options.head_quant)
         self.initial_peers, self.peers = list(initial_peers), list(peers)
         self.bans = ServerBans()  # shared by every session of this client
         self.unanswered = UnansweredAddresses()  # announced addresses not dialled again for a while
@@ -83,19 +83,14 @@ class DistributedModel:
         self._tokenizer: Any = None
         self.node = NodeThread(load_or_create_identity(None), with_dht=bool(initial_peers))
         connect_timeout = self.options.connect_timeout
-        # The head's weights load (and dequantize) on a thread of their own while the node looks
-        # for servers: one waits on the CPU, the other mostly on the network.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="petald-head") as loader:
-            head = loader.submit(ClientHead, self.source, quant=self.options.head_quant)
-            try:
-                if initial_peers:
-                    self.servers = self.node.call(self._discover, list(initial_peers), connect_timeout)
-                else:
-                    self.servers = self.node.call(self._connect_all, list(peers), connect_timeout)
-                self.head = head.result()
-            except BaseException:
-                self.node.stop()
-                raise
+        try:
+            if initial_peers:
+                self.servers = self.node.call(self._discover, list(initial_peers), connect_timeout)
+            else:
+                self.servers = self.node.call(self._connect_all, list(peers), connect_timeout)
+        except BaseException:
+            self.node.stop()
+            raise
 
     def __getattr__(self, name: str) -> Any:
         if name in _SETTINGS and "options" in self.__dict__:
