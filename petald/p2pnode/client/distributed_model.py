@@ -109,7 +109,7 @@ class DistributedModel:
         still joining or moving), look again until ``timeout``."""
         dht = self.node.dht
         assert dht is not None
-        await dht.join(initial_peers, timeout)
+        await dht.join(initial_peers, timeout, refresh=False)  # it only looks up its model's servers
         deadline = trio.current_time() + timeout
         while True:
             servers = await self._find_servers()

@@ -260,7 +260,6 @@ class SwarmDHT:
         self.kad = SwarmKadDHT(KadProtocolAdapter(host), mode, validator=validator,  # type: ignore[arg-type]
                                validator_changed=True)
         self.peer_id = host.get_id().to_base58()
-        self.server_mode = server_mode
         self._lookups = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
 
     @contextlib.asynccontextmanager
@@ -268,13 +267,13 @@ class SwarmDHT:
         async with background_trio_service(self.kad):
             yield self
 
-    async def join(self, initial_peers: Iterable[str], timeout: float = 15.0) -> int:
-        """Connect to the initial peers (and, for a server, fill the routing table); returns how
-        many answered.
+    async def join(self, initial_peers: Iterable[str], timeout: float = 15.0, refresh: bool = True) -> int:
+        """Connect to the initial peers and fill the routing table; returns how many answered.
 
-        A client node skips the refresh: it answers nobody's lookups, and its own lookups walk
-        from the initial peers to the closest ones anyway. (The refresh is a lookup of its own
-        ID and one per non-empty bucket: a dozen DHT streams and ~0.3 s before the first token.)
+        ``refresh=False`` skips the filling (a lookup of this node's own ID and one per non-empty
+        bucket: a dozen DHT streams, ~0.3 s on loopback): for a client node that only looks up
+        its model's servers, whose lookups walk from the initial peers to the closest ones anyway.
+        A node that reads the whole swarm map, or answers others' lookups, keeps it.
         """
         infos = [parse_peer_address(address) for address in initial_peers]
         joined = 0
@@ -297,7 +296,7 @@ class SwarmDHT:
         if infos and joined == 0:
             raise ConnectionError("none of the initial peers answered: "
                                   + ", ".join(str(i.peer_id) for i in infos))
-        if self.server_mode:
+        if refresh:
             with trio.move_on_after(timeout):
                 await self.kad.refresh_routing_table()
         return joined
