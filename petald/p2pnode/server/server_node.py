@@ -31,7 +31,7 @@ from petald.kernels.throughput import cached_throughput, measure_throughput
 from petald.p2pnode.routing.placement import better_start, block_coverage, choose_start
 from petald.p2pnode.server.block_server import BlockServer, ServerLimits
 from petald.p2pnode.server.server_info import span_info
-from petald.p2pnode.swarm.dht import SwarmDHT
+from petald.p2pnode.swarm.dht import SwarmDHT, block_key
 from petald.p2pnode.swarm.presence import ServerPresence
 from petald.p2pnode.transport.announced_addresses import address_plan
 from petald.p2pnode.transport.host import (
@@ -270,7 +270,11 @@ class ServerNode:
             self.announce("started a new swarm: other nodes join it with --initial-peers and this server's address")
 
     async def _swarm_records(self, dht: SwarmDHT) -> list[ServerAnnouncement]:
-        records = await dht.model_announcements(self.identity.model_id, self.identity.num_blocks)
+        # Every block's providers, not the model key alone: placement must see each server, and a
+        # server missing from the model key's providers (a provider record dropped by a receiver's
+        # rate limit) would look like a free span. The block keys make 30 chances to be seen.
+        keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
+        records = await dht.announcements(keys)
         return [r for r in records if r.fingerprint == self.identity.fingerprint]
 
     async def _coverage(self, dht: SwarmDHT) -> list[float]:
