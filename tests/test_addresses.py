@@ -12,6 +12,7 @@ import multiaddr
 import pytest
 import torch
 import trio
+from libp2p.peer.id import ID
 
 from petald.p2pnode.transport.address_dialer import (
     DIAL_TIMEOUT_S,
@@ -46,6 +47,10 @@ def _plan(loopback_swarm: bool, *interfaces: str, announce: tuple[str, ...] = ()
 
 def _texts(addresses) -> list[str]:
     return [str(a) for a in addresses]
+
+
+def _bare(address: str) -> multiaddr.Multiaddr:
+    return multiaddr.Multiaddr(address.rsplit("/p2p/", 1)[0])
 
 
 def _free_port() -> int:
@@ -292,10 +297,15 @@ def test_an_address_that_does_not_answer_is_passed_over_then_not_dialled_again()
                 memory = UnansweredAddresses()
                 for attempt in range(2):
                     async with running_host(load_or_create_identity(None), ["/ip4/127.0.0.1/tcp/0"]) as client:
+                        # What a DHT lookup leaves in the peerstore: the record's addresses, dead first.
+                        client.get_peerstore().add_addrs(ID.from_base58(peer), [_bare(a) for a in dead], 600)
                         began = trio.current_time()
                         with trio.fail_after(10):
                             used = await connect_first_answering(client, peer, [*dead, good], memory, dial_timeout=1.0)
                         took = trio.current_time() - began
+                        # py-libp2p's own later dials start from the address that answered; the dead are gone.
+                        known = [str(a) for a in client.get_peerstore().addrs(ID.from_base58(peer))]
+                        assert known == [str(_bare(good))]
                     assert used == good
                     assert all(memory.skips(a) for a in dead)
                     if attempt == 0:
@@ -307,6 +317,24 @@ def test_an_address_that_does_not_answer_is_passed_over_then_not_dialled_again()
         trio.run(main)
     finally:
         silent.close()
+
+
+def test_an_address_that_did_not_answer_is_still_tried_when_no_other_answers():
+    async def main() -> None:
+        async with running_host(load_or_create_identity(None), ["/ip4/127.0.0.1/tcp/0"]) as server:
+            peer, (good,) = server.get_id().to_base58(), full_addresses(server)
+            dead = f"/ip4/127.0.0.1/tcp/{_free_port()}/p2p/{peer}"
+            memory = UnansweredAddresses()
+            memory.remember(good)  # it failed once, in a slow moment
+            async with running_host(load_or_create_identity(None), ["/ip4/127.0.0.1/tcp/0"]) as client:
+                with trio.fail_after(10):
+                    assert await connect_first_answering(client, peer, [good, dead], memory) == good
+            assert not memory.skips(good) and memory.skips(dead)  # it answered: forgotten
+            async with running_host(load_or_create_identity(None), ["/ip4/127.0.0.1/tcp/0"]) as client:
+                with pytest.raises(ConnectionError, match=f"no address of ..{peer[-8:]} answered: {dead}: "):
+                    await connect_first_answering(client, peer, [dead], memory)
+
+    trio.run(main)
 
 
 def test_the_dial_timeout_is_explicit():

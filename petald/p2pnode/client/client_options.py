@@ -20,7 +20,7 @@ class ClientOptions:
     # trips answers in well under a second; a large step also gets its transfer time over the
     # slowest link allowed for (limits.SLOWEST_LINK_BYTES_PER_S).
     step_timeout: float = 30.0
-    # To reach a server or join the swarm: dials (5 s per address), DHT lookups (10 s each) and
+    # To reach a server or join the swarm: dials (10 s per address), DHT lookups (10 s each) and
     # the info round trip; at 100 ms round trips a client's start takes ~2 s of it.
     connect_timeout: float = 15.0
     # To wait for a server to take over blocks nobody serves: a server's start (load, measure,

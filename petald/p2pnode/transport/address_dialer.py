@@ -4,8 +4,10 @@ py-libp2p's own dial (``host.connect``) tries only the first TCP address it know
 and, when that fails, refuses the whole peer for a while: one dead address in a record (a
 stale interface, a forwarded port that was closed) would hide a server that answers on its
 next address. Here each address is dialled in the record's order, each within
-``DIAL_TIMEOUT_S``; one that does not answer is remembered for ``UNANSWERED_FOR_S`` and not
-dialled again meanwhile (``UnansweredAddresses``, at most ``MAX_REMEMBERED`` of them).
+``DIAL_TIMEOUT_S``; one that does not answer is remembered for ``UNANSWERED_FOR_S``
+(``UnansweredAddresses``, at most ``MAX_REMEMBERED`` of them) and meanwhile dialled only when
+no other address of the peer answers: a peer whose only address failed once (a slow moment)
+is not hidden for that long, and a dead address never delays a good one.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStoreError
 
-# One address's TCP connect plus the Noise and yamux handshakes: about 5 round trips, 0.5 s at
-# 100 ms (tests/test_wan_delays.py dials through such delays). 5 s leaves room for a loaded
-# server and a slow uplink, and bounds what a dead address costs before the next is tried.
-DIAL_TIMEOUT_S = 5.0
+# One address's TCP connect plus the Noise and yamux handshakes: about 4 round trips with the
+# pipelined negotiation, 0.4 s at 100 ms (tests/test_wan_delays.py dials through such delays).
+# 10 s (py-libp2p's own default) leaves room for a busy machine's handshake and a slow uplink;
+# an address that did not answer is tried last afterwards, so it costs this once.
+DIAL_TIMEOUT_S = 10.0
 UNANSWERED_FOR_S = 120.0  # how long an address that did not answer is skipped
 MAX_REMEMBERED = 1024  # the oldest entries go first beyond this many
 
@@ -66,31 +70,45 @@ def _without_peer_id(address: str) -> multiaddr.Multiaddr:
     return maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{own}")) if own else maddr
 
 
-def _connected_address(host: IHost, peer: ID, addresses: Sequence[str]) -> str | None:
-    """The address ``host`` is connected to ``peer`` through (the announced one when it is among
-    ``addresses``), None when not connected."""
+def _connected_address(host: IHost, peer: ID, addresses: Sequence[str],
+                       unanswered: UnansweredAddresses) -> str | None:
+    """The announced address ``host`` is connected to ``peer`` through, None when not connected.
+    A connection the peer opened comes from no announced address: the first one not skipped
+    stands for it."""
     connections = host.get_network().get_connections(peer)
-    if not connections:
+    if not connections or not addresses:
         return None
-    remote = [str(a) for c in connections for a in c.get_transport_addresses()]
-    announced = next((a for a in addresses if str(_without_peer_id(a)) in remote), None)
-    return announced or (f"{remote[0]}/p2p/{peer.to_base58()}" if remote else addresses[0])
+    remote = {str(a) for c in connections for a in c.get_transport_addresses()}
+    through = [a for a in addresses if str(_without_peer_id(a)) in remote]
+    return next(iter(through), next((a for a in addresses if not unanswered.skips(a)), addresses[0]))
+
+
+def _put_first(host: IHost, peer: ID, answered: multiaddr.Multiaddr, dead: list[multiaddr.Multiaddr]) -> None:
+    """Reorder what the peerstore knows of ``peer``: ``answered`` first, ``dead`` gone. py-libp2p's
+    later dials (a stream after the connection dropped, a DHT query) try only its first TCP one."""
+    store = host.get_peerstore()
+    drop = {str(a) for a in [answered, *dead]}
+    try:
+        known = store.addrs(peer)
+    except PeerStoreError:
+        known = []  # expired meanwhile: the answered address alone
+    others = [a for a in known if str(_without_peer_id(str(a))) not in drop]
+    store.clear_addrs(peer)
+    store.add_addrs(peer, [answered, *others], 600)
 
 
 async def connect_first_answering(host: IHost, peer_id: str, addresses: Sequence[str],
                                   unanswered: UnansweredAddresses, dial_timeout: float = DIAL_TIMEOUT_S) -> str:
     """Connect ``host`` to ``peer_id`` through the first of ``addresses`` (its announced ones, in
-    order) that answers; return that address. Raise ConnectionError naming each failure when
-    none does (addresses skipped as unanswered lately count as failures)."""
+    order; those that did not answer lately last) that answers; return that address. Raise
+    ConnectionError naming each failure when none does."""
     peer = ID.from_base58(peer_id)
-    connected = _connected_address(host, peer, addresses)
+    connected = _connected_address(host, peer, addresses, unanswered)
     if connected is not None:
         return connected  # an earlier dial, or the peer dialled us: nothing to dial
+    stale = [a for a in addresses if unanswered.skips(a)]
     failures: list[str] = []
-    for address in addresses:
-        if unanswered.skips(address):
-            failures.append(f"{address}: did not answer lately")
-            continue
+    for address in [*(a for a in addresses if a not in stale), *stale]:
         try:
             maddr = _without_peer_id(address)
             with trio.fail_after(dial_timeout):
@@ -100,8 +118,8 @@ async def connect_first_answering(host: IHost, peer_id: str, addresses: Sequence
         except Exception as exc:
             failures.append(f"{address}: {exc or type(exc).__name__}")
         else:
-            # Later dials by py-libp2p (a stream after the connection dropped) start from here.
-            host.get_peerstore().add_addrs(peer, [maddr], 600)
+            unanswered.forget(address)
+            _put_first(host, peer, maddr, [_without_peer_id(a) for a in addresses if unanswered.skips(a)])
             return address
         unanswered.remember(address)
     raise ConnectionError(f"no address of ..{peer_id[-8:]} answered: " + "; ".join(failures) if failures
