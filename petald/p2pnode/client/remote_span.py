@@ -39,12 +39,13 @@ async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> Server
 
 
 async def timed_info(host: IHost, peer_id: str, timeout: float = 15.0) -> tuple[ServerInfo, float]:
-    """The server's info, and the seconds from sending the request to its answer: one round trip
-    plus the server's (tiny) handling, which routing compares between servers. The stream is
-    opened first, so that its protocol negotiation (more round trips) is not counted."""
+    """The server's info, and the seconds from opening the stream to the answer: two round trips
+    (the stream's negotiation, pipelined, and the request) plus the server's handling, which is
+    what a hop costs the client beyond its compute. Routing adds it to each hop's cost; with one
+    round trip alone, on loopback, measurement noise outweighed the cost of one hop more."""
+    began = time.perf_counter()
     framed = await open_stream(host, peer_id, INFO_PROTOCOL, timeout)
     try:
-        began = time.perf_counter()
         await framed.send(InfoRequest().to_wire())
         reply = await receive_reply(framed, peer_id, timeout, "an info request")
         rtt = time.perf_counter() - began
