@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,20 @@ def _no_delay(stream: trio.SocketStream) -> None:
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+# trio's timers wake up to ~1 ms late (epoll's timeout is whole milliseconds, rounded up): 1 ms
+# more per hop and direction than asked. So the proxy wakes a little early and sleeps the rest on
+# the OS clock (~0.1 ms precise), blocking its loop for at most EARLY: every chunk due is late by
+# less than that, not by a systematic millisecond.
+EARLY = 0.0015
+
+
+async def _wait_until(due: float) -> None:
+    await trio.sleep_until(due - EARLY)
+    rest = due - trio.current_time()
+    if rest > 0:
+        time.sleep(rest)
+
+
 class _Vanished(Exception):
     """The source of one direction reset its connection: the proxy resets the other leg."""
 
@@ -91,7 +106,7 @@ async def _carry(source: trio.SocketStream, sink: trio.SocketStream, link: Link)
     async def write() -> None:
         async with receive:
             async for due, chunk in receive:
-                await trio.sleep_until(due)
+                await _wait_until(due)
                 if chunk is None:
                     sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     raise _Vanished  # closing with linger 0 resets the sink's connection too
@@ -150,6 +165,10 @@ class DelayProxy:
     def port(self) -> int:
         assert self.address is not None
         return self.address[1]
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def __enter__(self) -> DelayProxy:
         self._thread.start()

@@ -44,7 +44,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -72,6 +72,7 @@ class InternetInABox:
         self.prefix = f"{_PREFIX}{os.getpid()}n{next(_numbers)}-"
         self.hosts: dict[str, Host] = {}
         self.processes: list[subprocess.Popen] = []
+        self._namespaces: list[str] = []  # every one asked for, built or half-built: close deletes them
         self._initial = (list(publics), list(homes), dict(bandwidth_mbps or {}))
         self._next_public = 10  # 203.0.113.10, .11, ...
         self._next_lan = 1  # 192.168.1.0/24, 192.168.2.0/24, ...
@@ -93,8 +94,7 @@ class InternetInABox:
 
     def _build(self) -> None:
         publics, homes, bandwidth = self._initial
-        _ip("netns", "add", self._internet)
-        self._up_loopback(self._internet)
+        self._add_namespace(self._internet)
         _ip("-n", self._internet, "link", "add", "br0", "type", "bridge")
         _ip("-n", self._internet, "link", "set", "br0", "up")
         for name in publics:
@@ -115,8 +115,9 @@ class InternetInABox:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        for namespace in [h.namespace for h in self.hosts.values()] + [self._internet]:
+        for namespace in self._namespaces:
             _delete_namespace(namespace)
+        self._namespaces.clear()
         self.hosts.clear()
 
     # -- building -----------------------------------------------------------------------------
@@ -127,14 +128,13 @@ class InternetInABox:
 
     def _new_namespace(self, name: str) -> str:
         self._check_name(name)
-        namespace = self.prefix + name
-        _ip("netns", "add", namespace)
-        self._up_loopback(namespace)
-        return namespace
+        return self._add_namespace(self.prefix + name)
 
-    @staticmethod
-    def _up_loopback(namespace: str) -> None:
+    def _add_namespace(self, namespace: str) -> str:
+        self._namespaces.append(namespace)  # first, so that a failure from here on still deletes it
+        _ip("netns", "add", namespace)
         _ip("-n", namespace, "link", "set", "lo", "up")
+        return namespace
 
     def _public_address(self) -> str:
         address = INTERNET.network_address + self._next_public
@@ -186,6 +186,8 @@ class InternetInABox:
     def limit_bandwidth(self, name: str, mbps: float) -> None:
         """Cap ``name``'s link to ``mbps`` Mbit/s each way (tbf at both ends of its link; a home's
         link is its router's: the home shares it, as a home does)."""
+        if not 0 < mbps < float("inf"):
+            raise ValueError(f"bandwidth cap for {name}: {mbps!r} is not a positive number of Mbit/s")
         host = self.hosts[f"{name}_router"] if self.hosts[name].peer_link is None else self.hosts[name]
         assert host.peer_link is not None
         rate = f"{mbps}mbit"
@@ -270,12 +272,16 @@ def sweep_orphaned_boxes() -> None:
 
 
 @lru_cache(maxsize=1)
-def why_no_internet_in_a_box() -> str | None:
-    """Why a box cannot be built here (None: it can)."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+def why_no_internet_in_a_box(euid: int | None = None,
+                             which: Callable[[str], str | None] = shutil.which) -> str | None:
+    """Why a box cannot be built here (None: it can). ``euid`` and ``which`` stand in for this
+    process's effective user id and the PATH lookup of a tool (a test gives others)."""
+    if euid is None:
+        euid = os.geteuid() if hasattr(os, "geteuid") else -1
+    if euid != 0:
         return "the internet in a box needs root (network namespaces, veths, nftables)"
     for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("tc", "iproute2")):
-        if shutil.which(tool) is None:
+        if which(tool) is None:
             return f"the internet in a box needs `{tool}`: apt-get install -y {package}"
     probe = f"{_PREFIX}{os.getpid()}n{next(_numbers)}-probe"
     try:

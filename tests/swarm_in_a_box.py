@@ -3,11 +3,11 @@ and the delay proxy (benchmarks/delay_proxy.py) that puts a host farther away.
 
     server = start_server(box, "public1", "0:3", ["--new-swarm", "--model", path])
     start_server(box, "public2", "3:6", ["--initial-peers", server.address, "--model", path])
-    port = start_delay_proxy(box, "public2", to=("127.0.0.1", 31337), delay_ms=25)
+    far = start_server_behind_delay(box, "public2", "3:6", [...], delay_ms=25)
 
 Each server listens on its host's own address (port 0) unless ``listen`` says otherwise. A server
-25 ms away listens on its host's loopback (so that nobody reaches it but through the proxy), and
-its proxy on the host's address forwards to it; the server announces the proxy's address. The box
+25 ms away (``start_server_behind_delay``) listens on its host's loopback, so that nobody reaches
+it but through the delay proxy on the host's address, and announces the proxy's address. The box
 stops every process it started on exit.
 """
 
@@ -54,3 +54,13 @@ def start_delay_proxy(box: InternetInABox, host: str, to: tuple[str, int], delay
     if not ready.startswith("delay proxy ready at "):
         raise RuntimeError(f"the delay proxy on {host} did not start: {ready}{process.stdout.read()}")
     return int(ready.split()[4].rsplit(":", 1)[1])
+
+
+def start_server_behind_delay(box: InternetInABox, host: str, blocks: str, args: Sequence[str], delay_ms: float,
+                              mbps: float | None = None, port: int = 31337) -> ServerProcess:
+    """A server that others reach ``delay_ms`` away (each way): ``petald serve`` on ``host``'s loopback
+    at ``port``, behind a delay proxy on the host's address at the same port (each host has ports
+    of its own), announcing the proxy's address."""
+    start_delay_proxy(box, host, ("127.0.0.1", port), delay_ms, mbps, port=port)
+    announce = f"/ip4/{box.address(host)}/tcp/{port}"
+    return start_server(box, host, blocks, [*args, "--announce", announce], listen=f"/ip4/127.0.0.1/tcp/{port}")

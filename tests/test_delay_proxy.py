@@ -207,7 +207,7 @@ def test_closing_the_importable_proxy_ends_its_thread_and_connections():
             conn.sendall(b"a")
             assert conn.recv(1) == b"a"
             proxy.close()
-            assert not proxy._thread.is_alive()
+            assert not proxy.running
             assert conn.recv(1) == b""
         with pytest.raises(ConnectionRefusedError):
             connect(proxy.port)

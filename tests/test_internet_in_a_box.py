@@ -9,7 +9,11 @@ import time
 
 import pytest
 
-from tests.internet_in_a_box import InternetInABox, require_internet_in_a_box
+from tests.internet_in_a_box import (
+    InternetInABox,
+    require_internet_in_a_box,
+    why_no_internet_in_a_box,
+)
 
 # Listens on ADDRESS (port 0), prints its port, then answers each connection with the address it
 # came from, or (with a byte count as the 2nd argument) with that many bytes.
@@ -137,10 +141,20 @@ def test_bad_host_names_are_refused_and_a_failed_build_leaves_nothing():
                 box.add_public(name)
         with pytest.raises(KeyError):
             box.address("nobody")
-    half_built = InternetInABox(publics=("public1", "public2"), homes=("home", "Home2"))
-    with pytest.raises(ValueError, match="host name 'Home2'"):
-        half_built.__enter__()
-    assert not any(name.startswith(half_built.prefix) for name in _namespaces())
+    for half_built, message in [
+        (InternetInABox(publics=("public1", "public2"), homes=("home", "Home2")), "host name 'Home2'"),
+        (InternetInABox(bandwidth_mbps={"home": 0}), "bandwidth cap for home: 0 is not a positive number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            half_built.__enter__()
+        assert not any(name.startswith(half_built.prefix) for name in _namespaces())
+
+
+def test_where_the_box_cannot_be_built_the_reason_says_what_is_missing():
+    assert why_no_internet_in_a_box(euid=1000) == "the internet in a box needs root (network namespaces, veths, " \
+                                                  "nftables)"
+    no_nft = why_no_internet_in_a_box(euid=0, which=lambda tool: None if tool == "nft" else f"/usr/sbin/{tool}")
+    assert no_nft == "the internet in a box needs `nft`: apt-get install -y nftables"
 
 
 def test_boxes_of_killed_runs_are_swept():
@@ -158,25 +172,28 @@ def test_boxes_of_killed_runs_are_swept():
 
 @pytest.mark.slow
 def test_swarm_across_namespaces(tmp_path):
-    """Servers on public1 and public2, each on its own public address; a client on a third host that
-    knows only public1's address finds public2 through the DHT and generates the oracle's greedy
-    tokens (float32 on the wire, so exactly); so does a client at home, behind the NAT. A tiny random
-    Llama with SmolLM2's tokenizer keeps it fast."""
+    """A server on public1 listening on all interfaces (it announces its public address), and one on
+    public2 that listens on its loopback behind a 25 ms delay proxy and announces the proxy's address
+    (the WAN benchmark's shape); a client on a third host that knows only public1's address finds
+    public2 through the DHT and generates the oracle's greedy tokens (float32 on the wire, so
+    exactly); so does a client at home, behind the NAT. A tiny random Llama with SmolLM2's tokenizer
+    keeps it fast."""
     require_internet_in_a_box()
     from petald.kernels.sources.open_source import open_source
     from tests.oracle import reference_text
     from tests.petald_cli import PETALD
-    from tests.swarm_in_a_box import start_server
+    from tests.swarm_in_a_box import start_server, start_server_behind_delay
     from tests.tiny_models import save_tiny_chat_model
 
     model = str(save_tiny_chat_model(tmp_path / "tiny-chat"))
     prompt, new_tokens = "The capital of France is", 12
     ids = open_source(model).load_tokenizer()(prompt, return_tensors="pt").input_ids
     with InternetInABox() as box:
-        first = start_server(box, "public1", "0:3", ["--new-swarm", "--model", model])
-        second = start_server(box, "public2", "3:6", ["--initial-peers", first.address, "--model", model])
+        first = start_server(box, "public1", "0:3", ["--new-swarm", "--model", model], listen="/ip4/0.0.0.0/tcp/0")
         assert first.address.startswith(f"/ip4/{box.address('public1')}/tcp/")
-        assert second.address.startswith(f"/ip4/{box.address('public2')}/tcp/")
+        second = start_server_behind_delay(box, "public2", "3:6", ["--initial-peers", first.address, "--model", model],
+                                           delay_ms=25)
+        assert second.address.startswith(f"/ip4/{box.address('public2')}/tcp/31337/p2p/")  # the proxy's
         generate = [*PETALD, "generate", prompt, "--model", model, "--initial-peers", first.address,
                     "--max-new-tokens", str(new_tokens), "--temperature", "0", "--wire-dtype", "float32"]
         # the client on a public host, and one at home behind the NAT (it only dials out)

@@ -12,6 +12,7 @@ from petald.p2pnode.swarm.dht import (
     SERVERS_KEY,
     SwarmDHT,
     block_key,
+    model_key,
     record_key,
     sign_announcement,
 )
@@ -60,6 +61,38 @@ def test_a_client_finds_every_block_without_knowing_the_servers():
         models = {m.model_id: m for m in await read_swarm(client)}
         assert set(models) == {"m@aaa", "other@bbb"}
         assert models["m@aaa"].uncovered == [] and len(models["other@bbb"].servers) == 1
+
+    trio.run(with_swarm, test)
+
+
+def test_one_lookup_of_the_model_key_finds_its_servers_and_uncovered_blocks_are_looked_up_one_by_one():
+    async def test(servers, client):
+        new, old, other = servers
+        await new.publish(announcement(new, "m@aaa", 0, 3),
+                          [block_key("m@aaa", b) for b in range(3)] + [model_key("m@aaa")])
+        await other.publish(announcement(other, "other@bbb", 0, 6), [model_key("other@bbb")])
+        asked: list[bytes] = []
+        providers_of = client.providers_of
+
+        async def spy(key: bytes):
+            asked.append(key)
+            return await providers_of(key)
+
+        client.providers_of = spy
+        # Blocks 3:6 have no server yet: the model key covers 0:3, the rest are asked for one by one.
+        found = await client.model_announcements("m@aaa", 6)
+        assert [(r.start, r.end) for r in found] == [(0, 3)]
+        assert asked[0] == model_key("m@aaa")
+        assert sorted(asked[1:]) == sorted(block_key("m@aaa", b) for b in range(3, 6))
+        # A server that provides its blocks but not the model key (an older petald) is found through them.
+        await old.publish(announcement(old, "m@aaa", 3, 6), [block_key("m@aaa", b) for b in range(3, 6)])
+        found = await client.model_announcements("m@aaa", 6)
+        assert sorted((r.start, r.end) for r in found) == [(0, 3), (3, 6)]
+        # Once the model key covers every block, one lookup is all it takes.
+        await old.publish(announcement(old, "m@aaa", 3, 6), [model_key("m@aaa")])
+        asked.clear()
+        found = await client.model_announcements("m@aaa", 6)
+        assert sorted((r.start, r.end) for r in found) == [(0, 3), (3, 6)] and asked == [model_key("m@aaa")]
 
     trio.run(with_swarm, test)
 

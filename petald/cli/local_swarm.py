@@ -69,8 +69,11 @@ class LocalSwarm:
     """Server processes for ``spans``; use as a context manager so they always stop."""
 
     def __init__(self, spans: Sequence[str], model: str | None = None, extra_args: Sequence[str] = (),
-                 start_timeout: float = 180.0, log=None):
+                 start_timeout: float = 180.0, log=None, server_args: Sequence[Sequence[str]] = ()):
+        """``extra_args`` go to every server; ``server_args[i]``, if given, to the i-th one only
+        (its own ``--listen`` and ``--announce``, say)."""
         self.spans, self.model, self.extra_args = list(spans), model, list(extra_args)
+        self.server_args = [list(a) for a in server_args] + [[] for _ in range(len(self.spans) - len(server_args))]
         self.start_timeout = start_timeout
         self.servers: list[ServerProcess] = []
         self.log = log or (lambda text: None)
@@ -87,22 +90,22 @@ class LocalSwarm:
         self.stop()
 
     def start(self) -> None:
-        first, *rest = self.spans
+        first, *rest = zip(self.spans, self.server_args, strict=True)
         self._launch([first], ["--new-swarm"])
         if rest:
             self._launch(rest, ["--initial-peers", self.servers[0].address])
 
     def add(self, blocks: str = "auto", extra_args: Sequence[str] = ()) -> ServerProcess:
         """One more server, joining the swarm through the first one."""
-        self._launch([blocks], ["--initial-peers", self.servers[0].address, *extra_args])
+        self._launch([(blocks, list(extra_args))], ["--initial-peers", self.servers[0].address])
         return self.servers[-1]
 
-    def _launch(self, spans: Sequence[str], swarm_args: list[str]) -> None:
+    def _launch(self, servers: Sequence[tuple[str, list[str]]], swarm_args: list[str]) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         started: list[tuple[ServerProcess, threading.Event]] = []
-        for blocks in spans:
+        for blocks, own_args in servers:
             cmd = [sys.executable, "-m", "petald.cli.main", "serve", "--blocks", blocks,
-                   "--listen", DEFAULT_LISTEN, *swarm_args, *self.extra_args]
+                   "--listen", DEFAULT_LISTEN, *swarm_args, *self.extra_args, *own_args]
             if "--socket" not in cmd:
                 cmd.append("--no-api")  # servers of one machine would all claim the default socket
             if self.model:

@@ -20,4 +20,15 @@ MAX_ARRAY_LEN = 16  # msgpack arrays: tensor shapes, adapter names, a step's pus
 MAX_MAP_LEN = 32  # msgpack maps (messages and tensors have a handful of fields)
 MAX_FIRST_FRAME_BYTES = 64 * 1024  # info requests and session opens are small
 WIRE_DTYPES = DTYPE_NAMES
+
+# The slowest link petald's timeouts allow for: a 10 Mbit/s home uplink (issue 18's range is
+# 10-1000 Mbit/s). A frame's send timeout, and the wait for a step's answer, grow by the frame's
+# transfer time at this rate, so that a large prefill over such a link is not taken for a hung
+# peer: a 12 MB chunk (a float32 tensor at half MAX_TENSOR_BYTES) takes ~10 s; a decode step ~2 ms.
+SLOWEST_LINK_BYTES_PER_S = 10_000_000 // 8
+
+
+def transfer_seconds(nbytes: int) -> float:
+    """How long ``nbytes`` take over the slowest link petald's timeouts allow for."""
+    return nbytes / SLOWEST_LINK_BYTES_PER_S
 CODECS = ("raw", "lz4")

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from transformers import AutoConfig, PretrainedConfig
 
 from petald.kernels.cache_dir import petald_cache_dir, read_json, write_json
 from petald.kernels.models.registry import family_of
 from petald.kernels.sources.fingerprint_cache import cached_fingerprint, file_stamp
+from petald.kernels.sources.gguf_index import read_gguf_index
 from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_architecture
 
 _BLOCK_NAMES = {
@@ -59,10 +60,10 @@ class GGUFSource:
         if not self.path.is_file():
             raise ModelSourceError(f"GGUF file not found: {self.path}")
         try:
-            self._reader = GGUFReader(self.path, "r")
-        except Exception as exc:  # gguf raises ValueError, struct.error, ...
+            # The tensor index only: the metadata's values are parsed once, for the cached config.
+            self._tensors = {t.name: t for t in read_gguf_index(self.path)}
+        except Exception as exc:  # a bad header, a file cut short, a bad mapping
             raise ModelSourceError(f"{self.path} is not a readable GGUF file: {exc}") from exc
-        self._tensors = {t.name: t for t in self._reader.tensors}
         self.config = self._read_config()
         check_architecture(self.config, str(self.path))
         if "rope_freqs.weight" in self._tensors:
@@ -80,8 +81,8 @@ class GGUFSource:
         """Where what we derive from this exact file (by path, size and mtime) is kept.
 
         Parsing a GGUF's metadata takes seconds (gguf-py walks the tokenizer's ~100k strings
-        one numpy view at a time), and transformers parses it again for the config and again
-        for the tokenizer; both are kept here after the first time.
+        one numpy view at a time; ``gguf_index`` reads the tensors without it), and transformers
+        parses it for the config and again for the tokenizer; both are kept here after the first time.
         """
         stamp = hashlib.blake2b(file_stamp([self.path]).encode(), digest_size=10).hexdigest()
         return petald_cache_dir() / "gguf" / stamp

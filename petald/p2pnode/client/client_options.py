@@ -14,9 +14,18 @@ from dataclasses import dataclass
 class ClientOptions:
     wire_dtype: str = "float32"  # hidden states on the wire (vocabulary.DTYPE_NAMES)
     codec: str = "raw"  # "raw" or "lz4" over the wire dtype's bytes
-    step_timeout: float = 30.0  # for each server's answer: a hung server is replaced after it
-    connect_timeout: float = 15.0  # to reach a server, or to join the swarm
-    recovery_timeout: float = 60.0  # to wait for a server to take over blocks nobody serves
+    # Timeouts (docs/fault_tolerance.md, "Timeouts at internet distances", says how each holds at
+    # 100 ms round trips and a 10 Mbit/s uplink).
+    # For each server's answer: a hung server is replaced after it. A decode step at 100 ms round
+    # trips answers in well under a second; a large step also gets its transfer time over the
+    # slowest link allowed for (limits.SLOWEST_LINK_BYTES_PER_S).
+    step_timeout: float = 30.0
+    # To reach a server or join the swarm: dials (10 s per address), DHT lookups (10 s each) and
+    # the info round trip; at 100 ms round trips a client's start takes ~2 s of it.
+    connect_timeout: float = 15.0
+    # To wait for a server to take over blocks nobody serves: a server's start (load, measure,
+    # announce) takes ~10-30 s.
+    recovery_timeout: float = 60.0
     # A LoRA adapter's name: only servers holding it are used, and they apply it ("": the base model).
     adapter: str = ""
     max_chunk_tokens: int = 1024  # the tokens of one training request (``remote_blocks``)
@@ -26,8 +35,10 @@ class ClientOptions:
     # Servers pass each inference step's output on to the next server themselves (docs/protocol.md,
     # "Pushing steps"); False: every hop goes through this client.
     push: bool = True
-    # A pushed step whose answer is this late (or 4x the hop's last step, if longer) is sent by the
-    # client too: the push may have been lost between the servers.
+    # A pushed step whose answer is this late (or 4x the hop's last step, if longer; plus two
+    # transfers of the step over the slowest link allowed for) is sent by the client too: the push
+    # may have been lost between the servers. A pushed decode step at 100 ms round trips answers
+    # ~50 ms + compute after the hop before it.
     push_grace: float = 1.0
     # Relayed connections to servers behind NAT are upgraded to direct ones where the NATs allow
     # (DCUtR hole punching, docs/nat.md); False: they stay on the relay.

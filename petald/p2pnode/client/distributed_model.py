@@ -34,11 +34,10 @@ from petald.p2pnode.client.failover import Recovery
 from petald.p2pnode.client.inference_session import InferenceSession, token_chunks
 from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.client.remote_autograd import RemoteBlocksFunction
-from petald.p2pnode.client.remote_span import fetch_info
+from petald.p2pnode.client.remote_span import timed_info
 from petald.p2pnode.client.training_pipeline import TrainingPipeline
 from petald.p2pnode.routing.bans import ServerBans
 from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
-from petald.p2pnode.swarm.dht import block_key
 from petald.p2pnode.transport.address_dialer import UnansweredAddresses, connect_first_answering
 from petald.p2pnode.transport.direct_upgrade import client_listen
 from petald.p2pnode.transport.host import parse_peer_address
@@ -113,28 +112,27 @@ class DistributedModel:
         still joining or moving), look again until ``timeout``."""
         dht = self.node.dht
         assert dht is not None
-        await dht.join(initial_peers, timeout)
+        await dht.join(initial_peers, timeout, refresh=False)  # it only looks up its model's servers
         deadline = trio.current_time() + timeout
         while True:
             servers = await self._find_servers()
             covered = {b for s in servers for b in range(s.info.start, s.info.end)}
             if len(covered) == self.identity.num_blocks:
                 return servers
-            if trio.current_time() + 1.0 > deadline:
+            if trio.current_time() + RETRY_PERIOD_S > deadline:
                 if not servers:
                     raise ServerUnavailable(f"no server in the swarm answers for {self.identity.model_id}; "
                                             "check --model, or start servers for it")
                 return servers  # routing names the uncovered blocks
-            await trio.sleep(1.0)
+            await trio.sleep(RETRY_PERIOD_S)
 
     async def _find_servers(self) -> list[RemoteServer]:
         """This model's online servers from the DHT, each with a measured round trip."""
         dht = self.node.dht
         assert dht is not None
         timeout = self.options.connect_timeout
-        keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
         # Banned servers are not even asked: a hung one would hold up the whole look for its timeout.
-        records = [r for r in await dht.announcements(keys)
+        records = [r for r in await dht.model_announcements(self.identity.model_id, self.identity.num_blocks)
                    if r.state == "online" and r.fingerprint == self.identity.fingerprint and r.addresses
                    and not self.bans.is_banned(r.peer_id)]
         found: list[RemoteServer] = []
@@ -145,9 +143,7 @@ class DistributedModel:
                     # Connect first, so that the timed round trip does not include the handshake.
                     address = await connect_first_answering(self.node.host, record.peer_id, record.addresses,
                                                             self.unanswered)
-                began = trio.current_time()
-                info = await fetch_info(self.node.host, record.peer_id, timeout)
-                rtt = trio.current_time() - began
+                info, rtt = await timed_info(self.node.host, record.peer_id, timeout)
             except Exception as exc:  # an unreachable server is skipped, like a dead one
                 log.info("skipping %s: %s", record.peer_id, exc)
                 return
@@ -172,7 +168,7 @@ class DistributedModel:
             try:
                 with trio.fail_after(timeout):
                     await host.connect(info)
-                server_info = await fetch_info(host, info.peer_id.to_base58(), timeout)
+                server_info, _ = await timed_info(host, info.peer_id.to_base58(), timeout)
                 if server_info.wire_version != WIRE_VERSION:
                     raise ServerUnavailable(f"it speaks wire version {server_info.wire_version}, "
                                             f"this client {WIRE_VERSION}: upgrade one of them")

@@ -62,6 +62,7 @@ class _Link:
     span: RemoteSpanSession | None = None
     inputs: list[torch.Tensor] = field(default_factory=list)
     replayed: bool = False  # a replacement link holds its history
+    open_failure: Exception | None = None  # why opening it with the others failed (``_open_all``)
 
 
 class InferenceSession:
@@ -93,10 +94,26 @@ class InferenceSession:
     async def open(self) -> None:
         """Open a session on every hop now, so that a full server is replaced before the first step."""
         try:
-            await self._through(None)
+            await self._open_all()
+            await self._through(None)  # replaces the servers whose open failed
         except BaseException:
             await self.close()
             raise
+
+    async def _open_all(self) -> None:
+        """Open every link's session at once: each open is a few round trips, which at internet
+        distances add up when taken one after another. A link whose open fails keeps its failure
+        for ``_through``, which replaces its server without trying it again."""
+        async def open_link(link: _Link) -> None:
+            try:
+                link.span = await self._open_span(link.hop)
+            except SERVER_FAILURES as exc:
+                link.open_failure = exc
+
+        async with trio.open_nursery() as nursery:
+            for link in self.links:
+                if link.span is None:
+                    nursery.start_soon(open_link, link)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Run ``hidden`` [batch, tokens, hidden_size] through every hop; returns the last hop's output."""
@@ -126,6 +143,9 @@ class InferenceSession:
             link = self.links[index]
             try:
                 if link.span is None:
+                    failure, link.open_failure = link.open_failure, None
+                    if failure is not None:
+                        raise failure
                     link.span = await self._open_span(link.hop)
                 if hidden is not None:
                     chain = self._push_chain(index, hidden)

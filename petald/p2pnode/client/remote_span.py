@@ -13,9 +13,14 @@ from petald.kernels.sources.model_source import ModelIdentity
 from petald.p2pnode.client.client_options import ClientOptions
 from petald.p2pnode.routing.route import SpanHop
 from petald.p2pnode.transport.first_failure import open_first_failure_nursery
-from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
+from petald.p2pnode.transport.framed_stream import CLOSE_TIMEOUT_S, FramedStream, PeerGone
 from petald.p2pnode.transport.peer_streams import ServerUnavailable, open_stream, receive_reply
-from petald.protocol.limits import INFERENCE_PROTOCOL, INFO_PROTOCOL, PUSH_TOKEN_BYTES
+from petald.protocol.limits import (
+    INFERENCE_PROTOCOL,
+    INFO_PROTOCOL,
+    PUSH_TOKEN_BYTES,
+    transfer_seconds,
+)
 from petald.protocol.messages import (
     CloseSession,
     InfoRequest,
@@ -30,10 +35,21 @@ from petald.protocol.tensors import all_finite
 
 
 async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> ServerInfo:
+    return (await timed_info(host, peer_id, timeout))[0]
+
+
+async def timed_info(host: IHost, peer_id: str, timeout: float = 15.0) -> tuple[ServerInfo, float]:
+    """The server's info, and the seconds from opening the stream to the answer: two round trips
+    (the stream's negotiation, pipelined, and the request) plus the server's handling, which is
+    what a hop costs the client beyond its compute. Routing adds it to each hop's cost; with one
+    round trip alone, on loopback, measurement noise outweighed the cost of one hop more."""
+    began = time.perf_counter()
     framed = await open_stream(host, peer_id, INFO_PROTOCOL, timeout)
     try:
         await framed.send(InfoRequest().to_wire())
-        return ServerInfo.from_wire(await receive_reply(framed, peer_id, timeout, "an info request"))
+        reply = await receive_reply(framed, peer_id, timeout, "an info request")
+        rtt = time.perf_counter() - began
+        return ServerInfo.from_wire(reply), rtt
     finally:
         await framed.close()
 
@@ -42,6 +58,8 @@ async def fetch_info(host: IHost, peer_id: str, timeout: float = 15.0) -> Server
 # ClientOptions.push_grace) is sent by the client too: the push may have been lost between the
 # servers. The server runs whichever copy comes first and skips the other.
 PUSH_GRACE_FACTOR = 4.0
+# A step's hidden states on the wire, per value, at most (float32): what its transfer allowance counts.
+WIRE_BYTES_PER_VALUE = 4
 
 
 class RemoteSpanSession:
@@ -115,13 +133,16 @@ class RemoteSpanSession:
         waiting for the one answer the server gives, to whichever copy it ran."""
         copy = self._next_step(hidden, push)
         began = time.perf_counter()
-        # Before half the step timeout, so that the copy has time to be answered.
-        grace = min(max(self.options.push_grace, PUSH_GRACE_FACTOR * self.step_seconds),
-                    self.options.step_timeout / 2)
+        # The answer comes after two transfers (the push to this server, its answer to the client),
+        # which over a slow link take longer than any grace measured on decode steps.
+        transfers = 2 * self._transfer_seconds(hidden)
+        # Before half the wait for the answer, so that the copy has time to be answered.
+        grace = min(max(self.options.push_grace, PUSH_GRACE_FACTOR * self.step_seconds) + transfers,
+                    (self.options.step_timeout + transfers) / 2)
         copy_sent: list[float] = []
         async with open_first_failure_nursery() as nursery:
             nursery.start_soon(self._send_late_copy, copy, grace, copy_sent)
-            result = await self._output(hidden, began, push)
+            result = await self._output(hidden, began, push, transfers)
             nursery.cancel_scope.cancel()
         if copy_sent:  # the hop's own time, not the wait for a push that never came
             self.step_seconds = time.perf_counter() - copy_sent[0]
@@ -142,12 +163,19 @@ class RemoteSpanSession:
         return Step(self._step_ids, self.position, hidden, self.options.wire_dtype, self.options.codec,
                     self._prompts_for(hidden.shape[1]), push)
 
-    async def _output(self, hidden: torch.Tensor, began: float, push: list[PushTarget]
-                      ) -> tuple[torch.Tensor, bool]:
+    @staticmethod
+    def _transfer_seconds(hidden: torch.Tensor) -> float:
+        return transfer_seconds(hidden.numel() * WIRE_BYTES_PER_VALUE)
+
+    async def _output(self, hidden: torch.Tensor, began: float, push: list[PushTarget],
+                      transfers: float | None = None) -> tuple[torch.Tensor, bool]:
         """The server's answer to the step just sent, checked, and whether it pushed the output to
-        ``push[0]`` (a claim of a push nobody asked for counts as none)."""
+        ``push[0]`` (a claim of a push nobody asked for counts as none). The wait is the step timeout
+        plus ``transfers`` (default: the answer's own transfer over the slowest link allowed for)."""
         peer = self.hop.server.peer_id
-        out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.options.step_timeout, "a step"))
+        transfers = self._transfer_seconds(hidden) if transfers is None else transfers
+        out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.options.step_timeout + transfers,
+                                                       "a step"))
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with shape "
                                     f"{list(out.hidden.shape)}; expected step {self._step_ids}, {list(hidden.shape)}")
@@ -158,7 +186,7 @@ class RemoteSpanSession:
         return out.hidden, out.pushed and bool(push)
 
     async def close(self) -> None:
-        with trio.move_on_after(2):
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
             try:
                 await self.framed.send(CloseSession().to_wire())
             except PeerGone:

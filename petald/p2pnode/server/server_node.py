@@ -52,6 +52,9 @@ MEMORY_SHARE = 0.5  # of the free memory, when --blocks auto is given no budget
 MOVE_COOLDOWN_PERIODS = 3  # rebalance periods a server stays put after it moved
 FIRST_CHECK_S = (2.0, 8.0)  # range of the random delay before a server's first rebalance check
 STEPS_FINISH_S = 30.0  # after the grace period, the longest wait for running steps to finish
+# Saying "offline" on the way out: one DHT put (a lookup and a store, ~1 s at 100 ms round
+# trips); a swarm that does not answer in time sees the record expire instead.
+OFFLINE_RECORD_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -233,7 +236,7 @@ class ServerNode:
         servers = self._all_servers()
         for server in servers:
             server.draining = True
-        with trio.move_on_after(5.0):
+        with trio.move_on_after(OFFLINE_RECORD_TIMEOUT_S):
             await presence.publish("offline")
         grace = self.options.shutdown_grace
 
@@ -274,6 +277,9 @@ class ServerNode:
             self.announce("started a new swarm: other nodes join it with --initial-peers and this server's address")
 
     async def _swarm_records(self, dht: SwarmDHT) -> list[ServerAnnouncement]:
+        # Every block's providers, not the model key alone: placement must see each server, and a
+        # server missing from the model key's providers (a provider record dropped by a receiver's
+        # rate limit) would look like a free span. The block keys make 30 chances to be seen.
         keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
         records = await dht.announcements(keys)
         return [r for r in records if r.fingerprint == self.identity.fingerprint]

@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 # Distinct next sessions one session may push to over its life (its route's next hop and that
 # hop's replacements): a client cannot make a server open streams without end.
 MAX_TARGETS_PER_SESSION = 8
-# A push waits this long for the next server to take it, then the step goes without a push:
-# the client's answer waits behind it.
+# A push waits this long for the next server to take it (plus the frame's transfer time over the
+# slowest link allowed for: FramedStream adds it), then the step goes without a push: the
+# client's answer waits behind it. 50 round trips at 100 ms: a next server this slow to read is
+# better skipped.
 PUSH_SEND_TIMEOUT_S = 5.0
 
 

@@ -6,6 +6,9 @@ Keys in the DHT:
   key per server; the validator keeps the newest record and refuses forged ones).
 - sha256 of ``petald-block:<model id>:<block>``: provider records, one per server holding
   the block. (A multihash, so that every node answers FIND_NODE for it.)
+- sha256 of ``petald-model:<model id>``: provider records, one per server of that model, so
+  that a client finds a whole model's servers with one lookup instead of one per block
+  (``model_announcements``; blocks it leaves uncovered are still looked up per block).
 - sha256 of ``petald-servers``: provider records of every server, for the swarm map.
 
 py-libp2p 0.8 limits and how this module deals with them (docs/swarm.md has the list):
@@ -64,6 +67,9 @@ LIBRARY_KAD_PROTOCOL = TProtocol(kad_common.PROTOCOL_ID)
 RECORD_NAMESPACE = "petald"
 UNIDENTIFIED = "/petald/unidentified"  # what a peer speaks before identify has told us
 MAX_CLOCK_SKEW_S = 60.0  # a record issued further in the future than this is refused
+# One whole lookup (or provide, or record fetch). At 100 ms round trips a round of a lookup costs
+# a dial (~0.5 s: TCP, Noise and yamux handshakes) and a DHT request (~0.2 s with its stream's
+# negotiation): 10 s leaves room for the handful of rounds a swarm of thousands needs.
 LOOKUP_TIMEOUT_S = 10.0
 # Lookups (and provides) a node runs at once. Each one opens a stream to every close peer,
 # and the library resets inbound DHT streams beyond 12 at a time, so a node that fires 30
@@ -85,6 +91,10 @@ def _multihash(text: str) -> bytes:
 
 def block_key(model_id: str, block: int) -> bytes:
     return _multihash(f"petald-block:{model_id}:{block}")
+
+
+def model_key(model_id: str) -> bytes:
+    return _multihash(f"petald-model:{model_id}")
 
 
 SERVERS_KEY = _multihash("petald-servers")
@@ -265,8 +275,14 @@ class SwarmDHT:
         async with background_trio_service(self.kad):
             yield self
 
-    async def join(self, initial_peers: Iterable[str], timeout: float = 15.0) -> int:
-        """Connect to the initial peers and fill the routing table; returns how many answered."""
+    async def join(self, initial_peers: Iterable[str], timeout: float = 15.0, refresh: bool = True) -> int:
+        """Connect to the initial peers and fill the routing table; returns how many answered.
+
+        ``refresh=False`` skips the filling (a lookup of this node's own ID and one per non-empty
+        bucket: a dozen DHT streams, ~0.3 s on loopback): for a client node that only looks up
+        its model's servers, whose lookups walk from the initial peers to the closest ones anyway.
+        A node that reads the whole swarm map, or answers others' lookups, keeps it.
+        """
         infos = [parse_peer_address(address) for address in initial_peers]
         joined = 0
 
@@ -288,8 +304,9 @@ class SwarmDHT:
         if infos and joined == 0:
             raise ConnectionError("none of the initial peers answered: "
                                   + ", ".join(str(i.peer_id) for i in infos))
-        with trio.move_on_after(timeout):
-            await self.kad.refresh_routing_table()
+        if refresh:
+            with trio.move_on_after(timeout):
+                await self.kad.refresh_routing_table()
         return joined
 
     async def publish(self, record: ServerAnnouncement, provide_keys: Iterable[bytes] = ()) -> None:
@@ -335,16 +352,15 @@ class SwarmDHT:
     async def announcement_of(self, peer: ID) -> ServerAnnouncement | None:
         """The peer's newest live record, or None (absent, expired or forged).
 
-        Asks the peer itself and the closest peers this node knows, every time: the library's
-        ``get_value`` answers from a local copy when it has one, which may be stale.
+        Asks the peer itself first: it holds its own newest record (the validator keeps the
+        newest), so one answer from it settles the question. Only when it gives no valid record
+        are the closest peers this node knows asked. The library's ``get_value`` is not used: it
+        answers from a local copy when it has one, which may be stale.
         """
         key = record_key(peer.to_base58())
         encoded = key.encode()
-        values: list[bytes] = []
         local = self.kad.value_store.get(encoded)
-        if local is not None:
-            values.append(local.value)
-        holders = [peer, *self.kad.routing_table.find_local_closest_peers(encoded)]
+        records = self._valid_records([local.value] if local is not None else [], peer)
 
         async def ask(holder: ID) -> None:
             with trio.move_on_after(LOOKUP_TIMEOUT_S):
@@ -354,19 +370,29 @@ class SwarmDHT:
                     log.debug("record of %s from %s failed: %s", peer, holder, exc)
                     return
                 if answer is not None and getattr(answer, "value", None):
-                    values.append(answer.value)
+                    records.extend(self._valid_records([answer.value], peer))
 
+        if peer != self.host.get_id():
+            from_peer = len(records)
+            await ask(peer)
+            if len(records) > from_peer:
+                return max(records, key=lambda r: r.issued_at)
+        holders = dict.fromkeys(self.kad.routing_table.find_local_closest_peers(encoded))
         async with trio.open_nursery() as nursery:
-            for holder in dict.fromkeys(holders):
-                if holder != self.host.get_id():
+            for holder in holders:
+                if holder not in (peer, self.host.get_id()):
                     nursery.start_soon(ask, holder)
+        return max(records, key=lambda r: r.issued_at, default=None)
+
+    @staticmethod
+    def _valid_records(values: list[bytes], peer: ID) -> list[ServerAnnouncement]:
         records = []
         for value in values:
             try:
                 records.append(verify_announcement(value, expected_peer=peer.to_base58()))
             except InvalidAnnouncement as exc:
                 log.info("dropping a record: %s", exc)
-        return max(records, key=lambda r: r.issued_at, default=None)
+        return records
 
     async def announcements(self, keys: Iterable[bytes]) -> list[ServerAnnouncement]:
         """The live records of every server that provides any of ``keys``."""
@@ -395,3 +421,19 @@ class SwarmDHT:
             for info in peers.values():
                 nursery.start_soon(fetch, info)
         return sorted(records, key=lambda r: r.peer_id)
+
+    async def model_announcements(self, model_id: str, num_blocks: int) -> list[ServerAnnouncement]:
+        """The live records of ``model_id``'s servers (and of any other server found on the way).
+
+        One lookup of the model's key finds every server that provides it; only the blocks that
+        no online record of the model covers are then looked up one by one (a server that does
+        not provide the model key, or whose provider record was lost on the way).
+        """
+        records = {r.peer_id: r for r in await self.announcements([model_key(model_id)])}
+        covered = {b for r in records.values() if r.model_id == model_id and r.state == "online"
+                   for b in range(r.start, r.end)}
+        missing = [block_key(model_id, b) for b in range(num_blocks) if b not in covered]
+        if missing:
+            for record in await self.announcements(missing):
+                records.setdefault(record.peer_id, record)
+        return sorted(records.values(), key=lambda r: r.peer_id)

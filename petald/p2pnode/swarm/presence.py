@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import trio
 
-from petald.p2pnode.swarm.dht import SERVERS_KEY, SwarmDHT, block_key
+from petald.p2pnode.swarm.dht import SERVERS_KEY, SwarmDHT, block_key, model_key
 from petald.p2pnode.transport.host import full_addresses
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.messages import ServerInfo
@@ -59,7 +59,10 @@ class ServerPresence:
         span = (record.model_id, record.start, record.end)
         keys: list[bytes] = []
         if self.state != "offline" and (span != self._provided or self._publishes % REPROVIDE_EVERY == 0):
-            keys = [block_key(record.model_id, b) for b in range(record.start, record.end)] + [SERVERS_KEY]
+            # The model key first: clients look it up before any block key, and a receiver takes
+            # only 10 provider records per peer per 10 s (the block keys are looked up as a fallback).
+            keys = [model_key(record.model_id), *(block_key(record.model_id, b) for b in range(record.start, record.end)),
+                    SERVERS_KEY]
             self._provided = span
         self._publishes += 1
         await self.dht.publish(record, keys)

@@ -24,8 +24,10 @@ from libp2p.peer.peerstore import PeerStoreError
 
 from petald.p2pnode.transport.relay_client import dial_circuit, is_circuit_address
 
-# One address's TCP connect plus the Noise and yamux handshakes (named so that the WAN work
-# can tune it with the other timeouts; py-libp2p's own default is 10 s too).
+# One address's TCP connect plus the Noise and yamux handshakes: about 4 round trips with the
+# pipelined negotiation, 0.4 s at 100 ms (tests/test_wan_delays.py dials through such delays).
+# 10 s (py-libp2p's own default) leaves room for a busy machine's handshake and a slow uplink;
+# an address that did not answer is tried last afterwards, so it costs this once.
 DIAL_TIMEOUT_S = 10.0
 UNANSWERED_FOR_S = 120.0  # how long an address that did not answer is skipped
 MAX_REMEMBERED = 1024  # the oldest entries go first beyond this many

@@ -10,10 +10,13 @@ from libp2p.io.exceptions import IOException
 
 from petald.p2pnode.transport.libp2p_internals import prepare_framed_stream
 from petald.protocol.framing import FrameDecoder, encode_frame
-from petald.protocol.limits import MAX_FRAME_BYTES
+from petald.protocol.limits import MAX_FRAME_BYTES, transfer_seconds
 
 _READ_CHUNK = 1 << 20
 _MIN_READ = 64 * 1024  # read past the header in one go: fewer reads, fewer yamux window updates
+# A close or reset is one frame each way; 20 round trips at 100 ms, so a peer that never
+# answers costs 2 s, not the stream.
+CLOSE_TIMEOUT_S = 2.0
 
 
 class PeerGone(Exception):
@@ -58,25 +61,29 @@ class FramedStream:
         await self.send_frame(encode_frame(message))
 
     async def send_frame(self, frame: bytes) -> None:
-        """Send a frame already made by ``encode_frame`` (a sender that must know it fits, first)."""
+        """Send a frame already made by ``encode_frame`` (a sender that must know it fits, first).
+
+        The peer has ``send_timeout`` to take it, plus the frame's transfer time over the slowest
+        link petald allows for (``limits.SLOWEST_LINK_BYTES_PER_S``)."""
+        timeout = self.send_timeout + transfer_seconds(len(frame))
         try:
-            with trio.fail_after(self.send_timeout):
+            with trio.fail_after(timeout):
                 if self._direct is None or not await self._direct.write(frame):
                     await self.stream.write(frame)
         except trio.TooSlowError:
-            raise PeerGone(f"peer did not take a {len(frame)}-byte frame within {self.send_timeout:.0f} s") from None
+            raise PeerGone(f"peer did not take a {len(frame)}-byte frame within {timeout:.0f} s") from None
         except (IOException, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone(f"stream broke while sending: {exc or type(exc).__name__}") from None
 
     async def close(self) -> None:
-        with trio.move_on_after(2):
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
             try:
                 await self.stream.close()
             except Exception:
                 pass  # closing a broken stream has nothing left to release
 
     async def reset(self) -> None:
-        with trio.move_on_after(2):
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
             try:
                 await self.stream.reset()
             except Exception:

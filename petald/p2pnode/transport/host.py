@@ -53,7 +53,12 @@ def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
     muxers = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
     # No auto-connector: by default py-libp2p keeps dialling every peer it has heard of
     # to hold 50+ connections; a petald node connects to the servers it routes through.
-    connections = ConnectionConfig(min_connections=0, low_watermark=0, auto_connect_interval=3600.0)
+    # One connection per peer: py-libp2p's dial stops at the first connection only once it has
+    # this many, and with its default of 3 every dial, even a good one, waits out the 250 ms
+    # happy-eyeballs delay and then dials the peer's next address class too (a relay circuit
+    # beside a direct connection). Every stream to a peer shares its one connection anyway.
+    connections = ConnectionConfig(min_connections=0, low_watermark=0, auto_connect_interval=3600.0,
+                                   max_connections_per_peer=1)
     plan = addresses or AddressPlan(loopback_swarm=is_loopback_swarm(listen, ()))
     host = new_host(key_pair=key_pair, sec_opt=security, muxer_opt=muxers,
                     listen_addrs=[multiaddr.Multiaddr(a) for a in listen], connection_config=connections,

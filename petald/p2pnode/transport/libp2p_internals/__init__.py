@@ -12,7 +12,9 @@ exported here: ``make_host`` takes ``LeanNoise``, ``install`` and ``require_supp
 - ``lean_transport``: eager locks, ``LeanYamux``, the buffered Noise reader (same wire, fewer
   scheduler passes per frame);
 - ``direct_frames``: petald's frames straight between a FramedStream and its yamux stream;
-- ``window_credit``: yamux window credit once per half window.
+- ``window_credit``: yamux window credit once per half window;
+- ``pipelined_select``: multistream-select's header and protocol in one flight (one round trip
+  per stream opened and per negotiation of a dial, instead of two).
 
 These modules read the library's attributes directly, never through this package's namespace,
 so the per-frame path costs what it did before they were grouped here.

@@ -52,6 +52,7 @@ from petald.p2pnode.transport.libp2p_internals.library_check import (
     LeanTransportError,
     require_supported_library,
 )
+from petald.p2pnode.transport.libp2p_internals.pipelined_select import pipeline_negotiations
 
 _RECV_BYTES = 64 * 1024  # one Noise message is at most 65537 bytes on the wire
 _NOISE_LEN = 2
@@ -202,8 +203,10 @@ class LeanYamux(Yamux):
 
 
 def install(host: IHost) -> None:
-    """Put every connection of ``host`` on the lean path (Noise is ``LeanNoise`` in its options)."""
+    """Put every connection of ``host`` on the lean path (Noise is ``LeanNoise`` in its options), and
+    its protocol negotiations on one round trip each (``pipelined_select``)."""
     require_supported_library()
+    pipeline_negotiations(host)
     muxers = getattr(getattr(host.get_network(), "upgrader", None), "muxer_multistream", None)
     original = getattr(muxers, "new_conn", None)
     if original is None:

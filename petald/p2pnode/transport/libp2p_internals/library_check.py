@@ -192,6 +192,24 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("RelayResourceManager", "_reservations", a(dict), "RelayService counts and drops reservations in it"),
     Internal("RelayResourceManager", "_clean_expired", METHOD, "overridden: also drops disconnected peers"),
     Internal("RelayResourceManager", "_is_peer_connected", METHOD, "the reservation book asks it"),
+    # protocol negotiation in one round trip (pipelined_select)
+    Internal("TransportUpgrader", "security_multistream", exactly_a("SecurityMultistream"),
+             "its multiselect client negotiates Noise on each dial"),
+    Internal("SecurityMultistream", "multiselect_client", exactly_a("MultiselectClient"),
+             "re-classed to PipelinedMultiselectClient"),
+    Internal("MuxerMultistream", "multiselect_client", exactly_a("MultiselectClient"),
+             "re-classed to PipelinedMultiselectClient"),
+    Internal("MultiselectClient", "__dict__", a(dict), "re-classed when built (no __slots__)"),
+    Internal("MultiselectClient", "select_one_of", METHOD,
+             "PipelinedMultiselectClient overrides it: the header and one protocol in one flight"),
+    Internal("multiselect_client", "MULTISELECT_PROTOCOL_ID", equal_to("/multistream/1.0.0", "/multistream/1.0.0"),
+             "PipelinedMultiselectClient sends it"),
+    Internal("multiselect_client", "PROTOCOL_NOT_FOUND_MSG", equal_to("na", "na"),
+             "PipelinedMultiselectClient reads a refusal by it"),
+    Internal("multiselect_client", "DEFAULT_NEGOTIATE_TIMEOUT", a(int), "PipelinedMultiselectClient's default"),
+    Internal("multiselect_client", "is_valid_handshake", Expect("a check of the header",
+             lambda check, samples: check("/multistream/1.0.0") and not check("/other")),
+             "PipelinedMultiselectClient checks the peer's header with it"),
 )
 
 
@@ -210,11 +228,13 @@ def library_samples() -> dict[str, Any]:
     from libp2p.network.swarm import Swarm
     from libp2p.peer.id import ID
     from libp2p.peer.peerstore import PeerStore
+    from libp2p.protocol_muxer import multiselect_client
     from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
     from libp2p.security.noise import io as noise_io
     from libp2p.security.noise.io import NoisePacketReadWriter, NoiseTransportReadWriter
     from libp2p.security.noise.transport import Transport as NoiseTransport
     from libp2p.security.secure_session import SecureSession
+    from libp2p.security.security_multistream import SecurityMultistream
     from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
     from libp2p.stream_muxer.rw_lock import ReadWriteLock
     from libp2p.stream_muxer.yamux import yamux
@@ -237,8 +257,9 @@ def library_samples() -> dict[str, Any]:
         "NoiseTransport": NoiseTransport(create_new_key_pair(), noise_privkey=new_x25519_pair().private_key),
         "NoisePacketReadWriter": NoisePacketReadWriter(raw), "RawConnection": raw, "TrioTCPStream": tcp,
         "Swarm": Swarm(ID(b"petald"), PeerStore(), upgrader), "TransportUpgrader": upgrader,
-        "MuxerMultistream": MuxerMultistream({}),
+        "MuxerMultistream": MuxerMultistream({}), "SecurityMultistream": SecurityMultistream({}),
         "CircuitV2Protocol": relay, "RelayResourceManager": relay.resource_manager,
+        "MultiselectClient": multiselect_client.MultiselectClient(), "multiselect_client": multiselect_client,
     }
 
 
