@@ -63,14 +63,14 @@ def _generate(model: DistributedModel, route: SpanRoute | None = None,
 
 
 def test_pushed_steps_give_the_oracles_greedy_tokens(swarm, path, expected):
-    with DistributedModel(swarm.addresses, path) as model:
+    with DistributedModel(swarm.addresses, path, wire="float32") as model:
         tokens, session, pushed = _generate(model)
     assert len(session.route.hops) == 3
     assert tokens == expected
     # Of each step's 3 hops, the last two get their input by push once the push streams are
     # open (they open in the background during the first steps).
     assert pushed[-1] - pushed[-3] == 2 * 2, pushed
-    with DistributedModel(swarm.addresses, path, push=False) as model:
+    with DistributedModel(swarm.addresses, path, wire="float32", push=False) as model:
         tokens, _, pushed = _generate(model)
     assert tokens == expected
     assert pushed[-1] == 0
@@ -137,7 +137,7 @@ def _through_relay(model: DistributedModel, swallowing: bool) -> tuple[SpanRoute
 
 
 def test_a_push_the_server_cannot_deliver_falls_back_to_the_client(swarm, path, expected):
-    with DistributedModel(swarm.addresses, path) as model:
+    with DistributedModel(swarm.addresses, path, wire="float32") as model:
         route, relay = _through_relay(model, swallowing=False)
         try:
             tokens, session, pushed = _generate(model, route)
@@ -153,7 +153,7 @@ def test_a_push_the_server_cannot_deliver_falls_back_to_the_client(swarm, path, 
 def test_a_push_lost_on_the_way_is_sent_by_the_client_after_a_grace(swarm, path, expected):
     """The first server pushes to the relay, which drops the steps: the client waits for answers
     that do not come until it sends each of those steps itself, after the push grace."""
-    with DistributedModel(swarm.addresses, path, push_grace=0.05) as model:
+    with DistributedModel(swarm.addresses, path, wire="float32", push_grace=0.05) as model:
         route, relay = _through_relay(model, swallowing=True)
         try:
             tokens, session, pushed = _generate(model, route)
@@ -178,7 +178,7 @@ def test_a_server_killed_between_pushes_changes_no_token(swarm, path, expected):
         victim.process.wait(10)
         killed.append(middle)
 
-    with DistributedModel(swarm.addresses, path) as model:
+    with DistributedModel(swarm.addresses, path, wire="float32") as model:
         tokens, session, pushed = _generate(model, fault_after=5, fault=kill_the_middle)
     assert tokens == expected
     assert [(r.peer_id, r.start, r.end) for r in session.recoveries] == [(killed[0], 2, 4)], session.recoveries
