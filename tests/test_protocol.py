@@ -212,7 +212,7 @@ def _through_the_wire(msg: dict) -> dict:
 
 def test_pushes_cross_the_wire():
     token = bytes(range(16))
-    targets = [PushTarget(f"peer{i}", token, 5 + i) for i in range(2)]
+    targets = [PushTarget("peer0", token, 5), PushTarget("peer1", token, 6, wire="int8")]
     back = Step.from_wire(_through_the_wire(Step(3, 7, torch.ones(1, 1, 4), push=targets).to_wire()))
     assert back.push == targets
     assert "push" not in Step(3, 7, torch.ones(1, 1, 4)).to_wire() and Step.from_wire(
@@ -237,6 +237,7 @@ def test_bad_push_fields_are_bad_messages():
         (Step.from_wire, {**step, "push": [5]}),
         (Step.from_wire, {**step, "push": [{**target, "token": token[:8]}]}),
         (Step.from_wire, {**step, "push": [{**target, "step_id": -1}]}),
+        (Step.from_wire, {**step, "push": [{**target, "wire": "int4"}]}),
         (StepOutput.from_wire, {**StepOutput(1, torch.ones(1, 1, 4)).to_wire(), "pushed": 1}),
     ]
     for parse, msg in bad:

@@ -79,6 +79,11 @@ def test_default_wire_is_16_bit_and_int8_stays_close(smollm_swarm):
     assert (logits - ref).abs().max() < 0.1
     with DistributedModel(smollm_swarm.addresses[:2], wire="int8") as model:
         logits = model.forward(PROMPT_IDS)
+        with model.inference_session(1, 10) as session:
+            model.node.call(session.step, model.head.embed(PROMPT_IDS))
+            # The servers answered in the session's wire: 576 codes, 9 scales, 8 outliers a token.
+            tokens = PROMPT_IDS.shape[1]
+            assert all(tokens * 626 < link.span.framed.bytes_received < tokens * 626 + 200 for link in session.links)
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     with pytest.raises(ValueError, match="unknown wire 'float64': use auto, float32"):
         ClientOptions(wire="float64")

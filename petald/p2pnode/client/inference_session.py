@@ -156,14 +156,17 @@ class InferenceSession:
         chain: list[PushTarget] = []
         if not self.options.push or hidden.shape[0] * hidden.shape[1] > PUSH_MAX_ROWS:
             return chain
-        sender = self.links[index].hop.server
+        sender = self.links[index]
         for link in self.links[index + 1 : index + 1 + MAX_ARRAY_LEN]:
-            wire = push_wire(self.options.wire, sender, link.hop.server, self.batch)
-            target = link.span.push_target(wire) if link.span is not None else None
-            sender = link.hop.server
+            if link.span is None or sender.span is None:
+                break
+            wire = push_wire(self.options.wire, sender.hop.server, link.hop.server, self.batch)
+            # Named only where it differs from the pushing session's own (absent: that one).
+            target = link.span.push_target("" if wire == sender.span.wire else wire)
             if target is None:
                 break
             chain.append(target)
+            sender = link
         return chain
 
     async def _open_span(self, hop: SpanHop) -> RemoteSpanSession:
