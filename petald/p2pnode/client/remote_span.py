@@ -157,7 +157,9 @@ class RemoteSpanSession:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with NaN or infinite values")
         self.position += hidden.shape[1]
         self.step_seconds = time.perf_counter() - began
-        return out.hidden, out.pushed and bool(push)
+        # In float32 whatever the wire (exactly: every 16-bit or int8 value is one), so that what a
+        # caller gets (run_blocks, hidden_states) does not change dtype with the hop's wire.
+        return out.hidden.float(), out.pushed and bool(push)
 
     async def close(self) -> None:
         with trio.move_on_after(2):
