@@ -391,6 +391,9 @@ def test_generate_uses_the_daemon_and_falls_back_to_its_own_node(swarm):
                    "--initial-peers", swarm.first)
     assert alone.exit_code == 0, alone.output
     assert alone.stderr == "" and alone.stdout == expected + "\n"
+    assert_refused(petald(swarm, "generate", prompt, "--wire", "int8"), 2,
+                   "--wire applies to a client node of this command's own: give the swarm with --initial-peers "
+                   "(or --peers); the daemon's client picks its wire per hop")
     missing = swarm.daemon_socket.with_name("none.sock")
     no_daemon = petald(swarm, "generate", prompt, socket_path=missing)
     assert_refused(no_daemon, 2, f"no local daemon answers on {missing}, and no swarm was given: give any node of "

@@ -607,10 +607,10 @@ def test_a_client_cannot_make_a_server_open_push_streams_without_end(caplog):
                 pusher = StepPusher(host, nursery, open_timeout=1.0)
                 for _ in range(5):  # A, B, A, B, ...
                     for peer in peers[:2]:
-                        assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32", "raw")
+                        assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32")
                         await trio.sleep(0.05)  # the background open fails meanwhile
                 for peer in peers[2:]:  # ever new targets
-                    assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32", "raw")
+                    assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32")
                     await trio.sleep(0.05)
                 await trio.sleep(0.5)
                 nursery.cancel_scope.cancel()
@@ -645,7 +645,7 @@ def test_a_push_target_switched_away_from_is_not_reopened(tiny_server, good_mode
                 for name, token in (("A", b"A" * 16), ("B", b"B" * 16), ("A again", b"A" * 16)):
                     for _ in range(40):  # 2 s: long enough for a stream to open on loopback
                         pushed[name].append(await pusher.push([PushTarget(server_peer, token, 1)], 0, hidden,
-                                                              "float32", "raw"))
+                                                              "float32"))
                         if pushed[name][-1]:
                             break
                         await trio.sleep(0.05)
