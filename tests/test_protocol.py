@@ -163,7 +163,7 @@ def test_malformed_int8_tensors_are_bad_tensors(msg, fragment):
     assert err.value.code == ErrorCode.BAD_TENSOR and err.value.message.startswith("hidden: ")
 
 
-def test_float16_wire_sends_what_float16_cannot_hold_as_bfloat16():
+def test_float16_and_int8_wires_send_what_float16_cannot_hold_as_bfloat16():
     low, high = FLOAT16_ABSMAX_RANGE
     hidden = _with_outliers(1, 4, 64)  # absmax ~ 10^4: within float16's range
     assert encode_wire(hidden, "float16")["dtype"] == "float16"
@@ -172,6 +172,11 @@ def test_float16_wire_sends_what_float16_cannot_hold_as_bfloat16():
     assert encode_wire(torch.full((4,), low / 4), "float16")["dtype"] == "bfloat16"  # would be subnormal
     big = decode_tensor(encode_wire(hidden * 10, "float16"))
     assert all_finite(big) and torch.allclose(big.float(), hidden * 10, rtol=2**-8)
+    # int8 sends its outliers as float16: a tensor beyond float16's range goes whole as bfloat16.
+    assert encode_wire(hidden, "int8")["codec"] == "int8"
+    assert encode_wire(hidden * 10, "int8")["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="outliers as float16"):
+        encode_tensor(hidden * 10, "float32", "int8")
 
 
 @pytest.mark.parametrize("wire", WIRE_FORMATS)

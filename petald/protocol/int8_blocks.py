@@ -10,6 +10,8 @@ the rest (SmolLM2's reach 22,000 against a median of 2-10); in a plain absmax bl
 values next to one round to 0. Measured on benchmarks/reference_text.txt (SmolLM2, 2 servers),
 top-1 agreement with float32 is 94.5% for blocks of 64 alone, 97.1% for blocks of 16, 96.8% for
 float8 (e4m3) blocks, 99.7% for blocks of 64 with 8 outliers a row: 32 more bytes a token.
+Outliers beyond float16's range cannot go (``quantize`` refuses): the int8 wire sends such a
+tensor as bfloat16 instead (``tensors.encode_wire``).
 
 Bytes, all little-endian and row-major: every scale (float16, row by row, block by block), every
 outlier position (uint16, strictly increasing within a row), every outlier value (float16),
@@ -30,7 +32,6 @@ from petald.protocol.limits import MAX_INT8_BLOCK, MAX_INT8_OUTLIERS
 
 _SCALE = np.dtype("<f2")
 _INDEX = np.dtype("<u2")
-_FLOAT16_MAX = 65504.0  # a block whose absmax / 127 exceeds this is clamped to it (saturates)
 
 
 def _layout(shape: list[int] | tuple[int, ...], block: int) -> tuple[int, int, int]:
@@ -54,12 +55,15 @@ def quantize(tensor: torch.Tensor, block: int, outliers: int) -> bytes:
     x = tensor.detach().to(device="cpu", dtype=torch.float32).reshape(rows, last)
     positions = x.abs().topk(outliers, -1).indices.sort(-1).values
     values = x.gather(-1, positions).to(torch.float16)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("int8 sends outliers as float16: values beyond 65504 (or NaN) cannot go; send bfloat16")
     x = x.scatter(-1, positions, 0.0)
     if blocks * block != last:
         x = torch.nn.functional.pad(x, (0, blocks * block - last))
     x = x.reshape(rows, blocks, block)
     # The float16 scale itself is what the receiver multiplies by: quantize with it, not the exact one.
-    scale = (x.abs().amax(-1) / 127.0).clamp(max=_FLOAT16_MAX).to(torch.float16)
+    # Finite: what is left is at most the outliers, and they fit in float16 (checked above).
+    scale = (x.abs().amax(-1) / 127.0).to(torch.float16)
     s = scale.to(torch.float32).unsqueeze(-1)
     # A block so small that its scale rounds to 0 in float16 (absmax under ~4e-6) goes as zeros.
     codes = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0).round_().clamp_(-127, 127).to(torch.int8)

@@ -58,14 +58,16 @@ def encode_wire(tensor: torch.Tensor, wire: str) -> dict[str, Any]:
     """``tensor`` as the wire format ``wire`` sends it (``limits.WIRE_FORMATS``)."""
     if wire not in WIRE_FORMATS:
         raise ValueError(f"unknown wire format {wire!r}: use {', '.join(WIRE_FORMATS)}")
-    if wire == "int8":
+    if wire not in ("float16", "int8"):
+        return encode_tensor(tensor, wire)
+    absmax = float(tensor.detach().abs().max()) if tensor.numel() else 1.0
+    low, high = FLOAT16_ABSMAX_RANGE
+    if wire == "int8" and absmax <= high:
         return encode_tensor(tensor, "float32", "int8")
-    if wire == "float16":
-        absmax = float(tensor.detach().abs().max()) if tensor.numel() else 1.0
-        low, high = FLOAT16_ABSMAX_RANGE
-        if not low <= absmax <= high:
-            wire = "bfloat16"  # NaN too: the receiver refuses it either way
-    return encode_tensor(tensor, wire)
+    if wire == "float16" and low <= absmax <= high:
+        return encode_tensor(tensor, "float16")
+    # Beyond float16's range (int8 sends its outliers as float16), or NaN, which the receiver refuses.
+    return encode_tensor(tensor, "bfloat16")
 
 
 def encode_tensor(tensor: torch.Tensor, dtype: str = "float32", codec: str = "raw",
