@@ -9,6 +9,12 @@ This module imports nothing.
 # Dtypes by name: what a server computes in (--dtype) and what hidden states travel as (--wire-dtype).
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
+# How hidden states travel (--wire; protocol/limits.py, docs/protocol.md "Wire formats"): "float16"
+# sends a tensor that float16 cannot hold as bfloat16, "int8" is blockwise absmax. A client may also
+# say "auto" (the default): 16-bit, or int8 on a hop whose link is slow for its round trip.
+WIRE_FORMAT_NAMES = ("float32", "bfloat16", "float16", "int8")
+WIRE_CHOICES = ("auto", *WIRE_FORMAT_NAMES)
+
 # Weight-only quantization of a server's blocks (--quant), as kernels/quant.py implements it.
 QUANT_MODES = ("none", "int8", "int4", "nf4")
 

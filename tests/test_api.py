@@ -132,7 +132,11 @@ def tokenizer(swarm: Swarm):
 
 
 def oracle_text(swarm: Swarm, ids: list[int], max_new_tokens: int) -> tuple[str, list[int]]:
-    """transformers' greedy continuation, cut after the first EOS as petald stops there."""
+    """transformers' greedy continuation, cut after the first EOS as petald stops there.
+
+    The daemon's client, and the commands' own client nodes here, run the default wire (auto):
+    float16 on every hop, since no server of this swarm announces a bandwidth. Measured: the
+    oracle's exact tokens for every prompt of this file, so the tests assert them exactly."""
     tok = tokenizer(swarm)
     new = reference_greedy(str(swarm.model), torch.tensor([ids]), max_new_tokens)
     if tok.eos_token_id in new:
@@ -391,6 +395,10 @@ def test_generate_uses_the_daemon_and_falls_back_to_its_own_node(swarm):
                    "--initial-peers", swarm.first)
     assert alone.exit_code == 0, alone.output
     assert alone.stderr == "" and alone.stdout == expected + "\n"
+    wired = petald(swarm, "generate", prompt, "--wire", "int8")  # the daemon's own client picks its wire
+    assert wired.exit_code == 2 and wired.stderr.endswith(
+        "\nError: --wire applies to a client node of this command's own: give the swarm with --initial-peers "
+        "(or --peers); the daemon's client picks its wire per hop\n"), wired.output
     missing = swarm.daemon_socket.with_name("none.sock")
     no_daemon = petald(swarm, "generate", prompt, socket_path=missing)
     assert_refused(no_daemon, 2, f"no local daemon answers on {missing}, and no swarm was given: give any node of "

@@ -47,7 +47,7 @@ def tiny_server(tiny_models):
 @pytest.fixture(scope="module")
 def good_model(tiny_server):
     path, swarm = tiny_server
-    with DistributedModel(swarm.addresses, path) as model:
+    with DistributedModel(swarm.addresses, path, wire="float32") as model:
         yield model
 
 
@@ -134,10 +134,21 @@ async def wrong_shape(framed, stream, client):
     return await _error_reply(framed)
 
 
-@refused(CASES, "bad_tensor", "hidden is float16; this session was opened for float32")
-async def wrong_dtype(framed, stream, client):
+@refused(CASES, "bad_tensor", "^hidden: int8 scales must be finite and non-negative$")
+async def int8_nan_scale(framed, stream, client):
     await _open(framed, client)
-    await framed.send(Step(1, 0, torch.zeros(1, 3, 64), wire_dtype="float16").to_wire())
+    msg = Step(1, 0, torch.ones(1, 3, 64), wire="int8").to_wire()
+    msg["hidden"]["data"] = b"\xff\x7f" + msg["hidden"]["data"][2:]  # the first scale: a float16 NaN
+    await framed.send(msg)
+    return await _error_reply(framed)
+
+
+@refused(CASES, "bad_tensor", r"^hidden: int8 shape \[1, 3, 64\] in blocks of 64 with 8 outliers a row needs 294 bytes")
+async def int8_scales_missing(framed, stream, client):
+    await _open(framed, client)
+    msg = Step(1, 0, torch.ones(1, 3, 64), wire="int8").to_wire()
+    msg["hidden"]["data"] = msg["hidden"]["data"][2:]
+    await framed.send(msg)
     return await _error_reply(framed)
 
 
@@ -513,7 +524,7 @@ def test_a_frozen_server_is_a_bounded_wait_not_a_hang(tiny_server, raw_node):
     path, swarm = tiny_server
     process = swarm.servers[0].process
     # The only server of its blocks: the client gives up after the recovery timeout, naming them.
-    with DistributedModel(swarm.addresses, path, step_timeout=3.0, recovery_timeout=2.0) as model:
+    with DistributedModel(swarm.addresses, path, wire="float32", step_timeout=3.0, recovery_timeout=2.0) as model:
         with model.inference_session(1, 40) as session:
             model.node.call(session.step, model.head.embed(IDS))
             process.send_signal(signal.SIGSTOP)
@@ -596,10 +607,10 @@ def test_a_client_cannot_make_a_server_open_push_streams_without_end(caplog):
                 pusher = StepPusher(host, nursery, open_timeout=1.0)
                 for _ in range(5):  # A, B, A, B, ...
                     for peer in peers[:2]:
-                        assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32", "raw")
+                        assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32")
                         await trio.sleep(0.05)  # the background open fails meanwhile
                 for peer in peers[2:]:  # ever new targets
-                    assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32", "raw")
+                    assert not await pusher.push([PushTarget(peer, bytes(16), 1)], 0, hidden, "float32")
                     await trio.sleep(0.05)
                 await trio.sleep(0.5)
                 nursery.cancel_scope.cancel()
@@ -634,7 +645,7 @@ def test_a_push_target_switched_away_from_is_not_reopened(tiny_server, good_mode
                 for name, token in (("A", b"A" * 16), ("B", b"B" * 16), ("A again", b"A" * 16)):
                     for _ in range(40):  # 2 s: long enough for a stream to open on loopback
                         pushed[name].append(await pusher.push([PushTarget(server_peer, token, 1)], 0, hidden,
-                                                              "float32", "raw"))
+                                                              "float32"))
                         if pushed[name][-1]:
                             break
                         await trio.sleep(0.05)

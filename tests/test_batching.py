@@ -153,7 +153,7 @@ def test_concurrent_sessions_through_a_server_match_the_oracle(tiny_models):
     path = str(tiny_models["llama"])
     prompts = [torch.randint(0, 320, (1, n), generator=torch.Generator().manual_seed(n)) for n in (4, 9, 15, 30)]
     with LocalSwarm(["0:6"], model=path, extra_args=["--threads", "1"]) as swarm:
-        with DistributedModel(swarm.addresses, path) as model:
+        with DistributedModel(swarm.addresses, path, wire="float32") as model:
             results: dict[int, list[int]] = {}
 
             def generate(i: int) -> None:

@@ -49,7 +49,7 @@ def expected(tiny_models) -> list[int]:
 
 
 def _model(swarm: LocalSwarm, path: str, **timeouts: float) -> DistributedModel:
-    return DistributedModel(model=path, initial_peers=[swarm.servers[0].address], **timeouts)
+    return DistributedModel(model=path, initial_peers=[swarm.servers[0].address], wire="float32", **timeouts)
 
 
 def _generate(model: DistributedModel, after: int, fault) -> list[int]:

@@ -412,7 +412,7 @@ def test_clients_pick_an_adapter_by_name_and_are_routed_to_its_servers(tiny_mode
         swarm.add("0:3", ["--adapters", str(adapter_dir)])
         swarm.add("3:6", ["--adapters", str(adapter_dir)])
         assert any(f"adapters: {name}" in line for line in swarm.servers[1].output)
-        with DistributedModel(initial_peers=swarm.addresses[:1], model=str(path), adapter=name) as model:
+        with DistributedModel(initial_peers=swarm.addresses[:1], model=str(path), adapter=name, wire="float32") as model:
             route = model.route()
             assert [(h.start, h.end) for h in route.hops] == [(0, 3), (3, 6)]
             torch.testing.assert_close(model.forward(ids), peft_logits(path, adapter_dir, ids), atol=1e-4, rtol=1e-4)
@@ -437,7 +437,7 @@ def test_clients_pick_an_adapter_by_name_and_are_routed_to_its_servers(tiny_mode
             torch.testing.assert_close(prompt.grad, ref_prompt.grad, rtol=1e-4,
                                        atol=5e-5 * float(ref_prompt.grad.abs().max()))
 
-        with DistributedModel(initial_peers=swarm.addresses[:1], model=str(path)) as model:
+        with DistributedModel(initial_peers=swarm.addresses[:1], model=str(path), wire="float32") as model:
             assert [(h.start, h.end) for h in model.route().hops] == [(0, 6)]
             torch.testing.assert_close(model.forward(ids), reference_logits(str(path), ids), atol=1e-4, rtol=1e-4)
 

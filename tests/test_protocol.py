@@ -6,14 +6,21 @@ import struct
 
 import lz4.block
 import msgpack
+import numpy as np
 import pytest
 import torch
 
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import FrameDecoder, encode_frame
-from petald.protocol.limits import WIRE_VERSION
+from petald.protocol.limits import INT8_BLOCK, MAX_INT8_BLOCK, WIRE_FORMATS, WIRE_VERSION
 from petald.protocol.messages import OpenSession, PushOpen, PushTarget, Step, StepOutput
-from petald.protocol.tensors import all_finite, decode_tensor, encode_tensor
+from petald.protocol.tensors import (
+    FLOAT16_ABSMAX_RANGE,
+    all_finite,
+    decode_tensor,
+    encode_tensor,
+    encode_wire,
+)
 
 
 def test_frames_roundtrip_across_arbitrary_splits():
@@ -82,10 +89,112 @@ def test_lz4_bomb_is_refused():
         decode_tensor({"dtype": "float32", "shape": [10], "codec": "lz4", "data": bomb})
 
 
+def _with_outliers(*shape: int) -> torch.Tensor:
+    """Like a real model's hidden states: most values near 1, a few channels thousands of times larger."""
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    t[..., 7] *= 5000.0
+    return t
+
+
+def test_int8_blocks_round_trip_within_half_a_step_of_their_own_block():
+    t = _with_outliers(2, 3, 150)  # 150: the last block of each row is short
+    t[1, 2, :] = 0.0  # an all-zero row: zero scales, zero codes
+    msg = encode_tensor(t, "float32", "int8")
+    # 6 rows, each: 3 blocks (a float16 scale each), 8 outliers (uint16 position, float16 value), 150 codes
+    assert msg["block"] == INT8_BLOCK and msg["outliers"] == 8 and len(msg["data"]) == 6 * (3 * 2 + 8 * 4 + 150)
+    back = decode_tensor(msgpack.unpackb(msgpack.packb(msg)))
+    assert back.dtype == torch.float32 and back.shape == t.shape
+    blocks = torch.nn.functional.pad(t, (0, 42)).reshape(2, 3, 3, 64)
+    step = (blocks.abs().amax(-1) / 127).repeat_interleave(64, -1)[..., :150]
+    assert ((back - t).abs() <= step * 0.51 + 1e-6).all()  # half a step, and the float16 scale's rounding
+    assert torch.equal(back[1, 2], torch.zeros(150))
+    assert torch.equal(back[..., 7], t[..., 7].half().float())  # the outlier channel, sent apart
+    # The outlier's block loses precision, the other blocks of its row do not.
+    assert (back[..., 64:] - t[..., 64:]).abs().max() < 0.05
+    assert decode_tensor(encode_tensor(torch.ones(3, 0), "float32", "int8")).shape == (3, 0)
+    assert torch.equal(decode_tensor(encode_tensor(torch.arange(3.0), "float32", "int8")), torch.arange(3.0))
+
+
+def _int8_map(**changes) -> dict:
+    msg = encode_tensor(torch.randn(2, 100), "float32", "int8")  # 2 rows of 2 blocks and 8 outliers
+    msg.update(changes)
+    return msg
+
+
+def _int8_bytes(scales=(1.0,) * 4, positions=tuple(range(8)) * 2, values=(1.0,) * 16, codes=b"\1" * 200) -> bytes:
+    """The bytes of a [2, 100] int8 tensor: 4 scales, 16 outlier positions and values, 200 codes."""
+    return (torch.tensor(scales, dtype=torch.float16).numpy().tobytes()
+            + np.array(positions, dtype="<u2").tobytes()
+            + torch.tensor(values, dtype=torch.float16).numpy().tobytes() + codes)
+
+
+@pytest.mark.parametrize(
+    "msg, fragment",
+    [
+        (_int8_map(block=0), r"block must be an integer in \[1, 4096\], got 0"),
+        (_int8_map(block=MAX_INT8_BLOCK + 1), "block must be"),
+        (_int8_map(block=True), "block must be"),
+        (_int8_map(block=None), "block must be"),
+        (_int8_map(outliers=-1), r"outliers must be an integer in \[0, 64\]"),
+        (_int8_map(outliers=65), "outliers must be"),
+        (_int8_map(outliers=None), "outliers must be"),
+        (_int8_map(shape=[2, 4], outliers=8, data=b""), r"outliers must be an integer in \[0, 4\]"),
+        (_int8_map(shape=[]), "at least one dimension"),
+        (_int8_map(block=32), r"in blocks of 32 with 8 outliers a row needs 280 bytes \(8 float16 scales, 16 outlier "
+                              r"positions and values, 200 codes\), got 272"),
+        (_int8_map(data=_int8_bytes()[:-1]), "needs 272 bytes .* got 271"),
+        (_int8_map(data=_int8_bytes(scales=(1.0,) * 5)), "got 274"),
+        (_int8_map(data=_int8_bytes(scales=(1.0, float("nan"), 1.0, 1.0))), "scales must be finite and non-negative"),
+        (_int8_map(data=_int8_bytes(scales=(1.0, 1.0, float("inf"), 1.0))), "scales must be finite"),
+        (_int8_map(data=_int8_bytes(scales=(1.0, 1.0, 1.0, -1.0))), "non-negative"),
+        (_int8_map(data=_int8_bytes(values=(1.0,) * 15 + (float("inf"),))), "outlier values must be finite"),
+        (_int8_map(data=_int8_bytes(positions=tuple(range(8)) + (0, 1, 2, 3, 4, 5, 6, 100))),
+         "outlier positions must be below 100 and increasing"),
+        (_int8_map(data=_int8_bytes(positions=(0, 1, 2, 3, 4, 5, 7, 6) + tuple(range(8)))), "increasing"),
+        (_int8_map(data=_int8_bytes(positions=(0, 0, 2, 3, 4, 5, 6, 7) + tuple(range(8)))), "increasing"),
+        (_int8_map(data=_int8_bytes(codes=b"\x80" + b"\1" * 199)), r"codes must be in \[-127, 127\]"),
+        (_int8_map(dtype="int8"), "dtype"),
+        (_int8_map(shape=[10**6, 10**6]), "limit"),
+    ],
+)
+def test_malformed_int8_tensors_are_bad_tensors(msg, fragment):
+    with pytest.raises(ProtocolError, match=fragment) as err:
+        decode_tensor(msg, "hidden")
+    assert err.value.code == ErrorCode.BAD_TENSOR and err.value.message.startswith("hidden: ")
+
+
+def test_float16_and_int8_wires_send_what_float16_cannot_hold_as_bfloat16():
+    low, high = FLOAT16_ABSMAX_RANGE
+    hidden = _with_outliers(1, 4, 64)  # absmax ~ 10^4: within float16's range
+    assert encode_wire(hidden, "float16")["dtype"] == "float16"
+    assert encode_wire(hidden * 10, "float16")["dtype"] == "bfloat16"  # beyond 65504: inf as float16
+    assert encode_wire(torch.full((4,), high), "float16")["dtype"] == "float16"
+    assert encode_wire(torch.full((4,), low / 4), "float16")["dtype"] == "bfloat16"  # would be subnormal
+    big = decode_tensor(encode_wire(hidden * 10, "float16"))
+    assert all_finite(big) and torch.allclose(big.float(), hidden * 10, rtol=2**-8)
+    # int8 sends its outliers as float16: a tensor beyond float16's range goes whole as bfloat16.
+    assert encode_wire(hidden, "int8")["codec"] == "int8"
+    assert encode_wire(hidden * 10, "int8")["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="outliers as float16"):
+        encode_tensor(hidden * 10, "float32", "int8")
+
+
+@pytest.mark.parametrize("wire", WIRE_FORMATS)
+def test_every_wire_format_crosses_in_a_step(wire):
+    hidden = _with_outliers(1, 1, 576)
+    msg = Step(1, 0, hidden, wire).to_wire()
+    back = Step.from_wire(_through_the_wire(msg)).hidden
+    size = {"float32": 4 * 576, "bfloat16": 2 * 576, "float16": 2 * 576, "int8": 576 + 2 * 9 + 4 * 8}[wire]
+    assert len(msg["hidden"]["data"]) == size and back.shape == hidden.shape
+    assert (back.float() - hidden).abs().max() <= hidden.abs().max() / (127 if wire == "int8" else 100)
+    with pytest.raises(ValueError, match="unknown wire format"):
+        encode_wire(hidden, "int4")
+
+
 def test_open_checks_every_field_and_the_version():
     good = OpenSession("m", "f", 0, 2, 1, 16).to_wire()
     assert OpenSession.from_wire(dict(good)).end == 2
-    for key, value in [("start", -1), ("batch", 0), ("batch", 10**6), ("wire_dtype", "int8"), ("model_id", 5)]:
+    for key, value in [("start", -1), ("batch", 0), ("batch", 10**6), ("wire", "int4"), ("wire", "auto"), ("model_id", 5)]:
         with pytest.raises(ProtocolError, match=key) as err:
             OpenSession.from_wire({**good, key: value})
         assert err.value.code == ErrorCode.BAD_MESSAGE
@@ -95,7 +204,7 @@ def test_open_checks_every_field_and_the_version():
 
 
 def test_step_carries_its_tensor():
-    step = Step(3, 7, torch.ones(1, 2, 4), "float16", "lz4")
+    step = Step(3, 7, torch.ones(1, 2, 4), "float16")
     back = Step.from_wire(msgpack.unpackb(encode_frame(step.to_wire())[4:]))
     assert (back.step_id, back.position) == (3, 7) and back.hidden.dtype == torch.float16
 
@@ -108,7 +217,7 @@ def _through_the_wire(msg: dict) -> dict:
 
 def test_pushes_cross_the_wire():
     token = bytes(range(16))
-    targets = [PushTarget(f"peer{i}", token, 5 + i) for i in range(2)]
+    targets = [PushTarget("peer0", token, 5), PushTarget("peer1", token, 6, wire="int8")]
     back = Step.from_wire(_through_the_wire(Step(3, 7, torch.ones(1, 1, 4), push=targets).to_wire()))
     assert back.push == targets
     assert "push" not in Step(3, 7, torch.ones(1, 1, 4)).to_wire() and Step.from_wire(
@@ -133,6 +242,7 @@ def test_bad_push_fields_are_bad_messages():
         (Step.from_wire, {**step, "push": [5]}),
         (Step.from_wire, {**step, "push": [{**target, "token": token[:8]}]}),
         (Step.from_wire, {**step, "push": [{**target, "step_id": -1}]}),
+        (Step.from_wire, {**step, "push": [{**target, "wire": "int4"}]}),
         (StepOutput.from_wire, {**StepOutput(1, torch.ones(1, 1, 4)).to_wire(), "pushed": 1}),
     ]
     for parse, msg in bad:
@@ -152,7 +262,7 @@ def test_container_bombs_are_bad_frames_not_gigabytes():
 
 
 def test_a_real_step_fits_the_container_limits():
-    frame = encode_frame(Step(1, 0, torch.zeros(64, 8, 4096), "bfloat16", "lz4").to_wire())
+    frame = encode_frame(Step(1, 0, torch.zeros(64, 8, 4096), "bfloat16").to_wire())
     decoder = FrameDecoder()
     decoder.feed(frame)
     assert Step.from_wire(decoder.next_message()).hidden.shape == (64, 8, 4096)

@@ -93,7 +93,7 @@ def test_four_auto_servers_cover_every_block(auto_swarm):
 def test_generation_through_the_dht_alone_matches_the_oracle(auto_swarm):
     swarm, watcher = auto_swarm
     watcher.wait_for(lambda m: fully_covered(m, 4), "full coverage")
-    with DistributedModel(initial_peers=[swarm.addresses[0]]) as model:
+    with DistributedModel(initial_peers=[swarm.addresses[0]], wire="float32") as model:
         assert {s.peer_id for s in model.servers} <= {a.rsplit("/p2p/", 1)[1] for a in swarm.addresses}
         assert all(s.rtt > 0 and s.inference_rps > 0 for s in model.servers)
         out = model.generate(PROMPT_IDS, max_new_tokens=16, eos_token_id=[])
@@ -101,7 +101,7 @@ def test_generation_through_the_dht_alone_matches_the_oracle(auto_swarm):
     # The CLI needs nothing but one address of the swarm.
     prompt = "The capital of France is"
     result = subprocess.run([sys.executable, "-m", "petald.cli.main", "generate", prompt,
-                             "--initial-peers", swarm.addresses[1], "--max-new-tokens", "4"],
+                             "--initial-peers", swarm.addresses[1], "--max-new-tokens", "4", "--wire", "float32"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     ids = open_source(None).load_tokenizer()(prompt, return_tensors="pt").input_ids
@@ -145,7 +145,8 @@ def test_two_models_share_the_swarm_without_mixing(auto_swarm, tiny_models):
     assert [(s.start, s.end) for s in other.servers] == [(0, 6)] and not other.uncovered
     assert other.servers[0].quant == "int8" and other.servers[0].inference_rps > 0  # measured int8 blocks
     assert tiny.address.rsplit("/p2p/", 1)[1] not in {s.peer_id for s in smollm(models).servers}
-    with DistributedModel(model=str(tiny_models["llama"]), initial_peers=[swarm.addresses[0]]) as model:
+    with DistributedModel(model=str(tiny_models["llama"]), initial_peers=[swarm.addresses[0]],
+                          wire="float32") as model:
         assert [(s.info.model_id, s.info.quant) for s in model.servers] == [(other.model_id, "int8")]
         ids = torch.tensor([[5, 17, 42, 99]])
         logits = model.forward(ids)

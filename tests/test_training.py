@@ -361,7 +361,7 @@ def test_gradients_through_two_and_three_servers_equal_local_autograd(training_s
     expected = reference_prompt_loss(path, ids, prompts, deep)
     for peers, hops in (([a[0], a[1]], 2), ([a[0], a[2], a[3]], 3)):
         # 28 tokens per chunk: the batch of 4 runs as 2 chunks in parallel.
-        with DistributedModel(peers, path, max_chunk_tokens=28) as model:
+        with DistributedModel(peers, path, wire="float32", max_chunk_tokens=28) as model:
             assert len(model.route().hops) == hops
             loss, grad_prompts, grad_deep = _swarm_prompt_loss(model, ids, prompts, deep)
         torch.testing.assert_close(loss, expected[0], atol=1e-5, rtol=1e-5)
@@ -376,7 +376,7 @@ def test_prompt_tuning_trains_saves_and_generates_like_the_oracle(training_swarm
 
     path, swarm = training_swarm
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8))
-    with DistributedModel(swarm.addresses, path) as model:
+    with DistributedModel(swarm.addresses, path, wire="float32") as model:
         tuned = PromptTuning(model, num_prompts=4, deep=True)
         optimizer = torch.optim.Adam(tuned.parameters(), lr=0.1)
         losses = []
@@ -423,7 +423,7 @@ def test_training_goes_on_when_servers_die_mid_step(tiny_models):
     with LocalSwarm(["0:2", "2:6", "2:4", "4:6", "4:6"], model=path, extra_args=["--threads", "1"]) as swarm:
         s0, s1, s2, s3, s4 = swarm.servers
         # Peers given directly have no figures: routes take the fewest hops, ties going to the first listed.
-        with DistributedModel(swarm.addresses, path, step_timeout=10, recovery_timeout=20) as model:
+        with DistributedModel(swarm.addresses, path, wire="float32", step_timeout=10, recovery_timeout=20) as model:
             p, d = prompts.clone().requires_grad_(), deep.clone().requires_grad_()
             x = torch.cat([p[None].expand(2, -1, -1), model.head.embed_detached(ids)], dim=1)
             logits = model.head.logits_with_grad(model.remote_blocks(x, d))[:, 3:]  # through 0:2 and 2:6

@@ -1,8 +1,10 @@
 """Protocol IDs and every hard limit of the wire, in one place (see docs/protocol.md)."""
 
-from petald.vocabulary import DTYPE_NAMES
+from petald.vocabulary import DTYPE_NAMES, WIRE_FORMAT_NAMES
 
-WIRE_VERSION = 1  # major version of the message schemas; carried in protocol IDs and "open"
+# Major version of the message schemas, carried in "open", training requests and server info.
+# 2: one "wire" field (WIRE_FORMATS) replaced "wire_dtype" and "codec"; the int8 tensor codec.
+WIRE_VERSION = 2
 
 INFERENCE_PROTOCOL = "/petald/inference/1.0.0"
 INFO_PROTOCOL = "/petald/info/1.0.0"
@@ -31,4 +33,11 @@ SLOWEST_LINK_BYTES_PER_S = 10_000_000 // 8
 def transfer_seconds(nbytes: int) -> float:
     """How long ``nbytes`` take over the slowest link petald's timeouts allow for."""
     return nbytes / SLOWEST_LINK_BYTES_PER_S
-CODECS = ("raw", "lz4")
+
+
+CODECS = ("raw", "lz4", "int8")  # how a tensor map's bytes are laid out (protocol/tensors.py)
+WIRE_FORMATS = WIRE_FORMAT_NAMES  # how a session's hidden states travel (vocabulary.py)
+INT8_BLOCK = 64  # values per int8 scale, along the last dimension
+MAX_INT8_BLOCK = 4096
+INT8_OUTLIERS = 8  # largest values of each row sent apart, in float16 (protocol/int8_blocks.py)
+MAX_INT8_OUTLIERS = 64

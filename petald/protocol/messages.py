@@ -13,15 +13,14 @@ import torch
 
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import (
-    CODECS,
     MAX_ARRAY_LEN,
     MAX_BATCH,
     MAX_STRING,
     PUSH_TOKEN_BYTES,
-    WIRE_DTYPES,
+    WIRE_FORMATS,
     WIRE_VERSION,
 )
-from petald.protocol.tensors import decode_tensor, encode_tensor
+from petald.protocol.tensors import decode_tensor, encode_wire
 from petald.vocabulary import QUANT_MODES
 
 
@@ -116,8 +115,7 @@ class OpenSession:
     end: int
     batch: int
     max_length: int
-    wire_dtype: str = "float32"
-    codec: str = "raw"
+    wire: str = "float32"  # how the server sends this session's outputs, to the client and pushed (WIRE_FORMATS)
     wire_version: int = WIRE_VERSION
     adapter: str = ""  # the LoRA adapter to apply, by name; "" for none
     # Given, servers that know it may push this session's steps to it (PUSH_PROTOCOL); b"" for none.
@@ -139,8 +137,7 @@ class OpenSession:
         return cls(
             model_id=_str(msg, "model_id"), fingerprint=_str(msg, "fingerprint"),
             start=_int(msg, "start"), end=_int(msg, "end", 1), batch=_int(msg, "batch", 1, MAX_BATCH),
-            max_length=_int(msg, "max_length", 1), wire_dtype=_str(msg, "wire_dtype", WIRE_DTYPES),
-            codec=_str(msg, "codec", CODECS), wire_version=version,
+            max_length=_int(msg, "max_length", 1), wire=_str(msg, "wire", WIRE_FORMATS), wire_version=version,
             adapter=_str(msg, "adapter") if "adapter" in msg else "",
             push_token=_token(msg, "push_token") if "push_token" in msg else b"",
         )
@@ -156,15 +153,20 @@ class PushTarget:
     peer_id: str
     token: bytes  # that session's push token
     step_id: int
+    wire: str = ""  # how to send the step over this server-to-server hop (WIRE_FORMATS); "": the session's own
 
     def to_wire(self) -> dict[str, Any]:
-        return {"peer_id": self.peer_id, "token": self.token, "step_id": self.step_id}
+        msg = {"peer_id": self.peer_id, "token": self.token, "step_id": self.step_id}
+        if self.wire:
+            msg["wire"] = self.wire
+        return msg
 
     @classmethod
     def from_wire(cls, msg: Any) -> PushTarget:
         if not isinstance(msg, dict):
             raise _bad("a push target must be a map")
-        return cls(peer_id=_str(msg, "peer_id"), token=_token(msg, "token"), step_id=_int(msg, "step_id"))
+        return cls(peer_id=_str(msg, "peer_id"), token=_token(msg, "token"), step_id=_int(msg, "step_id"),
+                   wire=_str(msg, "wire", WIRE_FORMATS) if "wire" in msg else "")
 
 
 @dataclass
@@ -211,16 +213,15 @@ class Step:
     step_id: int
     position: int
     hidden: torch.Tensor
-    wire_dtype: str = "float32"
-    codec: str = "raw"
+    wire: str = "float32"  # how to encode it (WIRE_FORMATS): each tensor says what it is, decoding needs no wire
     prompts: torch.Tensor | None = None
     push: list[PushTarget] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         msg = {"type": "step", "step_id": self.step_id, "position": self.position,
-               "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+               "hidden": encode_wire(self.hidden, self.wire)}
         if self.prompts is not None:
-            msg["prompts"] = encode_tensor(self.prompts, self.wire_dtype, self.codec)
+            msg["prompts"] = encode_wire(self.prompts, self.wire)
         if self.push:
             msg["push"] = [target.to_wire() for target in self.push]
         return msg
@@ -242,13 +243,11 @@ class Step:
 class StepOutput:
     step_id: int
     hidden: torch.Tensor
-    wire_dtype: str = "float32"
-    codec: str = "raw"
+    wire: str = "float32"
     pushed: bool = False  # the output was also handed to the next server (the step's first push target)
 
     def to_wire(self) -> dict[str, Any]:
-        msg = {"type": "output", "step_id": self.step_id,
-               "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+        msg = {"type": "output", "step_id": self.step_id, "hidden": encode_wire(self.hidden, self.wire)}
         if self.pushed:
             msg["pushed"] = True
         return msg
@@ -299,8 +298,7 @@ class SpanRequest:
     grad_output: torch.Tensor | None = None  # given: a backward request
     prompts: torch.Tensor | None = None
     adapter: str = ""
-    wire_dtype: str = "float32"
-    codec: str = "raw"
+    wire: str = "float32"  # how both sides send tensors (WIRE_FORMATS)
     wire_version: int = WIRE_VERSION
 
     @property
@@ -311,12 +309,11 @@ class SpanRequest:
         msg: dict[str, Any] = {
             "type": "backward" if self.backward else "forward", "model_id": self.model_id,
             "fingerprint": self.fingerprint, "start": self.start, "end": self.end, "adapter": self.adapter,
-            "wire_dtype": self.wire_dtype, "codec": self.codec, "wire_version": self.wire_version,
-            "hidden": encode_tensor(self.hidden, self.wire_dtype, self.codec)}
+            "wire": self.wire, "wire_version": self.wire_version, "hidden": encode_wire(self.hidden, self.wire)}
         if self.grad_output is not None:
-            msg["grad_output"] = encode_tensor(self.grad_output, self.wire_dtype, self.codec)
+            msg["grad_output"] = encode_wire(self.grad_output, self.wire)
         if self.prompts is not None:
-            msg["prompts"] = encode_tensor(self.prompts, self.wire_dtype, self.codec)
+            msg["prompts"] = encode_wire(self.prompts, self.wire)
         return msg
 
     @classmethod
@@ -331,8 +328,7 @@ class SpanRequest:
             start=_int(msg, "start"), end=_int(msg, "end", 1), hidden=decode_tensor(msg.get("hidden"), "hidden"),
             grad_output=decode_tensor(msg.get("grad_output"), "grad_output") if kind == "backward" else None,
             prompts=decode_tensor(msg["prompts"], "prompts") if msg.get("prompts") is not None else None,
-            adapter=_str(msg, "adapter"), wire_dtype=_str(msg, "wire_dtype", WIRE_DTYPES),
-            codec=_str(msg, "codec", CODECS), wire_version=version,
+            adapter=_str(msg, "adapter"), wire=_str(msg, "wire", WIRE_FORMATS), wire_version=version,
         )
 
 
@@ -344,15 +340,14 @@ class SpanOutput:
     tensor: torch.Tensor  # the outputs, or the gradient of hidden
     grad_prompts: torch.Tensor | None = None
     backward: bool = False
-    wire_dtype: str = "float32"
-    codec: str = "raw"
+    wire: str = "float32"
 
     def to_wire(self) -> dict[str, Any]:
         if not self.backward:
-            return {"type": "forward_output", "hidden": encode_tensor(self.tensor, self.wire_dtype, self.codec)}
-        msg = {"type": "backward_output", "grad_hidden": encode_tensor(self.tensor, self.wire_dtype, self.codec)}
+            return {"type": "forward_output", "hidden": encode_wire(self.tensor, self.wire)}
+        msg = {"type": "backward_output", "grad_hidden": encode_wire(self.tensor, self.wire)}
         if self.grad_prompts is not None:
-            msg["grad_prompts"] = encode_tensor(self.grad_prompts, self.wire_dtype, self.codec)
+            msg["grad_prompts"] = encode_wire(self.grad_prompts, self.wire)
         return msg
 
     @classmethod

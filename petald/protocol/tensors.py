@@ -1,4 +1,8 @@
-"""The tensor codec: ``{dtype, shape, codec, data}`` maps inside frames.
+"""The tensor codec: ``{dtype, shape, codec, data}`` maps inside frames (int8 adds ``block``, ``outliers``).
+
+``dtype`` is the decoded tensor's dtype; ``codec`` says how ``data`` holds it: ``raw`` bytes,
+``lz4`` over them, or ``int8`` (``int8_blocks.py``). ``encode_wire`` encodes for a wire format
+(a session's choice, ``limits.WIRE_FORMATS``), choosing dtype and codec per tensor.
 
 Decoding trusts nothing: the dtype and codec must be known, the shape small and
 non-negative, and the bytes must be exactly what dtype and shape imply (lz4 is
@@ -15,11 +19,28 @@ import numpy as np
 import torch
 
 from petald.protocol.errors import ErrorCode, ProtocolError
-from petald.protocol.limits import CODECS, MAX_TENSOR_BYTES, MAX_TENSOR_DIMS, WIRE_DTYPES
+from petald.protocol.int8_blocks import dequantize, outliers_for, quantize
+from petald.protocol.limits import (
+    CODECS,
+    INT8_BLOCK,
+    INT8_OUTLIERS,
+    MAX_TENSOR_BYTES,
+    MAX_TENSOR_DIMS,
+    WIRE_DTYPES,
+    WIRE_FORMATS,
+)
 
 _TORCH = {name: getattr(torch, name) for name in WIRE_DTYPES}
 _ITEM_BYTES = {name: torch.empty((), dtype=t).element_size() for name, t in _TORCH.items()}
 _NUMPY_FLOATS = (torch.float32, torch.float16)  # numpy has no bfloat16
+
+# The "float16" wire sends a tensor as float16 when its absmax lies in this range, else as bfloat16.
+# float16 keeps 3 more mantissa bits than bfloat16 (10 against 7), so where it can hold the values
+# it is the closer 16-bit copy: up to its largest finite value (hidden states of real models reach
+# tens of thousands in a few outlier channels: SmolLM2's reach 22,000, within range), and down to
+# where most values would fall below its smallest normal (6e-5) and lose their precision (small
+# gradients); bfloat16 has float32's range for the rest. The decoder reads the dtype each tensor says.
+FLOAT16_ABSMAX_RANGE = (2.0**-6, 65504.0)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -33,9 +54,35 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def encode_tensor(tensor: torch.Tensor, dtype: str = "float32", codec: str = "raw") -> dict[str, Any]:
+def encode_wire(tensor: torch.Tensor, wire: str) -> dict[str, Any]:
+    """``tensor`` as the wire format ``wire`` sends it (``limits.WIRE_FORMATS``)."""
+    if wire not in WIRE_FORMATS:
+        raise ValueError(f"unknown wire format {wire!r}: use {', '.join(WIRE_FORMATS)}")
+    if wire not in ("float16", "int8"):
+        return encode_tensor(tensor, wire)
+    absmax = float(tensor.detach().abs().max()) if tensor.numel() else 1.0
+    low, high = FLOAT16_ABSMAX_RANGE
+    if wire == "int8" and absmax <= high:
+        return encode_tensor(tensor, "float32", "int8")
+    if wire == "float16" and low <= absmax <= high:
+        return encode_tensor(tensor, "float16")
+    # Beyond float16's range (int8 sends its outliers as float16), or NaN, which the receiver refuses.
+    return encode_tensor(tensor, "bfloat16")
+
+
+def encode_tensor(tensor: torch.Tensor, dtype: str = "float32", codec: str = "raw",
+                  block: int = INT8_BLOCK, outliers: int = INT8_OUTLIERS) -> dict[str, Any]:
+    """``tensor`` as ``dtype`` (what the receiver decodes to) with ``codec``; int8 in blocks of ``block``
+    with up to ``outliers`` values of each row apart."""
     if dtype not in _TORCH or codec not in CODECS:
         raise ValueError(f"unsupported wire dtype {dtype!r} or codec {codec!r}")
+    if codec == "int8":
+        if tensor.dim() == 0 or tensor.numel() * _ITEM_BYTES[dtype] > MAX_TENSOR_BYTES:
+            raise ValueError(f"int8 takes tensors of at least one dimension, decoding to at most "
+                             f"{MAX_TENSOR_BYTES} bytes; chunk it")
+        k = outliers_for(tensor.shape[-1], outliers)
+        return {"dtype": dtype, "shape": list(tensor.shape), "codec": codec, "block": block, "outliers": k,
+                "data": quantize(tensor, block, k)}
     t = tensor.detach()
     if t.dtype is not _TORCH[dtype] or t.device.type != "cpu" or not t.is_contiguous():
         t = t.to(device="cpu", dtype=_TORCH[dtype]).contiguous()
@@ -66,6 +113,11 @@ def decode_tensor(obj: Any, field: str = "tensor") -> torch.Tensor:
     nbytes = math.prod(shape) * _ITEM_BYTES[dtype]
     if nbytes > MAX_TENSOR_BYTES:
         raise bad(f"{nbytes} bytes exceeds the tensor limit of {MAX_TENSOR_BYTES}")
+    if codec == "int8":
+        try:
+            return dequantize(data, shape, obj.get("block"), obj.get("outliers"), _TORCH[dtype])
+        except ValueError as exc:
+            raise bad(str(exc)) from None
     if codec == "lz4" and nbytes:
         try:
             data = lz4.block.decompress(data, uncompressed_size=nbytes)

@@ -12,7 +12,7 @@ import click
 from petald.cli.command_errors import run_command
 from petald.cli.logs import setup_logging
 from petald.cli.options import addresses, from_command_line, head_quant_option, socket_path
-from petald.vocabulary import DTYPE_NAMES
+from petald.vocabulary import DTYPE_NAMES, WIRE_CHOICES
 
 if TYPE_CHECKING:
     from petald.cli.api.daemon_client import DaemonClient
@@ -35,9 +35,12 @@ def _client_options(fn: Callable) -> Callable:
                      help="0 means greedy."),
         click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True)),
         click.option("--seed", default=None, type=int),
-        click.option("--wire-dtype", default="float32", type=click.Choice(DTYPE_NAMES),
-                     show_default=True),
-        click.option("--lz4", is_flag=True, help="Compress hidden states on the wire."),
+        click.option("--wire", default="auto", show_default=True, type=click.Choice(WIRE_CHOICES),
+                     help="How hidden states travel: auto picks 16-bit per hop, or int8 where the link is slow "
+                          "for its round trip; float32 is exact (docs/protocol.md, \"Wire formats\")."),
+        click.option("--wire-dtype", default=None, type=click.Choice(DTYPE_NAMES), hidden=True,
+                     help="The old name of --wire."),
+        click.option("--lz4", is_flag=True, hidden=True, help="Removed: lz4 does not shrink hidden states."),
         click.option("--step-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
                      help="Seconds to wait for a server's answer; a slower server is replaced (the output "
                           "stays the same)."),
@@ -60,11 +63,12 @@ def _client_options(fn: Callable) -> Callable:
 @_client_options
 @click.pass_context
 def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-             seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
+             seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
     """Generate text from PROMPT: through the local daemon when one runs, else as a client node of its
     own (petald generate "PROMPT" --initial-peers ADDR)."""
     setup_logging(verbose)
     prompt, direct_peers, swarm_peers = _split_prompt_and_peers(args, peers, initial_peers)
+    wire = _wire_choice(ctx, wire, wire_dtype, lz4)
 
     def run() -> None:
         from petald.cli.text_generation import (
@@ -78,7 +82,7 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
         daemon = _pick_daemon(ctx, use_daemon, socket,
                               from_command_line(ctx, "peers", "initial_peers") or bool(args[1:]))
         if daemon is not None:
-            _refuse_client_node_options(adapter, head_quant)
+            _refuse_client_node_options(adapter, head_quant, wire)
             with daemon:
                 body = daemon_request(sampling, _daemon_model_name(ctx, model))
                 if chat:
@@ -88,7 +92,7 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
                     print_daemon_stream(daemon, "/v1/completions", {**body, "prompt": prompt}, sys.stdout)
                 sys.stdout.write("\n")
             return
-        with _client_node(direct_peers, swarm_peers, model, socket, wire_dtype, lz4, step_timeout,
+        with _client_node(direct_peers, swarm_peers, model, socket, wire, step_timeout,
                           recovery_timeout, adapter, head_quant) as dm:
             if verbose:
                 click.echo(f"route: {dm.route().describe()}", err=True)
@@ -104,12 +108,13 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
 @_client_options
 @click.pass_context
 def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-         seed, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
+         seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
     """Chat with the model, a line at a time: through the local daemon when one runs, else as a
     client node of its own. /reset forgets the conversation; /exit or Ctrl-D ends it."""
     setup_logging(verbose)
     peers, initial_peers = _one_way_to_the_swarm(peers, initial_peers,
                                                  "give either --initial-peers or --peers, not both")
+    wire = _wire_choice(ctx, wire, wire_dtype, lz4)
 
     def run() -> None:
         from petald.cli.chat import reply_through_daemon, reply_through_model, run_chat
@@ -118,11 +123,11 @@ def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_da
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
         daemon = _pick_daemon(ctx, use_daemon, socket, from_command_line(ctx, "peers", "initial_peers"))
         if daemon is not None:
-            _refuse_client_node_options(adapter, head_quant)
+            _refuse_client_node_options(adapter, head_quant, wire)
             with daemon:
                 run_chat(reply_through_daemon(daemon, _daemon_model_name(ctx, model)), sampling, system_prompt)
             return
-        with _client_node(peers, initial_peers, model, socket, wire_dtype, lz4, step_timeout,
+        with _client_node(peers, initial_peers, model, socket, wire, step_timeout,
                           recovery_timeout, adapter, head_quant) as dm:
             run_chat(reply_through_model(dm), sampling, system_prompt)
 
@@ -180,7 +185,7 @@ def _pick_daemon(ctx: click.Context, use_daemon: bool | None, socket: str | None
 
 
 def _client_node(peers: list[str], initial_peers: list[str], model: str | None, socket: str | None,
-                 wire_dtype: str, lz4: bool, step_timeout: float, recovery_timeout: float, adapter: str | None,
+                 wire: str, step_timeout: float, recovery_timeout: float, adapter: str | None,
                  head_quant: str) -> DistributedModel:
     """A client node of this command's own (no daemon): the servers given, or the swarm's."""
     if not peers and not initial_peers:
@@ -189,13 +194,29 @@ def _client_node(peers: list[str], initial_peers: list[str], model: str | None, 
                                "with --peers MULTIADDR ...), or start a daemon (petald serve / petald daemon)")
     from petald.p2pnode.client.distributed_model import DistributedModel
 
-    return DistributedModel(peers, model, initial_peers=initial_peers, wire_dtype=wire_dtype,
-                            codec="lz4" if lz4 else "raw", step_timeout=step_timeout,
+    return DistributedModel(peers, model, initial_peers=initial_peers, wire=wire,
+                            step_timeout=step_timeout,
                             recovery_timeout=recovery_timeout, adapter=adapter, head_quant=head_quant)
 
 
-def _refuse_client_node_options(adapter: str | None, head_quant: str) -> None:
+def _wire_choice(ctx: click.Context, wire: str, wire_dtype: str | None, lz4: bool) -> str:
+    """--wire, or its old name --wire-dtype; refused together when they disagree, and --lz4 refused."""
+    if lz4:
+        raise click.UsageError("--lz4 is gone: measured on real hidden states it made them 0.4% larger, not "
+                               "smaller; use --wire int8 to halve the bytes of the 16-bit default")
+    if wire_dtype is None:
+        return wire
+    if from_command_line(ctx, "wire") and wire != wire_dtype:
+        raise click.UsageError(f"--wire-dtype {wire_dtype} contradicts --wire {wire}: give --wire alone "
+                               "(--wire-dtype is its old name)")
+    return wire_dtype
+
+
+def _refuse_client_node_options(adapter: str | None, head_quant: str, wire: str) -> None:
     """Options that only a client node of this command's own can apply (the daemon holds its own model)."""
+    if wire != "auto":
+        raise click.UsageError("--wire applies to a client node of this command's own: give the swarm with "
+                               "--initial-peers (or --peers); the daemon's client picks its wire per hop")
     if adapter:
         raise click.UsageError("--adapter needs a client node of this command's own: give the swarm with "
                                "--initial-peers (or --peers); the local API does not select adapters")

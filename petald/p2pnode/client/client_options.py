@@ -1,19 +1,22 @@
 """A client's settings, with their defaults written once: what ``DistributedModel(**settings)``
 accepts and what its sessions and training pipelines read.
 
-    DistributedModel(peers, wire_dtype="bfloat16", step_timeout=10)      # settings by name
-    DistributedModel(peers, options=ClientOptions(codec="lz4"))          # or as one object
+    DistributedModel(peers, wire="float32", step_timeout=10)      # settings by name
+    DistributedModel(peers, options=ClientOptions(wire="int8"))   # or as one object
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from petald.vocabulary import WIRE_CHOICES
+
 
 @dataclass(frozen=True)
 class ClientOptions:
-    wire_dtype: str = "float32"  # hidden states on the wire (vocabulary.DTYPE_NAMES)
-    codec: str = "raw"  # "raw" or "lz4" over the wire dtype's bytes
+    # How hidden states travel (vocabulary.WIRE_CHOICES): "auto" picks 16-bit or int8 per hop
+    # (client/wire_choice.py); "float32" is the exact reference.
+    wire: str = "auto"
     # Timeouts (docs/fault_tolerance.md, "Timeouts at internet distances", says how each holds at
     # 100 ms round trips and a 10 Mbit/s uplink).
     # For each server's answer: a hung server is replaced after it. A decode step at 100 ms round
@@ -47,3 +50,5 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if self.adapter is None:  # the CLI's "no --adapter"
             object.__setattr__(self, "adapter", "")
+        if self.wire not in WIRE_CHOICES:
+            raise ValueError(f"unknown wire {self.wire!r}: use {', '.join(WIRE_CHOICES)}")

@@ -9,7 +9,7 @@
     h = model.remote_blocks(embeddings, deep_prompts)      # differentiable: train client-side parameters
 
 ``DistributedModel(..., adapter="name")`` runs every block with that LoRA adapter, on servers that hold it.
-Settings (``wire_dtype``, ``step_timeout``, ``adapter``, ``push``, ...) are ``ClientOptions``' fields,
+Settings (``wire``, ``step_timeout``, ``adapter``, ``push``, ...) are ``ClientOptions``' fields,
 given by name or as ``options=ClientOptions(...)``.
 """
 
@@ -64,7 +64,7 @@ class DistributedModel:
 
     def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
                  initial_peers: Sequence[str] = (), options: ClientOptions | None = None, **settings: Any):
-        """``settings`` are ``ClientOptions`` fields by name (``wire_dtype="bfloat16"``, ``push=False``,
+        """``settings`` are ``ClientOptions`` fields by name (``wire="int8"``, ``push=False``,
         ...), applied over ``options`` (default: ``ClientOptions()``); an unknown name is a TypeError.
         ``step_timeout`` bounds each server's answer (a hung server is replaced after it);
         ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
@@ -149,7 +149,7 @@ class DistributedModel:
                 return
             if info.fingerprint == self.identity.fingerprint and info.wire_version == WIRE_VERSION:
                 found.append(RemoteServer(record.peer_id, address, info, rtt, record.inference_rps,
-                                          record.forward_tps))
+                                          record.forward_tps, record.network_mbps))
 
         async with trio.open_nursery() as nursery:
             for record in records:

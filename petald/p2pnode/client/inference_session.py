@@ -33,6 +33,7 @@ from petald.p2pnode.client.failover import (
     RouteFinder,
 )
 from petald.p2pnode.client.remote_span import RemoteSpanSession
+from petald.p2pnode.client.wire_choice import push_wire, session_wire
 from petald.p2pnode.routing.bans import ServerBans
 from petald.p2pnode.routing.route import SpanHop, SpanRoute
 from petald.protocol.limits import MAX_ARRAY_LEN, MAX_TENSOR_BYTES
@@ -69,7 +70,7 @@ class InferenceSession:
     def __init__(self, host: IHost, route: SpanRoute, identity: ModelIdentity, batch: int, max_length: int,
                  options: ClientOptions | None = None, find_route: RouteFinder | None = None,
                  bans: ServerBans | None = None, deep_prompts: torch.Tensor | None = None):
-        """``options`` (default: ``ClientOptions()``) name the wire dtype and codec, the timeouts, the LoRA
+        """``options`` (default: ``ClientOptions()``) name the wire (chosen per hop), the timeouts, the LoRA
         adapter every server applies and whether servers push step outputs on to the next server themselves.
         ``find_route`` finds replacements for failed servers (None: a failure is raised).
         ``deep_prompts`` [model blocks, 1 or batch, P, hidden] are added to positions [0, P) before each block."""
@@ -175,18 +176,25 @@ class InferenceSession:
         chain: list[PushTarget] = []
         if not self.options.push or hidden.shape[0] * hidden.shape[1] > PUSH_MAX_ROWS:
             return chain
+        sender = self.links[index]
         for link in self.links[index + 1 : index + 1 + MAX_ARRAY_LEN]:
-            target = link.span.push_target() if link.span is not None else None
+            if link.span is None or sender.span is None:
+                break
+            wire = push_wire(self.options.wire, sender.hop.server, link.hop.server, self.batch)
+            # Named only where it differs from the pushing session's own (absent: that one).
+            target = link.span.push_target("" if wire == sender.span.wire else wire)
             if target is None:
                 break
             chain.append(target)
+            sender = link
         return chain
 
     async def _open_span(self, hop: SpanHop) -> RemoteSpanSession:
         prompts = self.deep_prompts[hop.start : hop.end] if self.deep_prompts is not None else None
         # The first blocks' input is the client's own: their session never takes pushes.
         return await RemoteSpanSession.open(self.host, hop, self.identity, self.batch, self.max_length,
-                                            self.options, prompts, takes_pushes=self.options.push and hop.start > 0)
+                                            self.options, prompts, takes_pushes=self.options.push and hop.start > 0,
+                                            wire=session_wire(self.options.wire, hop.server, self.batch))
 
     async def _replace(self, index: int, failure: BaseException, deadline: float) -> None:
         """Ban the server of link ``index``, route its blocks anew and replay its inputs there

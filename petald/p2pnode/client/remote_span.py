@@ -64,8 +64,9 @@ WIRE_BYTES_PER_VALUE = 4
 
 class RemoteSpanSession:
     def __init__(self, hop: SpanHop, framed: FramedStream, options: ClientOptions,
-                 prompts: torch.Tensor | None = None, push_token: bytes = b""):
-        """``options``: the wire dtype and codec, the step timeout and the push grace.
+                 prompts: torch.Tensor | None = None, push_token: bytes = b"", wire: str = "float32"):
+        """``options``: the step timeout and the push grace. ``wire``: the session's wire format
+        (``wire_choice.py``), both ways.
         ``prompts`` [hop blocks, 1 or batch, P, hidden]: deep prompts for positions [0, P), sent along
         with the steps that cover them. ``push_token``: the server takes steps pushed to this session
         by servers that know it (the previous hop's)."""
@@ -74,6 +75,7 @@ class RemoteSpanSession:
         self.options = options
         self.prompts = prompts
         self.push_token = push_token
+        self.wire = wire
         self.position = 0
         self.step_seconds = 0.0  # the last step, from sending it (or the previous hop's answer) to the answer
         self._step_ids = 0
@@ -81,15 +83,15 @@ class RemoteSpanSession:
     @classmethod
     async def open(cls, host: IHost, hop: SpanHop, identity: ModelIdentity, batch: int, max_length: int,
                    options: ClientOptions, prompts: torch.Tensor | None = None,
-                   takes_pushes: bool = False) -> RemoteSpanSession:
+                   takes_pushes: bool = False, wire: str = "float32") -> RemoteSpanSession:
         peer = hop.server.peer_id
         step_timeout = options.step_timeout
         push_token = secrets.token_bytes(PUSH_TOKEN_BYTES) if takes_pushes else b""
         framed = await open_stream(host, peer, INFERENCE_PROTOCOL, step_timeout)
         try:
             await framed.send(OpenSession(identity.model_id, identity.fingerprint, hop.start, hop.end,
-                                          batch, max_length, options.wire_dtype, options.codec,
-                                          adapter=options.adapter, push_token=push_token).to_wire())
+                                          batch, max_length, wire, adapter=options.adapter,
+                                          push_token=push_token).to_wire())
             opened = SessionOpened.from_wire(await receive_reply(framed, peer, step_timeout, "opening a session"))
             if (opened.start, opened.end) != (hop.start, hop.end):
                 raise ServerUnavailable(f"server ..{peer[-8:]} opened blocks {opened.start}:{opened.end}; "
@@ -98,16 +100,17 @@ class RemoteSpanSession:
             with trio.CancelScope(shield=True):  # free the server's side even when we are cancelled
                 await framed.reset()
             raise
-        return cls(hop, framed, options, prompts, push_token)
+        return cls(hop, framed, options, prompts, push_token, wire)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         return (await self.step_pushing(hidden, []))[0]
 
-    def push_target(self) -> PushTarget | None:
-        """Where the previous hop's server may push this session's next step (None: it may not)."""
+    def push_target(self, wire: str = "") -> PushTarget | None:
+        """Where the previous hop's server may push this session's next step, in the format ``wire``
+        ("": the pushing session's own); None: it may not."""
         if not self.push_token or self._prompts_for(1) is not None:
             return None  # a step with deep prompts comes from the client, which holds them
-        return PushTarget(self.hop.server.peer_id, self.push_token, self._step_ids + 1)
+        return PushTarget(self.hop.server.peer_id, self.push_token, self._step_ids + 1, wire)
 
     def _prompts_for(self, tokens: int) -> torch.Tensor | None:
         if self.prompts is not None and self.position < self.prompts.shape[2]:
@@ -160,8 +163,7 @@ class RemoteSpanSession:
     def _next_step(self, hidden: torch.Tensor, push: list[PushTarget]) -> Step:
         """The session's next step (a new step id) carrying ``hidden`` and the deep prompts it owes."""
         self._step_ids += 1
-        return Step(self._step_ids, self.position, hidden, self.options.wire_dtype, self.options.codec,
-                    self._prompts_for(hidden.shape[1]), push)
+        return Step(self._step_ids, self.position, hidden, self.wire, self._prompts_for(hidden.shape[1]), push)
 
     @staticmethod
     def _transfer_seconds(hidden: torch.Tensor) -> float:
@@ -183,7 +185,9 @@ class RemoteSpanSession:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with NaN or infinite values")
         self.position += hidden.shape[1]
         self.step_seconds = time.perf_counter() - began
-        return out.hidden, out.pushed and bool(push)
+        # In float32 whatever the wire (exactly: every 16-bit or int8 value is one), so that what a
+        # caller gets (run_blocks, hidden_states) does not change dtype with the hop's wire.
+        return out.hidden.float(), out.pushed and bool(push)
 
     async def close(self) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT_S):

@@ -8,6 +8,7 @@ from libp2p.abc import IHost
 
 from petald.kernels.sources.model_source import ModelIdentity
 from petald.p2pnode.client.client_options import ClientOptions
+from petald.p2pnode.client.wire_choice import training_wire
 from petald.p2pnode.routing.route import SpanHop
 from petald.p2pnode.transport.peer_streams import ServerUnavailable, open_stream, receive_reply
 from petald.protocol.errors import ProtocolError
@@ -20,12 +21,12 @@ async def remote_span_pass(host: IHost, hop: SpanHop, identity: ModelIdentity, h
                            prompts: torch.Tensor | None, grad_output: torch.Tensor | None, options: ClientOptions,
                            timeout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blocks ``hop`` of ``hop.server`` over ``hidden``: the outputs (no ``grad_output``), or the
-    gradients of ``hidden`` and ``prompts`` (given ``grad_output``), with the adapter, wire dtype
-    and codec of ``options``, each wait bounded by ``timeout``. Float32, checked for shape and
+    gradients of ``hidden`` and ``prompts`` (given ``grad_output``), with the adapter and wire of
+    ``options``, each wait bounded by ``timeout``. Float32, checked for shape and
     finiteness: a server that answers otherwise is reported as ServerUnavailable."""
     peer = hop.server.peer_id
     request = SpanRequest(identity.model_id, identity.fingerprint, hop.start, hop.end, hidden, grad_output,
-                          prompts, options.adapter, options.wire_dtype, options.codec)
+                          prompts, options.adapter, training_wire(options.wire))
     kind = "backward" if request.backward else "forward"
     what = f"a {kind}"
     # A request too large for the wire is the caller's error, raised before any server is involved

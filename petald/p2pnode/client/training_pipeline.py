@@ -105,7 +105,7 @@ def _prompt_rows(prompts: torch.Tensor | None, rows: slice) -> torch.Tensor | No
 class TrainingPipeline:
     def __init__(self, host: IHost, identity: ModelIdentity, find_route: TrainingRouteFinder, bans: ServerBans,
                  options: ClientOptions, recoveries: list[Recovery] | None = None):
-        """``options``: the wire dtype and codec, the timeouts, the adapter and the chunk size.
+        """``options``: the wire, the timeouts, the adapter and the chunk size.
         Every server replaced is recorded in ``recoveries``."""
         self.host, self.identity, self.find_route, self.bans = host, identity, find_route, bans
         self.options = options

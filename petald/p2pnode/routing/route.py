@@ -59,6 +59,7 @@ class RemoteServer:
     rtt: float = 0.0  # seconds, measured by the client
     inference_rps: float = 0.0  # announced decode steps per second per block; 0 when unknown
     forward_tps: float = 0.0  # announced forward tokens per second per block; 0 when unknown
+    network_mbps: float = 0.0  # announced bandwidth (--network-mbps); 0 when unknown
 
     def hop_cost(self, blocks: int, tokens: int = 0) -> float:
         """Seconds for one decode step through ``blocks`` of this server, or (``tokens`` > 0) for one

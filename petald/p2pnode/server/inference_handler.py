@@ -20,7 +20,6 @@ import trio
 from libp2p.abc import INetStream
 
 from petald.kernels.deep_prompts import check_deep_prompts
-from petald.kernels.dtypes import DTYPES, dtype_name
 from petald.kernels.paged_kv_cache import CacheFullError, SessionCache
 from petald.p2pnode.server.executor_bridge import run_step
 from petald.p2pnode.server.session_inbox import PUSHED, SessionInbox, read_client
@@ -41,6 +40,9 @@ log = logging.getLogger(__name__)
 # How long a session that ended mid-step waits for the executor to finish that step before its
 # pages are freed: until then the step may still write into them.
 UNFINISHED_STEP_WAIT_S = 120.0
+# A step's output as the executor hands it over: the session's wire format then encodes it, choosing
+# per tensor (float16 or bfloat16, int8 scales) from the full-precision values.
+OUTPUT_DTYPE = torch.float32
 
 
 @dataclass
@@ -164,7 +166,6 @@ class InferenceSessions:
     async def _serve_steps(self, inbox: SessionInbox, pusher: StepPusher | None, request: OpenSession,
                            cache: SessionCache, live: _LiveSession) -> None:
         server, limits = self.server, self.server.limits
-        wire_dtype = DTYPES[request.wire_dtype]
         framed = inbox.framed
         while True:
             if server.closing:
@@ -203,7 +204,7 @@ class InferenceSessions:
             live.unfinished = [finished]  # the previous step had finished before this one was accepted
             live.in_step = True
             with trio.move_on_after(limits.step_timeout) as step_scope:
-                out = await run_step(server.executor, cache, hidden, request.start, request.end, wire_dtype,
+                out = await run_step(server.executor, cache, hidden, request.start, request.end, OUTPUT_DTYPE,
                                      finished, prompts, request.adapter)
             if step_scope.cancelled_caught:
                 raise ProtocolError(ErrorCode.TIMEOUT, f"the step took longer than {limits.step_timeout:.0f} s; "
@@ -211,8 +212,8 @@ class InferenceSessions:
             # The next server first: its compute starts while the client still reads this reply.
             pushed = False
             if step.push and pusher is not None:
-                pushed = await pusher.push(step.push, step.position, out, request.wire_dtype, request.codec)
-            await framed.send(StepOutput(step.step_id, out, request.wire_dtype, request.codec, pushed).to_wire())
+                pushed = await pusher.push(step.push, step.position, out, request.wire)
+            await framed.send(StepOutput(step.step_id, out, request.wire, pushed).to_wire())
             live.in_step = False
 
     def _check_step(self, step: Step, request: OpenSession, cache: SessionCache) -> torch.Tensor:
@@ -221,9 +222,6 @@ class InferenceSessions:
         expected = f"[{request.batch}, tokens, {hidden_size}]"
         if h.dim() != 3 or h.shape[0] != request.batch or h.shape[2] != hidden_size or h.shape[1] < 1:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"hidden has shape {list(h.shape)}; expected {expected}")
-        if dtype_name(h.dtype) != request.wire_dtype:
-            raise ProtocolError(ErrorCode.BAD_TENSOR,
-                                f"hidden is {dtype_name(h.dtype)}; this session was opened for {request.wire_dtype}")
         if step.position != cache.length:
             raise ProtocolError(ErrorCode.BAD_STATE,
                                 f"step at position {step.position}, but the session is at position {cache.length}")
@@ -243,9 +241,7 @@ class InferenceSessions:
                                step.hidden.shape[1])
         except ValueError as exc:
             raise ProtocolError(ErrorCode.BAD_TENSOR, str(exc)) from None
-        if dtype_name(p.dtype) != request.wire_dtype:
-            raise ProtocolError(ErrorCode.BAD_TENSOR,
-                                f"prompts are {dtype_name(p.dtype)}; this session was opened for {request.wire_dtype}")
         if not all_finite(p):
             raise ProtocolError(ErrorCode.BAD_TENSOR, "prompts hold NaN or infinite values")
-        return p
+        # Each tensor's 16-bit dtype was chosen by its own range: the prompts are added in the hidden's.
+        return p.to(step.hidden.dtype)

@@ -53,10 +53,10 @@ class StepPusher:
         self._opening: trio.CancelScope | None = None
         self._tried: set[tuple[str, bytes]] = set()
 
-    async def push(self, chain: list[PushTarget], position: int, hidden: torch.Tensor, wire_dtype: str,
-                   codec: str) -> bool:
+    async def push(self, chain: list[PushTarget], position: int, hidden: torch.Tensor, wire: str) -> bool:
         """Send ``hidden`` to ``chain[0]`` as its step at ``position``, with the rest of the chain for it
-        to pass on. True: the stream took the whole frame."""
+        to pass on, in the wire format the target names (else ``wire``, the session's). True: the
+        stream took the whole frame."""
         if not chain:
             return False
         first = chain[0]
@@ -71,7 +71,7 @@ class StepPusher:
             return False
         if self._stream is None:
             return False  # still opening
-        step = Step(first.step_id, position, hidden, wire_dtype, codec, push=chain[1:])
+        step = Step(first.step_id, position, hidden, first.wire or wire, push=chain[1:])
         try:
             await self._stream.send(step.to_wire())
         except Exception as exc:  # whatever broke, the client sends this step itself

@@ -12,7 +12,6 @@ import torch
 import trio
 from libp2p.abc import INetStream
 
-from petald.kernels.dtypes import dtype_name
 from petald.kernels.training_forward import check_training_inputs, span_backward, span_forward
 from petald.p2pnode.server.executor_bridge import run_task
 from petald.p2pnode.server.stream_frames import receive_first, send_error
@@ -79,8 +78,7 @@ class TrainingRequests:
         if step_scope.cancelled_caught:
             raise ProtocolError(ErrorCode.TIMEOUT, f"the {'backward' if request.backward else 'forward'} "
                                                    f"took longer than {limits.step_timeout:.0f} s")
-        await framed.send(SpanOutput(tensor, grad_prompts, request.backward, request.wire_dtype,
-                                     request.codec).to_wire())
+        await framed.send(SpanOutput(tensor, grad_prompts, request.backward, request.wire).to_wire())
 
     def _job(self, request: SpanRequest) -> TrainingJob:
         """Check ``request`` against this server and return the computation it asks for."""
@@ -91,13 +89,15 @@ class TrainingRequests:
         adapter = server.adapter(request.adapter)
         tensors = {"hidden": request.hidden, "grad_output": request.grad_output, "prompts": request.prompts}
         for name, tensor in tensors.items():
-            if tensor is None:
-                continue
-            if dtype_name(tensor.dtype) != request.wire_dtype:
-                raise ProtocolError(ErrorCode.BAD_TENSOR, f"{name} is {dtype_name(tensor.dtype)}; the request "
-                                                          f"says {request.wire_dtype}")
-            if not torch.isfinite(tensor).all():
+            if tensor is not None and not torch.isfinite(tensor).all():
                 raise ProtocolError(ErrorCode.BAD_TENSOR, f"{name} holds NaN or infinite values")
+        # In float32: the wire format chose each tensor's dtype on its own (float16 or bfloat16 by its
+        # range), and the span's own dtype is applied by the kernels.
+        request.hidden = request.hidden.float()
+        if request.grad_output is not None:
+            request.grad_output = request.grad_output.float()
+        if request.prompts is not None:
+            request.prompts = request.prompts.float()
         h = request.hidden
         try:
             check_training_inputs(server.span, h, request.start, request.end, request.prompts)

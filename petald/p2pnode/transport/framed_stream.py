@@ -29,6 +29,8 @@ class FramedStream:
         self._direct = prepare_framed_stream(stream)  # None: not one of petald's own connections
         self.send_timeout = send_timeout  # a peer that stops reading must not hold us forever
         self._decoder = FrameDecoder(max_frame_bytes)
+        # Bytes of frames through this stream, header included: what a session's wire choice costs.
+        self.bytes_sent = self.bytes_received = 0
 
     def allow_frames_up_to(self, max_frame_bytes: int) -> None:
         """Raise the frame limit once the peer has earned it (e.g. after a valid session open)."""
@@ -54,6 +56,7 @@ class FramedStream:
                 if self._decoder.buffered:
                     raise PeerGone("stream ended in the middle of a frame")
                 return None
+            self.bytes_received += len(data)
             self._decoder.feed(data)
         return msg
 
@@ -70,6 +73,7 @@ class FramedStream:
             with trio.fail_after(timeout):
                 if self._direct is None or not await self._direct.write(frame):
                     await self.stream.write(frame)
+            self.bytes_sent += len(frame)
         except trio.TooSlowError:
             raise PeerGone(f"peer did not take a {len(frame)}-byte frame within {timeout:.0f} s") from None
         except (IOException, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
