@@ -56,7 +56,7 @@ def generate(model_dir: str, peer: str, ids: str, tokens: str, mode: str, pause_
 
     input_ids = torch.tensor([json.loads(ids)])
     count = int(tokens)
-    model = DistributedModel(model=model_dir, initial_peers=[peer], wire_dtype="float32",
+    model = DistributedModel(model=model_dir, initial_peers=[peer], wire="float32",
                              direct_upgrade=mode == "upgrade")
     try:
         route = [(h.start, h.end, h.server.address) for h in model.route().hops]

@@ -195,7 +195,7 @@ def test_swarm_across_namespaces(tmp_path):
                                            delay_ms=25)
         assert second.address.startswith(f"/ip4/{box.address('public2')}/tcp/31337/p2p/")  # the proxy's
         generate = [*PETALD, "generate", prompt, "--model", model, "--initial-peers", first.address,
-                    "--max-new-tokens", str(new_tokens), "--temperature", "0", "--wire-dtype", "float32"]
+                    "--max-new-tokens", str(new_tokens), "--temperature", "0", "--wire", "float32"]
         # the client on a public host, and one at home behind the NAT (it only dials out)
         results = {host: box.run(host, generate, capture_output=True, text=True, timeout=300)
                    for host in ("client", "home")}

@@ -82,7 +82,7 @@ def test_a_relayed_server_serves_and_a_flood_leaves_the_relay_serving(tiny_model
                 late.stop()
 
             # With the flood's circuits still open, the relay serves its own blocks and relays.
-            model = DistributedModel(model=path, initial_peers=[relay.address], wire_dtype="float32")
+            model = DistributedModel(model=path, initial_peers=[relay.address], wire="float32")
             try:
                 hops = {(h.start, h.end): h.server.address for h in model.route().hops}
                 assert hops == {(0, 3): relay.address, (3, 6): home.address}
