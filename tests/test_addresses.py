@@ -362,21 +362,19 @@ def test_a_server_whose_first_announced_address_is_dead_is_used_through_the_seco
         assert [a.split("/p2p/")[0] for a in announced] == [dead, good]
         peer = announced[0].rsplit("/p2p/", 1)[1]
 
-        async def dial_twice() -> list[float]:
-            memory, took = UnansweredAddresses(), []
+        async def dial_twice() -> None:
+            # The closed port is refused once, then remembered: the second connect tries the good
+            # address first (what it costs is not asserted here: the machine may be loaded).
+            memory = UnansweredAddresses()
             for _ in range(2):
                 async with running_host(load_or_create_identity(None)) as host:
-                    began = trio.current_time()
                     with trio.fail_after(DIAL_TIMEOUT_S):
                         assert await connect_first_answering(host, peer, announced, memory) == announced[1]
-                    took.append(trio.current_time() - began)
                     assert (await fetch_info(host, peer, 10.0)).end == 6  # a real exchange through it
                 assert memory.skips(announced[0])
-            return took
 
-        first, second = trio.run(dial_twice)
-        assert first < 2.0 and second < first  # the closed port costs a refusal, then nothing (under load)
-        with DistributedModel(model=model, initial_peers=[announced[1]]) as client:
+        trio.run(dial_twice)
+        with DistributedModel(model=model, initial_peers=[announced[1]], wire="float32") as client:
             assert [s.address for s in client.servers] == [announced[1]]
             ids = torch.tensor([[5, 17, 42, 99]])
             logits = client.forward(ids)

@@ -396,7 +396,7 @@ def test_a_quantized_server_announces_its_mode_and_serves_what_its_span_computes
         want.append(int(nxt[0, 0]))
     with LocalSwarm(["0:6"], model=path, extra_args=["--threads", "1", "--quant", "int8"]) as swarm:
         assert "quant int8" in "\n".join(swarm.servers[0].output)
-        with DistributedModel(swarm.addresses, path) as model:
+        with DistributedModel(swarm.addresses, path, wire="float32") as model:
             assert [s.info.quant for s in model.servers] == ["int8"]
             got = model.generate(ids, max_new_tokens=8, eos_token_id=[])[0, 10:].tolist()
     assert got == want
