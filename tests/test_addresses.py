@@ -295,24 +295,20 @@ def test_an_address_that_does_not_answer_is_passed_over_then_not_dialled_again()
                 good = full_addresses(server)[0]
                 dead = [f"/ip4/127.0.0.1/tcp/{silent.port}/p2p/{peer}", f"/ip4/127.0.0.1/tcp/{closed}/p2p/{peer}"]
                 memory = UnansweredAddresses()
-                for attempt in range(2):
+                for _ in range(2):
                     async with running_host(load_or_create_identity(None), ["/ip4/127.0.0.1/tcp/0"]) as client:
                         # What a DHT lookup leaves in the peerstore: the record's addresses, dead first.
                         client.get_peerstore().add_addrs(ID.from_base58(peer), [_bare(a) for a in dead], 600)
-                        began = trio.current_time()
                         with trio.fail_after(10):
                             used = await connect_first_answering(client, peer, [*dead, good], memory, dial_timeout=1.0)
-                        took = trio.current_time() - began
                         # py-libp2p's own later dials start from the address that answered; the dead are gone.
                         known = [str(a) for a in client.get_peerstore().addrs(ID.from_base58(peer))]
                         assert known == [str(_bare(good))]
                     assert used == good
                     assert all(memory.skips(a) for a in dead)
-                    if attempt == 0:
-                        assert took < 1.0 + 3.0  # one dial timeout for the silent port, the refusal is fast
-                    else:
-                        assert took < 0.5  # both dead addresses skipped: straight to the good one
-                assert len(silent.accepted) == 1  # the silent port was dialled once, not twice
+                # The silent port was dialled once, not twice: the second connect went straight to the
+                # good address (how long each took is not asserted: the machine may be loaded).
+                assert len(silent.accepted) == 1
 
         trio.run(main)
     finally:
