@@ -14,7 +14,7 @@ server -> client -> next server) needs 2 k = 6. The benchmark starts with d = 0,
 for each it starts the swarm afresh and measures, per wire (float32, float16, int8, auto: the
 default) with pushes, and for the default also client-chained:
 
-- decode ms/token (median of ``--tokens`` greedy steps after the first two),
+- decode ms/token (median of ``--tokens`` greedy steps after the first two, pipeline_overhead's loop),
 - prefill: one step of ``--prefill`` tokens of ``benchmarks/reference_text.txt`` (a session's first step),
 - time to first token: a new session on an open client, a 8-token prompt, to its first token,
 - start-up: a new client (``DistributedModel(initial_peers=[S1])``: it knows nothing else) from its
@@ -48,13 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import trio  # noqa: E402
 
+from benchmarks.pipeline_overhead import PROMPT, decode_remote  # noqa: E402  (the same decode loop)
 from petald.cli.local_swarm import ServerProcess, even_spans  # noqa: E402
 from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
 
 DELAY_PROXY = str(Path(__file__).resolve().parent / "delay_proxy.py")
 REFERENCE_TEXT = Path(__file__).resolve().parent / "reference_text.txt"
-PROMPT = [504, 3575, 282, 4649, 314, 253, 1345, 30]
 SERVERS = 3
 _PROXY_READY = re.compile(r"delay proxy ready at \S+:(\d+)")
 
@@ -139,20 +139,6 @@ def delayed_swarm(delay_ms: float, model: str | None, threads: int) -> Iterator[
                 process.kill()
 
 
-def decode(model: DistributedModel, tokens: int) -> float:
-    """Median ms per greedy token after the first two (which warm connections and pushes)."""
-    ids = torch.tensor([PROMPT])
-    times = []
-    with model.inference_session(1, len(PROMPT) + tokens + 1) as session:
-        hidden = model.node.call(session.step, model.head.embed(ids))
-        for _ in range(tokens):
-            began = time.perf_counter()
-            nxt = model.head.logits(hidden[:, -1]).argmax(-1)
-            hidden = model.node.call(session.step, model.head.embed(nxt[:, None]))
-            times.append(time.perf_counter() - began)
-    return statistics.median(times[2:]) * 1000
-
-
 def prefill(model: DistributedModel, ids: torch.Tensor) -> float:
     """Seconds for a session's first step of ``ids`` (the session is open before the clock starts)."""
     with model.inference_session(1, ids.shape[1] + 1) as session:
@@ -179,7 +165,7 @@ def measure(addresses: list[str], source, settings: dict, args: argparse.Namespa
     with DistributedModel(model=source, initial_peers=[addresses[0]], **settings) as model:
         first_token(model)
         startup = {"startup_s": time.perf_counter() - began, "startup_kb": (counter.total - before) / 1000}
-        return {**startup, "ttft_ms": first_token(model) * 1000, "decode_ms": decode(model, args.tokens),
+        return {**startup, "ttft_ms": first_token(model) * 1000, "decode_ms": statistics.median(decode_remote(model, args.tokens)[0][2:]) * 1000,
                 "prefill_s": prefill(model, torch.tensor([text_ids]))}
 
 
