@@ -15,7 +15,8 @@ for each it starts the swarm afresh and measures, per wire (float32, float16, in
 default) with pushes, and for the default also client-chained:
 
 - decode ms/token (median of ``--tokens`` greedy steps after the first two, pipeline_overhead's loop),
-- prefill: one step of ``--prefill`` tokens of ``benchmarks/reference_text.txt`` (a session's first step),
+- prefill: one step of ``--prefill`` tokens of ``benchmarks/reference_text.txt`` (its 343 tokens
+  repeated as needed), a session's first step,
 - time to first token: a new session on an open client, a 8-token prompt, to its first token,
 - start-up: a new client (``DistributedModel(initial_peers=[S1])``: it knows nothing else) from its
   construction to its first token, in seconds and in bytes on its TCP sockets (both ways).
@@ -187,7 +188,8 @@ def main() -> None:
     wires = args.wires.split(",")
     counter = ByteCounter()
     source = open_source(args.model)
-    text_ids = source.load_tokenizer().encode(REFERENCE_TEXT.read_text())[:args.prefill]
+    text = source.load_tokenizer().encode(REFERENCE_TEXT.read_text())
+    text_ids = (text * (args.prefill // len(text) + 1))[:args.prefill]
     hops = SERVERS + 1
     results: dict = {"model": source.identity.model_id, "tokens": args.tokens, "prefill": len(text_ids),
                      "servers": SERVERS, "machine": f"{platform.processor() or platform.machine()}, "
