@@ -278,3 +278,15 @@ def test_all_finite_finds_nan_and_infinity_in_every_wire_dtype(dtype):
         assert not all_finite(broken)
     assert all_finite(torch.empty(1, 0, 8, dtype=dtype))
     assert not all_finite(torch.full((4,), float("nan"), requires_grad=True))
+
+
+def test_a_step_output_says_how_long_the_server_held_the_step():
+    output = StepOutput(3, torch.ones(1, 1, 4), held_ms=12.5)
+    assert StepOutput.from_wire(_through_the_wire(output.to_wire())).held_ms == 12.5
+    assert StepOutput.from_wire(_through_the_wire({**output.to_wire(), "held_ms": 0})).held_ms == 0.0
+    assert "held_ms" not in StepOutput(3, torch.ones(1, 1, 4)).to_wire()
+    assert StepOutput.from_wire(_through_the_wire(StepOutput(3, torch.ones(1, 1, 4)).to_wire())).held_ms is None
+    for bad in (-1.0, float("nan"), float("inf"), "5", True, None, [1.0]):
+        with pytest.raises(ProtocolError) as err:
+            StepOutput.from_wire({**output.to_wire(), "held_ms": bad})
+        assert err.value.code == ErrorCode.BAD_MESSAGE and "held_ms" in err.value.message

@@ -6,6 +6,7 @@ raises ``ProtocolError`` naming the first bad field. docs/protocol.md lists them
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,13 @@ def _str_list(msg: dict[str, Any], name: str) -> list[str]:
             or not all(isinstance(v, str) and len(v) <= MAX_STRING for v in value):
         raise _bad(f"field {name!r} must be a list of at most {MAX_ARRAY_LEN} strings")
     return list(value)
+
+
+def _duration_ms(msg: dict[str, Any], name: str) -> float:
+    value = msg.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+        raise _bad(f"field {name!r} must be a finite number of milliseconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _token(msg: dict[str, Any], name: str) -> bytes:
@@ -245,11 +253,16 @@ class StepOutput:
     hidden: torch.Tensor
     wire: str = "float32"
     pushed: bool = False  # the output was also handed to the next server (the step's first push target)
+    # How long the server held the step, from received to its answer ready to send (None: not said):
+    # what the client takes off the step's time to measure its link (client/link_bandwidth.py).
+    held_ms: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         msg = {"type": "output", "step_id": self.step_id, "hidden": encode_wire(self.hidden, self.wire)}
         if self.pushed:
             msg["pushed"] = True
+        if self.held_ms is not None:
+            msg["held_ms"] = self.held_ms
         return msg
 
     @classmethod
@@ -258,7 +271,8 @@ class StepOutput:
         pushed = msg.get("pushed", False)
         if not isinstance(pushed, bool):
             raise _bad("field 'pushed' must be a boolean")
-        return cls(step_id=_int(msg, "step_id"), hidden=decode_tensor(msg.get("hidden"), "hidden"), pushed=pushed)
+        return cls(step_id=_int(msg, "step_id"), hidden=decode_tensor(msg.get("hidden"), "hidden"), pushed=pushed,
+                   held_ms=_duration_ms(msg, "held_ms") if "held_ms" in msg else None)
 
 
 @dataclass

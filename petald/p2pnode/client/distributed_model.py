@@ -32,6 +32,7 @@ from petald.kernels.sources.open_source import open_source
 from petald.p2pnode.client.client_options import ClientOptions
 from petald.p2pnode.client.failover import Recovery
 from petald.p2pnode.client.inference_session import InferenceSession, token_chunks
+from petald.p2pnode.client.link_bandwidth import LinkBandwidths
 from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.client.remote_autograd import RemoteBlocksFunction
 from petald.p2pnode.client.remote_span import timed_info
@@ -79,6 +80,7 @@ class DistributedModel:
         self.head = ClientHead(self.source, quant=self.options.head_quant)
         self.initial_peers, self.peers = list(initial_peers), list(peers)
         self.bans = ServerBans()  # shared by every session of this client
+        self.bandwidths = LinkBandwidths()  # each server's link as measured: sessions opened later choose by it
         self.unanswered = UnansweredAddresses()  # announced addresses not dialled again for a while
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
         self._tokenizer: Any = None
@@ -263,7 +265,7 @@ class DistributedModel:
             return await self._find_route(start, end, deadline, cache_tokens)
 
         session = InferenceSession(self.node.host, route, self.identity, batch, max_length, self.options,
-                                   find_route, self.bans, deep_prompts)
+                                   find_route, self.bans, deep_prompts, self.bandwidths)
         try:
             self.node.call(session.open)
             yield session

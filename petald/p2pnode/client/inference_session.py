@@ -32,6 +32,7 @@ from petald.p2pnode.client.failover import (
     Recovery,
     RouteFinder,
 )
+from petald.p2pnode.client.link_bandwidth import LinkBandwidths
 from petald.p2pnode.client.remote_span import RemoteSpanSession
 from petald.p2pnode.client.wire_choice import push_wire, session_wire
 from petald.p2pnode.routing.bans import ServerBans
@@ -69,11 +70,14 @@ class _Link:
 class InferenceSession:
     def __init__(self, host: IHost, route: SpanRoute, identity: ModelIdentity, batch: int, max_length: int,
                  options: ClientOptions | None = None, find_route: RouteFinder | None = None,
-                 bans: ServerBans | None = None, deep_prompts: torch.Tensor | None = None):
+                 bans: ServerBans | None = None, deep_prompts: torch.Tensor | None = None,
+                 bandwidths: LinkBandwidths | None = None):
         """``options`` (default: ``ClientOptions()``) name the wire (chosen per hop), the timeouts, the LoRA
         adapter every server applies and whether servers push step outputs on to the next server themselves.
         ``find_route`` finds replacements for failed servers (None: a failure is raised).
-        ``deep_prompts`` [model blocks, 1 or batch, P, hidden] are added to positions [0, P) before each block."""
+        ``deep_prompts`` [model blocks, 1 or batch, P, hidden] are added to positions [0, P) before each block.
+        ``bandwidths``: the client's measured links, which its steps add to and its wire choice reads
+        (None: this session's own)."""
         self.options = options = options or ClientOptions()
         self.host, self.route, self.identity = host, route, identity
         if deep_prompts is not None:
@@ -87,6 +91,7 @@ class InferenceSession:
         self.find_route = find_route
         self.pushed_steps = 0  # hop steps whose input a server pushed (the client only read their output)
         self.bans = bans if bans is not None else ServerBans()
+        self.bandwidths = bandwidths if bandwidths is not None else LinkBandwidths()
         self.links = [_Link(hop) for hop in route.hops]
         self.recoveries: list[Recovery] = []
         self.failover = Failover(self.bans, options.recovery_timeout, self.recoveries)
@@ -194,7 +199,9 @@ class InferenceSession:
         # The first blocks' input is the client's own: their session never takes pushes.
         return await RemoteSpanSession.open(self.host, hop, self.identity, self.batch, self.max_length,
                                             self.options, prompts, takes_pushes=self.options.push and hop.start > 0,
-                                            wire=session_wire(self.options.wire, hop.server, self.batch))
+                                            wire=session_wire(self.options.wire, hop.server, self.batch,
+                                                              self.bandwidths),
+                                            bandwidths=self.bandwidths)
 
     async def _replace(self, index: int, failure: BaseException, deadline: float) -> None:
         """Ban the server of link ``index``, route its blocks anew and replay its inputs there

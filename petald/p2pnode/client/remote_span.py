@@ -11,6 +11,7 @@ from libp2p.abc import IHost
 
 from petald.kernels.sources.model_source import ModelIdentity
 from petald.p2pnode.client.client_options import ClientOptions
+from petald.p2pnode.client.link_bandwidth import LinkBandwidths, bandwidth_sample
 from petald.p2pnode.routing.route import SpanHop
 from petald.p2pnode.transport.first_failure import open_first_failure_nursery
 from petald.p2pnode.transport.framed_stream import CLOSE_TIMEOUT_S, FramedStream, PeerGone
@@ -64,9 +65,11 @@ WIRE_BYTES_PER_VALUE = 4
 
 class RemoteSpanSession:
     def __init__(self, hop: SpanHop, framed: FramedStream, options: ClientOptions,
-                 prompts: torch.Tensor | None = None, push_token: bytes = b"", wire: str = "float32"):
+                 prompts: torch.Tensor | None = None, push_token: bytes = b"", wire: str = "float32",
+                 bandwidths: LinkBandwidths | None = None):
         """``options``: the step timeout and the push grace. ``wire``: the session's wire format
-        (``wire_choice.py``), both ways.
+        (``wire_choice.py``), both ways. ``bandwidths``: where the steps this client sends add
+        their measure of the link (None: not measured).
         ``prompts`` [hop blocks, 1 or batch, P, hidden]: deep prompts for positions [0, P), sent along
         with the steps that cover them. ``push_token``: the server takes steps pushed to this session
         by servers that know it (the previous hop's)."""
@@ -76,14 +79,17 @@ class RemoteSpanSession:
         self.prompts = prompts
         self.push_token = push_token
         self.wire = wire
+        self.bandwidths = bandwidths
         self.position = 0
         self.step_seconds = 0.0  # the last step, from sending it (or the previous hop's answer) to the answer
+        self.held_seconds: float | None = None  # how long the server said it held the last step
         self._step_ids = 0
 
     @classmethod
     async def open(cls, host: IHost, hop: SpanHop, identity: ModelIdentity, batch: int, max_length: int,
                    options: ClientOptions, prompts: torch.Tensor | None = None,
-                   takes_pushes: bool = False, wire: str = "float32") -> RemoteSpanSession:
+                   takes_pushes: bool = False, wire: str = "float32",
+                   bandwidths: LinkBandwidths | None = None) -> RemoteSpanSession:
         peer = hop.server.peer_id
         step_timeout = options.step_timeout
         push_token = secrets.token_bytes(PUSH_TOKEN_BYTES) if takes_pushes else b""
@@ -100,7 +106,7 @@ class RemoteSpanSession:
             with trio.CancelScope(shield=True):  # free the server's side even when we are cancelled
                 await framed.reset()
             raise
-        return cls(hop, framed, options, prompts, push_token, wire)
+        return cls(hop, framed, options, prompts, push_token, wire, bandwidths)
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         return (await self.step_pushing(hidden, []))[0]
@@ -120,13 +126,19 @@ class RemoteSpanSession:
     async def step_pushing(self, hidden: torch.Tensor, push: list[PushTarget]) -> tuple[torch.Tensor, bool]:
         """Send ``hidden`` as the next step, asking the server to push its output along ``push``;
         returns the output and whether the server pushed it to ``push[0]``."""
-        step = self._next_step(hidden, push)
+        message = self._next_step(hidden, push).to_wire()
+        moved = self.framed.bytes_sent + self.framed.bytes_received
         began = time.perf_counter()
         try:
-            await self.framed.send(step.to_wire())
+            await self.framed.send(message)
         except PeerGone as exc:
             raise ServerUnavailable(f"server ..{self.hop.server.peer_id[-8:]} went away: {exc}") from None
-        return await self._output(hidden, began, push)
+        result = await self._output(hidden, began, push)
+        if self.bandwidths is not None:  # a step of the client's own: all its bytes crossed this link
+            moved = self.framed.bytes_sent + self.framed.bytes_received - moved
+            self.bandwidths.record(self.hop.server.peer_id, bandwidth_sample(
+                moved, self.step_seconds, self.hop.server.rtt, self.held_seconds))
+        return result
 
     async def pushed_step(self, hidden: torch.Tensor, push: list[PushTarget]) -> tuple[torch.Tensor, bool]:
         """The output of the step the previous hop's server pushed here (``hidden``, as the client
@@ -185,6 +197,7 @@ class RemoteSpanSession:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with NaN or infinite values")
         self.position += hidden.shape[1]
         self.step_seconds = time.perf_counter() - began
+        self.held_seconds = out.held_ms / 1000 if out.held_ms is not None else None
         # In float32 whatever the wire (exactly: every 16-bit or int8 value is one), so that what a
         # caller gets (run_blocks, hidden_states) does not change dtype with the hop's wire.
         return out.hidden.float(), out.pushed and bool(push)

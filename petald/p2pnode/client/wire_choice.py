@@ -8,14 +8,17 @@ hop's round trip to cross the link: then int8, which halves it. On a fast link t
 dominates and int8 would buy almost nothing for its precision; on a slow one the payload's
 transfer time is what halving saves. A hop whose bandwidth or round trip is unknown goes 16-bit.
 
-The round trip is what the client measured to the server (its info request); the bandwidth is
-what the server announces (``--network-mbps``), the lower of the two servers' for a push hop,
-whose own round trip the client cannot see: the receiving server's round trip from the client
-stands for it.
+The round trip is what the client measured to the server (its info request). A session's bandwidth
+is what the client measured on its link to the server (``link_bandwidth.py``, from earlier sessions'
+large steps), else what the server announces (``--network-mbps``). A push hop's is the lower of the
+two servers' announced figures: the client sees none of the traffic between them, and its own link
+to either may be the slow one. Its round trip the client cannot see either: the receiving server's
+round trip from the client stands for it.
 """
 
 from __future__ import annotations
 
+from petald.p2pnode.client.link_bandwidth import LinkBandwidths
 from petald.p2pnode.routing.route import RemoteServer
 
 AUTO = "auto"
@@ -38,11 +41,13 @@ def _decode_payload(rows: int, hidden_size: int) -> int:
     return rows * hidden_size * 2  # one token per row, 16 bits per value
 
 
-def session_wire(choice: str, server: RemoteServer, rows: int) -> str:
-    """The format of a span session on ``server`` (the client's link to it) for ``rows`` sequences."""
+def session_wire(choice: str, server: RemoteServer, rows: int, bandwidths: LinkBandwidths | None = None) -> str:
+    """The format of a span session on ``server`` (the client's link to it) for ``rows`` sequences;
+    ``bandwidths``: the links' measured rates (None: the announced ones alone)."""
     if choice != AUTO:
         return choice
-    return link_wire(_decode_payload(rows, server.info.hidden_size), server.rtt, server.network_mbps)
+    mbps = bandwidths.mbps(server) if bandwidths is not None else server.network_mbps
+    return link_wire(_decode_payload(rows, server.info.hidden_size), server.rtt, mbps)
 
 
 def push_wire(choice: str, sender: RemoteServer, receiver: RemoteServer, rows: int) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -172,6 +173,7 @@ class InferenceSessions:
                 raise server.shutting_down()
             with trio.move_on_after(limits.idle_timeout) as scope:
                 kind, msg = await inbox.next()
+            received = time.perf_counter()  # the step is here whole: what the server holds it for starts
             if scope.cancelled_caught:
                 raise ProtocolError(ErrorCode.TIMEOUT,
                                     f"session idle for {limits.idle_timeout:.0f} s; closed and freed")
@@ -213,7 +215,9 @@ class InferenceSessions:
             pushed = False
             if step.push and pusher is not None:
                 pushed = await pusher.push(step.push, step.position, out, request.wire)
-            await framed.send(StepOutput(step.step_id, out, request.wire, pushed).to_wire())
+            # Up to the answer's encoding (a few milliseconds at most), which the client counts as transfer.
+            held_ms = (time.perf_counter() - received) * 1000
+            await framed.send(StepOutput(step.step_id, out, request.wire, pushed, held_ms).to_wire())
             live.in_step = False
 
     def _check_step(self, step: Step, request: OpenSession, cache: SessionCache) -> torch.Tensor:
