@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
+import multiaddr
 import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
+from petald.p2pnode.swarm import dht as dht_module
 from petald.p2pnode.swarm.dht import (
     LIBRARY_KAD_PROTOCOL,
     PETALD_KAD_PROTOCOL,
@@ -130,5 +135,53 @@ def test_the_dht_speaks_petalds_protocol_not_ipfs():
             handlers = dht.host.get_mux().handlers
             assert PETALD_KAD_PROTOCOL in handlers and LIBRARY_KAD_PROTOCOL not in handlers
         assert PETALD_KAD_PROTOCOL not in client.host.get_mux().handlers  # a client stores nothing
+
+    trio.run(with_swarm, test)
+
+
+def test_a_lookup_held_up_by_a_peer_that_does_not_answer_still_finds_the_providers(monkeypatch):
+    """A peer in the routing table whose address takes the TCP connection but never answers (a
+    NATed server's LAN address seen from elsewhere stalls the same way): the library's network
+    lookup waits its whole query timeout on it, longer than a lookup may take; the providers are
+    still found from the peers this node knew."""
+    monkeypatch.setattr(dht_module, "LOOKUP_TIMEOUT_S", 2.0)
+
+    async def test(servers, client):
+        await servers[0].publish(announcement(servers[0], "m@aaa", 0, 6), [model_key("m@aaa")])
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)  # connections complete in the backlog; nothing ever reads them
+            stalled = ID.from_pubkey(load_or_create_identity(None).public_key)
+            address = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}")
+            client.host.get_peerstore().add_addrs(stalled, [address], 600)
+            assert await client.kad.routing_table.add_peer(PeerInfo(stalled, [address]),
+                                                           skip_server_mode_check=True)
+            with trio.move_on_after(2.0) as lookup:  # the hold-up is real
+                await client.kad.peer_routing.find_closest_peers_network(model_key("m@aaa"))
+            assert lookup.cancelled_caught
+            found = await client.providers_of(model_key("m@aaa"))
+        assert servers[0].host.get_id() in {p.peer_id for p in found}
+
+    trio.run(with_swarm, test)
+
+
+def test_a_node_enters_others_routing_tables_only_once_it_answers_queries():
+    """A server joins as a DHT client (it may turn out unreachable); switched to server mode, its
+    identify push tells its peers, which add it at its next DHT contact."""
+    async def test(servers, client):
+        keys = load_or_create_identity(None)
+        async with running_host(keys) as host:
+            late = SwarmDHT(host, keys, server_mode=False)
+            async with late.running():
+                assert await late.join(full_addresses(servers[0].host)) == 1
+                await late.providers_of(model_key("m@aaa"))  # a DHT contact while a client
+                assert host.get_id() not in servers[0].kad.routing_table.get_peer_ids()
+                await late.answer_queries(True)
+                assert PETALD_KAD_PROTOCOL in host.get_mux().handlers
+                while host.get_id() not in servers[0].kad.routing_table.get_peer_ids():
+                    await late.providers_of(model_key("m@aaa"))
+                    await trio.sleep(0.1)
+                await late.answer_queries(False)
+                assert PETALD_KAD_PROTOCOL not in host.get_mux().handlers
 
     trio.run(with_swarm, test)

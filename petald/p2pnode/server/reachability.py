@@ -2,9 +2,9 @@
 
 At start a server asks peers it is connected to (its initial peers) to dial it back
 (``transport/dialback``). Reached by any: it is public, offers relay service (hop) to others,
-runs its DHT as a server, and announces its own addresses. Answered by some and reached by none:
-it is private, keeps a reservation on a public server (``transport/relay_reservation``; relays
-among its initial peers first, then the swarm's public servers), runs its DHT as a client (peers
+switches its DHT to server mode (until then it only asks) and announces its own addresses.
+Answered by some and reached by none: it is private, keeps a reservation on a public server (``transport/relay_reservation``; relays
+among its initial peers first, then the swarm's public servers), keeps its DHT a client (peers
 could not dial it for DHT queries) and announces its circuit address
 ``/…/p2p/RELAY/p2p-circuit/p2p/ME`` instead. Nobody answered (the first server of a new swarm):
 public, since its peers will have to dial it.
@@ -129,11 +129,11 @@ class ServerReachability:
     @contextlib.asynccontextmanager
     async def running(self, dht: SwarmDHT) -> AsyncIterator[None]:
         """Decide (``decide``), then relay service (hop only when public), DCUtR on relayed
-        connections, and while private, a DHT that asks but answers no queries and a reservation
-        kept fresh. ``dht`` has joined the swarm already."""
+        connections, a DHT that answers queries only when public, and while private a reservation
+        kept fresh. ``dht`` has joined the swarm already, as a DHT client unless forced public."""
         self.dht = dht
-        if not await self.decide():
-            await dht.answer_queries(False)  # others could not dial this server for DHT queries
+        # Others answer DHT queries only once they were found to dial this server (SwarmDHT.answer_queries).
+        await dht.answer_queries(await self.decide())
         set_address_finder(self.host, self._find_addresses)
         async with background_trio_service(RelayService(self.host, offer_hop=self.public)), \
                 direct_upgrades(self.host, self.direct_upgrade):

@@ -201,7 +201,9 @@ class ServerNode:
             async with running_host(key_pair, self.options.listen, addresses=plan) as host:
                 reach = ServerReachability(host, self.options.reachability, self.options.initial_peers,
                                            self.announce, direct_upgrade=self.options.direct_upgrade)
-                dht = SwarmDHT(host, key_pair, server_mode=True)
+                # A DHT client until found reachable (ServerReachability.running): others must not
+                # hand out a server they cannot dial to those who look up the swarm.
+                dht = SwarmDHT(host, key_pair, server_mode=self.options.reachability == "public")
                 async with dht.running():
                     await self._join(dht)
                     # Joined first, as every server does: the reachability check comes after, so that

@@ -47,6 +47,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.custom_types import TProtocol
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht import KadDHT
 from libp2p.kad_dht import common as kad_common
 from libp2p.kad_dht.kad_dht import DHTMode
@@ -268,12 +269,23 @@ class SwarmDHT:
         self._lookups = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
 
     async def answer_queries(self, answer: bool) -> None:
-        """Switch between server mode (answers other nodes' queries) and client mode (only asks):
-        a node others cannot dial switches to client mode once it knows (server/reachability.py)."""
+        """Switch between server mode (answers other nodes' queries) and client mode (only asks).
+
+        A server starts as a client and switches to server mode once others were found to
+        dial it (server/reachability.py): had it answered from the start, its peers would
+        have put it in their routing tables and handed it out in lookups, and everyone who
+        then dials a NATed server's LAN address waits a whole query timeout for nothing.
+        The peers connected to it learn of the change by an identify push (py-libp2p pushes
+        only on new listen addresses) and add it to their tables on its next DHT contact.
+        """
+        if (self.kad.mode == DHTMode.SERVER) == answer:
+            return
         known = self.kad.routing_table.get_peer_ids()
         await self.kad.switch_mode(DHTMode.SERVER if answer else DHTMode.CLIENT)
         for peer in known:  # the library empties the routing table on a switch to client mode
             await self.kad.routing_table.add_peer(peer, skip_server_mode_check=True)
+        with trio.move_on_after(LOOKUP_TIMEOUT_S):
+            await push_identify_to_peers(self.host)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[SwarmDHT]:
@@ -334,9 +346,7 @@ class SwarmDHT:
         """Every provider the closest peers know of (and the local store), without duplicates."""
         store = self.kad.provider_store
         found = {p.peer_id: p for p in store.get_providers(key)}
-        closest: list[ID] = []
-        with trio.move_on_after(LOOKUP_TIMEOUT_S):
-            closest = await self.kad.peer_routing.find_closest_peers_network(key)
+        asked = {self.host.get_id()}
 
         async def ask(peer: ID) -> None:
             with trio.move_on_after(LOOKUP_TIMEOUT_S):
@@ -349,9 +359,19 @@ class SwarmDHT:
                     found.setdefault(provider.peer_id, provider)
 
         async with trio.open_nursery() as nursery:
-            for peer in closest:
-                if peer != self.host.get_id():
-                    nursery.start_soon(ask, peer)
+            def ask_each(peers: Iterable[ID]) -> None:
+                for peer in peers:
+                    if peer not in asked:
+                        asked.add(peer)
+                        nursery.start_soon(ask, peer)
+
+            # The peers this node knows are asked at once, not only once the network lookup is
+            # over: one peer in that lookup whose address does not answer holds it up for the
+            # library's whole query timeout (10 s), and a lookup cut off by LOOKUP_TIMEOUT_S
+            # returns nothing at all, not even the initial peers that held the answer.
+            ask_each(self.kad.routing_table.find_local_closest_peers(key))
+            with trio.move_on_after(LOOKUP_TIMEOUT_S):
+                ask_each(await self.kad.peer_routing.find_closest_peers_network(key))
         return list(found.values())
 
     async def announcement_of(self, peer: ID) -> ServerAnnouncement | None:
