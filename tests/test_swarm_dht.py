@@ -12,8 +12,6 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from petald.p2pnode.swarm import dht as dht_module
 from petald.p2pnode.swarm.dht import (
-    LIBRARY_KAD_PROTOCOL,
-    PETALD_KAD_PROTOCOL,
     SERVERS_KEY,
     SwarmDHT,
     block_key,
@@ -21,6 +19,7 @@ from petald.p2pnode.swarm.dht import (
     record_key,
     sign_announcement,
 )
+from petald.p2pnode.swarm.kad_protocol import LIBRARY_KAD_PROTOCOL, PETALD_KAD_PROTOCOL
 from petald.p2pnode.swarm.swarm_map import read_swarm
 from petald.p2pnode.transport.host import full_addresses, running_host
 from petald.p2pnode.transport.identity import load_or_create_identity

@@ -192,7 +192,7 @@ def test_bans_grow_with_repeated_failures_and_end_on_success():
 def test_a_py_libp2p_without_the_dht_internals_we_use_is_refused_at_start(monkeypatch):
     from libp2p.kad_dht.value_store import ValueStore
 
-    from petald.p2pnode.swarm.dht import check_library
+    from petald.p2pnode.swarm.kad_protocol import check_library
 
     check_library()
     monkeypatch.delattr(ValueStore, "_get_from_peer")
