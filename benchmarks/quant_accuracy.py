@@ -1,6 +1,6 @@
 """Accuracy of each weight quantization against float32 on a reference text, with the real SmolLM2.
 
-    python benchmarks/quant_accuracy.py [--text benchmarks/reference_text.txt]
+    python benchmarks/quant_accuracy.py [--text petald/kernels/reference_text.txt]
 
 The text is tokenized and run teacher-forced through all 30 blocks once per
 mode (float32, bfloat16, int8, int4; blocks alone, then with the client's LM
@@ -23,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from petald.kernels.client_head import ClientHead  # noqa: E402
+from petald.kernels.quant_choice import REFERENCE_TEXT  # noqa: E402
 from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
 
@@ -35,7 +36,7 @@ MODES = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("bfloat16",
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", default=str(Path(__file__).parent / "reference_text.txt"))
+    parser.add_argument("--text", default=str(REFERENCE_TEXT))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/quant_accuracy.json")
     args = parser.parse_args()

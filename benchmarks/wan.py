@@ -15,7 +15,7 @@ for each it starts the swarm afresh and measures, per wire (float32, float16, in
 default) with pushes, and for the default also client-chained:
 
 - decode ms/token (median of ``--tokens`` greedy steps after the first two, pipeline_overhead's loop),
-- prefill: one step of ``--prefill`` tokens of ``benchmarks/reference_text.txt`` (its 343 tokens
+- prefill: one step of ``--prefill`` tokens of ``petald/kernels/reference_text.txt`` (its 343 tokens
   repeated as needed), a session's first step,
 - time to first token: a new session on an open client, a 8-token prompt, to its first token,
 - start-up: a new client (``DistributedModel(initial_peers=[S1])``: it knows nothing else) from its
@@ -51,11 +51,11 @@ import trio  # noqa: E402
 
 from benchmarks.pipeline_overhead import PROMPT, decode_remote  # noqa: E402  (the same decode loop)
 from petald.cli.local_swarm import ServerProcess, even_spans  # noqa: E402
+from petald.kernels.quant_choice import REFERENCE_TEXT  # noqa: E402
 from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
 
 DELAY_PROXY = str(Path(__file__).resolve().parent / "delay_proxy.py")
-REFERENCE_TEXT = Path(__file__).resolve().parent / "reference_text.txt"
 SERVERS = 3
 _PROXY_READY = re.compile(r"delay proxy ready at \S+:(\d+)")
 
@@ -118,7 +118,7 @@ def delayed_swarm(delay_ms: float, model: str | None, threads: int) -> Iterator[
             join = ["--initial-peers", addresses[0]] if addresses else ["--new-swarm"]
             cmd = [sys.executable, "-m", "petald.cli.main", "serve", "--blocks", blocks, "--no-api",
                    "--listen", f"/ip4/127.0.0.1/tcp/{port}", "--announce", f"/ip4/127.0.0.1/tcp/{ready.group(1)}",
-                   "--threads", str(threads), "--dtype", "float32", *join, *(["--model", model] if model else [])]
+                   "--threads", str(threads), "--dtype", "float32", "--quant", "none", *join, *(["--model", model] if model else [])]
             process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             processes.append(process)
             server, started = ServerProcess(blocks, process), threading.Event()

@@ -1,6 +1,6 @@
 """What each wire format costs in accuracy and bytes, through a real local swarm of the real SmolLM2.
 
-    python benchmarks/wire_codecs.py [--servers 2] [--tokens 16] [--text benchmarks/reference_text.txt]
+    python benchmarks/wire_codecs.py [--servers 2] [--tokens 16] [--text petald/kernels/reference_text.txt]
 
 For every wire (float32, bfloat16, float16, int8, and auto, the default), one client of its own:
 
@@ -33,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from petald.cli.local_swarm import LocalSwarm, even_spans  # noqa: E402
+from petald.kernels.quant_choice import REFERENCE_TEXT  # noqa: E402
 from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.p2pnode.client.distributed_model import DistributedModel  # noqa: E402
 from petald.protocol.framing import encode_frame  # noqa: E402
@@ -92,7 +93,7 @@ def decode_bytes(model: DistributedModel, tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", default=str(Path(__file__).parent / "reference_text.txt"))
+    parser.add_argument("--text", default=str(REFERENCE_TEXT))
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=16, help="decode steps measured for bytes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every process")

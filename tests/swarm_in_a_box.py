@@ -31,7 +31,7 @@ def start_server(box: InternetInABox, host: str, blocks: str, args: Sequence[str
                  timeout: float = 180.0) -> ServerProcess:
     """``petald serve --blocks BLOCKS ARGS`` on ``host``, once it prints the address it serves at."""
     listen = listen or f"/ip4/{box.address(host)}/tcp/0"
-    cmd = [*PETALD, "serve", "--blocks", blocks, "--listen", listen, "--no-api", "--threads", "1", *args]
+    cmd = [*PETALD, "serve", "--blocks", blocks, "--listen", listen, "--no-api", "--threads", "1", "--quant", "none", *args]
     process = box.popen(host, cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     server, ready = ServerProcess(blocks, process), threading.Event()
     threading.Thread(target=server.pump, args=(ready,), daemon=True).start()

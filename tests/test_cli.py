@@ -56,7 +56,7 @@ USAGE_ERRORS = [
      "multiaddrs"),
     (["generate", "hi", "--top-p", "0", *A_PEER], "Invalid value for '--top-p': 0.0 is not in the range 0.0<x<=1.0."),
     (["generate", "hi", "--head-quant", "fp8", *A_PEER],
-     "Invalid value for '--head-quant': 'fp8' is not one of 'none', 'int8', 'int4', 'nf4', 'bf16'."),
+     "Invalid value for '--head-quant': 'fp8' is not one of 'auto', 'none', 'int8', 'int4', 'nf4', 'bf16'."),
     (["generate", "hi", "--wire", "int8", "--wire-dtype", "float16", *A_PEER], "--wire-dtype float16 contradicts "
      "--wire int8: give --wire alone (--wire-dtype is its old name)"),
     (["chat", "--lz4", *A_PEER], "--lz4 is gone: measured on real hidden states it made them 0.4% larger, not "
@@ -115,7 +115,7 @@ def test_port_in_use_is_reported(tiny_models):
         busy.listen()
         port = busy.getsockname()[1]
         result = invoke("serve", "--blocks", "0:6", "--model", str(tiny_models["llama"]), "--new-swarm",
-                        "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+                        "--quant", "none", "--listen", f"/ip4/127.0.0.1/tcp/{port}")
     assert_refused(result, 1, f"petald: error: port {port} on 127.0.0.1 is already in use (another petald, or "
                               "another program): choose another --listen port, or stop what holds it")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,13 +28,13 @@ from petald.kernels.quant import (
     make_linear,
     onednn_bf16_supported,
 )
+from petald.kernels.quant_choice import REFERENCE_TEXT
 from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from petald.protocol.messages import ServerInfo
 from tests.test_cli import run_petald
 
 CPU = torch.device("cpu")
-REFERENCE_TEXT = Path(__file__).parent.parent / "benchmarks" / "reference_text.txt"
 
 
 def test_int8_is_per_channel_weights_times_bfloat16_activations():
@@ -412,7 +411,7 @@ def test_every_quantization_mode_is_offered_by_the_cli_and_accepted_by_the_wire(
 
     serve_help = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200).output
     generate_help = CliRunner().invoke(cli, ["generate", "--help"], terminal_width=200).output
-    assert "[none|int8|int4|nf4]" in serve_help and "[none|int8|int4|nf4|bf16]" in generate_help
+    assert "[auto|none|int8|int4|nf4]" in serve_help and "[auto|none|int8|int4|nf4|bf16]" in generate_help
     info = ServerInfo("m@0", "ab", 30, 0, 30, "float32", 576, 2048, 100, "0.1.0")
     for mode in ("none", "int8", "int4", "nf4"):
         assert ServerInfo.from_wire({**info.to_wire(), "quant": mode}).quant == mode

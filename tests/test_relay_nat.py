@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 IDS = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(7))
 NEW_TOKENS = 16
-SERVER_ARGS = ["--threads", "1", "--announce-period", "2", "--shutdown-grace", "1", "--no-api"]
+SERVER_ARGS = ["--threads", "1", "--announce-period", "2", "--shutdown-grace", "1", "--no-api", "--quant", "none"]
 
 
 class Process:

@@ -66,7 +66,7 @@ def test_default_wire_is_16_bit_and_int8_stays_close(smollm_swarm):
     """The default wire (auto) against the oracle: direct peers have no measured bandwidth, so every
     hop goes 16-bit (float16, SmolLM2's hidden states being within its range). Measured on this
     prompt: the same argmax at every position as float32 logits (100%), max logit difference < 0.1;
-    int8 (blocks of 64, 8 outliers a row) keeps >= 90% here (99.7% over benchmarks/reference_text.txt)."""
+    int8 (blocks of 64, 8 outliers a row) keeps >= 90% here (99.7% over petald/kernels/reference_text.txt)."""
     ref = reference_logits(None, PROMPT_IDS)
     with DistributedModel(smollm_swarm.addresses[:2]) as model:
         assert model.options == ClientOptions() and model.wire == "auto"  # settings read as before

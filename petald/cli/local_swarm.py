@@ -69,10 +69,14 @@ class LocalSwarm:
     """Server processes for ``spans``; use as a context manager so they always stop."""
 
     def __init__(self, spans: Sequence[str], model: str | None = None, extra_args: Sequence[str] = (),
-                 start_timeout: float = 180.0, log=None, server_args: Sequence[Sequence[str]] = ()):
+                 start_timeout: float = 180.0, log=None, server_args: Sequence[Sequence[str]] = (),
+                 quant: str | None = "none"):
         """``extra_args`` go to every server; ``server_args[i]``, if given, to the i-th one only
-        (its own ``--listen`` and ``--announce``, say)."""
-        self.spans, self.model, self.extra_args = list(spans), model, list(extra_args)
+        (its own ``--listen`` and ``--announce``, say). ``quant``: the servers' ``--quant`` where their
+        arguments name none: float32 weights unless asked, so that tests and benchmarks compare with
+        the exact model; None leaves each server's own default (auto)."""
+        quant_args = [] if quant is None or "--quant" in extra_args else ["--quant", quant]
+        self.spans, self.model, self.extra_args = list(spans), model, [*extra_args, *quant_args]
         self.server_args = [list(a) for a in server_args] + [[] for _ in range(len(self.spans) - len(server_args))]
         self.start_timeout = start_timeout
         self.servers: list[ServerProcess] = []

@@ -7,7 +7,7 @@ code per value, ``round(value / scale)`` in [-127, 127] (0 where an outlier was 
 
 Why the outliers: a real model's hidden state has a few channels hundreds to thousands of times
 the rest (SmolLM2's reach 22,000 against a median of 2-10); in a plain absmax block the other
-values next to one round to 0. Measured on benchmarks/reference_text.txt (SmolLM2, 2 servers),
+values next to one round to 0. Measured on petald/kernels/reference_text.txt (SmolLM2, 2 servers),
 top-1 agreement with float32 is 94.5% for blocks of 64 alone, 97.1% for blocks of 16, 96.8% for
 float8 (e4m3) blocks, 99.7% for blocks of 64 with 8 outliers a row: 32 more bytes a token.
 Outliers beyond float16's range cannot go (``quantize`` refuses): the int8 wire sends such a

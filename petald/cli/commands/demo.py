@@ -27,7 +27,7 @@ def demo(prompt, servers, model, max_new_tokens, debug) -> None:
         source = open_source(model)
         spans = even_spans(source.identity.num_blocks, servers)
         click.echo(f"petald demo: starting {servers} servers for {source.identity.model_id}: {', '.join(spans)}")
-        with LocalSwarm(spans, model, log=lambda t: click.echo(f"petald demo: {t}")) as local:
+        with LocalSwarm(spans, model, log=lambda t: click.echo(f"petald demo: {t}"), quant=None) as local:
             click.echo(f"petald demo: finding the servers through the DHT from {local.addresses[0]}")
             with DistributedModel(model=source, initial_peers=local.addresses[:1]) as dm:
                 click.echo(f"petald demo: route {dm.route().describe()}")

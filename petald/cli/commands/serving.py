@@ -16,7 +16,7 @@ from petald.cli.options import (
     head_quant_option,
     listen_option,
 )
-from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_MODES
+from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 
 
 @click.command()
@@ -48,8 +48,9 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_MODES
               help="Ed25519 key file; created if missing. Keeps the peer ID stable across restarts.")
 @click.option("--device", default="auto", type=click.Choice(DEVICE_CHOICES), show_default=True)
 @click.option("--dtype", default="auto", type=click.Choice(["auto", *DTYPE_NAMES]), show_default=True)
-@click.option("--quant", default="none", type=click.Choice(QUANT_MODES), show_default=True,
-              help="Weight-only quantization: int8 and int4 on CPU; int8 and nf4 on CUDA need bitsandbytes.")
+@click.option("--quant", default="auto", type=click.Choice(QUANT_CHOICES), show_default=True,
+              help="Weight-only quantization: int8 and int4 on CPU; int8 and nf4 on CUDA need bitsandbytes; "
+                   "auto measures and takes the fastest with >= 97% top-1 agreement with float32.")
 @click.option("--max-length", default=8192, show_default=True, help="Longest session admitted, in tokens.")
 @click.option("--cache-tokens", default=1 << 20, show_default=True,
               help="KV cache budget in tokens, summed over blocks and batch rows (a pool of pages allocated at start).")

@@ -8,6 +8,7 @@ so that servers do not all move at once) it reads the swarm and moves when Petal
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import signal
@@ -24,6 +25,7 @@ from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
 from petald.kernels.executor import DeviceExecutor
 from petald.kernels.memory_plan import available_memory, blocks_that_fit
 from petald.kernels.quant import check_quant
+from petald.kernels.quant_choice import choose_block_quant
 from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import describe_model, open_source
 from petald.kernels.span import BlockSpan
@@ -66,7 +68,7 @@ class ServeOptions:
     identity: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    quant: str = "none"
+    quant: str = "auto"  # vocabulary.QUANT_CHOICES; "auto": kernels/quant_choice.py
     adapters: list[str] = field(default_factory=list)  # PEFT LoRA adapter directories to serve
     limits: ServerLimits = field(default_factory=ServerLimits)
     initial_peers: list[str] = field(default_factory=list)
@@ -99,12 +101,15 @@ def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
     return start, end
 
 
+def check_num_blocks(options: ServeOptions, total: int) -> None:
+    if options.num_blocks is not None and not 1 <= options.num_blocks <= total:
+        raise ValueError(f"--num-blocks {options.num_blocks}: this model has {total} blocks")
+
+
 def auto_block_count(options: ServeOptions, source: ModelSource, dtype: torch.dtype,
                      device: torch.device) -> int:
-    total = source.identity.num_blocks
+    check_num_blocks(options, source.identity.num_blocks)
     if options.num_blocks is not None:
-        if not 1 <= options.num_blocks <= total:
-            raise ValueError(f"--num-blocks {options.num_blocks}: this model has {total} blocks")
         return options.num_blocks
     if options.memory_limit_gib is not None:
         budget = int(options.memory_limit_gib * 2**30)
@@ -126,16 +131,19 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     source = open_source(options.model)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    check_quant(options.quant, device)  # before loading anything
+    # Before loading anything (for auto, the device and PETALD_CPU_KERNELS alone; its modes are checked as measured).
+    check_quant("none" if options.quant == "auto" else options.quant, device)
     adapter_names = check_adapters(options.adapters, source, dtype)
-    if options.blocks == "auto":
-        length, fixed = auto_block_count(options, source, dtype, device), None
-    else:
-        fixed = parse_blocks(options.blocks, source.identity.num_blocks)
-        length = fixed[1] - fixed[0]
+    fixed = None if options.blocks == "auto" else parse_blocks(options.blocks, source.identity.num_blocks)
+    check_num_blocks(options, source.identity.num_blocks)
     if not options.initial_peers and not options.new_swarm:
         raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
                          "or --new-swarm to start a new one")
+    if options.quant == "auto":  # measured once the cheap checks passed, before the memory plan counts bytes
+        choice = choose_block_quant(source, dtype, device, announce)
+        announce(choice.describe("--quant"))
+        options = dataclasses.replace(options, quant=choice.chosen)
+    length = auto_block_count(options, source, dtype, device) if fixed is None else fixed[1] - fixed[0]
     key_pair = load_or_create_identity(options.identity)
     node = ServerNode(options, source, dtype, device, announce, adapter_names)
     try:
