@@ -134,8 +134,11 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     # Before loading anything (for auto, the device and PETALD_CPU_KERNELS alone; its modes are checked as measured).
     check_quant("none" if options.quant == "auto" else options.quant, device)
     adapter_names = check_adapters(options.adapters, source, dtype)
-    fixed = None if options.blocks == "auto" else parse_blocks(options.blocks, source.identity.num_blocks)
-    check_num_blocks(options, source.identity.num_blocks)
+    if options.blocks == "auto":
+        fixed = None
+        check_num_blocks(options, source.identity.num_blocks)
+    else:
+        fixed = parse_blocks(options.blocks, source.identity.num_blocks)
     if not options.initial_peers and not options.new_swarm:
         raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
                          "or --new-swarm to start a new one")
