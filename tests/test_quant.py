@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from petald.kernels import quant
 from petald.kernels.client_head import ClientHead
 from petald.kernels.dtypes import resolve_dtype
-from petald.kernels.native import int4_native
+from petald.kernels.native import int4_native, int8_native
 from petald.kernels.native.decode_attention import decode_attention_kernel
 from petald.kernels.native.native_library import ChosenKernel, CpuKernelError, NativeLibrary
+from petald.kernels.native.tile_threads import SPLIT_ROWS
 from petald.kernels.quant import (
     INT4_GROUP,
     DenseLinear,
@@ -71,15 +72,19 @@ def _int4_reference(w: torch.Tensor) -> torch.Tensor:
     return ((q - 8) * scale.bfloat16().float() + zero.bfloat16().float()).reshape(w.shape)
 
 
-def _skip_without_native_int4() -> ChosenKernel:
-    """The int4 kernel of the set PETALD_CPU_KERNELS forces (else this CPU's best), or a skip saying why not."""
+def _native_kernel_or_skip(kind: str, choose, needs: str) -> ChosenKernel:
+    """The ``kind`` kernel of the set PETALD_CPU_KERNELS forces (else this CPU's best), or a skip saying why not."""
     try:
-        kernel = int4_native.int4_kernel()
+        kernel = choose()
     except CpuKernelError as exc:
         pytest.skip(str(exc))
     if kernel is None:
-        pytest.skip("petald's int4 kernel needs a C compiler and a CPU with AVX512-BF16 or AVX2 and FMA")
+        pytest.skip(f"petald's {kind} kernel needs a C compiler and a CPU with {needs}")
     return kernel
+
+
+def _skip_without_native_int4() -> ChosenKernel:
+    return _native_kernel_or_skip("int4", int4_native.int4_kernel, "AVX512-BF16 or AVX2 and FMA")
 
 
 def test_native_int4_kernel_multiplies_the_weights_int4linear_holds(cpu_kernels):
@@ -104,12 +109,41 @@ def test_native_int4_kernel_multiplies_the_weights_int4linear_holds(cpu_kernels)
         assert layer(torch.empty(0, in_features)).shape == (0, out_features)
 
 
+def test_native_int8_kernel_multiplies_the_weights_int8linear_holds(cpu_kernels):
+    """Every row count the kernel unrolls separately (1-4) and past it, split over threads too, against
+    the layer's own dequantized weights in float64: float32 activations, only accumulation rounds."""
+    assert _native_kernel_or_skip("int8", int8_native.int8_kernel, "AVX512F or AVX2 and FMA").isa == cpu_kernels
+    gen = torch.Generator().manual_seed(9)
+    w, b = torch.randn(48, 80, generator=gen), torch.randn(48, generator=gen)
+    layer = Int8Linear(w, b, native=True)
+    assert layer.native and layer.kernel.isa == cpu_kernels
+    want_w = layer.dense_weight().double()
+    threads = torch.get_num_threads()
+    try:
+        for rows, split in ((1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (9, 1), (SPLIT_ROWS + 3, 3)):
+            torch.set_num_threads(split)
+            x = torch.randn(rows, 80, generator=gen)
+            want = (x.double() @ want_w.t() + b.double()).float()
+            torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    # torch's kernel holds the same weights: the same products up to its bfloat16 activations.
+    x = torch.randn(2, 3, 80, generator=gen)
+    torch.testing.assert_close(layer(x), Int8Linear(w, b, native=False)(x), atol=0.1, rtol=0.02)
+    assert layer(torch.empty(0, 80)).shape == (0, 48)
+    with pytest.raises(int4_native.NativeKernelError, match="rows of width 80"):
+        int8_native.matmul(torch.randn(2, 96), layer.packed, layer.kernel)
+    with pytest.raises(QuantError, match="divisible by 16"):
+        Int8Linear(torch.randn(20, 80), None, native=True)
+    assert not Int8Linear(torch.randn(20, 80), None).native  # untiled widths keep torch's kernel
+
+
 def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong_inputs(cpu_kernels):
     _skip_without_native_int4()
     gen = torch.Generator().manual_seed(8)
     w = torch.randn(64, 3 * INT4_GROUP, generator=gen)
     layer = Int4Linear(w, None, native=True)
-    x = torch.randn(int4_native.SPLIT_ROWS + 3, 3 * INT4_GROUP, generator=gen)
+    x = torch.randn(SPLIT_ROWS + 3, 3 * INT4_GROUP, generator=gen)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

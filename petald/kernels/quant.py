@@ -5,9 +5,10 @@ activations: the matmul input is rounded to bfloat16 and the output brought back
 to the compute dtype; everything around the matmuls (norms, rotary, attention,
 residuals, the KV cache) stays in the compute dtype.
 
-- ``int8`` on CPU: symmetric per-output-channel scales, torch's
-  ``_weight_int8pack_mm`` (its float32-activation path is a scalar loop, 10-100x
-  slower, which is why activations go in as bfloat16).
+- ``int8`` on CPU: symmetric per-output-channel scales; petald's own kernel
+  (``kernels/native/int8_native.py``: AVX512F or AVX2 with FMA, float32 activations) where it
+  builds and measures faster, else torch's ``_weight_int8pack_mm`` (its float32-activation path
+  is a scalar loop, 10-100x slower, which is why activations go to it as bfloat16).
 - ``int4`` on CPU: asymmetric, groups of ``INT4_GROUP`` along the input
   dimension; petald's own kernel (``kernels/native/int4_native.py``: AVX512-BF16 or
   AVX2 with FMA) where it builds and measures faster, else torch's ``_weight_int4pack_mm_for_cpu``.
@@ -29,9 +30,10 @@ from collections.abc import Callable
 
 import torch
 
-from petald.kernels.native import int4_native
+from petald.kernels.native import int4_native, int8_native
 from petald.kernels.native.native_library import (
     PROCESS_LIBRARY,
+    ChosenKernel,
     NativeLibrary,
     cpu_kernel_setting,
     native_bfloat16_view,
@@ -164,70 +166,106 @@ class _KernelLinear:
 
 
 class Int8Linear(_KernelLinear):
-    """Per-output-channel symmetric int8 weights: w ~= q * scale, q in [-127, 127]."""
+    """Per-output-channel symmetric int8 weights: w ~= q * scale, q in [-127, 127].
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    Served by petald's own kernel (``kernels/native/int8_native.py``: float32 activations) where it
+    builds, the CPU runs one of its variants, the layer's outputs come in whole tiles of 16, and it
+    measured faster than torch's ``_weight_int8pack_mm`` (bfloat16 activations) at a decode step
+    (``native_enabled``); ``native`` forces the choice as for ``Int4Linear``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native: bool | None = None,
+                 library: NativeLibrary = PROCESS_LIBRARY):
         w = weight.float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
         self.scale = scale.to(torch.bfloat16)
         self.bias = bias
+        tiled = weight.shape[0] % int8_native.TILE == 0
+        if native is None:
+            native = tiled and native_enabled("int8", library)
+        elif native and not tiled:
+            raise QuantError(f"petald's int8 kernel needs output widths divisible by {int8_native.TILE}")
+        self.kernel = int8_native.int8_kernel(library) if native else None
+        if native and self.kernel is None:
+            raise QuantError("petald's int8 kernel is not available here (see the log for why)")
+        self.native = native
+        # The kernel multiplies by the same bfloat16-rounded scales torch's does: one set of weights.
+        self.packed = int8_native.pack(self.q, self.scale) if self.kernel is not None else None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).to(x.dtype)
-        return y.view(*x.shape[:-1], -1)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.kernel is not None:
+            y = int8_native.matmul(flat, self.packed, self.kernel).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale).to(x.dtype)
+        return y.view(*x.shape[:-1], self.q.shape[0])
 
     def dense_weight(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[:, None]
 
 
-def native_faster_at(threads: int) -> bool:
-    """Whether petald's kernel (the variant chosen for this CPU), on one thread, multiplies one row by a 3072 x 576 int4 layer (SmolLM2's
-    gate/up) faster than torch's kernel does on ``threads`` threads; measured once per process and
-    thread count, ~0.1 s with quantizing the layer for both. Here (2 cores) it is 2.1x faster with 1 thread
-    and 1.3x with 2; on a CPU with many cores torch's multi-threaded kernel may win at decode sizes,
-    and then keeps serving. Only one row is timed, though steps of 2-15 rows (a few sessions
-    batched) also run on one thread: here, with 2 threads, petald's margin is largest at one row
-    (1.37x) and smallest at 8 (1.07x), so a many-core CPU may prefer torch's kernel for those first."""
-    kernel = int4_native.int4_kernel()
-    return kernel is not None and _native_faster_at(threads, kernel.isa)
+def native_faster_at(threads: int, kind: str = "int4") -> bool:
+    """Whether petald's ``kind`` kernel (int4 or int8; the variant chosen for this CPU), on one thread,
+    multiplies one row by a 3072 x 576 layer (SmolLM2's gate/up) faster than torch's kernel does on
+    ``threads`` threads; measured once per process, kind and thread count, ~0.1 s with quantizing the
+    layer for both. int4 here (2 cores): 2.1x faster with 1 thread and 1.3x with 2; on a CPU with many
+    cores torch's multi-threaded kernel may win at decode sizes, and then keeps serving. Only one row
+    is timed, though steps of 2-15 rows (a few sessions batched) also run on one thread: here, with 2
+    threads, the int4 margin is largest at one row (1.37x) and smallest at 8 (1.07x), so a many-core
+    CPU may prefer torch's kernel for those first."""
+    kernel = _NATIVE_KERNELS[kind]()
+    return kernel is not None and _native_faster_at(kind, threads, kernel.isa)
 
 
 @functools.cache
-def _native_faster_at(threads: int, isa: str) -> bool:
+def _native_faster_at(kind: str, threads: int, isa: str) -> bool:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(3072, 576, generator=gen)
-    kernels = {"torch": Int4Linear(weight, None, native=False), "petald": Int4Linear(weight, None, native=True)}
+    layer = Int4Linear if kind == "int4" else Int8Linear
+    kernels = {"torch": layer(weight, None, native=False), "petald": layer(weight, None, native=True)}
     x = torch.randn(1, 576, generator=gen)
     timings: dict[str, list[float]] = {name: [] for name in kernels}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for i in range(25):
-            for name, layer in kernels.items():
+            for name, linear in kernels.items():
                 t0 = time.perf_counter()
-                layer.matmul(x)
+                linear.matmul(x)
                 if i >= 5:  # after warm-up
                     timings[name].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
     ours, theirs = statistics.median(timings["petald"]), statistics.median(timings["torch"])
-    log.info("int4 kernels at one row, %d thread(s): petald's %s %.0f us, torch's %.0f us: using %s", threads,
+    log.info("%s kernels at one row, %d thread(s): petald's %s %.0f us, torch's %.0f us: using %s", kind, threads,
              isa, ours * 1e6, theirs * 1e6, "petald's" if ours <= theirs else "torch's")
     return ours <= theirs
 
 
+def native_enabled(kind: str, library: NativeLibrary = PROCESS_LIBRARY,
+                   faster_at: Callable[[int], bool] | None = None) -> bool:
+    """Whether new ``Int4Linear`` (``kind`` "int4") or ``Int8Linear`` ("int8") layers use petald's kernel
+    (``kernels/native/int4_native.py``, ``int8_native.py``): it is built (in ``library``), runs on this
+    CPU, and (unless ``PETALD_NATIVE_INT4=1`` / ``PETALD_NATIVE_INT8=1`` insists) it beats torch's kernel
+    at a decode step with torch's thread count (``faster_at(threads)``, default ``native_faster_at``).
+    ``=0`` keeps torch's kernel."""
+    setting = os.environ.get(f"PETALD_NATIVE_{kind.upper()}", "auto")
+    if setting == "0" or _NATIVE_KERNELS[kind](library) is None:
+        return False
+    if setting == "1":
+        return True
+    return faster_at(torch.get_num_threads()) if faster_at else native_faster_at(torch.get_num_threads(), kind)
+
+
 def native_int4_enabled(library: NativeLibrary = PROCESS_LIBRARY,
                         faster_at: Callable[[int], bool] = native_faster_at) -> bool:
-    """Whether new ``Int4Linear`` layers use petald's kernel (``kernels/native/int4_native.py``):
-    it is built (in ``library``), runs on this CPU, and (unless ``PETALD_NATIVE_INT4=1`` insists)
-    it beats torch's kernel at a decode step with torch's thread count (``faster_at(threads)``).
-    ``PETALD_NATIVE_INT4=0`` keeps torch's kernel."""
-    setting = os.environ.get("PETALD_NATIVE_INT4", "auto")
-    if setting == "0" or not int4_native.native_int4_available(library):
-        return False
-    return setting == "1" or faster_at(torch.get_num_threads())
+    """``native_enabled("int4", ...)``: whether new ``Int4Linear`` layers use petald's kernel."""
+    return native_enabled("int4", library, faster_at)
+
+
+_NATIVE_KERNELS: dict[str, Callable[..., ChosenKernel | None]] = {
+    "int4": int4_native.int4_kernel, "int8": int8_native.int8_kernel}
 
 
 class Int4Linear(_KernelLinear):

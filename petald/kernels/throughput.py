@@ -76,18 +76,20 @@ def measure_throughput(span: BlockSpan, seconds: float = 1.0,
 
 # Part of the cache key: raise it when a kernel change moves the speed of a configuration, so that
 # servers measure again instead of announcing figures of the old code (2: prepacked bfloat16 weights;
-# 3: petald's own int4 kernel; 4: decode attention in C; 5: AVX2 variants of petald's kernels).
-KERNELS_REVISION = 5
+# 3: petald's own int4 kernel; 4: decode attention in C; 5: AVX2 variants of petald's kernels;
+# 6: petald's own int8 kernel).
+KERNELS_REVISION = 6
 
 
 def kernel_of(span: BlockSpan, quant: str) -> str:
     """``quant``, with which of petald's C kernels (and which variant: avx512, avx2) and torch's serve it where
-    that is chosen per process: for int4 the matmul (kernels/native/int4_native.py; petald's and torch's differ
-    in speed by 1.1-2.2x), and for every quantization decode attention (kernels/native/decode_attention.py)."""
+    that is chosen per process: for int4 and int8 the matmul (kernels/native/int4_native.py, int8_native.py;
+    petald's and torch's differ in speed by up to 2.2x), and for every quantization decode attention
+    (kernels/native/decode_attention.py)."""
     label = quant
-    if quant == "int4":
+    if quant in ("int4", "int8"):
         kernel = getattr(span.blocks[0].qkv, "kernel", None)
-        label = f"int4 petald {kernel.isa} kernel" if kernel is not None else "int4 torch kernel"
+        label = f"{quant} petald {kernel.isa} kernel" if kernel is not None else f"{quant} torch kernel"
     attention = span.blocks[0].native_decode
     return f"{label}, {attention.isa if attention is not None else 'torch'} attention"
 

@@ -15,16 +15,10 @@ which also chooses the variant). Where there is no C compiler or the CPU has nei
 ``Int4Linear`` keeps torch's kernel: same weights, same arithmetic up to float rounding. Which of
 the two serves where both can is decided in ``kernels/quant.py`` (``native_int4_enabled``).
 
-A product of at least ``SPLIT_ROWS`` rows is split by output tiles over torch's thread count
-(``torch.get_num_threads()``): the C call releases the GIL, so a small pool of this module's
-own threads runs the parts side by side. A decode step of a few rows stays on the calling
-thread: waking another costs more than its share of the work.
+A product of many rows is split by output tiles over torch's thread count (``tile_threads``).
 """
 
 from __future__ import annotations
-
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -34,16 +28,13 @@ from petald.kernels.native.native_library import (
     NativeLibrary,
     Variant,
 )
+from petald.kernels.native.tile_threads import run_over_tiles
 
 VARIANTS = (Variant("avx512", "petald_int4_matmul_avx512", frozenset({"avx512f", "avx512bw", "avx512bf16"})),
             Variant("avx2", "petald_int4_matmul_avx2", frozenset({"avx2", "fma"})))
 TILE = 16  # output rows per packed tile (one float32 AVX512 register, two AVX2 ones)
 GROUP = 32  # inputs per scale/zero group; kernels/quant.py's INT4_GROUP
 RECORD = 320  # bytes per (tile, group): 256 of nibbles, 16 bfloat16 scales, 16 bfloat16 zeros
-SPLIT_ROWS = 16  # products of this many rows or more are split over threads
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pool_lock = threading.Lock()
 
 
 class NativeKernelError(RuntimeError):
@@ -106,25 +97,5 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, kernel: ChosenKernel) -> torch
                                       tiles * TILE, begin, end, out.data_ptr()) != 0:
             raise MemoryError("the int4 kernel could not allocate its scratch space")
 
-    threads = min(torch.get_num_threads(), tiles) if rows >= SPLIT_ROWS else 1
-    if threads <= 1:
-        run(0, tiles)
-        return out
-    bounds = [tiles * i // threads for i in range(threads + 1)]
-    pool = _thread_pool(threads - 1)
-    parts = [pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    try:
-        run(bounds[0], bounds[1])
-    finally:
-        for part in parts:  # every part finishes before ``out`` and ``x`` can be freed
-            part.result()
+    run_over_tiles(run, tiles, rows)
     return out
-
-
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads for the parts of split products, made once per size and kept:
-    torch's thread count is per thread, so callers may differ, and a pool is cheap while idle."""
-    with _pool_lock:
-        if workers not in _pools:
-            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="petald-int4")
-        return _pools[workers]

@@ -34,18 +34,22 @@ from petald.kernels.cache_dir import petald_cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in (
-    "cpu_features.c", "int4_matmul.c", "int4_matmul_avx2.c", "decode_attention_avx512.c", "decode_attention_avx2.c")]
+    "cpu_features.c", "int4_matmul.c", "int4_matmul_avx2.c", "int8_matmul.c", "decode_attention_avx512.c",
+    "decode_attention_avx2.c")]
 HEADERS = [Path(__file__).with_name("decode_attention_body.h")]  # in the build's hash, not on its command line
 CFLAGS = ["-O3", "-shared", "-fPIC"]  # no -m flags: the vector functions carry their own target attributes
 LIBS = ["-lm"]  # expf, sqrtf
 _INT, _PTR = ctypes.c_int, ctypes.c_void_p
 # Every exported function's (argument types, result type): ctypes converts and checks by these.
 _INT4 = ([_PTR, _INT, _INT, _INT, _PTR, _INT, _INT, _INT, _PTR], _INT)
+_INT8 = ([_PTR, _INT, _INT, _PTR, _INT, _INT, _INT, _PTR], _INT)
 _ATTENTION = ([_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _INT, _PTR], _INT)
 SIGNATURES: dict[str, tuple[list[type], type]] = {
     "petald_cpu_features": ([], _INT),
     "petald_int4_matmul_avx512": _INT4,
     "petald_int4_matmul_avx2": _INT4,
+    "petald_int8_matmul_avx512": _INT8,
+    "petald_int8_matmul_avx2": _INT8,
     "petald_decode_attention_avx512": _ATTENTION,
     "petald_decode_attention_avx2": _ATTENTION,
 }
