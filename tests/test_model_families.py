@@ -3,6 +3,9 @@ windows, q/k/v biases and dimensions; and that every family served has a tiny mo
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -15,8 +18,10 @@ from petald.kernels.models.registry import (
     UnsupportedArchitecture,
     family_of,
 )
-from petald.kernels.sources.model_source import ModelSourceError, check_architecture
+from petald.kernels.sources.model_source import ModelSourceError, check_supported
+from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
+from tests.petald_cli import assert_refused, invoke
 from tests.tiny_models import FAMILIES, TINY_BLOCKS, tiny_config
 
 
@@ -90,9 +95,49 @@ def test_the_memory_plan_counts_a_blocks_weights_exactly(tiny_models, family):
 
 
 def test_other_architectures_are_refused_naming_those_served():
+    served = ", ".join(SUPPORTED_ARCHITECTURES)
     config = AutoConfig.for_model("gpt2")
     with pytest.raises(UnsupportedArchitecture):
         family_of(config)
     with pytest.raises(ModelSourceError, match=r"^here: architecture 'gpt2' is not supported; "
-                                                r"petald serves llama, mistral, qwen2$"):
-        check_architecture(config, "here")
+                                                f"petald serves {served}$"):
+        check_supported(config, "here")
+
+
+def _with_config(source_dir, target, **changes):
+    """A copy of the model directory ``source_dir`` at ``target`` whose config.json has ``changes``."""
+    shutil.copytree(source_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | changes))
+    return target
+
+
+# Config features petald does not implement, and the words it refuses each with.
+REFUSED_FEATURES = [
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+     "rope scaling type 'dynamic' is not supported (petald implements default, linear, llama3, yarn, longrope)"),
+    ({"partial_rotary_factor": 0.5}, "a partial rotary embedding (partial_rotary_factor 0.5) is not supported"),
+    ({"hidden_act": "relu2"}, "the activation 'relu2' is not supported (petald implements silu, swish, gelu, "
+                              "gelu_pytorch_tanh)"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "pre-quantized weights (quantization_config: "
+                                                                   "gptq) are not supported; use the unquantized "
+                                                                   "model and petald's --quant"),
+]
+
+
+@pytest.mark.parametrize(("changes", "words"), REFUSED_FEATURES, ids=[w.split(" (")[0] for _, w in REFUSED_FEATURES])
+def test_a_config_feature_petald_does_not_implement_is_refused_by_name(tiny_models, tmp_path, changes, words):
+    """At open, by client and server alike, before any weight is read; the CLI says it as a sentence."""
+    model = _with_config(tiny_models["llama"], tmp_path / "odd", **changes)
+    with pytest.raises(ModelSourceError) as refused:
+        open_source(str(model))
+    assert str(refused.value) == f"{model}: this llama model cannot be served: {words}"
+    result = invoke("serve", "--blocks", "0:2", "--new-swarm", "--model", str(model))
+    assert_refused(result, 1, f"petald: error: {refused.value}")
+
+
+def test_several_refused_features_are_named_together(tiny_models, tmp_path):
+    model = _with_config(tiny_models["llama"], tmp_path / "odd", hidden_act="relu2",
+                         rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ModelSourceError, match="'dynamic' is not supported .*; the activation 'relu2'"):
+        open_source(str(model))

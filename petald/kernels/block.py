@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from petald.kernels.adapters.lora import BlockLora
 from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.features import ACTIVATIONS, activation_name
 from petald.kernels.models.registry import family_of
 from petald.kernels.native.decode_attention import decode_attention_kernel
 from petald.kernels.quant import Linear, make_linear
@@ -71,6 +72,7 @@ class TransformerBlock:
         self.q_size, self.kv_size = dims.q_size, dims.kv_size
         self.eps = config.rms_norm_eps
         self.window = family_of(config).sliding_window(config, index)
+        self.activation = ACTIVATIONS[activation_name(config)]
 
         self.ln_attn = w("input_layernorm.weight")
         self.ln_mlp = w("post_attention_layernorm.weight")
@@ -93,4 +95,4 @@ class TransformerBlock:
         x = x + project(self.o, "o", attention.attend(self, qkv, k_pool, v_pool), lora)
         h = rms_norm(x, self.ln_mlp, self.eps)
         gate, up = project(self.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
-        return x + project(self.down, "down", F.silu(gate) * up, lora)
+        return x + project(self.down, "down", self.activation(gate) * up, lora)

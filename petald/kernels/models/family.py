@@ -23,6 +23,11 @@ class ModelFamily:
     gguf_rotary_permuted: bool
     # Whether the q, k and v projections of a block carry biases.
     qkv_bias: Callable[[PretrainedConfig], bool]
+    # The config key naming the MLP's activation (``models/features.py``'s ACTIVATIONS).
+    activation_key: str = "hidden_act"
+    # What a config of this family may ask for that petald does not implement, in words (for
+    # ``models/features.py``'s refusal); the rules every family shares live there.
+    unsupported: Callable[[PretrainedConfig], list[str]] = lambda config: []
 
     def sliding_window(self, config: PretrainedConfig, index: int) -> int | None:
         """How many of the latest keys block ``index`` attends to, or None for all of them."""

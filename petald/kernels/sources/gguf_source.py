@@ -24,7 +24,7 @@ from petald.kernels.cache_dir import petald_cache_dir, read_json, write_json
 from petald.kernels.models.registry import family_of
 from petald.kernels.sources.fingerprint_cache import cached_fingerprint, file_stamp
 from petald.kernels.sources.gguf_index import read_gguf_index
-from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_architecture
+from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_supported
 
 _BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -65,7 +65,7 @@ class GGUFSource:
         except Exception as exc:  # a bad header, a file cut short, a bad mapping
             raise ModelSourceError(f"{self.path} is not a readable GGUF file: {exc}") from exc
         self.config = self._read_config()
-        check_architecture(self.config, str(self.path))
+        check_supported(self.config, str(self.path))
         if "rope_freqs.weight" in self._tensors:
             # Llama 3.1+ GGUFs carry their rope scaling as a tensor that transformers' GGUF
             # parser does not turn into config; running without it would be silently wrong.

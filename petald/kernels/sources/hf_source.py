@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from petald.kernels.sources.fingerprint_cache import cached_fingerprint
-from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_architecture
+from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_supported
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -24,7 +24,7 @@ class HFDirectorySource:
         if not (self.path / "config.json").is_file():
             raise ModelSourceError(f"{self.path} has no config.json: not a Hugging Face model directory")
         self.config = AutoConfig.from_pretrained(str(self.path))
-        check_architecture(self.config, str(self.path))
+        check_supported(self.config, str(self.path))
         self._file_of = self._weight_map()
         files = sorted({self.path / f for f in self._file_of.values()})
         self.identity = ModelIdentity(
