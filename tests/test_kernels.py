@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from petald.kernels.client_head import ClientHead
+from petald.kernels.models.dims import ModelDims
 from petald.kernels.sampling import sample_next
 from petald.kernels.sources.model_source import ModelSourceError
 from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from tests.oracle import reference_greedy, reference_logits
-from tests.tiny_models import FAMILIES, TINY_BLOCKS, save_tiny_model
+from tests.tiny_models import FAMILIES, TINY_BLOCKS, TINY_MODELS, save_tiny_model, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -36,9 +37,9 @@ def run_local(source, ids: torch.Tensor, new_tokens: int, chunks: list[tuple[int
     return first_logits, tokens
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_family_matches_transformers(tiny_models, family):
-    path = tiny_models[family]
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_tiny_model_matches_transformers(tiny_models, name):
+    path = tiny_models[name]
     source = open_source(str(path))
     ids = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(1))
     logits, tokens = run_local(source, ids, 12, [(0, 2), (2, 5), (5, TINY_BLOCKS)])
@@ -131,6 +132,7 @@ def test_gguf_tensors_load_back_in_hugging_face_order(tmp_path, family):
     state = save_tiny_gguf(family, tmp_path / f"tiny-{family}.gguf")
     source = open_source(str(tmp_path / f"tiny-{family}.gguf"))
     assert source.config.model_type == family
+    assert ModelDims.of(source.config) == ModelDims.of(tiny_config(family))  # Qwen3's head size too
     for index in (0, TINY_BLOCKS - 1):
         block = source.block_tensors(index)
         expected = {k.split(f"model.layers.{index}.", 1)[1]: v for k, v in state.items()

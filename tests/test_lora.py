@@ -89,8 +89,8 @@ def ids_of(seed: int, length: int) -> torch.Tensor:
     return torch.randint(0, 320, (2, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(("family", "config"), [("llama", FULL), ("llama", PARTIAL), ("qwen2", FULL)],
-                         ids=["llama-full", "llama-partial", "qwen2-full"])
+@pytest.mark.parametrize(("family", "config"), [("llama", FULL), ("llama", PARTIAL), ("qwen2", FULL), ("qwen3", FULL)],
+                         ids=["llama-full", "llama-partial", "qwen2-full", "qwen3-full"])
 def test_spans_with_an_adapter_match_peft_through_prefill_and_decode(tiny_models, tmp_path, family, config):
     model_dir = tiny_models[family]
     adapter_dir = save_adapter(model_dir, tmp_path / "my-lora", seed=3, **config)

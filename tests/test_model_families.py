@@ -22,7 +22,7 @@ from petald.kernels.sources.model_source import ModelSourceError, check_supporte
 from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from tests.petald_cli import assert_refused, invoke
-from tests.tiny_models import FAMILIES, TINY_BLOCKS, tiny_config
+from tests.tiny_models import FAMILIES, TINY_BLOCKS, TINY_MODELS, tiny_config
 
 
 def _variants() -> list[tuple[str, object]]:
@@ -30,7 +30,7 @@ def _variants() -> list[tuple[str, object]]:
     windowed_qwen2 = tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
     biased_llama = tiny_config("llama", attention_bias=True)
     wide_heads = tiny_config("llama", head_dim=32)
-    return [(family, tiny_config(family)) for family in FAMILIES] + [
+    return [(name, tiny_config(name)) for name in TINY_MODELS] + [
         ("qwen2 with sliding windows", windowed_qwen2), ("llama with biases", biased_llama),
         ("llama with a head size not hidden / heads", wide_heads)]
 
@@ -69,6 +69,7 @@ def test_family_rules_match_transformers(name, config, monkeypatch):
     attention, mlp = layers[0].self_attn, layers[0].mlp
     assert family.qkv_bias(config) == (attention.q_proj.bias is not None) == (attention.v_proj.bias is not None)
     assert dims.head_dim == attention.head_dim
+    assert family.qk_norm == hasattr(attention, "q_norm") == hasattr(attention, "k_norm")
     assert (dims.q_size, dims.kv_size) == (attention.q_proj.out_features, attention.k_proj.out_features)
     assert (dims.hidden, dims.intermediate) == (attention.q_proj.in_features, mlp.gate_proj.out_features)
 
@@ -88,7 +89,7 @@ def test_the_memory_plan_counts_a_blocks_weights_exactly(tiny_models, family):
 
     source = open_source(str(tiny_models[family]))
     block = BlockSpan(source, 0, 1, torch.float32, torch.device("cpu")).blocks[0]
-    tensors = [block.ln_attn, block.ln_mlp]
+    tensors = [t for t in (block.ln_attn, block.ln_mlp, block.q_norm, block.k_norm) if t is not None]
     for linear in (block.qkv, block.o, block.gate_up, block.down):
         tensors += [linear.weight_t] + ([linear.bias] if linear.bias is not None else [])
     assert weight_bytes_per_block(source.config, torch.float32) == sum(t.numel() * 4 for t in tensors)
@@ -140,4 +141,15 @@ def test_several_refused_features_are_named_together(tiny_models, tmp_path):
     model = _with_config(tiny_models["llama"], tmp_path / "odd", hidden_act="relu2",
                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ModelSourceError, match="'dynamic' is not supported .*; the activation 'relu2'"):
+        open_source(str(model))
+
+
+def test_a_generation_configs_end_of_sequence_ids_join_the_configs(tiny_models, tmp_path):
+    """Llama 3.0 Instruct: config.json names <|end_of_text|>, generation_config.json also <|eot_id|>."""
+    model = _with_config(tiny_models["llama"], tmp_path / "instruct", eos_token_id=2)
+    assert open_source(str(model)).config.eos_token_id == 2
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2]}))
+    assert open_source(str(model)).config.eos_token_id == [2, 7]
+    (model / "generation_config.json").write_text("[1, 2")
+    with pytest.raises(ModelSourceError, match="generation_config.json is not a readable generation config"):
         open_source(str(model))

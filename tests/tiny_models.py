@@ -7,27 +7,40 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-FAMILIES = ("llama", "mistral", "qwen2")
 TINY_BLOCKS = 6
 
+# The tiny models the tests run, by name: the family (config model_type) and how the config departs
+# from the common one, where the real models of that family or generation do.
+TINY_MODELS: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {"sliding_window": 24}),  # short enough that the tests cross it
+    "qwen2": ("qwen2", {"tie_word_embeddings": True}),
+    # Llama 3.x: llama3 rope scaling (an original length short enough that every frequency band
+    # departs from plain rotary), a head size apart from hidden / heads, several end-of-sequence ids.
+    "llama3": ("llama", {"head_dim": 32, "eos_token_id": [317, 318, 319], "rope_scaling": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    # Qwen3: q/k norms, a head size apart from hidden / heads, tied embeddings as its small models.
+    "qwen3": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
+}
+# Every architecture the tiny models cover.
+FAMILIES = tuple(sorted({family for family, _ in TINY_MODELS.values()}))
 
-def tiny_config(family: str, **overrides):
-    """A tiny config of ``family``; ``overrides`` replace or add config fields."""
+
+def tiny_config(name: str, **overrides):
+    """The config of tiny model ``name`` (or of a family's first); ``overrides`` replace or add config fields."""
+    family, departures = TINY_MODELS[name]
     common = dict(
         vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_BLOCKS,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         initializer_range=0.1, tie_word_embeddings=False,
     )
-    if family == "mistral":
-        common["sliding_window"] = 24  # short enough that the tests cross it
-    if family == "qwen2":
-        common["tie_word_embeddings"] = True
-    return AutoConfig.for_model(family, **(common | overrides))
+    return AutoConfig.for_model(family, **(common | departures | overrides))
 
 
-def save_tiny_model(family: str, path: Path, sharded: bool = False, seed: int = 0) -> Path:
+def save_tiny_model(name: str, path: Path, sharded: bool = False, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
     model.save_pretrained(path, safe_serialization=True, max_shard_size="60KB" if sharded else "2GB")
     return path
 
@@ -37,7 +50,8 @@ _GGUF_BLOCK_NAMES = {
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
 }
 

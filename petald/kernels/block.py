@@ -74,6 +74,9 @@ class TransformerBlock:
         self.window = family_of(config).sliding_window(config, index)
         self.activation = ACTIVATIONS[activation_name(config)]
 
+        family = family_of(config)
+        self.q_norm = w("self_attn.q_norm.weight") if family.qk_norm else None
+        self.k_norm = w("self_attn.k_norm.weight") if family.qk_norm else None
         self.ln_attn = w("input_layernorm.weight")
         self.ln_mlp = w("post_attention_layernorm.weight")
         self.qkv = linear([f"self_attn.{p}_proj" for p in "qkv"])
@@ -91,8 +94,19 @@ class TransformerBlock:
         With ``lora``, each projection gets that adapter's delta added to its output.
         """
         h = rms_norm(x, self.ln_attn, self.eps)
-        qkv = project(self.qkv, "qkv", h, lora)
+        qkv = self._norm_heads(project(self.qkv, "qkv", h, lora))
         x = x + project(self.o, "o", attention.attend(self, qkv, k_pool, v_pool), lora)
         h = rms_norm(x, self.ln_mlp, self.eps)
         gate, up = project(self.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
         return x + project(self.down, "down", self.activation(gate) * up, lora)
+
+    def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv`` with each query and key head RMS-normed, where the family norms them (Qwen3)."""
+        if self.q_norm is None:
+            return qkv
+        lead = qkv.shape[:-1]
+        q_and_k = self.q_size + self.kv_size
+        q = rms_norm(qkv[..., : self.q_size].reshape(*lead, self.n_heads, self.head_dim), self.q_norm, self.eps)
+        k = rms_norm(qkv[..., self.q_size : q_and_k].reshape(*lead, self.n_kv_heads, self.head_dim), self.k_norm,
+                     self.eps)
+        return torch.cat([q.reshape(*lead, self.q_size), k.reshape(*lead, self.kv_size), qkv[..., q_and_k:]], dim=-1)

@@ -23,6 +23,9 @@ class ModelFamily:
     gguf_rotary_permuted: bool
     # Whether the q, k and v projections of a block carry biases.
     qkv_bias: Callable[[PretrainedConfig], bool]
+    # Whether each query and key head is RMS-normed (over head_dim, its own weights for q and for k)
+    # between the projection and rotary (Qwen3).
+    qk_norm: bool = False
     # The config key naming the MLP's activation (``models/features.py``'s ACTIVATIONS).
     activation_key: str = "hidden_act"
     # What a config of this family may ask for that petald does not implement, in words (for

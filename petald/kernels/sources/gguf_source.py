@@ -36,6 +36,8 @@ _BLOCK_NAMES = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -65,6 +67,7 @@ class GGUFSource:
         except Exception as exc:  # a bad header, a file cut short, a bad mapping
             raise ModelSourceError(f"{self.path} is not a readable GGUF file: {exc}") from exc
         self.config = self._read_config()
+        self._head_dim_from_tensors()
         check_supported(self.config, str(self.path))
         if "rope_freqs.weight" in self._tensors:
             # Llama 3.1+ GGUFs carry their rope scaling as a tensor that transformers' GGUF
@@ -101,6 +104,14 @@ class GGUFSource:
         if model_type is None:
             raise ModelSourceError(f"{self.path}: GGUF metadata names no architecture")
         return AutoConfig.for_model(model_type, **meta)
+
+    def _head_dim_from_tensors(self) -> None:
+        """Set the config's head size from the key projection's rows: transformers' GGUF parser reads no
+        head size for most architectures (Qwen3's, which need not be hidden / heads, included)."""
+        keys = self._tensors.get("blk.0.attn_k.weight")
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        if keys is not None and len(keys.shape) == 2:
+            self.config.head_dim = int(keys.shape[1]) // kv_heads  # ggml lists the input dimension first
 
     def _fingerprint(self) -> str:
         digest = hashlib.blake2b(digest_size=32)
