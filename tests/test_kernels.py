@@ -7,6 +7,7 @@ import torch
 
 from petald.kernels.client_head import ClientHead
 from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.registry import FAMILIES as SERVED
 from petald.kernels.sampling import sample_next
 from petald.kernels.sources.model_source import ModelSourceError
 from petald.kernels.sources.open_source import open_source
@@ -125,7 +126,7 @@ def test_half_precision_span_stays_close_to_float32(tiny_models, dtype):
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if SERVED[f].gguf_supported])
 def test_gguf_tensors_load_back_in_hugging_face_order(tmp_path, family):
     from tests.tiny_models import save_tiny_gguf
 
@@ -143,6 +144,30 @@ def test_gguf_tensors_load_back_in_hugging_face_order(tmp_path, family):
     client = source.client_tensors()
     assert torch.equal(client["embed_tokens.weight"], state["model.embed_tokens.weight"])
     assert torch.equal(client["lm_head.weight"], state.get("lm_head.weight", state["model.embed_tokens.weight"]))
+
+
+def test_a_gguf_with_rope_factor_tensors_is_refused_by_name(tmp_path):
+    """Llama 3.1+ (rope_freqs) and Phi-3 128k (rope_factors_long/short) GGUFs carry their rope scaling as
+    tensors transformers' parser does not read: served without them, every token would be wrong."""
+    from tests.tiny_models import save_tiny_gguf
+
+    path = tmp_path / "tiny-rope.gguf"
+    save_tiny_gguf("llama", path, extra={"rope_freqs.weight": torch.ones(8), "rope_factors_long.weight": torch.ones(8)})
+    with pytest.raises(ModelSourceError, match=r"tiny-rope.gguf: GGUF rope frequency factors \(rope_factors_long, "
+                                               r"rope_freqs\) are not supported yet; use the model's Hugging Face"):
+        open_source(str(path))
+
+
+def test_a_gguf_of_a_family_whose_gguf_petald_does_not_read_is_refused(tmp_path):
+    """Gemma 2's GGUF norms hold 1 + w (llama.cpp's converter): read as Hugging Face's w, every token
+    would be wrong, so the file is refused by name before any tensor is read."""
+    from tests.tiny_models import save_tiny_gguf
+
+    path = tmp_path / "tiny-gemma2.gguf"
+    save_tiny_gguf("gemma2", path, blocks=False)
+    with pytest.raises(ModelSourceError, match=r"tiny-gemma2.gguf: GGUF files of gemma2 models are not supported "
+                                               r"yet; use the model's Hugging Face directory"):
+        open_source(str(path))
 
 
 def test_client_head_reads_no_block_tensors(tiny_models):

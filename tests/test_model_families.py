@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -42,36 +43,51 @@ def test_every_family_served_has_a_tiny_model_in_the_tests():
     assert SUPPORTED_ARCHITECTURES == tuple(sorted(FAMILIES))
 
 
-def windows_transformers_uses(model, monkeypatch) -> list[int | None]:
-    """The sliding window each layer of ``model`` hands its attention function in a forward: what
-    transformers' own modules decide (from a layer's attribute, as Qwen2's, or the config, as
-    Mistral's), read where they use it."""
-    windows: dict[int, int | None] = {}
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+def attention_transformers_runs(model, monkeypatch) -> list[dict]:
+    """What each layer of ``model`` hands its attention function in a forward (its sliding window, score
+    scale and soft-cap): what transformers' own modules decide (from a layer's attribute, as Qwen2's, or
+    the config, as Mistral's), read where they use it, in whichever implementation the model runs."""
+    seen: dict[int, dict] = {}
+    implementation = model.config._attn_implementation
+    attention_module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    run = ALL_ATTENTION_FUNCTIONS[implementation] if implementation != "eager" else \
+        attention_module.eager_attention_forward
 
     def recording(module, *args, **kwargs):
-        windows[module.layer_idx] = kwargs.get("sliding_window")
-        return sdpa(module, *args, **kwargs)
+        seen[module.layer_idx] = {k: kwargs.get(k) for k in ("sliding_window", "scaling", "softcap")}
+        return run(module, *args, **kwargs)
 
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording)
+    if implementation == "eager":  # the module's own function (Gemma 2's: no sdpa, for its soft-capping)
+        monkeypatch.setattr(attention_module, "eager_attention_forward", recording)
+    else:
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, implementation, recording)
     with torch.no_grad():
         model(torch.zeros(1, 4, dtype=torch.long))
-    return [windows[i] for i in range(len(model.model.layers))]
+    return [seen[i] for i in range(len(model.model.layers))]
 
 
 @pytest.mark.parametrize(("name", "config"), VARIANTS, ids=[name for name, _ in VARIANTS])
 def test_family_rules_match_transformers(name, config, monkeypatch):
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config)
     layers = model.model.layers
     family, dims = family_of(config), ModelDims.of(config)
-    want_windows = windows_transformers_uses(model, monkeypatch)
-    assert [family.sliding_window(config, i) for i in range(TINY_BLOCKS)] == want_windows
-    attention, mlp = layers[0].self_attn, layers[0].mlp
-    assert family.qkv_bias(config) == (attention.q_proj.bias is not None) == (attention.v_proj.bias is not None)
+    runs = attention_transformers_runs(model, monkeypatch)
+    assert [family.sliding_window(config, i) for i in range(TINY_BLOCKS)] == [r["sliding_window"] for r in runs]
+    scale = family.attention_scale(config)
+    assert all(r["scaling"] == (dims.head_dim ** -0.5 if scale is None else scale) for r in runs)
+    assert all(r["softcap"] == family.attention_softcap(config) for r in runs)
+    assert family.final_softcap(config) == getattr(config, "final_logit_softcapping", None)
+    names = {k.split(".", 3)[3].removesuffix(".weight") for k in model.state_dict() if k.startswith("model.layers.0.")}
+    assert {n for n in family.block_norms if n is not None} == {n for n in names if n.endswith("layernorm")}
+    attention = layers[0].self_attn
+    layer = {k.split(".", 3)[3]: v for k, v in model.state_dict().items() if k.startswith("model.layers.0.")}
+    assert family.qkv_bias(config) == all(f"{n}.bias" in layer for n in family.qkv_projections)
     assert dims.head_dim == attention.head_dim
     assert family.qk_norm == hasattr(attention, "q_norm") == hasattr(attention, "k_norm")
-    assert (dims.q_size, dims.kv_size) == (attention.q_proj.out_features, attention.k_proj.out_features)
-    assert (dims.hidden, dims.intermediate) == (attention.q_proj.in_features, mlp.gate_proj.out_features)
+    assert sum(layer[f"{n}.weight"].shape[0] for n in family.qkv_projections) == dims.q_size + 2 * dims.kv_size
+    assert layer["self_attn.o_proj.weight"].shape == (dims.hidden, dims.q_size)
+    assert sum(layer[f"{n}.weight"].shape[0] for n in family.gate_up_projections) == 2 * dims.intermediate
+    assert layer["mlp.down_proj.weight"].shape == (dims.hidden, dims.intermediate)
 
 
 def test_windows_and_biases_differ_where_the_families_do():
@@ -89,7 +105,8 @@ def test_the_memory_plan_counts_a_blocks_weights_exactly(tiny_models, family):
 
     source = open_source(str(tiny_models[family]))
     block = BlockSpan(source, 0, 1, torch.float32, torch.device("cpu")).blocks[0]
-    tensors = [t for t in (block.ln_attn, block.ln_mlp, block.q_norm, block.k_norm) if t is not None]
+    norms = (block.ln_attn, block.ln_attn_out, block.ln_mlp, block.ln_mlp_out, block.q_norm, block.k_norm)
+    tensors = [t for t in norms if t is not None]
     for linear in (block.qkv, block.o, block.gate_up, block.down):
         tensors += [linear.weight_t] + ([linear.bias] if linear.bias is not None else [])
     assert weight_bytes_per_block(source.config, torch.float32) == sum(t.numel() * 4 for t in tensors)
@@ -153,3 +170,15 @@ def test_a_generation_configs_end_of_sequence_ids_join_the_configs(tiny_models, 
     (model / "generation_config.json").write_text("[1, 2")
     with pytest.raises(ModelSourceError, match="generation_config.json is not a readable generation config"):
         open_source(str(model))
+
+
+def test_longrope_is_served_up_to_its_original_length_only(tiny_models):
+    """Past original_max_position_embeddings transformers turns to the long factors for new tokens only;
+    petald's cache of rotated keys cannot follow, so a step there is refused rather than served wrong."""
+    source = open_source(str(tiny_models["phi3"]))
+    span = BlockSpan(source, 0, 1, torch.float32, torch.device("cpu"))
+    assert source.config.max_position_embeddings == 256 and span.max_positions == 64
+    cache = span.new_cache(1, 65)
+    span.forward(torch.zeros(1, 64, 64), cache)
+    with pytest.raises(ValueError, match="positions beyond the model's 64"):
+        span.forward(torch.zeros(1, 1, 64), cache)

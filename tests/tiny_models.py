@@ -22,6 +22,16 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
     # Qwen3: q/k norms, a head size apart from hidden / heads, tied embeddings as its small models.
     "qwen3": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
+    # Phi-3: fused projections, a sliding window on every layer, and the 128k models' longrope
+    # scaling, served up to its original length (64 here: the tests stay below it).
+    "phi3": ("phi3", {"sliding_window": 24, "max_position_embeddings": 256, "original_max_position_embeddings": 64,
+                      "pad_token_id": None, "eos_token_id": 2, "rope_scaling": {
+                          "rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+                          "long_factor": [2.0 + i for i in range(8)]}}),
+    # Gemma 2: caps low enough that soft-capping changes the scores and logits of a tiny random model,
+    # a score scale apart from head_dim ** -0.5, sliding windows of 8 on every other layer.
+    "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
+                          "final_logit_softcapping": 3.0, "sliding_window": 8, "tie_word_embeddings": True}),
 }
 # Every architecture the tiny models cover.
 FAMILIES = tuple(sorted({family for family, _ in TINY_MODELS.values()}))
@@ -53,6 +63,8 @@ _GGUF_BLOCK_NAMES = {
     "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    # Phi-3's fused projections, as llama.cpp names them
+    "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
 
 
@@ -61,8 +73,11 @@ def _llama_cpp_row_order(weight, heads: int):
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def save_tiny_gguf(family: str, path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Write a tiny random model as a float32 GGUF the way llama.cpp would; returns its HF state dict."""
+def save_tiny_gguf(family: str, path: Path, seed: int = 0, extra: dict[str, torch.Tensor] | None = None,
+                   blocks: bool = True) -> dict[str, torch.Tensor]:
+    """Write a tiny random model as a float32 GGUF the way llama.cpp would, with the ``extra`` tensors
+    (by GGUF name), and without its blocks' tensors unless ``blocks`` (a file that must be refused
+    before they are read); returns its HF state dict."""
     import gguf
     import numpy as np
 
@@ -87,7 +102,7 @@ def save_tiny_gguf(family: str, path: Path, seed: int = 0) -> dict[str, torch.Te
     permuted = family in ("llama", "mistral")
     for key, value in state.items():
         array = value.numpy()
-        if key.startswith("model.layers."):
+        if key.startswith("model.layers.") and blocks:
             index, rest = key[len("model.layers."):].split(".", 1)
             if permuted and rest.startswith("self_attn.q_proj"):
                 array = _llama_cpp_row_order(array, cfg.num_attention_heads)
@@ -100,6 +115,8 @@ def save_tiny_gguf(family: str, path: Path, seed: int = 0) -> dict[str, torch.Te
             writer.add_tensor("output_norm.weight", array)
         elif key == "lm_head.weight" and not cfg.tie_word_embeddings:
             writer.add_tensor("output.weight", array)
+    for name, tensor in (extra or {}).items():
+        writer.add_tensor(name, tensor.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

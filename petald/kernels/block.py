@@ -54,9 +54,6 @@ class Attention(Protocol):
 class TransformerBlock:
     def __init__(self, weights: dict[str, torch.Tensor], config: PretrainedConfig, index: int,
                  dtype: torch.dtype, device: torch.device, quant: str = "none"):
-        def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=device, dtype=dtype).contiguous()
-
         def linear(names: list[str]) -> Linear:
             weight = torch.cat([weights[f"{n}.weight"] for n in names])
             biases = [weights.get(f"{n}.bias") for n in names]
@@ -67,24 +64,32 @@ class TransformerBlock:
             return make_linear(weight, bias, quant, dtype, device)
 
         dims = ModelDims.of(config)
+        family = family_of(config)
         self.index = index
         self.n_heads, self.n_kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         self.q_size, self.kv_size = dims.q_size, dims.kv_size
         self.eps = config.rms_norm_eps
-        self.window = family_of(config).sliding_window(config, index)
+        self.window = family.sliding_window(config, index)
         self.activation = ACTIVATIONS[activation_name(config)]
 
-        family = family_of(config)
-        self.q_norm = w("self_attn.q_norm.weight") if family.qk_norm else None
-        self.k_norm = w("self_attn.k_norm.weight") if family.qk_norm else None
-        self.ln_attn = w("input_layernorm.weight")
-        self.ln_mlp = w("post_attention_layernorm.weight")
-        self.qkv = linear([f"self_attn.{p}_proj" for p in "qkv"])
+        def norm(name: str | None) -> torch.Tensor | None:
+            return None if name is None else (weights[f"{name}.weight"] + family.norm_weight_offset).to(
+                device=device, dtype=dtype).contiguous()
+
+        self.q_norm = norm("self_attn.q_norm") if family.qk_norm else None
+        self.k_norm = norm("self_attn.k_norm") if family.qk_norm else None
+        # Before attention, after it, before the MLP, after it (None where the family has no such norm).
+        self.ln_attn, self.ln_attn_out, self.ln_mlp, self.ln_mlp_out = (norm(n) for n in family.block_norms)
+        # Attention's score scale (None: head_dim ** -0.5) and soft-cap (None: none).
+        self.scale, self.softcap = family.attention_scale(config), family.attention_softcap(config)
+        self.qkv = linear(list(family.qkv_projections))
         self.o = linear(["self_attn.o_proj"])
-        self.gate_up = linear(["mlp.gate_proj", "mlp.up_proj"])
+        self.gate_up = linear(list(family.gate_up_projections))
         self.down = linear(["mlp.down_proj"])
-        # The variant of petald's C kernel a StepBatch of decode steps runs this block's attention in, if any.
-        self.native_decode = decode_attention_kernel(dtype, device, self.head_dim)
+        # The variant of petald's C kernel a StepBatch of decode steps runs this block's attention in, if any:
+        # it computes plain softmax attention at head_dim ** -0.5 only.
+        plain = self.scale is None and self.softcap is None
+        self.native_decode = decode_attention_kernel(dtype, device, self.head_dim) if plain else None
 
     def forward(self, x: torch.Tensor, attention: Attention, k_pool: torch.Tensor | None = None,
                 v_pool: torch.Tensor | None = None, lora: BlockLora | None = None) -> torch.Tensor:
@@ -95,10 +100,15 @@ class TransformerBlock:
         """
         h = rms_norm(x, self.ln_attn, self.eps)
         qkv = self._norm_heads(project(self.qkv, "qkv", h, lora))
-        x = x + project(self.o, "o", attention.attend(self, qkv, k_pool, v_pool), lora)
+        x = x + self._norm_out(project(self.o, "o", attention.attend(self, qkv, k_pool, v_pool), lora),
+                               self.ln_attn_out)
         h = rms_norm(x, self.ln_mlp, self.eps)
         gate, up = project(self.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
-        return x + project(self.down, "down", self.activation(gate) * up, lora)
+        return x + self._norm_out(project(self.down, "down", self.activation(gate) * up, lora), self.ln_mlp_out)
+
+    def _norm_out(self, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """An attention's or MLP's output ``y``, normed where the family norms it before the residual add."""
+        return y if weight is None else rms_norm(y, weight, self.eps)
 
     def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
         """``qkv`` with each query and key head RMS-normed, where the family norms them (Qwen3)."""

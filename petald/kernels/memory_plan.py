@@ -18,10 +18,11 @@ def weight_bytes_per_block(config: PretrainedConfig, dtype: torch.dtype, quant: 
     hidden, q, kv = dims.hidden, dims.q_size, dims.kv_size
     # qkv, o, gate/up/down
     linear = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * dims.intermediate
-    # The qkv bias where the family has one, two norms and the q/k norms where it has them: kept in the
-    # compute dtype.
+    # The qkv bias where the family has one, its norms (two or four) and the q/k norms where it has them:
+    # kept in the compute dtype.
     family = family_of(config)
-    small = (q + 2 * kv if family.qkv_bias(config) else 0) + 2 * hidden + (2 * dims.head_dim if family.qk_norm else 0)
+    norms = sum(name is not None for name in family.block_norms)
+    small = (q + 2 * kv if family.qkv_bias(config) else 0) + norms * hidden + (2 * dims.head_dim if family.qk_norm else 0)
     dtype_bytes = torch.finfo(dtype).bits / 8
     per_weight = _QUANT_BYTES_PER_WEIGHT.get(quant, dtype_bytes)
     return int(linear * per_weight + small * dtype_bytes)

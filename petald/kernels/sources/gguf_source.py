@@ -69,11 +69,16 @@ class GGUFSource:
         self.config = self._read_config()
         self._head_dim_from_tensors()
         check_supported(self.config, str(self.path))
-        if "rope_freqs.weight" in self._tensors:
-            # Llama 3.1+ GGUFs carry their rope scaling as a tensor that transformers' GGUF
-            # parser does not turn into config; running without it would be silently wrong.
-            raise ModelSourceError(f"{self.path}: GGUF rope frequency factors (rope_freqs, Llama 3.1+) "
-                                   "are not supported yet; use the model's Hugging Face directory")
+        if not family_of(self.config).gguf_supported:
+            raise ModelSourceError(f"{self.path}: GGUF files of {self.config.model_type} models are not supported yet; "
+                                   "use the model's Hugging Face directory")
+        rope_tensors = sorted(name.removesuffix(".weight") for name in self._tensors if name.startswith("rope_"))
+        if rope_tensors:
+            # Llama 3.1+ (rope_freqs) and Phi-3's long-context GGUFs (rope_factors_long/short) carry their
+            # rope scaling as tensors that transformers' GGUF parser does not turn into config; running
+            # without them would be silently wrong.
+            raise ModelSourceError(f"{self.path}: GGUF rope frequency factors ({', '.join(rope_tensors)}) are "
+                                   "not supported yet; use the model's Hugging Face directory")
         self.identity = ModelIdentity(
             name=self.path.stem,
             fingerprint=cached_fingerprint(self.path, self._fingerprint),
@@ -135,11 +140,11 @@ class GGUFSource:
         if not 0 <= index < self.config.num_hidden_layers:
             raise ModelSourceError(f"block {index} out of range [0, {self.config.num_hidden_layers})")
         out: dict[str, torch.Tensor] = {}
-        for gguf_suffix, hf_name in _BLOCK_NAMES.items():
+        cfg = self.config
+        for gguf_suffix, hf_name in (_BLOCK_NAMES | dict(family_of(cfg).gguf_block_names)).items():
             gguf_name = f"blk.{index}.{gguf_suffix}"
             if gguf_name in self._tensors:
                 out[hf_name] = self._load(gguf_name)
-        cfg = self.config
         if not family_of(cfg).gguf_rotary_permuted:
             return out
         for proj, heads in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)):
