@@ -124,13 +124,33 @@ def save_tiny_gguf(family: str, path: Path, seed: int = 0, extra: dict[str, torc
     return state
 
 
-def save_tiny_chat_model(path: Path, seed: int = 0) -> Path:
-    """A tiny random Llama that speaks SmolLM2's tokenizer (and chat template), so that the
-    text APIs (completions, chat) can run on it in milliseconds."""
+# Chat templates in the shape of each family's own (turn markers as the family's models write them, as
+# plain text here: SmolLM2's vocabulary has no such special tokens), written for the tests: a model
+# directory's template, whatever it is, is what petald's --chat and API apply.
+CHAT_TEMPLATES = {
+    "llama3": "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
+              "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+              "<|end_header_id|>\n\n{% endif %}",
+    "qwen3": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}",
+    "phi3": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+    "gemma2": "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+              "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+              "{% endif %}",
+}
+
+
+def save_tiny_chat_model(path: Path, seed: int = 0, name: str = "llama") -> Path:
+    """Tiny random model ``name`` that speaks SmolLM2's tokenizer (with the chat template of
+    ``CHAT_TEMPLATES`` where it has one, else SmolLM2's), so that the text APIs (completions, chat)
+    can run on it in milliseconds."""
     from petald.kernels.sources.open_source import open_source
 
     tokenizer = open_source(None).load_tokenizer()
-    config = tiny_config("llama")
+    if name in CHAT_TEMPLATES:
+        tokenizer.chat_template = CHAT_TEMPLATES[name]
+    config = tiny_config(name)
     config.vocab_size = len(tokenizer)
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
