@@ -158,6 +158,18 @@ def test_a_gguf_with_rope_factor_tensors_is_refused_by_name(tmp_path):
         open_source(str(path))
 
 
+def test_a_mixture_of_experts_gguf_is_refused_by_name(tmp_path):
+    """llama.cpp writes Mixtral as a "llama" with stacked experts: read as a dense Llama, every MLP would
+    be missing."""
+    from tests.tiny_models import save_tiny_gguf
+
+    path = tmp_path / "tiny-moe.gguf"
+    save_tiny_gguf("llama", path, extra={"blk.0.ffn_gate_exps.weight": torch.zeros(4, 128, 64)}, blocks=False)
+    with pytest.raises(ModelSourceError, match=r"tiny-moe.gguf: mixture-of-experts GGUF files \(Mixtral's "
+                                               r"ffn_\*_exps\) are not supported yet"):
+        open_source(str(path))
+
+
 def test_a_gguf_of_a_family_whose_gguf_petald_does_not_read_is_refused(tmp_path):
     """Gemma 2's GGUF norms hold 1 + w (llama.cpp's converter): read as Hugging Face's w, every token
     would be wrong, so the file is refused by name before any tensor is read."""

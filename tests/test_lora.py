@@ -34,6 +34,8 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 # Every projection, plain alpha / r scaling.
 FULL = dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS)
+# Attention's projections only: a mixture of experts' MLP is not adapted.
+ATTENTION = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 # Phi-3's every projection, q/k/v and gate/up fused in the model itself.
 PHI3_FULL = dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
 # Some projections (q and v but not k: zero columns inside the fused qkv), some blocks, per-module
@@ -93,8 +95,10 @@ def ids_of(seed: int, length: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("family", "config"), [("llama", FULL), ("llama", PARTIAL), ("qwen2", FULL), ("qwen3", FULL),
-                                               ("phi3", PHI3_FULL), ("gemma2", FULL)],
-                         ids=["llama-full", "llama-partial", "qwen2-full", "qwen3-full", "phi3-full", "gemma2-full"])
+                                               ("phi3", PHI3_FULL), ("gemma2", FULL),
+                                               ("mixtral", ATTENTION)],
+                         ids=["llama-full", "llama-partial", "qwen2-full", "qwen3-full", "phi3-full", "gemma2-full",
+                             "mixtral-attention"])
 def test_spans_with_an_adapter_match_peft_through_prefill_and_decode(tiny_models, tmp_path, family, config):
     model_dir = tiny_models[family]
     adapter_dir = save_adapter(model_dir, tmp_path / "my-lora", seed=3, **config)

@@ -86,8 +86,31 @@ def test_family_rules_match_transformers(name, config, monkeypatch):
     assert family.qk_norm == hasattr(attention, "q_norm") == hasattr(attention, "k_norm")
     assert sum(layer[f"{n}.weight"].shape[0] for n in family.qkv_projections) == dims.q_size + 2 * dims.kv_size
     assert layer["self_attn.o_proj.weight"].shape == (dims.hidden, dims.q_size)
-    assert sum(layer[f"{n}.weight"].shape[0] for n in family.gate_up_projections) == 2 * dims.intermediate
-    assert layer["mlp.down_proj.weight"].shape == (dims.hidden, dims.intermediate)
+    if family.experts is None:
+        assert sum(layer[f"{n}.weight"].shape[0] for n in family.gate_up_projections) == 2 * dims.intermediate
+        assert layer["mlp.down_proj.weight"].shape == (dims.hidden, dims.intermediate)
+    else:  # every expert's MLP where the family's layout says, and the router
+        experts, moe = family.experts, layers[0].mlp
+        assert (moe.top_k, moe.experts.num_experts) == (getattr(config, experts.top_k_key),
+                                                        getattr(config, experts.count_key))
+        saved = {k.split(".", 3)[3] for k in _saved_state(model) if k.startswith("model.layers.0.")}
+        for e in range(moe.experts.num_experts):
+            prefix = experts.expert.format(expert=e)
+            assert {f"{prefix}.{n}.weight" for n in (experts.gate, experts.up, experts.down)} <= saved
+        assert f"{experts.router}.weight" in saved
+
+
+def _saved_state(model) -> set[str]:
+    """The tensor names ``model`` saves (transformers may save them otherwise than it holds them:
+    Mixtral's experts as one w1/w2/w3 each)."""
+    import tempfile
+
+    from safetensors import safe_open
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        with safe_open(f"{folder}/model.safetensors", "pt") as f:
+            return set(f.keys())
 
 
 def test_windows_and_biases_differ_where_the_families_do():
@@ -107,7 +130,13 @@ def test_the_memory_plan_counts_a_blocks_weights_exactly(tiny_models, family):
     block = BlockSpan(source, 0, 1, torch.float32, torch.device("cpu")).blocks[0]
     norms = (block.ln_attn, block.ln_attn_out, block.ln_mlp, block.ln_mlp_out, block.q_norm, block.k_norm)
     tensors = [t for t in norms if t is not None]
-    for linear in (block.qkv, block.o, block.gate_up, block.down):
+    linears = [block.qkv, block.o]
+    if block.moe is None:
+        linears += [block.gate_up, block.down]
+    else:
+        tensors.append(block.moe.router)
+        linears += [linear for expert in block.moe.experts for linear in (expert.gate_up, expert.down)]
+    for linear in linears:
         tensors += [linear.weight_t] + ([linear.bias] if linear.bias is not None else [])
     assert weight_bytes_per_block(source.config, torch.float32) == sum(t.numel() * 4 for t in tensors)
 

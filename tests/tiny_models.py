@@ -32,6 +32,8 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
     # a score scale apart from head_dim ** -0.5, sliding windows of 8 on every other layer.
     "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
                           "final_logit_softcapping": 3.0, "sliding_window": 8, "tie_word_embeddings": True}),
+    # Mixtral: 4 experts, 2 a token, and a sliding window on every layer, as Mistral.
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
 }
 # Every architecture the tiny models cover.
 FAMILIES = tuple(sorted({family for family, _ in TINY_MODELS.values()}))
@@ -138,6 +140,8 @@ CHAT_TEMPLATES = {
     "gemma2": "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
               "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
               "{% endif %}",
+    "mixtral": "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+               "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}",
 }
 
 

@@ -20,6 +20,7 @@ from petald.kernels.adapters.lora import BlockLora
 from petald.kernels.models.dims import ModelDims
 from petald.kernels.models.features import ACTIVATIONS, activation_name
 from petald.kernels.models.registry import family_of
+from petald.kernels.moe import MixtureOfExperts
 from petald.kernels.native.decode_attention import decode_attention_kernel
 from petald.kernels.quant import Linear, make_linear
 
@@ -84,8 +85,12 @@ class TransformerBlock:
         self.scale, self.softcap = family.attention_scale(config), family.attention_softcap(config)
         self.qkv = linear(list(family.qkv_projections))
         self.o = linear(["self_attn.o_proj"])
-        self.gate_up = linear(list(family.gate_up_projections))
-        self.down = linear(["mlp.down_proj"])
+        # A dense MLP (gate_up, down), or a mixture of experts (moe) where the family has one.
+        self.gate_up = linear(list(family.gate_up_projections)) if family.experts is None else None
+        self.down = linear(["mlp.down_proj"]) if family.experts is None else None
+        self.moe = None if family.experts is None else MixtureOfExperts(
+            weights, family.experts, config, linear,
+            weights[f"{family.experts.router}.weight"].to(device=device, dtype=dtype).contiguous())
         # The variant of petald's C kernel a StepBatch of decode steps runs this block's attention in, if any:
         # it computes plain softmax attention at head_dim ** -0.5 only.
         plain = self.scale is None and self.softcap is None
@@ -103,6 +108,8 @@ class TransformerBlock:
         x = x + self._norm_out(project(self.o, "o", attention.attend(self, qkv, k_pool, v_pool), lora),
                                self.ln_attn_out)
         h = rms_norm(x, self.ln_mlp, self.eps)
+        if self.moe is not None:
+            return x + self._norm_out(self.moe.forward(h, self.activation), self.ln_mlp_out)
         gate, up = project(self.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
         return x + self._norm_out(project(self.down, "down", self.activation(gate) * up, lora), self.ln_mlp_out)
 

@@ -41,10 +41,14 @@ LORA_GROUPS = ("qkv", "o", "gate_up", "down")
 
 def lora_groups(config: PretrainedConfig) -> dict[str, tuple[str, ...]]:
     """The PEFT modules each of the block's fused projections is made of in this model, in their row order
-    (``ModelFamily.qkv_projections``: Phi-3's q/k/v and gate/up are one module each)."""
+    (``ModelFamily.qkv_projections``: Phi-3's q/k/v and gate/up are one module each). A mixture of
+    experts' MLP (Mixtral's) is not adapted: its groups are attention's only."""
     family = family_of(config)
-    return {"qkv": tuple(name.rsplit(".", 1)[-1] for name in family.qkv_projections), "o": ("o_proj",),
-            "gate_up": tuple(name.rsplit(".", 1)[-1] for name in family.gate_up_projections), "down": ("down_proj",)}
+    groups = {"qkv": tuple(name.rsplit(".", 1)[-1] for name in family.qkv_projections), "o": ("o_proj",)}
+    if family.experts is None:
+        groups |= {"gate_up": tuple(name.rsplit(".", 1)[-1] for name in family.gate_up_projections),
+                   "down": ("down_proj",)}
+    return groups
 
 
 # peft writes ``base_model.model.<module>.lora_A.weight`` (the adapter's name is dropped on save;

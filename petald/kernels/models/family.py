@@ -13,6 +13,20 @@ from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """Where a mixture-of-experts MLP keeps its tensors (Mixtral's names by default): a router, and per
+    expert a SiLU-gated MLP (``kernels/moe.py``)."""
+
+    router: str = "block_sparse_moe.gate"
+    expert: str = "block_sparse_moe.experts.{expert}"  # the expert's prefix, by its index
+    gate: str = "w1"
+    up: str = "w3"
+    down: str = "w2"
+    count_key: str = "num_local_experts"  # the config keys for how many experts, and how many a token takes
+    top_k_key: str = "num_experts_per_tok"
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     architecture: str  # config.model_type, which is also the GGUF's general.architecture
     # Whether the config's ``sliding_window`` applies to every layer where the config names no
@@ -47,6 +61,9 @@ class ModelFamily:
     # Logit soft-capping, cap * tanh(x / cap), of the attention scores and of the final logits; None: none.
     attention_softcap: Callable[[PretrainedConfig], float | None] = lambda config: None
     final_softcap: Callable[[PretrainedConfig], float | None] = lambda config: None
+    # Where a mixture-of-experts family keeps its MLP's experts (Mixtral), or None for a dense MLP
+    # (``gate_up_projections`` and ``mlp.down_proj``).
+    experts: ExpertLayout | None = None
     # Whether petald reads this family's GGUF files (it does not know how llama.cpp converted them all).
     gguf_supported: bool = True
     # The config key naming the MLP's activation (``models/features.py``'s ACTIVATIONS).

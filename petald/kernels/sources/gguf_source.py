@@ -72,6 +72,11 @@ class GGUFSource:
         if not family_of(self.config).gguf_supported:
             raise ModelSourceError(f"{self.path}: GGUF files of {self.config.model_type} models are not supported yet; "
                                    "use the model's Hugging Face directory")
+        if "blk.0.ffn_gate_exps.weight" in self._tensors or "blk.0.ffn_gate_inp.weight" in self._tensors:
+            # llama.cpp writes Mixtral as a "llama" with its experts stacked: read as a dense llama, it would
+            # miss every MLP.
+            raise ModelSourceError(f"{self.path}: mixture-of-experts GGUF files (Mixtral's ffn_*_exps) are not "
+                                   "supported yet; use the model's Hugging Face directory")
         rope_tensors = sorted(name.removesuffix(".weight") for name in self._tensors if name.startswith("rope_"))
         if rope_tensors:
             # Llama 3.1+ (rope_freqs) and Phi-3's long-context GGUFs (rope_factors_long/short) carry their
