@@ -14,6 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from petald.kernels.memory_plan import weight_bytes_per_block
 from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.features import served_positions
 from petald.kernels.models.registry import (
     SUPPORTED_ARCHITECTURES,
     UnsupportedArchitecture,
@@ -206,7 +207,7 @@ def test_longrope_is_served_up_to_its_original_length_only(tiny_models):
     petald's cache of rotated keys cannot follow, so a step there is refused rather than served wrong."""
     source = open_source(str(tiny_models["phi3"]))
     span = BlockSpan(source, 0, 1, torch.float32, torch.device("cpu"))
-    assert source.config.max_position_embeddings == 256 and span.max_positions == 64
+    assert source.config.max_position_embeddings == 256 and span.max_positions == served_positions(source.config) == 64
     cache = span.new_cache(1, 65)
     span.forward(torch.zeros(1, 64, 64), cache)
     with pytest.raises(ValueError, match="positions beyond the model's 64"):

@@ -7,7 +7,12 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from petald.kernels.models.dims import ModelDims
-from petald.kernels.models.features import ROPE_TYPES, UnsupportedFeature, rope_parameters
+from petald.kernels.models.features import (
+    ROPE_TYPES,
+    UnsupportedFeature,
+    rope_parameters,
+    served_positions,
+)
 
 
 def _default_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
@@ -29,12 +34,7 @@ class RotaryTable:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device=None)
         else:  # the source refused it already (models/features.py); a config built by hand may get here
             raise UnsupportedFeature(f"rope scaling type {rope_type!r} is not supported")
-        self.max_positions = int(config.max_position_embeddings)
-        if rope_type == "longrope":
-            # Longrope turns to its long factors once a sequence passes the original length, and the
-            # keys cached before keep their short-factor rotation: petald serves the short regime only.
-            self.max_positions = min(self.max_positions, int(rope.get(
-                "original_max_position_embeddings", getattr(config, "original_max_position_embeddings", self.max_positions))))
+        self.max_positions = served_positions(config)  # longrope: its short regime only
         positions = torch.arange(self.max_positions, dtype=torch.float)
         freqs = positions[:, None] * inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)

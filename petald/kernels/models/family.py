@@ -1,7 +1,10 @@
 """What a model family is, as the rest of ``kernels/`` reads it.
 
 Every family petald serves is a Llama-shaped decoder (RMS norms, rotary attention with grouped
-key/value heads, a SiLU-gated MLP); a family names only how it departs from the others.
+key/value heads, a gated MLP); a family names only how it departs from Llama, each departure a field
+here with Llama's value as its default: sliding windows, biases, q/k norms (Qwen3), projections
+stored fused (Phi-3), extra norms, scaled embeddings and soft-capping (Gemma 2), a mixture of experts
+(Mixtral).
 """
 
 from __future__ import annotations
@@ -68,9 +71,6 @@ class ModelFamily:
     gguf_supported: bool = True
     # The config key naming the MLP's activation (``models/features.py``'s ACTIVATIONS).
     activation_key: str = "hidden_act"
-    # What a config of this family may ask for that petald does not implement, in words (for
-    # ``models/features.py``'s refusal); the rules every family shares live there.
-    unsupported: Callable[[PretrainedConfig], list[str]] = lambda config: []
 
     def sliding_window(self, config: PretrainedConfig, index: int) -> int | None:
         """How many of the latest keys block ``index`` attends to, or None for all of them."""

@@ -37,6 +37,18 @@ def rope_parameters(config: PretrainedConfig) -> dict:
     return dict(getattr(config, "rope_parameters", None) or {})
 
 
+def served_positions(config: PretrainedConfig) -> int:
+    """How many positions petald serves for ``config``: its max_position_embeddings, except longrope's,
+    which turns to its long factors past original_max_position_embeddings for new tokens only while the
+    keys cached before keep their short-factor rotation, which a cache of rotated keys cannot follow."""
+    positions = int(config.max_position_embeddings)
+    rope = rope_parameters(config)
+    if rope.get("rope_type") == "longrope":
+        original = rope.get("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
+        positions = min(positions, int(original or positions))
+    return positions
+
+
 def activation_name(config: PretrainedConfig) -> str:
     """The MLP activation's name as the family's config spells its key."""
     return str(getattr(config, family_of(config).activation_key, None) or "silu")
@@ -62,7 +74,6 @@ def unsupported_features(config: PretrainedConfig) -> list[str]:
             getattr(quantization, "quant_method", "?")
         problems.append(f"pre-quantized weights (quantization_config: {method}) are not supported; "
                         "use the unquantized model and petald's --quant")
-    problems += family_of(config).unsupported(config)
     return problems
 
 
