@@ -1,4 +1,5 @@
-"""One Llama-family transformer block in plain tensors (Llama, Mistral, Qwen2).
+"""One Llama-shaped transformer block in plain tensors, with its family's departures
+(``kernels/models/``: q/k norms, extra norms, soft-capped scores, a mixture of experts, ...).
 
 Q/K/V and gate/up projections are fused into single matmuls: fewer, larger
 kernels are what a 2-core CPU and a GPU both prefer. Each linear layer is a
