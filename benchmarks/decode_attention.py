@@ -1,7 +1,7 @@
 """A decode step's attention in petald's C kernel (kernels/native/decode_attention.py), each variant this CPU
 runs (AVX512F, AVX2 with FMA), against torch's ops.
 
-    python benchmarks/decode_attention.py [--threads 1] [--sessions 1 4 16] [--context 128 1024]
+    python benchmarks/decode_attention.py [--threads 1] [--sessions 1 4 16] [--context 128 1024] [--softcap 50]
 
 SmolLM2's 30 blocks (the embedded GGUF, float32, or --quant int4) are built once with
 PETALD_NATIVE_ATTENTION=0 and once per variant (PETALD_CPU_KERNELS=avx512, avx2; the int4 matmul
@@ -11,6 +11,10 @@ forward through the whole span, alternating the builds; it reports milliseconds 
 batched step (the median of --steps each) and the largest difference between torch's and
 a variant's outputs relative to the largest output. The steps' keys and values are written and kept,
 so each session's context grows by --steps during the measurement.
+
+With --softcap CAP, a third build times torch's ops with every block's scores soft-capped at CAP
+(kernels/softcap_attention.py, what a Gemma 2 block runs: the C kernel does not cap), on SmolLM2's
+shapes: the cost of the fallback a soft-capped family takes, against plain torch's ops and the C kernel.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--quant", default="none", choices=["none", "int4"])
+    parser.add_argument("--softcap", type=float, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     source = open_source(None)
@@ -63,6 +68,10 @@ def main() -> None:
         except CpuKernelError as exc:
             print(f"not measured: {exc}", file=sys.stderr)
     ours = [name for name, span in spans.items() if name != "torch" and span.blocks[0].native_decode]
+    if args.softcap is not None:
+        spans["capped"] = build(source, args.quant, {"PETALD_NATIVE_ATTENTION": "0"})
+        for block in spans["capped"].blocks:
+            block.softcap = args.softcap  # as a soft-capped family's block holds it
     if not ours:
         sys.exit("petald's decode attention is not available here (no C compiler, or a CPU with neither AVX512F "
                  "nor AVX2 and FMA): nothing to compare")
@@ -71,8 +80,9 @@ def main() -> None:
     print(f"SmolLM2, 30 blocks, float32 activations, blocks={args.quant}, {args.threads} thread(s), "
           f"torch {torch.__version__}, CPU features: {', '.join(sorted(PROCESS_LIBRARY.cpu_features()))}\n")
     print("| sessions | context | torch's ops: ms per step | "
-          + " | ".join(f"{name}: ms per step | speed-up" for name in ours) + " | max relative difference |")
-    print("|---|---|---|" + "---|---|" * len(ours) + "---|")
+          + " | ".join(f"{name}: ms per step | speed-up" for name in ours) + " | max relative difference |"
+          + (" torch's ops, soft-capped: ms per step | against torch's ops |" if args.softcap is not None else ""))
+    print("|---|---|---|" + "---|---|" * len(ours) + "---|" + ("---|---|" if args.softcap is not None else ""))
     with torch.inference_mode():
         for context in args.context:
             for sessions in args.sessions:
@@ -99,7 +109,8 @@ def main() -> None:
                             worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
                 ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
                 cells = " | ".join(f"{ms[name]:.2f} | {ms['torch'] / ms[name]:.2f}x" for name in ours)
-                print(f"| {sessions} | {context} | {ms['torch']:.2f} | {cells} | {worst:.1e} |", flush=True)
+                capped = f" {ms['capped']:.2f} | {ms['capped'] / ms['torch']:.2f}x |" if "capped" in ms else ""
+                print(f"| {sessions} | {context} | {ms['torch']:.2f} | {cells} | {worst:.1e} |{capped}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import FAMILIES, save_tiny_model
+from tests.tiny_models import TINY_MODELS, save_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -27,7 +27,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
+    return {name: save_tiny_model(name, root / name) for name in TINY_MODELS}
 
 
 @pytest.fixture(scope="session")

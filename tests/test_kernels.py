@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from petald.kernels.client_head import ClientHead
+from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.registry import FAMILIES as SERVED
 from petald.kernels.sampling import sample_next
 from petald.kernels.sources.model_source import ModelSourceError
 from petald.kernels.sources.open_source import open_source
 from petald.kernels.span import BlockSpan
 from tests.oracle import reference_greedy, reference_logits
-from tests.tiny_models import FAMILIES, TINY_BLOCKS, save_tiny_model
+from tests.tiny_models import FAMILIES, TINY_BLOCKS, TINY_MODELS, save_tiny_model, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -36,9 +38,9 @@ def run_local(source, ids: torch.Tensor, new_tokens: int, chunks: list[tuple[int
     return first_logits, tokens
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_family_matches_transformers(tiny_models, family):
-    path = tiny_models[family]
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_tiny_model_matches_transformers(tiny_models, name):
+    path = tiny_models[name]
     source = open_source(str(path))
     ids = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(1))
     logits, tokens = run_local(source, ids, 12, [(0, 2), (2, 5), (5, TINY_BLOCKS)])
@@ -124,13 +126,14 @@ def test_half_precision_span_stays_close_to_float32(tiny_models, dtype):
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if SERVED[f].gguf_supported])
 def test_gguf_tensors_load_back_in_hugging_face_order(tmp_path, family):
     from tests.tiny_models import save_tiny_gguf
 
     state = save_tiny_gguf(family, tmp_path / f"tiny-{family}.gguf")
     source = open_source(str(tmp_path / f"tiny-{family}.gguf"))
     assert source.config.model_type == family
+    assert ModelDims.of(source.config) == ModelDims.of(tiny_config(family))  # Qwen3's head size too
     for index in (0, TINY_BLOCKS - 1):
         block = source.block_tensors(index)
         expected = {k.split(f"model.layers.{index}.", 1)[1]: v for k, v in state.items()
@@ -141,6 +144,42 @@ def test_gguf_tensors_load_back_in_hugging_face_order(tmp_path, family):
     client = source.client_tensors()
     assert torch.equal(client["embed_tokens.weight"], state["model.embed_tokens.weight"])
     assert torch.equal(client["lm_head.weight"], state.get("lm_head.weight", state["model.embed_tokens.weight"]))
+
+
+def test_a_gguf_with_rope_factor_tensors_is_refused_by_name(tmp_path):
+    """Llama 3.1+ (rope_freqs) and Phi-3 128k (rope_factors_long/short) GGUFs carry their rope scaling as
+    tensors transformers' parser does not read: served without them, every token would be wrong."""
+    from tests.tiny_models import save_tiny_gguf
+
+    path = tmp_path / "tiny-rope.gguf"
+    save_tiny_gguf("llama", path, extra={"rope_freqs.weight": torch.ones(8), "rope_factors_long.weight": torch.ones(8)})
+    with pytest.raises(ModelSourceError, match=r"tiny-rope.gguf: GGUF rope frequency factors \(rope_factors_long, "
+                                               r"rope_freqs\) are not supported yet; use the model's Hugging Face"):
+        open_source(str(path))
+
+
+def test_a_mixture_of_experts_gguf_is_refused_by_name(tmp_path):
+    """llama.cpp writes Mixtral as a "llama" with stacked experts: read as a dense Llama, every MLP would
+    be missing."""
+    from tests.tiny_models import save_tiny_gguf
+
+    path = tmp_path / "tiny-moe.gguf"
+    save_tiny_gguf("llama", path, extra={"blk.0.ffn_gate_exps.weight": torch.zeros(4, 128, 64)}, blocks=False)
+    with pytest.raises(ModelSourceError, match=r"tiny-moe.gguf: mixture-of-experts GGUF files \(Mixtral's "
+                                               r"ffn_\*_exps\) are not supported yet"):
+        open_source(str(path))
+
+
+def test_a_gguf_of_a_family_whose_gguf_petald_does_not_read_is_refused(tmp_path):
+    """Gemma 2's GGUF norms hold 1 + w (llama.cpp's converter): read as Hugging Face's w, every token
+    would be wrong, so the file is refused by name before any tensor is read."""
+    from tests.tiny_models import save_tiny_gguf
+
+    path = tmp_path / "tiny-gemma2.gguf"
+    save_tiny_gguf("gemma2", path, blocks=False)
+    with pytest.raises(ModelSourceError, match=r"tiny-gemma2.gguf: GGUF files of gemma2 models are not supported "
+                                               r"yet; use the model's Hugging Face directory"):
+        open_source(str(path))
 
 
 def test_client_head_reads_no_block_tensors(tiny_models):

@@ -10,6 +10,7 @@ silently not applied would fail them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -33,6 +34,10 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 # Every projection, plain alpha / r scaling.
 FULL = dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS)
+# Attention's projections only: a mixture of experts' MLP is not adapted.
+ATTENTION = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+# Phi-3's every projection, q/k/v and gate/up fused in the model itself.
+PHI3_FULL = dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
 # Some projections (q and v but not k: zero columns inside the fused qkv), some blocks, per-module
 # ranks and alphas, rsLoRA scaling.
 PARTIAL = dict(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], use_rslora=True,
@@ -89,8 +94,11 @@ def ids_of(seed: int, length: int) -> torch.Tensor:
     return torch.randint(0, 320, (2, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(("family", "config"), [("llama", FULL), ("llama", PARTIAL), ("qwen2", FULL)],
-                         ids=["llama-full", "llama-partial", "qwen2-full"])
+@pytest.mark.parametrize(("family", "config"), [("llama", FULL), ("llama", PARTIAL), ("qwen2", FULL), ("qwen3", FULL),
+                                               ("phi3", PHI3_FULL), ("gemma2", FULL),
+                                               ("mixtral", ATTENTION)],
+                         ids=["llama-full", "llama-partial", "qwen2-full", "qwen3-full", "phi3-full", "gemma2-full",
+                             "mixtral-attention"])
 def test_spans_with_an_adapter_match_peft_through_prefill_and_decode(tiny_models, tmp_path, family, config):
     model_dir = tiny_models[family]
     adapter_dir = save_adapter(model_dir, tmp_path / "my-lora", seed=3, **config)
@@ -353,6 +361,14 @@ def test_weights_outside_the_block_projections_are_refused(tiny_models, tmp_path
     copy_with_config(adapter_dir, tmp_path / "hidden", target_modules="q_proj|lm_head")
     with pytest.raises(AdapterError, match=r"holds base_model\.model\.lm_head\..*, which is not a LoRA"):
         load_lora_adapter(tmp_path / "hidden", config, 0, TINY_BLOCKS, torch.float32, CPU)
+
+
+def test_an_adapter_of_projections_the_model_fuses_otherwise_is_refused(tiny_models, llama_adapters):
+    """An adapter of separate q/k/v modules meets Phi-3, whose q/k/v are one module: refused by name."""
+    with pytest.raises(AdapterError, match=re.escape(
+            "holds base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight, but this phi3 model has no gate_proj "
+            "(its block projections: qkv_proj, o_proj, gate_up_proj, down_proj): the adapter was trained for another")):
+        load_lora_adapter(llama_adapters["full"], tiny_config("phi3"), 0, TINY_BLOCKS, torch.float32, CPU)
 
 
 def test_an_adapter_for_another_model_is_refused(tiny_models, llama_adapters):

@@ -12,7 +12,7 @@ from petald import ClientOptions
 from petald.cli.local_swarm import LocalSwarm
 from petald.p2pnode.client.distributed_model import DistributedModel, ModelMismatchError
 from tests.oracle import reference_greedy, reference_logits, reference_model, reference_text
-from tests.tiny_models import FAMILIES
+from tests.tiny_models import CHAT_TEMPLATES, TINY_MODELS, save_tiny_chat_model
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,12 @@ def test_default_wire_is_16_bit_and_int8_stays_close(smollm_swarm):
         ClientOptions(wire="float64")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# The first families run over 2 and 3 processes and 20 tokens; the others over 2 processes and 6
+# tokens, which is what splitting changes, to keep the suite's time down.
+FIRST_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+@pytest.mark.parametrize("family", FIRST_FAMILIES)
 def test_tiny_family_over_two_and_three_processes(tiny_models, family):
     path = str(tiny_models[family])
     ids = torch.randint(0, 320, (1, 28), generator=torch.Generator().manual_seed(3))
@@ -101,6 +106,32 @@ def test_tiny_family_over_two_and_three_processes(tiny_models, family):
                 assert len(model.route().hops) == hops
                 torch.testing.assert_close(model.forward(ids), reference_logits(path, ids), atol=1e-4, rtol=1e-4)
                 assert model.generate(ids, max_new_tokens=20, eos_token_id=[])[0, 28:].tolist() == expected[:20]
+
+
+@pytest.mark.parametrize("name", [name for name in TINY_MODELS if name not in FIRST_FAMILIES])
+def test_tiny_model_split_over_two_processes(tmp_path, name):
+    """Greedy tokens and logits, and ``petald generate --chat`` in the model directory's own chat
+    template (in the family's shape, tests/tiny_models.py), on the tiny model with SmolLM2's tokenizer."""
+    from petald.kernels.sources.open_source import open_source
+
+    path = str(save_tiny_chat_model(tmp_path / name, name=name))
+    ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(3))  # past llama3's original 32
+    tokenizer = open_source(path).load_tokenizer()
+    assert tokenizer.chat_template == CHAT_TEMPLATES[name]
+    question = "What is the capital of France?"
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    with LocalSwarm(["0:3", "3:6"], model=path, extra_args=["--threads", "1"]) as swarm:
+        with DistributedModel(swarm.addresses, path, wire="float32") as model:
+            assert len(model.route().hops) == 2
+            torch.testing.assert_close(model.forward(ids), reference_logits(path, ids), atol=1e-4, rtol=1e-4)
+            assert model.generate(ids, max_new_tokens=6, eos_token_id=[])[0, 40:].tolist() == \
+                reference_greedy(path, ids, 6)
+        cmd = [sys.executable, "-m", "petald.cli.main", "generate", question, "--chat", "--max-new-tokens", "6",
+               "--wire", "float32", "--model", path, "--peers", *swarm.addresses]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == reference_text(path, chat_ids, 6).strip()
 
 
 def test_settings_are_client_options_fields():

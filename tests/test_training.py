@@ -79,7 +79,7 @@ def _block_outputs(ref, ids_or_embeds: torch.Tensor, last: int):
 
 # --- the span's own forward and backward -------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "llama3", "qwen3", "phi3", "gemma2", "mixtral"])
 @pytest.mark.parametrize("prompt_rows", [0, 1, 3])  # no deep prompts, shared ones, one per row
 def test_span_backward_equals_transformers_autograd(tiny_models, family, prompt_rows):
     path = str(tiny_models[family])

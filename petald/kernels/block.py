@@ -1,4 +1,5 @@
-"""One Llama-family transformer block in plain tensors (Llama, Mistral, Qwen2).
+"""One Llama-shaped transformer block in plain tensors, with its family's departures
+(``kernels/models/``: q/k norms, extra norms, soft-capped scores, a mixture of experts, ...).
 
 Q/K/V and gate/up projections are fused into single matmuls: fewer, larger
 kernels are what a 2-core CPU and a GPU both prefer. Each linear layer is a
@@ -18,7 +19,9 @@ from transformers import PretrainedConfig
 
 from petald.kernels.adapters.lora import BlockLora
 from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.features import ACTIVATIONS, activation_name
 from petald.kernels.models.registry import family_of
+from petald.kernels.moe import MixtureOfExperts
 from petald.kernels.native.decode_attention import decode_attention_kernel
 from petald.kernels.quant import Linear, make_linear
 
@@ -53,9 +56,6 @@ class Attention(Protocol):
 class TransformerBlock:
     def __init__(self, weights: dict[str, torch.Tensor], config: PretrainedConfig, index: int,
                  dtype: torch.dtype, device: torch.device, quant: str = "none"):
-        def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=device, dtype=dtype).contiguous()
-
         def linear(names: list[str]) -> Linear:
             weight = torch.cat([weights[f"{n}.weight"] for n in names])
             biases = [weights.get(f"{n}.bias") for n in names]
@@ -66,20 +66,36 @@ class TransformerBlock:
             return make_linear(weight, bias, quant, dtype, device)
 
         dims = ModelDims.of(config)
+        family = family_of(config)
         self.index = index
         self.n_heads, self.n_kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         self.q_size, self.kv_size = dims.q_size, dims.kv_size
         self.eps = config.rms_norm_eps
-        self.window = family_of(config).sliding_window(config, index)
+        self.window = family.sliding_window(config, index)
+        self.activation = ACTIVATIONS[activation_name(config)]
 
-        self.ln_attn = w("input_layernorm.weight")
-        self.ln_mlp = w("post_attention_layernorm.weight")
-        self.qkv = linear([f"self_attn.{p}_proj" for p in "qkv"])
+        def norm(name: str | None) -> torch.Tensor | None:
+            return None if name is None else (weights[f"{name}.weight"] + family.norm_weight_offset).to(
+                device=device, dtype=dtype).contiguous()
+
+        self.q_norm = norm("self_attn.q_norm") if family.qk_norm else None
+        self.k_norm = norm("self_attn.k_norm") if family.qk_norm else None
+        # Before attention, after it, before the MLP, after it (None where the family has no such norm).
+        self.ln_attn, self.ln_attn_out, self.ln_mlp, self.ln_mlp_out = (norm(n) for n in family.block_norms)
+        # Attention's score scale (None: head_dim ** -0.5) and soft-cap (None: none).
+        self.scale, self.softcap = family.attention_scale(config), family.attention_softcap(config)
+        self.qkv = linear(list(family.qkv_projections))
         self.o = linear(["self_attn.o_proj"])
-        self.gate_up = linear(["mlp.gate_proj", "mlp.up_proj"])
-        self.down = linear(["mlp.down_proj"])
-        # The variant of petald's C kernel a StepBatch of decode steps runs this block's attention in, if any.
-        self.native_decode = decode_attention_kernel(dtype, device, self.head_dim)
+        # A dense MLP (gate_up, down), or a mixture of experts (moe) where the family has one.
+        self.gate_up = linear(list(family.gate_up_projections)) if family.experts is None else None
+        self.down = linear(["mlp.down_proj"]) if family.experts is None else None
+        self.moe = None if family.experts is None else MixtureOfExperts(
+            weights, family.experts, config, linear,
+            weights[f"{family.experts.router}.weight"].to(device=device, dtype=dtype).contiguous())
+        # The variant of petald's C kernel a StepBatch of decode steps runs this block's attention in, if any:
+        # it computes plain softmax attention at head_dim ** -0.5 only.
+        plain = self.scale is None and self.softcap is None
+        self.native_decode = decode_attention_kernel(dtype, device, self.head_dim) if plain else None
 
     def forward(self, x: torch.Tensor, attention: Attention, k_pool: torch.Tensor | None = None,
                 v_pool: torch.Tensor | None = None, lora: BlockLora | None = None) -> torch.Tensor:
@@ -89,8 +105,26 @@ class TransformerBlock:
         With ``lora``, each projection gets that adapter's delta added to its output.
         """
         h = rms_norm(x, self.ln_attn, self.eps)
-        qkv = project(self.qkv, "qkv", h, lora)
-        x = x + project(self.o, "o", attention.attend(self, qkv, k_pool, v_pool), lora)
+        qkv = self._norm_heads(project(self.qkv, "qkv", h, lora))
+        x = x + self._norm_out(project(self.o, "o", attention.attend(self, qkv, k_pool, v_pool), lora),
+                               self.ln_attn_out)
         h = rms_norm(x, self.ln_mlp, self.eps)
+        if self.moe is not None:
+            return x + self._norm_out(self.moe.forward(h, self.activation), self.ln_mlp_out)
         gate, up = project(self.gate_up, "gate_up", h, lora).chunk(2, dim=-1)
-        return x + project(self.down, "down", F.silu(gate) * up, lora)
+        return x + self._norm_out(project(self.down, "down", self.activation(gate) * up, lora), self.ln_mlp_out)
+
+    def _norm_out(self, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """An attention's or MLP's output ``y``, normed where the family norms it before the residual add."""
+        return y if weight is None else rms_norm(y, weight, self.eps)
+
+    def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv`` with each query and key head RMS-normed, where the family norms them (Qwen3)."""
+        if self.q_norm is None:
+            return qkv
+        lead = qkv.shape[:-1]
+        q_and_k = self.q_size + self.kv_size
+        q = rms_norm(qkv[..., : self.q_size].reshape(*lead, self.n_heads, self.head_dim), self.q_norm, self.eps)
+        k = rms_norm(qkv[..., self.q_size : q_and_k].reshape(*lead, self.n_kv_heads, self.head_dim), self.k_norm,
+                     self.eps)
+        return torch.cat([q.reshape(*lead, self.q_size), k.reshape(*lead, self.kv_size), qkv[..., q_and_k:]], dim=-1)

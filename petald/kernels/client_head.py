@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from petald.kernels.block import rms_norm
+from petald.kernels.models.registry import family_of
 from petald.kernels.quant import (
     DenseLinear,
     QuantError,
@@ -47,8 +48,13 @@ class ClientHead:
                 check_quant(quant, self.device)
             except QuantError as exc:
                 raise QuantError(f"the LM head cannot be stored as {quant}: {exc}") from None
+        family = family_of(self.config)
         self.embed_weight = tensors["embed_tokens.weight"].to(self.device, dtype)
-        self.norm_weight = tensors["norm.weight"].to(self.device, dtype)
+        self.norm_weight = (tensors["norm.weight"] + family.norm_weight_offset).to(self.device, dtype)
+        # Gemma's embeddings are scaled by sqrt(hidden), rounded to the embeddings' dtype as transformers does.
+        scale = family.embedding_scale(self.config)
+        self.embed_scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
+        self.final_softcap = family.final_softcap(self.config)
         lm = tensors["lm_head.weight"]
         tied = lm is tensors["embed_tokens.weight"]
         # The head's matmul runs in this dtype; its output is brought back to float32 logits.
@@ -63,7 +69,11 @@ class ClientHead:
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids.to(self.device), self.embed_weight)
+        return self._embed(input_ids)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeddings = F.embedding(input_ids.to(self.device), self.embed_weight)
+        return embeddings if self.embed_scale is None else embeddings * self.embed_scale
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -73,9 +83,12 @@ class ClientHead:
         """Embeddings as plain tensors that an autograd graph may take in (``embed``'s are inference
         tensors, which autograd refuses), detached from the table: no gradient reaches it."""
         with torch.no_grad():
-            return F.embedding(input_ids.to(self.device), self.embed_weight)
+            return self._embed(input_ids)
 
     def logits_with_grad(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits, differentiable in ``hidden`` (training through the swarm); the head's weights stay frozen."""
         h = rms_norm(hidden.to(self.device, self.dtype), self.norm_weight, self.eps)
-        return self.lm_head(h.to(self.head_dtype)).float()
+        logits = self.lm_head(h.to(self.head_dtype)).float()
+        if self.final_softcap is not None:  # Gemma 2
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits

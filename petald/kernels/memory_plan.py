@@ -16,10 +16,16 @@ _QUANT_BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.625, "nf4": 0.56}
 def weight_bytes_per_block(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none") -> int:
     dims = ModelDims.of(config)
     hidden, q, kv = dims.hidden, dims.q_size, dims.kv_size
-    # qkv, o, gate/up/down
-    linear = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * dims.intermediate
-    # The qkv bias where the family has one, and two norms: kept in the compute dtype.
-    small = (q + 2 * kv if family_of(config).qkv_bias(config) else 0) + 2 * hidden
+    family = family_of(config)
+    # qkv, o, gate/up/down (each expert's, for a mixture of experts: all of a block's live on its server)
+    experts = 1 if family.experts is None else int(getattr(config, family.experts.count_key))
+    linear = hidden * (q + 2 * kv) + q * hidden + experts * 3 * hidden * dims.intermediate
+    # The qkv bias where the family has one, its norms (two or four), the q/k norms and the experts' router
+    # where it has them: kept in the compute dtype.
+    norms = sum(name is not None for name in family.block_norms)
+    small = (q + 2 * kv if family.qkv_bias(config) else 0) + norms * hidden + (2 * dims.head_dim if family.qk_norm else 0)
+    if family.experts is not None:
+        small += experts * hidden
     dtype_bytes = torch.finfo(dtype).bits / 8
     per_weight = _QUANT_BYTES_PER_WEIGHT.get(quant, dtype_bytes)
     return int(linear * per_weight + small * dtype_bytes)

@@ -7,6 +7,12 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.features import (
+    ROPE_TYPES,
+    UnsupportedFeature,
+    rope_parameters,
+    served_positions,
+)
 
 
 def _default_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
@@ -19,15 +25,16 @@ class RotaryTable:
     """Precomputed cos/sin for positions [0, max_positions), in the compute dtype."""
 
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device):
-        rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        rope = rope_parameters(config)
+        rope_type = rope.get("rope_type", "default")
         if rope_type == "default":
             inv_freq, scaling = _default_inv_freq(config)
-        elif rope_type in ("linear", "llama3", "yarn", "longrope"):
+        elif rope_type in ROPE_TYPES:
             # Static scalings only; "dynamic" depends on the sequence length seen so far.
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device=None)
-        else:
-            raise ValueError(f"rope type {rope_type!r} is not supported")
-        self.max_positions = int(config.max_position_embeddings)
+        else:  # the source refused it already (models/features.py); a config built by hand may get here
+            raise UnsupportedFeature(f"rope scaling type {rope_type!r} is not supported")
+        self.max_positions = served_positions(config)  # longrope: its short regime only
         positions = torch.arange(self.max_positions, dtype=torch.float)
         freqs = positions[:, None] * inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)

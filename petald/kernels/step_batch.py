@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from petald.kernels.native.decode_attention import decode_attention
 from petald.kernels.paged_kv_cache import PagedKVCache, SessionCache
 from petald.kernels.rotary import RotaryTable, apply_rotary
+from petald.kernels.softcap_attention import block_attention
 
 if TYPE_CHECKING:
     from petald.kernels.block import TransformerBlock
@@ -156,9 +156,9 @@ class StepBatch:
         for index, p in enumerate(self.prefills):
             k = k_pool.index_select(0, p.key_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
             v = v_pool.index_select(0, p.key_slots).transpose(0, 1).unsqueeze(0)
-            a = F.scaled_dot_product_attention(q[p.first : p.last].transpose(0, 1).unsqueeze(0), k, v,
-                                               attn_mask=self.prefill_mask(index, block.window),
-                                               enable_gqa=block.n_heads != block.n_kv_heads)
+            a = block_attention(q[p.first : p.last].transpose(0, 1).unsqueeze(0), k, v,
+                                self.prefill_mask(index, block.window), block.scale, block.softcap,
+                                enable_gqa=block.n_heads != block.n_kv_heads)
             out[p.first : p.last] = a[0].transpose(0, 1)
         return out
 
@@ -178,6 +178,6 @@ class StepBatch:
         k = k_pool.index_select(0, slots).view(seqs, longest, kv_heads, head_dim).transpose(1, 2)
         v = v_pool.index_select(0, slots).view(seqs, longest, kv_heads, head_dim).transpose(1, 2)
         group = block.n_heads // kv_heads
-        a = F.scaled_dot_product_attention(q.view(seqs, kv_heads, group, head_dim), k, v,
-                                           attn_mask=self.decode_mask(block.window))
+        a = block_attention(q.view(seqs, kv_heads, group, head_dim), k, v, self.decode_mask(block.window),
+                            block.scale, block.softcap)
         return a.reshape(seqs, block.n_heads, head_dim)

@@ -39,7 +39,10 @@ def measure_throughput(span: BlockSpan, seconds: float = 1.0,
     of the time spent in percent (``text`` empty, ``total`` 100).
     """
     blocks = span.end - span.start
-    hidden = torch.randn(1, PREFILL_CHUNK, span.hidden_size, generator=torch.Generator().manual_seed(0))
+    # A model served for fewer positions than a chunk (Phi-3's longrope: its original length) is timed on
+    # what it serves; the rate is per token either way.
+    chunk = min(PREFILL_CHUNK, span.max_positions)
+    hidden = torch.randn(1, chunk, span.hidden_size, generator=torch.Generator().manual_seed(0))
     token = hidden[:, :1]
 
     def timed(run: Callable[[], None], budget: float, what: str, offset: float) -> float:
@@ -67,11 +70,11 @@ def measure_throughput(span: BlockSpan, seconds: float = 1.0,
         span.forward(token, steps_cache)
 
     def one_chunk() -> None:
-        span.forward(hidden, span.new_cache(1, PREFILL_CHUNK))
+        span.forward(hidden, span.new_cache(1, chunk))
 
     steps_per_s = timed(one_step, seconds / 2, "inference steps", 0.0)
     chunks_per_s = timed(one_chunk, seconds / 2, "forward passes", seconds / 2)
-    return SpanThroughput(inference_rps=steps_per_s * blocks, forward_tps=chunks_per_s * PREFILL_CHUNK * blocks)
+    return SpanThroughput(inference_rps=steps_per_s * blocks, forward_tps=chunks_per_s * chunk * blocks)
 
 
 # Part of the cache key: raise it when a kernel change moves the speed of a configuration, so that

@@ -18,12 +18,12 @@ prompts only; weights never require grad.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from petald.kernels.adapters.lora import LoraAdapter
 from petald.kernels.block import TransformerBlock
 from petald.kernels.deep_prompts import check_deep_prompts
 from petald.kernels.rotary import RotaryTable, apply_rotary
+from petald.kernels.softcap_attention import block_attention
 from petald.kernels.span import BlockSpan
 
 
@@ -48,9 +48,8 @@ class WholeSequences:
         q, k = qk[:, :, :heads], qk[:, :, heads:]
         v = qkv[..., q_and_k:].reshape(b, t, kv_heads, head_dim)
         mask = self._window_mask(block.window)
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                              v.transpose(1, 2), attn_mask=mask,
-                                              is_causal=mask is None, enable_gqa=heads != kv_heads)
+        attn = block_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, block.scale,
+                               block.softcap, is_causal=mask is None, enable_gqa=heads != kv_heads)
         return attn.transpose(1, 2).reshape(b, t, block.q_size)
 
     def _window_mask(self, window: int | None) -> torch.Tensor | None:

@@ -32,6 +32,7 @@ from starlette.routing import Route
 
 from petald.cli.api.backend import GenerationEnd, GenerationRequest, ModelBackend, TextPiece
 from petald.cli.api.errors import ApiError, as_api_error, bad_request
+from petald.kernels.models.features import served_positions
 from petald.p2pnode.swarm.swarm_map import ModelMap
 from petald.protocol.limits import MAX_BATCH, MAX_FRAME_BYTES, WIRE_DTYPES
 from petald.protocol.tensors import decode_tensor, encode_tensor
@@ -263,7 +264,7 @@ def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> dict[str,
 
 
 def _check_length(ids: list[int], params: dict[str, Any], backend: ModelBackend) -> None:
-    limit = getattr(backend.source.config, "max_position_embeddings", None)
+    limit = served_positions(backend.source.config)
     if limit and len(ids) + params["max_new_tokens"] > limit:
         raise bad_request(f"the prompt ({len(ids)} tokens) and max_tokens ({params['max_new_tokens']}) exceed "
                           f"the model's context of {limit} tokens", "max_tokens", "context_length_exceeded")

@@ -33,15 +33,23 @@ from petald.kernels.adapters.peft_lora_config import (
     read_peft_lora_config,
 )
 from petald.kernels.models.dims import ModelDims
+from petald.kernels.models.registry import family_of
 
-# The block's fused projections and the PEFT modules each one is made of, in their row order.
-LORA_GROUPS = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-_GROUP_OF = {proj: group for group, projs in LORA_GROUPS.items() for proj in projs}
+# The block's fused projections.
+LORA_GROUPS = ("qkv", "o", "gate_up", "down")
+
+
+def lora_groups(config: PretrainedConfig) -> dict[str, tuple[str, ...]]:
+    """The PEFT modules each of the block's fused projections is made of in this model, in their row order
+    (``ModelFamily.qkv_projections``: Phi-3's q/k/v and gate/up are one module each). A mixture of
+    experts' MLP (Mixtral's) is not adapted: its groups are attention's only."""
+    family = family_of(config)
+    groups = {"qkv": tuple(name.rsplit(".", 1)[-1] for name in family.qkv_projections), "o": ("o_proj",)}
+    if family.experts is None:
+        groups |= {"gate_up": tuple(name.rsplit(".", 1)[-1] for name in family.gate_up_projections),
+                   "down": ("down_proj",)}
+    return groups
+
 
 # peft writes ``base_model.model.<module>.lora_A.weight`` (the adapter's name is dropped on save;
 # a raw state dict keeps it as ``lora_A.<name>.weight``); <module> is named as in the adapted model.
@@ -102,11 +110,13 @@ class LoraAdapter:
 
 
 def projection_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each block projection of this model."""
+    """(in, out) features of each block projection this model has."""
     dims = ModelDims.of(config)
     hidden, q, kv, inter = dims.hidden, dims.q_size, dims.kv_size, dims.intermediate
-    return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    every = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+             "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+             "qkv_proj": (hidden, q + 2 * kv), "gate_up_proj": (hidden, 2 * inter)}
+    return {proj: every[proj] for projs in lora_groups(config).values() for proj in projs}
 
 
 def load_lora_adapter(path: str | Path, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype,
@@ -145,6 +155,10 @@ def load_lora_adapter(path: str | Path, config: PretrainedConfig, start: int, en
         if LORA_PROJECTIONS.get(proj) != match["part"]:
             raise AdapterError(f"{weights_file} holds {key}: {match['part']}.{proj} is not a projection petald "
                                f"can adapt ({', '.join(LORA_PROJECTIONS)})")
+        if proj not in shapes:
+            raise AdapterError(f"{weights_file} holds {key}, but this {config.model_type} model has no {proj} "
+                               f"(its block projections: {', '.join(shapes)}): the adapter was trained for another "
+                               "model")
         if layer >= config.num_hidden_layers:
             raise AdapterError(f"{weights_file} adapts block {layer}, but the model has "
                                f"{config.num_hidden_layers} blocks: this adapter was trained for another model")
@@ -176,7 +190,7 @@ def load_lora_adapter(path: str | Path, config: PretrainedConfig, start: int, en
     with torch.inference_mode(False):  # plain tensors, so that autograd may save them for backward later
         for layer in sorted({layer for layer, _ in pieces}):
             groups = {}
-            for group, projs in LORA_GROUPS.items():
+            for group, projs in lora_groups(config).items():
                 members = [(p, pieces[(layer, p)], lora_config.scaling(modules[(layer, p)]))
                            for p in projs if (layer, p) in pieces]
                 if members:

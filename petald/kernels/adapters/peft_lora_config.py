@@ -26,6 +26,7 @@ from typing import Any
 LORA_PROJECTIONS = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+    "qkv_proj": "self_attn", "gate_up_proj": "mlp",  # Phi-3's, fused in the model itself
 }
 
 # Initialisations that change the base model's own weights: the adapter only fits that changed base.

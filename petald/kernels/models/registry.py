@@ -19,9 +19,15 @@ class UnsupportedArchitecture(ValueError):
     """A config of a family petald does not serve; the message names the ones it does."""
 
 
+# The package's own machinery, not families: never imported from here (features.py imports this module).
+_MACHINERY = frozenset({"family", "registry", "dims", "features"})
+
+
 def _find_families() -> dict[str, ModelFamily]:
     found = []
     for module_info in pkgutil.iter_modules(models.__path__):
+        if module_info.name in _MACHINERY:
+            continue
         family = getattr(importlib.import_module(f"{models.__name__}.{module_info.name}"), "FAMILY", None)
         if isinstance(family, ModelFamily):
             found.append(family)

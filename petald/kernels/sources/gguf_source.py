@@ -24,7 +24,7 @@ from petald.kernels.cache_dir import petald_cache_dir, read_json, write_json
 from petald.kernels.models.registry import family_of
 from petald.kernels.sources.fingerprint_cache import cached_fingerprint, file_stamp
 from petald.kernels.sources.gguf_index import read_gguf_index
-from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_architecture
+from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_supported
 
 _BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -36,6 +36,8 @@ _BLOCK_NAMES = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -65,12 +67,23 @@ class GGUFSource:
         except Exception as exc:  # a bad header, a file cut short, a bad mapping
             raise ModelSourceError(f"{self.path} is not a readable GGUF file: {exc}") from exc
         self.config = self._read_config()
-        check_architecture(self.config, str(self.path))
-        if "rope_freqs.weight" in self._tensors:
-            # Llama 3.1+ GGUFs carry their rope scaling as a tensor that transformers' GGUF
-            # parser does not turn into config; running without it would be silently wrong.
-            raise ModelSourceError(f"{self.path}: GGUF rope frequency factors (rope_freqs, Llama 3.1+) "
-                                   "are not supported yet; use the model's Hugging Face directory")
+        self._head_dim_from_tensors()
+        check_supported(self.config, str(self.path))
+        if not family_of(self.config).gguf_supported:
+            raise ModelSourceError(f"{self.path}: GGUF files of {self.config.model_type} models are not supported yet; "
+                                   "use the model's Hugging Face directory")
+        if "blk.0.ffn_gate_exps.weight" in self._tensors or "blk.0.ffn_gate_inp.weight" in self._tensors:
+            # llama.cpp writes Mixtral as a "llama" with its experts stacked: read as a dense llama, it would
+            # miss every MLP.
+            raise ModelSourceError(f"{self.path}: mixture-of-experts GGUF files (Mixtral's ffn_*_exps) are not "
+                                   "supported yet; use the model's Hugging Face directory")
+        rope_tensors = sorted(name.removesuffix(".weight") for name in self._tensors if name.startswith("rope_"))
+        if rope_tensors:
+            # Llama 3.1+ (rope_freqs) and Phi-3's long-context GGUFs (rope_factors_long/short) carry their
+            # rope scaling as tensors that transformers' GGUF parser does not turn into config; running
+            # without them would be silently wrong.
+            raise ModelSourceError(f"{self.path}: GGUF rope frequency factors ({', '.join(rope_tensors)}) are "
+                                   "not supported yet; use the model's Hugging Face directory")
         self.identity = ModelIdentity(
             name=self.path.stem,
             fingerprint=cached_fingerprint(self.path, self._fingerprint),
@@ -102,6 +115,14 @@ class GGUFSource:
             raise ModelSourceError(f"{self.path}: GGUF metadata names no architecture")
         return AutoConfig.for_model(model_type, **meta)
 
+    def _head_dim_from_tensors(self) -> None:
+        """Set the config's head size from the key projection's rows: transformers' GGUF parser reads no
+        head size for most architectures (Qwen3's, which need not be hidden / heads, included)."""
+        keys = self._tensors.get("blk.0.attn_k.weight")
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        if keys is not None and len(keys.shape) == 2:
+            self.config.head_dim = int(keys.shape[1]) // kv_heads  # ggml lists the input dimension first
+
     def _fingerprint(self) -> str:
         digest = hashlib.blake2b(digest_size=32)
         for name in sorted(self._tensors):
@@ -124,11 +145,11 @@ class GGUFSource:
         if not 0 <= index < self.config.num_hidden_layers:
             raise ModelSourceError(f"block {index} out of range [0, {self.config.num_hidden_layers})")
         out: dict[str, torch.Tensor] = {}
-        for gguf_suffix, hf_name in _BLOCK_NAMES.items():
+        cfg = self.config
+        for gguf_suffix, hf_name in (_BLOCK_NAMES | dict(family_of(cfg).gguf_block_names)).items():
             gguf_name = f"blk.{index}.{gguf_suffix}"
             if gguf_name in self._tensors:
                 out[hf_name] = self._load(gguf_name)
-        cfg = self.config
         if not family_of(cfg).gguf_rotary_permuted:
             return out
         for proj, heads in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)):

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from petald.kernels.sampling import end_of_sequence_ids
 from petald.kernels.sources.fingerprint_cache import cached_fingerprint
-from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_architecture
+from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_supported
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -24,7 +25,8 @@ class HFDirectorySource:
         if not (self.path / "config.json").is_file():
             raise ModelSourceError(f"{self.path} has no config.json: not a Hugging Face model directory")
         self.config = AutoConfig.from_pretrained(str(self.path))
-        check_architecture(self.config, str(self.path))
+        check_supported(self.config, str(self.path))
+        self._add_generation_end_ids()
         self._file_of = self._weight_map()
         files = sorted({self.path / f for f in self._file_of.values()})
         self.identity = ModelIdentity(
@@ -34,6 +36,19 @@ class HFDirectorySource:
         )
         if self.identity.name in ("", str(self.path)):
             self.identity = ModelIdentity(self.path.name, self.identity.fingerprint, self.identity.num_blocks)
+
+    def _add_generation_end_ids(self) -> None:
+        """Add generation_config.json's end-of-sequence ids to the config's: Llama 3.0 Instruct's
+        config.json names one (<|end_of_text|>) and its generation config also the chat turn's end
+        (<|eot_id|>), at which transformers' generate stops too."""
+        path = self.path / "generation_config.json"
+        try:
+            more = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelSourceError(f"{path} is not a readable generation config: {exc}") from exc
+        if more is not None:
+            ids = end_of_sequence_ids(self.config.eos_token_id, more)
+            self.config.eos_token_id = ids[0] if len(ids) == 1 else ids
 
     def _weight_map(self) -> dict[str, str]:
         if (self.path / _INDEX).is_file():

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import torch
 from transformers import PretrainedConfig
 
-from petald.kernels.models.registry import UnsupportedArchitecture, family_of
+from petald.kernels.models.features import UnsupportedFeature, check_features
+from petald.kernels.models.registry import UnsupportedArchitecture
 
 
 class ModelSourceError(Exception):
@@ -53,9 +54,10 @@ class ModelSource(Protocol):
         ...
 
 
-def check_architecture(config: PretrainedConfig, origin: str) -> None:
-    """Refuse (ModelSourceError, naming ``origin``) a model of a family petald does not serve."""
+def check_supported(config: PretrainedConfig, origin: str) -> None:
+    """Refuse (ModelSourceError, naming ``origin``) a model of a family petald does not serve, or one
+    that asks for a feature petald does not implement (``kernels/models/features.py``)."""
     try:
-        family_of(config)
-    except UnsupportedArchitecture as exc:
+        check_features(config)
+    except (UnsupportedArchitecture, UnsupportedFeature) as exc:
         raise ModelSourceError(f"{origin}: {exc}") from None

@@ -1,0 +1,36 @@
+"""A block's attention arithmetic: torch's ``scaled_dot_product_attention``, or, for a family whose
+scores are soft-capped (Gemma 2: ``cap * tanh(scores / cap)`` before the mask and softmax), the same
+steps written out, which no fused kernel offers.
+
+The written-out form follows transformers' eager attention for such models: scores in the compute
+dtype, capped, masked, softmax in float32, back to the compute dtype, times the values. It is the
+torch fallback a soft-capped family's decode steps take instead of petald's C kernel
+(``TransformerBlock.native_decode`` is None for it; benchmarks.md, "Soft-capped attention").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float | None, softcap: float | None, is_causal: bool = False,
+                    enable_gqa: bool = False) -> torch.Tensor:
+    """Attention of ``q`` [..., heads, T, d] over ``k``, ``v`` [..., kv_heads, S, d] (as torch's
+    ``scaled_dot_product_attention`` takes them): ``mask`` (True = attend) or ``is_causal``, scores
+    scaled by ``scale`` (None: d ** -0.5) and soft-capped at ``softcap`` (None: not capped)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        t, s = q.shape[-2], k.shape[-2]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
