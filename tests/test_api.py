@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -92,7 +93,7 @@ def swarm(tmp_path_factory):
         finally:
             del os.environ["NOTIFY_SOCKET"]
         daemon = Daemon(["--initial-peers", servers.addresses[0], "--model", str(model), "--socket",
-                         str(daemon_socket), "--http", "127.0.0.1:0"], dict(env, NOTIFY_SOCKET=str(notify_path)))
+                         str(daemon_socket), "--http", "127.0.0.1:0", "-v"], dict(env, NOTIFY_SOCKET=str(notify_path)))
         try:
             daemon.wait_ready()
             yield Swarm(model, servers, server_socket, daemon, daemon_socket, notify, env, server_notify)
@@ -291,6 +292,20 @@ def test_curl_on_the_daemon_socket(swarm):
     assert chunks[-1]["finish_reason"] == ("stop" if len(new) < 4 else "length")
     # The same API on TCP.
     assert httpx.get(f"{swarm.daemon.http}/v1/models").json()["data"][0]["id"].startswith("tinychat@")
+
+
+def test_the_daemon_logs_each_request_with_v(swarm):
+    """``petald daemon -v``: one line per request, once its response has ended."""
+    assert curl(swarm.daemon_socket, "/health")[0] == 200
+    assert curl(swarm.daemon_socket, "/no/such/endpoint")[0] == 404
+    pattern = re.compile(r"INFO petald\.api\.requests: GET (/health 200|/no/such/endpoint 404) \d+\.\d{3} s$")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        logged = {m.group(1) for m in map(pattern.search, list(swarm.daemon.output)) if m}
+        if logged == {"/health 200", "/no/such/endpoint 404"}:
+            break
+        time.sleep(0.1)
+    assert logged == {"/health 200", "/no/such/endpoint 404"}, swarm.daemon.output[-10:]
 
 
 def test_a_servers_api_stores_its_lm_head_as_told(swarm, tmp_path):

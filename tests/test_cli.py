@@ -52,6 +52,8 @@ USAGE_ERRORS = [
     (["generate", "hi", *A_PEER, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "give either --initial-peers "
      "(find servers in the swarm) or --peers (use exactly these servers), not both"),
     (["generate", "", *A_PEER], "the prompt is empty"),
+    (["generate", "hi", "--max-new-tokens", "100000000", *A_PEER], "--max-new-tokens 100000000 leaves no room "
+     "for a prompt: the model's context is 512 tokens; give at most 511"),
     (["generate", "hi", "there", *A_PEER], "unexpected arguments ['there']: quote the prompt, and give peers as "
      "multiaddrs"),
     (["generate", "hi", "--top-p", "0", *A_PEER], "Invalid value for '--top-p': 0.0 is not in the range 0.0<x<=1.0."),
@@ -199,3 +201,29 @@ def test_even_spans_cover_every_block_once():
         spans = [tuple(map(int, s.split(":"))) for s in even_spans(blocks, servers)]
         assert spans[0][0] == 0 and spans[-1][1] == blocks and len(spans) == servers
         assert all(a < b for a, b in spans) and all(p[1] == q[0] for p, q in zip(spans, spans[1:], strict=False))
+
+
+def test_a_log_line_never_lands_inside_streamed_text():
+    """A failover warning while a generation streams: on stderr, on a line of its own, once."""
+    import io
+    import logging
+
+    from petald.cli.logs import OwnLineHandler, StreamedLine
+
+    line, stderr = StreamedLine(), io.StringIO()
+    handler = OwnLineHandler(stderr, line)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("petald.test.own_line")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("before any text")
+        line.wrote("Once upon")  # what text_generation.show notes of the text it prints
+        logger.warning("server ..abc failed")
+        logger.warning("blocks 0:3 recovered")
+        line.wrote(" a time\n")
+        logger.warning("after the line")
+    finally:
+        logger.removeHandler(handler)
+    assert stderr.getvalue() == ("WARNING before any text\n\nWARNING server ..abc failed\n"
+                                 "WARNING blocks 0:3 recovered\nWARNING after the line\n")

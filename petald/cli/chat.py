@@ -14,6 +14,7 @@ from petald.cli.text_generation import (
     daemon_request,
     print_daemon_stream,
     print_generated,
+    show,
 )
 
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -66,6 +67,5 @@ def run_chat(reply: Reply, sampling: Sampling, system: str | None, stdin: TextIO
             continue
         history.append({"role": "user", "content": text})
         answer = reply(history, sampling, out)
-        out.write("\n")
-        out.flush()
+        show(out, "\n")
         history.append({"role": "assistant", "content": answer})

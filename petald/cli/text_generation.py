@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
+from petald.cli.logs import STDOUT_LINE
 from petald.cli.text_assembler import TextAssembler
 
 if TYPE_CHECKING:
@@ -38,8 +39,7 @@ def print_generated(model: Any, ids: Any, sampling: Sampling, out: TextIO) -> li
     text = TextAssembler(lambda new: tokenizer.decode(new, skip_special_tokens=True), stop=())
 
     def print_token(column: Any) -> None:
-        out.write(text.add(int(column[0])))
-        out.flush()
+        show(out, text.add(int(column[0])))
 
     result = model.generate(ids, max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
                             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
@@ -58,9 +58,15 @@ def generate_text(model: Any, prompt: str, sampling: Sampling, chat: bool, out: 
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     new = print_generated(model, ids, sampling, out)
-    out.write("\n")
-    out.flush()
+    show(out, "\n")
     return new
+
+
+def show(out: TextIO, text: str) -> None:
+    """Print streamed text now, noting for the log whether its line is left open (``logs.py``)."""
+    out.write(text)
+    out.flush()
+    STDOUT_LINE.wrote(text)
 
 
 def daemon_request(sampling: Sampling, model: str | None) -> dict[str, Any]:
@@ -80,6 +86,5 @@ def print_daemon_stream(daemon: DaemonClient, path: str, body: dict[str, Any], o
     pieces = []
     for piece in daemon.stream(path, body):
         pieces.append(piece)
-        out.write(piece)
-        out.flush()
+        show(out, piece)
     return "".join(pieces)

@@ -26,12 +26,14 @@ import msgpack
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from petald.cli.api.backend import GenerationEnd, GenerationRequest, ModelBackend, TextPiece
 from petald.cli.api.errors import ApiError, as_api_error, bad_request
+from petald.cli.api.request_log import RequestLog
 from petald.p2pnode.swarm.swarm_map import ModelMap
 from petald.protocol.limits import MAX_BATCH, MAX_FRAME_BYTES, WIRE_DTYPES
 from petald.protocol.tensors import decode_tensor, encode_tensor
@@ -141,7 +143,8 @@ def make_app(context: ApiContext) -> Starlette:
     routes = [Route(path, _answering_errors(endpoint), methods=[method]) for path, method, endpoint in endpoints]
     # The Exception handler is a last resort: Starlette re-raises after it, so the server logs
     # the traceback; every expected error is answered by _answering_errors without one.
-    return Starlette(routes=routes, exception_handlers={Exception: api_error, HTTPException: http_error})
+    return Starlette(routes=routes, exception_handlers={Exception: api_error, HTTPException: http_error},
+                     middleware=[Middleware(RequestLog)])
 
 
 def _answering_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

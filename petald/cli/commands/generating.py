@@ -76,6 +76,7 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
             daemon_request,
             generate_text,
             print_daemon_stream,
+            show,
         )
 
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
@@ -90,10 +91,10 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
                                         {**body, "messages": [{"role": "user", "content": prompt}]}, sys.stdout)
                 else:
                     print_daemon_stream(daemon, "/v1/completions", {**body, "prompt": prompt}, sys.stdout)
-                sys.stdout.write("\n")
+                show(sys.stdout, "\n")
             return
         with _client_node(direct_peers, swarm_peers, model, socket, wire, step_timeout,
-                          recovery_timeout, adapter, head_quant) as dm:
+                          recovery_timeout, adapter, head_quant, max_new_tokens) as dm:
             if verbose:
                 click.echo(f"route: {dm.route().describe()}", err=True)
             generate_text(dm, prompt, sampling, chat)
@@ -128,7 +129,7 @@ def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_da
                 run_chat(reply_through_daemon(daemon, _daemon_model_name(ctx, model)), sampling, system_prompt)
             return
         with _client_node(peers, initial_peers, model, socket, wire, step_timeout,
-                          recovery_timeout, adapter, head_quant) as dm:
+                          recovery_timeout, adapter, head_quant, max_new_tokens) as dm:
             run_chat(reply_through_model(dm), sampling, system_prompt)
 
     run_command(run, debug)
@@ -186,15 +187,23 @@ def _pick_daemon(ctx: click.Context, use_daemon: bool | None, socket: str | None
 
 def _client_node(peers: list[str], initial_peers: list[str], model: str | None, socket: str | None,
                  wire: str, step_timeout: float, recovery_timeout: float, adapter: str | None,
-                 head_quant: str) -> DistributedModel:
-    """A client node of this command's own (no daemon): the servers given, or the swarm's."""
+                 head_quant: str, max_new_tokens: int) -> DistributedModel:
+    """A client node of this command's own (no daemon): the servers given, or the swarm's.
+    ``max_new_tokens`` beyond the model's context is refused before joining the swarm."""
     if not peers and not initial_peers:
         raise click.UsageError(f"no local daemon answers on {socket_path(socket)}, and no swarm was given: give "
                                "any node of the swarm with --initial-peers MULTIADDR (or the servers themselves "
                                "with --peers MULTIADDR ...), or start a daemon (petald serve / petald daemon)")
+    from petald.kernels.sources.open_source import open_source
     from petald.p2pnode.client.distributed_model import DistributedModel
+    from petald.p2pnode.client.request_checks import context_length
 
-    return DistributedModel(peers, model, initial_peers=initial_peers, wire=wire,
+    source = open_source(model)
+    context = context_length(source.config)
+    if max_new_tokens >= context:  # a prompt holds one token at least
+        raise click.UsageError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's "
+                               f"context is {context} tokens; give at most {context - 1}")
+    return DistributedModel(peers, source, initial_peers=initial_peers, wire=wire,
                             step_timeout=step_timeout,
                             recovery_timeout=recovery_timeout, adapter=adapter, head_quant=head_quant)
 

@@ -31,6 +31,7 @@ from petald.p2pnode.client.failover import (
     HopFailed,
     Recovery,
     RouteFinder,
+    never_succeeds,
 )
 from petald.p2pnode.client.link_bandwidth import LinkBandwidths
 from petald.p2pnode.client.remote_span import RemoteSpanSession
@@ -166,7 +167,7 @@ class InferenceSession:
                     # every step must see its ban grow.
                     self.bans.forgive(link.hop.server.peer_id)
             except SERVER_FAILURES as exc:
-                if self.find_route is None:
+                if self.find_route is None or never_succeeds(exc):
                     raise
                 deadline = self.failover.deadline() if deadline is None else deadline
                 await self._replace(index, exc, deadline)

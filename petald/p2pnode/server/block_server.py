@@ -86,7 +86,8 @@ class BlockServer:
     def info(self) -> ServerInfo:
         span = self.span
         return span_info(self.identity, span.start, span.end, span.dtype, span.quant, span.hidden_size,
-                         self.limits.max_length, self.pool.free_tokens, span.adapters)
+                         self.limits.max_length, self.pool.free_tokens, span.adapters,
+                         self.pool.capacity_tokens)
 
     async def _handle_info(self, stream: INetStream) -> None:
         framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=self.limits.open_timeout)

@@ -107,7 +107,10 @@ class InferenceSessions:
             log.info("session %d from ..%s refused: %s", session_id, peer, err)
             await send_error(framed, err.code, err.message)
         except CacheFullError as err:
-            await send_error(framed, ErrorCode.CACHE_FULL, str(err))
+            # Over the whole budget, the session can never be admitted here: the client must not wait for room.
+            pool = server.pool
+            never = pool.pages_for_tokens(request.batch, request.max_length, pool.page_size) > pool.num_pages
+            await send_error(framed, ErrorCode.TOO_LARGE if never else ErrorCode.CACHE_FULL, str(err))
         except PeerGone as err:
             log.info("session %d from ..%s: peer gone (%s)", session_id, peer, err)
         except Exception:  # a bug must cost one session, never the server
@@ -144,7 +147,7 @@ class InferenceSessions:
         server.check_model(request.fingerprint, request.model_id, request.start, request.end)
         server.adapter(request.adapter)
         if request.max_length > server.limits.max_length:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+            raise ProtocolError(ErrorCode.TOO_LARGE,
                                 f"max_length {request.max_length} exceeds this server's {server.limits.max_length}")
 
     async def _serve_session(self, inbox: SessionInbox, request: OpenSession, cache: SessionCache,

@@ -55,6 +55,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
+from petald.p2pnode.swarm.dropped_records import DroppedRecords
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.libp2p_internals import LIBP2P_REQUIREMENT
 from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
@@ -266,6 +267,7 @@ class SwarmDHT:
                                validator_changed=True)
         self.peer_id = host.get_id().to_base58()
         self._lookups = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
+        self._dropped = DroppedRecords()  # why invalid records were dropped, logged once each
 
     async def answer_queries(self, answer: bool) -> None:
         """Switch between server mode (answers other nodes' queries) and client mode (only asks):
@@ -390,14 +392,13 @@ class SwarmDHT:
                     nursery.start_soon(ask, holder)
         return max(records, key=lambda r: r.issued_at, default=None)
 
-    @staticmethod
-    def _valid_records(values: list[bytes], peer: ID) -> list[ServerAnnouncement]:
+    def _valid_records(self, values: list[bytes], peer: ID) -> list[ServerAnnouncement]:
         records = []
         for value in values:
             try:
                 records.append(verify_announcement(value, expected_peer=peer.to_base58()))
             except InvalidAnnouncement as exc:
-                log.info("dropping a record: %s", exc)
+                self._dropped.drop(value, exc)
         return records
 
     async def announcements(self, keys: Iterable[bytes]) -> list[ServerAnnouncement]:
