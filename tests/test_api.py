@@ -308,6 +308,80 @@ def test_the_daemon_logs_each_request_with_v(swarm):
     assert logged == {"/health 200", "/no/such/endpoint 404"}, swarm.daemon.output[-10:]
 
 
+def scrape(socket_path: Path) -> dict[tuple[str, tuple], float]:
+    """``GET /metrics``, parsed by prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = curl(socket_path, "/metrics")
+    assert status == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def _refused_open(swarm: Swarm, max_length: int) -> dict:
+    """An open of ``max_length`` tokens sent to the API's own server (blocks 3:6); its error frame."""
+    import trio
+    from libp2p.custom_types import TProtocol
+
+    from petald.kernels.sources.open_source import open_source
+    from petald.p2pnode.client.node_thread import NodeThread
+    from petald.p2pnode.transport.framed_stream import FramedStream
+    from petald.p2pnode.transport.host import parse_peer_address
+    from petald.p2pnode.transport.identity import load_or_create_identity
+    from petald.protocol.limits import INFERENCE_PROTOCOL
+    from petald.protocol.messages import OpenSession
+
+    identity = open_source(str(swarm.model)).identity
+    peer = parse_peer_address(swarm.servers.addresses[1])
+    node = NodeThread(load_or_create_identity(None))
+
+    async def open_too_long() -> dict:
+        with trio.fail_after(30):
+            await node.host.connect(peer)
+            framed = FramedStream(await node.host.new_stream(peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)]))
+            await framed.send(OpenSession(identity.model_id, identity.fingerprint, 3, 6, 1, max_length).to_wire())
+            reply = await framed.receive()
+            await framed.close()
+            return reply
+
+    try:
+        return node.call(open_too_long)
+    finally:
+        node.stop()
+
+
+def test_metrics_count_what_the_node_did(swarm):
+    """``GET /metrics`` on a server's API: its blocks' sessions and steps, its API client's tokens,
+    what crossed the wire, refusals by reason, in Prometheus' text format."""
+    before = scrape(swarm.server_socket)
+    status, body = curl(swarm.server_socket, "/v1/completions", "-H", "content-type: application/json", "-d",
+                        json.dumps({"prompt": "The sky is", "max_tokens": 5, "temperature": 0}))
+    assert status == 200
+    tokens = json.loads(body)["usage"]["completion_tokens"]
+    assert _refused_open(swarm, 100_000)["code"] == "too_large"
+    after = scrape(swarm.server_socket)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("petald_tokens_generated_total") == tokens
+    assert grew("petald_client_sessions_total") == 1 and grew("petald_server_sessions_total") == 1
+    assert grew("petald_server_steps_total") == tokens  # the prompt's step, then one per token but the last
+    assert grew("petald_server_step_seconds_count") == tokens
+    assert grew("petald_client_step_seconds_count") == tokens
+    assert grew("petald_server_refusals_total", reason="too_large") == 1
+    assert grew("petald_client_failovers_total") == 0
+    assert grew("petald_wire_bytes_total", direction="in") > 0 and grew("petald_wire_bytes_total", direction="out") > 0
+    assert after[("petald_kv_pages", (("state", "total"),))] > 0
+    assert after[("petald_kv_pages", (("state", "reserved"),))] == 0  # every session closed, its pages freed
+    assert after[("petald_server_sessions_live", ())] == 0
+    assert after[("petald_dht_records", ())] >= 1  # its own record at least (others as the keys fall)
+    # The client daemon: a node of its own, whose registry holds no server's counts.
+    daemon = scrape(swarm.daemon_socket)
+    assert daemon[("petald_server_sessions_total", ())] == 0 and ("petald_kv_pages", (("state", "total"),)) not in daemon
+
+
 def test_a_servers_api_stores_its_lm_head_as_told(swarm, tmp_path):
     """``petald serve --head-quant bf16``: its API's model keeps the LM head in bfloat16 and answers."""
     api_socket = tmp_path / "bf16-head.sock"

@@ -23,6 +23,7 @@ from petald.cli.text_assembler import TextAssembler
 from petald.kernels.sampling import end_of_sequence_ids
 from petald.kernels.sources.model_source import ModelSource
 from petald.p2pnode.client.distributed_model import DistributedModel
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,15 @@ class ModelBackend:
     """
 
     def __init__(self, source: ModelSource, initial_peers: Sequence[str],
-                 make_model: Callable[[], DistributedModel] | None = None, head_quant: str = "none"):
+                 make_model: Callable[[], DistributedModel] | None = None, head_quant: str = "none",
+                 metrics: NodeMetrics | None = None):
+        """``metrics``: the node's, which the model counts into (None: the model's own)."""
         self.source = source
         self.identity = source.identity
         self.initial_peers = list(initial_peers)
         self.head_quant = head_quant
         self._make_model = make_model or (lambda: DistributedModel(model=source, initial_peers=self.initial_peers,
-                                                                   head_quant=head_quant))
+                                                                   head_quant=head_quant, metrics=metrics))
         self._model: DistributedModel | None = None
         self._creating = trio.Lock()
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_GENERATIONS)

@@ -6,6 +6,7 @@ native msgpack endpoint that runs a span of remote blocks on the caller's hidden
     POST /v1/completions         OpenAI completions (``stream: true``: server-sent events)
     POST /v1/chat/completions    OpenAI chat completions (likewise)
     GET  /v1/swarm               the swarm map as JSON (what ``petald swarm --json`` prints)
+    GET  /metrics                the node's metrics, Prometheus' text format (``metrics_endpoint.py``)
     POST /petald/v1/run_blocks   msgpack {start, end, hidden: tensor} -> {hidden: tensor}
 
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx
@@ -33,8 +34,10 @@ from starlette.routing import Route
 
 from petald.cli.api.backend import GenerationEnd, GenerationRequest, ModelBackend, TextPiece
 from petald.cli.api.errors import ApiError, as_api_error, bad_request
+from petald.cli.api.metrics_endpoint import metrics_endpoint
 from petald.cli.api.request_log import RequestLog
 from petald.p2pnode.swarm.swarm_map import ModelMap
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.protocol.limits import MAX_BATCH, MAX_FRAME_BYTES, WIRE_DTYPES
 from petald.protocol.tensors import decode_tensor, encode_tensor
 
@@ -54,6 +57,7 @@ class ApiContext:
     read_swarm: Callable[[], Awaitable[list[ModelMap]]]
     role: str  # "server" or "client"
     details: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # the node's: its server's and its client's
     started_at: float = field(default_factory=time.time)
 
 
@@ -139,7 +143,7 @@ def make_app(context: ApiContext) -> Starlette:
     endpoints = [("/health", "GET", health), ("/v1/models", "GET", models),
                  ("/v1/models/{name:path}", "GET", one_model), ("/v1/swarm", "GET", swarm),
                  ("/v1/completions", "POST", completions), ("/v1/chat/completions", "POST", chat_completions),
-                 ("/petald/v1/run_blocks", "POST", run_blocks)]
+                 ("/petald/v1/run_blocks", "POST", run_blocks), ("/metrics", "GET", metrics_endpoint(context.metrics))]
     routes = [Route(path, _answering_errors(endpoint), methods=[method]) for path, method, endpoint in endpoints]
     # The Exception handler is a last resort: Starlette re-raises after it, so the server logs
     # the traceback; every expected error is answered by _answering_errors without one.

@@ -51,6 +51,7 @@ from petald.p2pnode.transport.address_dialer import UnansweredAddresses, connect
 from petald.p2pnode.transport.direct_upgrade import client_listen
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import WIRE_VERSION
@@ -72,13 +73,16 @@ class DistributedModel:
     (exactly the servers to use, no DHT)."""
 
     def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
-                 initial_peers: Sequence[str] = (), options: ClientOptions | None = None, **settings: Any):
+                 initial_peers: Sequence[str] = (), options: ClientOptions | None = None,
+                 metrics: NodeMetrics | None = None, **settings: Any):
         """``settings`` are ``ClientOptions`` fields by name (``wire="int8"``, ``push=False``,
         ...), applied over ``options`` (default: ``ClientOptions()``); an unknown name is a TypeError.
         ``step_timeout`` bounds each server's answer (a hung server is replaced after it);
         ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
         ``model.options`` may be replaced later for the timeouts, the wire, the adapter and pushes
-        (read at each use); ``head_quant`` and ``connect_timeout`` take effect here only."""
+        (read at each use); ``head_quant`` and ``connect_timeout`` take effect here only.
+        ``metrics``: the node's, which this client counts into (None: its own, ``model.metrics``)."""
+        self.metrics = metrics or NodeMetrics()
         self.options = dataclasses.replace(options or ClientOptions(), **settings)
         if not peers and not initial_peers:
             raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
@@ -288,14 +292,18 @@ class DistributedModel:
                                    find_route, self.bans, deep_prompts, self.bandwidths)
         try:
             self.node.call(session.open)
+            self.metrics.client_sessions.inc()
             yield session
         finally:
             self.node.call(session.close)
             self.recoveries.extend(session.recoveries)
+            self.metrics.failovers.inc(len(session.recoveries))
+            self.metrics.count_wire(session.bytes_received, session.bytes_sent)
 
     def _step(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
         """Send ``hidden`` through the session in chunks; returns the last hop's output."""
-        outs = [self.node.call(session.step, part) for part in token_chunks(hidden)]
+        with self.metrics.client_step_seconds.time():
+            outs = [self.node.call(session.step, part) for part in token_chunks(hidden)]
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     # --- the API -------------------------------------------------------------------------------
@@ -348,6 +356,7 @@ class DistributedModel:
                 nxt = sample_next(logits, temperature if do_sample else 0.0, top_p, generator)
                 nxt = torch.where(finished, torch.as_tensor(self.config.pad_token_id or 0), nxt)
                 tokens.append(nxt[:, None])
+                self.metrics.tokens_generated.inc(int((~finished).sum()))
                 if streamer is not None:
                     streamer(nxt)
                 finished |= torch.isin(nxt, eos)

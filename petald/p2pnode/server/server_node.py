@@ -42,6 +42,7 @@ from petald.p2pnode.transport.host import (
 )
 from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
 from petald.p2pnode.transport.listen_port import refuse_taken_ports
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import MAX_ARRAY_LEN
 from petald.protocol.messages import ServerInfo
@@ -69,6 +70,7 @@ class ServeOptions:
     quant: str = "none"
     adapters: list[str] = field(default_factory=list)  # PEFT LoRA adapter directories to serve
     limits: ServerLimits = field(default_factory=ServerLimits)
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # the node's, for GET /metrics beside it
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
     num_blocks: int | None = None  # for --blocks auto
@@ -202,6 +204,7 @@ class ServerNode:
                 reach = ServerReachability(host, self.options.reachability, self.options.initial_peers,
                                            self.announce, direct_upgrade=self.options.direct_upgrade)
                 dht = SwarmDHT(host, key_pair, server_mode=True)
+                self.options.metrics.watch(self.options.metrics.dht_records, dht.stored_records)
                 async with dht.running():
                     await self._join(dht)
                     # Joined first, as every server does: the reachability check comes after, so that
@@ -338,7 +341,7 @@ class ServerNode:
         # end; new sessions get this one.
         if self.server is not None:
             self.retired.append(self.server)
-        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits)
+        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits, self.options.metrics)
         self.server.register(host)
 
     async def _free_retired_spans(self) -> None:

@@ -277,6 +277,10 @@ class SwarmDHT:
         for peer in known:  # the library empties the routing table on a switch to client mode
             await self.kad.routing_table.add_peer(peer, skip_server_mode_check=True)
 
+    def stored_records(self) -> int:
+        """Records this node holds for the swarm (its own and others')."""
+        return len(self.kad.value_store.store)
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[SwarmDHT]:
         async with background_trio_service(self.kad):
