@@ -15,6 +15,7 @@ import stat
 import subprocess
 import threading
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
@@ -380,6 +381,75 @@ def test_metrics_count_what_the_node_did(swarm):
     # The client daemon: a node of its own, whose registry holds no server's counts.
     daemon = scrape(swarm.daemon_socket)
     assert daemon[("petald_server_sessions_total", ())] == 0 and ("petald_kv_pages", (("state", "total"),)) not in daemon
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _Dom(HTMLParser):
+    """The rendered page: each element's text by id, and the attributes of every element."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.text: dict[str, str] = {}
+        self.elements: list[dict[str, str]] = []
+        self._open: list[str | None] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attributes = {k: v or "" for k, v in attrs}
+        self.elements.append(attributes)
+        if tag not in ("meta", "link", "br", "img", "input"):
+            self._open.append(attributes.get("id"))
+            if attributes.get("id"):
+                self.text[attributes["id"]] = ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._open and tag not in ("meta", "link", "br", "img", "input"):
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        for element_id in self._open:
+            if element_id:
+                self.text[element_id] += data
+
+
+def chromium(url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``url``, its scripts run for 8 s of virtual time (fetches pause it)."""
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=8000", *args, url],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_the_dashboard_shows_the_swarm_and_this_node(swarm, tmp_path):
+    """``GET /`` in a real browser: the page polls the node's figures and the swarm map and draws them."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium): the dashboard is tested in a browser")
+    status, page = curl(swarm.daemon_socket, "/")  # the socket serves it too
+    assert status == 200 and "<title>petald</title>" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # no external assets: works offline
+    status, body = curl(swarm.daemon_socket, "/v1/completions", "-H", "content-type: application/json", "-d",
+                        json.dumps({"prompt": "Hello", "max_tokens": 3, "temperature": 0}))
+    assert status == 200
+    health = json.loads(curl(swarm.daemon_socket, "/health")[1])
+    generated = health["tokens_generated"]
+    assert health["generations_total"] >= 1 and health["generations"] == 0 and health["tokens_per_s"] >= 0
+    rendered = chromium(f"{swarm.daemon.http}/", tmp_path, "--dump-dom")
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    dom = _Dom(rendered.stdout)
+    assert dom.text["status"].startswith("updated "), dom.text["status"]
+    assert dom.text["model"].startswith("tinychat@") and dom.text["role"] == "client daemon"
+    assert dom.text["node-tokens"] == str(generated) and dom.text["node-kv-pages"] == "no blocks"
+    assert dom.text["node-failovers"] == "0"
+    blocks = {int(e["data-block"]): int(e["data-servers"]) for e in dom.elements if "data-block" in e}
+    assert blocks == {b: 1 for b in range(6)}  # servers 0:3 and 3:6: every block held once
+    assert dom.text["coverage"] == "every block is served"
+    peers = {e["data-peer"] for e in dom.elements if "data-peer" in e}
+    assert peers == {a.rsplit("/p2p/", 1)[1] for a in swarm.servers.addresses}
+    assert page.count('class="tag ') == 0 and rendered.stdout.count('class="tag direct"') == 2  # drawn by the script
+    shot = tmp_path / "dashboard.png"
+    taken = chromium(f"{swarm.daemon.http}/", tmp_path, f"--screenshot={shot}", "--window-size=1280,900")
+    assert taken.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", taken.stderr[-2000:]
 
 
 def test_a_servers_api_stores_its_lm_head_as_told(swarm, tmp_path):

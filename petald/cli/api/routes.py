@@ -6,6 +6,8 @@ native msgpack endpoint that runs a span of remote blocks on the caller's hidden
     POST /v1/completions         OpenAI completions (``stream: true``: server-sent events)
     POST /v1/chat/completions    OpenAI chat completions (likewise)
     GET  /v1/swarm               the swarm map as JSON (what ``petald swarm --json`` prints)
+    GET  /                       the dashboard, one HTML page (``dashboard.py``)
+    GET  /petald/v1/node         this node's figures as JSON (what the dashboard polls)
     GET  /metrics                the node's metrics, Prometheus' text format (``metrics_endpoint.py``)
     POST /petald/v1/run_blocks   msgpack {start, end, hidden: tensor} -> {hidden: tensor}
 
@@ -33,6 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from petald.cli.api.backend import GenerationEnd, GenerationRequest, ModelBackend, TextPiece
+from petald.cli.api.dashboard import dashboard_endpoints
 from petald.cli.api.errors import ApiError, as_api_error, bad_request
 from petald.cli.api.metrics_endpoint import metrics_endpoint
 from petald.cli.api.request_log import RequestLog
@@ -69,7 +72,9 @@ def make_app(context: ApiContext) -> Starlette:
         return JSONResponse({"status": "ok", "role": context.role, "model": model_id,
                              "model_loaded": backend.model_loaded, "head_quant": backend.head_quant,
                              "generations": backend.generations_running,
+                             "generations_total": backend.generations_total,
                              "tokens_generated": backend.tokens_generated,
+                             "tokens_per_s": round(backend.token_rate.per_second(), 2),
                              "uptime_s": round(time.time() - context.started_at, 1), **context.details()})
 
     async def models(request: Request) -> Response:
@@ -143,7 +148,8 @@ def make_app(context: ApiContext) -> Starlette:
     endpoints = [("/health", "GET", health), ("/v1/models", "GET", models),
                  ("/v1/models/{name:path}", "GET", one_model), ("/v1/swarm", "GET", swarm),
                  ("/v1/completions", "POST", completions), ("/v1/chat/completions", "POST", chat_completions),
-                 ("/petald/v1/run_blocks", "POST", run_blocks), ("/metrics", "GET", metrics_endpoint(context.metrics))]
+                 ("/petald/v1/run_blocks", "POST", run_blocks), ("/metrics", "GET", metrics_endpoint(context.metrics)),
+                 *dashboard_endpoints(context)]
     routes = [Route(path, _answering_errors(endpoint), methods=[method]) for path, method, endpoint in endpoints]
     # The Exception handler is a last resort: Starlette re-raises after it, so the server logs
     # the traceback; every expected error is answered by _answering_errors without one.
