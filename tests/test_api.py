@@ -553,7 +553,9 @@ def test_generate_uses_the_daemon_and_falls_back_to_its_own_node(swarm):
     alone = petald(swarm, "generate", prompt, "--max-new-tokens", "8", "--model", str(swarm.model),
                    "--initial-peers", swarm.first)
     assert alone.exit_code == 0, alone.output
-    assert alone.stderr == "" and alone.stdout == expected + "\n"
+    assert alone.stderr == ("petald: joining the swarm through 1 initial peer(s)... (a daemon stays joined, so "
+                            "commands start at once: petald daemon --initial-peers ADDR)\n")
+    assert alone.stdout == expected + "\n"
     wired = petald(swarm, "generate", prompt, "--wire", "int8")  # the daemon's own client picks its wire
     assert wired.exit_code == 2 and wired.stderr.endswith(
         "\nError: --wire applies to a client node of this command's own: give the swarm with --initial-peers "
@@ -563,6 +565,34 @@ def test_generate_uses_the_daemon_and_falls_back_to_its_own_node(swarm):
     assert_refused(no_daemon, 2, f"no local daemon answers on {missing}, and no swarm was given: give any node of "
                                  "the swarm with --initial-peers MULTIADDR (or the servers themselves with --peers "
                                  "MULTIADDR ...), or start a daemon (petald serve / petald daemon)")
+
+
+STATS = re.compile(r"petald: (\d+) tokens in \d+\.\d\d s, \d+\.\d tokens/s after the first "
+                   r"\(first token after \d+\.\d\d s\); route: (.+)$")
+
+
+def test_generate_stats_say_tokens_speed_and_route(swarm):
+    prompt = "The capital of France is"
+    _, new = oracle_text(swarm, tokenizer(swarm)(prompt)["input_ids"], 6)
+    through_daemon = petald(swarm, "generate", prompt, "--max-new-tokens", "6", "--stats")
+    assert through_daemon.exit_code == 0, through_daemon.output
+    summary = STATS.match(through_daemon.stderr.splitlines()[-1])
+    assert summary and int(summary.group(1)) == len(new), through_daemon.stderr
+    assert summary.group(2) == f"through the local daemon at {swarm.daemon_socket}"
+    alone = petald(swarm, "generate", prompt, "--max-new-tokens", "6", "-v", "--model", str(swarm.model),
+                   "--initial-peers", swarm.first)
+    assert alone.exit_code == 0, alone.output
+    summary = STATS.match(alone.stderr.splitlines()[-1])
+    assert summary and int(summary.group(1)) == len(new), alone.stderr
+    hops = summary.group(2).split(" -> ")
+    assert [hop.split("@")[0] for hop in hops] == ["0:3", "3:6"], hops  # the two servers, each named
+
+
+def test_swarm_watch_redraws_the_table(swarm):
+    result = petald(swarm, "swarm", "--watch", "--interval", "0.1", "--count", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("petald swarm  (every 0.1 s, ") == 2 and result.stdout.count("every block is served") == 2
+    assert "\x1b[" not in result.stdout  # not a terminal: no screen clearing
 
 
 def test_generate_stops_at_any_of_a_list_of_end_of_sequence_ids(swarm, tmp_path):

@@ -22,12 +22,13 @@ A_PEER = ["--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"]
 # Errors a person can act on, said as one sentence after "petald: error: " (exit 1): (arguments,
 # the sentence, whether the model was opened first). {model}, {runtime}, {unreachable} are filled in.
 SENTENCES = [
-    (["serve", "--blocks", "0:99"], "--blocks '0:99': need 0 <= A < B <= 6 (this model has 6 blocks)", True),
-    (["serve", "--blocks", "x"], "--blocks 'x': expected A:B with integers (e.g. 0:15) or auto", True),
-    (["serve", "--blocks", "0:2", "--model", "/no/such/model"], "model '/no/such/model' not found: give a .gguf "
+    (["serve", "--blocks", "0:99", "--new-swarm"], "--blocks '0:99': need 0 <= A < B <= 6 (this model has 6 blocks)", True),
+    (["serve", "--blocks", "x", "--new-swarm"], "--blocks 'x': expected A:B with integers (e.g. 0:15) or auto",
+     False),
+    (["serve", "--blocks", "0:2", "--model", "/no/such/model", "--new-swarm"], "model '/no/such/model' not found: give a .gguf "
      "file, a Hugging Face directory, or 'smollm2'; loading from a model hub is not supported yet", True),
     (["serve", "--blocks", "0:2"], "a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), or "
-     "--new-swarm to start a new one", True),
+     "--new-swarm to start a new one", False),
     (["serve", "--blocks", "auto", "--num-blocks", "7", "--new-swarm"], "--num-blocks 7: this model has 6 blocks",
      True),
     ([*NEW_SWARM, "--http", "8080"], "--http '8080': expected HOST:PORT, e.g. 127.0.0.1:8080", False),
@@ -44,6 +45,10 @@ SENTENCES = [
 
 # Usage errors (exit 2, after click's usage lines), all before anything is opened.
 USAGE_ERRORS = [
+    ([*NEW_SWARM, "--listen", "0.0.0.0:31337"], "Invalid value for '--listen': '0.0.0.0:31337' is not a TCP "
+     "multiaddr: write it as /ip4/0.0.0.0/tcp/31337"),
+    (["daemon", "--listen", "localhost:4001"], "Invalid value for '--listen': 'localhost:4001' is not a TCP "
+     "multiaddr: write it as /ip4/ADDRESS/tcp/4001, with an IP address of this machine for localhost"),
     ([*NEW_SWARM, "--no-api", "--head-quant", "bf16"], "--head-quant sets how the local API's model stores its LM "
      "head; with --no-api there is none: drop one of the two"),
     (["generate", "hi"], f"no local daemon answers on {DEFAULT_SOCKET}, and no swarm was given: give any node of "
@@ -106,9 +111,12 @@ def test_daemon_asked_for_but_not_running(command):
 def test_unreachable_server_is_named(tiny_models):
     result = invoke("generate", "hi", "--peers", UNREACHABLE, "--model", str(tiny_models["llama"]))
     assert result.exit_code == 1 and result.stdout == ""
-    # the reason after the address is py-libp2p's own wording
-    assert result.stderr.startswith(f"petald: error: no usable server among the peers given:\n  {UNREACHABLE}: "
-                                    "unable to connect to 12D3KooW"), result.stderr
+    # What it did while the person waited, then the error; the reason after the address is py-libp2p's own wording.
+    said, error = result.stderr.split("\n", 1)
+    assert said == ("petald: connecting to 1 server(s)... (a daemon stays joined, so commands start at once: "
+                    "petald daemon --initial-peers ADDR)")
+    assert error.startswith(f"petald: error: no usable server among the peers given:\n  {UNREACHABLE}: "
+                            "unable to connect to 12D3KooW"), result.stderr
 
 
 def test_port_in_use_is_reported(tiny_models):
@@ -227,3 +235,49 @@ def test_a_log_line_never_lands_inside_streamed_text():
         logger.removeHandler(handler)
     assert stderr.getvalue() == ("WARNING before any text\n\nWARNING server ..abc failed\n"
                                  "WARNING blocks 0:3 recovered\nWARNING after the line\n")
+
+
+# --- several servers on one machine ---------------------------------------------------------------
+
+def test_a_second_server_leaves_the_default_socket_to_the_first(tmp_path, monkeypatch):
+    """The default socket taken by a live petald: a server goes on without it and says so once;
+    a socket given explicitly stays an error, whose hint names the command's own options."""
+    from petald.cli.api.unix_socket import SocketInUseError, claim_socket, default_socket_path
+    from petald.cli.options import api_listen
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    first, _ = claim_socket(default_socket_path())  # the first server's API, alive
+    said: list[str] = []
+    try:
+        assert api_listen(None, None, None, "serve", said.append) is None  # nothing left to serve
+        with_http = api_listen(None, None, "127.0.0.1:0", "serve", said.append)
+        assert with_http is not None and with_http.socket_path is None and with_http.http == "127.0.0.1:0"
+        assert said == [f"the local API's default socket {default_socket_path()} is another petald's: this one "
+                        "serves without it (give --socket PATH for an API of its own)"] * 2
+        for command, hint in [("serve", "stop it, or give this one another --socket (or --no-api)"),
+                              ("daemon", "stop it (one daemon serves every command of this machine), or give "
+                                         "this one another --socket")]:
+            with pytest.raises(SocketInUseError) as err:
+                api_listen(str(default_socket_path()), None, None, command, said.append)
+            assert str(err.value) == f"another petald daemon is already serving its API on {default_socket_path()}: {hint}"
+    finally:
+        first.close()
+
+
+def test_a_taken_http_port_fails_before_joining(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = invoke("daemon", "--initial-peers", UNREACHABLE, "--socket", str(tmp_path / "api.sock"),
+                        "--http", f"127.0.0.1:{port}")
+    assert_refused(result, 1, f"petald: error: --http 127.0.0.1:{port}: cannot listen there (Address already in "
+                              "use): another petald or another program holds the port; choose another --http port, "
+                              "or stop what holds it")
+    assert result.stdout == ""  # refused before the model was opened or the swarm dialled
+
+
+def test_a_bad_environment_value_is_named_as_the_variable(tiny_models):
+    result = invoke(*NEW_SWARM, "--model", str(tiny_models["llama"]), env={"PETALD_MAX_LENGTH": "abc"})
+    assert result.exit_code != 0 and result.stdout == ""  # before anything is opened
+    assert result.stderr.strip().endswith("PETALD_MAX_LENGTH='abc': 'abc' is not a valid integer."), result.stderr

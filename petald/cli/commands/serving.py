@@ -94,10 +94,10 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
         from petald.p2pnode.server.server_node import ServeOptions, serve
         from petald.p2pnode.transport.node_metrics import NodeMetrics
 
-        api = None if no_api else api_listen(socket, socket_group, http)
+        say = announcer()
+        api = None if no_api else api_listen(socket, socket_group, http, "serve", say)
         if threads:
             torch.set_num_threads(threads)
-        say = announcer()
         progress = ProgressDisplay(say)
         metrics = NodeMetrics()  # the node's: its blocks' and its API's client's, on GET /metrics
         options = ServeOptions(model=model, blocks=blocks, listen=list(listen), announce_addrs=announce,
@@ -145,7 +145,7 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, h
         peers = addresses(initial_peers)
         if not peers:
             raise click.UsageError("a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)")
-        api = api_listen(socket, socket_group, http)
+        api = api_listen(socket, socket_group, http, "daemon")
         refuse_taken_ports(list(listen))  # before the model is opened
         say = announcer()
         say(f"opening model {describe_model(model)}")

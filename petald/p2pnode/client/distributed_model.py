@@ -74,15 +74,18 @@ class DistributedModel:
 
     def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
                  initial_peers: Sequence[str] = (), options: ClientOptions | None = None,
-                 metrics: NodeMetrics | None = None, **settings: Any):
+                 metrics: NodeMetrics | None = None, progress: Callable[[str], None] | None = None,
+                 **settings: Any):
         """``settings`` are ``ClientOptions`` fields by name (``wire="int8"``, ``push=False``,
         ...), applied over ``options`` (default: ``ClientOptions()``); an unknown name is a TypeError.
         ``step_timeout`` bounds each server's answer (a hung server is replaced after it);
         ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
         ``model.options`` may be replaced later for the timeouts, the wire, the adapter and pushes
         (read at each use); ``head_quant`` and ``connect_timeout`` take effect here only.
-        ``metrics``: the node's, which this client counts into (None: its own, ``model.metrics``)."""
+        ``metrics``: the node's, which this client counts into (None: its own, ``model.metrics``);
+        ``progress(text)`` hears what it does while a person waits (None: logged at INFO)."""
         self.metrics = metrics or NodeMetrics()
+        self._say = progress or (lambda text: log.info("%s", text))
         self.options = dataclasses.replace(options or ClientOptions(), **settings)
         if not peers and not initial_peers:
             raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
@@ -95,16 +98,17 @@ class DistributedModel:
         self.bandwidths = LinkBandwidths()  # each server's link as measured: sessions opened later choose by it
         self.unanswered = UnansweredAddresses()  # announced addresses not dialled again for a while
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
+        self.last_route: SpanRoute | None = None  # the route of the last inference session as it ended
         self._tokenizer: Any = None
         upgrade = self.options.direct_upgrade
+        list(map(parse_peer_address, peers))  # a bad address is refused before anything is said or dialled
+        self._say(f"joining the swarm through {len(initial_peers)} initial peer(s)" if initial_peers
+                  else f"connecting to {len(peers)} server(s)")
         self.node = NodeThread(load_or_create_identity(None), client_listen([*initial_peers, *peers], upgrade),
                                with_dht=bool(initial_peers), direct_upgrade=upgrade)
-        connect_timeout = self.options.connect_timeout
         try:
-            if initial_peers:
-                self.servers = self.node.call(self._discover, list(initial_peers), connect_timeout)
-            else:
-                self.servers = self.node.call(self._connect_all, list(peers), connect_timeout)
+            find = self._discover if initial_peers else self._connect_all
+            self.servers = self.node.call(find, list(initial_peers or peers), self.options.connect_timeout)
         except BaseException:
             self.node.stop()
             raise
@@ -236,7 +240,7 @@ class DistributedModel:
         # What the client knew before it last looked may be dead: a server that failed comes back
         # only once a fresh look at the swarm finds it alive.
         self.servers = [s for s in self.servers if not self.bans.has_failed(s.peer_id)]
-        looked = False
+        looked = waiting = False
         adapter = self.options.adapter
         while True:
             usable = [s for s in self.servers if not self.bans.is_banned(s.peer_id)
@@ -260,6 +264,10 @@ class DistributedModel:
                                    f"have no reachable server{holding} ({waited}); start a server for them "
                                    "or raise the recovery timeout", missing.uncovered) from None
             if looked:
+                if not waiting:  # once per wait: a person at a terminal sees why nothing happens yet
+                    waiting = True
+                    self._say(f"waiting for a server for blocks {format_block_ranges(missing.uncovered)} of "
+                              f"{self.identity.model_id} (up to {deadline - trio.current_time():.0f} s)")
                 await trio.sleep(max(0.0, min(RETRY_PERIOD_S, deadline - trio.current_time())))
             with trio.move_on_after(max(0.1, deadline - trio.current_time())):
                 self.servers = await self._refresh_servers()
@@ -296,6 +304,7 @@ class DistributedModel:
             yield session
         finally:
             self.node.call(session.close)
+            self.last_route = SpanRoute(tuple(link.hop for link in session.links))
             self.recoveries.extend(session.recoveries)
             self.metrics.failovers.inc(len(session.recoveries))
             self.metrics.count_wire(session.bytes_received, session.bytes_sent)

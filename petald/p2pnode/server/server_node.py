@@ -88,14 +88,17 @@ class ServeOptions:
     progress: Callable[[str, int, int], None] | None = None
 
 
-def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
-    """``A:B`` (B exclusive), ``A:`` for the rest, ``:B`` from the start."""
+def parse_blocks(text: str, num_blocks: int | None) -> tuple[int, int]:
+    """``A:B`` (B exclusive), ``A:`` for the rest, ``:B`` from the start. ``num_blocks`` None: the
+    form alone is checked (before the model is opened; the range once it is)."""
     start_text, sep, end_text = text.partition(":")
     try:
         start = int(start_text) if start_text else 0
-        end = int(end_text) if end_text else num_blocks
+        end = int(end_text) if end_text else (num_blocks or 0)
     except ValueError:
         raise ValueError(f"--blocks {text!r}: expected A:B with integers (e.g. 0:15) or auto") from None
+    if num_blocks is None:
+        return start, end
     if not sep or not 0 <= start < end <= num_blocks:
         raise ValueError(f"--blocks {text!r}: need 0 <= A < B <= {num_blocks} (this model has {num_blocks} blocks)")
     return start, end
@@ -124,6 +127,12 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     quiet_libp2p_logs()
     address_plan(options.listen, options.initial_peers, options.announce_addrs)  # bad --announce: fail before loading
     refuse_taken_ports(options.listen)  # and a port in use too (running_host checks again)
+    # What needs no model is checked before it is opened (a large one takes a while).
+    if not options.initial_peers and not options.new_swarm:
+        raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
+                         "or --new-swarm to start a new one")
+    if options.blocks != "auto":
+        parse_blocks(options.blocks, None)
     announce(f"opening model {describe_model(options.model)}")
     source = open_source(options.model)
     device = resolve_device(options.device)
@@ -135,9 +144,6 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     else:
         fixed = parse_blocks(options.blocks, source.identity.num_blocks)
         length = fixed[1] - fixed[0]
-    if not options.initial_peers and not options.new_swarm:
-        raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
-                         "or --new-swarm to start a new one")
     key_pair = load_or_create_identity(options.identity)
     node = ServerNode(options, source, dtype, device, announce, adapter_names)
     try:
