@@ -281,3 +281,19 @@ def test_a_bad_environment_value_is_named_as_the_variable(tiny_models):
     result = invoke(*NEW_SWARM, "--model", str(tiny_models["llama"]), env={"PETALD_MAX_LENGTH": "abc"})
     assert result.exit_code != 0 and result.stdout == ""  # before anything is opened
     assert result.stderr.strip().endswith("PETALD_MAX_LENGTH='abc': 'abc' is not a valid integer."), result.stderr
+
+
+def test_install_service_checks_the_arguments_it_writes(monkeypatch):
+    result = invoke("install-service", "--print", "--", "--listen", "0.0.0.0:31337", "--new-swarm")
+    assert_refused(result, 2, "petald serve would refuse these arguments: Invalid value for '--listen': "
+                              "'0.0.0.0:31337' is not a TCP multiaddr: write it as /ip4/0.0.0.0/tcp/31337")
+    result = invoke("install-service", "--print", "--", "--blocks", "auto")
+    assert_refused(result, 2, "petald serve needs to know its swarm: add --initial-peers ADDR (any node of the "
+                              "swarm), or --new-swarm after --")
+    result = invoke("install-service", "--print", "--", "daemon", "--max-length", "5")
+    assert_refused(result, 2, "petald daemon would refuse these arguments: No such option '--max-length'.")
+    monkeypatch.setattr("sys.executable", "/tmp/venv/bin/python")
+    result = invoke("install-service", "--print", "--", "--new-swarm")
+    assert result.exit_code == 0 and "ExecStart=/tmp/venv/bin/python -m petald.cli.main serve" in result.stdout
+    assert result.stderr == ("petald: warning: the unit runs /tmp/venv/bin/python, under tmp/, which its "
+                             "PrivateTmp=yes hides from the service: install petald in a virtualenv elsewhere first\n")
