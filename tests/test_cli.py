@@ -181,15 +181,15 @@ def test_chat_keeps_the_history_and_forgets_it_on_reset():
 
     asked: list[list[dict[str, str]]] = []
 
-    def reply(messages, sampling, out) -> str:
+    def reply(messages, sampling, out, stop) -> str:
         asked.append([dict(m) for m in messages])
         answer = f"answer {len(asked)}"
         out.write(answer)
         return answer
 
     out = io.StringIO()
-    run_chat(reply, Sampling(8, 0.0, 1.0, None), "Be brief.", io.StringIO("hi\n\nmore\n/reset\nagain\n/exit\nlost\n"),
-             out)
+    run_chat(reply, Sampling(8, 0.0, 1.0, None), "Be brief.",
+             io.StringIO("hi\n\nmore\n/rest\n/reset\nagain\n/exit\nlost\n"), out)
     system = {"role": "system", "content": "Be brief."}
     assert asked == [
         [system, {"role": "user", "content": "hi"}],
@@ -197,7 +197,46 @@ def test_chat_keeps_the_history_and_forgets_it_on_reset():
          {"role": "user", "content": "more"}],
         [system, {"role": "user", "content": "again"}],
     ]
-    assert out.getvalue() == "answer 1\nanswer 2\n(conversation forgotten)\nanswer 3\n"
+    assert out.getvalue() == ("answer 1\nanswer 2\n(unknown command /rest: /reset forgets the conversation, /exit "
+                              "or Ctrl-D ends it, Ctrl-C stops an answer; a message that starts with / is sent as "
+                              "//message)\n(conversation forgotten)\nanswer 3\n")
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_chat():
+    """The first Ctrl-C (a real SIGINT) ends the answer at its next token and the chat goes on
+    without that question; a second one during an answer interrupts at once."""
+    import io
+    import signal
+
+    from petald.cli.chat import run_chat
+    from petald.cli.text_generation import Sampling, check_stop
+
+    asked: list[list[str]] = []
+
+    def reply(messages, sampling, out, stop) -> str:  # prints like print_generated: a stop check per token
+        asked.append([m["content"] for m in messages])
+        words = ["one", " two", " three"]
+        for i, word in enumerate(words):
+            check_stop(stop)
+            out.write(word)
+            if messages[-1]["content"] == "stop me" and i == 0:
+                signal.raise_signal(signal.SIGINT)
+        return "".join(words)
+
+    out = io.StringIO()
+    run_chat(reply, Sampling(8, 0.0, 1.0, None), None, io.StringIO("hi\nstop me\nagain\n"), out)
+    assert asked == [["hi"], ["hi", "one two three", "stop me"], ["hi", "one two three", "again"]]
+    assert out.getvalue() == ("one two three\none\n(answer stopped; that question is forgotten)\n"
+                              "one two three\n")
+
+    def stuck(messages, sampling, out, stop) -> str:  # a server that hangs: no next token to stop at
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return "never"
+
+    with pytest.raises(KeyboardInterrupt):
+        run_chat(stuck, Sampling(8, 0.0, 1.0, None), None, io.StringIO("hi\n"), io.StringIO())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the chat's handler is gone
 
 
 def test_even_spans_cover_every_block_once():

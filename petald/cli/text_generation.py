@@ -6,6 +6,7 @@ through here, so the sampling settings, the end-of-sequence rule and the printin
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
@@ -50,6 +51,15 @@ class Sampling:
     seed: int | None
 
 
+class StopAnswer(Exception):
+    """Ctrl-C during an answer (``chat``): it ends at the next token, its session closed as after any answer."""
+
+
+def check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise StopAnswer
+
+
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> Any:
     """The token ids [1, T] of a conversation, in the model's chat template, ready for the answer."""
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -57,15 +67,17 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> Any:
 
 
 def print_generated(model: Any, ids: Any, sampling: Sampling, out: TextIO,
-                    stats: GenerationStats | None = None) -> list[int]:
+                    stats: GenerationStats | None = None, stop: threading.Event | None = None) -> list[int]:
     """Generate after ``ids`` (token ids [1, T]) with ``model`` (a DistributedModel), writing the
-    text to ``out`` as tokens arrive; returns the new token ids. ``stats``: counted into."""
+    text to ``out`` as tokens arrive; returns the new token ids. ``stats``: counted into; ``stop``
+    set: StopAnswer at the next token."""
     from petald.kernels.sampling import end_of_sequence_ids
 
     tokenizer = model.tokenizer
     text = TextAssembler(lambda new: tokenizer.decode(new, skip_special_tokens=True), stop=())
 
     def print_token(column: Any) -> None:
+        check_stop(stop)
         if stats is not None:
             stats.token()
         show(out, text.add(int(column[0])))
@@ -115,11 +127,12 @@ def daemon_request(sampling: Sampling, model: str | None) -> dict[str, Any]:
 
 
 def print_daemon_stream(daemon: DaemonClient, path: str, body: dict[str, Any], out: TextIO,
-                        stats: GenerationStats | None = None) -> str:
+                        stats: GenerationStats | None = None, stop: threading.Event | None = None) -> str:
     """POST ``body`` to the daemon's ``path``, writing the text to ``out`` as it streams; returns it all.
     ``stats``: the first piece's time, and the tokens the daemon counted."""
     pieces = []
-    for piece in daemon.stream(path, body):
+    for piece in daemon.stream(path, body):  # leaving it early closes the request: the daemon stops generating
+        check_stop(stop)
         if stats is not None and stats.first_token_s is None:
             stats.token()
         pieces.append(piece)
