@@ -650,7 +650,8 @@ def test_socket_is_private_and_not_taken_over(swarm):
         assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
     second = invoke("daemon", "--initial-peers", swarm.first, "--socket", str(swarm.daemon_socket))
     assert_refused(second, 1, f"petald: error: another petald daemon is already serving its API on "
-                              f"{swarm.daemon_socket}: stop it, or give this one another --socket (or --no-api)")
+                              f"{swarm.daemon_socket}: stop it (one daemon serves every command of this machine), "
+                              "or give this one another --socket")
     assert second.stdout == ""  # refused before opening the model
     assert curl(swarm.daemon_socket, "/health")[0] == 200
 
