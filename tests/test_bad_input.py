@@ -688,18 +688,18 @@ def _fails_at_once(model: DistributedModel, work, error: type[Exception], senten
     assert time.monotonic() - began < 60  # not a speed figure: the recovery timeout was not waited out
 
 
-def test_a_request_beyond_the_context_or_the_servers_limits_fails_at_once(tiny_server, good_model, raw_node):
+def test_a_request_beyond_the_context_or_the_servers_limits_fails_at_once(tiny_server, good_model):
     path, swarm = tiny_server
     _fails_at_once(good_model, lambda: good_model.generate(IDS, max_new_tokens=100_000_000), ValueError,
-                   "the prompt (12 tokens) and max_new_tokens (100000000) make 100000012 tokens, beyond")
+                   "the prompt (12 tokens) and max_new_tokens (100000000): 100000012 tokens, beyond")
     # Within the model's 512 positions, but longer than the server's --max-length 500.
     _fails_at_once(good_model, lambda: good_model.generate(IDS, max_new_tokens=495), SessionTooLarge,
                    "a session of 507 tokens is longer than any server of block 0 admits (at most 500)")
     # Three rows of 400 tokens: 75 pages, more than the server's 64 in all.
     _fails_at_once(good_model, lambda: good_model.generate(IDS.repeat(3, 1), max_new_tokens=388),
                    SessionTooLarge, "no server of block 0 has that much in all")
-    client = RawClient(raw_node, swarm.addresses[0], good_model)
-    assert client.free_tokens() == CACHE_TOKENS
+    server = good_model.servers[0].peer_id
+    assert good_model.node.call(fetch_info, good_model.node.host, server).free_cache_tokens == CACHE_TOKENS
     assert good_model.generate(IDS, max_new_tokens=4, eos_token_id=[])[0, 12:].tolist() == reference_greedy(path, IDS, 4)
 
 

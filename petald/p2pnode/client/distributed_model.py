@@ -289,7 +289,7 @@ class DistributedModel:
         """A session whose servers are replaced (with a replay of its history) when they fail.
 
         ``deep_prompts`` [model blocks, 1 or batch, P, hidden] are added to positions [0, P) before each block."""
-        check_length(self.identity, self.config, max_length, f"a session of batch {batch} and max_length")
+        check_length(self.identity, self.config, max_length, "the session's max_length")
         cache_tokens = batch * max_length
         route = route or self.route(cache_tokens_per_block=cache_tokens, max_length=max_length)
 

@@ -41,4 +41,4 @@ def check_length(identity: ModelIdentity, config: Any, length: int, what: str) -
     """A session of ``length`` tokens (``what`` says what made it so long) within the model's context."""
     limit = context_length(config)
     if not 1 <= length <= limit:
-        raise ValueError(f"{what} make {length} tokens, beyond {identity.model_id}'s context of {limit} tokens")
+        raise ValueError(f"{what}: {length} tokens, beyond {identity.model_id}'s context of {limit} tokens")
