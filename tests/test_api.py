@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import stat
 import subprocess
 import threading
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
@@ -92,7 +94,7 @@ def swarm(tmp_path_factory):
         finally:
             del os.environ["NOTIFY_SOCKET"]
         daemon = Daemon(["--initial-peers", servers.addresses[0], "--model", str(model), "--socket",
-                         str(daemon_socket), "--http", "127.0.0.1:0"], dict(env, NOTIFY_SOCKET=str(notify_path)))
+                         str(daemon_socket), "--http", "127.0.0.1:0", "-v"], dict(env, NOTIFY_SOCKET=str(notify_path)))
         try:
             daemon.wait_ready()
             yield Swarm(model, servers, server_socket, daemon, daemon_socket, notify, env, server_notify)
@@ -293,6 +295,163 @@ def test_curl_on_the_daemon_socket(swarm):
     assert httpx.get(f"{swarm.daemon.http}/v1/models").json()["data"][0]["id"].startswith("tinychat@")
 
 
+def test_the_daemon_logs_each_request_with_v(swarm):
+    """``petald daemon -v``: one line per request, once its response has ended."""
+    assert curl(swarm.daemon_socket, "/health")[0] == 200
+    assert curl(swarm.daemon_socket, "/no/such/endpoint")[0] == 404
+    pattern = re.compile(r"INFO petald\.api\.requests: GET (/health 200|/no/such/endpoint 404) \d+\.\d{3} s$")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        logged = {m.group(1) for m in map(pattern.search, list(swarm.daemon.output)) if m}
+        if logged == {"/health 200", "/no/such/endpoint 404"}:
+            break
+        time.sleep(0.1)
+    assert logged == {"/health 200", "/no/such/endpoint 404"}, swarm.daemon.output[-10:]
+
+
+def scrape(socket_path: Path) -> dict[tuple[str, tuple], float]:
+    """``GET /metrics``, parsed by prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = curl(socket_path, "/metrics")
+    assert status == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def _refused_open(swarm: Swarm, max_length: int) -> dict:
+    """An open of ``max_length`` tokens sent to the API's own server (blocks 3:6); its error frame."""
+    import trio
+    from libp2p.custom_types import TProtocol
+
+    from petald.kernels.sources.open_source import open_source
+    from petald.p2pnode.client.node_thread import NodeThread
+    from petald.p2pnode.transport.framed_stream import FramedStream
+    from petald.p2pnode.transport.host import parse_peer_address
+    from petald.p2pnode.transport.identity import load_or_create_identity
+    from petald.protocol.limits import INFERENCE_PROTOCOL
+    from petald.protocol.messages import OpenSession
+
+    identity = open_source(str(swarm.model)).identity
+    peer = parse_peer_address(swarm.servers.addresses[1])
+    node = NodeThread(load_or_create_identity(None))
+
+    async def open_too_long() -> dict:
+        with trio.fail_after(30):
+            await node.host.connect(peer)
+            framed = FramedStream(await node.host.new_stream(peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)]))
+            await framed.send(OpenSession(identity.model_id, identity.fingerprint, 3, 6, 1, max_length).to_wire())
+            reply = await framed.receive()
+            await framed.close()
+            return reply
+
+    try:
+        return node.call(open_too_long)
+    finally:
+        node.stop()
+
+
+def test_metrics_count_what_the_node_did(swarm):
+    """``GET /metrics`` on a server's API: its blocks' sessions and steps, its API client's tokens,
+    what crossed the wire, refusals by reason, in Prometheus' text format."""
+    before = scrape(swarm.server_socket)
+    status, body = curl(swarm.server_socket, "/v1/completions", "-H", "content-type: application/json", "-d",
+                        json.dumps({"prompt": "The sky is", "max_tokens": 5, "temperature": 0}))
+    assert status == 200
+    tokens = json.loads(body)["usage"]["completion_tokens"]
+    assert _refused_open(swarm, 100_000)["code"] == "too_large"
+    after = scrape(swarm.server_socket)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("petald_tokens_generated_total") == tokens
+    assert grew("petald_client_sessions_total") == 1 and grew("petald_server_sessions_total") == 1
+    assert grew("petald_server_steps_total") == tokens  # the prompt's step, then one per token but the last
+    assert grew("petald_server_step_seconds_count") == tokens
+    assert grew("petald_client_step_seconds_count") == tokens
+    assert grew("petald_server_refusals_total", reason="too_large") == 1
+    assert grew("petald_client_failovers_total") == 0
+    assert grew("petald_wire_bytes_total", direction="in") > 0 and grew("petald_wire_bytes_total", direction="out") > 0
+    assert after[("petald_kv_pages", (("state", "total"),))] > 0
+    assert after[("petald_kv_pages", (("state", "reserved"),))] == 0  # every session closed, its pages freed
+    assert after[("petald_server_sessions_live", ())] == 0
+    assert after[("petald_dht_records", ())] >= 1  # its own record at least (others as the keys fall)
+    # The client daemon: a node of its own, whose registry holds no server's counts.
+    daemon = scrape(swarm.daemon_socket)
+    assert daemon[("petald_server_sessions_total", ())] == 0 and ("petald_kv_pages", (("state", "total"),)) not in daemon
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _Dom(HTMLParser):
+    """The rendered page: each element's text by id, and the attributes of every element."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.text: dict[str, str] = {}
+        self.elements: list[dict[str, str]] = []
+        self._open: list[str | None] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attributes = {k: v or "" for k, v in attrs}
+        self.elements.append(attributes)
+        if tag not in ("meta", "link", "br", "img", "input"):
+            self._open.append(attributes.get("id"))
+            if attributes.get("id"):
+                self.text[attributes["id"]] = ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._open and tag not in ("meta", "link", "br", "img", "input"):
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        for element_id in self._open:
+            if element_id:
+                self.text[element_id] += data
+
+
+def chromium(url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``url``, its scripts run for 8 s of virtual time (fetches pause it)."""
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=8000", *args, url],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_the_dashboard_shows_the_swarm_and_this_node(swarm, tmp_path):
+    """``GET /`` in a real browser: the page polls the node's figures and the swarm map and draws them."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium): the dashboard is tested in a browser")
+    status, page = curl(swarm.daemon_socket, "/")  # the socket serves it too
+    assert status == 200 and "<title>petald</title>" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # no external assets: works offline
+    status, body = curl(swarm.daemon_socket, "/v1/completions", "-H", "content-type: application/json", "-d",
+                        json.dumps({"prompt": "Hello", "max_tokens": 3, "temperature": 0}))
+    assert status == 200
+    health = json.loads(curl(swarm.daemon_socket, "/health")[1])
+    generated = health["tokens_generated"]
+    assert health["generations_total"] >= 1 and health["generations"] == 0 and health["tokens_per_s"] >= 0
+    rendered = chromium(f"{swarm.daemon.http}/", tmp_path, "--dump-dom")
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    dom = _Dom(rendered.stdout)
+    assert dom.text["status"].startswith("updated "), dom.text["status"]
+    assert dom.text["model"].startswith("tinychat@") and dom.text["role"] == "client daemon"
+    assert dom.text["node-tokens"] == str(generated) and dom.text["node-kv-pages"] == "no blocks"
+    assert dom.text["node-failovers"] == "0"
+    blocks = {int(e["data-block"]): int(e["data-servers"]) for e in dom.elements if "data-block" in e}
+    assert blocks == {b: 1 for b in range(6)}  # servers 0:3 and 3:6: every block held once
+    assert dom.text["coverage"] == "every block is served"
+    peers = {e["data-peer"] for e in dom.elements if "data-peer" in e}
+    assert peers == {a.rsplit("/p2p/", 1)[1] for a in swarm.servers.addresses}
+    assert page.count('class="tag ') == 0 and rendered.stdout.count('class="tag direct"') == 2  # drawn by the script
+    shot = tmp_path / "dashboard.png"
+    taken = chromium(f"{swarm.daemon.http}/", tmp_path, f"--screenshot={shot}", "--window-size=1280,900")
+    assert taken.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", taken.stderr[-2000:]
+
+
 def test_a_servers_api_stores_its_lm_head_as_told(swarm, tmp_path):
     """``petald serve --head-quant bf16``: its API's model keeps the LM head in bfloat16 and answers."""
     api_socket = tmp_path / "bf16-head.sock"
@@ -394,7 +553,9 @@ def test_generate_uses_the_daemon_and_falls_back_to_its_own_node(swarm):
     alone = petald(swarm, "generate", prompt, "--max-new-tokens", "8", "--model", str(swarm.model),
                    "--initial-peers", swarm.first)
     assert alone.exit_code == 0, alone.output
-    assert alone.stderr == "" and alone.stdout == expected + "\n"
+    assert alone.stderr == ("petald: joining the swarm through 1 initial peer(s)... (a daemon stays joined, so "
+                            "commands start at once: petald daemon --initial-peers ADDR)\n")
+    assert alone.stdout == expected + "\n"
     wired = petald(swarm, "generate", prompt, "--wire", "int8")  # the daemon's own client picks its wire
     assert wired.exit_code == 2 and wired.stderr.endswith(
         "\nError: --wire applies to a client node of this command's own: give the swarm with --initial-peers "
@@ -404,6 +565,34 @@ def test_generate_uses_the_daemon_and_falls_back_to_its_own_node(swarm):
     assert_refused(no_daemon, 2, f"no local daemon answers on {missing}, and no swarm was given: give any node of "
                                  "the swarm with --initial-peers MULTIADDR (or the servers themselves with --peers "
                                  "MULTIADDR ...), or start a daemon (petald serve / petald daemon)")
+
+
+STATS = re.compile(r"petald: (\d+) tokens in \d+\.\d\d s, \d+\.\d tokens/s after the first "
+                   r"\(first token after \d+\.\d\d s\); route: (.+)$")
+
+
+def test_generate_stats_say_tokens_speed_and_route(swarm):
+    prompt = "The capital of France is"
+    _, new = oracle_text(swarm, tokenizer(swarm)(prompt)["input_ids"], 6)
+    through_daemon = petald(swarm, "generate", prompt, "--max-new-tokens", "6", "--stats")
+    assert through_daemon.exit_code == 0, through_daemon.output
+    summary = STATS.match(through_daemon.stderr.splitlines()[-1])
+    assert summary and int(summary.group(1)) == len(new), through_daemon.stderr
+    assert summary.group(2) == f"through the local daemon at {swarm.daemon_socket}"
+    alone = petald(swarm, "generate", prompt, "--max-new-tokens", "6", "-v", "--model", str(swarm.model),
+                   "--initial-peers", swarm.first)
+    assert alone.exit_code == 0, alone.output
+    summary = STATS.match(alone.stderr.splitlines()[-1])
+    assert summary and int(summary.group(1)) == len(new), alone.stderr
+    hops = summary.group(2).split(" -> ")
+    assert [hop.split("@")[0] for hop in hops] == ["0:3", "3:6"], hops  # the two servers, each named
+
+
+def test_swarm_watch_redraws_the_table(swarm):
+    result = petald(swarm, "swarm", "--watch", "--interval", "0.1", "--count", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("petald swarm  (every 0.1 s, ") == 2 and result.stdout.count("every block is served") == 2
+    assert "\x1b[" not in result.stdout  # not a terminal: no screen clearing
 
 
 def test_generate_stops_at_any_of_a_list_of_end_of_sequence_ids(swarm, tmp_path):
@@ -461,7 +650,8 @@ def test_socket_is_private_and_not_taken_over(swarm):
         assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
     second = invoke("daemon", "--initial-peers", swarm.first, "--socket", str(swarm.daemon_socket))
     assert_refused(second, 1, f"petald: error: another petald daemon is already serving its API on "
-                              f"{swarm.daemon_socket}: stop it, or give this one another --socket (or --no-api)")
+                              f"{swarm.daemon_socket}: stop it (one daemon serves every command of this machine), "
+                              "or give this one another --socket")
     assert second.stdout == ""  # refused before opening the model
     assert curl(swarm.daemon_socket, "/health")[0] == 200
 

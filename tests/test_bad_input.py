@@ -3,8 +3,10 @@ and a good session running on the same server at the same time still finishes co
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
+import time
 
 import msgpack
 import pytest
@@ -19,10 +21,12 @@ from petald.kernels.span import BlockSpan
 from petald.p2pnode.client.distributed_model import DistributedModel
 from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.client.remote_span import fetch_info
+from petald.p2pnode.routing.route import SessionTooLarge, SpanHop, SpanRoute
 from petald.p2pnode.transport.framed_stream import FramedStream
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
+from petald.protocol.errors import RemoteError
 from petald.protocol.limits import INFERENCE_PROTOCOL, PUSH_PROTOCOL, TRAINING_PROTOCOL
 from petald.protocol.messages import OpenSession, PushOpen, SpanRequest, Step, StepOutput
 from petald.protocol.tensors import encode_tensor
@@ -179,9 +183,17 @@ async def other_wire_version(framed, stream, client):
     return await _error_reply(framed)
 
 
-@refused(CASES, "cache_full", "KV cache full: batch 8 x max_length 500 needs")
+# Over the whole KV budget or the longest session admitted: never admitted here, which the client
+# must not wait out (too_large), unlike a cache full for now (cache_full).
+@refused(CASES, "too_large", "KV cache full: batch 8 x max_length 500 needs")
 async def cache_too_large(framed, stream, client):
     await framed.send(client.open_message(max_length=500, batch=8))
+    return await _error_reply(framed)
+
+
+@refused(CASES, "too_large", "max_length 501 exceeds this server's 500")
+async def longer_than_admitted(framed, stream, client):
+    await framed.send(client.open_message(max_length=501))
     return await _error_reply(framed)
 
 
@@ -658,3 +670,64 @@ def test_a_push_target_switched_away_from_is_not_reopened(tiny_server, good_mode
     assert pushed["A"][-1] and pushed["B"][-1]  # both streams opened and took a step
     assert not any(pushed["A again"])
     assert client.free_tokens() == CACHE_TOKENS
+
+
+# --- requests no server can ever take: refused at once, with the reason -----------------------
+
+def _fails_at_once(model: DistributedModel, work, error: type[Exception], sentence: str) -> None:
+    """``work`` fails with ``error`` saying ``sentence`` well before the recovery timeout (600 s)."""
+    saved = model.options
+    model.options = dataclasses.replace(saved, recovery_timeout=600.0)
+    began = time.monotonic()
+    try:
+        with pytest.raises(error) as err:
+            work()
+    finally:
+        model.options = saved
+    assert sentence in str(err.value)
+    assert time.monotonic() - began < 60  # not a speed figure: the recovery timeout was not waited out
+
+
+def test_a_request_beyond_the_context_or_the_servers_limits_fails_at_once(tiny_server, good_model):
+    path, swarm = tiny_server
+    _fails_at_once(good_model, lambda: good_model.generate(IDS, max_new_tokens=100_000_000), ValueError,
+                   "the prompt (12 tokens) and max_new_tokens (100000000): 100000012 tokens, beyond")
+    # Within the model's 512 positions, but longer than the server's --max-length 500.
+    _fails_at_once(good_model, lambda: good_model.generate(IDS, max_new_tokens=495), SessionTooLarge,
+                   "a session of 507 tokens is longer than any server of block 0 admits (at most 500)")
+    # Three rows of 400 tokens: 75 pages, more than the server's 64 in all.
+    _fails_at_once(good_model, lambda: good_model.generate(IDS.repeat(3, 1), max_new_tokens=388),
+                   SessionTooLarge, "no server of block 0 has that much in all")
+    server = good_model.servers[0].peer_id
+    assert good_model.node.call(fetch_info, good_model.node.host, server).free_cache_tokens == CACHE_TOKENS
+    assert good_model.generate(IDS, max_new_tokens=4, eos_token_id=[])[0, 12:].tolist() == reference_greedy(path, IDS, 4)
+
+
+@pytest.mark.parametrize("batch, length, sentence", [
+    (1, 510, "max_length 510 exceeds this server's 500"),
+    (3, 400, "KV cache full: batch 3 x max_length 400 needs 75 pages"),
+])
+def test_a_servers_final_refusal_reaches_the_client_unretried(tiny_server, good_model, batch, length, sentence):
+    # The server's info overstated (as a server whose limits changed would): it refuses the open itself.
+    real = good_model.servers[0]
+    boasting = dataclasses.replace(real, info=dataclasses.replace(
+        real.info, max_length=10_000, free_cache_tokens=10**9, cache_capacity_tokens=10**9))
+
+    def open_session() -> None:
+        with good_model.inference_session(batch, length, SpanRoute((SpanHop(boasting, 0, 6),))):
+            pass
+
+    _fails_at_once(good_model, open_session, RemoteError, f"too_large: {sentence}")
+    assert not good_model.bans.is_banned(real.peer_id)  # a refusal of the request, not a failing server
+
+
+def test_run_blocks_refuses_bad_blocks_and_inputs_at_once(good_model):
+    hidden = good_model.head.embed(IDS)
+    for work, sentence in [
+        (lambda: good_model.run_blocks(hidden, 5, 99), "blocks 5:99 are not a span of"),
+        (lambda: good_model.run_blocks(hidden, 3, 3), "give 0 <= start < end <= 6"),
+        (lambda: good_model.run_blocks(IDS, 0, 5), "got torch.int64 values; token ids become hidden states"),
+        (lambda: good_model.run_blocks(hidden[0], 0, 5), "hidden has shape [12, 64]; expected [batch, tokens, 64]"),
+        (lambda: good_model.run_blocks(hidden * float("nan"), 0, 5), "hidden holds NaN or infinite values"),
+    ]:
+        _fails_at_once(good_model, work, ValueError, sentence)

@@ -22,12 +22,13 @@ A_PEER = ["--peers", "/ip4/127.0.0.1/tcp/1/p2p/x"]
 # Errors a person can act on, said as one sentence after "petald: error: " (exit 1): (arguments,
 # the sentence, whether the model was opened first). {model}, {runtime}, {unreachable} are filled in.
 SENTENCES = [
-    (["serve", "--blocks", "0:99"], "--blocks '0:99': need 0 <= A < B <= 6 (this model has 6 blocks)", True),
-    (["serve", "--blocks", "x"], "--blocks 'x': expected A:B with integers (e.g. 0:15) or auto", True),
-    (["serve", "--blocks", "0:2", "--model", "/no/such/model"], "model '/no/such/model' not found: give a .gguf "
+    (["serve", "--blocks", "0:99", "--new-swarm"], "--blocks '0:99': need 0 <= A < B <= 6 (this model has 6 blocks)", True),
+    (["serve", "--blocks", "x", "--new-swarm"], "--blocks 'x': expected A:B with integers (e.g. 0:15) or auto",
+     False),
+    (["serve", "--blocks", "0:2", "--model", "/no/such/model", "--new-swarm"], "model '/no/such/model' not found: give a .gguf "
      "file, a Hugging Face directory, or 'smollm2'; loading from a model hub is not supported yet", True),
     (["serve", "--blocks", "0:2"], "a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), or "
-     "--new-swarm to start a new one", True),
+     "--new-swarm to start a new one", False),
     (["serve", "--blocks", "auto", "--num-blocks", "7", "--new-swarm"], "--num-blocks 7: this model has 6 blocks",
      True),
     ([*NEW_SWARM, "--http", "8080"], "--http '8080': expected HOST:PORT, e.g. 127.0.0.1:8080", False),
@@ -44,6 +45,10 @@ SENTENCES = [
 
 # Usage errors (exit 2, after click's usage lines), all before anything is opened.
 USAGE_ERRORS = [
+    ([*NEW_SWARM, "--listen", "0.0.0.0:31337"], "Invalid value for '--listen': '0.0.0.0:31337' is not a TCP "
+     "multiaddr: write it as /ip4/0.0.0.0/tcp/31337"),
+    (["daemon", "--listen", "localhost:4001"], "Invalid value for '--listen': 'localhost:4001' is not a TCP "
+     "multiaddr: write it as /ip4/ADDRESS/tcp/4001, with an IP address of this machine for localhost"),
     ([*NEW_SWARM, "--no-api", "--head-quant", "bf16"], "--head-quant sets how the local API's model stores its LM "
      "head; with --no-api there is none: drop one of the two"),
     (["generate", "hi"], f"no local daemon answers on {DEFAULT_SOCKET}, and no swarm was given: give any node of "
@@ -52,6 +57,8 @@ USAGE_ERRORS = [
     (["generate", "hi", *A_PEER, "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"], "give either --initial-peers "
      "(find servers in the swarm) or --peers (use exactly these servers), not both"),
     (["generate", "", *A_PEER], "the prompt is empty"),
+    (["generate", "hi", "--max-new-tokens", "100000000", *A_PEER], "--max-new-tokens 100000000 leaves no room "
+     "for a prompt: the model's context is 512 tokens; give at most 511"),
     (["generate", "hi", "there", *A_PEER], "unexpected arguments ['there']: quote the prompt, and give peers as "
      "multiaddrs"),
     (["generate", "hi", "--top-p", "0", *A_PEER], "Invalid value for '--top-p': 0.0 is not in the range 0.0<x<=1.0."),
@@ -104,9 +111,12 @@ def test_daemon_asked_for_but_not_running(command):
 def test_unreachable_server_is_named(tiny_models):
     result = invoke("generate", "hi", "--peers", UNREACHABLE, "--model", str(tiny_models["llama"]))
     assert result.exit_code == 1 and result.stdout == ""
-    # the reason after the address is py-libp2p's own wording
-    assert result.stderr.startswith(f"petald: error: no usable server among the peers given:\n  {UNREACHABLE}: "
-                                    "unable to connect to 12D3KooW"), result.stderr
+    # What it did while the person waited, then the error; the reason after the address is py-libp2p's own wording.
+    said, error = result.stderr.split("\n", 1)
+    assert said == ("petald: connecting to 1 server(s)... (a daemon stays joined, so commands start at once: "
+                    "petald daemon --initial-peers ADDR)")
+    assert error.startswith(f"petald: error: no usable server among the peers given:\n  {UNREACHABLE}: "
+                            "unable to connect to 12D3KooW"), result.stderr
 
 
 def test_port_in_use_is_reported(tiny_models):
@@ -171,15 +181,15 @@ def test_chat_keeps_the_history_and_forgets_it_on_reset():
 
     asked: list[list[dict[str, str]]] = []
 
-    def reply(messages, sampling, out) -> str:
+    def reply(messages, sampling, out, stop) -> str:
         asked.append([dict(m) for m in messages])
         answer = f"answer {len(asked)}"
         out.write(answer)
         return answer
 
     out = io.StringIO()
-    run_chat(reply, Sampling(8, 0.0, 1.0, None), "Be brief.", io.StringIO("hi\n\nmore\n/reset\nagain\n/exit\nlost\n"),
-             out)
+    run_chat(reply, Sampling(8, 0.0, 1.0, None), "Be brief.",
+             io.StringIO("hi\n\nmore\n/rest\n/reset\nagain\n/exit\nlost\n"), out)
     system = {"role": "system", "content": "Be brief."}
     assert asked == [
         [system, {"role": "user", "content": "hi"}],
@@ -187,7 +197,46 @@ def test_chat_keeps_the_history_and_forgets_it_on_reset():
          {"role": "user", "content": "more"}],
         [system, {"role": "user", "content": "again"}],
     ]
-    assert out.getvalue() == "answer 1\nanswer 2\n(conversation forgotten)\nanswer 3\n"
+    assert out.getvalue() == ("answer 1\nanswer 2\n(unknown command /rest: /reset forgets the conversation, /exit "
+                              "or Ctrl-D ends it, Ctrl-C stops an answer; a message that starts with / is sent as "
+                              "//message)\n(conversation forgotten)\nanswer 3\n")
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_chat():
+    """The first Ctrl-C (a real SIGINT) ends the answer at its next token and the chat goes on
+    without that question; a second one during an answer interrupts at once."""
+    import io
+    import signal
+
+    from petald.cli.chat import run_chat
+    from petald.cli.text_generation import Sampling, check_stop
+
+    asked: list[list[str]] = []
+
+    def reply(messages, sampling, out, stop) -> str:  # prints like print_generated: a stop check per token
+        asked.append([m["content"] for m in messages])
+        words = ["one", " two", " three"]
+        for i, word in enumerate(words):
+            check_stop(stop)
+            out.write(word)
+            if messages[-1]["content"] == "stop me" and i == 0:
+                signal.raise_signal(signal.SIGINT)
+        return "".join(words)
+
+    out = io.StringIO()
+    run_chat(reply, Sampling(8, 0.0, 1.0, None), None, io.StringIO("hi\nstop me\nagain\n"), out)
+    assert asked == [["hi"], ["hi", "one two three", "stop me"], ["hi", "one two three", "again"]]
+    assert out.getvalue() == ("one two three\none\n(answer stopped; that question is forgotten)\n"
+                              "one two three\n")
+
+    def stuck(messages, sampling, out, stop) -> str:  # a server that hangs: no next token to stop at
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return "never"
+
+    with pytest.raises(KeyboardInterrupt):
+        run_chat(stuck, Sampling(8, 0.0, 1.0, None), None, io.StringIO("hi\n"), io.StringIO())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the chat's handler is gone
 
 
 def test_even_spans_cover_every_block_once():
@@ -199,3 +248,91 @@ def test_even_spans_cover_every_block_once():
         spans = [tuple(map(int, s.split(":"))) for s in even_spans(blocks, servers)]
         assert spans[0][0] == 0 and spans[-1][1] == blocks and len(spans) == servers
         assert all(a < b for a, b in spans) and all(p[1] == q[0] for p, q in zip(spans, spans[1:], strict=False))
+
+
+def test_a_log_line_never_lands_inside_streamed_text():
+    """A failover warning while a generation streams: on stderr, on a line of its own, once."""
+    import io
+    import logging
+
+    from petald.cli.logs import OwnLineHandler, StreamedLine
+
+    line, stderr = StreamedLine(), io.StringIO()
+    handler = OwnLineHandler(stderr, line)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("petald.test.own_line")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("before any text")
+        line.wrote("Once upon")  # what text_generation.show notes of the text it prints
+        logger.warning("server ..abc failed")
+        logger.warning("blocks 0:3 recovered")
+        line.wrote(" a time\n")
+        logger.warning("after the line")
+    finally:
+        logger.removeHandler(handler)
+    assert stderr.getvalue() == ("WARNING before any text\n\nWARNING server ..abc failed\n"
+                                 "WARNING blocks 0:3 recovered\nWARNING after the line\n")
+
+
+# --- several servers on one machine ---------------------------------------------------------------
+
+def test_a_second_server_leaves_the_default_socket_to_the_first(tmp_path, monkeypatch):
+    """The default socket taken by a live petald: a server goes on without it and says so once;
+    a socket given explicitly stays an error, whose hint names the command's own options."""
+    from petald.cli.api.unix_socket import SocketInUseError, claim_socket, default_socket_path
+    from petald.cli.options import api_listen
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    first, _ = claim_socket(default_socket_path())  # the first server's API, alive
+    said: list[str] = []
+    try:
+        assert api_listen(None, None, None, "serve", said.append) is None  # nothing left to serve
+        with_http = api_listen(None, None, "127.0.0.1:0", "serve", said.append)
+        assert with_http is not None and with_http.socket_path is None and with_http.http == "127.0.0.1:0"
+        assert said == [f"the local API's default socket {default_socket_path()} is another petald's: this one "
+                        "serves without it (give --socket PATH for an API of its own)"] * 2
+        for command, hint in [("serve", "stop it, or give this one another --socket (or --no-api)"),
+                              ("daemon", "stop it (one daemon serves every command of this machine), or give "
+                                         "this one another --socket")]:
+            with pytest.raises(SocketInUseError) as err:
+                api_listen(str(default_socket_path()), None, None, command, said.append)
+            assert str(err.value) == f"another petald daemon is already serving its API on {default_socket_path()}: {hint}"
+    finally:
+        first.close()
+
+
+def test_a_taken_http_port_fails_before_joining(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = invoke("daemon", "--initial-peers", UNREACHABLE, "--socket", str(tmp_path / "api.sock"),
+                        "--http", f"127.0.0.1:{port}")
+    assert_refused(result, 1, f"petald: error: --http 127.0.0.1:{port}: cannot listen there (Address already in "
+                              "use): another petald or another program holds the port; choose another --http port, "
+                              "or stop what holds it")
+    assert result.stdout == ""  # refused before the model was opened or the swarm dialled
+
+
+def test_a_bad_environment_value_is_named_as_the_variable(tiny_models):
+    result = invoke(*NEW_SWARM, "--model", str(tiny_models["llama"]), env={"PETALD_MAX_LENGTH": "abc"})
+    assert result.exit_code != 0 and result.stdout == ""  # before anything is opened
+    assert result.stderr.strip().endswith("PETALD_MAX_LENGTH='abc': 'abc' is not a valid integer."), result.stderr
+
+
+def test_install_service_checks_the_arguments_it_writes(monkeypatch):
+    result = invoke("install-service", "--print", "--", "--listen", "0.0.0.0:31337", "--new-swarm")
+    assert_refused(result, 2, "petald serve would refuse these arguments: Invalid value for '--listen': "
+                              "'0.0.0.0:31337' is not a TCP multiaddr: write it as /ip4/0.0.0.0/tcp/31337")
+    result = invoke("install-service", "--print", "--", "--blocks", "auto")
+    assert_refused(result, 2, "petald serve needs to know its swarm: add --initial-peers ADDR (any node of the "
+                              "swarm), or --new-swarm after --")
+    result = invoke("install-service", "--print", "--", "daemon", "--max-length", "5")
+    assert_refused(result, 2, "petald daemon would refuse these arguments: No such option '--max-length'.")
+    monkeypatch.setattr("sys.executable", "/tmp/venv/bin/python")
+    result = invoke("install-service", "--print", "--", "--new-swarm")
+    assert result.exit_code == 0 and "ExecStart=/tmp/venv/bin/python -m petald.cli.main serve" in result.stdout
+    assert result.stderr == ("petald: warning: the unit runs /tmp/venv/bin/python, under tmp/, which its "
+                             "PrivateTmp=yes hides from the service: install petald in a virtualenv elsewhere first\n")

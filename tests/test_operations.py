@@ -100,7 +100,7 @@ SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
 @pytest.mark.parametrize("system", [False, True], ids=["user-unit", "system-unit"])
-@pytest.mark.parametrize("args", [[], ["--", "--initial-peers", "/ip4/10.0.0.1/tcp/31330/p2p/QmX", "--device", "cuda"],
+@pytest.mark.parametrize("args", [["--", "--new-swarm"], ["--", "--initial-peers", "/ip4/10.0.0.1/tcp/31330/p2p/QmX", "--device", "cuda"],
                                   ["--", "daemon", "--initial-peers", "/ip4/10.0.0.1/tcp/1/p2p/QmX", "--http",
                                    "127.0.0.1:8080", "--model", "/srv/models/my model 100%"]],
                          ids=["serve", "serve-cuda", "daemon"])

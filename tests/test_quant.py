@@ -319,7 +319,7 @@ def test_nf4_and_unknown_modes_are_refused_on_cpu():
 
 
 def test_serve_quant_nf4_on_cpu_is_a_clear_cli_error(tiny_models):
-    result = run_petald("serve", "--blocks", "0:6", "--quant", "nf4", "--device", "cpu",
+    result = run_petald("serve", "--blocks", "0:6", "--quant", "nf4", "--device", "cpu", "--new-swarm",
                         "--model", str(tiny_models["llama"]))
     assert result.returncode == 1
     assert "nf4 needs a CUDA device and bitsandbytes" in result.stderr and "Traceback" not in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -16,6 +17,7 @@ from petald.p2pnode.swarm.dht import (
     sign_announcement,
     verify_announcement,
 )
+from petald.p2pnode.swarm.dropped_records import DroppedRecords
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
 from petald.protocol.messages import ServerInfo
@@ -198,3 +200,17 @@ def test_a_py_libp2p_without_the_dht_internals_we_use_is_refused_at_start(monkey
     monkeypatch.delattr(ValueStore, "_get_from_peer")
     with pytest.raises(RuntimeError, match="ValueStore._get_from_peer"):
         check_library()
+
+
+def test_a_dropped_record_is_logged_once(keys, caplog):
+    expired = sign_announcement(make_record(peer_of(keys[0]), issued=time.time() - 120, ttl=60), keys[0]).to_bytes()
+    other = sign_announcement(make_record(peer_of(keys[1]), issued=time.time() - 120, ttl=60), keys[1]).to_bytes()
+    dropped = DroppedRecords()
+    with caplog.at_level(logging.INFO, logger="petald.p2pnode.swarm.dht"):
+        for value in (expired, expired, other, expired):
+            try:
+                verify_announcement(value)
+            except InvalidAnnouncement as exc:
+                dropped.drop(value, exc)
+    told = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(told) == 2 and all(m.startswith("dropping a record: record of") and "expired" in m for m in told)

@@ -91,6 +91,18 @@ def _from_text(option: click.Option, text: str) -> Any:
     return text
 
 
+def _checked(option: click.Option, value: Any, where: str) -> Any:
+    """``value`` as the option's type reads it, or a sentence naming where it came from (the
+    environment variable): click would name only the flag, which the person never typed. A file's
+    values are checked by click (its refusal names the flag, as the file's keys do)."""
+    try:
+        for one in value if option.multiple else [value]:
+            option.type.convert(one, option, None)
+    except click.BadParameter as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    return value
+
+
 def _from_file(option: click.Option, value: Any, where: str) -> Any:
     if option.multiple:
         if isinstance(value, str):
@@ -128,7 +140,8 @@ def resolve_settings(group: click.Group, file: dict[str, Any], path: Path,
         for option_name, option in options.items():
             env_name = f"{ENV_PREFIX}{option_name.upper()}"
             if env_name in environ:
-                settings[option_name] = Setting(_from_text(option, environ[env_name]), f"env {env_name}")
+                value = _checked(option, _from_text(option, environ[env_name]), f"{env_name}={environ[env_name]!r}")
+                settings[option_name] = Setting(value, f"env {env_name}")
             elif option_name in own:
                 where = f"{path} [{name}]"
                 settings[option_name] = Setting(_from_file(option, own[option_name], where), f"file {where}")

@@ -23,8 +23,38 @@ def head_quant_option() -> Callable:
 
 
 def listen_option(help: str) -> Callable:
-    """--listen, repeatable, for serve and daemon."""
-    return click.option("--listen", multiple=True, default=[DEFAULT_LISTEN], show_default=True, help=help)
+    """--listen, repeatable, for serve and daemon: each a TCP multiaddr, checked as soon as the
+    command line is read (before any model is opened)."""
+
+    def check(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+        from multiaddr import Multiaddr
+
+        for value in values:
+            try:
+                protocols = [p.name for p in Multiaddr(value).protocols()]
+            except Exception:
+                protocols = []
+            if "tcp" not in protocols:
+                raise click.BadParameter(f"{value!r} is not a TCP multiaddr: {_listen_hint(value)}")
+        return values
+
+    return click.option("--listen", multiple=True, default=[DEFAULT_LISTEN], show_default=True, help=help,
+                        callback=check)
+
+
+def _listen_hint(value: str) -> str:
+    """The multiaddr a person most likely meant by ``value`` (HOST:PORT, or a bare port)."""
+    host, sep, port = value.rpartition(":")
+    if value.isdigit():
+        host, port, sep = "0.0.0.0", value, ":"
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not host:
+        return f"write it like {DEFAULT_LISTEN}"
+    if ":" in host:
+        return f"write it as /ip6/{host}/tcp/{port}"
+    if host.replace(".", "").isdigit():
+        return f"write it as /ip4/{host}/tcp/{port}"
+    return f"write it as /ip4/ADDRESS/tcp/{port}, with an IP address of this machine for {host}"
 
 
 def announce_option() -> Callable:
@@ -65,16 +95,28 @@ def socket_path(socket: str | None) -> Path:
     return Path(socket).expanduser() if socket else default_socket_path()
 
 
-def api_listen(socket: str | None, socket_group: str | None, http: str | None) -> ApiListen:
-    """Where the API listens; fails now, before any model is loaded, if the socket is taken."""
-    from petald.cli.api.server import ApiListen, parse_http_address
-    from petald.cli.api.unix_socket import check_socket_free
+def api_listen(socket: str | None, socket_group: str | None, http: str | None, command: str,
+               say: Callable[[str], None] | None = None) -> ApiListen | None:
+    """Where the API listens; fails now, before any model is loaded or swarm joined, if the socket
+    or the --http port is taken. With ``say`` (``petald serve``: several servers may share a
+    machine), a default socket another live petald serves is left to it: this one serves without
+    the socket, says so once, and returns None if that leaves no API at all. A socket given
+    (--socket, PETALD_SOCKET, the config file) that is taken stays an error."""
+    from petald.cli.api.server import ApiListen, check_http_free
+    from petald.cli.api.unix_socket import SocketInUseError, check_socket_free
 
-    path = socket_path(socket)
-    check_socket_free(path)
+    path: Path | None = socket_path(socket)
+    try:
+        check_socket_free(path, command)
+    except SocketInUseError:
+        if socket is not None or say is None:
+            raise
+        say(f"the local API's default socket {path} is another petald's: this one serves without it "
+            "(give --socket PATH for an API of its own)")
+        path = None
     if http is not None:
-        parse_http_address(http)
-    return ApiListen(path, http, socket_group)
+        check_http_free(http)
+    return ApiListen(path, http, socket_group) if path is not None or http is not None else None
 
 
 def addresses(values: Sequence[str]) -> list[str]:

@@ -94,6 +94,9 @@ class ServerInfo:
     wire_version: int = WIRE_VERSION
     quant: str = "none"  # weight quantization: none, int8, int4, nf4 (absent from servers before it existed)
     adapters: list[str] = field(default_factory=list)  # names of the LoRA adapters it can apply
+    # Its whole KV budget, tokens summed over blocks (0: unknown, servers before it existed): a
+    # session that needs more can never be admitted there, and the client says so at once.
+    cache_capacity_tokens: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "info", **self.__dict__}
@@ -109,6 +112,7 @@ class ServerInfo:
             version=_str(msg, "version"), wire_version=_int(msg, "wire_version"),
             quant=_str(msg, "quant", QUANT_MODES) if "quant" in msg else "none",
             adapters=_str_list(msg, "adapters") if "adapters" in msg else [],
+            cache_capacity_tokens=_int(msg, "cache_capacity_tokens", 0, 2**62) if "cache_capacity_tokens" in msg else 0,
         )
         if not info.start < info.end <= info.num_blocks:
             raise _bad(f"span {info.start}:{info.end} is not within {info.num_blocks} blocks")

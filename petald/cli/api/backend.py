@@ -19,10 +19,12 @@ from typing import Any
 
 import trio
 
+from petald.cli.api.token_rate import TokenRate
 from petald.cli.text_assembler import TextAssembler
 from petald.kernels.sampling import end_of_sequence_ids
 from petald.kernels.sources.model_source import ModelSource
 from petald.p2pnode.client.distributed_model import DistributedModel
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,15 @@ class ModelBackend:
     """
 
     def __init__(self, source: ModelSource, initial_peers: Sequence[str],
-                 make_model: Callable[[], DistributedModel] | None = None, head_quant: str = "none"):
+                 make_model: Callable[[], DistributedModel] | None = None, head_quant: str = "none",
+                 metrics: NodeMetrics | None = None):
+        """``metrics``: the node's, which the model counts into (None: the model's own)."""
         self.source = source
         self.identity = source.identity
         self.initial_peers = list(initial_peers)
         self.head_quant = head_quant
         self._make_model = make_model or (lambda: DistributedModel(model=source, initial_peers=self.initial_peers,
-                                                                   head_quant=head_quant))
+                                                                   head_quant=head_quant, metrics=metrics))
         self._model: DistributedModel | None = None
         self._creating = trio.Lock()
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_GENERATIONS)
@@ -83,7 +87,9 @@ class ModelBackend:
         self._nursery: trio.Nursery | None = None
         self._stops: set[threading.Event] = set()
         self.generations_running = 0  # worker threads generating now (or waiting for a thread)
+        self.generations_total = 0  # since start
         self.tokens_generated = 0  # since start, over all requests
+        self.token_rate = TokenRate()
 
     @property
     def model_loaded(self) -> bool:
@@ -170,6 +176,7 @@ class ModelBackend:
     async def _generate_in_thread(self, model: DistributedModel, request: GenerationRequest,
                                   send: trio.MemorySendChannel[Any], stop: threading.Event) -> None:
         self.generations_running += 1
+        self.generations_total += 1
         async with send:
             try:
                 end = await trio.to_thread.run_sync(self._generate_blocking, model, request, send, stop,
@@ -200,6 +207,7 @@ class ModelBackend:
             token = int(column[0])
             state["count"] += 1
             self.tokens_generated += 1  # an int += from worker threads: exact enough for a gauge
+            self.token_rate.add()
             if token in eos:
                 state["eos"] = True
             delta = assembler.add(token)

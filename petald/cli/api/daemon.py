@@ -36,17 +36,21 @@ from petald.p2pnode.transport.host import (
     running_host,
 )
 from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
 
 log = logging.getLogger(__name__)
 
 
 def api_beside_server(listen: ApiListen | None, model: str | None, announce: Callable[[str], None],
-                      head_quant: str = "none") -> Callable[[IHost, SwarmDHT], Awaitable[None]]:
+                      head_quant: str = "none", metrics: NodeMetrics | None = None
+                      ) -> Callable[[IHost, SwarmDHT], Awaitable[None]]:
     """The task ``petald serve`` starts once it is routable: the API (unless ``listen`` is None)
     and systemd's readiness. ``model`` is opened again here (cheap: the fingerprint is cached)
     so that the server's own loading code stays as it is. ``head_quant``: how the API's model
-    stores its LM head (``ClientHead``)."""
+    stores its LM head (``ClientHead``). ``metrics``: the server's (``ServeOptions.metrics``), which the
+    API's model counts into too and ``GET /metrics`` shows."""
+    metrics = metrics or NodeMetrics()
 
     async def run(host: IHost, dht: SwarmDHT) -> None:
         try:
@@ -57,9 +61,9 @@ def api_beside_server(listen: ApiListen | None, model: str | None, announce: Cal
             source = await trio.to_thread.run_sync(open_source, model)
             # The API's client joins through this server at an address of this machine: what the
             # server announces (--announce: a forwarded port, a proxy) may not loop back here.
-            backend = ModelBackend(source, local_addresses(host)[:1], head_quant=head_quant)
+            backend = ModelBackend(source, local_addresses(host)[:1], head_quant=head_quant, metrics=metrics)
             context = ApiContext(backend, lambda: read_swarm(dht), "server",
-                                 details=lambda: {"peer_id": dht.peer_id, "addresses": addresses})
+                                 details=lambda: {"peer_id": dht.peer_id, "addresses": addresses}, metrics=metrics)
             await _serve(context, listen, announce)
         finally:
             systemd_notify.notify("STOPPING=1")
@@ -106,9 +110,12 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
                         raise ServerUnavailable(f"none of the initial peers answered: {_listing(options.initial_peers)}")
                     announce(f"joined the swarm through {joined} of {len(options.initial_peers)} initial peers "
                              f"as a client for {source.identity.model_id}")
-                    backend = ModelBackend(source, options.initial_peers, head_quant=options.head_quant)
+                    metrics = NodeMetrics()
+                    metrics.watch(metrics.dht_records, dht.stored_records)
+                    backend = ModelBackend(source, options.initial_peers, head_quant=options.head_quant,
+                                           metrics=metrics)
                     context = ApiContext(backend, lambda: read_swarm(dht), "client",
-                                         details=lambda: {"peer_id": dht.peer_id})
+                                         details=lambda: {"peer_id": dht.peer_id}, metrics=metrics)
                     stop = trio.Event()
 
                     async def wait_for_signal() -> None:

@@ -28,6 +28,7 @@ class DaemonClient:
         self.socket_path = socket_path
         self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://petald",
                                   timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+        self.last_usage: dict[str, int] | None = None  # the last stream's usage, as the daemon counted it
 
     @classmethod
     def running_at(cls, socket_path: Path) -> DaemonClient | None:
@@ -60,7 +61,9 @@ class DaemonClient:
                               f"{exc or type(exc).__name__}") from None
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[str]:
-        with self._http.stream("POST", path, json={**body, "stream": True}) as response:
+        self.last_usage = None
+        with self._http.stream("POST", path, json={**body, "stream": True,
+                                                    "stream_options": {"include_usage": True}}) as response:
             if response.status_code != 200:
                 response.read()
                 self._check(response)
@@ -73,6 +76,8 @@ class DaemonClient:
                 event = json.loads(data)
                 if "error" in event:
                     raise DaemonError(event["error"].get("message", "the daemon failed"))
+                if event.get("usage"):
+                    self.last_usage = event["usage"]  # the last event before [DONE]: the tokens counted
                 for choice in event.get("choices", []):
                     text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
                     if text:

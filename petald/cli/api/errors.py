@@ -30,12 +30,14 @@ def as_api_error(exc: BaseException) -> ApiError:
     """The API error for anything the backend raised."""
     from petald.kernels.sources.model_source import ModelSourceError
     from petald.p2pnode.client.distributed_model import ModelMismatchError
-    from petald.p2pnode.routing.route import NoRouteError
+    from petald.p2pnode.routing.route import NoRouteError, SessionTooLarge
     from petald.p2pnode.transport.peer_streams import ServerUnavailable
     from petald.protocol.errors import ProtocolError, RemoteError
 
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, SessionTooLarge):  # no server of the swarm can ever take it: the request must change
+        return ApiError(400, str(exc), param="max_tokens", code="request_too_large")
     if isinstance(exc, NoRouteError):
         return ApiError(503, f"the swarm cannot serve this request now: {exc}", type="service_unavailable",
                         code="swarm_incomplete")
@@ -44,7 +46,7 @@ def as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, RemoteError):
         if exc.code == "cache_full":
             return ApiError(503, str(exc), type="service_unavailable", code=exc.code)
-        if exc.code == "bad_message":  # what the request asked for (e.g. a length) is beyond a server's limits
+        if exc.code in ("bad_message", "too_large"):  # what the request asked for is beyond a server's limits
             return ApiError(400, str(exc), code=exc.code)
         return ApiError(502, str(exc), type="server_error", code=exc.code)
     if isinstance(exc, ProtocolError):

@@ -6,6 +6,9 @@ native msgpack endpoint that runs a span of remote blocks on the caller's hidden
     POST /v1/completions         OpenAI completions (``stream: true``: server-sent events)
     POST /v1/chat/completions    OpenAI chat completions (likewise)
     GET  /v1/swarm               the swarm map as JSON (what ``petald swarm --json`` prints)
+    GET  /                       the dashboard, one HTML page (``dashboard.py``)
+    GET  /petald/v1/node         this node's figures as JSON (what the dashboard polls)
+    GET  /metrics                the node's metrics, Prometheus' text format (``metrics_endpoint.py``)
     POST /petald/v1/run_blocks   msgpack {start, end, hidden: tensor} -> {hidden: tensor}
 
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx
@@ -26,14 +29,19 @@ import msgpack
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from petald.cli.api.backend import GenerationEnd, GenerationRequest, ModelBackend, TextPiece
+from petald.cli.api.dashboard import dashboard_endpoints
 from petald.cli.api.errors import ApiError, as_api_error, bad_request
+from petald.cli.api.metrics_endpoint import metrics_endpoint
+from petald.cli.api.request_log import RequestLog
 from petald.kernels.models.features import served_positions
 from petald.p2pnode.swarm.swarm_map import ModelMap
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.protocol.limits import MAX_BATCH, MAX_FRAME_BYTES, WIRE_DTYPES
 from petald.protocol.tensors import decode_tensor, encode_tensor
 
@@ -53,6 +61,7 @@ class ApiContext:
     read_swarm: Callable[[], Awaitable[list[ModelMap]]]
     role: str  # "server" or "client"
     details: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # the node's: its server's and its client's
     started_at: float = field(default_factory=time.time)
 
 
@@ -64,7 +73,9 @@ def make_app(context: ApiContext) -> Starlette:
         return JSONResponse({"status": "ok", "role": context.role, "model": model_id,
                              "model_loaded": backend.model_loaded, "head_quant": backend.head_quant,
                              "generations": backend.generations_running,
+                             "generations_total": backend.generations_total,
                              "tokens_generated": backend.tokens_generated,
+                             "tokens_per_s": round(backend.token_rate.per_second(), 2),
                              "uptime_s": round(time.time() - context.started_at, 1), **context.details()})
 
     async def models(request: Request) -> Response:
@@ -138,11 +149,13 @@ def make_app(context: ApiContext) -> Starlette:
     endpoints = [("/health", "GET", health), ("/v1/models", "GET", models),
                  ("/v1/models/{name:path}", "GET", one_model), ("/v1/swarm", "GET", swarm),
                  ("/v1/completions", "POST", completions), ("/v1/chat/completions", "POST", chat_completions),
-                 ("/petald/v1/run_blocks", "POST", run_blocks)]
+                 ("/petald/v1/run_blocks", "POST", run_blocks), ("/metrics", "GET", metrics_endpoint(context.metrics)),
+                 *dashboard_endpoints(context)]
     routes = [Route(path, _answering_errors(endpoint), methods=[method]) for path, method, endpoint in endpoints]
     # The Exception handler is a last resort: Starlette re-raises after it, so the server logs
     # the traceback; every expected error is answered by _answering_errors without one.
-    return Starlette(routes=routes, exception_handlers={Exception: api_error, HTTPException: http_error})
+    return Starlette(routes=routes, exception_handlers={Exception: api_error, HTTPException: http_error},
+                     middleware=[Middleware(RequestLog)])
 
 
 def _answering_errors(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

@@ -40,6 +40,22 @@ def parse_http_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_http_free(text: str) -> None:
+    """Refuse ``--http HOST:PORT`` now if the port is taken, before a server loads its blocks or
+    joins the swarm (Hypercorn would find out only then)."""
+    host, port = parse_http_address(text)
+    if port == 0:
+        return  # any free port: the system picks one
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Hypercorn binds: TIME_WAIT is no user
+            probe.bind(address)
+    except OSError as exc:
+        raise OSError(f"--http {text}: cannot listen there ({exc.strerror or exc}): another petald or another "
+                      "program holds the port; choose another --http port, or stop what holds it") from None
+
+
 async def serve_api(app: Starlette, listen: ApiListen, *,
                     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` until cancelled; ``task_status.started`` gets the URLs it listens on."""

@@ -42,8 +42,14 @@ def socket_answers(path: Path, timeout: float = 1.0) -> bool:
         return True
 
 
-def check_socket_free(path: Path) -> None:
-    """Raise a sentence if ``path`` cannot be ours: too long, not a socket, or in use."""
+# What the person can do when a live daemon holds the socket, by command (each names only its own options).
+IN_USE_HINTS = {"serve": "stop it, or give this one another --socket (or --no-api)",
+                "daemon": "stop it (one daemon serves every command of this machine), or give this one another --socket"}
+
+
+def check_socket_free(path: Path, command: str = "serve") -> None:
+    """Raise a sentence if ``path`` cannot be ours: too long, not a socket, or in use (the hint
+    names ``command``'s own options)."""
     if len(os.fsencode(path)) > _MAX_UNIX_PATH:
         raise OSError(f"the socket path {path} is longer than {_MAX_UNIX_PATH} bytes, the Unix limit: "
                       "choose a shorter --socket")
@@ -54,8 +60,8 @@ def check_socket_free(path: Path) -> None:
     if not stat.S_ISSOCK(mode):
         raise OSError(f"{path} exists and is not a socket: remove it or choose another --socket")
     if socket_answers(path):
-        raise SocketInUseError(f"another petald daemon is already serving its API on {path}: stop it, or give "
-                               "this one another --socket (or --no-api)")
+        raise SocketInUseError(f"another petald daemon is already serving its API on {path}: "
+                               f"{IN_USE_HINTS[command]}")
 
 
 def claim_socket(path: Path, group: str | None = None) -> tuple[socket.socket, int]:

@@ -4,6 +4,7 @@ is named, else as a client node of this command's own (a DistributedModel in thi
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -60,9 +61,11 @@ def _client_options(fn: Callable) -> Callable:
 @click.argument("args", nargs=-1, required=True)
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt.")
+@click.option("--stats", is_flag=True, help="Then print on stderr: tokens, tokens/s, time to first token, route "
+                                            "(-v does too).")
 @_client_options
 @click.pass_context
-def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
+def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
              seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
     """Generate text from PROMPT: through the local daemon when one runs, else as a client node of its
     own (petald generate "PROMPT" --initial-peers ADDR)."""
@@ -72,13 +75,16 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
 
     def run() -> None:
         from petald.cli.text_generation import (
+            GenerationStats,
             Sampling,
             daemon_request,
             generate_text,
             print_daemon_stream,
+            show,
         )
 
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+        figures = GenerationStats() if stats or verbose else None
         daemon = _pick_daemon(ctx, use_daemon, socket,
                               from_command_line(ctx, "peers", "initial_peers") or bool(args[1:]))
         if daemon is not None:
@@ -87,16 +93,21 @@ def generate(ctx, args, max_new_tokens, chat, initial_peers, peers, model, use_d
                 body = daemon_request(sampling, _daemon_model_name(ctx, model))
                 if chat:
                     print_daemon_stream(daemon, "/v1/chat/completions",
-                                        {**body, "messages": [{"role": "user", "content": prompt}]}, sys.stdout)
+                                        {**body, "messages": [{"role": "user", "content": prompt}]}, sys.stdout,
+                                        figures)
                 else:
-                    print_daemon_stream(daemon, "/v1/completions", {**body, "prompt": prompt}, sys.stdout)
-                sys.stdout.write("\n")
+                    print_daemon_stream(daemon, "/v1/completions", {**body, "prompt": prompt}, sys.stdout, figures)
+                show(sys.stdout, "\n")
+            if figures is not None:
+                click.echo(figures.summary(), err=True)
             return
         with _client_node(direct_peers, swarm_peers, model, socket, wire, step_timeout,
-                          recovery_timeout, adapter, head_quant) as dm:
-            if verbose:
-                click.echo(f"route: {dm.route().describe()}", err=True)
-            generate_text(dm, prompt, sampling, chat)
+                          recovery_timeout, adapter, head_quant, max_new_tokens) as dm:
+            if figures is not None:
+                figures.started = time.perf_counter()  # the generation's time, not the swarm's joining
+            generate_text(dm, prompt, sampling, chat, stats=figures)
+        if figures is not None:
+            click.echo(figures.summary(), err=True)
 
     run_command(run, debug)
 
@@ -128,7 +139,7 @@ def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_da
                 run_chat(reply_through_daemon(daemon, _daemon_model_name(ctx, model)), sampling, system_prompt)
             return
         with _client_node(peers, initial_peers, model, socket, wire, step_timeout,
-                          recovery_timeout, adapter, head_quant) as dm:
+                          recovery_timeout, adapter, head_quant, max_new_tokens) as dm:
             run_chat(reply_through_model(dm), sampling, system_prompt)
 
     run_command(run, debug)
@@ -186,15 +197,32 @@ def _pick_daemon(ctx: click.Context, use_daemon: bool | None, socket: str | None
 
 def _client_node(peers: list[str], initial_peers: list[str], model: str | None, socket: str | None,
                  wire: str, step_timeout: float, recovery_timeout: float, adapter: str | None,
-                 head_quant: str) -> DistributedModel:
-    """A client node of this command's own (no daemon): the servers given, or the swarm's."""
+                 head_quant: str, max_new_tokens: int) -> DistributedModel:
+    """A client node of this command's own (no daemon): the servers given, or the swarm's.
+    ``max_new_tokens`` beyond the model's context is refused before joining the swarm."""
     if not peers and not initial_peers:
         raise click.UsageError(f"no local daemon answers on {socket_path(socket)}, and no swarm was given: give "
                                "any node of the swarm with --initial-peers MULTIADDR (or the servers themselves "
                                "with --peers MULTIADDR ...), or start a daemon (petald serve / petald daemon)")
+    from petald.kernels.sources.open_source import open_source
     from petald.p2pnode.client.distributed_model import DistributedModel
+    from petald.p2pnode.client.request_checks import context_length
 
-    return DistributedModel(peers, model, initial_peers=initial_peers, wire=wire,
+    source = open_source(model)
+    context = context_length(source.config)
+    if max_new_tokens >= context:  # a prompt holds one token at least
+        raise click.UsageError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's "
+                               f"context is {context} tokens; give at most {context - 1}")
+    hinted = []
+
+    def say(text: str) -> None:
+        """What the client does before its first token, said while it happens (stdout stays the text);
+        the first time, with the fast path."""
+        hint = "" if hinted else " (a daemon stays joined, so commands start at once: petald daemon --initial-peers ADDR)"
+        hinted.append(text)
+        click.echo(f"petald: {text}...{hint}", err=True)
+
+    return DistributedModel(peers, source, initial_peers=initial_peers, progress=say, wire=wire,
                             step_timeout=step_timeout,
                             recovery_timeout=recovery_timeout, adapter=adapter, head_quant=head_quant)
 

@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
+
+# Where the unit's sandboxing (PrivateTmp=yes) gives the service an empty directory of its own.
+SANDBOX_HIDDEN = ("/tmp/", "/var/tmp/")
+
+
+def _check_arguments(args: list[str]) -> None:
+    """Refuse now what ``petald serve ARGS`` (or ``daemon``) would refuse at its first start: the
+    arguments are parsed by the command itself (types, --listen, --announce), and a server must be
+    told which swarm to join."""
+    from petald.cli.commands.serving import daemon, serve
+    from petald.cli.systemd.unit import ROLES
+
+    role = args[0] if args and args[0] in ROLES else "serve"
+    rest = args[1:] if args and args[0] in ROLES else args
+    command = serve if role == "serve" else daemon
+    try:
+        command.make_context(role, list(rest), default_map={})
+    except click.exceptions.Exit:
+        return  # --help among them: the command would print it and stop
+    except click.ClickException as exc:
+        raise click.UsageError(f"petald {role} would refuse these arguments: {exc.format_message()}") from None
+    joins = any(a == "--initial-peers" or a.startswith("--initial-peers=") for a in rest)
+    if not joins and not (role == "serve" and "--new-swarm" in rest):
+        what = "--initial-peers ADDR (any node of the swarm)" + (", or --new-swarm" if role == "serve" else "")
+        raise click.UsageError(f"petald {role} needs to know its swarm: add {what} after --")
 
 
 @click.command("install-service", context_settings={"ignore_unknown_options": True})
@@ -22,7 +48,12 @@ def install_service(args, system, run_as, name, print_only, output) -> None:
 
     if not name.endswith(".service"):
         name += ".service"
-    text = unit_text(list(args), system, run_as)
+    _check_arguments(list(args))
+    python = sys.executable
+    if python.startswith(SANDBOX_HIDDEN):
+        click.echo(f"petald: warning: the unit runs {python}, under {python.split('/')[1]}/, which its "
+                   "PrivateTmp=yes hides from the service: install petald in a virtualenv elsewhere first", err=True)
+    text = unit_text(list(args), system, run_as, python)
     if print_only:
         click.echo(text, nl=False)
         return

@@ -93,12 +93,14 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
         from petald.cli.progress import ProgressDisplay
         from petald.p2pnode.server.block_server import ServerLimits
         from petald.p2pnode.server.server_node import ServeOptions, serve
+        from petald.p2pnode.transport.node_metrics import NodeMetrics
 
-        api = None if no_api else api_listen(socket, socket_group, http)
+        say = announcer()
+        api = None if no_api else api_listen(socket, socket_group, http, "serve", say)
         if threads:
             torch.set_num_threads(threads)
-        say = announcer()
         progress = ProgressDisplay(say)
+        metrics = NodeMetrics()  # the node's: its blocks' and its API's client's, on GET /metrics
         options = ServeOptions(model=model, blocks=blocks, listen=list(listen), announce_addrs=announce,
                                identity=identity, device=device, dtype=dtype, quant=quant, adapters=list(adapters),
                                limits=ServerLimits(max_length=max_length, cache_tokens=cache_tokens, page_size=page_size,
@@ -111,8 +113,8 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
                                announce_period=announce_period, rebalance_period=rebalance_period,
                                network_mbps=network_mbps, reachability=reachability, direct_upgrade=not no_direct_upgrade,
                                shutdown_grace=shutdown_grace,
-                               on_online=api_beside_server(api, model, say, head_quant),
-                               progress=progress)
+                               on_online=api_beside_server(api, model, say, head_quant, metrics),
+                               progress=progress, metrics=metrics)
         try:
             serve(options, announce=say)
         finally:
@@ -144,7 +146,7 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, h
         peers = addresses(initial_peers)
         if not peers:
             raise click.UsageError("a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)")
-        api = api_listen(socket, socket_group, http)
+        api = api_listen(socket, socket_group, http, "daemon")
         refuse_taken_ports(list(listen))  # before the model is opened
         say = announcer()
         say(f"opening model {describe_model(model)}")

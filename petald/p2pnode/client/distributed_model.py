@@ -37,13 +37,22 @@ from petald.p2pnode.client.link_bandwidth import LinkBandwidths
 from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.client.remote_autograd import RemoteBlocksFunction
 from petald.p2pnode.client.remote_span import timed_info
+from petald.p2pnode.client.request_checks import check_blocks, check_hidden, check_length
 from petald.p2pnode.client.training_pipeline import TrainingPipeline
 from petald.p2pnode.routing.bans import ServerBans
-from petald.p2pnode.routing.route import NoRouteError, RemoteServer, SpanRoute, format_block_ranges
+from petald.p2pnode.routing.route import (
+    NoRouteError,
+    RemoteServer,
+    SessionTooLarge,
+    SpanRoute,
+    format_block_ranges,
+    never_admitted,
+)
 from petald.p2pnode.transport.address_dialer import UnansweredAddresses, connect_first_answering
 from petald.p2pnode.transport.direct_upgrade import client_listen
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import WIRE_VERSION
@@ -65,13 +74,19 @@ class DistributedModel:
     (exactly the servers to use, no DHT)."""
 
     def __init__(self, peers: Sequence[str] = (), model: str | ModelSource | None = None, *,
-                 initial_peers: Sequence[str] = (), options: ClientOptions | None = None, **settings: Any):
+                 initial_peers: Sequence[str] = (), options: ClientOptions | None = None,
+                 metrics: NodeMetrics | None = None, progress: Callable[[str], None] | None = None,
+                 **settings: Any):
         """``settings`` are ``ClientOptions`` fields by name (``wire="int8"``, ``push=False``,
         ...), applied over ``options`` (default: ``ClientOptions()``); an unknown name is a TypeError.
         ``step_timeout`` bounds each server's answer (a hung server is replaced after it);
         ``recovery_timeout`` bounds the wait for a server to take over blocks nobody serves.
         ``model.options`` may be replaced later for the timeouts, the wire, the adapter and pushes
-        (read at each use); ``head_quant`` and ``connect_timeout`` take effect here only."""
+        (read at each use); ``head_quant`` and ``connect_timeout`` take effect here only.
+        ``metrics``: the node's, which this client counts into (None: its own, ``model.metrics``);
+        ``progress(text)`` hears what it does while a person waits (None: logged at INFO)."""
+        self.metrics = metrics or NodeMetrics()
+        self._say = progress or (lambda text: log.info("%s", text))
         self.options = dataclasses.replace(options or ClientOptions(), **settings)
         if not peers and not initial_peers:
             raise ValueError("give initial_peers (any node of the swarm) or peers (the servers to use)")
@@ -89,16 +104,17 @@ class DistributedModel:
         self.bandwidths = LinkBandwidths()  # each server's link as measured: sessions opened later choose by it
         self.unanswered = UnansweredAddresses()  # announced addresses not dialled again for a while
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
+        self.last_route: SpanRoute | None = None  # the route of the last inference session as it ended
         self._tokenizer: Any = None
         upgrade = self.options.direct_upgrade
+        list(map(parse_peer_address, peers))  # a bad address is refused before anything is said or dialled
+        self._say(f"joining the swarm through {len(initial_peers)} initial peer(s)" if initial_peers
+                  else f"connecting to {len(peers)} server(s)")
         self.node = NodeThread(load_or_create_identity(None), client_listen([*initial_peers, *peers], upgrade),
                                with_dht=bool(initial_peers), direct_upgrade=upgrade)
-        connect_timeout = self.options.connect_timeout
         try:
-            if initial_peers:
-                self.servers = self.node.call(self._discover, list(initial_peers), connect_timeout)
-            else:
-                self.servers = self.node.call(self._connect_all, list(peers), connect_timeout)
+            find = self._discover if initial_peers else self._connect_all
+            self.servers = self.node.call(find, list(initial_peers or peers), self.options.connect_timeout)
         except BaseException:
             self.node.stop()
             raise
@@ -207,34 +223,45 @@ class DistributedModel:
     # --- sessions ------------------------------------------------------------------------------
 
     def route(self, start: int = 0, end: int | None = None, split_after: Sequence[int] = (),
-              cache_tokens_per_block: int = 0) -> SpanRoute:
-        """The quickest chain of servers over blocks [start, end); waits up to ``recovery_timeout``
-        for blocks nobody serves, then raises NoRouteError naming them."""
+              cache_tokens_per_block: int = 0, max_length: int = 0) -> SpanRoute:
+        """The quickest chain of servers over blocks [start, end) admitting sessions of ``max_length``
+        tokens; waits up to ``recovery_timeout`` for blocks nobody serves, then raises NoRouteError
+        naming them (SessionTooLarge at once when the servers there can never admit such a session)."""
         end = self.identity.num_blocks if end is None else end
+        check_blocks(self.identity, start, end)
 
         async def within_timeout() -> SpanRoute:
             deadline = trio.current_time() + self.options.recovery_timeout
-            return await self._find_route(start, end, deadline, cache_tokens_per_block, frozenset(split_after))
+            return await self._find_route(start, end, deadline, cache_tokens_per_block, frozenset(split_after),
+                                          max_length=max_length)
 
         return self.node.call(within_timeout)
 
     async def _find_route(self, start: int, end: int, deadline: float, cache_tokens_per_block: int = 0,
                           split_after: frozenset[int] = frozenset(), tokens: int = 0,
-                          busy: dict[str, float] | None = None) -> SpanRoute:
+                          busy: dict[str, float] | None = None, max_length: int = 0) -> SpanRoute:
         """A route over servers that are not banned; while there is none, look at the swarm again
-        (servers join, leave and move) every second until ``deadline``."""
+        (servers join, leave and move) every second until ``deadline``. A session the servers of
+        some blocks can never admit is refused at once (SessionTooLarge), not waited for."""
         # What the client knew before it last looked may be dead: a server that failed comes back
         # only once a fresh look at the swarm finds it alive.
         self.servers = [s for s in self.servers if not self.bans.has_failed(s.peer_id)]
-        looked = False
+        looked = waiting = False
         adapter = self.options.adapter
         while True:
             usable = [s for s in self.servers if not self.bans.is_banned(s.peer_id)
                       and (not adapter or adapter in s.info.adapters)]
             try:
-                return SpanRoute.plan(usable, start, end, split_after, cache_tokens_per_block, tokens, busy)
+                return SpanRoute.plan(usable, start, end, split_after, cache_tokens_per_block, tokens, busy,
+                                      max_length)
             except NoRouteError as exc:
                 missing = exc
+            # Banned servers count here: one banned for now may admit the session once its ban ends.
+            never = never_admitted([s for s in self.servers if not adapter or adapter in s.info.adapters],
+                                   missing.uncovered, max_length, cache_tokens_per_block)
+            if never:
+                raise SessionTooLarge(f"blocks {format_block_ranges(missing.uncovered)} of "
+                                      f"{self.identity.model_id}: {never}", missing.uncovered)
             if trio.current_time() >= deadline:
                 waited = (f"waited {self.options.recovery_timeout:.0f} s for a server" if looked
                           else "no time left to wait")
@@ -243,6 +270,10 @@ class DistributedModel:
                                    f"have no reachable server{holding} ({waited}); start a server for them "
                                    "or raise the recovery timeout", missing.uncovered) from None
             if looked:
+                if not waiting:  # once per wait: a person at a terminal sees why nothing happens yet
+                    waiting = True
+                    self._say(f"waiting for a server for blocks {format_block_ranges(missing.uncovered)} of "
+                              f"{self.identity.model_id} (up to {deadline - trio.current_time():.0f} s)")
                 await trio.sleep(max(0.0, min(RETRY_PERIOD_S, deadline - trio.current_time())))
             with trio.move_on_after(max(0.1, deadline - trio.current_time())):
                 self.servers = await self._refresh_servers()
@@ -264,24 +295,30 @@ class DistributedModel:
         """A session whose servers are replaced (with a replay of its history) when they fail.
 
         ``deep_prompts`` [model blocks, 1 or batch, P, hidden] are added to positions [0, P) before each block."""
+        check_length(self.identity, self.config, max_length, "the session's max_length")
         cache_tokens = batch * max_length
-        route = route or self.route(cache_tokens_per_block=cache_tokens)
+        route = route or self.route(cache_tokens_per_block=cache_tokens, max_length=max_length)
 
         async def find_route(start: int, end: int, deadline: float) -> SpanRoute:
-            return await self._find_route(start, end, deadline, cache_tokens)
+            return await self._find_route(start, end, deadline, cache_tokens, max_length=max_length)
 
         session = InferenceSession(self.node.host, route, self.identity, batch, max_length, self.options,
                                    find_route, self.bans, deep_prompts, self.bandwidths)
         try:
             self.node.call(session.open)
+            self.metrics.client_sessions.inc()
             yield session
         finally:
             self.node.call(session.close)
+            self.last_route = SpanRoute(tuple(link.hop for link in session.links))
             self.recoveries.extend(session.recoveries)
+            self.metrics.failovers.inc(len(session.recoveries))
+            self.metrics.count_wire(session.bytes_received, session.bytes_sent)
 
     def _step(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
         """Send ``hidden`` through the session in chunks; returns the last hop's output."""
-        outs = [self.node.call(session.step, part) for part in token_chunks(hidden)]
+        with self.metrics.client_step_seconds.time():
+            outs = [self.node.call(session.step, part) for part in token_chunks(hidden)]
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     # --- the API -------------------------------------------------------------------------------
@@ -309,6 +346,9 @@ class DistributedModel:
             input_ids = input_ids[None]
         if input_ids.shape[1] == 0:
             raise ValueError("the prompt is empty: give at least one token")
+        check_length(self.identity, self.config,
+                     input_ids.shape[1] + (prefix.shape[0] if prefix is not None else 0) + max_new_tokens,
+                     f"the prompt ({input_ids.shape[1]} tokens) and max_new_tokens ({max_new_tokens})")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         eos = torch.tensor(end_of_sequence_ids(self.config.eos_token_id if eos_token_id is None else eos_token_id),
@@ -331,6 +371,7 @@ class DistributedModel:
                 nxt = sample_next(logits, temperature if do_sample else 0.0, top_p, generator)
                 nxt = torch.where(finished, torch.as_tensor(self.config.pad_token_id or 0), nxt)
                 tokens.append(nxt[:, None])
+                self.metrics.tokens_generated.inc(int((~finished).sum()))
                 if streamer is not None:
                     streamer(nxt)
                 finished |= torch.isin(nxt, eos)
@@ -366,7 +407,12 @@ class DistributedModel:
 
     def run_blocks(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Run blocks [start, end) on caller-supplied hidden states [batch, tokens, hidden] at positions 0..T-1."""
-        with self.inference_session(hidden.shape[0], hidden.shape[1], self.route(start, end)) as session:
+        check_blocks(self.identity, start, end)
+        check_hidden(self.config, hidden)
+        batch, length = hidden.shape[0], hidden.shape[1]
+        check_length(self.identity, self.config, length, "hidden's positions")
+        route = self.route(start, end, cache_tokens_per_block=batch * length, max_length=length)
+        with self.inference_session(batch, length, route) as session:
             return self._step(session, hidden)
 
     # --- training ------------------------------------------------------------------------------
@@ -383,11 +429,8 @@ class DistributedModel:
         is replaced and the chunk carries on from the blocks it held.
         """
         end = self.identity.num_blocks if end is None else end
-        if not 0 <= start < end <= self.identity.num_blocks:
-            raise ValueError(f"blocks {start}:{end} are not a span of this model's {self.identity.num_blocks}")
-        if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or 0 in hidden.shape:
-            raise ValueError(f"hidden has shape {list(hidden.shape)}; expected [batch, tokens, "
-                             f"{self.config.hidden_size}]")
+        check_blocks(self.identity, start, end)
+        check_hidden(self.config, hidden)
         if deep_prompts is not None:
             check_deep_prompts(deep_prompts, end - start, hidden.shape[0], hidden.shape[2], hidden.shape[1],
                                name="deep_prompts")

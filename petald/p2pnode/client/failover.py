@@ -14,15 +14,24 @@ from dataclasses import dataclass
 import trio
 
 from petald.p2pnode.routing.bans import ServerBans
-from petald.p2pnode.routing.route import NoRouteError, SpanHop, SpanRoute
+from petald.p2pnode.routing.route import NoRouteError, SessionTooLarge, SpanHop, SpanRoute
 from petald.p2pnode.transport.framed_stream import PeerGone
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
-from petald.protocol.errors import ProtocolError, RemoteError
+from petald.protocol.errors import ErrorCode, ProtocolError, RemoteError
 
 log = logging.getLogger(__name__)
 
 # What a failing server can throw at us. Anything else is a bug here, not a server to ban.
 SERVER_FAILURES = (ServerUnavailable, RemoteError, ProtocolError, PeerGone)
+
+
+
+def never_succeeds(failure: BaseException) -> bool:
+    """A refusal no retry can turn: the request is over the server's own fixed limits (a session
+    longer than it admits, more KV cache than it has in all). Raised to the caller as it is; routes
+    already avoid servers whose announced limits are too small, so another server would refuse too."""
+    return isinstance(failure, RemoteError) and failure.code == ErrorCode.TOO_LARGE
+
 
 # ``find_route(start, end, deadline)``: a route over blocks [start, end) that avoids banned
 # servers, looking again (the swarm changes) until trio time ``deadline``, then NoRouteError.
@@ -84,6 +93,8 @@ class Failover:
             began = trio.current_time()
             try:
                 route = await find_route(start, end, deadline)
+            except SessionTooLarge:
+                raise
             except NoRouteError as exc:
                 raise NoRouteError(f"{exc} (the last server failed with: {failure})", exc.uncovered) from None
             routing += trio.current_time() - began
@@ -91,6 +102,8 @@ class Failover:
                 try:
                     await take_over(route)
                 except HopFailed as again:
+                    if never_succeeds(again.failure):
+                        raise again.failure from None
                     culprit, failure = again.hop, again.failure
                     continue
             self.recoveries.append(Recovery(failed.hop.server.peer_id, failed.hop.start, failed.hop.end, str(failure),

@@ -31,6 +31,7 @@ from petald.p2pnode.client.failover import (
     HopFailed,
     Recovery,
     RouteFinder,
+    never_succeeds,
 )
 from petald.p2pnode.client.link_bandwidth import LinkBandwidths
 from petald.p2pnode.client.remote_span import RemoteSpanSession
@@ -96,6 +97,7 @@ class InferenceSession:
         self.recoveries: list[Recovery] = []
         self.failover = Failover(self.bans, options.recovery_timeout, self.recoveries)
         self.position = 0
+        self.bytes_received = self.bytes_sent = 0  # of the sessions closed or dropped so far, all hops
 
     async def open(self) -> None:
         """Open a session on every hop now, so that a full server is replaced before the first step."""
@@ -166,7 +168,7 @@ class InferenceSession:
                     # every step must see its ban grow.
                     self.bans.forgive(link.hop.server.peer_id)
             except SERVER_FAILURES as exc:
-                if self.find_route is None:
+                if self.find_route is None or never_succeeds(exc):
                     raise
                 deadline = self.failover.deadline() if deadline is None else deadline
                 await self._replace(index, exc, deadline)
@@ -209,7 +211,7 @@ class InferenceSession:
         assert self.find_route is not None
         noticed = trio.current_time()
         failed = self.links[index]
-        await _abandon(failed)
+        await self._abandon(failed)
         inputs = failed.inputs
 
         async def replay(route: SpanRoute) -> None:
@@ -219,7 +221,7 @@ class InferenceSession:
                 await self._replay(fresh)
             except SERVER_FAILURES as exc:
                 for link in fresh:
-                    await _abandon(link)
+                    await self._abandon(link)
                 raise HopFailed(next(link for link in fresh if not link.replayed).hop, exc) from None
             self.links[index:index + 1] = fresh
 
@@ -246,12 +248,17 @@ class InferenceSession:
             for link in self.links:
                 if link.span is not None:
                     await link.span.close()
+                    self._count_bytes(link.span)
                     link.span = None
 
+    async def _abandon(self, link: _Link) -> None:
+        """Drop a failed server's session without waiting on it: it may be hung."""
+        if link.span is not None:
+            with trio.CancelScope(shield=True):
+                await link.span.framed.reset()
+            self._count_bytes(link.span)
+            link.span = None
 
-async def _abandon(link: _Link) -> None:
-    """Drop a failed server's session without waiting on it: it may be hung."""
-    if link.span is not None:
-        with trio.CancelScope(shield=True):
-            await link.span.framed.reset()
-        link.span = None
+    def _count_bytes(self, span: RemoteSpanSession) -> None:
+        self.bytes_received += span.framed.bytes_received
+        self.bytes_sent += span.framed.bytes_sent

@@ -29,15 +29,61 @@ class NoRouteError(Exception):
         self.uncovered = uncovered
 
 
+class SessionTooLarge(NoRouteError):
+    """The servers that hold some blocks can never admit the session (longer than any admits, or
+    more KV cache than any has in all): waiting for room would be in vain."""
+
+
 def format_block_ranges(ranges: list[tuple[int, int]]) -> str:
     return ", ".join(f"{a}:{b}" for a, b in ranges)
 
 
+def never_admitted(servers: list[RemoteServer], blocks: list[tuple[int, int]], max_length: int,
+                   cache_tokens_per_block: int) -> str:
+    """Why no server among ``servers`` holding one of ``blocks`` can ever admit a session of
+    ``max_length`` tokens needing ``cache_tokens_per_block`` KV tokens per block, or "" when some
+    block has a server that could (once it has room) or no server at all (one may still join).
+    A server's limits are its own settings, fixed for its life: only a new server would change them."""
+    for a, b in blocks:
+        for block in range(a, b):
+            holders = [s for s in servers if s.info.start <= block < s.info.end]
+            if not holders or any(_could_admit(s, max_length, cache_tokens_per_block) for s in holders):
+                continue
+            longest = max(s.info.max_length for s in holders)
+            if longest < max_length:
+                return (f"a session of {max_length} tokens is longer than any server of block {block} admits "
+                        f"(at most {longest}): ask for fewer tokens")
+            budget = max(s.info.cache_capacity_tokens for s in holders)
+            return (f"a session of {max_length} tokens needs {cache_tokens_per_block} KV-cache tokens per block; "
+                    f"no server of block {block} has that much in all (the largest budget: {budget} tokens over "
+                    "its blocks): ask for fewer tokens, or start a server with a larger --cache-tokens")
+    return ""
+
+
+def _could_admit(server: RemoteServer, max_length: int, cache_tokens_per_block: int) -> bool:
+    """Whether ``server`` admits such a session at all, once enough of its KV cache is free."""
+    return _fits(server, max_length, cache_tokens_per_block, server.info.cache_capacity_tokens or None)
+
+
+def _has_room(server: RemoteServer, max_length: int, cache_tokens_per_block: int) -> bool:
+    """Whether ``server`` admits such a session now."""
+    return _fits(server, max_length, cache_tokens_per_block, server.info.free_cache_tokens)
+
+
+def _fits(server: RemoteServer, max_length: int, cache_tokens_per_block: int, kv_tokens: int | None) -> bool:
+    """A session of ``max_length`` tokens within the server's longest, and its KV cache within
+    ``kv_tokens`` (None: unknown, assumed enough). Its pages are taken in every block the server
+    holds, whichever of them the session runs through."""
+    info = server.info
+    need = cache_tokens_per_block * (info.end - info.start)
+    return info.max_length >= max_length and (kv_tokens is None or kv_tokens >= need)
+
+
 def uncovered_blocks(servers: list[RemoteServer], start: int, end: int,
-                     cache_tokens_per_block: int = 0) -> list[tuple[int, int]]:
+                     cache_tokens_per_block: int = 0, max_length: int = 0) -> list[tuple[int, int]]:
     """The runs [a, b) of blocks in [start, end) that no server holds with room for the session."""
     def held(block: int) -> bool:
-        return any(s.info.start <= block < s.info.end and s.info.free_cache_tokens >= cache_tokens_per_block
+        return any(s.info.start <= block < s.info.end and _has_room(s, max_length, cache_tokens_per_block)
                    for s in servers)
 
     runs: list[tuple[int, int]] = []
@@ -85,11 +131,12 @@ class SpanRoute:
     @classmethod
     def plan(cls, servers: list[RemoteServer], start: int, end: int,
              split_after: frozenset[int] = frozenset(), cache_tokens_per_block: int = 0,
-             tokens: int = 0, busy: dict[str, float] | None = None) -> SpanRoute:
+             tokens: int = 0, busy: dict[str, float] | None = None, max_length: int = 0) -> SpanRoute:
         """The cheapest chain covering [start, end) (Dijkstra over block positions).
 
         ``split_after`` forces a hop boundary after those blocks (to read hidden states there);
-        ``cache_tokens_per_block`` skips servers without that much free cache per block served.
+        ``cache_tokens_per_block`` skips servers without that much free cache per block they hold,
+        ``max_length`` those that admit shorter sessions only.
         ``tokens`` > 0 plans a training chunk of that many tokens, and ``busy`` holds the seconds
         of work each server (by peer ID) already has from this batch.
         """
@@ -106,11 +153,10 @@ class SpanRoute:
                 continue
             limit = min([c for c in cuts if c > position] + [end])
             for server in servers:
-                if not server.info.start <= position < server.info.end:
+                if not server.info.start <= position < server.info.end or not _has_room(
+                        server, max_length, cache_tokens_per_block):
                     continue
                 for stop in range(position + 1, min(server.info.end, limit) + 1):
-                    if server.info.free_cache_tokens < cache_tokens_per_block * (stop - position):
-                        break
                     total = cost + server.hop_cost(stop - position, tokens) + busy.get(server.peer_id, 0.0)
                     if total < best.get(stop, float("inf")):
                         best[stop] = total
@@ -119,7 +165,7 @@ class SpanRoute:
         if end not in came_from and start != end:
             # With no forced cut a chain exists whenever every block is held, so a gap is named;
             # with cuts, a server may hold the blocks only across a cut.
-            gaps = uncovered_blocks(servers, start, end, cache_tokens_per_block) or [(max(best), end)]
+            gaps = uncovered_blocks(servers, start, end, cache_tokens_per_block, max_length) or [(max(best), end)]
             raise NoRouteError(f"no known server holds blocks {format_block_ranges(gaps)} "
                                "with room for this session", gaps)
         hops, position = [], end

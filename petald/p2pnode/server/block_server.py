@@ -25,6 +25,7 @@ from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.server.stream_frames import receive_first, send_error
 from petald.p2pnode.server.training_handler import TrainingRequests
 from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import (
     INFERENCE_PROTOCOL,
@@ -51,13 +52,20 @@ class ServerLimits:
 
 class BlockServer:
     def __init__(self, identity: ModelIdentity, span: BlockSpan, executor: DeviceExecutor,
-                 limits: ServerLimits | None = None):
+                 limits: ServerLimits | None = None, metrics: NodeMetrics | None = None):
+        """``metrics``: the node's, counted into (None: a registry of its own, never scraped)."""
         self.identity = identity
         self.span = span
         self.executor = executor
         self.limits = limits or ServerLimits()
         self.limits.max_length = min(self.limits.max_length, span.max_positions)
         self.pool = span.new_pool(self.limits.cache_tokens, self.limits.page_size)
+        self.metrics = metrics = metrics or NodeMetrics()
+        # The newest span's pool is the one a scrape reads (a moved-from span only winds down).
+        pool, tokens_per_page = self.pool, self.pool.page_size * self.pool.num_blocks
+        metrics.watch(metrics.kv_pages.labels("total"), lambda: pool.num_pages)
+        metrics.watch(metrics.kv_pages.labels("reserved"), lambda: pool.num_pages - pool.free_tokens // tokens_per_page)
+        metrics.watch(metrics.sessions_live, lambda: self.live_sessions)
         self.host: IHost | None = None  # set by register(); pushes dial from it
         self.draining = False  # refuse new sessions (the server is leaving)
         self.closing = False  # end running sessions at their next step boundary
@@ -86,7 +94,8 @@ class BlockServer:
     def info(self) -> ServerInfo:
         span = self.span
         return span_info(self.identity, span.start, span.end, span.dtype, span.quant, span.hidden_size,
-                         self.limits.max_length, self.pool.free_tokens, span.adapters)
+                         self.limits.max_length, self.pool.free_tokens, span.adapters,
+                         self.pool.capacity_tokens)
 
     async def _handle_info(self, stream: INetStream) -> None:
         framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=self.limits.open_timeout)

@@ -95,6 +95,7 @@ class InferenceSessions:
                 inbox_in, inbox = server.pushes.open(request.push_token)
             framed.allow_frames_up_to(MAX_FRAME_BYTES)
             await framed.send(SessionOpened(request.start, request.end, request.max_length).to_wire())
+            server.metrics.sessions.inc()
             log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",
                      session_id, peer, request.start, request.end, request.batch, request.max_length)
             with live.scope:
@@ -105,9 +106,15 @@ class InferenceSessions:
                                        "closed and freed"))
         except ProtocolError as err:
             log.info("session %d from ..%s refused: %s", session_id, peer, err)
+            server.metrics.refusals.labels(err.code.value).inc()
             await send_error(framed, err.code, err.message)
         except CacheFullError as err:
-            await send_error(framed, ErrorCode.CACHE_FULL, str(err))
+            # Over the whole budget, the session can never be admitted here: the client must not wait for room.
+            pool = server.pool
+            never = pool.pages_for_tokens(request.batch, request.max_length, pool.page_size) > pool.num_pages
+            code = ErrorCode.TOO_LARGE if never else ErrorCode.CACHE_FULL
+            server.metrics.refusals.labels(code.value).inc()
+            await send_error(framed, code, str(err))
         except PeerGone as err:
             log.info("session %d from ..%s: peer gone (%s)", session_id, peer, err)
         except Exception:  # a bug must cost one session, never the server
@@ -122,6 +129,7 @@ class InferenceSessions:
             if cache is not None:
                 await self._free_after_steps(cache, live, session_id)
             await framed.close()
+            server.metrics.count_wire(framed.bytes_received, framed.bytes_sent)
             log.info("session %d closed", session_id)
 
     async def _free_after_steps(self, cache: SessionCache, live: _LiveSession | None, session_id: int) -> None:
@@ -144,7 +152,7 @@ class InferenceSessions:
         server.check_model(request.fingerprint, request.model_id, request.start, request.end)
         server.adapter(request.adapter)
         if request.max_length > server.limits.max_length:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+            raise ProtocolError(ErrorCode.TOO_LARGE,
                                 f"max_length {request.max_length} exceeds this server's {server.limits.max_length}")
 
     async def _serve_session(self, inbox: SessionInbox, request: OpenSession, cache: SessionCache,
@@ -217,6 +225,8 @@ class InferenceSessions:
                 pushed = await pusher.push(step.push, step.position, out, request.wire)
             # Up to the answer's encoding (a few milliseconds at most), which the client counts as transfer.
             held_ms = (time.perf_counter() - received) * 1000
+            server.metrics.steps.inc()
+            server.metrics.step_seconds.observe(held_ms / 1000)
             await framed.send(StepOutput(step.step_id, out, request.wire, pushed, held_ms).to_wire())
             live.in_step = False
 

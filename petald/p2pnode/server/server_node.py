@@ -44,6 +44,7 @@ from petald.p2pnode.transport.host import (
 )
 from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
 from petald.p2pnode.transport.listen_port import refuse_taken_ports
+from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import MAX_ARRAY_LEN
 from petald.protocol.messages import ServerInfo
@@ -71,6 +72,7 @@ class ServeOptions:
     quant: str = "auto"  # vocabulary.QUANT_CHOICES; "auto": kernels/quant_choice.py
     adapters: list[str] = field(default_factory=list)  # PEFT LoRA adapter directories to serve
     limits: ServerLimits = field(default_factory=ServerLimits)
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # the node's, for GET /metrics beside it
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
     num_blocks: int | None = None  # for --blocks auto
@@ -88,14 +90,17 @@ class ServeOptions:
     progress: Callable[[str, int, int], None] | None = None
 
 
-def parse_blocks(text: str, num_blocks: int) -> tuple[int, int]:
-    """``A:B`` (B exclusive), ``A:`` for the rest, ``:B`` from the start."""
+def parse_blocks(text: str, num_blocks: int | None) -> tuple[int, int]:
+    """``A:B`` (B exclusive), ``A:`` for the rest, ``:B`` from the start. ``num_blocks`` None: the
+    form alone is checked (before the model is opened; the range once it is)."""
     start_text, sep, end_text = text.partition(":")
     try:
         start = int(start_text) if start_text else 0
-        end = int(end_text) if end_text else num_blocks
+        end = int(end_text) if end_text else (num_blocks or 0)
     except ValueError:
         raise ValueError(f"--blocks {text!r}: expected A:B with integers (e.g. 0:15) or auto") from None
+    if num_blocks is None:
+        return start, end
     if not sep or not 0 <= start < end <= num_blocks:
         raise ValueError(f"--blocks {text!r}: need 0 <= A < B <= {num_blocks} (this model has {num_blocks} blocks)")
     return start, end
@@ -127,6 +132,12 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     quiet_libp2p_logs()
     address_plan(options.listen, options.initial_peers, options.announce_addrs)  # bad --announce: fail before loading
     refuse_taken_ports(options.listen)  # and a port in use too (running_host checks again)
+    # What needs no model is checked before it is opened (a large one takes a while).
+    if not options.initial_peers and not options.new_swarm:
+        raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
+                         "or --new-swarm to start a new one")
+    if options.blocks != "auto":
+        parse_blocks(options.blocks, None)
     announce(f"opening model {describe_model(options.model)}")
     source = open_source(options.model)
     device = resolve_device(options.device)
@@ -139,9 +150,6 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
         check_num_blocks(options, source.identity.num_blocks)
     else:
         fixed = parse_blocks(options.blocks, source.identity.num_blocks)
-    if not options.initial_peers and not options.new_swarm:
-        raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
-                         "or --new-swarm to start a new one")
     if options.quant == "auto":  # measured once the cheap checks passed, before the memory plan counts bytes
         choice = choose_block_quant(source, dtype, device, announce)
         announce(choice.describe("--quant"))
@@ -215,6 +223,7 @@ class ServerNode:
                 # A DHT client until found reachable (ServerReachability.running): others must not
                 # hand out a server they cannot dial to those who look up the swarm.
                 dht = SwarmDHT(host, key_pair, server_mode=self.options.reachability == "public")
+                self.options.metrics.watch(self.options.metrics.dht_records, dht.stored_records)
                 async with dht.running():
                     await self._join(dht)
                     # Joined first, as every server does: the reachability check comes after, so that
@@ -351,7 +360,7 @@ class ServerNode:
         # end; new sessions get this one.
         if self.server is not None:
             self.retired.append(self.server)
-        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits)
+        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits, self.options.metrics)
         self.server.register(host)
 
     async def _free_retired_spans(self) -> None:

@@ -53,6 +53,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
+from petald.p2pnode.swarm.dropped_records import DroppedRecords
 from petald.p2pnode.swarm.kad_protocol import KadProtocolAdapter, check_library
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
@@ -174,6 +175,7 @@ class SwarmDHT:
                                validator_changed=True)
         self.peer_id = host.get_id().to_base58()
         self._lookups = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
+        self._dropped = DroppedRecords()  # why invalid records were dropped, logged once each
 
     async def answer_queries(self, answer: bool) -> None:
         """Switch between server mode (answers other nodes' queries) and client mode (only asks).
@@ -193,6 +195,10 @@ class SwarmDHT:
             await self.kad.routing_table.add_peer(peer, skip_server_mode_check=True)
         with trio.move_on_after(LOOKUP_TIMEOUT_S):
             await push_identify_to_peers(self.host)
+
+    def stored_records(self) -> int:
+        """Records this node holds for the swarm (its own and others')."""
+        return len(self.kad.value_store.store)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[SwarmDHT]:
@@ -317,14 +323,13 @@ class SwarmDHT:
                     nursery.start_soon(ask, holder)
         return max(records, key=lambda r: r.issued_at, default=None)
 
-    @staticmethod
-    def _valid_records(values: list[bytes], peer: ID) -> list[ServerAnnouncement]:
+    def _valid_records(self, values: list[bytes], peer: ID) -> list[ServerAnnouncement]:
         records = []
         for value in values:
             try:
                 records.append(verify_announcement(value, expected_peer=peer.to_base58()))
             except InvalidAnnouncement as exc:
-                log.info("dropping a record: %s", exc)
+                self._dropped.drop(value, exc)
         return records
 
     async def announcements(self, keys: Iterable[bytes]) -> list[ServerAnnouncement]:

@@ -1,0 +1,44 @@
+"""What a client checks of a request before it asks any server: block ranges, hidden states and
+lengths. A request no server could ever take fails here at once, with what to change, instead of
+looking like failing servers (and waiting out the recovery timeout)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from petald.kernels.sources.model_source import ModelIdentity
+
+
+def context_length(config: Any) -> int:
+    """The most tokens a session may hold: the model's own positions (``max_position_embeddings``)."""
+    return int(getattr(config, "max_position_embeddings", 0) or 1 << 62)
+
+
+def check_blocks(identity: ModelIdentity, start: Any, end: Any) -> None:
+    """``[start, end)`` must be a non-empty span of the model's blocks."""
+    n = identity.num_blocks
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= n):
+        raise ValueError(f"blocks {start}:{end} are not a span of {identity.model_id}'s {n} blocks: "
+                         f"give 0 <= start < end <= {n}")
+
+
+def check_hidden(config: Any, hidden: Any) -> None:
+    """``hidden`` must be finite floating-point hidden states [batch, tokens, hidden_size]."""
+    size = config.hidden_size
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        kind = f"{hidden.dtype} values" if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be floating-point hidden states [batch, tokens, {size}], got {kind}; "
+                         "token ids become hidden states through model.head.embed(ids)")
+    if hidden.dim() != 3 or hidden.shape[2] != size or 0 in hidden.shape:
+        raise ValueError(f"hidden has shape {list(hidden.shape)}; expected [batch, tokens, {size}]")
+    if not bool(torch.isfinite(hidden).all()):
+        raise ValueError("hidden holds NaN or infinite values")
+
+
+def check_length(identity: ModelIdentity, config: Any, length: int, what: str) -> None:
+    """A session of ``length`` tokens (``what`` says what made it so long) within the model's context."""
+    limit = context_length(config)
+    if not 1 <= length <= limit:
+        raise ValueError(f"{what}: {length} tokens, beyond {identity.model_id}'s context of {limit} tokens")
