@@ -240,6 +240,15 @@ def choose_head_quant(source: ModelSource, device: torch.device,
     return QuantChoice(choose(measured), measured)
 
 
+def resolved_head_quant(source: ModelSource, mode: str, say: Callable[[str], None]) -> str:
+    """``mode``, or for "auto" the CPU head's choice (``choose_head_quant``), told through ``say``."""
+    if mode != "auto":
+        return mode
+    choice = choose_head_quant(source, torch.device("cpu"), say)
+    say(choice.describe("--head-quant"))
+    return choice.chosen
+
+
 def _blocks_progress(progress: Callable[[str], None] | None, what: str) -> Callable[[int, int], None] | None:
     if progress is None:
         return None

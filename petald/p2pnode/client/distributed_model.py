@@ -26,7 +26,7 @@ import trio
 
 from petald.kernels.client_head import ClientHead
 from petald.kernels.deep_prompts import check_deep_prompts
-from petald.kernels.quant_choice import choose_head_quant
+from petald.kernels.quant_choice import resolved_head_quant
 from petald.kernels.sampling import end_of_sequence_ids, sample_next
 from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
@@ -93,12 +93,7 @@ class DistributedModel:
         self.source = open_source(model) if model is None or isinstance(model, str) else model
         self.identity = self.source.identity
         self.config = self.source.config
-        head_quant = self.options.head_quant
-        if head_quant == "auto":
-            choice = choose_head_quant(self.source, torch.device("cpu"), log.info)
-            log.info("%s", choice.describe("--head-quant"))
-            head_quant = choice.chosen
-        self.head = ClientHead(self.source, quant=head_quant)
+        self.head = ClientHead(self.source, quant=resolved_head_quant(self.source, self.options.head_quant, log.info))
         self.initial_peers, self.peers = list(initial_peers), list(peers)
         self.bans = ServerBans()  # shared by every session of this client
         self.bandwidths = LinkBandwidths()  # each server's link as measured: sessions opened later choose by it
