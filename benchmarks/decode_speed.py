@@ -52,7 +52,7 @@ PETALD_CONFIGS = [("float32", "none", "none"), ("bfloat16", "none", "none"), ("b
                   ("float32", "int4", "int8"), ("float32", "int4", "bf16"), ("float32", "int4:torch", "bf16"),
                   ("float32", "int4:torch-attention", "bf16"), ("float32", "none:torch-attention", "none"),
                   ("bfloat16", "int4", "bf16"), ("float32", "int4", "int4"), ("float32", "none:avx2", "none"),
-                  ("float32", "int4:avx2", "none"), ("float32", "int4:avx2", "bf16")]
+                  ("float32", "int4:avx2", "none"), ("float32", "int4:avx2", "bf16"), ("float32", "int4:avx2", "int8")]
 
 
 def say(text: str) -> None:
