@@ -93,7 +93,7 @@ class DistributedModel:
         self.source = open_source(model) if model is None or isinstance(model, str) else model
         self.identity = self.source.identity
         self.config = self.source.config
-        self.head = ClientHead(self.source, quant=resolved_head_quant(self.source, self.options.head_quant, log.info))
+        self.head = ClientHead(self.source, quant=resolved_head_quant(self.source, self.options.head_quant, self._say))
         self.initial_peers, self.peers = list(initial_peers), list(peers)
         self.bans = ServerBans()  # shared by every session of this client
         self.bandwidths = LinkBandwidths()  # each server's link as measured: sessions opened later choose by it
