@@ -16,7 +16,12 @@ from petald.kernels.client_head import ClientHead
 from petald.kernels.dtypes import resolve_dtype
 from petald.kernels.native import int4_native, int8_native
 from petald.kernels.native.decode_attention import decode_attention_kernel
-from petald.kernels.native.native_library import ChosenKernel, CpuKernelError, NativeLibrary
+from petald.kernels.native.native_library import (
+    ChosenKernel,
+    CpuKernelError,
+    NativeKernelError,
+    NativeLibrary,
+)
 from petald.kernels.native.tile_threads import SPLIT_ROWS
 from petald.kernels.quant import (
     INT4_GROUP,
@@ -132,7 +137,7 @@ def test_native_int8_kernel_multiplies_the_weights_int8linear_holds(cpu_kernels)
     x = torch.randn(2, 3, 80, generator=gen)
     torch.testing.assert_close(layer(x), Int8Linear(w, b, native=False)(x), atol=0.1, rtol=0.02)
     assert layer(torch.empty(0, 80)).shape == (0, 48)
-    with pytest.raises(int4_native.NativeKernelError, match="rows of width 80"):
+    with pytest.raises(NativeKernelError, match="rows of width 80"):
         int8_native.matmul(torch.randn(2, 96), layer.packed, layer.kernel)
     with pytest.raises(QuantError, match="divisible by 16"):
         Int8Linear(torch.randn(20, 80), None, native=True)
@@ -156,7 +161,7 @@ def test_native_int4_kernel_splits_large_products_over_threads_and_refuses_wrong
     assert torch.equal(alone, split)
     torch.testing.assert_close(alone, x.bfloat16().float() @ _int4_reference(w).t(), atol=1e-4, rtol=1e-5)
     for bad in (torch.randn(2, 4 * INT4_GROUP), torch.randn(2, 2 * INT4_GROUP), torch.randn(3 * INT4_GROUP)):
-        with pytest.raises(int4_native.NativeKernelError, match="rows of width 96"):
+        with pytest.raises(NativeKernelError, match="rows of width 96"):
             int4_native.matmul(bad, layer.packed, layer.kernel)
     with pytest.raises(QuantError, match="groups of 32"):
         Int4Linear(torch.randn(16, 128), None, group=64, native=True)

@@ -25,6 +25,7 @@ import torch
 from petald.kernels.native.native_library import (
     PROCESS_LIBRARY,
     ChosenKernel,
+    NativeKernelError,
     NativeLibrary,
     Variant,
 )
@@ -35,10 +36,6 @@ VARIANTS = (Variant("avx512", "petald_int4_matmul_avx512", frozenset({"avx512f",
 TILE = 16  # output rows per packed tile (one float32 AVX512 register, two AVX2 ones)
 GROUP = 32  # inputs per scale/zero group; kernels/quant.py's INT4_GROUP
 RECORD = 320  # bytes per (tile, group): 256 of nibbles, 16 bfloat16 scales, 16 bfloat16 zeros
-
-
-class NativeKernelError(RuntimeError):
-    """A call the kernel cannot take (wrong width, device) or a kernel that is not there."""
 
 
 def int4_kernel(library: NativeLibrary = PROCESS_LIBRARY) -> ChosenKernel | None:

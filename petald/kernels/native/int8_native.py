@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from petald.kernels.native.int4_native import NativeKernelError
 from petald.kernels.native.native_library import (
     PROCESS_LIBRARY,
     ChosenKernel,
+    NativeKernelError,
     NativeLibrary,
     Variant,
 )

@@ -59,6 +59,10 @@ SWITCH = "PETALD_CPU_KERNELS"
 CPU_KERNEL_SETTINGS = ("auto", "avx512", "avx2", "torch")
 
 
+class NativeKernelError(RuntimeError):
+    """A call a matmul kernel cannot take (wrong width, device) or a kernel that is not there."""
+
+
 class CpuKernelError(ValueError):
     """``PETALD_CPU_KERNELS`` names no kernel set, or one this CPU cannot run."""
 
