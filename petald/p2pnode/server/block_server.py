@@ -19,6 +19,7 @@ from petald.kernels.executor import DeviceExecutor
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE
 from petald.kernels.sources.model_source import ModelIdentity
 from petald.kernels.span import BlockSpan
+from petald.p2pnode.server.fault_switch import FaultSwitch
 from petald.p2pnode.server.inference_handler import InferenceSessions
 from petald.p2pnode.server.push_handler import PushInboxes
 from petald.p2pnode.server.server_info import span_info
@@ -52,8 +53,11 @@ class ServerLimits:
 
 class BlockServer:
     def __init__(self, identity: ModelIdentity, span: BlockSpan, executor: DeviceExecutor,
-                 limits: ServerLimits | None = None, metrics: NodeMetrics | None = None):
-        """``metrics``: the node's, counted into (None: a registry of its own, never scraped)."""
+                 limits: ServerLimits | None = None, metrics: NodeMetrics | None = None,
+                 faults: FaultSwitch | None = None):
+        """``metrics``: the node's, counted into (None: a registry of its own, never scraped).
+        ``faults``: test-only, sessions answer wrongly on purpose (``fault_switch.py``)."""
+        self.faults = faults
         self.identity = identity
         self.span = span
         self.executor = executor

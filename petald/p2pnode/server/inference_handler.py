@@ -176,6 +176,7 @@ class InferenceSessions:
                            cache: SessionCache, live: _LiveSession) -> None:
         server, limits = self.server, self.server.limits
         framed = inbox.framed
+        fault = server.faults.for_session() if server.faults is not None else None  # test-only
         while True:
             if server.closing:
                 raise server.shutting_down()
@@ -227,7 +228,9 @@ class InferenceSessions:
             held_ms = (time.perf_counter() - received) * 1000
             server.metrics.steps.inc()
             server.metrics.step_seconds.observe(held_ms / 1000)
-            await framed.send(StepOutput(step.step_id, out, request.wire, pushed, held_ms).to_wire())
+            reply = StepOutput(step.step_id, out, request.wire, pushed, held_ms).to_wire()
+            faulty = fault.frame(reply, out) if fault is not None else None
+            await (framed.send_frame(faulty) if faulty is not None else framed.send(reply))
             live.in_step = False
 
     def _check_step(self, step: Step, request: OpenSession, cache: SessionCache) -> torch.Tensor:

@@ -32,6 +32,7 @@ from petald.kernels.span import BlockSpan
 from petald.kernels.throughput import cached_throughput, measure_throughput
 from petald.p2pnode.routing.placement import better_start, block_coverage, choose_start
 from petald.p2pnode.server.block_server import BlockServer, ServerLimits
+from petald.p2pnode.server.fault_switch import FAULT_VARIABLE, FaultSwitch
 from petald.p2pnode.server.reachability import ServerReachability
 from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.swarm.dht import SwarmDHT, block_key
@@ -88,6 +89,8 @@ class ServeOptions:
     on_online: Callable[[IHost, SwarmDHT], Awaitable[None]] | None = None
     # (what, done, total) while loading blocks and measuring throughput; None: a few announced lines.
     progress: Callable[[str, int, int], None] | None = None
+    # Test-only: answer steps wrongly on purpose (server/fault_switch.py); None in every real server.
+    faults: FaultSwitch | None = None
 
 
 def parse_blocks(text: str, num_blocks: int | None) -> tuple[int, int]:
@@ -132,6 +135,11 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     quiet_libp2p_logs()
     address_plan(options.listen, options.initial_peers, options.announce_addrs)  # bad --announce: fail before loading
     refuse_taken_ports(options.listen)  # and a port in use too (running_host checks again)
+    faults = FaultSwitch.from_environment(options.listen, options.initial_peers, options.announce_addrs)
+    if faults is not None:
+        announce(f"WARNING: test fault switch on ({FAULT_VARIABLE}): this server answers steps wrongly on "
+                 f"purpose ({faults.describe()}); it is for petald's tests only")
+        options = dataclasses.replace(options, faults=faults)
     # What needs no model is checked before it is opened (a large one takes a while).
     if not options.initial_peers and not options.new_swarm:
         raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
@@ -360,7 +368,8 @@ class ServerNode:
         # end; new sessions get this one.
         if self.server is not None:
             self.retired.append(self.server)
-        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits, self.options.metrics)
+        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits, self.options.metrics,
+                                  self.options.faults)
         self.server.register(host)
 
     async def _free_retired_spans(self) -> None:
