@@ -17,7 +17,7 @@ import msgpack
 
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import decode_body
-from petald.protocol.limits import WIRE_VERSION
+from petald.protocol.limits import MAX_RECORD_LIFETIME_S, WIRE_VERSION
 from petald.protocol.messages import _bad, _int, _str, _str_list, expect_type
 from petald.vocabulary import QUANT_MODES
 
@@ -83,6 +83,9 @@ class ServerAnnouncement:
             raise _bad(f"span {record.start}:{record.end} is not within {record.num_blocks} blocks")
         if record.expires_at < record.issued_at:
             raise _bad("the record expires before it was issued")
+        if record.expires_at - record.issued_at > MAX_RECORD_LIFETIME_S:
+            raise _bad(f"the record lives {record.expires_at - record.issued_at:.0f} s; "
+                       f"at most {MAX_RECORD_LIFETIME_S:.0f} s after it was issued")
         return record
 
     @classmethod

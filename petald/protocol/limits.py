@@ -22,6 +22,10 @@ MAX_ARRAY_LEN = 16  # msgpack arrays: tensor shapes, adapter names, a step's pus
 MAX_MAP_LEN = 32  # msgpack maps (messages and tensors have a handful of fields)
 MAX_FIRST_FRAME_BYTES = 64 * 1024  # info requests and session opens are small
 WIRE_DTYPES = DTYPE_NAMES
+# A server's signed DHT record lives at most this long after it was issued (protocol/announcement.py):
+# its server republishes it well before, and one signed to live longer (expiry 1e12: for ever) is
+# refused on store and on read, so that nothing a server once said outlives it by more than this.
+MAX_RECORD_LIFETIME_S = 600.0
 
 # The slowest link petald's timeouts allow for: a 10 Mbit/s home uplink (issue 18's range is
 # 10-1000 Mbit/s). A frame's send timeout, and the wait for a step's answer, grow by the frame's

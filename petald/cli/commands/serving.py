@@ -16,6 +16,7 @@ from petald.cli.options import (
     head_quant_option,
     listen_option,
 )
+from petald.protocol.limits import MAX_RECORD_LIFETIME_S
 from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 
 
@@ -30,8 +31,10 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 @click.option("--num-blocks", default=None, type=click.IntRange(min=1), help="With --blocks auto: serve this many.")
 @click.option("--memory-limit", default=None, type=click.FloatRange(min=0, min_open=True), metavar="GIB",
               help="With --blocks auto: blocks and KV cache must fit in this many GiB (default: half the free memory).")
-@click.option("--announce-period", default=30.0, show_default=True, type=click.FloatRange(min=0.5),
-              help="Seconds between republications of this server's signed record.")
+@click.option("--announce-period", default=30.0, show_default=True,
+              type=click.FloatRange(min=0.5, max=MAX_RECORD_LIFETIME_S / 2),
+              help="Seconds between republications of this server's signed record (at most half the "
+                   f"{MAX_RECORD_LIFETIME_S:.0f} s a record may live).")
 @click.option("--rebalance-period", default=60.0, show_default=True, type=click.FloatRange(min=1.0),
               help="With --blocks auto: about how often (seconds, jittered) to check whether to move.")
 @click.option("--network-mbps", default=0.0, type=click.FloatRange(min=0.0),
