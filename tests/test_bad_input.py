@@ -234,6 +234,16 @@ async def deep_prompts_with_nan(framed, stream, client):
     return await _error_reply(framed)
 
 
+# Within the wire's 32 MiB, far beyond any step of this session (batch 1 x 64 positions x hidden 64):
+# refused from the header alone. It was waited for until the idle timeout (issue 22, hole 3).
+@refused(CASES, "frame_too_large", r"^frame announces 33554431 bytes; the limit is \d+$")
+async def huge_length_prefix_after_open(framed, stream, client):
+    await _open(framed, client)
+    await stream.write(struct.pack(">I", 32 * 1024 * 1024 - 1))
+    with trio.fail_after(5):  # at once: the server's idle timeout is 300 s
+        return await _error_reply(framed)
+
+
 # Within every per-dimension bound and empty; it was an `internal` reply (issue 22, hole 3).
 @refused(CASES, "bad_tensor", r"^hidden: shape \[0, 25165824, 25165824, 25165824\] exceeds the tensor limit")
 async def empty_tensor_of_an_absurd_shape(framed, stream, client):
@@ -826,3 +836,4 @@ def test_run_blocks_refuses_bad_blocks_and_inputs_at_once(good_model):
         (lambda: good_model.run_blocks(hidden * float("nan"), 0, 5), "hidden holds NaN or infinite values"),
     ]:
         _fails_at_once(good_model, work, ValueError, sentence)
+

@@ -15,11 +15,15 @@ from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import FrameDecoder, encode_frame
 from petald.protocol.limits import (
     INT8_BLOCK,
+    MAX_ARRAY_LEN,
+    MAX_FRAME_BYTES,
     MAX_INT8_BLOCK,
+    MAX_STRING,
     MAX_TENSOR_BYTES,
     MAX_TENSOR_DIMS,
     WIRE_FORMATS,
     WIRE_VERSION,
+    session_frame_bytes,
 )
 from petald.protocol.messages import OpenSession, PushOpen, PushTarget, Step, StepOutput
 from petald.protocol.tensors import (
@@ -124,6 +128,24 @@ def test_a_reply_in_another_encoding_than_the_sessions_wire_is_refused(wire):
         with pytest.raises(ProtocolError, match=f"wire format {wire}") as err:
             StepOutput.from_wire(msg, wire)
         assert err.value.code == ErrorCode.BAD_TENSOR
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8"])
+def test_the_largest_step_of_a_session_fits_its_frame_limit(codec):
+    """A server refuses a frame header beyond ``session_frame_bytes`` at once: no step of the session,
+    encoded at its largest (int8 in blocks of one with every value an outlier, a full push chain of
+    the longest strings), may need more."""
+    batch, length, hidden, blocks = 2, 5, 64, 3
+    values = torch.randn(batch, length, hidden)
+    tensor = {"raw": lambda t: encode_tensor(t), "int8": lambda t: encode_tensor(t, "float32", "int8", 1, 64)}[codec]
+    longest = "\U0001f600" * MAX_STRING  # 4 UTF-8 bytes a character
+    step = {"type": "step", "step_id": 2**31, "position": 2**31, "hidden": tensor(values),
+            "prompts": tensor(values.expand(blocks, -1, -1, -1).contiguous()),
+            "push": [{"peer_id": longest, "token": bytes(16), "step_id": 2**31, "wire": longest}] * MAX_ARRAY_LEN}
+    frame = encode_frame(step)
+    limit = session_frame_bytes(batch, length, hidden, blocks)
+    assert len(frame) - 4 <= limit < MAX_FRAME_BYTES
+    assert session_frame_bytes(1, 8192, 4096, 30) == MAX_FRAME_BYTES  # a long session of a large model
 
 
 def test_lz4_bomb_is_refused():

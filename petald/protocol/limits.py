@@ -34,6 +34,23 @@ MAX_RECORD_LIFETIME_S = 600.0
 SLOWEST_LINK_BYTES_PER_S = 10_000_000 // 8
 
 
+# The most bytes one value of a tensor can take on the wire: float32's 4, or int8's 7 at worst (its
+# code, a float16 scale for a block of one, and as an outlier a float16 value and a uint16 position).
+MAX_WIRE_BYTES_PER_VALUE = 8
+# A step's bytes beyond its tensors, at most: its push chain (MAX_ARRAY_LEN targets, each with two
+# strings of up to MAX_STRING characters of up to 4 UTF-8 bytes) and msgpack's own.
+STEP_OVERHEAD_BYTES = MAX_ARRAY_LEN * 2 * 4 * MAX_STRING + 64 * 1024
+
+
+def session_frame_bytes(batch: int, max_length: int, hidden_size: int, blocks: int) -> int:
+    """The largest frame an inference session opened with these can need: one step of every position
+    at once, with deep prompts for each of its blocks. A frame header announcing more is refused from
+    the header alone, at once, instead of waiting for a body no step of the session could be."""
+    values = batch * max_length * hidden_size
+    hidden, prompts = (min(n * MAX_WIRE_BYTES_PER_VALUE, MAX_FRAME_BYTES) for n in (values, blocks * values))
+    return min(MAX_FRAME_BYTES, hidden + prompts + STEP_OVERHEAD_BYTES)
+
+
 def transfer_seconds(nbytes: int) -> float:
     """How long ``nbytes`` take over the slowest link petald's timeouts allow for."""
     return nbytes / SLOWEST_LINK_BYTES_PER_S

@@ -29,7 +29,7 @@ from petald.p2pnode.server.stream_frames import receive_first, send_error
 from petald.p2pnode.transport.first_failure import open_first_failure_nursery
 from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
 from petald.protocol.errors import ErrorCode, ProtocolError
-from petald.protocol.limits import MAX_FIRST_FRAME_BYTES, MAX_FRAME_BYTES
+from petald.protocol.limits import MAX_FIRST_FRAME_BYTES, session_frame_bytes
 from petald.protocol.messages import OpenSession, SessionOpened, Step, StepOutput
 from petald.protocol.tensors import all_finite
 
@@ -93,7 +93,8 @@ class InferenceSessions:
             if request.push_token:
                 # Before "opened": a push may follow the client's first step at once.
                 inbox_in, inbox = server.pushes.open(request.push_token)
-            framed.allow_frames_up_to(MAX_FRAME_BYTES)
+            framed.allow_frames_up_to(session_frame_bytes(request.batch, request.max_length,
+                                                          server.span.hidden_size, request.end - request.start))
             await framed.send(SessionOpened(request.start, request.end, request.max_length).to_wire())
             server.metrics.sessions.inc()
             log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",
