@@ -80,6 +80,7 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
           network_mbps, reachability, no_direct_upgrade, listen, announce, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
           step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
+          api_key,
           no_api, head_quant, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
     setup_logging(verbose)
@@ -99,7 +100,7 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
         from petald.p2pnode.transport.node_metrics import NodeMetrics
 
         say = announcer()
-        api = None if no_api else api_listen(socket, socket_group, http, "serve", say)
+        api = None if no_api else api_listen(socket, socket_group, http, "serve", say, api_key)
         if threads:
             torch.set_num_threads(threads)
         progress = ProgressDisplay(say)
@@ -137,7 +138,8 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
 @head_quant_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def daemon(initial_peers, model, listen, identity, socket, socket_group, http, head_quant, verbose, debug) -> None:
+def daemon(initial_peers, model, listen, identity, socket, socket_group, http, api_key, head_quant, verbose,
+           debug) -> None:
     """Join the swarm as a client (no blocks) and serve the local API until SIGINT or SIGTERM."""
     setup_logging(verbose)
 
@@ -149,7 +151,7 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, h
         peers = addresses(initial_peers)
         if not peers:
             raise click.UsageError("a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)")
-        api = api_listen(socket, socket_group, http, "daemon")
+        api = api_listen(socket, socket_group, http, "daemon", api_key=api_key)
         refuse_taken_ports(list(listen))  # before the model is opened
         say = announcer()
         say(f"opening model {describe_model(model)}")
