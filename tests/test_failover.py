@@ -154,8 +154,9 @@ def test_a_server_process_that_answers_wrongly_is_replaced(swarm, tiny_models, e
             _wait_routable(model, _peer(faulty))
             server = next(s for s in model.servers if s.peer_id == _peer(faulty))
             for kind, seen in FAULTS.items():
-                tokens, session = greedy_through_session(model, IDS, NEW_TOKENS, SpanRoute((SpanHop(server, 0, 6),)))
-                assert tokens == expected, kind
+                # A few tokens past the fault: greedy tokens are a prefix of the oracle's.
+                tokens, session = greedy_through_session(model, IDS, 6, SpanRoute((SpanHop(server, 0, 6),)))
+                assert tokens == expected[:6], kind
                 # Its third step failed: the prompt and one token were replayed elsewhere.
                 (recovery,) = session.recoveries
                 assert (recovery.peer_id, recovery.replayed_tokens) == (server.peer_id, IDS.shape[1] + 1), kind
