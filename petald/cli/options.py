@@ -119,6 +119,25 @@ def api_listen(socket: str | None, socket_group: str | None, http: str | None, c
     return ApiListen(path, http, socket_group) if path is not None or http is not None else None
 
 
+def swarm_key_option() -> Callable:
+    """--swarm-key FILE (or PETALD_SWARM_KEY): a private swarm's key, read and checked as soon as
+    the command line is read; the value is the SwarmKey, or None for the open swarm."""
+
+    def read(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+        from petald.p2pnode.transport.swarm_key import SwarmKeyError, read_swarm_key
+
+        if not value:
+            return None
+        try:
+            return read_swarm_key(value)
+        except SwarmKeyError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return click.option("--swarm-key", default=None, metavar="FILE", callback=read,
+                        help="Join the private swarm of this key (petald swarm-key FILE makes one): every "
+                             "connection proves it first; peers without it are refused.")
+
+
 def addresses(values: Sequence[str]) -> list[str]:
     """Multiaddrs from repeated options, each of which may hold several (space or comma separated)."""
     return [a for value in values for a in value.replace(",", " ").split()]

@@ -25,6 +25,7 @@ from petald.kernels.sampling import end_of_sequence_ids
 from petald.kernels.sources.model_source import ModelSource
 from petald.p2pnode.client.distributed_model import DistributedModel
 from petald.p2pnode.transport.node_metrics import NodeMetrics
+from petald.p2pnode.transport.swarm_key import SwarmKey
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,16 @@ class ModelBackend:
 
     def __init__(self, source: ModelSource, initial_peers: Sequence[str],
                  make_model: Callable[[], DistributedModel] | None = None, head_quant: str = "none",
-                 metrics: NodeMetrics | None = None):
-        """``metrics``: the node's, which the model counts into (None: the model's own)."""
+                 metrics: NodeMetrics | None = None, swarm_key: SwarmKey | None = None):
+        """``metrics``: the node's, which the model counts into (None: the model's own); ``swarm_key``:
+        a private swarm's, which the model's node needs."""
         self.source = source
         self.identity = source.identity
         self.initial_peers = list(initial_peers)
         self.head_quant = head_quant
         self._make_model = make_model or (lambda: DistributedModel(model=source, initial_peers=self.initial_peers,
-                                                                   head_quant=head_quant, metrics=metrics))
+                                                                   head_quant=head_quant, metrics=metrics,
+                                                                   swarm_key=swarm_key))
         self._model: DistributedModel | None = None
         self._creating = trio.Lock()
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_GENERATIONS)

@@ -38,18 +38,20 @@ from petald.p2pnode.transport.host import (
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
+from petald.p2pnode.transport.swarm_key import SwarmKey
 
 log = logging.getLogger(__name__)
 
 
 def api_beside_server(listen: ApiListen | None, model: str | None, announce: Callable[[str], None],
-                      head_quant: str = "none", metrics: NodeMetrics | None = None
-                      ) -> Callable[[IHost, SwarmDHT], Awaitable[None]]:
+                      head_quant: str = "none", metrics: NodeMetrics | None = None,
+                      swarm_key: SwarmKey | None = None) -> Callable[[IHost, SwarmDHT], Awaitable[None]]:
     """The task ``petald serve`` starts once it is routable: the API (unless ``listen`` is None)
     and systemd's readiness. ``model`` is opened again here (cheap: the fingerprint is cached)
     so that the server's own loading code stays as it is. ``head_quant``: how the API's model
     stores its LM head (``ClientHead``). ``metrics``: the server's (``ServeOptions.metrics``), which the
-    API's model counts into too and ``GET /metrics`` shows."""
+    API's model counts into too and ``GET /metrics`` shows. ``swarm_key``: the server's, which the
+    API's model (a client node of its own) needs to reach it in a private swarm."""
     metrics = metrics or NodeMetrics()
 
     async def run(host: IHost, dht: SwarmDHT) -> None:
@@ -61,7 +63,8 @@ def api_beside_server(listen: ApiListen | None, model: str | None, announce: Cal
             source = await trio.to_thread.run_sync(open_source, model)
             # The API's client joins through this server at an address of this machine: what the
             # server announces (--announce: a forwarded port, a proxy) may not loop back here.
-            backend = ModelBackend(source, local_addresses(host)[:1], head_quant=head_quant, metrics=metrics)
+            backend = ModelBackend(source, local_addresses(host)[:1], head_quant=head_quant, metrics=metrics,
+                                   swarm_key=swarm_key)
             context = ApiContext(backend, lambda: read_swarm(dht), "server",
                                  details=lambda: {"peer_id": dht.peer_id, "addresses": addresses}, metrics=metrics)
             await _serve(context, listen, announce)
@@ -91,6 +94,7 @@ class DaemonOptions:
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
     identity: str | None = None
     head_quant: str = "none"  # how the API's model stores its LM head (ClientHead)
+    swarm_key: SwarmKey | None = None  # a private swarm's (transport/private_network.py)
 
 
 def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Callable[[str], None]) -> None:
@@ -102,7 +106,7 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             plan = address_plan(options.listen, options.initial_peers)
-            async with running_host(key_pair, options.listen, addresses=plan) as host:
+            async with running_host(key_pair, options.listen, addresses=plan, swarm_key=options.swarm_key) as host:
                 dht = SwarmDHT(host, key_pair, server_mode=False)
                 async with dht.running():
                     joined = await dht.join(options.initial_peers)
@@ -113,6 +117,7 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
                     metrics = NodeMetrics()
                     metrics.watch(metrics.dht_records, dht.stored_records)
                     backend = ModelBackend(source, options.initial_peers, head_quant=options.head_quant,
+                                           swarm_key=options.swarm_key,
                                            metrics=metrics)
                     context = ApiContext(backend, lambda: read_swarm(dht), "client",
                                          details=lambda: {"peer_id": dht.peer_id}, metrics=metrics)

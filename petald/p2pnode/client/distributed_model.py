@@ -54,6 +54,7 @@ from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
+from petald.p2pnode.transport.private_network import describe_connect_failure
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import WIRE_VERSION
 
@@ -106,7 +107,7 @@ class DistributedModel:
         self._say(f"joining the swarm through {len(initial_peers)} initial peer(s)" if initial_peers
                   else f"connecting to {len(peers)} server(s)")
         self.node = NodeThread(load_or_create_identity(None), client_listen([*initial_peers, *peers], upgrade),
-                               with_dht=bool(initial_peers), direct_upgrade=upgrade)
+                               with_dht=bool(initial_peers), direct_upgrade=upgrade, swarm_key=self.options.swarm_key)
         try:
             find = self._discover if initial_peers else self._connect_all
             self.servers = self.node.call(find, list(initial_peers or peers), self.options.connect_timeout)
@@ -192,7 +193,7 @@ class DistributedModel:
                     raise ServerUnavailable(f"it speaks wire version {server_info.wire_version}, "
                                             f"this client {WIRE_VERSION}: upgrade one of them")
             except Exception as exc:  # any failure only skips this peer; the reason is reported
-                failures.append(f"{address}: {exc or type(exc).__name__}")
+                failures.append(f"{address}: {describe_connect_failure(host, exc)}")
                 return
             reachable[address] = RemoteServer(info.peer_id.to_base58(), address, server_info)
 

@@ -45,6 +45,7 @@ from petald.p2pnode.transport.host import (
 from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
 from petald.p2pnode.transport.listen_port import refuse_taken_ports
 from petald.p2pnode.transport.node_metrics import NodeMetrics
+from petald.p2pnode.transport.swarm_key import SwarmKey
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import MAX_ARRAY_LEN
 from petald.protocol.messages import ServerInfo
@@ -84,6 +85,7 @@ class ServeOptions:
     direct_upgrade: bool = True  # DCUtR on relayed connections (transport/direct_upgrade.py)
     throughput_seconds: float = 1.0
     shutdown_grace: float = 30.0  # seconds running sessions may go on after SIGTERM
+    swarm_key: SwarmKey | None = None  # a private swarm's key (transport/private_network.py)
     # Runs beside the server once its first span is online (the CLI's local API, systemd readiness).
     on_online: Callable[[IHost, SwarmDHT], Awaitable[None]] | None = None
     # (what, done, total) while loading blocks and measuring throughput; None: a few announced lines.
@@ -217,7 +219,8 @@ class ServerNode:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             plan = address_plan(self.options.listen, self.options.initial_peers, self.options.announce_addrs,
                                 peer_id_of(key_pair))
-            async with running_host(key_pair, self.options.listen, addresses=plan) as host:
+            async with running_host(key_pair, self.options.listen, addresses=plan,
+                                    swarm_key=self.options.swarm_key) as host:
                 reach = ServerReachability(host, self.options.reachability, self.options.initial_peers,
                                            self.announce, direct_upgrade=self.options.direct_upgrade)
                 # A DHT client until found reachable (ServerReachability.running): others must not

@@ -56,6 +56,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from petald.p2pnode.swarm.dropped_records import DroppedRecords
 from petald.p2pnode.swarm.kad_protocol import KadProtocolAdapter, check_library
 from petald.p2pnode.transport.host import parse_peer_address
+from petald.p2pnode.transport.private_network import swarm_key_hint
 from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
 from petald.protocol.errors import ProtocolError
 
@@ -215,6 +216,7 @@ class SwarmDHT:
         """
         infos = [parse_peer_address(address) for address in initial_peers]
         joined = 0
+        hints: list[str] = []  # what failed connections say about a private swarm's key
 
         async def connect(info: PeerInfo) -> None:
             nonlocal joined
@@ -222,7 +224,10 @@ class SwarmDHT:
                 with trio.fail_after(timeout):
                     await self.host.connect(info)
             except Exception as exc:
-                log.warning("initial peer %s did not answer: %s", info.peer_id, exc)
+                hint = swarm_key_hint(self.host, exc)
+                if hint:
+                    hints.append(hint)
+                log.warning("initial peer %s did not answer: %s", info.peer_id, hint or exc)
                 return
             # An initial peer is taken on trust: it is how we reach the swarm at all.
             await self.kad.routing_table.add_peer(info.peer_id, skip_server_mode_check=True)
@@ -233,7 +238,7 @@ class SwarmDHT:
                 nursery.start_soon(connect, info)
         if infos and joined == 0:
             raise ConnectionError("none of the initial peers answered: "
-                                  + ", ".join(str(i.peer_id) for i in infos))
+                                  + ", ".join(str(i.peer_id) for i in infos) + (f" ({hints[0]})" if hints else ""))
         if refresh:
             with trio.move_on_after(timeout):
                 await self.kad.refresh_routing_table()
