@@ -7,13 +7,17 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import subprocess
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import msgpack
 import nacl.secret
 import pytest
 import torch
 import trio
+from click.testing import Result
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.exceptions import SwarmException
@@ -21,8 +25,18 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from petald.cli.local_swarm import LocalSwarm
 from petald.p2pnode.client.distributed_model import DistributedModel
+from petald.p2pnode.swarm.membership import (
+    InvalidMemberList,
+    MemberListValidator,
+    SwarmMembership,
+    member_list_key,
+    parse_owner,
+    sign_member_list,
+    verify_member_list,
+)
 from petald.p2pnode.transport.framed_stream import FramedStream
 from petald.p2pnode.transport.host import full_addresses, parse_peer_address, running_host
+from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
 from petald.p2pnode.transport.private_network import (
     PrivateConnection,
     describe_connect_failure,
@@ -36,8 +50,10 @@ from petald.p2pnode.transport.swarm_key import (
     read_swarm_key,
     write_new_swarm_key,
 )
+from petald.protocol.errors import ErrorCode, ProtocolError, RemoteError
+from petald.protocol.member_list import MemberList
 from tests.oracle import reference_greedy
-from tests.petald_cli import PETALD, invoke
+from tests.petald_cli import invoke
 
 ECHO = TProtocol("/petald-test/echo/1.0.0")
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -182,29 +198,138 @@ def test_relays_apply_the_key():
     trio.run(main)
 
 
-@pytest.mark.slow
-def test_a_private_swarm_of_processes_serves_members_only(tiny_models, tmp_path):
-    """Two ``petald serve`` processes with the key (the second joins through the first, over the
-    DHT): a client with the key finds them and generates the oracle's tokens; one with another key
-    is refused naming the key, and ``petald generate`` without a key ends with one line that says
-    the swarm is private (run beside the others: a process start costs ~10 s on 2 cores)."""
+@dataclass
+class PrivateSwarm:
+    """Two ``petald serve`` processes of one private swarm with a member list (``--swarm-key``,
+    ``--swarm-owner``, a 1 s announce period): ``member`` serves 0:6 and is on the list,
+    ``stranger`` serves 0:6 with the key but is not."""
+
+    swarm: LocalSwarm
+    key: SwarmKey
+    owner: str  # the owner's peer ID
+    files: Path  # swarm.key, owner.key, and the identities: member.id, stranger.id, client.id, other.id
+    model: str
+
+    def peer(self, name: str) -> str:
+        return peer_id_of(load_or_create_identity(self.files / f"{name}.id"))
+
+    def client(self, name: str, **settings) -> DistributedModel:
+        return DistributedModel(model=self.model, initial_peers=self.swarm.addresses[:1], swarm_key=self.key,
+                                swarm_owner=self.owner, identity_file=str(self.files / f"{name}.id"), **settings)
+
+    def members(self, *args: str) -> Result:
+        return invoke("swarm-members", *args, "--initial-peers", self.swarm.addresses[0],
+                      "--swarm-key", str(self.files / "swarm.key"))
+
+
+@pytest.fixture(scope="module")
+def private_swarm(tiny_models, tmp_path_factory) -> Iterator[PrivateSwarm]:
+    files = tmp_path_factory.mktemp("private")
+    key = write_new_swarm_key(files / "swarm.key")
+    owner = invoke("swarm-owner-key", str(files / "owner.key")).stdout.strip()
+    for name in ("member", "stranger", "client", "other"):
+        load_or_create_identity(files / f"{name}.id")
     path = str(tiny_models["llama"])
-    key_file = tmp_path / "swarm.key"
-    key = write_new_swarm_key(key_file)
-    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(5))
-    with LocalSwarm(["0:3", "3:6"], model=path, extra_args=["--threads", "1", "--swarm-key", str(key_file)]) as swarm:
-        keyless = subprocess.Popen([*PETALD, "generate", "hi", "--model", path, "--initial-peers", swarm.addresses[0],
-                                    "--no-daemon"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            with DistributedModel(model=path, initial_peers=swarm.addresses[:1], swarm_key=key, wire="float32") as model:
-                assert model.generate(ids, max_new_tokens=8, eos_token_id=[])[0, 12:].tolist() \
-                    == reference_greedy(path, ids, 8)
-            with pytest.raises(ConnectionError, match="none of the initial peers answered: .* \\(the peer holds another swarm key"):
-                DistributedModel(model=path, initial_peers=swarm.addresses[:1], swarm_key=SwarmKey(os.urandom(32)))
-            out, err = keyless.communicate(timeout=120)
-        finally:
-            keyless.kill()
-    assert keyless.returncode == 1 and out == "" and "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("petald: error")]
-    assert len(errors) == 1, err
+    with LocalSwarm(["0:6", "0:6"], model=path, server_args=[["--identity", str(files / "member.id")],
+                                                             ["--identity", str(files / "stranger.id")]],
+                    extra_args=["--threads", "1", "--swarm-key", str(files / "swarm.key"), "--swarm-owner",
+                                str(files / "owner.key.pub"), "--announce-period", "1"]) as swarm:
+        yield PrivateSwarm(swarm, key, owner, files, path)
+
+
+@pytest.mark.slow
+def test_a_private_swarm_of_processes_serves_key_holders_only(private_swarm):
+    """A client with another key is refused naming the key, and ``petald generate`` without a key
+    ends with one line that says the swarm is private (no traceback)."""
+    swarm = private_swarm.swarm
+    with pytest.raises(ConnectionError, match="none of the initial peers answered: .* \\(the peer holds another swarm key"):
+        DistributedModel(model=private_swarm.model, initial_peers=swarm.addresses[:1], swarm_key=SwarmKey(os.urandom(32)))
+    # The command line in this process (a process of its own costs ~10-25 s of imports here).
+    result = invoke("generate", "hi", "--model", private_swarm.model, "--initial-peers", swarm.addresses[0],
+                    "--no-daemon")
+    assert result.exit_code == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("petald: error")]
+    assert len(errors) == 1, result.stderr
     assert "likely in a private swarm, whose nodes need its key (--swarm-key FILE)" in errors[0]
+
+
+@pytest.mark.slow
+def test_members_are_served_others_refused_and_a_removed_member_is_shut_out(private_swarm):
+    """The owner's signed list admits the member server and the client: the client ignores the
+    stranger server's record and generates the oracle's tokens; a client with the key that is not
+    on the list is refused (not_member); once the owner removes the client, the server closes its
+    connection within announce periods and its next generation is refused."""
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(5))
+    added = private_swarm.members("add", private_swarm.peer("member"), private_swarm.peer("client"),
+                                  "--owner-key", str(private_swarm.files / "owner.key"))
+    assert added.exit_code == 0, added.output
+    listed = private_swarm.members("list", "--swarm-owner", private_swarm.owner)
+    assert listed.stdout.splitlines()[0].startswith("version 1, signed ") and "2 members" in listed.stdout
+    assert sorted(listed.stdout.splitlines()[1:]) == sorted([private_swarm.peer("member"), private_swarm.peer("client")])
+    with private_swarm.client("client", wire="float32") as model:
+        assert [s.peer_id for s in model.servers] == [private_swarm.peer("member")]  # the stranger's record ignored
+        expected = reference_greedy(private_swarm.model, ids, 6)
+        assert model.generate(ids, max_new_tokens=6, eos_token_id=[])[0, 12:].tolist() == expected
+        with pytest.raises(RemoteError, match="not_member: peer .* is not on the swarm owner's member list"):
+            private_swarm.client("other")
+        removed = private_swarm.members("remove", private_swarm.peer("client"),
+                                        "--owner-key", str(private_swarm.files / "owner.key"))
+        assert removed.exit_code == 0, removed.output
+        server = private_swarm.swarm.servers[0]
+        deadline = time.monotonic() + 15  # announce periods of 1 s, on a loaded machine
+        while not any("was removed from the swarm's member list" in line for line in server.output):
+            assert time.monotonic() < deadline, "\n".join(server.output[-10:])
+            time.sleep(0.2)
+        with pytest.raises(RemoteError, match="not_member"):
+            model.generate(ids, max_new_tokens=2, eos_token_id=[])
+
+
+def test_member_lists_are_checked_and_only_newer_ones_taken(tmp_path):
+    owner_key, intruder_key = create_new_key_pair(), create_new_key_pair()
+    owner = peer_id_of(owner_key)
+    a, b = peer_id_of(create_new_key_pair()), peer_id_of(create_new_key_pair())
+    first = sign_member_list(MemberList(owner, 1, time.time(), (a, b, a)), owner_key)
+    assert verify_member_list(first, owner).members == tuple(sorted({a, b}))
+    forged = sign_member_list(MemberList(owner, 9, time.time(), (a,)), intruder_key)  # claims the owner
+    mislabelled = sign_member_list(MemberList(peer_id_of(intruder_key), 9, time.time(), (a,)), intruder_key)
+    future = sign_member_list(MemberList(owner, 9, time.time() + 3600, (a,)), owner_key)
+    for bad, said in [(forged, "not signed by the owner"), (mislabelled, "not signed by the owner"),
+                      (future, "issued in the future"), (b"\x81\xa4type\xa4nope", "malformed"),
+                      (first[:-3], "malformed")]:
+        with pytest.raises(InvalidMemberList, match=said):
+            verify_member_list(bad, owner)
+    with pytest.raises(ProtocolError, match="at most 4096 peer IDs"):
+        MemberList.from_bytes(msgpack.packb({"type": "member_list", "owner": owner, "version": 1, "issued_at": 1.0,
+                                             "members": [7]}))
+    members = SwarmMembership(owner)
+    assert not members.is_member(a) and "no member list signed by the swarm's owner" in members.refusal(a).message
+    second = sign_member_list(MemberList(owner, 2, time.time(), (b,)), owner_key)
+    assert members.offer(second) and not members.offer(first)  # an older version never comes back
+    assert members.is_member(b) and not members.is_member(a)
+    assert members.refusal(a).code == ErrorCode.NOT_MEMBER and f"swarm-members add {a}" in members.refusal(a).message
+    assert not members.offer(forged) and not members.offer(future)
+    validator = MemberListValidator(members)
+    key = member_list_key(owner)
+    assert validator.select(key, [first, second, forged]) == 1
+    with pytest.raises(InvalidMemberList):
+        validator.validate(key, mislabelled)
+    third = sign_member_list(MemberList(owner, 3, time.time(), (a,)), owner_key)
+    validator.validate(key, third)  # a node takes a newer list as soon as it is stored with it
+    assert members.is_member(a) and not members.is_member(b)
+
+
+def test_owner_ids_and_owner_key_files(tmp_path):
+    result = invoke("swarm-owner-key", str(tmp_path / "owner.key"))
+    owner = result.stdout.strip()
+    assert result.exit_code == 0 and stat.S_IMODE((tmp_path / "owner.key").stat().st_mode) == 0o600
+    assert parse_owner(owner) == owner == parse_owner(str(tmp_path / "owner.key.pub"))
+    assert invoke("swarm-owner-key", str(tmp_path / "owner.key")).exit_code == 1  # never overwritten
+    with pytest.raises(ValueError, match="is the owner's private key: give nodes the public part"):
+        parse_owner(str(tmp_path / "owner.key"))
+    with pytest.raises(ValueError, match="is not an owner ID"):
+        parse_owner("12D3KooWnope")
+    refused = invoke("serve", "--swarm-owner", "nope", "--new-swarm")
+    assert refused.exit_code == 2 and "--swarm-owner" in refused.stderr and "is not an owner ID" in refused.stderr
+    bad_peer = invoke("swarm-members", "add", "nope", "--owner-key", str(tmp_path / "owner.key"),
+                      "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/" + owner)
+    assert bad_peer.exit_code == 2 and "'nope' is not a peer ID" in bad_peer.stderr

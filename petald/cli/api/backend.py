@@ -72,16 +72,17 @@ class ModelBackend:
 
     def __init__(self, source: ModelSource, initial_peers: Sequence[str],
                  make_model: Callable[[], DistributedModel] | None = None, head_quant: str = "none",
-                 metrics: NodeMetrics | None = None, swarm_key: SwarmKey | None = None):
-        """``metrics``: the node's, which the model counts into (None: the model's own); ``swarm_key``:
-        a private swarm's, which the model's node needs."""
+                 metrics: NodeMetrics | None = None, swarm_key: SwarmKey | None = None,
+                 swarm_owner: str | None = None):
+        """``metrics``: the node's, which the model counts into (None: the model's own); ``swarm_key``
+        and ``swarm_owner``: a private swarm's key and owner, which the model's node needs."""
         self.source = source
         self.identity = source.identity
         self.initial_peers = list(initial_peers)
         self.head_quant = head_quant
         self._make_model = make_model or (lambda: DistributedModel(model=source, initial_peers=self.initial_peers,
                                                                    head_quant=head_quant, metrics=metrics,
-                                                                   swarm_key=swarm_key))
+                                                                   swarm_key=swarm_key, swarm_owner=swarm_owner))
         self._model: DistributedModel | None = None
         self._creating = trio.Lock()
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_GENERATIONS)

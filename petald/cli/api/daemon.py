@@ -26,6 +26,7 @@ from petald.cli.systemd import notify as systemd_notify
 from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
 from petald.p2pnode.swarm.dht import SwarmDHT
+from petald.p2pnode.swarm.membership import SwarmMembership
 from petald.p2pnode.swarm.swarm_map import read_swarm
 from petald.p2pnode.transport.announced_addresses import address_plan
 from petald.p2pnode.transport.host import (
@@ -95,6 +96,7 @@ class DaemonOptions:
     identity: str | None = None
     head_quant: str = "none"  # how the API's model stores its LM head (ClientHead)
     swarm_key: SwarmKey | None = None  # a private swarm's (transport/private_network.py)
+    swarm_owner: str | None = None  # whose signed member list admits peers (swarm/membership.py)
 
 
 def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Callable[[str], None]) -> None:
@@ -107,7 +109,8 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             plan = address_plan(options.listen, options.initial_peers)
             async with running_host(key_pair, options.listen, addresses=plan, swarm_key=options.swarm_key) as host:
-                dht = SwarmDHT(host, key_pair, server_mode=False)
+                members = SwarmMembership(options.swarm_owner) if options.swarm_owner else None
+                dht = SwarmDHT(host, key_pair, server_mode=False, members=members)
                 async with dht.running():
                     joined = await dht.join(options.initial_peers)
                     if not joined:
@@ -117,7 +120,7 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
                     metrics = NodeMetrics()
                     metrics.watch(metrics.dht_records, dht.stored_records)
                     backend = ModelBackend(source, options.initial_peers, head_quant=options.head_quant,
-                                           swarm_key=options.swarm_key,
+                                           swarm_key=options.swarm_key, swarm_owner=options.swarm_owner,
                                            metrics=metrics)
                     context = ApiContext(backend, lambda: read_swarm(dht), "client",
                                          details=lambda: {"peer_id": dht.peer_id}, metrics=metrics)

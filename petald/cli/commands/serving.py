@@ -16,6 +16,7 @@ from petald.cli.options import (
     head_quant_option,
     listen_option,
     swarm_key_option,
+    swarm_owner_option,
 )
 from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 
@@ -74,12 +75,13 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 @click.option("--no-api", is_flag=True, help="Do not serve the local API (e.g. a second server on this machine).")
 @head_quant_option()
 @swarm_key_option()
+@swarm_owner_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
           network_mbps, reachability, no_direct_upgrade, listen, announce, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
           step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
-          no_api, head_quant, swarm_key, verbose, debug) -> None:
+          no_api, head_quant, swarm_key, swarm_owner, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
     setup_logging(verbose)
     # Refused only when typed: a config file's top-level head_quant (meant for the daemon) must not
@@ -114,7 +116,7 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,
                                announce_period=announce_period, rebalance_period=rebalance_period,
                                network_mbps=network_mbps, reachability=reachability, direct_upgrade=not no_direct_upgrade,
-                               shutdown_grace=shutdown_grace, swarm_key=swarm_key,
+                               shutdown_grace=shutdown_grace, swarm_key=swarm_key, swarm_owner=swarm_owner,
                                on_online=api_beside_server(api, model, say, head_quant, metrics, swarm_key),
                                progress=progress, metrics=metrics)
         try:
@@ -135,10 +137,11 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
 @api_options
 @head_quant_option()
 @swarm_key_option()
+@swarm_owner_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def daemon(initial_peers, model, listen, identity, socket, socket_group, http, head_quant, swarm_key, verbose,
-           debug) -> None:
+def daemon(initial_peers, model, listen, identity, socket, socket_group, http, head_quant, swarm_key, swarm_owner,
+           verbose, debug) -> None:
     """Join the swarm as a client (no blocks) and serve the local API until SIGINT or SIGTERM."""
     setup_logging(verbose)
 
@@ -155,6 +158,7 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, h
         say = announcer()
         say(f"opening model {describe_model(model)}")
         source = open_source(model)
-        run_client_daemon(DaemonOptions(peers, api, list(listen), identity, head_quant, swarm_key), source, say)
+        run_client_daemon(DaemonOptions(peers, api, list(listen), identity, head_quant, swarm_key, swarm_owner),
+                          source, say)
 
     run_command(run, debug)

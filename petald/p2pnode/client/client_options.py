@@ -50,6 +50,11 @@ class ClientOptions:
     # A private swarm's key (transport/private_network.py): every connection proves it first; None:
     # the open swarm. Taken when the model is created.
     swarm_key: SwarmKey | None = None
+    # A swarm with revocable membership: the owner's peer ID, whose signed member list (from the
+    # DHT) says which servers' records count (swarm/membership.py); None: every server's.
+    swarm_owner: str | None = None
+    # This client's key file (a stable peer ID, which a member list can name); None: a new one each start.
+    identity_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.adapter is None:  # the CLI's "no --adapter"
