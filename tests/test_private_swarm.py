@@ -38,6 +38,7 @@ from petald.p2pnode.transport.framed_stream import FramedStream
 from petald.p2pnode.transport.host import full_addresses, parse_peer_address, running_host
 from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
 from petald.p2pnode.transport.private_network import (
+    KEY_CHECK_TIMEOUT_S,
     PrivateConnection,
     describe_connect_failure,
     xsalsa20,
@@ -333,3 +334,35 @@ def test_owner_ids_and_owner_key_files(tmp_path):
     bad_peer = invoke("swarm-members", "add", "nope", "--owner-key", str(tmp_path / "owner.key"),
                       "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/" + owner)
     assert bad_peer.exit_code == 2 and "'nope' is not a peer ID" in bad_peer.stderr
+
+
+def test_garbage_at_the_key_check_leaves_the_node_serving_members():
+    """Peers that send a few bytes, random bytes or nothing and leave are refused; a member still
+    gets through afterwards."""
+    key = SwarmKey(os.urandom(32))
+
+    async def main():
+        async with running_host(create_new_key_pair(), LOOPBACK, swarm_key=key) as server:
+            server.set_stream_handler(ECHO, _echo)
+            host, port = parse_peer_address(full_addresses(server)[0]).addrs[0].value_for_protocol("ip4"), \
+                int(parse_peer_address(full_addresses(server)[0]).addrs[0].value_for_protocol("tcp"))
+            async def send_junk(junk: bytes) -> None:
+                stream = await trio.open_tcp_stream(host, port)
+                await stream.send_all(junk)
+                with trio.move_on_after(KEY_CHECK_TIMEOUT_S + 2):
+                    try:
+                        while await stream.receive_some(65536):  # the node's nonce and check, then its close
+                            pass
+                    except trio.BrokenResourceError:  # closed with our junk unread: a reset
+                        pass
+                await stream.aclose()
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:  # at once: a silent one waits out the check
+                    for junk in (b"", b"abc", os.urandom(44), os.urandom(5000)):
+                        nursery.start_soon(send_junk, junk)
+                async with running_host(create_new_key_pair(), LOOPBACK, swarm_key=key) as member:
+                    await member.connect(parse_peer_address(full_addresses(server)[0]))
+                    await _round_trip(member, server.get_id())
+
+    trio.run(main)

@@ -102,7 +102,10 @@ class PrivateConnection(RawConnection):
         got = b""
         with trio.move_on_after(KEY_CHECK_TIMEOUT_S):
             while len(got) < wanted:
-                data = await self.inner.read(wanted - len(got))
+                try:
+                    data = await self.inner.read(wanted - len(got))
+                except Exception:  # reset, or closed mid-read: the same as a close here
+                    data = b""
                 if not data:
                     raise SwarmKeyMismatch("the peer closed the connection at the swarm-key check: it is not "
                                            "in this private swarm (another --swarm-key, or none)")
