@@ -25,6 +25,7 @@ from petald.cli.api.server import ApiListen, serve_api
 from petald.cli.systemd import notify as systemd_notify
 from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
+from petald.p2pnode.client.client_options import ClientOptions
 from petald.p2pnode.swarm.dht import SwarmDHT
 from petald.p2pnode.swarm.membership import SwarmMembership
 from petald.p2pnode.swarm.swarm_map import read_swarm
@@ -36,7 +37,7 @@ from petald.p2pnode.transport.host import (
     quiet_libp2p_logs,
     running_host,
 )
-from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
 from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
 from petald.p2pnode.transport.swarm_key import SwarmKey
@@ -65,7 +66,7 @@ def api_beside_server(listen: ApiListen | None, model: str | None, announce: Cal
             # The API's client joins through this server at an address of this machine: what the
             # server announces (--announce: a forwarded port, a proxy) may not loop back here.
             backend = ModelBackend(source, local_addresses(host)[:1], head_quant=head_quant, metrics=metrics,
-                                   swarm_key=swarm_key)
+                                   options=ClientOptions(swarm_key=swarm_key))
             context = ApiContext(backend, lambda: read_swarm(dht), "server",
                                  details=lambda: {"peer_id": dht.peer_id, "addresses": addresses}, metrics=metrics)
             await _serve(context, listen, announce)
@@ -103,7 +104,11 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
     """Join the swarm as a client node and serve the local API until SIGINT or SIGTERM.
     ``options.initial_peers`` names at least one node (``petald daemon`` refuses none)."""
     quiet_libp2p_logs()
-    key_pair = load_or_create_identity(options.identity)
+    # With a member list, the identity is the API's client node's (the one servers must admit);
+    # this node only reads the DHT, which servers answer for anyone, so it needs none of its own.
+    key_pair = load_or_create_identity(None if options.swarm_owner else options.identity)
+    client = ClientOptions(swarm_key=options.swarm_key, swarm_owner=options.swarm_owner,
+                           identity_file=options.identity if options.swarm_owner else None)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -120,8 +125,11 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
                     metrics = NodeMetrics()
                     metrics.watch(metrics.dht_records, dht.stored_records)
                     backend = ModelBackend(source, options.initial_peers, head_quant=options.head_quant,
-                                           swarm_key=options.swarm_key, swarm_owner=options.swarm_owner,
-                                           metrics=metrics)
+                                           options=client, metrics=metrics)
+                    if options.swarm_owner and options.identity:
+                        client_id = peer_id_of(load_or_create_identity(options.identity))
+                        announce(f"the API's client node is peer {client_id}: the swarm owner admits it with "
+                                 f"petald swarm-members add {client_id}")
                     context = ApiContext(backend, lambda: read_swarm(dht), "client",
                                          details=lambda: {"peer_id": dht.peer_id}, metrics=metrics)
                     stop = trio.Event()
