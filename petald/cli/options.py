@@ -124,6 +124,51 @@ def api_listen(socket: str | None, socket_group: str | None, http: str | None, c
     return ApiListen(path, http, socket_group, api_key) if path is not None or http is not None else None
 
 
+def _parsed_by(parser: Callable[[], tuple[Callable[[str], object], type[Exception]]]) -> Callable:
+    """A click callback: the option's value parsed (None when not given), an error of the parser's
+    a usage error that names the option. ``parser()`` imports lazily (the CLI starts fast)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+        if not value:
+            return None
+        read, error = parser()
+        try:
+            return read(value)
+        except error as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return parse
+
+
+def _swarm_key_file() -> tuple[Callable[[str], object], type[Exception]]:
+    from petald.p2pnode.transport.swarm_key import SwarmKeyError, read_swarm_key
+
+    return read_swarm_key, SwarmKeyError
+
+
+def _owner_id() -> tuple[Callable[[str], object], type[Exception]]:
+    from petald.p2pnode.swarm.membership import parse_owner
+
+    return parse_owner, ValueError
+
+
+def swarm_key_option() -> Callable:
+    """--swarm-key FILE (or PETALD_SWARM_KEY): a private swarm's key, read and checked as soon as
+    the command line is read; the value is the SwarmKey, or None for the open swarm."""
+    return click.option("--swarm-key", default=None, metavar="FILE", callback=_parsed_by(_swarm_key_file),
+                        help="Join the private swarm of this key (petald swarm-key FILE makes one): every "
+                             "connection proves it first; peers without it are refused.")
+
+
+def swarm_owner_option(required: bool = False) -> Callable:
+    """--swarm-owner ID_OR_FILE: the owner whose signed member list admits peers; the value is the
+    owner's peer ID (checked as soon as the command line is read), or None."""
+    return click.option("--swarm-owner", default=None, required=required, metavar="ID_OR_FILE",
+                        callback=_parsed_by(_owner_id),
+                        help="Admit only the peers on this owner's signed member list (its ID, or the .pub "
+                             "file petald swarm-owner-key writes); see petald swarm-members.")
+
+
 def addresses(values: Sequence[str]) -> list[str]:
     """Multiaddrs from repeated options, each of which may hold several (space or comma separated)."""
     return [a for value in values for a in value.replace(",", " ").split()]

@@ -15,6 +15,8 @@ from petald.cli.options import (
     from_command_line,
     head_quant_option,
     listen_option,
+    swarm_key_option,
+    swarm_owner_option,
 )
 from petald.protocol.limits import MAX_RECORD_LIFETIME_S
 from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
@@ -75,13 +77,14 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 @api_options
 @click.option("--no-api", is_flag=True, help="Do not serve the local API (e.g. a second server on this machine).")
 @head_quant_option()
+@swarm_key_option()
+@swarm_owner_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
           network_mbps, reachability, no_direct_upgrade, listen, announce, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
           step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
-          api_key,
-          no_api, head_quant, verbose, debug) -> None:
+          api_key, no_api, head_quant, swarm_key, swarm_owner, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
     setup_logging(verbose)
     # Refused only when typed: a config file's top-level head_quant (meant for the daemon) must not
@@ -116,8 +119,8 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,
                                announce_period=announce_period, rebalance_period=rebalance_period,
                                network_mbps=network_mbps, reachability=reachability, direct_upgrade=not no_direct_upgrade,
-                               shutdown_grace=shutdown_grace,
-                               on_online=api_beside_server(api, model, say, head_quant, metrics),
+                               shutdown_grace=shutdown_grace, swarm_key=swarm_key, swarm_owner=swarm_owner,
+                               on_online=api_beside_server(api, model, say, head_quant, metrics, swarm_key),
                                progress=progress, metrics=metrics)
         try:
             serve(options, announce=say)
@@ -136,10 +139,12 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
               help="Ed25519 key file; created if missing (default: a new identity each start).")
 @api_options
 @head_quant_option()
+@swarm_key_option()
+@swarm_owner_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def daemon(initial_peers, model, listen, identity, socket, socket_group, http, api_key, head_quant, verbose,
-           debug) -> None:
+def daemon(initial_peers, model, listen, identity, socket, socket_group, http, api_key,
+           head_quant, swarm_key, swarm_owner, verbose, debug) -> None:
     """Join the swarm as a client (no blocks) and serve the local API until SIGINT or SIGTERM."""
     setup_logging(verbose)
 
@@ -156,6 +161,7 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, a
         say = announcer()
         say(f"opening model {describe_model(model)}")
         source = open_source(model)
-        run_client_daemon(DaemonOptions(peers, api, list(listen), identity, head_quant), source, say)
+        run_client_daemon(DaemonOptions(peers, api, list(listen), identity, head_quant, swarm_key, swarm_owner),
+                          source, say)
 
     run_command(run, debug)

@@ -21,10 +21,12 @@ from petald.kernels.sources.model_source import ModelIdentity
 from petald.kernels.span import BlockSpan
 from petald.p2pnode.server.fault_switch import FaultSwitch
 from petald.p2pnode.server.inference_handler import InferenceSessions
+from petald.p2pnode.server.member_gate import members_only
 from petald.p2pnode.server.push_handler import PushInboxes
 from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.server.stream_frames import receive_first, send_error
 from petald.p2pnode.server.training_handler import TrainingRequests
+from petald.p2pnode.swarm.membership import SwarmMembership
 from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
 from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.protocol.errors import ErrorCode, ProtocolError
@@ -88,12 +90,13 @@ class BlockServer:
         self.draining = self.closing = True
         self.sessions.end_idle()
 
-    def register(self, host: IHost) -> None:
+    def register(self, host: IHost, members: SwarmMembership | None = None) -> None:
+        """Serve on ``host``; ``members``: a private swarm's member list, whose non-members are refused."""
         self.host = host
-        host.set_stream_handler(TProtocol(INFO_PROTOCOL), self._handle_info)
-        host.set_stream_handler(TProtocol(PUSH_PROTOCOL), self.pushes.handle)
-        host.set_stream_handler(TProtocol(INFERENCE_PROTOCOL), self.sessions.handle)
-        host.set_stream_handler(TProtocol(TRAINING_PROTOCOL), self.training.handle)
+        host.set_stream_handler(TProtocol(INFO_PROTOCOL), members_only(self._handle_info, members))
+        host.set_stream_handler(TProtocol(PUSH_PROTOCOL), members_only(self.pushes.handle, members))
+        host.set_stream_handler(TProtocol(INFERENCE_PROTOCOL), members_only(self.sessions.handle, members))
+        host.set_stream_handler(TProtocol(TRAINING_PROTOCOL), members_only(self.training.handle, members))
 
     def info(self) -> ServerInfo:
         span = self.span
