@@ -26,7 +26,9 @@ wholly past it go back to the free list; the session's reservation stays, so it 
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -130,14 +132,20 @@ class PagedKVCache:
                 row.clear()
             self._reserved -= session.reserved_pages
 
+    @contextlib.contextmanager
+    def _holding(self, session: SessionCache) -> Iterator[None]:
+        """The pool's lock, taken for a session that must still be open."""
+        with self._lock:
+            if session.closed:
+                raise ValueError("the session is closed")
+            yield
+
     def grow(self, session: SessionCache, length: int) -> None:
         """Give every row of ``session`` pages up to position ``length`` (executor thread only)."""
         if length > session.max_length:
             raise ValueError(f"step would reach position {length}, beyond max_length {session.max_length}")
         need = -(-length // self.page_size)
-        with self._lock:
-            if session.closed:
-                raise ValueError("the session is closed")
+        with self._holding(session):
             for row, pages in enumerate(session.pages):
                 while len(pages) < need:
                     page = self._free.pop()  # cannot run dry: open reserved up to max_length
@@ -152,9 +160,7 @@ class PagedKVCache:
         if not 0 <= length <= session.length:
             raise ValueError(f"cannot roll back to position {length}: the session holds {session.length}")
         keep = -(-length // self.page_size)
-        with self._lock:
-            if session.closed:
-                raise ValueError("the session is closed")
+        with self._holding(session):
             for row, pages in enumerate(session.pages):
                 if len(pages) > keep:
                     session.slot_table[row, keep * self.page_size :] = self.pad_slot

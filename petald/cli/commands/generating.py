@@ -13,6 +13,7 @@ import click
 from petald.cli.command_errors import run_command
 from petald.cli.logs import setup_logging
 from petald.cli.options import addresses, from_command_line, head_quant_option, socket_path
+from petald.p2pnode.client.draft_length import MAX_SPECULATE
 from petald.vocabulary import DTYPE_NAMES, WIRE_CHOICES
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ def _client_options(fn: Callable) -> Callable:
                      help="0 means greedy."),
         click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True)),
         click.option("--seed", default=None, type=int),
+        click.option("--speculate", default=0, show_default=True, type=click.IntRange(0, MAX_SPECULATE),
+                     metavar="K", help="Draft up to K tokens (from the context) and verify them in one trip "
+                                       "through the servers: same output, fewer trips (docs/speculation.md)."),
         click.option("--wire", default="auto", show_default=True, type=click.Choice(WIRE_CHOICES),
                      help="How hidden states travel: auto picks 16-bit per hop, or int8 where the link is slow "
                           "for its round trip; float32 is exact (docs/protocol.md, \"Wire formats\")."),
@@ -66,7 +70,7 @@ def _client_options(fn: Callable) -> Callable:
 @_client_options
 @click.pass_context
 def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-             seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
+             seed, speculate, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
     """Generate text from PROMPT: through the local daemon when one runs, else as a client node of its
     own (petald generate "PROMPT" --initial-peers ADDR)."""
     setup_logging(verbose)
@@ -83,7 +87,7 @@ def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model
             show,
         )
 
-        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed, speculate)
         figures = GenerationStats() if stats or verbose else None
         daemon = _pick_daemon(ctx, use_daemon, socket,
                               from_command_line(ctx, "peers", "initial_peers") or bool(args[1:]))
@@ -119,7 +123,7 @@ def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model
 @_client_options
 @click.pass_context
 def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-         seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
+         seed, speculate, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
     """Chat with the model, a line at a time: through the local daemon when one runs, else as a
     client node of its own. /reset forgets the conversation; /exit or Ctrl-D ends it."""
     setup_logging(verbose)
@@ -131,7 +135,7 @@ def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_da
         from petald.cli.chat import reply_through_daemon, reply_through_model, run_chat
         from petald.cli.text_generation import Sampling
 
-        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed, speculate)
         daemon = _pick_daemon(ctx, use_daemon, socket, from_command_line(ctx, "peers", "initial_peers"))
         if daemon is not None:
             _refuse_client_node_options(adapter, head_quant, wire)
