@@ -652,12 +652,23 @@ def test_speculation_through_the_api_and_the_commands_says_the_same(swarm):
     assert alone.stdout == expected + "\n"
     assert re.search(r"; speculation: \d+% of \d+ drafts kept, \d+\.\d\d tokens a trip, K \d+\.\d on average$",
                      alone.stderr.splitlines()[-1]), alone.stderr
-    lines = ["Hello!"]
+    answers = "".join(answer + "\n" for answer in oracle_chat(swarm, ["Hello!"], 6))
     chatted = petald(swarm, "chat", "--max-new-tokens", "6", "--speculate", "4", stdin="Hello!\n/exit\n")
     assert chatted.exit_code == 0, chatted.output
-    assert chatted.stdout == "".join(answer + "\n" for answer in oracle_chat(swarm, lines, 6))
+    assert chatted.stdout == answers
+    drafted = petald(swarm, "chat", "--max-new-tokens", "6", "--speculate", "4", "--draft-model", str(swarm.model),
+                     "--no-daemon", "--model", str(swarm.model), "--initial-peers", swarm.first,
+                     stdin="Hello!\n/exit\n")
+    assert drafted.exit_code == 0, drafted.output
+    assert drafted.stdout == answers
     refused = petald(swarm, "generate", prompt, "--speculate", "16")
     assert refused.exit_code == 2 and "16 is not in the range 0<=x<=15" in refused.stderr, refused.output
+    refused = petald(swarm, "generate", prompt, "--speculate", "4", "--draft-model", str(swarm.model))
+    assert refused.exit_code == 2 and refused.stderr.endswith(
+        "\nError: --draft-model runs in a client node of this command's own: give the swarm with --initial-peers "
+        "(or --peers); through the daemon, speculation drafts from the context\n"), refused.output
+    assert_refused(petald(swarm, "chat", "--draft-model", str(swarm.model)), 2,
+                   "--draft-model drafts the tokens --speculate K verifies: give --speculate too (e.g. --speculate 8)")
 
 
 def test_swarm_command_reads_the_daemons_map(swarm):

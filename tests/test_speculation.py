@@ -12,7 +12,9 @@ import threading
 import pytest
 import torch
 
+from petald.kernels.drafters.draft_model import DraftModelDrafter
 from petald.kernels.drafters.prompt_lookup import PromptLookupDrafter
+from petald.kernels.sources.open_source import open_source
 from petald.p2pnode.client.distributed_model import DistributedModel
 from tests.oracle import reference_greedy, reference_logits
 
@@ -80,6 +82,16 @@ def test_speculation_batched_with_another_session_gives_the_oracles_tokens(three
             thread.join(120)
     assert tokens == expected
     assert other == [reference_greedy(path, other_ids, NEW_TOKENS)]
+
+
+def test_a_draft_model_gives_the_oracles_tokens(three_hop_swarm, path, expected):
+    """The same weights as draft model: nearly every draft is kept (float rounding may differ)."""
+    with DistributedModel(three_hop_swarm.addresses, path, wire="float32") as model:
+        drafter = DraftModelDrafter(open_source(path), model.config.vocab_size)
+        out = model.generate(IDS, max_new_tokens=NEW_TOKENS, speculate=4, eos_token_id=[], drafter=drafter)
+    assert out[0, IDS.shape[1]:].tolist() == expected
+    stats = model.last_speculation
+    assert stats.acceptance_rate > 0.9 and stats.steps < NEW_TOKENS // 2, stats
 
 
 class KillingDrafter(PromptLookupDrafter):

@@ -186,3 +186,23 @@ def test_draft_length_grows_with_acceptance_and_backs_off_to_plain_decoding():
     assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(1.0, 3) == 4
     with pytest.raises(ValueError, match="speculate must be 1 to 15 draft tokens, got 0"):
         DraftLength(0)
+
+
+def test_a_draft_model_drafts_its_greedy_tokens_and_follows_the_context_back(tiny_models):
+    """The draft model's drafts are transformers' greedy tokens of the same weights, also after the
+    context it drafted for was cut back (drafts refused) and grew another way."""
+    from petald.kernels.drafters.draft_model import DraftModelDrafter
+    from petald.kernels.sources.open_source import open_source
+    from tests.oracle import reference_greedy
+
+    path = str(tiny_models["llama"])
+    drafter = DraftModelDrafter(open_source(path), vocab_size=open_source(path).config.vocab_size)
+    context = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    drafts, probs = drafter.draft(context, 4)
+    assert probs is None and drafts == reference_greedy(path, torch.tensor([context]), 4)
+    other = context[:10] + [(drafts[0] + 1) % 320, 7]  # diverges before the end of what it holds
+    again = drafter.draft(other, 3)[0]
+    assert again == reference_greedy(path, torch.tensor([other]), 3)
+    assert drafter.held == other + again[:2]  # the drafts but the last are in its cache
+    with pytest.raises(ValueError, match="a vocabulary of 320 tokens, the model 321: a draft model must share"):
+        DraftModelDrafter(open_source(path), vocab_size=321)

@@ -51,6 +51,7 @@ class Sampling:
     top_p: float
     seed: int | None
     speculate: int = 0  # draft and verify up to this many tokens a trip (0: plain decoding)
+    drafter: Any = None  # what drafts them (None: prompt lookup; kernels/drafters/)
 
 
 class StopAnswer(Exception):
@@ -87,7 +88,7 @@ def print_generated(model: Any, ids: Any, sampling: Sampling, out: TextIO,
     result = model.generate(ids, max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
                             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
                             eos_token_id=end_of_sequence_ids(model.config.eos_token_id, tokenizer.eos_token_id),
-                            streamer=print_token, speculate=sampling.speculate)
+                            streamer=print_token, speculate=sampling.speculate, drafter=sampling.drafter)
     if stats is not None:
         stats.ended = time.perf_counter()
         stats.route = model.last_route.describe() if model.last_route is not None else ""
