@@ -177,13 +177,18 @@ def test_draft_length_grows_with_acceptance_and_backs_off_to_plain_decoding():
         if k == 0:
             break
         failing.record(k, 0, 0.010 + 0.004 * (k + 1))  # every draft refused, each token costly
-    assert k == 0 and failing.acceptance < 0.25
+    assert k == 0 and failing.first < 0.25
     for _ in range(PROBE_EVERY - 1):
         failing.record(0, 0, 0.014)
     assert failing.next_k(100) == 0
     failing.record(0, 0, 0.014)
     assert failing.next_k(100) > 0  # a probe: the text may have turned repetitive
-    assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(1.0, 3) == 4
+    assert expected_tokens(0.5, 0.5, 2) == 1.75 and expected_tokens(1.0, 1.0, 3) == 4
+    bursty = DraftLength(8)
+    for _ in range(30):  # 4 in 10 steps copy 8 tokens, the others keep nothing; a step costs 100 ms + 2 ms a token
+        for kept in (8, 0, 0, 8, 0, 8, 0, 0, 8, 0):
+            bursty.record(8, kept, 0.100 + 0.002 * 9)
+    assert bursty.next_k(100) == 8  # runs of kept drafts make long drafts worth their cost
     with pytest.raises(ValueError, match="speculate must be 1 to 15 draft tokens, got 0"):
         DraftLength(0)
 
