@@ -44,6 +44,18 @@ def smollm_swarm():
         yield swarm
 
 
+@pytest.fixture(scope="session")
+def three_hop_swarm(tiny_models):
+    """Tiny Llama servers for a 3-hop route (blocks 0:2, 2:4, 4:6) with two spares for its middle:
+    test_push.py and test_speculation.py share it (a swarm costs half a minute to start on 2 busy
+    cores), and each kills one middle server in its last test."""
+    from petald.cli.local_swarm import LocalSwarm
+
+    spans = ["0:2", "2:4", "2:4", "2:4", "4:6"]
+    with LocalSwarm(spans, model=str(tiny_models["llama"]), extra_args=["--threads", "1"]) as swarm:
+        yield swarm
+
+
 @pytest.fixture(params=["avx512", "avx2"])
 def cpu_kernels(request, monkeypatch) -> str:
     """Each of petald's C kernel sets forced in turn (PETALD_CPU_KERNELS), so that a CPU with AVX512 tests

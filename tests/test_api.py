@@ -479,6 +479,7 @@ def test_a_servers_api_stores_its_lm_head_as_told(swarm, tmp_path):
     ("/v1/completions", ["-d", '{"prompt": "hi", "max_tokens": -1}'], 400, "max_tokens"),
     ("/v1/completions", ["-d", '{"prompt": ""}'], 400, "prompt"),
     ("/v1/completions", ["-d", '{"prompt": [999999]}'], 400, "token ids"),
+    ("/v1/completions", ["-d", '{"prompt": "hi", "speculate": 16}'], 400, "speculate must be an integer in [0, 15]"),
     ("/v1/chat/completions", ["-d", '{"messages": []}'], 400, "messages"),
     ("/v1/chat/completions", ["-d", '{"model": "llama-70b", "messages": [{"role": "user", "content": "x"}]}'],
      404, "does not exist"),
@@ -652,6 +653,42 @@ def test_chat_through_the_daemon_and_alone_say_the_same(swarm):
                    "--initial-peers", swarm.first, stdin=stdin)
     assert alone.exit_code == 0, alone.output
     assert alone.stdout == expected
+
+
+def test_speculation_through_the_api_and_the_commands_says_the_same(swarm):
+    """``"speculate": K`` in a request, and ``--speculate K`` of generate and chat, through the daemon and
+    through a command's own node: the oracle's text (tests/test_speculation.py checks the drafts' effect)."""
+    prompt = "one two three, one two three, one two three, one two"
+    expected, new = oracle_text(swarm, tokenizer(swarm)(prompt)["input_ids"], 8)
+    answer = openai_client(swarm.daemon_socket).completions.create(
+        model="tinychat", prompt=prompt, max_tokens=8, temperature=0, extra_body={"speculate": 4})
+    assert answer.choices[0].text == expected and answer.usage.completion_tokens == len(new)
+    through_daemon = petald(swarm, "generate", prompt, "--max-new-tokens", "8", "--speculate", "4")
+    assert through_daemon.exit_code == 0, through_daemon.output
+    assert through_daemon.stdout == expected + "\n"
+    alone = petald(swarm, "generate", prompt, "--max-new-tokens", "8", "--speculate", "4", "--stats",
+                   "--model", str(swarm.model), "--initial-peers", swarm.first)
+    assert alone.exit_code == 0, alone.output
+    assert alone.stdout == expected + "\n"
+    assert re.search(r"; speculation: \d+% of \d+ drafts kept, \d+\.\d\d tokens a trip, K \d+\.\d on average$",
+                     alone.stderr.splitlines()[-1]), alone.stderr
+    answers = "".join(answer + "\n" for answer in oracle_chat(swarm, ["Hello!"], 6))
+    chatted = petald(swarm, "chat", "--max-new-tokens", "6", "--speculate", "4", stdin="Hello!\n/exit\n")
+    assert chatted.exit_code == 0, chatted.output
+    assert chatted.stdout == answers
+    drafted = petald(swarm, "chat", "--max-new-tokens", "6", "--speculate", "4", "--draft-model", str(swarm.model),
+                     "--no-daemon", "--model", str(swarm.model), "--initial-peers", swarm.first,
+                     stdin="Hello!\n/exit\n")
+    assert drafted.exit_code == 0, drafted.output
+    assert drafted.stdout == answers
+    refused = petald(swarm, "generate", prompt, "--speculate", "16")
+    assert refused.exit_code == 2 and "16 is not in the range 0<=x<=15" in refused.stderr, refused.output
+    refused = petald(swarm, "generate", prompt, "--speculate", "4", "--draft-model", str(swarm.model))
+    assert refused.exit_code == 2 and refused.stderr.endswith(
+        "\nError: --draft-model runs in a client node of this command's own: give the swarm with --initial-peers "
+        "(or --peers); through the daemon, speculation drafts from the context\n"), refused.output
+    assert_refused(petald(swarm, "chat", "--draft-model", str(swarm.model)), 2,
+                   "--draft-model drafts the tokens --speculate K verifies: give --speculate too (e.g. --speculate 8)")
 
 
 def test_swarm_command_reads_the_daemons_map(swarm):

@@ -213,7 +213,7 @@ async def big_first_frame(framed, stream, client):
     return await _error_reply(framed)
 
 
-@refused(CASES, "bad_state", "step at position 5, but the session is at position 0")
+@refused(CASES, "bad_state", "step at position 5, beyond the session's end at 0")
 async def step_out_of_order(framed, stream, client):
     await _open(framed, client)
     await framed.send(Step(1, 5, torch.zeros(1, 3, 64)).to_wire())

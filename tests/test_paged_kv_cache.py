@@ -140,3 +140,82 @@ def test_batched_rows_of_one_session_match_separate_sessions(tiny_models):
     for row in range(2):
         alone = span.forward(hidden[row : row + 1], span.new_cache(1, 16))
         torch.testing.assert_close(both[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_truncate_frees_the_pages_past_the_new_length_and_keeps_the_reservation():
+    pool = tiny_pool()
+    s = pool.open(batch=2, max_length=16)  # 4 pages per row reserved
+    pool.grow(s, 14)
+    s.length = 14
+    kept = [row[:2] for row in s.pages]
+    dropped = {p for row in s.pages for p in row[2:]}
+    pool.truncate(s, 6)  # positions 0-5 live in pages 0 and 1 of each row
+    assert s.length == 6 and s.pages == kept
+    assert dropped <= set(pool._free)
+    for row in range(2):
+        assert s.slot_table[row, 8:].tolist() == [pool.pad_slot] * 8
+    assert pool.free_tokens == 2 * 4 * 2  # still reserved up to max_length
+    pool.grow(s, 16)  # and it grows again
+    assert [len(r) for r in s.pages] == [4, 4]
+    pool.truncate(s, 0)
+    assert s.pages == [[], []]
+    with pytest.raises(ValueError, match="cannot roll back to position 3: the session holds 0"):
+        pool.truncate(s, 3)
+    pool.close(s)
+    assert pool.free_tokens == pool.capacity_tokens and len(pool._free) == pool.num_pages
+
+
+def test_steps_after_a_rollback_match_transformers_on_the_kept_sequence(tiny_models):
+    """Run 20 tokens, roll back to 11 (across a page boundary), run 6 others: the logits are those of
+    the sequence the session now holds, as if the discarded tokens had never been sent."""
+    path = str(tiny_models["llama"])
+    source = open_source(path)
+    span = BlockSpan(source, 0, TINY_BLOCKS, torch.float32, CPU)
+    head = ClientHead(source)
+    gen = torch.Generator().manual_seed(5)
+    first, second = torch.randint(0, 320, (1, 20), generator=gen), torch.randint(0, 320, (1, 6), generator=gen)
+    cache = span.new_cache(1, 32)
+    span.forward(head.embed(first), cache)
+    cache.pool.truncate(cache, 11)
+    out = head.logits(span.forward(head.embed(second), cache))
+    kept = torch.cat([first[:, :11], second], dim=1)
+    torch.testing.assert_close(out, reference_logits(path, kept)[:, 11:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["avx512", "avx2", "torch"])
+def test_verify_steps_batched_with_decode_steps_match_transformers(tiny_models, attention, monkeypatch):
+    """Speculative decoding's verify steps (4 tokens, of which 2 are then rolled back) batched with two
+    other sessions' decode steps: each session's logits are transformers' on what it holds. With
+    petald's C kernel the decode rows run there, beside torch's ops for the verify rows."""
+    path = str(tiny_models["llama"])
+    source = open_source(path)
+    if attention == "torch":
+        monkeypatch.setenv("PETALD_NATIVE_ATTENTION", "0")
+    else:
+        monkeypatch.setenv("PETALD_CPU_KERNELS", attention)
+    span = BlockSpan(source, 0, TINY_BLOCKS, torch.float32, CPU)
+    kernel = span.blocks[0].native_decode
+    if (kernel.isa if kernel is not None else "torch") != attention:
+        pytest.skip("petald's decode attention needs a C compiler and a CPU with AVX512F or AVX2 and FMA")
+    head = ClientHead(source)
+    pool = span.new_pool(10 * 16 * TINY_BLOCKS, page_size=16)
+    scramble(pool)
+    gen = torch.Generator().manual_seed(6)
+    decoding = [torch.randint(0, 320, (1, n + 3), generator=gen) for n in (9, 30)]
+    verified = torch.randint(0, 320, (1, 12 + 3 * 4), generator=gen)
+    caches = [pool.open(1, 48) for _ in range(3)]
+    for seq, cache, n in zip([*decoding, verified], caches, (9, 30, 12), strict=True):
+        span.forward(head.embed(seq[:, :n]), cache)
+    kept = verified[:, :12]
+    for step in range(3):
+        chunk = verified[:, 12 + 4 * step : 16 + 4 * step]
+        outs = span.forward_batch([*((head.embed(seq[:, n + step : n + step + 1]), cache)
+                                    for seq, cache, n in zip(decoding, caches, (9, 30), strict=False)),
+                                   (head.embed(chunk), caches[2])])
+        for seq, out, n in zip(decoding, outs, (9, 30), strict=False):
+            want = reference_logits(path, seq[:, : n + step + 1])[:, -1:]
+            torch.testing.assert_close(head.logits(out), want, atol=1e-4, rtol=1e-4)
+        want = reference_logits(path, torch.cat([kept, chunk], dim=1))[:, -4:]
+        torch.testing.assert_close(head.logits(outs[2]), want, atol=1e-4, rtol=1e-4)
+        pool.truncate(caches[2], caches[2].length - 2)  # two of the four refused
+        kept = torch.cat([kept, chunk[:, :2]], dim=1)

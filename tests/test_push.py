@@ -1,6 +1,6 @@
 """Servers pushing step outputs to the next server, with real server processes: the tokens are
 transformers' own, with pushes, without them, when a push cannot be delivered, when a push is
-lost on the way, and when a server dies mid-generation (last: it kills a server of the module's
+lost on the way, and when a server dies mid-generation (it kills a middle server of the shared
 swarm)."""
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.slow
 
 IDS = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(21))
 NEW_TOKENS = 14
-SPANS = ["0:2", "2:4", "2:4", "4:6"]  # a 3-hop route, with a spare for its middle
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,8 @@ def path(tiny_models) -> str:
 
 
 @pytest.fixture(scope="module")
-def swarm(path):
-    with LocalSwarm(SPANS, model=path, extra_args=["--threads", "1"]) as swarm:
-        yield swarm
+def swarm(three_hop_swarm):
+    return three_hop_swarm
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ class GenerationStats:
     tokens: int = 0
     route: str = ""  # the servers it ran through, or how it was reached
     ended: float | None = None
+    speculation: str = ""  # what speculative decoding did, where it ran here
 
     def token(self) -> None:
         if self.first_token_s is None:
@@ -40,7 +41,7 @@ class GenerationStats:
         rate = (self.tokens - 1) / decoding if self.tokens > 1 and decoding > 0 else 0.0
         first = f"{self.first_token_s:.2f} s" if self.first_token_s is not None else "none"
         return (f"petald: {self.tokens} tokens in {elapsed:.2f} s, {rate:.1f} tokens/s after the first "
-                f"(first token after {first}); route: {self.route or 'unknown'}")
+                f"(first token after {first}); route: {self.route or 'unknown'}{self.speculation}")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Sampling:
     temperature: float  # 0: greedy
     top_p: float
     seed: int | None
+    speculate: int = 0  # draft and verify up to this many tokens a trip (0: plain decoding)
+    drafter: Any = None  # what drafts them (None: prompt lookup; kernels/drafters/)
 
 
 class StopAnswer(Exception):
@@ -85,10 +88,14 @@ def print_generated(model: Any, ids: Any, sampling: Sampling, out: TextIO,
     result = model.generate(ids, max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
                             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
                             eos_token_id=end_of_sequence_ids(model.config.eos_token_id, tokenizer.eos_token_id),
-                            streamer=print_token)
+                            streamer=print_token, speculate=sampling.speculate, drafter=sampling.drafter)
     if stats is not None:
         stats.ended = time.perf_counter()
         stats.route = model.last_route.describe() if model.last_route is not None else ""
+        spec = model.last_speculation if sampling.speculate else None
+        if spec is not None:
+            stats.speculation = (f"; speculation: {spec.acceptance_rate:.0%} of {spec.drafted} drafts kept, "
+                                 f"{spec.tokens_per_step:.2f} tokens a trip, K {spec.mean_k:.1f} on average")
     return result[0, ids.shape[1]:].tolist()
 
 
@@ -121,6 +128,8 @@ def daemon_request(sampling: Sampling, model: str | None) -> dict[str, Any]:
                             "top_p": sampling.top_p}
     if sampling.seed is not None:
         body["seed"] = sampling.seed
+    if sampling.speculate:
+        body["speculate"] = sampling.speculate
     if model is not None:
         body["model"] = model
     return body

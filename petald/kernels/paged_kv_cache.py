@@ -18,11 +18,17 @@ Each session also keeps its slot indices as a tensor (``slot_table``, one row pe
 batch row, the pool's zero slot where no page is taken yet), filled in as pages are
 taken: a step reads its slots as a view of it instead of rebuilding them from the
 page table every step (that rebuild was most of a lone decode step's fixed cost).
+
+A session may be rolled back (``truncate``): the client verified drafted tokens and kept fewer
+than it sent (speculative decoding). Positions past the new length are forgotten, and the pages
+wholly past it go back to the free list; the session's reservation stays, so it can grow again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -126,20 +132,41 @@ class PagedKVCache:
                 row.clear()
             self._reserved -= session.reserved_pages
 
+    @contextlib.contextmanager
+    def _holding(self, session: SessionCache) -> Iterator[None]:
+        """The pool's lock, taken for a session that must still be open."""
+        with self._lock:
+            if session.closed:
+                raise ValueError("the session is closed")
+            yield
+
     def grow(self, session: SessionCache, length: int) -> None:
         """Give every row of ``session`` pages up to position ``length`` (executor thread only)."""
         if length > session.max_length:
             raise ValueError(f"step would reach position {length}, beyond max_length {session.max_length}")
         need = -(-length // self.page_size)
-        with self._lock:
-            if session.closed:
-                raise ValueError("the session is closed")
+        with self._holding(session):
             for row, pages in enumerate(session.pages):
                 while len(pages) < need:
                     page = self._free.pop()  # cannot run dry: open reserved up to max_length
                     first = len(pages) * self.page_size
                     session.slot_table[row, first : first + self.page_size] = page * self.page_size + self._page_offsets
                     pages.append(page)
+
+    def truncate(self, session: SessionCache, length: int) -> None:
+        """Forget positions [length, session.length): later steps overwrite them, and pages holding
+        none of the first ``length`` positions go back to the free list. Never while a step of the
+        session runs (its slots are read outside the lock)."""
+        if not 0 <= length <= session.length:
+            raise ValueError(f"cannot roll back to position {length}: the session holds {session.length}")
+        keep = -(-length // self.page_size)
+        with self._holding(session):
+            for row, pages in enumerate(session.pages):
+                if len(pages) > keep:
+                    session.slot_table[row, keep * self.page_size :] = self.pad_slot
+                    self._free.extend(reversed(pages[keep:]))
+                    del pages[keep:]
+            session.length = length
 
     def slots(self, session: SessionCache, row: int, start: int, end: int) -> torch.Tensor:
         """Flat slot indices of positions [start, end) of one batch row (a view: do not write into it)."""

@@ -23,10 +23,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     """Next token ids [B] from last-position logits [B, vocab]. temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(target_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution sampling draws from (temperature > 0): softmax of ``logits`` [..., vocab] /
+    temperature, cut to the smallest prefix of most likely tokens reaching ``top_p`` (not renormalized:
+    ``torch.multinomial`` does not need it, and speculative sampling normalizes where it must)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs[before >= top_p] = 0.0  # keep the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs

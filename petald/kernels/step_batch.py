@@ -6,9 +6,11 @@ one batch row of one session's step, positions [start, start + length). The
 per-token work (matmuls, norms, rotary) runs once over all N; attention runs per
 segment over that segment's own pages. Single-token segments (decode steps) are
 gathered into one padded attention call; longer ones (prefill chunks) each get
-their own causal call. On CPU, a batch of decode steps only skips all of this for
-petald's C kernel (``StepBatch.attend``, ``kernels/native/decode_attention.py``), in blocks
-where it is usable (``TransformerBlock.native_decode``).
+their own causal call. On CPU, the decode steps skip all of this for petald's C
+kernel (``StepBatch.attend``, ``kernels/native/decode_attention.py``), in blocks where it
+is usable (``TransformerBlock.native_decode``): the whole batch when it holds decode steps
+only, else the decode steps' rows, beside torch's ops for the longer segments (a prefill
+chunk, or a speculative verify step of a few tokens batched with other sessions' decode steps).
 """
 
 from __future__ import annotations
@@ -85,9 +87,12 @@ class StepBatch:
             self._decode_lengths = lengths
             self.decode_lengths = torch.tensor(lengths)  # on CPU: kernels/native/decode_attention.py reads it
             if not self.all_decode:
-                offsets = itertools.accumulate((s.length for s in segments), initial=0)
+                offsets = list(itertools.accumulate((s.length for s in segments), initial=0))
                 self.decode_rows = torch.tensor([offset for offset, s in zip(offsets, segments, strict=False)
                                                  if s.length == 1], device=device)
+                self.prefill_rows = torch.cat([torch.arange(offset, offset + s.length)
+                                               for offset, s in zip(offsets, segments, strict=False)
+                                               if s.length > 1]).to(device)
         self.prefills = []
         first = 0
         for s in segments:
@@ -135,6 +140,8 @@ class StepBatch:
             return decode_attention(qkv, block.n_heads, block.n_kv_heads, self.cos, self.sin_signed,
                                     k_pool, v_pool, self.write_slots, self.decode_slots,
                                     self.decode_lengths, block.window, block.native_decode)
+        if self.decode_rows is not None and block.native_decode:
+            return self._attend_mixed(block, qkv, k_pool, v_pool)
         n, heads, kv_heads, head_dim = qkv.shape[0], block.n_heads, block.n_kv_heads, block.head_dim
         q_and_k = block.q_size + block.kv_size
         # Queries and keys rotated in one call: half the small ops of rotating each.
@@ -145,6 +152,29 @@ class StepBatch:
         v_pool.index_copy_(0, self.write_slots, qkv[:, q_and_k:].view(n, kv_heads, head_dim))
         return self._attend_segments(block, q, k_pool, v_pool).reshape(n, block.q_size)
 
+    def _attend_mixed(self, block: TransformerBlock, qkv: torch.Tensor, k_pool: torch.Tensor,
+                      v_pool: torch.Tensor) -> torch.Tensor:
+        """``attend`` for a batch of decode steps and longer segments: the decode rows in the C
+        kernel, the others' rotary, cache write and attention in torch's ops."""
+        rows = self.decode_rows
+        out = qkv.new_empty(qkv.shape[0], block.q_size)
+        out[rows] = decode_attention(qkv[rows], block.n_heads, block.n_kv_heads, self.cos[rows].contiguous(),
+                                     self.sin_signed[rows].contiguous(), k_pool, v_pool, self.write_slots[rows],
+                                     self.decode_slots, self.decode_lengths, block.window, block.native_decode)
+        rows = self.prefill_rows
+        heads, kv_heads, head_dim = block.n_heads, block.n_kv_heads, block.head_dim
+        q_and_k = block.q_size + block.kv_size
+        part = qkv[rows]
+        qk = apply_rotary(part[:, :q_and_k].view(len(rows), heads + kv_heads, head_dim), self.cos[rows],
+                          self.sin_signed[rows])
+        k_pool.index_copy_(0, self.write_slots[rows], qk[:, heads:])
+        v_pool.index_copy_(0, self.write_slots[rows], part[:, q_and_k:].view(len(rows), kv_heads, head_dim))
+        q = qkv.new_empty(qkv.shape[0], heads, head_dim)  # the decode rows' stay unread
+        q[rows] = qk[:, :heads]
+        attended = self._attend_prefills(block, q, k_pool, v_pool, torch.empty_like(q))
+        out[rows] = attended[rows].reshape(len(rows), block.q_size)
+        return out
+
     def _attend_segments(self, block: TransformerBlock, q: torch.Tensor, k_pool: torch.Tensor,
                          v_pool: torch.Tensor) -> torch.Tensor:
         """Attention of each segment's queries [N, heads, head_dim] over that segment's own pages."""
@@ -153,6 +183,11 @@ class StepBatch:
         out = torch.empty_like(q)
         if self.decode_rows is not None:
             out[self.decode_rows] = self._attend_decode(block, q[self.decode_rows], k_pool, v_pool)
+        return self._attend_prefills(block, q, k_pool, v_pool, out)
+
+    def _attend_prefills(self, block: TransformerBlock, q: torch.Tensor, k_pool: torch.Tensor,
+                         v_pool: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` [N, heads, head_dim], each longer segment's rows filled with its causal attention."""
         for index, p in enumerate(self.prefills):
             k = k_pool.index_select(0, p.key_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
             v = v_pool.index_select(0, p.key_slots).transpose(0, 1).unsqueeze(0)

@@ -4,7 +4,8 @@ from petald.vocabulary import DTYPE_NAMES, WIRE_FORMAT_NAMES
 
 # Major version of the message schemas, carried in "open", training requests and server info.
 # 2: one "wire" field (WIRE_FORMATS) replaced "wire_dtype" and "codec"; the int8 tensor codec.
-WIRE_VERSION = 2
+# 3: a step may start before the session's end, which rolls the session back (speculative decoding).
+WIRE_VERSION = 3
 
 INFERENCE_PROTOCOL = "/petald/inference/1.0.0"
 INFO_PROTOCOL = "/petald/info/1.0.0"

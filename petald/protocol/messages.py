@@ -53,6 +53,16 @@ def _str_list(msg: dict[str, Any], name: str) -> list[str]:
     return list(value)
 
 
+def _wire_version(msg: dict[str, Any]) -> int:
+    """The request's wire version, refused unless it is this server's own (no translation between versions)."""
+    version = _int(msg, "wire_version")
+    if version != WIRE_VERSION:
+        raise ProtocolError(ErrorCode.VERSION,
+                            f"client speaks wire version {version}, this server speaks {WIRE_VERSION}: "
+                            "run the same petald release on both sides (upgrade the older one)")
+    return version
+
+
 def _duration_ms(msg: dict[str, Any], name: str) -> float:
     value = msg.get(name)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
@@ -142,10 +152,7 @@ class OpenSession:
     @classmethod
     def from_wire(cls, msg: dict[str, Any]) -> OpenSession:
         expect_type(msg, "open")
-        version = _int(msg, "wire_version")
-        if version != WIRE_VERSION:
-            raise ProtocolError(ErrorCode.VERSION,
-                                f"client speaks wire version {version}, this server speaks {WIRE_VERSION}")
+        version = _wire_version(msg)
         return cls(
             model_id=_str(msg, "model_id"), fingerprint=_str(msg, "fingerprint"),
             start=_int(msg, "start"), end=_int(msg, "end", 1), batch=_int(msg, "batch", 1, MAX_BATCH),
@@ -339,10 +346,7 @@ class SpanRequest:
     @classmethod
     def from_wire(cls, msg: dict[str, Any]) -> SpanRequest:
         kind = expect_type(msg, "forward", "backward")
-        version = _int(msg, "wire_version")
-        if version != WIRE_VERSION:
-            raise ProtocolError(ErrorCode.VERSION,
-                                f"client speaks wire version {version}, this server speaks {WIRE_VERSION}")
+        version = _wire_version(msg)
         return cls(
             model_id=_str(msg, "model_id"), fingerprint=_str(msg, "fingerprint"),
             start=_int(msg, "start"), end=_int(msg, "end", 1), hidden=decode_tensor(msg.get("hidden"), "hidden"),

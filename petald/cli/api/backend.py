@@ -40,6 +40,7 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    speculate: int = 0  # draft and verify up to this many tokens a trip (0: plain decoding)
 
 
 @dataclass
@@ -225,7 +226,7 @@ class ModelBackend:
         try:
             model.generate(ids, max_new_tokens=request.max_new_tokens, do_sample=request.temperature > 0,
                            temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-                           eos_token_id=eos, streamer=streamer)
+                           eos_token_id=eos, streamer=streamer, speculate=request.speculate)
         except _StopGeneration:
             if not assembler.stopped:
                 return None  # the client went away

@@ -41,6 +41,7 @@ from petald.cli.api.metrics_endpoint import metrics_endpoint
 from petald.cli.api.request_body import json_body, read_body
 from petald.cli.api.request_log import RequestLog
 from petald.kernels.models.features import served_positions
+from petald.p2pnode.client.draft_length import MAX_SPECULATE
 from petald.p2pnode.swarm.swarm_map import ModelMap
 from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.protocol.limits import MAX_BATCH, MAX_FRAME_BYTES, WIRE_DTYPES
@@ -248,8 +249,11 @@ def _sampling(body: dict[str, Any], default_max_tokens: int | None) -> dict[str,
             raise bad_request(f"{name} is not supported by petald", name)
     if not isinstance(body.get("stream", False), bool):
         raise bad_request("stream must be true or false", "stream")
+    speculate = body.get("speculate") or 0  # petald's extension: draft and verify up to K tokens a trip
+    if not _is_int(speculate) or not 0 <= speculate <= MAX_SPECULATE:
+        raise bad_request(f"speculate must be an integer in [0, {MAX_SPECULATE}] (0: off)", "speculate")
     return {"max_new_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p),
-            "seed": seed, "stop": stop}
+            "seed": seed, "stop": stop, "speculate": speculate}
 
 
 def _check_length(ids: list[int], params: dict[str, Any], backend: ModelBackend) -> None:

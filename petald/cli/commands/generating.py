@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,7 @@ from petald.cli.options import (
     swarm_key_option,
     swarm_owner_option,
 )
+from petald.p2pnode.client.draft_length import MAX_SPECULATE
 from petald.vocabulary import DTYPE_NAMES, WIRE_CHOICES
 
 if TYPE_CHECKING:
@@ -44,6 +45,12 @@ def _client_options(fn: Callable) -> Callable:
                      help="0 means greedy."),
         click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True)),
         click.option("--seed", default=None, type=int),
+        click.option("--speculate", default=0, show_default=True, type=click.IntRange(0, MAX_SPECULATE),
+                     metavar="K", help="Draft up to K tokens (from the context) and verify them in one trip "
+                                       "through the servers: same output, fewer trips (docs/speculation.md)."),
+        click.option("--draft-model", default=None, metavar="PATH",
+                     help="With --speculate: draft with this small model (GGUF or Hugging Face directory, the "
+                          "model's tokenizer), run here, instead of from the context."),
         click.option("--wire", default="auto", show_default=True, type=click.Choice(WIRE_CHOICES),
                      help="How hidden states travel: auto picks 16-bit per hop, or int8 where the link is slow "
                           "for its round trip; float32 is exact (docs/protocol.md, \"Wire formats\")."),
@@ -79,11 +86,12 @@ def _client_options(fn: Callable) -> Callable:
 @_client_options
 @click.pass_context
 def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-             seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, swarm_key, swarm_owner,
-             identity, verbose, debug) -> None:
+             seed, speculate, draft_model, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant,
+             swarm_key, swarm_owner, identity, verbose, debug) -> None:
     """Generate text from PROMPT: through the local daemon when one runs, else as a client node of its
     own (petald generate "PROMPT" --initial-peers ADDR)."""
     setup_logging(verbose)
+    _check_speculation(speculate, draft_model)
     prompt, direct_peers, swarm_peers = _split_prompt_and_peers(args, peers, initial_peers)
     wire = _wire_choice(ctx, wire, wire_dtype, lz4)
 
@@ -97,12 +105,12 @@ def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model
             show,
         )
 
-        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed, speculate)
         figures = GenerationStats() if stats or verbose else None
         daemon = _pick_daemon(ctx, use_daemon, socket,
                               from_command_line(ctx, "peers", "initial_peers") or bool(args[1:]))
         if daemon is not None:
-            _refuse_client_node_options(adapter, head_quant, wire)
+            _refuse_client_node_options(adapter, head_quant, wire, draft_model)
             with daemon:
                 body = daemon_request(sampling, _daemon_model_name(ctx, model))
                 if chat:
@@ -120,6 +128,7 @@ def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model
                           (swarm_key, swarm_owner, identity)) as dm:
             if figures is not None:
                 figures.started = time.perf_counter()  # the generation's time, not the swarm's joining
+            sampling.drafter = _draft_model(draft_model, dm)
             generate_text(dm, prompt, sampling, chat, stats=figures)
         if figures is not None:
             click.echo(figures.summary(), err=True)
@@ -134,11 +143,12 @@ def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model
 @_client_options
 @click.pass_context
 def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-         seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, swarm_key, swarm_owner,
-         identity, verbose, debug) -> None:
+         seed, speculate, draft_model, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant,
+         swarm_key, swarm_owner, identity, verbose, debug) -> None:
     """Chat with the model, a line at a time: through the local daemon when one runs, else as a
     client node of its own. /reset forgets the conversation; /exit or Ctrl-D ends it."""
     setup_logging(verbose)
+    _check_speculation(speculate, draft_model)
     peers, initial_peers = _one_way_to_the_swarm(peers, initial_peers,
                                                  "give either --initial-peers or --peers, not both")
     wire = _wire_choice(ctx, wire, wire_dtype, lz4)
@@ -147,16 +157,17 @@ def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_da
         from petald.cli.chat import reply_through_daemon, reply_through_model, run_chat
         from petald.cli.text_generation import Sampling
 
-        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed, speculate)
         daemon = _pick_daemon(ctx, use_daemon, socket, from_command_line(ctx, "peers", "initial_peers"))
         if daemon is not None:
-            _refuse_client_node_options(adapter, head_quant, wire)
+            _refuse_client_node_options(adapter, head_quant, wire, draft_model)
             with daemon:
                 run_chat(reply_through_daemon(daemon, _daemon_model_name(ctx, model)), sampling, system_prompt)
             return
         with _client_node(peers, initial_peers, model, socket, wire, step_timeout,
                           recovery_timeout, adapter, head_quant, max_new_tokens,
                           (swarm_key, swarm_owner, identity)) as dm:
+            sampling.drafter = _draft_model(draft_model, dm)
             run_chat(reply_through_model(dm), sampling, system_prompt)
 
     run_command(run, debug)
@@ -260,7 +271,23 @@ def _wire_choice(ctx: click.Context, wire: str, wire_dtype: str | None, lz4: boo
     return wire_dtype
 
 
-def _refuse_client_node_options(adapter: str | None, head_quant: str, wire: str) -> None:
+def _check_speculation(speculate: int, draft_model: str | None) -> None:
+    if draft_model is not None and not speculate:
+        raise click.UsageError("--draft-model drafts the tokens --speculate K verifies: give --speculate too "
+                               "(e.g. --speculate 8)")
+
+
+def _draft_model(path: str | None, model: DistributedModel) -> Any:
+    """The drafter of --draft-model, loaded here (None: prompt lookup, speculation's default)."""
+    if path is None:
+        return None
+    from petald.kernels.drafters.draft_model import DraftModelDrafter
+    from petald.kernels.sources.open_source import open_source
+
+    return DraftModelDrafter(open_source(path), model.config.vocab_size)
+
+
+def _refuse_client_node_options(adapter: str | None, head_quant: str, wire: str, draft_model: str | None) -> None:
     """Options that only a client node of this command's own can apply (the daemon holds its own model)."""
     if wire != "auto":
         raise click.UsageError("--wire applies to a client node of this command's own: give the swarm with "
@@ -268,6 +295,9 @@ def _refuse_client_node_options(adapter: str | None, head_quant: str, wire: str)
     if adapter:
         raise click.UsageError("--adapter needs a client node of this command's own: give the swarm with "
                                "--initial-peers (or --peers); the local API does not select adapters")
+    if draft_model is not None:
+        raise click.UsageError("--draft-model runs in a client node of this command's own: give the swarm with "
+                               "--initial-peers (or --peers); through the daemon, speculation drafts from the context")
     if head_quant != "none":
         raise click.UsageError("--head-quant applies to a client node of this command's own: give the swarm "
                                "with --initial-peers (or --peers), or start the daemon with --head-quant")

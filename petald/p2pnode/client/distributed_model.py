@@ -29,6 +29,7 @@ from petald.kernels.quant_choice import resolved_head_quant
 from petald.kernels.sampling import end_of_sequence_ids, sample_next
 from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
+from petald.p2pnode.client import request_checks
 from petald.p2pnode.client.client_options import ClientOptions
 from petald.p2pnode.client.failover import Recovery, never_succeeds
 from petald.p2pnode.client.inference_session import InferenceSession, token_chunks
@@ -37,6 +38,7 @@ from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.client.remote_autograd import RemoteBlocksFunction
 from petald.p2pnode.client.remote_span import timed_info
 from petald.p2pnode.client.request_checks import check_blocks, check_hidden, check_length
+from petald.p2pnode.client.speculation import Drafter, SpeculationStats, speculate_through
 from petald.p2pnode.client.training_pipeline import TrainingPipeline
 from petald.p2pnode.routing.bans import ServerBans
 from petald.p2pnode.routing.route import (
@@ -101,6 +103,7 @@ class DistributedModel:
         self.unanswered = UnansweredAddresses()  # announced addresses not dialled again for a while
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
         self.last_route: SpanRoute | None = None  # the route of the last inference session as it ended
+        self.last_speculation: SpeculationStats | None = None  # what the last generate(speculate=K) did
         self._tokenizer: Any = None
         upgrade, o = self.options.direct_upgrade, self.options
         list(map(parse_peer_address, peers))  # a bad address is refused before anything is said or dialled
@@ -191,7 +194,7 @@ class DistributedModel:
                 server_info, _ = await timed_info(host, info.peer_id.to_base58(), timeout)
                 if server_info.wire_version != WIRE_VERSION:
                     raise ServerUnavailable(f"it speaks wire version {server_info.wire_version}, "
-                                            f"this client {WIRE_VERSION}: upgrade one of them")
+                                            f"this client {WIRE_VERSION}: upgrade the older one")
             except Exception as exc:  # any failure only skips this peer; the reason is reported
                 failures.append(f"{address}: {describe_connect_failure(host, exc)}")
                 return
@@ -329,24 +332,18 @@ class DistributedModel:
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  eos_token_id: int | Sequence[int] | None = None,
                  streamer: Callable[[torch.Tensor], None] | None = None, prefix: torch.Tensor | None = None,
-                 deep_prompts: torch.Tensor | None = None) -> torch.LongTensor:
+                 deep_prompts: torch.Tensor | None = None, speculate: int = 0,
+                 drafter: Drafter | None = None) -> torch.LongTensor:
         """Like transformers' generate: returns prompt + new tokens, [batch, length].
 
         Greedy unless ``do_sample``. Stops when every row has produced an EOS token.
         ``streamer`` is called with each new column of tokens [batch] as it is chosen.
         ``prefix`` [P, hidden] (soft prompt embeddings) goes before the prompt, and ``deep_prompts``
         [model blocks, P, hidden] are added at those positions before each block (``PromptTuning``).
+        ``speculate`` K > 0 verifies up to K drafts (``drafter``) per trip, same output (speculation.py).
         """
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.shape[1] == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        check_length(self.identity, self.config,
-                     input_ids.shape[1] + (prefix.shape[0] if prefix is not None else 0) + max_new_tokens,
-                     f"the prompt ({input_ids.shape[1]} tokens) and max_new_tokens ({max_new_tokens})")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        input_ids = request_checks.generate_prompt(self.identity, self.config, input_ids, max_new_tokens, top_p,
+                                                   speculate, prefix.shape[0] if prefix is not None else 0)
         eos = torch.tensor(end_of_sequence_ids(self.config.eos_token_id if eos_token_id is None else eos_token_id),
                            dtype=torch.long)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -362,6 +359,9 @@ class DistributedModel:
         deep = deep_prompts[:, None] if deep_prompts is not None else None
         with self.inference_session(batch, embeds.shape[1] + max_new_tokens, deep_prompts=deep) as session:
             hidden = self._step(session, embeds)
+            if speculate:
+                return speculate_through(self, session, input_ids, hidden, max_new_tokens, eos.tolist(), speculate,
+                                         drafter, temperature if do_sample else 0.0, top_p, generator, streamer)
             for _ in range(max_new_tokens):
                 logits = self.head.logits(hidden[:, -1])
                 nxt = sample_next(logits, temperature if do_sample else 0.0, top_p, generator)

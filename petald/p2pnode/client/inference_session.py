@@ -57,6 +57,19 @@ def token_chunks(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return hidden.split(max(1, MAX_TENSOR_BYTES // 2 // per_token), dim=1)
 
 
+def history_before(inputs: list[torch.Tensor], position: int) -> list[torch.Tensor]:
+    """The steps ``inputs`` ([batch, tokens, hidden] each, in order) cut to their first ``position`` tokens."""
+    kept, held = [], 0
+    for part in inputs:
+        if held + part.shape[1] > position:
+            if position > held:
+                kept.append(part[:, : position - held])
+            break
+        kept.append(part)
+        held += part.shape[1]
+    return kept
+
+
 @dataclass
 class _Link:
     """One hop of the session: its server's session (opened lazily) and every input it was sent."""
@@ -140,6 +153,18 @@ class InferenceSession:
         states = await self._through(hidden)
         self.position += hidden.shape[1]
         return states
+
+    def rollback(self, position: int) -> None:
+        """Forget the tokens from ``position`` on: the next step starts there, and each server drops
+        what it holds past it when that step arrives (docs/protocol.md, "Rolling back"). What each hop
+        was sent is cut to match, so that a replay after a failure rebuilds the history kept."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to position {position}: the session holds {self.position} tokens")
+        for link in self.links:
+            link.inputs = history_before(link.inputs, position)
+            if link.span is not None:
+                link.span.position = position
+        self.position = position
 
     async def _through(self, hidden: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """Send ``hidden`` through every link (None: only open them), replacing failed ones."""

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from petald.kernels.sources.model_source import ModelIdentity
+from petald.p2pnode.client.draft_length import MAX_SPECULATE
 
 
 def context_length(config: Any) -> int:
@@ -42,3 +43,21 @@ def check_length(identity: ModelIdentity, config: Any, length: int, what: str) -
     limit = context_length(config)
     if not 1 <= length <= limit:
         raise ValueError(f"{what}: {length} tokens, beyond {identity.model_id}'s context of {limit} tokens")
+
+
+def generate_prompt(identity: ModelIdentity, config: Any, input_ids: Any, max_new_tokens: int, top_p: float,
+                    speculate: int, prefix_length: int = 0) -> torch.Tensor:
+    """``generate``'s prompt as token ids [batch, tokens], its settings checked."""
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    check_length(identity, config, input_ids.shape[1] + prefix_length + max_new_tokens,
+                 f"the prompt ({input_ids.shape[1]} tokens) and max_new_tokens ({max_new_tokens})")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= speculate <= MAX_SPECULATE or speculate and input_ids.shape[0] != 1:
+        raise ValueError(f"speculate drafts up to K tokens per step, 1 <= K <= {MAX_SPECULATE} (0: off), for "
+                         f"one sequence at a time; got {speculate} for {input_ids.shape[0]} sequence(s)")
+    return input_ids

@@ -189,7 +189,7 @@ class InferenceSessions:
                                     f"session idle for {limits.idle_timeout:.0f} s; closed and freed")
             if kind == PUSHED:
                 step, prompts = msg, None
-                if step.position != cache.length:
+                if inbox.already_ran(step) or step.position > cache.length:
                     continue  # a head start that lost the race to the client's own copy
                 # A bad push is dropped, not fatal: the pusher is at fault, not this session, whose
                 # client sends the step itself once the answer is late.
@@ -201,7 +201,6 @@ class InferenceSessions:
                 except ProtocolError as err:
                     log.warning("dropped a step pushed to a session: %s", err.message)
                     continue
-                inbox.ran_pushed(step)
             else:
                 if msg is None or msg.get("type") == "close":
                     return
@@ -210,6 +209,9 @@ class InferenceSessions:
                     continue  # answered when the push ran it
                 hidden = self._check_step(step, request, cache)
                 prompts = self._check_prompts(step, request)
+            inbox.ran(step)
+            if step.position < cache.length:  # a rollback: the client kept fewer tokens than it sent
+                server.pool.truncate(cache, step.position)
             # Batched with other sessions' steps on the executor, which also copies the output to host
             # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
             finished = trio.Event()
@@ -240,9 +242,9 @@ class InferenceSessions:
         expected = f"[{request.batch}, tokens, {hidden_size}]"
         if h.dim() != 3 or h.shape[0] != request.batch or h.shape[2] != hidden_size or h.shape[1] < 1:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"hidden has shape {list(h.shape)}; expected {expected}")
-        if step.position != cache.length:
+        if step.position > cache.length:  # earlier is a rollback (docs/protocol.md)
             raise ProtocolError(ErrorCode.BAD_STATE,
-                                f"step at position {step.position}, but the session is at position {cache.length}")
+                                f"step at position {step.position}, beyond the session's end at {cache.length}")
         if step.position + h.shape[1] > request.max_length:
             raise ProtocolError(ErrorCode.BAD_STATE,
                                 f"step reaches position {step.position + h.shape[1]}, beyond max_length {request.max_length}")

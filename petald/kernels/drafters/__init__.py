@@ -1,0 +1,1 @@
+"""Drafters for speculative decoding: cheap guesses of the next tokens, which the model verifies."""
