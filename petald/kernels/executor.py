@@ -57,6 +57,11 @@ class StepJob:
     offset: int = 0  # tokens already run
     outputs: list[torch.Tensor] = field(default_factory=list)
     finished: bool = False
+    cancelled: bool = False  # set from any thread; read by the executor between chunks
+
+    def cancel(self) -> None:
+        """Drop the step at its next turn (its completion then reports an error); a running chunk ends first."""
+        self.cancelled = True
 
     @property
     def remaining(self) -> int:
@@ -96,11 +101,13 @@ class DeviceExecutor:
         self._thread.start()
 
     def submit(self, cache: SessionCache, hidden: torch.Tensor, start: int, end: int, out_dtype: torch.dtype,
-               done: Completion, prompts: torch.Tensor | None = None, adapter: str | None = None) -> None:
+               done: Completion, prompts: torch.Tensor | None = None, adapter: str | None = None) -> StepJob:
         """Run ``hidden`` through blocks [start, end) for ``cache``, with deep ``prompts`` and LoRA ``adapter``
-        where given; ``done(output on CPU, error)`` follows."""
+        where given; ``done(output on CPU, error)`` follows. The job returned can be cancelled."""
         # "" (the wire's "no adapter") and None must batch together.
-        self._jobs.put(StepJob(cache, hidden, start, end, out_dtype, done, prompts, adapter or None))
+        job = StepJob(cache, hidden, start, end, out_dtype, done, prompts, adapter or None)
+        self._jobs.put(job)
+        return job
 
     def submit_task(self, run: Callable[[], Any], done: Completion) -> None:
         """Run ``run()`` on the device thread between batched steps; ``done(result, error)`` follows."""
@@ -177,23 +184,29 @@ class DeviceExecutor:
     def _turn(self, pending: list[StepJob]) -> tuple[list[StepJob], list[StepJob]]:
         """One batched forward per sub-span and adapter: every decode step, and prefill chunks up to the budget.
 
-        Returns the steps still in progress and the steps that finished."""
+        Returns the steps still in progress (the prefills that ran this turn last, so that the next
+        turn's budget goes to the others first) and the steps that finished."""
         budget = self.prefill_chunk
         groups: dict[tuple[int, int, str | None], list[tuple[StepJob, int]]] = {}
+        prefilled: set[int] = set()
         for job in pending:
-            if job.cache.closed:
-                self._finish(job, None, ValueError("the session was closed"))
+            if job.cache.closed or job.cancelled:
+                self._finish(job, None, ValueError("the session was closed" if job.cache.closed
+                                                   else "the step was cancelled"))
                 continue
             tokens = 1 if job.remaining == 1 else min(job.remaining, budget)
             if tokens == 0:
                 continue  # this prefill waits for the next turn
             if job.remaining > 1:
                 budget -= tokens
+                prefilled.add(id(job))
             # Sessions with different adapters compute different projections: never one forward.
             groups.setdefault((job.start, job.end, job.adapter), []).append((job, tokens))
         for (start, end, adapter), group in groups.items():
             self._run(group, start, end, adapter)
-        return [job for job in pending if not job.finished], [job for job in pending if job.finished]
+        going = [job for job in pending if not job.finished]
+        going.sort(key=lambda job: id(job) in prefilled)  # stable: otherwise in the order they came
+        return going, [job for job in pending if job.finished]
 
     def _run(self, group: list[tuple[StepJob, int]], start: int, end: int, adapter: str | None) -> None:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +22,7 @@ from libp2p.abc import INetStream
 
 from petald.kernels.deep_prompts import check_deep_prompts
 from petald.kernels.paged_kv_cache import CacheFullError, SessionCache
-from petald.p2pnode.server.executor_bridge import run_step
+from petald.p2pnode.server.executor_bridge import StepInFlight, run_step
 from petald.p2pnode.server.session_inbox import PUSHED, SessionInbox, read_client
 from petald.p2pnode.server.step_pusher import StepPusher
 from petald.p2pnode.server.stream_frames import receive_first, send_error
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How long a session that ended mid-step waits for the executor to finish that step before its
-# pages are freed: until then the step may still write into them.
-UNFINISHED_STEP_WAIT_S = 120.0
 # A step's output as the executor hands it over: the session's wire format then encodes it, choosing
 # per tensor (float16 or bfloat16, int8 scales) from the full-precision values.
 OUTPUT_DTYPE = torch.float32
@@ -50,7 +47,7 @@ OUTPUT_DTYPE = torch.float32
 class _LiveSession:
     scope: trio.CancelScope  # cancelled by the session timeout, or by a shutdown while idle
     in_step: bool = False
-    unfinished: list[trio.Event] = field(default_factory=list)  # steps the executor may still be running
+    step: StepInFlight | None = None  # the last step handed to the executor
 
 
 class InferenceSessions:
@@ -127,23 +124,23 @@ class InferenceSessions:
             if inbox_in is not None and inbox is not None:
                 server.pushes.close(request.push_token, inbox_in, inbox)
             if cache is not None:
-                await self._free_after_steps(cache, live, session_id)
+                self._free_after_steps(cache, live, session_id)
             await framed.close()
             server.metrics.count_wire(framed.bytes_received, framed.bytes_sent)
             log.info("session %d closed", session_id)
 
-    async def _free_after_steps(self, cache: SessionCache, live: _LiveSession | None, session_id: int) -> None:
-        """Return the session's pages once no step of it can still write into them."""
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(UNFINISHED_STEP_WAIT_S):
-                for finished in live.unfinished if live is not None else []:
-                    await finished.wait()
-        if live is not None and not all(finished.is_set() for finished in live.unfinished):
-            # Freeing now could hand pages being written to another session: keep them instead.
-            log.error("session %d: a step did not finish within %.0f s; its %d KV pages stay reserved",
-                      session_id, UNFINISHED_STEP_WAIT_S, cache.reserved_pages)
-            return
-        self.server.pool.close(cache)
+    def _free_after_steps(self, cache: SessionCache, live: _LiveSession | None, session_id: int) -> None:
+        """Return the session's pages once no step of it can still write into them: now, or, for a
+        step still on the executor (its wait timed out, its peer left), when the executor drops it
+        at its next chunk (``StepInFlight``). Freeing earlier could hand pages being written to
+        another session; never freeing them was hole 1 of issue 22 (docs/security.md)."""
+        pool = self.server.pool
+        step = live.step if live is not None else None
+        if step is not None and step.running:
+            log.info("session %d ended with a step on the executor: it is dropped at its next chunk, "
+                     "then its %d KV pages are freed", session_id, cache.reserved_pages)
+            step.cancel()
+        (step or StepInFlight()).when_ended(lambda: pool.close(cache))
 
     def _check_open(self, request: OpenSession) -> None:
         server = self.server
@@ -210,12 +207,11 @@ class InferenceSessions:
                 prompts = self._check_prompts(step, request)
             # Batched with other sessions' steps on the executor, which also copies the output to host
             # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
-            finished = trio.Event()
-            live.unfinished = [finished]  # the previous step had finished before this one was accepted
+            live.step = StepInFlight()  # the previous step had ended before this one was accepted
             live.in_step = True
             with trio.move_on_after(limits.step_timeout) as step_scope:
                 out = await run_step(server.executor, cache, hidden, request.start, request.end, OUTPUT_DTYPE,
-                                     finished, prompts, request.adapter)
+                                     live.step, prompts, request.adapter)
             if step_scope.cancelled_caught:
                 raise ProtocolError(ErrorCode.TIMEOUT, f"the step took longer than {limits.step_timeout:.0f} s; "
                                                        "session closed")

@@ -1,0 +1,110 @@
+"""What one client can take from a server, and what it must give back (issue 22's holes on server
+resources, docs/security.md): a real server process of a tiny model with a long context, hostile
+peers speaking raw frames to it, and a legitimate client beside them whose tokens must stay exact."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from petald.cli.local_swarm import LocalSwarm
+from petald.p2pnode.client import inference_session
+from petald.p2pnode.client.distributed_model import DistributedModel
+from petald.p2pnode.client.inference_session import PREFILL_STEP_ROWS, token_chunks
+from petald.protocol.messages import Step
+from tests.oracle import reference_greedy
+from tests.test_bad_input import RawClient, _open
+from tests.tiny_models import TINY_BLOCKS, save_tiny_model
+
+CONTEXT = 16384
+LONG_PREFILL = 16000  # ~8 s of the executor's time on one core: minutes of a real model's
+HOSTILE = 3
+CACHE_TOKENS = (HOSTILE * CONTEXT + 2 * 1024) * TINY_BLOCKS  # room for every hostile session and a good one
+
+
+def test_a_long_prompt_goes_as_steps_within_the_step_rows():
+    """Hole 4: one step of a near-context prompt took longer than the step timeouts allow."""
+    for batch, tokens in ((1, 8176), (3, 5000), (1, 1)):
+        parts = token_chunks(torch.zeros(batch, tokens, 8))
+        assert sum(p.shape[1] for p in parts) == tokens
+        assert all(p.shape[0] * p.shape[1] <= max(batch, PREFILL_STEP_ROWS) for p in parts)
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory) -> str:
+    return str(save_tiny_model("llama", tmp_path_factory.mktemp("long") / "llama",
+                               max_position_embeddings=CONTEXT))
+
+
+@pytest.fixture(scope="module")
+def strict_server(long_model):
+    """A server whose steps may compute for 1 s: far less than a long prefill takes."""
+    with LocalSwarm([f"0:{TINY_BLOCKS}"], model=long_model, extra_args=[
+            "--threads", "1", "--step-timeout", "1", "--max-length", str(CONTEXT),
+            "--cache-tokens", str(CACHE_TOKENS)]) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def good_model(strict_server, long_model):
+    with DistributedModel(strict_server.addresses, long_model, wire="float32") as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def raw_client(strict_server, good_model):
+    from petald.p2pnode.client.node_thread import NodeThread
+    from petald.p2pnode.transport.identity import load_or_create_identity
+
+    node = NodeThread(load_or_create_identity(None))
+    client = RawClient(node, strict_server.addresses[0], good_model)
+    node.call(node.host.connect, client.peer)
+    yield client
+    node.stop()
+
+
+def _settle(client: RawClient, expected: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while (free := client.free_tokens()) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return free
+
+
+@pytest.mark.slow
+def test_clients_that_leave_mid_prefill_leak_no_pages(long_model, strict_server, good_model, raw_client):
+    """Hole 1: each hostile client sends a prefill that takes the executor far longer than the step
+    timeout, and leaves. The server must drop each at its next chunk after the timeout and free its
+    pages then (the old server kept computing them, and kept the pages of any that ran past 120 s for
+    good); a legitimate client generating meanwhile gets the oracle's tokens."""
+    full = raw_client.free_tokens()
+    assert full == CACHE_TOKENS
+
+    async def send_and_leave(framed, stream):
+        await _open(framed, raw_client, max_length=CONTEXT)
+        await framed.send(Step(1, 0, torch.randn(1, LONG_PREFILL, 64)).to_wire())
+
+    leavers = [threading.Thread(target=raw_client.run, args=(send_and_leave,)) for _ in range(HOSTILE)]
+    for thread in leavers:
+        thread.start()
+    for thread in leavers:
+        thread.join(60)
+    ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(7))
+    tokens = good_model.generate(ids, max_new_tokens=8, eos_token_id=[])[0, ids.shape[1]:].tolist()
+    # The prefills would keep the executor for HOSTILE x ~8 s: their pages must be back well before.
+    assert _settle(raw_client, full, timeout=6.0) == full
+    assert tokens == reference_greedy(long_model, ids, 8)
+    assert strict_server.servers[0].process.poll() is None
+
+
+@pytest.mark.slow
+def test_a_near_context_prompt_is_served_within_the_step_timeout(long_model, good_model, monkeypatch):
+    """Hole 4: a prompt whose prefill takes longer than the server's step timeout (the old client sent
+    it as one step, which the server ended and the client took for a failed server), in steps."""
+    monkeypatch.setattr(inference_session, "PREFILL_STEP_ROWS", 256)  # each step well within 1 s here
+    ids = torch.randint(0, 320, (1, 8176), generator=torch.Generator().manual_seed(8))
+    tokens = good_model.generate(ids, max_new_tokens=3, eos_token_id=[])[0, ids.shape[1]:].tolist()
+    assert tokens == reference_greedy(long_model, ids, 3)
+    assert not good_model.recoveries  # no server was taken for a failed one
