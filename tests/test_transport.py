@@ -120,6 +120,52 @@ def test_petald_hosts_run_the_lean_path_end_to_end():
     trio.run(main)
 
 
+def test_a_peer_that_sends_past_the_yamux_window_is_disconnected_and_its_bytes_dropped():
+    """Issue 22, hole 3: py-libp2p buffered whatever a peer sent past a stream's receive window, so
+    bytes on a stream nobody reads grew the node's memory without bound. The hostile side writes
+    raw DATA frames, ignoring its send window; the other side's handler never reads."""
+    import struct
+
+    from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT
+
+    from petald.p2pnode.transport.libp2p_internals.window_limit import WINDOW_SLACK_BYTES
+
+    sink, blast, frame = TProtocol("/petald-test/sink/1"), 32 * 1024 * 1024, 1024 * 1024
+
+    async def never_reads(stream) -> None:
+        await trio.sleep(60)
+
+    async def main():
+        async with running_host(load_or_create_identity(None)) as server, \
+                running_host(load_or_create_identity(None)) as client:
+            server.set_stream_handler(sink, never_reads)
+            address = parse_peer_address(full_addresses(server)[0])
+            await client.connect(address)
+            stream = await client.new_stream(address.peer_id, [sink])
+            muxed = stream.muxed_stream
+            (served,) = _muxed_conns(server)
+            with trio.fail_after(10):
+                while muxed.stream_id not in served.streams:  # the stream's opening is on its way
+                    await trio.sleep(0.01)
+            window = served.streams[muxed.stream_id].recv_window
+            most, sent = 0, 0
+            with trio.fail_after(30):
+                try:
+                    while sent < blast:
+                        header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, muxed.stream_id, frame)
+                        await muxed.conn._write_frame(header + bytes(frame))
+                        sent += frame
+                        most = max(most, sum(len(b) for b in served.stream_buffers.values()))
+                except Exception:
+                    pass  # the server closed the connection under the writes
+                await served.event_closed.wait()
+            assert sent < blast
+            assert most <= window + WINDOW_SLACK_BYTES  # never more than the window and the slack
+            assert not served.stream_buffers
+
+    trio.run(main)
+
+
 def _identified(host, other) -> bool:
     """``host`` has read ``other``'s identify answer."""
     try:
