@@ -4,16 +4,22 @@ peers speaking raw frames to it, and a legitimate client beside them whose token
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 
 import pytest
 import torch
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamReset
 
 from petald.cli.local_swarm import LocalSwarm
 from petald.p2pnode.client import inference_session
 from petald.p2pnode.client.distributed_model import DistributedModel
 from petald.p2pnode.client.inference_session import PREFILL_STEP_ROWS, token_chunks
+from petald.p2pnode.transport.framed_stream import FramedStream
+from petald.protocol.limits import INFERENCE_PROTOCOL
 from petald.protocol.messages import Step
 from tests.oracle import reference_greedy
 from tests.test_bad_input import RawClient, _open
@@ -23,6 +29,7 @@ CONTEXT = 16384
 LONG_PREFILL = 16000  # ~8 s of the executor's time on one core: minutes of a real model's
 HOSTILE = 3
 CACHE_TOKENS = (HOSTILE * CONTEXT + 2 * 1024) * TINY_BLOCKS  # room for every hostile session and a good one
+RECEIVE_BUDGET_MIB = 32  # --receive-budget: frames held received in part, all peers (the default is 128)
 
 
 def test_a_long_prompt_goes_as_steps_within_the_step_rows():
@@ -44,7 +51,7 @@ def strict_server(long_model):
     """A server whose steps may compute for 1 s: far less than a long prefill takes."""
     with LocalSwarm([f"0:{TINY_BLOCKS}"], model=long_model, extra_args=[
             "--threads", "1", "--step-timeout", "1", "--max-length", str(CONTEXT),
-            "--cache-tokens", str(CACHE_TOKENS)]) as swarm:
+            "--cache-tokens", str(CACHE_TOKENS), "--receive-budget", str(RECEIVE_BUDGET_MIB)]) as swarm:
         yield swarm
 
 
@@ -108,3 +115,66 @@ def test_a_near_context_prompt_is_served_within_the_step_timeout(long_model, goo
     tokens = good_model.generate(ids, max_new_tokens=3, eos_token_id=[])[0, ids.shape[1]:].tolist()
     assert tokens == reference_greedy(long_model, ids, 3)
     assert not good_model.recoveries  # no server was taken for a failed one
+
+
+def _rss_bytes(process) -> int:
+    with open(f"/proc/{process.pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+def test_frames_received_in_part_stay_within_the_receive_budget(strict_server, good_model, raw_client):
+    """Hole 3b: sessions each sending most of a large frame and then nothing made the server hold it
+    all (16 x 31 MiB grew a server by 509 MB). Past the server's budget for such bytes, all peers
+    together, a session is refused with busy; the server's memory grows by at most the budget."""
+    sessions, part = 8, 24 << 20  # 24 MiB of a 25 MiB frame each: 192 MiB in all, the budget 32
+    process = strict_server.servers[0].process
+    before = _rss_bytes(process)
+    body = b"\x00" * part
+    codes: list[str | None] = []
+    during: list[int] = []
+
+    async def write_part(stream) -> None:
+        try:
+            await stream.write(struct.pack(">I", part + (1 << 20)) + body)
+        except StreamReset:
+            pass  # refused: the server reset the stream once the error had time to arrive
+
+    async def hostile(host, peer, sent: trio.Semaphore, measured: trio.Event) -> None:
+        stream = await host.new_stream(peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)])
+        framed = FramedStream(stream)
+        try:
+            await framed.send(raw_client.open_message(max_length=64))
+            assert (await framed.receive())["type"] == "opened"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_part, stream)
+                with trio.move_on_after(8):  # a session within the budget gets no answer: its frame is unfinished
+                    reply = await framed.receive()
+                    codes.append(reply["code"])
+                sent.release()
+                await measured.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            await framed.reset()
+
+    async def main() -> None:
+        host, peer = raw_client.node.host, raw_client.peer
+        sent, measured = trio.Semaphore(0, max_value=sessions), trio.Event()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(sessions):
+                    nursery.start_soon(hostile, host, peer, sent, measured)
+                for _ in range(sessions):
+                    await sent.acquire()
+                during.append(_rss_bytes(process))
+                measured.set()
+
+    raw_client.node.call(main)
+    budget = RECEIVE_BUDGET_MIB << 20
+    # The budget, and what the allocator and the streams' receive windows keep beside it (the old
+    # server: 192 MiB more).
+    assert during[0] - before < budget + (32 << 20), (before, during)
+    assert codes == ["busy"] * (sessions - budget // (part + (1 << 20)))
+    # The budget is whole again: a good client's steps go through.
+    ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(9))
+    assert good_model.generate(ids, max_new_tokens=2, eos_token_id=[]).shape[1] == 11

@@ -16,6 +16,7 @@ from petald.cli.options import (
     head_quant_option,
     listen_option,
 )
+from petald.protocol.limits import RECEIVING_FRAMES_BUDGET_BYTES
 from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 
 
@@ -66,6 +67,10 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
               help="A PEFT LoRA adapter directory to serve (repeatable); clients pick it by the directory's name.")
 @click.option("--max-training-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Most tokens (batch x length) in one training forward or backward request; bounds its memory.")
+@click.option("--receive-budget", default=RECEIVING_FRAMES_BUDGET_BYTES >> 20, show_default=True,
+              type=click.IntRange(min=1), metavar="MIB",
+              help="MiB of frames this server holds received in part, all peers together; a stream past it is "
+                   "refused (busy).")
 @click.option("--shutdown-grace", default=30.0, show_default=True, type=click.FloatRange(min=0.0),
               help="On SIGTERM, seconds running sessions may go on before they are ended (new ones are refused).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
@@ -76,7 +81,7 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
           network_mbps, reachability, no_direct_upgrade, listen, announce, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
-          step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
+          step_timeout, session_timeout, adapters, max_training_tokens, receive_budget, shutdown_grace, threads, socket, socket_group, http,
           no_api, head_quant, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
     setup_logging(verbose)
@@ -107,6 +112,7 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
                                                    idle_timeout=idle_timeout, step_timeout=step_timeout,
                                                    session_timeout=session_timeout,
                                                    max_training_tokens=max_training_tokens,
+                                                   receive_budget=receive_budget << 20,
                                                    open_timeout=min(30.0, idle_timeout)),
                                initial_peers=addresses(initial_peers), new_swarm=new_swarm,
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,

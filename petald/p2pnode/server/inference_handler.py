@@ -90,7 +90,7 @@ class InferenceSessions:
             if request.push_token:
                 # Before "opened": a push may follow the client's first step at once.
                 inbox_in, inbox = server.pushes.open(request.push_token)
-            framed.allow_frames_up_to(MAX_FRAME_BYTES)
+            framed.allow_frames_up_to(MAX_FRAME_BYTES, server.frame_budget)
             await framed.send(SessionOpened(request.start, request.end, request.max_length).to_wire())
             server.metrics.sessions.inc()
             log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",

@@ -65,7 +65,7 @@ class TrainingRequests:
 
     async def _serve(self, framed: FramedStream) -> None:
         limits = self.server.limits
-        framed.allow_frames_up_to(MAX_FRAME_BYTES)  # a training request carries its tensors in its first frame
+        framed.allow_frames_up_to(MAX_FRAME_BYTES, self.server.frame_budget)  # a training request carries its tensors in its first frame
         msg = await receive_first(framed, limits.open_timeout, "request")
         if msg is None:
             return
