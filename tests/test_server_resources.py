@@ -178,3 +178,40 @@ def test_frames_received_in_part_stay_within_the_receive_budget(strict_server, g
     # The budget is whole again: a good client's steps go through.
     ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(9))
     assert good_model.generate(ids, max_new_tokens=2, eos_token_id=[]).shape[1] == 11
+
+
+@pytest.mark.slow
+def test_a_full_server_is_reported_full_not_unreachable(long_model, strict_server, raw_client):
+    """Hole 3c: sessions that hold a server's whole KV cache (alive with a token now and then) made
+    a new client fail with "no reachable server". It must hear that the servers are full, as
+    ``cache_full`` through the API."""
+    from petald.cli.api.errors import as_api_error
+    from petald.p2pnode.routing.route import SwarmFull
+
+    host, peer = raw_client.node.host, raw_client.peer
+
+    async def hold_the_cache() -> list[FramedStream]:
+        held = []
+        for max_length in (CONTEXT,) * HOSTILE + (2048,):  # exactly the whole pool
+            framed = FramedStream(await host.new_stream(peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)]))
+            await framed.send(raw_client.open_message(max_length=max_length))
+            assert (await framed.receive())["type"] == "opened"
+            held.append(framed)
+        return held
+
+    async def let_go(held: list[FramedStream]) -> None:
+        for framed in held:
+            await framed.close()
+
+    held = raw_client.node.call(hold_the_cache)
+    try:
+        assert raw_client.free_tokens() == 0
+        ids = torch.randint(0, 320, (1, 5), generator=torch.Generator().manual_seed(10))
+        with DistributedModel(strict_server.addresses, long_model, wire="float32", recovery_timeout=2.0) as model:
+            with pytest.raises(SwarmFull, match=r"blocks 0:6 .* full \(cache_full\)") as caught:
+                model.generate(ids, max_new_tokens=2)
+        answer = as_api_error(caught.value)
+        assert (answer.status, answer.code) == (503, "cache_full")
+    finally:
+        raw_client.node.call(let_go, held)
+    assert _settle(raw_client, CACHE_TOKENS, timeout=10.0) == CACHE_TOKENS
