@@ -18,7 +18,9 @@ from petald.cli.local_swarm import LocalSwarm
 from petald.p2pnode.client import inference_session
 from petald.p2pnode.client.distributed_model import DistributedModel
 from petald.p2pnode.client.inference_session import PREFILL_STEP_ROWS, token_chunks
+from petald.p2pnode.client.node_thread import NodeThread
 from petald.p2pnode.transport.framed_stream import FramedStream
+from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.protocol.limits import INFERENCE_PROTOCOL
 from petald.protocol.messages import Step
 from tests.oracle import reference_greedy
@@ -63,14 +65,21 @@ def good_model(strict_server, long_model):
 
 @pytest.fixture(scope="module")
 def raw_client(strict_server, good_model):
-    from petald.p2pnode.client.node_thread import NodeThread
-    from petald.p2pnode.transport.identity import load_or_create_identity
-
     node = NodeThread(load_or_create_identity(None))
     client = RawClient(node, strict_server.addresses[0], good_model)
     node.call(node.host.connect, client.peer)
     yield client
     node.stop()
+
+
+@pytest.fixture(scope="module")
+def raw_nodes(raw_client):
+    """Nodes of three hostile peers (the first is ``raw_client``'s): one peer may hold only half of
+    a server's KV cache ("Per-peer limits")."""
+    nodes = [raw_client.node] + [NodeThread(load_or_create_identity(None)) for _ in range(HOSTILE - 1)]
+    yield nodes
+    for node in nodes[1:]:
+        node.stop()
 
 
 def _settle(client: RawClient, expected: int, timeout: float) -> int:
@@ -81,7 +90,7 @@ def _settle(client: RawClient, expected: int, timeout: float) -> int:
 
 
 @pytest.mark.slow
-def test_clients_that_leave_mid_prefill_leak_no_pages(long_model, strict_server, good_model, raw_client):
+def test_clients_that_leave_mid_prefill_leak_no_pages(long_model, strict_server, good_model, raw_client, raw_nodes):
     """Hole 1: each hostile client sends a prefill that takes the executor far longer than the step
     timeout, and leaves. The server must drop each at its next chunk after the timeout and free its
     pages then (the old server kept computing them, and kept the pages of any that ran past 120 s for
@@ -89,15 +98,27 @@ def test_clients_that_leave_mid_prefill_leak_no_pages(long_model, strict_server,
     full = raw_client.free_tokens()
     assert full == CACHE_TOKENS
 
-    async def send_and_leave(framed, stream):
+    async def send_and_leave(host) -> None:
+        await host.connect(raw_client.peer)
+        framed = FramedStream(await host.new_stream(raw_client.peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)]))
         await _open(framed, raw_client, max_length=CONTEXT)
         await framed.send(Step(1, 0, torch.randn(1, LONG_PREFILL, 64)).to_wire())
+        await framed.close()
 
-    leavers = [threading.Thread(target=raw_client.run, args=(send_and_leave,)) for _ in range(HOSTILE)]
+    errors: list[BaseException] = []
+
+    def leave(node: NodeThread) -> None:
+        try:
+            node.call(send_and_leave, node.host)
+        except BaseException as exc:
+            errors.append(exc)
+
+    leavers = [threading.Thread(target=leave, args=(node,)) for node in raw_nodes]
     for thread in leavers:
         thread.start()
     for thread in leavers:
         thread.join(60)
+    assert not errors
     ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(7))
     tokens = good_model.generate(ids, max_new_tokens=8, eos_token_id=[])[0, ids.shape[1]:].tolist()
     # The prefills would keep the executor for HOSTILE x ~8 s: their pages must be back well before.
@@ -181,18 +202,20 @@ def test_frames_received_in_part_stay_within_the_receive_budget(strict_server, g
 
 
 @pytest.mark.slow
-def test_a_full_server_is_reported_full_not_unreachable(long_model, strict_server, raw_client):
+def test_a_full_server_is_reported_full_not_unreachable(long_model, strict_server, raw_client, raw_nodes):
     """Hole 3c: sessions that hold a server's whole KV cache (alive with a token now and then) made
     a new client fail with "no reachable server". It must hear that the servers are full, as
     ``cache_full`` through the API."""
     from petald.cli.api.errors import as_api_error
     from petald.p2pnode.routing.route import SwarmFull
 
-    host, peer = raw_client.node.host, raw_client.peer
+    nodes = raw_nodes
+    peer = raw_client.peer
 
-    async def hold_the_cache() -> list[FramedStream]:
+    async def hold(host, lengths: tuple[int, ...]) -> list[FramedStream]:
+        await host.connect(peer)
         held = []
-        for max_length in (CONTEXT,) * HOSTILE + (2048,):  # exactly the whole pool
+        for max_length in lengths:
             framed = FramedStream(await host.new_stream(peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)]))
             await framed.send(raw_client.open_message(max_length=max_length))
             assert (await framed.receive())["type"] == "opened"
@@ -203,7 +226,8 @@ def test_a_full_server_is_reported_full_not_unreachable(long_model, strict_serve
         for framed in held:
             await framed.close()
 
-    held = raw_client.node.call(hold_the_cache)
+    shares = [(CONTEXT, 2048), (CONTEXT,), (CONTEXT,)]  # exactly the whole pool
+    held = [node.call(hold, node.host, lengths) for node, lengths in zip(nodes, shares, strict=True)]
     try:
         assert raw_client.free_tokens() == 0
         ids = torch.randint(0, 320, (1, 5), generator=torch.Generator().manual_seed(10))
@@ -213,5 +237,32 @@ def test_a_full_server_is_reported_full_not_unreachable(long_model, strict_serve
         answer = as_api_error(caught.value)
         assert (answer.status, answer.code) == (503, "cache_full")
     finally:
-        raw_client.node.call(let_go, held)
+        for node, streams in zip(nodes, held, strict=True):
+            node.call(let_go, streams)
     assert _settle(raw_client, CACHE_TOKENS, timeout=10.0) == CACHE_TOKENS
+
+
+@pytest.mark.slow
+def test_one_peer_cannot_hold_more_than_its_share_of_the_cache(long_model, strict_server, good_model, raw_client):
+    """Per-peer limits: past half the KV cache (``--peer-cache-share``, default 0.5) a peer's next
+    session is refused with ``quota``, while another peer's sessions go on."""
+    host, peer = raw_client.node.host, raw_client.peer
+
+    async def take_two() -> tuple[FramedStream, dict]:
+        first = FramedStream(await host.new_stream(peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)]))
+        await _open(first, raw_client, max_length=CONTEXT)  # 32% of the pool
+        second = FramedStream(await host.new_stream(peer.peer_id, [TProtocol(INFERENCE_PROTOCOL)]))
+        await second.send(raw_client.open_message(max_length=CONTEXT))
+        reply = await second.receive()
+        await second.close()
+        return first, reply
+
+    first, reply = raw_client.node.call(take_two)
+    try:
+        assert reply["type"] == "error" and reply["code"] == "quota"
+        assert "one peer may hold 1600" in reply["message"]
+        ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(11))
+        tokens = good_model.generate(ids, max_new_tokens=3, eos_token_id=[])[0, ids.shape[1]:].tolist()
+        assert tokens == reference_greedy(long_model, ids, 3)
+    finally:
+        raw_client.node.call(first.close)

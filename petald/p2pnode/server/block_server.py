@@ -9,7 +9,7 @@ passes, and a handler per protocol.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
@@ -20,6 +20,7 @@ from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE
 from petald.kernels.sources.model_source import ModelIdentity
 from petald.kernels.span import BlockSpan
 from petald.p2pnode.server.inference_handler import InferenceSessions
+from petald.p2pnode.server.peer_limits import PeerLedger, PeerLimits
 from petald.p2pnode.server.push_handler import PushInboxes
 from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.server.stream_frames import receive_first, send_error
@@ -51,6 +52,7 @@ class ServerLimits:
     max_training_tokens: int = 8192  # batch x tokens of one training request (bounds its activations' memory)
     training_slots: int = 2  # training requests read and computed at once; others wait up to open_timeout
     receive_budget: int = RECEIVING_FRAMES_BUDGET_BYTES  # bytes of frames held received in part, all streams
+    peer: PeerLimits = field(default_factory=PeerLimits)  # what one peer may take (peer_limits.py)
 
 
 class BlockServer:
@@ -75,6 +77,7 @@ class BlockServer:
         # Shared by every stream of this server's protocols (while a node moves its span, the old
         # server winds down with its own).
         self.frame_budget = FrameBudget(self.limits.receive_budget)
+        self.peers = PeerLedger(self.limits.peer, self.pool.num_pages)
         self.pushes = PushInboxes(self.limits, self.frame_budget)
         self.sessions = InferenceSessions(self)
         self.training = TrainingRequests(self)

@@ -72,8 +72,10 @@ class InferenceSessions:
         # Until a valid open arrives, a peer may only send a small frame.
         framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=limits.idle_timeout)
         session_id = next(self._ids)
-        peer = stream.muxed_conn.peer_id.to_string()[-8:]
+        peer_id = stream.muxed_conn.peer_id.to_base58()
+        peer = peer_id[-8:]
         cache: SessionCache | None = None
+        counted = 0  # KV pages counted against the peer's share
         live: _LiveSession | None = None
         inbox_in: trio.MemorySendChannel | None = None
         inbox: trio.MemoryReceiveChannel | None = None
@@ -83,6 +85,9 @@ class InferenceSessions:
                 return
             request = OpenSession.from_wire(msg)
             self._check_open(request)
+            pages = server.pool.pages_for_tokens(request.batch, request.max_length, server.pool.page_size)
+            server.peers.open_session(peer_id, pages)  # or refused: busy, quota
+            counted = pages
             # Reserves pages up to max_length (or raises CacheFullError holding nothing); pages are taken as it grows.
             cache = server.pool.open(request.batch, request.max_length)
             live = self._live[session_id] = _LiveSession(
@@ -96,7 +101,7 @@ class InferenceSessions:
             log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",
                      session_id, peer, request.start, request.end, request.batch, request.max_length)
             with live.scope:
-                await self._serve_session(SessionInbox(framed, inbox), request, cache, live, inbox_in)
+                await self._serve_session(SessionInbox(framed, inbox), request, cache, live, inbox_in, peer_id)
             if live.scope.cancelled_caught:
                 raise (server.shutting_down() if server.closing else ProtocolError(
                     ErrorCode.TIMEOUT, f"session open for longer than {limits.session_timeout:.0f} s; "
@@ -121,6 +126,8 @@ class InferenceSessions:
                                                          "the server logged the details")
         finally:
             self._live.pop(session_id, None)
+            if counted:
+                server.peers.close_session(peer_id, counted)
             if inbox_in is not None and inbox is not None:
                 server.pushes.close(request.push_token, inbox_in, inbox)
             if cache is not None:
@@ -153,7 +160,7 @@ class InferenceSessions:
                                 f"max_length {request.max_length} exceeds this server's {server.limits.max_length}")
 
     async def _serve_session(self, inbox: SessionInbox, request: OpenSession, cache: SessionCache,
-                             live: _LiveSession, inbox_in: trio.MemorySendChannel | None) -> None:
+                             live: _LiveSession, inbox_in: trio.MemorySendChannel | None, peer_id: str) -> None:
         """Serve the session's steps: with an inbox channel (``inbox_in`` its sending side), also steps
         pushed to it; with a host, push outputs on where steps ask. Errors are raised as themselves."""
         host = self.server.host
@@ -162,7 +169,7 @@ class InferenceSessions:
             if inbox_in is not None:
                 nursery.start_soon(read_client, inbox.framed, inbox_in.clone())
             try:
-                await self._serve_steps(inbox, pusher, request, cache, live)
+                await self._serve_steps(inbox, pusher, request, cache, live, peer_id)
             finally:
                 if pusher is not None:
                     with trio.CancelScope(shield=True):
@@ -170,9 +177,10 @@ class InferenceSessions:
                 nursery.cancel_scope.cancel()
 
     async def _serve_steps(self, inbox: SessionInbox, pusher: StepPusher | None, request: OpenSession,
-                           cache: SessionCache, live: _LiveSession) -> None:
+                           cache: SessionCache, live: _LiveSession, peer_id: str) -> None:
         server, limits = self.server, self.server.limits
         framed = inbox.framed
+        paid_bytes = framed.bytes_received
         while True:
             if server.closing:
                 raise server.shutting_down()
@@ -205,6 +213,9 @@ class InferenceSessions:
                     continue  # answered when the push ran it
                 hidden = self._check_step(step, request, cache)
                 prompts = self._check_prompts(step, request)
+            # Within the peer's steps and bytes per second (a pushed step counts for the session's peer too).
+            await server.peers.pace_step(peer_id, hidden.shape[1], framed.bytes_received - paid_bytes)
+            paid_bytes = framed.bytes_received
             # Batched with other sessions' steps on the executor, which also copies the output to host
             # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
             live.step = StepInFlight()  # the previous step had ended before this one was accepted
