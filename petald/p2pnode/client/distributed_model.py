@@ -45,10 +45,9 @@ from petald.p2pnode.routing.route import (
     RemoteServer,
     SessionTooLarge,
     SpanRoute,
-    SwarmFull,
     format_block_ranges,
-    lacking_room,
     never_admitted,
+    unroutable,
 )
 from petald.p2pnode.transport.address_dialer import UnansweredAddresses, connect_first_answering
 from petald.p2pnode.transport.direct_upgrade import client_listen
@@ -262,15 +261,9 @@ class DistributedModel:
             if trio.current_time() >= deadline:
                 waited = (f"waited {self.options.recovery_timeout:.0f} s for a server" if looked
                           else "no time left to wait")
-                full = lacking_room(usable, missing.uncovered, max_length, cache_tokens_per_block)
-                if full:  # reachable servers, all busy with other sessions: not "no reachable server"
-                    raise SwarmFull(f"blocks {format_block_ranges(missing.uncovered)} of {self.identity.model_id}: "
-                                    f"{full} ({waited}); try again later or ask for fewer tokens",
-                                    missing.uncovered) from None
                 holding = f" holding adapter {adapter!r}" if adapter else ""
-                raise NoRouteError(f"blocks {format_block_ranges(missing.uncovered)} of {self.identity.model_id} "
-                                   f"have no reachable server{holding} ({waited}); start a server for them "
-                                   "or raise the recovery timeout", missing.uncovered) from None
+                raise unroutable(usable, missing.uncovered, self.identity.model_id, max_length, cache_tokens_per_block,
+                                 holding, waited) from None
             if looked:
                 if not waiting:  # once per wait: a person at a terminal sees why nothing happens yet
                     waiting = True

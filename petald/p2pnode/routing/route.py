@@ -83,6 +83,18 @@ def lacking_room(servers: list[RemoteServer], blocks: list[tuple[int, int]], max
             f"needs {cache_tokens_per_block} cache tokens per block, the most free is {most_free}")
 
 
+def unroutable(servers: list[RemoteServer], uncovered: list[tuple[int, int]], model_id: str, max_length: int,
+               cache_tokens_per_block: int, holding: str, waited: str) -> NoRouteError:
+    """The error for blocks ``uncovered`` still without a route when the client stops waiting:
+    SwarmFull when their servers are there but full (not "no reachable server"), else NoRouteError."""
+    where = f"blocks {format_block_ranges(uncovered)} of {model_id}"
+    full = lacking_room(servers, uncovered, max_length, cache_tokens_per_block)
+    if full:
+        return SwarmFull(f"{where}: {full} ({waited}); try again later or ask for fewer tokens", uncovered)
+    return NoRouteError(f"{where} have no reachable server{holding} ({waited}); start a server for them "
+                        "or raise the recovery timeout", uncovered)
+
+
 def _could_admit(server: RemoteServer, max_length: int, cache_tokens_per_block: int) -> bool:
     """Whether ``server`` admits such a session at all, once enough of its KV cache is free."""
     return _fits(server, max_length, cache_tokens_per_block, server.info.cache_capacity_tokens or None)

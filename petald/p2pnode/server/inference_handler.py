@@ -86,8 +86,9 @@ class InferenceSessions:
             request = OpenSession.from_wire(msg)
             self._check_open(request)
             pages = server.pool.pages_for_tokens(request.batch, request.max_length, server.pool.page_size)
-            server.peers.open_session(peer_id, pages)  # or refused: busy, quota
-            counted = pages
+            if pages <= server.pool.num_pages:  # a larger one the pool refuses below (too_large), as ever
+                server.peers.open_session(peer_id, pages)  # or refused: busy, quota
+                counted = pages
             # Reserves pages up to max_length (or raises CacheFullError holding nothing); pages are taken as it grows.
             cache = server.pool.open(request.batch, request.max_length)
             live = self._live[session_id] = _LiveSession(
