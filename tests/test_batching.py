@@ -208,7 +208,10 @@ def test_a_step_that_ends_after_its_waiter_gave_up_frees_its_pages_once(tiny_spa
 
     async def main() -> None:
         cache = pool.open(1, 480)
-        executor.submit_task(lambda: release.wait(60), lambda result, error: None)  # keeps the executor busy
+        busy = threading.Event()
+        executor.submit_task(lambda: busy.set() or release.wait(60), lambda result, error: None)
+        while not busy.is_set():  # the executor is in the task: the step below waits for its next turn
+            await trio.sleep(0.01)
         flight = StepInFlight()
         with trio.move_on_after(0.05) as scope:
             await run_step(executor, cache, head.embed(torch.randint(0, 320, (1, 480))), 0, TINY_BLOCKS,
@@ -230,6 +233,25 @@ def test_a_step_that_ends_after_its_waiter_gave_up_frees_its_pages_once(tiny_spa
         trio.run(main)
     finally:
         release.set()
+        executor.shutdown()
+
+
+def test_beside_decode_steps_a_turn_takes_only_the_prefill_tokens_that_keep_it_within_its_stretch(tiny_span):
+    """A decode step waits for its whole turn: beside decode steps, the prefill budget is what the
+    measured cost of a prefill token allows within DECODE_TURN_STRETCH of a decode-only turn."""
+    from petald.kernels.executor import DECODE_TURN_STRETCH, MIN_PREFILL_TOKENS
+
+    span, _ = tiny_span
+    executor = DeviceExecutor(span, prefill_chunk=128)
+    try:
+        assert executor._prefill_budget(True) == 128  # nothing measured yet
+        executor._learn(0.010, 0)  # decode steps alone: 10 ms
+        executor._learn(0.050, 100)  # 100 prefill tokens added 40 ms
+        assert executor._prefill_budget(True) == int(DECODE_TURN_STRETCH * 0.010 / 0.0004)
+        assert executor._prefill_budget(False) == 128  # no decode step waits: the whole chunk
+        executor._learn(1.010, 10)  # prefill tokens got far dearer
+        assert executor._prefill_budget(True) == MIN_PREFILL_TOKENS
+    finally:
         executor.shutdown()
 
 

@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 Completion = Callable[[Any, BaseException | None], None]
 DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_GATHER_FRACTION = 0.25  # of the last turn's duration, at most, spent waiting for expected steps
+# A turn that runs decode steps may take this much longer than one of decode steps alone for the
+# prefill chunks beside them: a decode step waits for its whole turn, so without a bound one peer's
+# prompts made another's decode steps 5.9x slower (issue 22; benchmarks/peer_flood.py). The
+# prefill budget of such a turn is sized from the measured cost of a prefill token.
+DECODE_TURN_STRETCH = 1.0
+MIN_PREFILL_TOKENS = 8  # a turn's prefill budget never goes below it: prompts still advance
+_LEARNING_RATE = 0.2  # of each new turn's timing in the running estimates
 
 
 _STOP = object()
@@ -96,6 +103,8 @@ class DeviceExecutor:
                  on_forward: Callable[[BatchedForward], None] | None = None):
         self.span, self.prefill_chunk, self.gather_fraction = span, prefill_chunk, gather_fraction
         self.on_forward = on_forward
+        self._decode_turn: float | None = None  # seconds of a turn of decode steps alone (running estimate)
+        self._per_prefill_token: float | None = None  # seconds a prefill token adds to a turn
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -140,8 +149,9 @@ class DeviceExecutor:
                 (tasks if isinstance(job, TaskJob) else pending).append(job)
             if pending:
                 started = time.monotonic()
-                pending, finished = self._turn(pending)
+                pending, finished, prefilled = self._turn(pending)
                 last_turn = time.monotonic() - started
+                self._learn(last_turn, prefilled)
                 expected = {id(job.cache): job.cache for job in finished}
             if tasks:
                 self._run_task(tasks.popleft())
@@ -181,12 +191,30 @@ class DeviceExecutor:
                 waiting.discard(id(job.cache))
         return got
 
-    def _turn(self, pending: list[StepJob]) -> tuple[list[StepJob], list[StepJob]]:
+    def _prefill_budget(self, decoding: bool) -> int:
+        """Prefill tokens this turn: ``prefill_chunk``, or, beside decode steps, what keeps the turn
+        within ``DECODE_TURN_STRETCH`` more than decode steps alone take."""
+        if not decoding or self._decode_turn is None or not self._per_prefill_token:
+            return self.prefill_chunk
+        allowed = int(DECODE_TURN_STRETCH * self._decode_turn / self._per_prefill_token)
+        return max(MIN_PREFILL_TOKENS, min(self.prefill_chunk, allowed))
+
+    def _learn(self, seconds: float, prefill_tokens: int) -> None:
+        def blend(old: float | None, new: float) -> float:
+            return new if old is None else old + _LEARNING_RATE * (new - old)
+
+        if prefill_tokens == 0:
+            self._decode_turn = blend(self._decode_turn, seconds)
+        elif self._decode_turn is not None:
+            self._per_prefill_token = blend(self._per_prefill_token,
+                                            max(0.0, seconds - self._decode_turn) / prefill_tokens)
+
+    def _turn(self, pending: list[StepJob]) -> tuple[list[StepJob], list[StepJob], int]:
         """One batched forward per sub-span and adapter: every decode step, and prefill chunks up to the budget.
 
         Returns the steps still in progress (the prefills that ran this turn last, so that the next
-        turn's budget goes to the others first) and the steps that finished."""
-        budget = self.prefill_chunk
+        turn's budget goes to the others first), the steps that finished and the prefill tokens run."""
+        budget = start_budget = self._prefill_budget(any(job.remaining == 1 for job in pending))
         groups: dict[tuple[int, int, str | None], list[tuple[StepJob, int]]] = {}
         prefilled: set[int] = set()
         for job in pending:
@@ -206,7 +234,7 @@ class DeviceExecutor:
             self._run(group, start, end, adapter)
         going = [job for job in pending if not job.finished]
         going.sort(key=lambda job: id(job) in prefilled)  # stable: otherwise in the order they came
-        return going, [job for job in pending if job.finished]
+        return going, [job for job in pending if job.finished], start_budget - budget
 
     def _run(self, group: list[tuple[StepJob, int]], start: int, end: int, adapter: str | None) -> None:
         try:
