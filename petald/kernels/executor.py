@@ -9,9 +9,15 @@ Continuous batching: each turn, the thread takes every step that has arrived,
 and runs one batched forward per sub-span and LoRA adapter (``BlockSpan.forward_batch``): the
 matmuls run once over all sessions' tokens, attention per session over its own
 pages. A step longer than one token (a prefill) advances by at most
-``prefill_chunk`` tokens per turn (shared by all prefills of that turn, oldest
-first), so a long prompt never holds other sessions' decode steps for its whole
-length: they join the next turn. Other work for the device (training forwards and
+``prefill_chunk`` tokens per turn (shared by the turn's prefills; those that ran
+go behind the others for the next turn), so a long prompt never holds other
+sessions' decode steps, nor their prompts, for its whole length: they join the
+next turn. Beside decode steps a turn takes fewer prefill tokens: as many as keep
+it within ``DECODE_TURN_STRETCH`` of a turn of decode steps alone, by the measured
+cost of a prefill token (at least ``MIN_PREFILL_TOKENS``), so that prompts,
+anyone's, do not slow the decode steps waiting beside them past that. A step
+whose waiter gave up (``StepJob.cancel``) is dropped at its next turn: a client
+that leaves mid-prefill costs at most one chunk more. Other work for the device (training forwards and
 backwards) runs one job per turn, after the turn's steps: decode steps never wait
 behind a queue of training jobs. Before a turn, the thread waits briefly (at
 most a quarter of the last turn) for the sessions served in the last turn, whose
