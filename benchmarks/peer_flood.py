@@ -11,7 +11,9 @@ send a ``--prefill``-token prompt, then decode steps as fast as they are answere
 over. The legitimate client (this process, another peer) runs one session of teacher-forced
 decode steps: ``--steps`` steps alone, then ``--steps`` under the flood, then ``--steps`` alone
 again; the ratio is the median step under the flood over the median of the two quiet phases.
-The server's RSS is read before, during and after the flood.
+The server's RSS is read before, during and after the flood. On one machine the flooding process
+competes with the server for the CPU, which a remote flooder would not: ``--flood-nice`` runs it
+at nice 19.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def measure(args: argparse.Namespace, peer_steps: float) -> dict:
                 step_latencies(model, session, 5, gen)  # warm-up
                 rss = {"before": rss_mib(server.pid)}
                 quiet = step_latencies(model, session, args.steps, gen)
-                flooder = subprocess.Popen([sys.executable, __file__, "--flood-worker", swarm.addresses[0],
+                nice = ["nice", "-n", "19"] if args.flood_nice else []  # on one machine: the flooder's own CPU
+                flooder = subprocess.Popen([*nice, sys.executable, __file__, "--flood-worker", swarm.addresses[0],
                                             "--flood-sessions", str(args.flood_sessions), "--prefill", str(args.prefill)]
                                            + (["--model", args.model] if args.model else []))
                 try:
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="the client's decode steps per phase")
     parser.add_argument("--flood-warmup", type=float, default=5.0, help="seconds the flood runs before measuring")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    parser.add_argument("--flood-nice", action="store_true",
+                        help="run the flooder at nice 19: on one machine its own CPU use is not what a remote one costs")
     parser.add_argument("--peer-steps", type=float, nargs="+", default=[1e9, 200.0, 20.0],
                         help="the server's --peer-steps, one run each (1e9: no step limit)")
     parser.add_argument("--out", default="benchmarks/results/peer_flood.json")

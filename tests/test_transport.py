@@ -3,6 +3,7 @@ check that refuses a py-libp2p it does not fit."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import socket
@@ -120,6 +121,18 @@ def test_petald_hosts_run_the_lean_path_end_to_end():
     trio.run(main)
 
 
+@contextlib.asynccontextmanager
+async def _connected_hosts(protocol, handler):
+    """Two petald hosts, the server handling ``protocol`` with ``handler``, the client connected to it:
+    (server, client, the server's peer address)."""
+    async with running_host(load_or_create_identity(None)) as server, \
+            running_host(load_or_create_identity(None)) as client:
+        server.set_stream_handler(protocol, handler)
+        address = parse_peer_address(full_addresses(server)[0])
+        await client.connect(address)
+        yield server, client, address
+
+
 def test_a_peer_that_sends_past_the_yamux_window_is_disconnected_and_its_bytes_dropped():
     """Issue 22, hole 3: py-libp2p buffered whatever a peer sent past a stream's receive window, so
     bytes on a stream nobody reads grew the node's memory without bound. The hostile side writes
@@ -136,11 +149,7 @@ def test_a_peer_that_sends_past_the_yamux_window_is_disconnected_and_its_bytes_d
         await trio.sleep(60)
 
     async def main():
-        async with running_host(load_or_create_identity(None)) as server, \
-                running_host(load_or_create_identity(None)) as client:
-            server.set_stream_handler(sink, never_reads)
-            address = parse_peer_address(full_addresses(server)[0])
-            await client.connect(address)
+        async with _connected_hosts(sink, never_reads) as (server, client, address):
             stream = await client.new_stream(address.peer_id, [sink])
             muxed = stream.muxed_stream
             (served,) = _muxed_conns(server)
@@ -188,11 +197,7 @@ def test_small_frames_take_the_direct_path_and_the_rest_the_library(monkeypatch)
     monkeypatch.setattr(NetStream, "write", counting_write)
 
     async def main():
-        async with running_host(load_or_create_identity(None)) as server, \
-                running_host(load_or_create_identity(None)) as client:
-            server.set_stream_handler(ECHO, _echo)
-            info = parse_peer_address(full_addresses(server)[0])
-            await client.connect(info)
+        async with _connected_hosts(ECHO, _echo) as (server, client, info):
             # connect returns before identify's exchange is over; a frame written meanwhile finds
             # the connection's write lock taken and rightly goes the library's way.
             with trio.fail_after(10):
