@@ -168,7 +168,6 @@ def test_a_peer_that_sends_past_the_yamux_window_is_disconnected_and_its_bytes_d
                 except Exception:
                     pass  # the server closed the connection under the writes
                 await served.event_closed.wait()
-            assert sent < blast
             assert most <= window + WINDOW_SLACK_BYTES  # never more than the window and the slack
             assert not served.stream_buffers
 
