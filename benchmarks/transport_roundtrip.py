@@ -10,6 +10,9 @@ the lean data path of ``p2pnode/transport/libp2p_internals``. Both run alternate
 the same invocation, several rounds, so the ratio compares like with like on a
 shared machine; with no thread or process hand-offs in the loop, the figures are
 the transport's own cost (both ends: two sends, two receives per round trip).
+"petald private" hosts are petald's inside a swarm key (``--swarm-key``,
+``private_network``): XSalsa20 under Noise, and the library's read path (the
+lean one takes plain TCP connections only).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from petald.p2pnode.transport.host import (  # noqa: E402
     quiet_libp2p_logs,
 )
 from petald.p2pnode.transport.identity import load_or_create_identity  # noqa: E402
+from petald.p2pnode.transport.swarm_key import SwarmKey  # noqa: E402
 
 ECHO = TProtocol("/petald/bench-echo/1.0.0")
 
@@ -59,6 +63,13 @@ def library_host():
 
 def petald_host():
     return make_host(load_or_create_identity(None))
+
+
+SWARM_KEY = SwarmKey(os.urandom(32))
+
+
+def private_host():
+    return make_host(load_or_create_identity(None), swarm_key=SWARM_KEY)
 
 
 async def echo(stream) -> None:
@@ -99,9 +110,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     quiet_libp2p_logs()
-    results: dict[str, list[tuple[float, float]]] = {"library": [], "petald": []}
+    hosts = {"library": library_host, "petald": petald_host, "petald private": private_host}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in hosts}
     for _ in range(args.rounds):
-        for name, make in (("library", library_host), ("petald", petald_host)):
+        for name, make in hosts.items():
             results[name].append(trio.run(measure, make, args.trips, args.size))
     print(f"| hosts | round trip ms (median of {args.rounds} rounds) | CPU ms per round trip | rounds (ms) |")
     print("|---|---|---|---|")
@@ -111,7 +123,8 @@ def main() -> None:
         print(f"| {name} | {wall:.3f} | {cpu:.3f} | {', '.join(f'{r[0]:.3f}' for r in rows)} |")
     lib = statistics.median(r[0] for r in results["library"])
     lean = statistics.median(r[0] for r in results["petald"])
-    print(f"\npetald / library round trip: {lean / lib:.2f}x")
+    private = statistics.median(r[0] for r in results["petald private"])
+    print(f"\npetald / library round trip: {lean / lib:.2f}x; petald private / petald: {private / lean:.2f}x")
 
 
 if __name__ == "__main__":

@@ -494,6 +494,26 @@ def test_bad_requests_get_openai_errors_and_the_daemon_stays_up(swarm, path, arg
     assert not [line for line in swarm.daemon.output if "Traceback" in line or "ERROR" in line]  # expected, not bugs
 
 
+@pytest.mark.parametrize("body, message", [
+    # Issue 22, hole 3: both were 500s.
+    ('{"prompt": "\\ud800"}', "lone UTF-16 surrogate ('\\ud800')"),
+    ('{"messages": [{"role": "user", "content": "a\\udfffb"}]}', "lone UTF-16 surrogate"),
+    ('{"\\ud83d": 1, "prompt": "x"}', "lone UTF-16 surrogate"),
+    ('{"prompt": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}", "deeper than 64 levels"),
+    ('{"prompt": "x", "n": ' + "[" * 100 + "]" * 100 + "}", "deeper than 64 levels"),
+])
+def test_json_the_api_cannot_use_is_a_400(swarm, tmp_path, body, message):
+    request = tmp_path / "request.json"
+    request.write_text(body)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        status, answer = curl(swarm.daemon_socket, path, "-H", "content-type: application/json",
+                              "--data-binary", f"@{request}")
+        assert status == 400 and message in json.loads(answer)["error"]["message"], answer
+    # A valid surrogate pair is text like any other.
+    assert curl(swarm.daemon_socket, "/v1/completions", "-d", '{"prompt": "\\ud83d\\ude00", "max_tokens": 1}')[0] == 200
+    assert not [line for line in swarm.daemon.output if "Traceback" in line or "ERROR" in line]
+
+
 def test_oversized_body_is_refused(swarm, tmp_path):
     big = tmp_path / "big.json"
     big.write_text(json.dumps({"prompt": "x" * (5 * 1024 * 1024)}))

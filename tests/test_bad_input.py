@@ -3,7 +3,11 @@ and a good session running on the same server at the same time still finishes co
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import itertools
+import random
 import re
 import struct
 import time
@@ -26,8 +30,14 @@ from petald.p2pnode.transport.framed_stream import FramedStream
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
-from petald.protocol.errors import RemoteError
-from petald.protocol.limits import INFERENCE_PROTOCOL, PUSH_PROTOCOL, TRAINING_PROTOCOL
+from petald.protocol.errors import ErrorCode, RemoteError
+from petald.protocol.limits import (
+    CODECS,
+    INFERENCE_PROTOCOL,
+    MAX_TENSOR_BYTES,
+    PUSH_PROTOCOL,
+    TRAINING_PROTOCOL,
+)
 from petald.protocol.messages import OpenSession, PushOpen, SpanRequest, Step, StepOutput
 from petald.protocol.tensors import encode_tensor
 from tests.oracle import greedy_through_session, reference_greedy
@@ -224,6 +234,26 @@ async def deep_prompts_with_nan(framed, stream, client):
     return await _error_reply(framed)
 
 
+# Within the wire's 32 MiB, far beyond any step of this session (batch 1 x 64 positions x hidden 64):
+# refused from the header alone. It was waited for until the idle timeout (issue 22, hole 3).
+@refused(CASES, "frame_too_large", r"^frame announces 33554431 bytes; the limit is \d+$")
+async def huge_length_prefix_after_open(framed, stream, client):
+    await _open(framed, client)
+    await stream.write(struct.pack(">I", 32 * 1024 * 1024 - 1))
+    with trio.fail_after(5):  # at once: the server's idle timeout is 300 s
+        return await _error_reply(framed)
+
+
+# Within every per-dimension bound and empty; it was an `internal` reply (issue 22, hole 3).
+@refused(CASES, "bad_tensor", r"^hidden: shape \[0, 25165824, 25165824, 25165824\] exceeds the tensor limit")
+async def empty_tensor_of_an_absurd_shape(framed, stream, client):
+    await _open(framed, client)
+    empty = {"dtype": "float32", "shape": [0, MAX_TENSOR_BYTES, MAX_TENSOR_BYTES, MAX_TENSOR_BYTES],
+             "codec": "raw", "data": b""}
+    await framed.send({"type": "step", "step_id": 1, "position": 0, "hidden": empty})
+    return await _error_reply(framed)
+
+
 @refused(CASES, "bad_message", "field 'step_id' must be an integer")
 async def garbage_after_open(framed, stream, client):
     await _open(framed, client)
@@ -353,6 +383,81 @@ def test_bad_training_request_is_refused_and_isolated(tiny_server, good_model, r
     hidden = good_model.head.embed(IDS)
     expected = good_model.run_blocks(hidden, 0, 6)
     torch.testing.assert_close(good_model.remote_blocks(hidden), expected, atol=1e-4, rtol=1e-4)
+    assert swarm.servers[0].process.poll() is None
+
+
+# Values of every msgpack type, at and past the bounds the schemas check.
+ODD_VALUES = [None, True, -1, 0, 2**31 + 1, 2**63 - 1, -(2**63), 1.5, float("nan"), "", "x" * 5000,
+              b"\0" * 16, [], [1] * 16, {}, {"type": "step"}]
+ODD_DIMS = [0, 1, 3, 64, MAX_TENSOR_BYTES, MAX_TENSOR_BYTES + 1, -1]
+
+
+def _fuzzed_frame(rng: random.Random, client: RawClient) -> tuple[bool, bytes]:
+    """One malformed frame, and whether it goes after a valid open (else it is the stream's first)."""
+    tensor = encode_tensor(torch.zeros(1, 2, 64), rng.choice(["float32", "float16", "bfloat16"]))
+    step = {**Step(1, 0, torch.zeros(1, 2, 64)).to_wire(), "hidden": tensor}
+    kind = rng.randrange(6)
+    if kind == 0:  # an open with one field odd, or missing
+        msg, after_open = client.open_message(), False
+    elif kind == 1:  # a step with one field odd, or missing
+        msg, after_open = step, True
+    elif kind == 2:  # a step whose tensor has one field odd, or missing
+        msg, after_open = tensor, True
+    elif kind == 3:  # a step whose tensor has an odd shape (empty or not) in any dtype and codec
+        tensor.update(shape=[rng.choice(ODD_DIMS) for _ in range(rng.randrange(6))], codec=rng.choice(CODECS),
+                      data=rng.choice([b"", bytes(rng.randrange(1024))]))
+        return True, _raw_frame(msgpack.packb(step))
+    elif kind == 4:  # deep prompts or push targets of any shape
+        field = rng.choice(["prompts", "push"])
+        prompts = encode_tensor(torch.zeros(*[rng.choice([0, 1, 2, 6, 64]) for _ in range(rng.randrange(1, 5))]))
+        step[field] = prompts if field == "prompts" else [rng.choice(ODD_VALUES) for _ in range(rng.randrange(3))]
+        return True, _raw_frame(msgpack.packb(step))
+    else:  # bytes that are no msgpack map, on either side of the open
+        return rng.random() < 0.5, _raw_frame(bytes(rng.randrange(256) for _ in range(rng.randrange(64))))
+    name = rng.choice(sorted(msg))
+    if rng.random() < 0.2:
+        del msg[name]
+    else:
+        msg[name] = rng.choice(ODD_VALUES)
+    return after_open, _raw_frame(msgpack.packb(step if kind in (1, 2) else msg))
+
+
+FUZZED_FRAMES = 300
+
+
+def test_fuzzed_frames_get_named_refusals_never_internal(tiny_server, good_model, raw_node):
+    """Issue 22, hole 3: of 10,002 fuzzed frames, 49 got `internal` replies (an empty tensor of an
+    absurd shape). Each frame here goes on a fresh stream, alone or after a valid open,
+    while a good session decodes; each gets a named refusal (or, rarely valid, an output)."""
+    path, swarm = tiny_server
+    client = RawClient(raw_node, swarm.addresses[0], good_model)
+    rng = random.Random(22)
+    # Every 4-D shape of sizes 0, 1 and the bound, empty ones included (the hole was one of them) ...
+    boundary = [(True, _raw_frame(msgpack.packb({"type": "step", "step_id": 1, "position": 0, "hidden": {
+        "dtype": "float32", "shape": list(shape), "codec": "raw", "data": b""}})))
+        for shape in itertools.product([0, 1, MAX_TENSOR_BYTES], repeat=4) if 0 in shape]
+    # ... then random ones.
+    frames = boundary + [_fuzzed_frame(rng, client) for _ in range(FUZZED_FRAMES - len(boundary))]
+    replies: list[str] = []
+
+    async def send_one(framed, stream, *, after_open: bool, frame: bytes) -> None:
+        if after_open:
+            await _open(framed, client)
+        await stream.write(frame)
+        msg = await framed.receive()
+        replies.append("none" if msg is None else msg.get("code", msg["type"]))
+
+    def interrupt():
+        for after_open, frame in frames:
+            client.run(functools.partial(send_one, after_open=after_open, frame=frame))
+
+    assert _decode_with_interruption(good_model, interrupt) == reference_greedy(path, IDS, 10)
+    counts = collections.Counter(replies)
+    assert len(replies) == FUZZED_FRAMES and "internal" not in counts, counts
+    # A frame that happens to be valid is answered ("opened", "output") or ends the session ("none").
+    assert set(counts) <= {"opened", "output", "none", *(code.value for code in ErrorCode)} - {"internal"}, counts
+    assert counts["bad_tensor"] > 0 and counts["bad_message"] > 0 and counts["bad_frame"] > 0, counts
+    assert _free_tokens_settle(client, CACHE_TOKENS) == CACHE_TOKENS
     assert swarm.servers[0].process.poll() is None
 
 
@@ -731,3 +836,4 @@ def test_run_blocks_refuses_bad_blocks_and_inputs_at_once(good_model):
         (lambda: good_model.run_blocks(hidden * float("nan"), 0, 5), "hidden holds NaN or infinite values"),
     ]:
         _fails_at_once(good_model, work, ValueError, sentence)
+

@@ -135,7 +135,8 @@ def test_help_lists_every_command():
     assert result.exit_code == 0
     listed = result.stdout.split("\nCommands:\n", 1)[1].splitlines()
     assert [line.split()[0] for line in listed] == ["chat", "config", "daemon", "demo", "generate", "install-service",
-                                                    "serve", "swarm"]
+                                                    "serve", "swarm", "swarm-key", "swarm-members",
+                                                    "swarm-owner-key"]
     assert result.stdout.startswith("Usage: petald [OPTIONS] COMMAND [ARGS]...\n")
 
 

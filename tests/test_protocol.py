@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import lz4.block
@@ -12,7 +13,18 @@ import torch
 
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import FrameDecoder, encode_frame
-from petald.protocol.limits import INT8_BLOCK, MAX_INT8_BLOCK, WIRE_FORMATS, WIRE_VERSION
+from petald.protocol.limits import (
+    INT8_BLOCK,
+    MAX_ARRAY_LEN,
+    MAX_FRAME_BYTES,
+    MAX_INT8_BLOCK,
+    MAX_STRING,
+    MAX_TENSOR_BYTES,
+    MAX_TENSOR_DIMS,
+    WIRE_FORMATS,
+    WIRE_VERSION,
+    session_frame_bytes,
+)
 from petald.protocol.messages import OpenSession, PushOpen, PushTarget, Step, StepOutput
 from petald.protocol.tensors import (
     FLOAT16_ABSMAX_RANGE,
@@ -72,6 +84,9 @@ def test_tensor_codec_roundtrip(dtype, codec):
         (lambda m: m.update(shape=[10**6, 10**6]), "limit"),
         (lambda m: m.update(shape=[1, 0, 2**64 - 1], data=b""), "shape"),
         (lambda m: m.update(shape=[0, 2**40, 2**40], data=b""), "shape"),
+        # Each dimension within its bound, and empty: torch's strides of it overflowed (issue 22, hole 0).
+        (lambda m: m.update(shape=[0, MAX_TENSOR_BYTES, MAX_TENSOR_BYTES, MAX_TENSOR_BYTES], data=b""), "limit"),
+        (lambda m: m.update(shape=[MAX_TENSOR_BYTES, 0, 2], data=b""), "limit"),
         (lambda m: m.update(data="text"), "bytes"),
     ],
 )
@@ -81,6 +96,56 @@ def test_bad_tensors_are_refused(mutate, fragment):
     with pytest.raises(ProtocolError, match=fragment) as err:
         decode_tensor(msg)
     assert err.value.code == ErrorCode.BAD_TENSOR
+
+
+def test_every_boundary_shape_decodes_or_is_a_bad_tensor():
+    """Whatever shape a peer puts in a tensor map, decoding gives a tensor or a named refusal, never
+    another exception (which a client would not take for the server's failure): every shape of up to
+    one dimension too many, of sizes around the bounds, in every dtype and codec, empty or not."""
+    dims = [0, 1, 3, MAX_TENSOR_BYTES, MAX_TENSOR_BYTES + 1]
+    decoded = 0
+    for rank in range(MAX_TENSOR_DIMS + 2):
+        for shape in itertools.product(dims, repeat=rank):
+            for dtype, codec, data in itertools.product(["float32", "bfloat16"], ["raw", "lz4", "int8"], [b"", bytes(12)]):
+                try:
+                    decode_tensor({"dtype": dtype, "shape": list(shape), "codec": codec, "data": data,
+                                   "block": 64, "outliers": 0})
+                    decoded += 1
+                except ProtocolError as exc:
+                    assert exc.code == ErrorCode.BAD_TENSOR
+    assert decoded > 0  # some were valid: the loop reached the end of decoding
+
+
+@pytest.mark.parametrize("wire", WIRE_FORMATS)
+def test_a_reply_in_another_encoding_than_the_sessions_wire_is_refused(wire):
+    hidden = _with_outliers(1, 2, 64)
+    sent = {"float32": [], "bfloat16": [], "float16": [hidden * 10], "int8": [hidden * 10]}[wire]
+    for tensor in [hidden, *sent]:  # what the wire sends: accepted
+        StepOutput.from_wire(StepOutput(1, tensor, wire).to_wire(), wire)
+    others = {("float32", "raw"), ("bfloat16", "raw"), ("float16", "raw"), ("float32", "lz4")}
+    for dtype, codec in others - {(m["dtype"], m["codec"]) for m in (encode_wire(t, wire) for t in [hidden, *sent])}:
+        msg = {"type": "output", "step_id": 1, "hidden": encode_tensor(hidden, dtype, codec)}
+        with pytest.raises(ProtocolError, match=f"wire format {wire}") as err:
+            StepOutput.from_wire(msg, wire)
+        assert err.value.code == ErrorCode.BAD_TENSOR
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8"])
+def test_the_largest_step_of_a_session_fits_its_frame_limit(codec):
+    """A server refuses a frame header beyond ``session_frame_bytes`` at once: no step of the session,
+    encoded at its largest (int8 in blocks of one with every value an outlier, a full push chain of
+    the longest strings), may need more."""
+    batch, length, hidden, blocks = 2, 5, 64, 3
+    values = torch.randn(batch, length, hidden)
+    tensor = {"raw": lambda t: encode_tensor(t), "int8": lambda t: encode_tensor(t, "float32", "int8", 1, 64)}[codec]
+    longest = "\U0001f600" * MAX_STRING  # 4 UTF-8 bytes a character
+    step = {"type": "step", "step_id": 2**31, "position": 2**31, "hidden": tensor(values),
+            "prompts": tensor(values.expand(blocks, -1, -1, -1).contiguous()),
+            "push": [{"peer_id": longest, "token": bytes(16), "step_id": 2**31, "wire": longest}] * MAX_ARRAY_LEN}
+    frame = encode_frame(step)
+    limit = session_frame_bytes(batch, length, hidden, blocks)
+    assert len(frame) - 4 <= limit < MAX_FRAME_BYTES
+    assert session_frame_bytes(1, 8192, 4096, 30) == MAX_FRAME_BYTES  # a long session of a large model
 
 
 def test_lz4_bomb_is_refused():

@@ -124,6 +124,15 @@ def test_forged_and_expired_records_are_dropped_by_every_node():
         await attacker.kad.value_store._store_at_peer(servers[2].host.get_id(), stale_key, stale_value)
         assert servers[2].kad.value_store.get(stale_key) is None
         assert await client.announcement_of(attacker.host.get_id()) is None
+        # A record that never expires (issue 22, hole 2), genuinely signed: refused on store by every
+        # node, and ignored on read even from the node that holds it past its own validator.
+        forever = announcement(attacker, "m@aaa", 2, 4, ttl=1e12 - time.time())
+        forever_value = sign_announcement(forever, attacker.key_pair).to_bytes()
+        await attacker.kad.value_store._store_at_peer(servers[2].host.get_id(), stale_key, forever_value)
+        assert servers[2].kad.value_store.get(stale_key) is None
+        attacker.kad.value_store.put(stale_key, forever_value)  # the attacker answers for its own record
+        assert attacker.kad.value_store.get(stale_key).value == forever_value
+        assert await client.announcement_of(attacker.host.get_id()) is None
 
     trio.run(with_swarm, test)
 

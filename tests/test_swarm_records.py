@@ -18,8 +18,10 @@ from petald.p2pnode.swarm.dht import (
     verify_announcement,
 )
 from petald.p2pnode.swarm.dropped_records import DroppedRecords
+from petald.p2pnode.swarm.presence import record_lifetime
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
+from petald.protocol.limits import MAX_RECORD_LIFETIME_S
 from petald.protocol.messages import ServerInfo
 
 
@@ -80,6 +82,20 @@ def test_expired_and_future_records_are_refused(keys):
     future = sign_announcement(make_record(peer, issued=time.time() + 3600), keys[0]).to_bytes()
     with pytest.raises(InvalidAnnouncement, match="future"):
         verify_announcement(future)
+
+
+def test_a_record_that_never_expires_is_refused(keys):
+    """Issue 22, hole 2: a validly signed record with expiry 1e12 was stored and served by every node."""
+    peer = peer_of(keys[0])
+    for ttl in (1e12 - time.time(), MAX_RECORD_LIFETIME_S + 1):
+        forever = sign_announcement(make_record(peer, ttl=ttl), keys[0]).to_bytes()
+        with pytest.raises(InvalidAnnouncement, match=f"at most {MAX_RECORD_LIFETIME_S:.0f} s"):
+            AnnouncementValidator().validate(record_key(peer), forever)  # what a DHT node runs on store
+    longest = sign_announcement(make_record(peer, ttl=MAX_RECORD_LIFETIME_S), keys[0]).to_bytes()
+    assert verify_announcement(longest, expected_peer=peer).peer_id == peer
+    # A server's own records live a few announce periods, within the bound for every period it accepts.
+    assert record_lifetime(30.0) == 120.0 and record_lifetime(0.5) == 30.0
+    assert record_lifetime(MAX_RECORD_LIFETIME_S / 2) == MAX_RECORD_LIFETIME_S
 
 
 def test_validator_keeps_the_newest_record(keys):

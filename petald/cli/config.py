@@ -23,6 +23,7 @@ import click
 ENV_PREFIX = "PETALD_"
 NOT_CONFIGURABLE = {"help", "debug", "verbose", "args", "prompt", "version"}
 NOT_CONFIGURABLE_COMMANDS = {"install-service", "config"}
+SECRET_OPTIONS = {"api_key"}  # `config show` says where they are set, never what they are
 
 
 class ConfigError(click.ClickException):
@@ -194,6 +195,8 @@ def describe_effective(group: click.Group, settings: dict[str, dict[str, Setting
                     value = False if option.is_flag and not option.secondary_opts else None
             if option.multiple and value is not None:
                 value = list(value)
+            if option_name in SECRET_OPTIONS and value is not None:
+                value = "(set; not shown)"
             if value is None or value == [] or value == ():
                 lines.append(f"# {option_name} = (not set)")
             else:

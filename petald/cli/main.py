@@ -15,6 +15,11 @@ from petald.cli.commands.config_show import config
 from petald.cli.commands.demo import demo
 from petald.cli.commands.generating import chat, generate
 from petald.cli.commands.install_service import install_service
+from petald.cli.commands.private_swarm import (
+    swarm_key_command,
+    swarm_members,
+    swarm_owner_key_command,
+)
 from petald.cli.commands.serving import daemon, serve
 from petald.cli.commands.swarm_view import swarm
 
@@ -36,7 +41,8 @@ def cli(ctx: click.Context, config_file: str | None) -> None:
     ctx.meta["petald.config"] = (path, settings)
 
 
-for command in (serve, generate, chat, swarm, daemon, config, install_service, demo):
+for command in (serve, generate, chat, swarm, daemon, config, install_service, demo, swarm_key_command,
+                swarm_owner_key_command, swarm_members):
     cli.add_command(command)
 
 

@@ -77,9 +77,12 @@ def announce_option() -> Callable:
 
 
 def api_options(fn: Callable) -> Callable:
-    """--socket, --socket-group and --http, shared by serve and daemon."""
+    """--socket, --socket-group, --http and --api-key, shared by serve and daemon."""
+    fn = click.option("--api-key", default=None, metavar="KEY",
+                      help="Every request to --http must send 'Authorization: Bearer KEY' (at least 16 "
+                           "characters); required when --http is not a loopback address. The socket needs none.")(fn)
     fn = click.option("--http", default=None, metavar="HOST:PORT",
-                      help="Also serve the API on TCP (e.g. 127.0.0.1:8080). It has no authentication.")(fn)
+                      help="Also serve the API on TCP (e.g. 127.0.0.1:8080); beyond loopback only with --api-key.")(fn)
     fn = click.option("--socket-group", default=None, metavar="GROUP",
                       help="Let this group use the API socket too (mode 0660 instead of 0600).")(fn)
     fn = click.option("--socket", default=None, metavar="PATH",
@@ -96,15 +99,17 @@ def socket_path(socket: str | None) -> Path:
 
 
 def api_listen(socket: str | None, socket_group: str | None, http: str | None, command: str,
-               say: Callable[[str], None] | None = None) -> ApiListen | None:
+               say: Callable[[str], None] | None = None, api_key: str | None = None) -> ApiListen | None:
     """Where the API listens; fails now, before any model is loaded or swarm joined, if the socket
-    or the --http port is taken. With ``say`` (``petald serve``: several servers may share a
+    or the --http port is taken, or --http reaches beyond this machine without --api-key. With ``say`` (``petald serve``: several servers may share a
     machine), a default socket another live petald serves is left to it: this one serves without
     the socket, says so once, and returns None if that leaves no API at all. A socket given
     (--socket, PETALD_SOCKET, the config file) that is taken stays an error."""
-    from petald.cli.api.server import ApiListen, check_http_free
+    from petald.cli.api.bearer_auth import check_api_key
+    from petald.cli.api.server import ApiListen, check_http_free, parse_http_address
     from petald.cli.api.unix_socket import SocketInUseError, check_socket_free
 
+    check_api_key(http, parse_http_address(http)[0] if http is not None else None, api_key)
     path: Path | None = socket_path(socket)
     try:
         check_socket_free(path, command)
@@ -116,7 +121,52 @@ def api_listen(socket: str | None, socket_group: str | None, http: str | None, c
         path = None
     if http is not None:
         check_http_free(http)
-    return ApiListen(path, http, socket_group) if path is not None or http is not None else None
+    return ApiListen(path, http, socket_group, api_key) if path is not None or http is not None else None
+
+
+def _parsed_by(parser: Callable[[], tuple[Callable[[str], object], type[Exception]]]) -> Callable:
+    """A click callback: the option's value parsed (None when not given), an error of the parser's
+    a usage error that names the option. ``parser()`` imports lazily (the CLI starts fast)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+        if not value:
+            return None
+        read, error = parser()
+        try:
+            return read(value)
+        except error as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return parse
+
+
+def _swarm_key_file() -> tuple[Callable[[str], object], type[Exception]]:
+    from petald.p2pnode.transport.swarm_key import SwarmKeyError, read_swarm_key
+
+    return read_swarm_key, SwarmKeyError
+
+
+def _owner_id() -> tuple[Callable[[str], object], type[Exception]]:
+    from petald.p2pnode.swarm.membership import parse_owner
+
+    return parse_owner, ValueError
+
+
+def swarm_key_option() -> Callable:
+    """--swarm-key FILE (or PETALD_SWARM_KEY): a private swarm's key, read and checked as soon as
+    the command line is read; the value is the SwarmKey, or None for the open swarm."""
+    return click.option("--swarm-key", default=None, metavar="FILE", callback=_parsed_by(_swarm_key_file),
+                        help="Join the private swarm of this key (petald swarm-key FILE makes one): every "
+                             "connection proves it first; peers without it are refused.")
+
+
+def swarm_owner_option(required: bool = False) -> Callable:
+    """--swarm-owner ID_OR_FILE: the owner whose signed member list admits peers; the value is the
+    owner's peer ID (checked as soon as the command line is read), or None."""
+    return click.option("--swarm-owner", default=None, required=required, metavar="ID_OR_FILE",
+                        callback=_parsed_by(_owner_id),
+                        help="Admit only the peers on this owner's signed member list (its ID, or the .pub "
+                             "file petald swarm-owner-key writes); see petald swarm-members.")
 
 
 def addresses(values: Sequence[str]) -> list[str]:

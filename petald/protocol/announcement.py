@@ -15,10 +15,10 @@ from typing import Any
 
 import msgpack
 
-from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.framing import decode_body
-from petald.protocol.limits import WIRE_VERSION
+from petald.protocol.limits import MAX_RECORD_LIFETIME_S, WIRE_VERSION
 from petald.protocol.messages import _bad, _int, _str, _str_list, expect_type
+from petald.protocol.signed_value import SignedValue
 from petald.vocabulary import QUANT_MODES
 
 SERVER_STATES = ("joining", "online", "offline")
@@ -83,6 +83,9 @@ class ServerAnnouncement:
             raise _bad(f"span {record.start}:{record.end} is not within {record.num_blocks} blocks")
         if record.expires_at < record.issued_at:
             raise _bad("the record expires before it was issued")
+        if record.expires_at - record.issued_at > MAX_RECORD_LIFETIME_S:
+            raise _bad(f"the record lives {record.expires_at - record.issued_at:.0f} s; "
+                       f"at most {MAX_RECORD_LIFETIME_S:.0f} s after it was issued")
         return record
 
     @classmethod
@@ -93,33 +96,9 @@ class ServerAnnouncement:
         return self.start <= block < self.end
 
 
-@dataclass(frozen=True)
-class SignedAnnouncement:
+class SignedAnnouncement(SignedValue):
     """The DHT value: ``payload`` is ``ServerAnnouncement.to_bytes()``, signed by ``public_key``."""
 
-    payload: bytes
-    public_key: bytes  # libp2p's protobuf-serialised public key
-    signature: bytes
-
-    def to_bytes(self) -> bytes:
-        data = msgpack.packb({"type": "signed_announcement", "payload": self.payload,
-                              "public_key": self.public_key, "signature": self.signature},
-                             use_bin_type=True)
-        if len(data) > MAX_ANNOUNCEMENT_BYTES:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                f"announcement of {len(data)} bytes exceeds {MAX_ANNOUNCEMENT_BYTES}")
-        return data
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> SignedAnnouncement:
-        if len(data) > MAX_ANNOUNCEMENT_BYTES:
-            raise _bad(f"announcement of {len(data)} bytes exceeds {MAX_ANNOUNCEMENT_BYTES}")
-        msg = decode_body(data)
-        expect_type(msg, "signed_announcement")
-        parts = {}
-        for name in ("payload", "public_key", "signature"):
-            value = msg.get(name)
-            if not isinstance(value, bytes):
-                raise _bad(f"field {name!r} must be bytes")
-            parts[name] = value
-        return cls(**parts)
+    TYPE = "signed_announcement"
+    WHAT = "announcement"
+    MAX_BYTES = MAX_ANNOUNCEMENT_BYTES

@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     BAD_STATE = "bad_state"  # e.g. a step at a position the session is not at
     TIMEOUT = "timeout"  # the peer was silent, or a step or session ran, longer than the server allows
     SHUTTING_DOWN = "shutting_down"  # the server is leaving: go elsewhere
+    NOT_MEMBER = "not_member"  # the peer is not on the private swarm owner's signed member list
     INTERNAL = "internal"
 
 

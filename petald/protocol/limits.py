@@ -25,12 +25,33 @@ MAX_FIRST_FRAME_BYTES = 64 * 1024  # info requests and session opens are small
 # of the largest at once. Past it a stream is refused with "busy" (p2pnode/transport/frame_budget.py).
 RECEIVING_FRAMES_BUDGET_BYTES = 4 * MAX_FRAME_BYTES
 WIRE_DTYPES = DTYPE_NAMES
+# A server's signed DHT record lives at most this long after it was issued (protocol/announcement.py):
+# its server republishes it well before, and one signed to live longer (expiry 1e12: for ever) is
+# refused on store and on read, so that nothing a server once said outlives it by more than this.
+MAX_RECORD_LIFETIME_S = 600.0
 
 # The slowest link petald's timeouts allow for: a 10 Mbit/s home uplink (issue 18's range is
 # 10-1000 Mbit/s). A frame's send timeout, and the wait for a step's answer, grow by the frame's
 # transfer time at this rate, so that a large prefill over such a link is not taken for a hung
 # peer: a 12 MB chunk (a float32 tensor at half MAX_TENSOR_BYTES) takes ~10 s; a decode step ~2 ms.
 SLOWEST_LINK_BYTES_PER_S = 10_000_000 // 8
+
+
+# The most bytes one value of a tensor can take on the wire: float32's 4, or int8's 7 at worst (its
+# code, a float16 scale for a block of one, and as an outlier a float16 value and a uint16 position).
+MAX_WIRE_BYTES_PER_VALUE = 8
+# A step's bytes beyond its tensors, at most: its push chain (MAX_ARRAY_LEN targets, each with two
+# strings of up to MAX_STRING characters of up to 4 UTF-8 bytes) and msgpack's own.
+STEP_OVERHEAD_BYTES = MAX_ARRAY_LEN * 2 * 4 * MAX_STRING + 64 * 1024
+
+
+def session_frame_bytes(batch: int, max_length: int, hidden_size: int, blocks: int) -> int:
+    """The largest frame an inference session opened with these can need: one step of every position
+    at once, with deep prompts for each of its blocks. A frame header announcing more is refused from
+    the header alone, at once, instead of waiting for a body no step of the session could be."""
+    values = batch * max_length * hidden_size
+    hidden, prompts = (min(n * MAX_WIRE_BYTES_PER_VALUE, MAX_FRAME_BYTES) for n in (values, blocks * values))
+    return min(MAX_FRAME_BYTES, hidden + prompts + STEP_OVERHEAD_BYTES)
 
 
 def transfer_seconds(nbytes: int) -> float:

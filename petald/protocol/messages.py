@@ -270,12 +270,14 @@ class StepOutput:
         return msg
 
     @classmethod
-    def from_wire(cls, msg: dict[str, Any]) -> StepOutput:
+    def from_wire(cls, msg: dict[str, Any], wire: str | None = None) -> StepOutput:
+        """``wire``: the session's wire format, the only one its outputs may come in (None: any)."""
         expect_type(msg, "output")
         pushed = msg.get("pushed", False)
         if not isinstance(pushed, bool):
             raise _bad("field 'pushed' must be a boolean")
-        return cls(step_id=_int(msg, "step_id"), hidden=decode_tensor(msg.get("hidden"), "hidden"), pushed=pushed,
+        return cls(step_id=_int(msg, "step_id"), hidden=decode_tensor(msg.get("hidden"), "hidden", wire),
+                   wire=wire or "float32", pushed=pushed,
                    held_ms=_duration_ms(msg, "held_ms") if "held_ms" in msg else None)
 
 
@@ -369,9 +371,11 @@ class SpanOutput:
         return msg
 
     @classmethod
-    def from_wire(cls, msg: dict[str, Any]) -> SpanOutput:
+    def from_wire(cls, msg: dict[str, Any], wire: str | None = None) -> SpanOutput:
+        """``wire``: the request's wire format, the only one the answer may come in (None: any)."""
         if expect_type(msg, "forward_output", "backward_output") == "forward_output":
-            return cls(decode_tensor(msg.get("hidden"), "hidden"))
+            return cls(decode_tensor(msg.get("hidden"), "hidden", wire), wire=wire or "float32")
         grad_prompts = msg.get("grad_prompts")
-        return cls(decode_tensor(msg.get("grad_hidden"), "grad_hidden"),
-                   decode_tensor(grad_prompts, "grad_prompts") if grad_prompts is not None else None, backward=True)
+        return cls(decode_tensor(msg.get("grad_hidden"), "grad_hidden", wire),
+                   decode_tensor(grad_prompts, "grad_prompts", wire) if grad_prompts is not None else None,
+                   backward=True, wire=wire or "float32")

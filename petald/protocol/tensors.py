@@ -7,6 +7,8 @@
 Decoding trusts nothing: the dtype and codec must be known, the shape small and
 non-negative, and the bytes must be exactly what dtype and shape imply (lz4 is
 decompressed into a buffer of that exact size, so no input can inflate past it).
+Given the session's wire format, it also refuses a dtype and codec that format never sends
+(a server answering a float32 session in bfloat16 is faulty, whatever its values).
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ _NUMPY_FLOATS = (torch.float32, torch.float16)  # numpy has no bfloat16
 # where most values would fall below its smallest normal (6e-5) and lose their precision (small
 # gradients); bfloat16 has float32's range for the rest. The decoder reads the dtype each tensor says.
 FLOAT16_ABSMAX_RANGE = (2.0**-6, 65504.0)
+
+# The (dtype, codec) pairs ``encode_wire`` sends for each wire format: what a receiver that knows
+# the format accepts, and nothing else.
+WIRE_ENCODINGS: dict[str, frozenset[tuple[str, str]]] = {
+    "float32": frozenset({("float32", "raw")}),
+    "bfloat16": frozenset({("bfloat16", "raw")}),
+    "float16": frozenset({("float16", "raw"), ("bfloat16", "raw")}),
+    "int8": frozenset({("float32", "int8"), ("bfloat16", "raw")}),
+}
+assert set(WIRE_ENCODINGS) == set(WIRE_FORMATS)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -93,7 +105,10 @@ def encode_tensor(tensor: torch.Tensor, dtype: str = "float32", codec: str = "ra
     return {"dtype": dtype, "shape": list(t.shape), "codec": codec, "data": data}
 
 
-def decode_tensor(obj: Any, field: str = "tensor") -> torch.Tensor:
+def decode_tensor(obj: Any, field: str = "tensor", wire: str | None = None) -> torch.Tensor:
+    """The tensor a peer sent in ``obj``, or ProtocolError (BAD_TENSOR) naming what is wrong with it:
+    no input raises anything else. ``wire``: the session's wire format, whose encodings alone are
+    accepted (None: any known dtype and codec)."""
     def bad(why: str) -> ProtocolError:
         return ProtocolError(ErrorCode.BAD_TENSOR, f"{field}: {why}")
 
@@ -104,15 +119,18 @@ def decode_tensor(obj: Any, field: str = "tensor") -> torch.Tensor:
         raise bad(f"dtype {dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
     if codec not in CODECS:
         raise bad(f"codec {codec!r} is not one of {', '.join(CODECS)}")
+    if wire is not None and (dtype, codec) not in WIRE_ENCODINGS[wire]:
+        raise bad(f"{dtype} in codec {codec} is not what the session's wire format {wire} sends")
     if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_TENSOR_BYTES for d in shape)):
-        # Bounding each dimension matters for empty tensors too: [0, 2**62] has 0 bytes.
         raise bad(f"shape must be a list of at most {MAX_TENSOR_DIMS} ints in [0, {MAX_TENSOR_BYTES}], got {shape!r}")
+    # Bounded as if its zero dimensions were ones: an empty tensor has 0 bytes whatever its other
+    # dimensions, but torch still computes its strides, and [0, 24Mi, 24Mi, 24Mi] overflows them.
+    if math.prod(max(d, 1) for d in shape) * _ITEM_BYTES[dtype] > MAX_TENSOR_BYTES:
+        raise bad(f"shape {shape} exceeds the tensor limit of {MAX_TENSOR_BYTES} bytes, even where empty")
     if not isinstance(data, bytes):
         raise bad("data must be bytes")
     nbytes = math.prod(shape) * _ITEM_BYTES[dtype]
-    if nbytes > MAX_TENSOR_BYTES:
-        raise bad(f"{nbytes} bytes exceeds the tensor limit of {MAX_TENSOR_BYTES}")
     if codec == "int8":
         try:
             return dequantize(data, shape, obj.get("block"), obj.get("outliers"), _TORCH[dtype])

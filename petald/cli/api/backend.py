@@ -23,6 +23,7 @@ from petald.cli.api.token_rate import TokenRate
 from petald.cli.text_assembler import TextAssembler
 from petald.kernels.sampling import end_of_sequence_ids
 from petald.kernels.sources.model_source import ModelSource
+from petald.p2pnode.client.client_options import ClientOptions
 from petald.p2pnode.client.distributed_model import DistributedModel
 from petald.p2pnode.transport.node_metrics import NodeMetrics
 
@@ -71,14 +72,16 @@ class ModelBackend:
 
     def __init__(self, source: ModelSource, initial_peers: Sequence[str],
                  make_model: Callable[[], DistributedModel] | None = None, head_quant: str = "none",
-                 metrics: NodeMetrics | None = None):
-        """``metrics``: the node's, which the model counts into (None: the model's own)."""
+                 metrics: NodeMetrics | None = None, options: ClientOptions | None = None):
+        """``metrics``: the node's, which the model counts into (None: the model's own); ``options``:
+        the model's other settings (a private swarm's key and owner, the node's identity file)."""
         self.source = source
         self.identity = source.identity
         self.initial_peers = list(initial_peers)
         self.head_quant = head_quant
         self._make_model = make_model or (lambda: DistributedModel(model=source, initial_peers=self.initial_peers,
-                                                                   head_quant=head_quant, metrics=metrics))
+                                                                   head_quant=head_quant, metrics=metrics,
+                                                                   options=options))
         self._model: DistributedModel | None = None
         self._creating = trio.Lock()
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_GENERATIONS)

@@ -25,7 +25,9 @@ from petald.cli.api.server import ApiListen, serve_api
 from petald.cli.systemd import notify as systemd_notify
 from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
+from petald.p2pnode.client.client_options import ClientOptions
 from petald.p2pnode.swarm.dht import SwarmDHT
+from petald.p2pnode.swarm.membership import SwarmMembership
 from petald.p2pnode.swarm.swarm_map import read_swarm
 from petald.p2pnode.transport.announced_addresses import address_plan
 from petald.p2pnode.transport.host import (
@@ -35,21 +37,23 @@ from petald.p2pnode.transport.host import (
     quiet_libp2p_logs,
     running_host,
 )
-from petald.p2pnode.transport.identity import load_or_create_identity
+from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
 from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
+from petald.p2pnode.transport.swarm_key import SwarmKey
 
 log = logging.getLogger(__name__)
 
 
 def api_beside_server(listen: ApiListen | None, model: str | None, announce: Callable[[str], None],
-                      head_quant: str = "none", metrics: NodeMetrics | None = None
-                      ) -> Callable[[IHost, SwarmDHT], Awaitable[None]]:
+                      head_quant: str = "none", metrics: NodeMetrics | None = None,
+                      swarm_key: SwarmKey | None = None) -> Callable[[IHost, SwarmDHT], Awaitable[None]]:
     """The task ``petald serve`` starts once it is routable: the API (unless ``listen`` is None)
     and systemd's readiness. ``model`` is opened again here (cheap: the fingerprint is cached)
     so that the server's own loading code stays as it is. ``head_quant``: how the API's model
     stores its LM head (``ClientHead``). ``metrics``: the server's (``ServeOptions.metrics``), which the
-    API's model counts into too and ``GET /metrics`` shows."""
+    API's model counts into too and ``GET /metrics`` shows. ``swarm_key``: the server's, which the
+    API's model (a client node of its own) needs to reach it in a private swarm."""
     metrics = metrics or NodeMetrics()
 
     async def run(host: IHost, dht: SwarmDHT) -> None:
@@ -61,7 +65,8 @@ def api_beside_server(listen: ApiListen | None, model: str | None, announce: Cal
             source = await trio.to_thread.run_sync(open_source, model)
             # The API's client joins through this server at an address of this machine: what the
             # server announces (--announce: a forwarded port, a proxy) may not loop back here.
-            backend = ModelBackend(source, local_addresses(host)[:1], head_quant=head_quant, metrics=metrics)
+            backend = ModelBackend(source, local_addresses(host)[:1], head_quant=head_quant, metrics=metrics,
+                                   options=ClientOptions(swarm_key=swarm_key))
             context = ApiContext(backend, lambda: read_swarm(dht), "server",
                                  details=lambda: {"peer_id": dht.peer_id, "addresses": addresses}, metrics=metrics)
             await _serve(context, listen, announce)
@@ -91,19 +96,26 @@ class DaemonOptions:
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
     identity: str | None = None
     head_quant: str = "none"  # how the API's model stores its LM head (ClientHead)
+    swarm_key: SwarmKey | None = None  # a private swarm's (transport/private_network.py)
+    swarm_owner: str | None = None  # whose signed member list admits peers (swarm/membership.py)
 
 
 def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Callable[[str], None]) -> None:
     """Join the swarm as a client node and serve the local API until SIGINT or SIGTERM.
     ``options.initial_peers`` names at least one node (``petald daemon`` refuses none)."""
     quiet_libp2p_logs()
-    key_pair = load_or_create_identity(options.identity)
+    # With a member list, the identity is the API's client node's (the one servers must admit);
+    # this node only reads the DHT, which servers answer for anyone, so it needs none of its own.
+    key_pair = load_or_create_identity(None if options.swarm_owner else options.identity)
+    client = ClientOptions(swarm_key=options.swarm_key, swarm_owner=options.swarm_owner,
+                           identity_file=options.identity if options.swarm_owner else None)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             plan = address_plan(options.listen, options.initial_peers)
-            async with running_host(key_pair, options.listen, addresses=plan) as host:
-                dht = SwarmDHT(host, key_pair, server_mode=False)
+            async with running_host(key_pair, options.listen, addresses=plan, swarm_key=options.swarm_key) as host:
+                members = SwarmMembership(options.swarm_owner) if options.swarm_owner else None
+                dht = SwarmDHT(host, key_pair, server_mode=False, members=members)
                 async with dht.running():
                     joined = await dht.join(options.initial_peers)
                     if not joined:
@@ -113,7 +125,11 @@ def run_client_daemon(options: DaemonOptions, source: ModelSource, announce: Cal
                     metrics = NodeMetrics()
                     metrics.watch(metrics.dht_records, dht.stored_records)
                     backend = ModelBackend(source, options.initial_peers, head_quant=options.head_quant,
-                                           metrics=metrics)
+                                           options=client, metrics=metrics)
+                    if options.swarm_owner and options.identity:
+                        client_id = peer_id_of(load_or_create_identity(options.identity))
+                        announce(f"the API's client node is peer {client_id}: the swarm owner admits it with "
+                                 f"petald swarm-members add {client_id}")
                     context = ApiContext(backend, lambda: read_swarm(dht), "client",
                                          details=lambda: {"peer_id": dht.peer_id}, metrics=metrics)
                     stop = trio.Event()

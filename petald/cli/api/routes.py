@@ -38,6 +38,7 @@ from petald.cli.api.backend import GenerationEnd, GenerationRequest, ModelBacken
 from petald.cli.api.dashboard import dashboard_endpoints
 from petald.cli.api.errors import ApiError, as_api_error, bad_request
 from petald.cli.api.metrics_endpoint import metrics_endpoint
+from petald.cli.api.request_body import json_body, read_body
 from petald.cli.api.request_log import RequestLog
 from petald.kernels.models.features import served_positions
 from petald.p2pnode.swarm.swarm_map import ModelMap
@@ -47,7 +48,6 @@ from petald.protocol.tensors import decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
 
-MAX_JSON_BODY = 4 * 1024 * 1024  # a chat of a few hundred thousand characters; prompts, not files
 MAX_NATIVE_BODY = MAX_FRAME_BYTES  # one tensor at the wire's own limit, plus a few fields
 MAX_STOP_STRINGS = 4  # as OpenAI
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -86,7 +86,7 @@ def make_app(context: ApiContext) -> Starlette:
         return JSONResponse({"models": [m.to_json() for m in maps]})
 
     async def completions(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         _check_model(body, model_id)
         params = _sampling(body, default_max_tokens=DEFAULT_MAX_TOKENS)
         prompt = body.get("prompt")
@@ -111,7 +111,7 @@ def make_app(context: ApiContext) -> Starlette:
         return await _respond(backend, GenerationRequest(ids, **params), body, model_id, request_id, chat=False)
 
     async def chat_completions(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         _check_model(body, model_id)
         params = _sampling(body, default_max_tokens=None)
         messages = _messages(body.get("messages"))
@@ -121,7 +121,7 @@ def make_app(context: ApiContext) -> Starlette:
         return await _respond(backend, GenerationRequest(ids, **params), body, model_id, request_id, chat=True)
 
     async def run_blocks(request: Request) -> Response:
-        raw = await _body(request, MAX_NATIVE_BODY)
+        raw = await read_body(request, MAX_NATIVE_BODY)
         # Unpacking, decoding and encoding tens of MiB is torch and copying: off the event loop.
         hidden, start, end, reply_dtype = await trio.to_thread.run_sync(_span_request, raw, backend)
         out = await backend.run_blocks(hidden, start, end)
@@ -182,30 +182,6 @@ async def _one_model(request: Request, model_id: str, created: float) -> Respons
 
 
 # --- requests --------------------------------------------------------------------------------
-
-async def _body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the body is {declared} bytes; the limit is {limit}", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the body exceeds the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await _body(request, MAX_JSON_BODY)
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
-    return body
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -2,7 +2,8 @@
 
 The Unix socket is bound here, not by Hypercorn (which would unlink a live daemon's socket
 without asking), and handed to Hypercorn as ``fd://``; ``--http HOST:PORT`` adds a TCP
-listener that Hypercorn binds itself.
+listener that Hypercorn binds itself, which needs ``--api-key`` unless it is on loopback
+(``bearer_auth.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.applications import Starlette
 
+from petald.cli.api.bearer_auth import BearerAuth, check_api_key
 from petald.cli.api.unix_socket import claim_socket, release_socket
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class ApiListen:
     socket_path: Path | None
     http: str | None = None
     socket_group: str | None = None
+    api_key: str | None = None  # every request over TCP must carry it (bearer_auth.py)
 
 
 def parse_http_address(text: str) -> tuple[str, int]:
@@ -73,10 +76,11 @@ async def serve_api(app: Starlette, listen: ApiListen, *,
         binds.append(f"fd://{claimed[0].fileno()}")
     if listen.http is not None:
         host, port = parse_http_address(listen.http)
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("the API has no authentication, and --http %s reaches beyond this machine", listen.http)
+        check_api_key(listen.http, host, listen.api_key)  # the CLI checked already; a caller of this may not have
         binds.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     config.bind = binds
+    if listen.api_key is not None:
+        app = BearerAuth(app, listen.api_key)  # type: ignore[assignment]
 
     try:
         async with trio.open_nursery() as nursery:

@@ -12,12 +12,20 @@ import click
 
 from petald.cli.command_errors import run_command
 from petald.cli.logs import setup_logging
-from petald.cli.options import addresses, from_command_line, head_quant_option, socket_path
+from petald.cli.options import (
+    addresses,
+    from_command_line,
+    head_quant_option,
+    socket_path,
+    swarm_key_option,
+    swarm_owner_option,
+)
 from petald.vocabulary import DTYPE_NAMES, WIRE_CHOICES
 
 if TYPE_CHECKING:
     from petald.cli.api.daemon_client import DaemonClient
     from petald.p2pnode.client.distributed_model import DistributedModel
+    from petald.p2pnode.transport.swarm_key import SwarmKey
 
 
 def _client_options(fn: Callable) -> Callable:
@@ -50,6 +58,11 @@ def _client_options(fn: Callable) -> Callable:
         click.option("--adapter", default=None, metavar="NAME",
                      help="Run every block with this LoRA adapter, on servers that hold it (see petald swarm)."),
         head_quant_option(),
+        swarm_key_option(),
+        swarm_owner_option(),
+        click.option("--identity", default=None, type=click.Path(dir_okay=False),
+                     help="Ed25519 key file of this client node; created if missing (default: a new identity "
+                          "each run). A stable peer ID, which a swarm's member list can name."),
         click.option("-v", "--verbose", is_flag=True),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ]):
@@ -66,7 +79,8 @@ def _client_options(fn: Callable) -> Callable:
 @_client_options
 @click.pass_context
 def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-             seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
+             seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, swarm_key, swarm_owner,
+             identity, verbose, debug) -> None:
     """Generate text from PROMPT: through the local daemon when one runs, else as a client node of its
     own (petald generate "PROMPT" --initial-peers ADDR)."""
     setup_logging(verbose)
@@ -102,7 +116,8 @@ def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model
                 click.echo(figures.summary(), err=True)
             return
         with _client_node(direct_peers, swarm_peers, model, socket, wire, step_timeout,
-                          recovery_timeout, adapter, head_quant, max_new_tokens) as dm:
+                          recovery_timeout, adapter, head_quant, max_new_tokens,
+                          (swarm_key, swarm_owner, identity)) as dm:
             if figures is not None:
                 figures.started = time.perf_counter()  # the generation's time, not the swarm's joining
             generate_text(dm, prompt, sampling, chat, stats=figures)
@@ -119,7 +134,8 @@ def generate(ctx, args, max_new_tokens, chat, stats, initial_peers, peers, model
 @_client_options
 @click.pass_context
 def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_daemon, socket, temperature, top_p,
-         seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, verbose, debug) -> None:
+         seed, wire, wire_dtype, lz4, step_timeout, recovery_timeout, adapter, head_quant, swarm_key, swarm_owner,
+         identity, verbose, debug) -> None:
     """Chat with the model, a line at a time: through the local daemon when one runs, else as a
     client node of its own. /reset forgets the conversation; /exit or Ctrl-D ends it."""
     setup_logging(verbose)
@@ -139,7 +155,8 @@ def chat(ctx, system_prompt, max_new_tokens, initial_peers, peers, model, use_da
                 run_chat(reply_through_daemon(daemon, _daemon_model_name(ctx, model)), sampling, system_prompt)
             return
         with _client_node(peers, initial_peers, model, socket, wire, step_timeout,
-                          recovery_timeout, adapter, head_quant, max_new_tokens) as dm:
+                          recovery_timeout, adapter, head_quant, max_new_tokens,
+                          (swarm_key, swarm_owner, identity)) as dm:
             run_chat(reply_through_model(dm), sampling, system_prompt)
 
     run_command(run, debug)
@@ -197,8 +214,10 @@ def _pick_daemon(ctx: click.Context, use_daemon: bool | None, socket: str | None
 
 def _client_node(peers: list[str], initial_peers: list[str], model: str | None, socket: str | None,
                  wire: str, step_timeout: float, recovery_timeout: float, adapter: str | None,
-                 head_quant: str, max_new_tokens: int) -> DistributedModel:
+                 head_quant: str, max_new_tokens: int, access: tuple[SwarmKey | None, str | None, str | None]
+                 ) -> DistributedModel:
     """A client node of this command's own (no daemon): the servers given, or the swarm's.
+    ``access``: --swarm-key, --swarm-owner and --identity (a private swarm's key, its owner, this node's key).
     ``max_new_tokens`` beyond the model's context is refused before joining the swarm."""
     if not peers and not initial_peers:
         raise click.UsageError(f"no local daemon answers on {socket_path(socket)}, and no swarm was given: give "
@@ -224,7 +243,8 @@ def _client_node(peers: list[str], initial_peers: list[str], model: str | None, 
 
     return DistributedModel(peers, source, initial_peers=initial_peers, progress=say, wire=wire,
                             step_timeout=step_timeout,
-                            recovery_timeout=recovery_timeout, adapter=adapter, head_quant=head_quant)
+                            recovery_timeout=recovery_timeout, adapter=adapter, head_quant=head_quant,
+                            swarm_key=access[0], swarm_owner=access[1], identity_file=access[2])
 
 
 def _wire_choice(ctx: click.Context, wire: str, wire_dtype: str | None, lz4: bool) -> str:

@@ -15,8 +15,10 @@ from petald.cli.options import (
     from_command_line,
     head_quant_option,
     listen_option,
+    swarm_key_option,
+    swarm_owner_option,
 )
-from petald.protocol.limits import RECEIVING_FRAMES_BUDGET_BYTES
+from petald.protocol.limits import MAX_RECORD_LIFETIME_S, RECEIVING_FRAMES_BUDGET_BYTES
 from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 
 
@@ -31,8 +33,10 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 @click.option("--num-blocks", default=None, type=click.IntRange(min=1), help="With --blocks auto: serve this many.")
 @click.option("--memory-limit", default=None, type=click.FloatRange(min=0, min_open=True), metavar="GIB",
               help="With --blocks auto: blocks and KV cache must fit in this many GiB (default: half the free memory).")
-@click.option("--announce-period", default=30.0, show_default=True, type=click.FloatRange(min=0.5),
-              help="Seconds between republications of this server's signed record.")
+@click.option("--announce-period", default=30.0, show_default=True,
+              type=click.FloatRange(min=0.5, max=MAX_RECORD_LIFETIME_S / 2),
+              help="Seconds between republications of this server's signed record (at most half the "
+                   f"{MAX_RECORD_LIFETIME_S:.0f} s a record may live).")
 @click.option("--rebalance-period", default=60.0, show_default=True, type=click.FloatRange(min=1.0),
               help="With --blocks auto: about how often (seconds, jittered) to check whether to move.")
 @click.option("--network-mbps", default=0.0, type=click.FloatRange(min=0.0),
@@ -88,13 +92,15 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 @api_options
 @click.option("--no-api", is_flag=True, help="Do not serve the local API (e.g. a second server on this machine).")
 @head_quant_option()
+@swarm_key_option()
+@swarm_owner_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log every session.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
           network_mbps, reachability, no_direct_upgrade, listen, announce, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
           step_timeout, session_timeout, adapters, max_training_tokens, receive_budget, peer_sessions,
           peer_cache_share, peer_steps, peer_mbps, peer_training_tokens, shutdown_grace, threads, socket, socket_group, http,
-          no_api, head_quant, verbose, debug) -> None:
+          api_key, no_api, head_quant, swarm_key, swarm_owner, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
     setup_logging(verbose)
     # Refused only when typed: a config file's top-level head_quant (meant for the daemon) must not
@@ -114,7 +120,7 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
         from petald.p2pnode.transport.node_metrics import NodeMetrics
 
         say = announcer()
-        api = None if no_api else api_listen(socket, socket_group, http, "serve", say)
+        api = None if no_api else api_listen(socket, socket_group, http, "serve", say, api_key)
         if threads:
             torch.set_num_threads(threads)
         progress = ProgressDisplay(say)
@@ -133,8 +139,8 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,
                                announce_period=announce_period, rebalance_period=rebalance_period,
                                network_mbps=network_mbps, reachability=reachability, direct_upgrade=not no_direct_upgrade,
-                               shutdown_grace=shutdown_grace,
-                               on_online=api_beside_server(api, model, say, head_quant, metrics),
+                               shutdown_grace=shutdown_grace, swarm_key=swarm_key, swarm_owner=swarm_owner,
+                               on_online=api_beside_server(api, model, say, head_quant, metrics, swarm_key),
                                progress=progress, metrics=metrics)
         try:
             serve(options, announce=say)
@@ -153,9 +159,12 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
               help="Ed25519 key file; created if missing (default: a new identity each start).")
 @api_options
 @head_quant_option()
+@swarm_key_option()
+@swarm_owner_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def daemon(initial_peers, model, listen, identity, socket, socket_group, http, head_quant, verbose, debug) -> None:
+def daemon(initial_peers, model, listen, identity, socket, socket_group, http, api_key,
+           head_quant, swarm_key, swarm_owner, verbose, debug) -> None:
     """Join the swarm as a client (no blocks) and serve the local API until SIGINT or SIGTERM."""
     setup_logging(verbose)
 
@@ -167,11 +176,12 @@ def daemon(initial_peers, model, listen, identity, socket, socket_group, http, h
         peers = addresses(initial_peers)
         if not peers:
             raise click.UsageError("a daemon joins a swarm: pass --initial-peers MULTIADDR (any node of the swarm)")
-        api = api_listen(socket, socket_group, http, "daemon")
+        api = api_listen(socket, socket_group, http, "daemon", api_key=api_key)
         refuse_taken_ports(list(listen))  # before the model is opened
         say = announcer()
         say(f"opening model {describe_model(model)}")
         source = open_source(model)
-        run_client_daemon(DaemonOptions(peers, api, list(listen), identity, head_quant), source, say)
+        run_client_daemon(DaemonOptions(peers, api, list(listen), identity, head_quant, swarm_key, swarm_owner),
+                          source, say)
 
     run_command(run, debug)

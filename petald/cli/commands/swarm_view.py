@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import click
 
 from petald.cli.command_errors import run_command
 from petald.cli.logs import setup_logging
-from petald.cli.options import addresses, socket_path
+from petald.cli.options import addresses, socket_path, swarm_key_option, swarm_owner_option
+
+if TYPE_CHECKING:
+    from petald.p2pnode.transport.swarm_key import SwarmKey
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase the screen: a terminal redraws in place
 
@@ -25,8 +29,10 @@ CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase the screen: a terminal redr
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds between redraws with --watch.")
 @click.option("--count", default=None, type=click.IntRange(min=1), help="With --watch: stop after COUNT redraws.")
+@swarm_key_option()
+@swarm_owner_option()
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def swarm(initial_peers, socket, as_json, watch, interval, count, debug) -> None:
+def swarm(initial_peers, socket, as_json, watch, interval, count, swarm_key, swarm_owner, debug) -> None:
     """Print every model in the swarm: its servers, spans, state, throughput, and uncovered blocks."""
     setup_logging(False)
     if watch and as_json:
@@ -39,7 +45,7 @@ def swarm(initial_peers, socket, as_json, watch, interval, count, debug) -> None
 
         from petald.cli.swarm_table import format_swarm_table
 
-        with _map_reader(initial_peers, socket) as read:
+        with _map_reader(initial_peers, socket, swarm_key, swarm_owner) as read:
             if as_json:
                 click.echo(json.dumps({"models": read()}, indent=2))
             elif not watch:
@@ -71,11 +77,12 @@ def _watch(read: Callable[[], list[dict]], draw: Callable[[list[dict]], str], in
 
 
 @contextlib.contextmanager
-def _map_reader(initial_peers: tuple[str, ...], socket: str | None) -> Iterator[Callable[[], list[dict]]]:
+def _map_reader(initial_peers: tuple[str, ...], socket: str | None, swarm_key: SwarmKey | None,
+                swarm_owner: str | None) -> Iterator[Callable[[], list[dict]]]:
     """A way to read the swarm map (JSON form): through the local daemon, or a client node of this
     command's own that joins once and stays for every read."""
     if initial_peers:
-        with _node_here(addresses(initial_peers)) as read:
+        with _node_here(addresses(initial_peers), swarm_key, swarm_owner) as read:
             yield read
         return
     from petald.cli.api.daemon_client import DaemonClient
@@ -89,7 +96,8 @@ def _map_reader(initial_peers: tuple[str, ...], socket: str | None) -> Iterator[
 
 
 @contextlib.contextmanager
-def _node_here(initial_peers: list[str]) -> Iterator[Callable[[], list[dict]]]:
+def _node_here(initial_peers: list[str], swarm_key: SwarmKey | None,
+               swarm_owner: str | None) -> Iterator[Callable[[], list[dict]]]:
     from petald.p2pnode.client.node_thread import NodeThread
     from petald.p2pnode.swarm.swarm_map import read_swarm
     from petald.p2pnode.transport.host import parse_peer_address
@@ -98,7 +106,7 @@ def _node_here(initial_peers: list[str]) -> Iterator[Callable[[], list[dict]]]:
     list(map(parse_peer_address, initial_peers))  # a bad address is refused before anything is said
     click.echo(f"petald: joining the swarm through {len(initial_peers)} initial peer(s)... (a daemon answers at "
                "once: petald daemon --initial-peers ADDR)", err=True)
-    node = NodeThread(load_or_create_identity(None), with_dht=True)
+    node = NodeThread(load_or_create_identity(None), with_dht=True, swarm_key=swarm_key, swarm_owner=swarm_owner)
     try:
         assert node.dht is not None
         node.call(node.dht.join, initial_peers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from petald.p2pnode.transport.swarm_key import SwarmKey
 from petald.vocabulary import WIRE_CHOICES
 
 
@@ -46,6 +47,14 @@ class ClientOptions:
     # Relayed connections to servers behind NAT are upgraded to direct ones where the NATs allow
     # (DCUtR hole punching, docs/nat.md); False: they stay on the relay.
     direct_upgrade: bool = True
+    # A private swarm's key (transport/private_network.py): every connection proves it first; None:
+    # the open swarm. Taken when the model is created.
+    swarm_key: SwarmKey | None = None
+    # A swarm with revocable membership: the owner's peer ID, whose signed member list (from the
+    # DHT) says which servers' records count (swarm/membership.py); None: every server's.
+    swarm_owner: str | None = None
+    # This client's key file (a stable peer ID, which a member list can name); None: a new one each start.
+    identity_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.adapter is None:  # the CLI's "no --adapter"

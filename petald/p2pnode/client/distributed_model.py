@@ -9,8 +9,7 @@
     h = model.remote_blocks(embeddings, deep_prompts)      # differentiable: train client-side parameters
 
 ``DistributedModel(..., adapter="name")`` runs every block with that LoRA adapter, on servers that hold it.
-Settings (``wire``, ``step_timeout``, ``adapter``, ``push``, ...) are ``ClientOptions``' fields,
-given by name or as ``options=ClientOptions(...)``.
+Settings (``wire``, ``step_timeout``, ``adapter``, ``push``, ...): ``ClientOptions``' fields, by name or as ``options=``.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from petald.kernels.sampling import end_of_sequence_ids, sample_next
 from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import open_source
 from petald.p2pnode.client.client_options import ClientOptions
-from petald.p2pnode.client.failover import Recovery
+from petald.p2pnode.client.failover import Recovery, never_succeeds
 from petald.p2pnode.client.inference_session import InferenceSession, token_chunks
 from petald.p2pnode.client.link_bandwidth import LinkBandwidths
 from petald.p2pnode.client.node_thread import NodeThread
@@ -51,10 +50,12 @@ from petald.p2pnode.routing.route import (
 )
 from petald.p2pnode.transport.address_dialer import UnansweredAddresses, connect_first_answering
 from petald.p2pnode.transport.direct_upgrade import client_listen
+from petald.p2pnode.transport.first_failure import open_first_failure_nursery
 from petald.p2pnode.transport.host import parse_peer_address
 from petald.p2pnode.transport.identity import load_or_create_identity
 from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
+from petald.p2pnode.transport.private_network import describe_connect_failure
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import WIRE_VERSION
 
@@ -102,12 +103,12 @@ class DistributedModel:
         self.recoveries: list[Recovery] = []  # every server replaced in this client's sessions so far
         self.last_route: SpanRoute | None = None  # the route of the last inference session as it ended
         self._tokenizer: Any = None
-        upgrade = self.options.direct_upgrade
+        upgrade, o = self.options.direct_upgrade, self.options
         list(map(parse_peer_address, peers))  # a bad address is refused before anything is said or dialled
-        self._say(f"joining the swarm through {len(initial_peers)} initial peer(s)" if initial_peers
-                  else f"connecting to {len(peers)} server(s)")
-        self.node = NodeThread(load_or_create_identity(None), client_listen([*initial_peers, *peers], upgrade),
-                               with_dht=bool(initial_peers), direct_upgrade=upgrade)
+        self._say(f"joining the swarm through {len(initial_peers)} initial peer(s)" if initial_peers else f"connecting to {len(peers)} server(s)")
+        self.node = NodeThread(load_or_create_identity(o.identity_file), client_listen([*initial_peers, *peers], upgrade),
+                               with_dht=bool(initial_peers), direct_upgrade=upgrade, swarm_key=o.swarm_key,
+                               swarm_owner=o.swarm_owner)
         try:
             find = self._discover if initial_peers else self._connect_all
             self.servers = self.node.call(find, list(initial_peers or peers), self.options.connect_timeout)
@@ -130,9 +131,8 @@ class DistributedModel:
     async def _discover(self, initial_peers: list[str], timeout: float) -> list[RemoteServer]:
         """Join the swarm and find this model's servers; while blocks are uncovered (servers
         still joining or moving), look again until ``timeout``."""
-        dht = self.node.dht
-        assert dht is not None
-        await dht.join(initial_peers, timeout, refresh=False)  # it only looks up its model's servers
+        assert self.node.dht is not None
+        await self.node.dht.join(initial_peers, timeout, refresh=False)  # it only looks up its model's servers
         deadline = trio.current_time() + timeout
         while True:
             servers = await self._find_servers()
@@ -148,9 +148,8 @@ class DistributedModel:
 
     async def _find_servers(self) -> list[RemoteServer]:
         """This model's online servers from the DHT, each with a measured round trip."""
-        dht = self.node.dht
+        dht, timeout = self.node.dht, self.options.connect_timeout
         assert dht is not None
-        timeout = self.options.connect_timeout
         # Banned servers are not even asked: a hung one would hold up the whole look for its timeout.
         records = [r for r in await dht.model_announcements(self.identity.model_id, self.identity.num_blocks)
                    if r.state == "online" and r.fingerprint == self.identity.fingerprint and r.addresses
@@ -165,13 +164,15 @@ class DistributedModel:
                                                             self.unanswered)
                 info, rtt = await timed_info(self.node.host, record.peer_id, timeout)
             except Exception as exc:  # an unreachable server is skipped, like a dead one
+                if never_succeeds(exc):
+                    raise  # not on the swarm's member list: every member server says the same
                 log.info("skipping %s: %s", record.peer_id, exc)
                 return
             if info.fingerprint == self.identity.fingerprint and info.wire_version == WIRE_VERSION:
                 found.append(RemoteServer(record.peer_id, address, info, rtt, record.inference_rps,
                                           record.forward_tps, record.network_mbps))
 
-        async with trio.open_nursery() as nursery:
+        async with open_first_failure_nursery() as nursery:
             for record in records:
                 nursery.start_soon(measure, record)
         return sorted(found, key=lambda s: s.peer_id)
@@ -193,7 +194,7 @@ class DistributedModel:
                     raise ServerUnavailable(f"it speaks wire version {server_info.wire_version}, "
                                             f"this client {WIRE_VERSION}: upgrade one of them")
             except Exception as exc:  # any failure only skips this peer; the reason is reported
-                failures.append(f"{address}: {exc or type(exc).__name__}")
+                failures.append(f"{address}: {describe_connect_failure(host, exc)}")
                 return
             reachable[address] = RemoteServer(info.peer_id.to_base58(), address, server_info)
 

@@ -34,9 +34,11 @@ SERVER_FAILURES = (ServerUnavailable, RemoteError, ProtocolError, PeerGone)
 
 def never_succeeds(failure: BaseException) -> bool:
     """A refusal no retry can turn: the request is over the server's own fixed limits (a session
-    longer than it admits, more KV cache than it has in all). Raised to the caller as it is; routes
-    already avoid servers whose announced limits are too small, so another server would refuse too."""
-    return isinstance(failure, RemoteError) and failure.code == ErrorCode.TOO_LARGE
+    longer than it admits, more KV cache than it has in all), or this client is not on a private
+    swarm's member list. Raised to the caller as it is; routes already avoid servers whose announced
+    limits are too small, so another server would refuse too (and every member server refuses a
+    non-member)."""
+    return isinstance(failure, RemoteError) and failure.code in (ErrorCode.TOO_LARGE, ErrorCode.NOT_MEMBER)
 
 
 # ``find_route(start, end, deadline)``: a route over blocks [start, end) that avoids banned

@@ -17,19 +17,25 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 
 from petald.p2pnode.swarm.dht import SwarmDHT
+from petald.p2pnode.swarm.membership import SwarmMembership
 from petald.p2pnode.transport.direct_upgrade import direct_upgrades
 from petald.p2pnode.transport.host import DEFAULT_LISTEN, quiet_libp2p_logs, running_host
+from petald.p2pnode.transport.swarm_key import SwarmKey
 
 T = TypeVar("T")
 
 
 class NodeThread:
     def __init__(self, key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), start_timeout: float = 30.0,
-                 with_dht: bool = False, direct_upgrade: bool = False):
-        """``direct_upgrade``: run DCUtR (transport/direct_upgrade) on relayed connections."""
+                 with_dht: bool = False, direct_upgrade: bool = False, swarm_key: SwarmKey | None = None,
+                 swarm_owner: str | None = None):
+        """``direct_upgrade``: run DCUtR (transport/direct_upgrade) on relayed connections;
+        ``swarm_key``: a private swarm's (transport/private_network); ``swarm_owner``: whose member
+        list the DHT's lookups go by (swarm/membership)."""
         quiet_libp2p_logs()
         self._key_pair, self._listen, self._with_dht = key_pair, list(listen), with_dht
-        self._direct_upgrade = direct_upgrade
+        self._direct_upgrade, self._swarm_key = direct_upgrade, swarm_key
+        self.members = SwarmMembership(swarm_owner) if swarm_owner else None
         self.dht: SwarmDHT | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -51,11 +57,11 @@ class NodeThread:
             self._ready.set()
 
     async def _main(self) -> None:
-        async with running_host(self._key_pair, self._listen) as host, contextlib.AsyncExitStack() as stack, \
+        async with running_host(self._key_pair, self._listen, swarm_key=self._swarm_key) as host, contextlib.AsyncExitStack() as stack, \
                 direct_upgrades(host, self._direct_upgrade):
             if self._with_dht:  # a client node: it looks things up but stores nothing for others
                 self.dht = await stack.enter_async_context(
-                    SwarmDHT(host, self._key_pair, server_mode=False).running())
+                    SwarmDHT(host, self._key_pair, server_mode=False, members=self.members).running())
             self.host = host
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()

@@ -189,7 +189,7 @@ class RemoteSpanSession:
         peer = self.hop.server.peer_id
         transfers = self._transfer_seconds(hidden) if transfers is None else transfers
         out = StepOutput.from_wire(await receive_reply(self.framed, peer, self.options.step_timeout + transfers,
-                                                       "a step"))
+                                                       "a step"), self.wire)
         if out.step_id != self._step_ids or out.hidden.shape != hidden.shape:
             raise ServerUnavailable(f"server ..{peer[-8:]} answered step {out.step_id} with shape "
                                     f"{list(out.hidden.shape)}; expected step {self._step_ids}, {list(hidden.shape)}")

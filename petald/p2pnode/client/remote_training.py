@@ -40,7 +40,7 @@ async def remote_span_pass(host: IHost, hop: SpanHop, identity: ModelIdentity, h
     try:
         with trio.fail_after(timeout):
             await framed.send_frame(frame)
-        reply = SpanOutput.from_wire(await receive_reply(framed, peer, timeout, what))
+        reply = SpanOutput.from_wire(await receive_reply(framed, peer, timeout, what), request.wire)
     except trio.TooSlowError:
         raise ServerUnavailable(f"server ..{peer[-8:]} did not take {what} within {timeout:.0f} s") from None
     finally:

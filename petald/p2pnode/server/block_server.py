@@ -19,12 +19,15 @@ from petald.kernels.executor import DeviceExecutor
 from petald.kernels.paged_kv_cache import DEFAULT_PAGE_SIZE
 from petald.kernels.sources.model_source import ModelIdentity
 from petald.kernels.span import BlockSpan
+from petald.p2pnode.server.fault_switch import FaultSwitch
 from petald.p2pnode.server.inference_handler import InferenceSessions
+from petald.p2pnode.server.member_gate import members_only
 from petald.p2pnode.server.peer_limits import PeerLedger, PeerLimits
 from petald.p2pnode.server.push_handler import PushInboxes
 from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.server.stream_frames import receive_first, send_error
 from petald.p2pnode.server.training_handler import TrainingRequests
+from petald.p2pnode.swarm.membership import SwarmMembership
 from petald.p2pnode.transport.frame_budget import FrameBudget
 from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
 from petald.p2pnode.transport.node_metrics import NodeMetrics
@@ -57,8 +60,11 @@ class ServerLimits:
 
 class BlockServer:
     def __init__(self, identity: ModelIdentity, span: BlockSpan, executor: DeviceExecutor,
-                 limits: ServerLimits | None = None, metrics: NodeMetrics | None = None):
-        """``metrics``: the node's, counted into (None: a registry of its own, never scraped)."""
+                 limits: ServerLimits | None = None, metrics: NodeMetrics | None = None,
+                 faults: FaultSwitch | None = None):
+        """``metrics``: the node's, counted into (None: a registry of its own, never scraped).
+        ``faults``: test-only, sessions answer wrongly on purpose (``fault_switch.py``)."""
+        self.faults = faults
         self.identity = identity
         self.span = span
         self.executor = executor
@@ -93,12 +99,13 @@ class BlockServer:
         self.draining = self.closing = True
         self.sessions.end_idle()
 
-    def register(self, host: IHost) -> None:
+    def register(self, host: IHost, members: SwarmMembership | None = None) -> None:
+        """Serve on ``host``; ``members``: a private swarm's member list, whose non-members are refused."""
         self.host = host
-        host.set_stream_handler(TProtocol(INFO_PROTOCOL), self._handle_info)
-        host.set_stream_handler(TProtocol(PUSH_PROTOCOL), self.pushes.handle)
-        host.set_stream_handler(TProtocol(INFERENCE_PROTOCOL), self.sessions.handle)
-        host.set_stream_handler(TProtocol(TRAINING_PROTOCOL), self.training.handle)
+        host.set_stream_handler(TProtocol(INFO_PROTOCOL), members_only(self._handle_info, members))
+        host.set_stream_handler(TProtocol(PUSH_PROTOCOL), members_only(self.pushes.handle, members))
+        host.set_stream_handler(TProtocol(INFERENCE_PROTOCOL), members_only(self.sessions.handle, members))
+        host.set_stream_handler(TProtocol(TRAINING_PROTOCOL), members_only(self.training.handle, members))
 
     def info(self) -> ServerInfo:
         span = self.span

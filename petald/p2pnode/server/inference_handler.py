@@ -29,7 +29,7 @@ from petald.p2pnode.server.stream_frames import receive_first, send_error
 from petald.p2pnode.transport.first_failure import open_first_failure_nursery
 from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
 from petald.protocol.errors import ErrorCode, ProtocolError
-from petald.protocol.limits import MAX_FIRST_FRAME_BYTES, MAX_FRAME_BYTES
+from petald.protocol.limits import MAX_FIRST_FRAME_BYTES, session_frame_bytes
 from petald.protocol.messages import OpenSession, SessionOpened, Step, StepOutput
 from petald.protocol.tensors import all_finite
 
@@ -96,7 +96,8 @@ class InferenceSessions:
             if request.push_token:
                 # Before "opened": a push may follow the client's first step at once.
                 inbox_in, inbox = server.pushes.open(request.push_token)
-            framed.allow_frames_up_to(MAX_FRAME_BYTES, server.frame_budget)
+            framed.allow_frames_up_to(session_frame_bytes(request.batch, request.max_length, server.span.hidden_size,
+                                                          request.end - request.start), server.frame_budget)
             await framed.send(SessionOpened(request.start, request.end, request.max_length).to_wire())
             server.metrics.sessions.inc()
             log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",
@@ -182,6 +183,7 @@ class InferenceSessions:
         server, limits = self.server, self.server.limits
         framed = inbox.framed
         paid_bytes = framed.bytes_received
+        fault = server.faults.for_session() if server.faults is not None else None  # test-only
         while True:
             if server.closing:
                 raise server.shutting_down()
@@ -235,7 +237,9 @@ class InferenceSessions:
             held_ms = (time.perf_counter() - received) * 1000
             server.metrics.steps.inc()
             server.metrics.step_seconds.observe(held_ms / 1000)
-            await framed.send(StepOutput(step.step_id, out, request.wire, pushed, held_ms).to_wire())
+            reply = StepOutput(step.step_id, out, request.wire, pushed, held_ms).to_wire()
+            faulty = fault.frame(reply, out) if fault is not None else None
+            await (framed.send_frame(faulty) if faulty is not None else framed.send(reply))
             live.in_step = False
 
     def _check_step(self, step: Step, request: OpenSession, cache: SessionCache) -> torch.Tensor:

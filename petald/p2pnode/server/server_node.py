@@ -9,6 +9,7 @@ so that servers do not all move at once) it reads the swarm and moves when Petal
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import signal
@@ -19,6 +20,7 @@ import torch
 import trio
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
 
 from petald.kernels.adapters.lora import load_lora_adapter
 from petald.kernels.dtypes import dtype_name, resolve_device, resolve_dtype
@@ -32,9 +34,11 @@ from petald.kernels.span import BlockSpan
 from petald.kernels.throughput import cached_throughput, measure_throughput
 from petald.p2pnode.routing.placement import better_start, block_coverage, choose_start
 from petald.p2pnode.server.block_server import BlockServer, ServerLimits
+from petald.p2pnode.server.fault_switch import FAULT_VARIABLE, FaultSwitch
 from petald.p2pnode.server.reachability import ServerReachability
 from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.swarm.dht import SwarmDHT, block_key
+from petald.p2pnode.swarm.membership import SwarmMembership
 from petald.p2pnode.swarm.presence import ServerPresence
 from petald.p2pnode.transport.announced_addresses import address_plan
 from petald.p2pnode.transport.host import (
@@ -45,6 +49,7 @@ from petald.p2pnode.transport.host import (
 from petald.p2pnode.transport.identity import load_or_create_identity, peer_id_of
 from petald.p2pnode.transport.listen_port import refuse_taken_ports
 from petald.p2pnode.transport.node_metrics import NodeMetrics
+from petald.p2pnode.transport.swarm_key import SwarmKey
 from petald.protocol.announcement import ServerAnnouncement
 from petald.protocol.limits import MAX_ARRAY_LEN
 from petald.protocol.messages import ServerInfo
@@ -84,10 +89,14 @@ class ServeOptions:
     direct_upgrade: bool = True  # DCUtR on relayed connections (transport/direct_upgrade.py)
     throughput_seconds: float = 1.0
     shutdown_grace: float = 30.0  # seconds running sessions may go on after SIGTERM
+    swarm_key: SwarmKey | None = None  # a private swarm's key (transport/private_network.py)
+    swarm_owner: str | None = None  # the peer ID whose signed member list admits peers (swarm/membership.py)
     # Runs beside the server once its first span is online (the CLI's local API, systemd readiness).
     on_online: Callable[[IHost, SwarmDHT], Awaitable[None]] | None = None
     # (what, done, total) while loading blocks and measuring throughput; None: a few announced lines.
     progress: Callable[[str, int, int], None] | None = None
+    # Test-only: answer steps wrongly on purpose (server/fault_switch.py); None in every real server.
+    faults: FaultSwitch | None = None
 
 
 def parse_blocks(text: str, num_blocks: int | None) -> tuple[int, int]:
@@ -132,6 +141,11 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     quiet_libp2p_logs()
     address_plan(options.listen, options.initial_peers, options.announce_addrs)  # bad --announce: fail before loading
     refuse_taken_ports(options.listen)  # and a port in use too (running_host checks again)
+    faults = FaultSwitch.from_environment(options.listen, options.initial_peers, options.announce_addrs)
+    if faults is not None:
+        announce(f"WARNING: test fault switch on ({FAULT_VARIABLE}): this server answers steps wrongly on "
+                 f"purpose ({faults.describe()}); it is for petald's tests only")
+        options = dataclasses.replace(options, faults=faults)
     # What needs no model is checked before it is opened (a large one takes a while).
     if not options.initial_peers and not options.new_swarm:
         raise ValueError("a server joins a swarm: pass --initial-peers ADDR (any node of the swarm), "
@@ -195,6 +209,7 @@ class ServerNode:
         self.span_start = 0
         self.length = 0
         self._moved_at = float("-inf")
+        self.members: SwarmMembership | None = None  # the member list, in a swarm that has one
 
     def _info(self) -> ServerInfo:
         """What the record says: the server's own info, or the span being loaded before it exists."""
@@ -217,12 +232,15 @@ class ServerNode:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             plan = address_plan(self.options.listen, self.options.initial_peers, self.options.announce_addrs,
                                 peer_id_of(key_pair))
-            async with running_host(key_pair, self.options.listen, addresses=plan) as host:
+            async with running_host(key_pair, self.options.listen, addresses=plan,
+                                    swarm_key=self.options.swarm_key) as host:
                 reach = ServerReachability(host, self.options.reachability, self.options.initial_peers,
                                            self.announce, direct_upgrade=self.options.direct_upgrade)
                 # A DHT client until found reachable (ServerReachability.running): others must not
                 # hand out a server they cannot dial to those who look up the swarm.
-                dht = SwarmDHT(host, key_pair, server_mode=self.options.reachability == "public")
+                members = SwarmMembership(self.options.swarm_owner) if self.options.swarm_owner else None
+                self.members = members
+                dht = SwarmDHT(host, key_pair, server_mode=self.options.reachability == "public", members=members)
                 self.options.metrics.watch(self.options.metrics.dht_records, dht.stored_records)
                 async with dht.running():
                     await self._join(dht)
@@ -239,6 +257,9 @@ class ServerNode:
                         await self._take_span(host, presence)
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(presence.keep_fresh)
+                            if members is not None:
+                                nursery.start_soon(members.keep_fresh, dht, self.options.announce_period,
+                                                   functools.partial(self._shut_out, host))
                             if self.options.on_online is not None:
                                 nursery.start_soon(self.options.on_online, host, dht)
                             if fixed is None:
@@ -287,6 +308,13 @@ class ServerNode:
                 while live():
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+
+    async def _shut_out(self, host: IHost, peers: set[str]) -> None:
+        """Close the connections of peers a new member list removed: their sessions end now."""
+        for peer in peers:
+            self.announce(f"peer {peer} was removed from the swarm's member list: closing its connections")
+            with trio.move_on_after(5.0):
+                await host.disconnect(ID.from_base58(peer))
 
     def _all_servers(self) -> list[BlockServer]:
         return [*self.retired, *([self.server] if self.server else [])]
@@ -360,8 +388,9 @@ class ServerNode:
         # end; new sessions get this one.
         if self.server is not None:
             self.retired.append(self.server)
-        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits, self.options.metrics)
-        self.server.register(host)
+        self.server = BlockServer(self.identity, span, DeviceExecutor(span), self.options.limits, self.options.metrics,
+                                  self.options.faults)
+        self.server.register(host, self.members)
 
     async def _free_retired_spans(self) -> None:
         """Shut down a moved-from span's executor (freeing its weights and KV pool) once its

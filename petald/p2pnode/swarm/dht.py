@@ -10,6 +10,7 @@ Keys in the DHT:
   that a client finds a whole model's servers with one lookup instead of one per block
   (``model_announcements``; blocks it leaves uncovered are still looked up per block).
 - sha256 of ``petald-servers``: provider records of every server, for the swarm map.
+- ``/petald-members/<owner peer id>``: a private swarm's signed member list (``membership``).
 
 py-libp2p 0.8 limits and how this module deals with them (docs/swarm.md has the list):
 
@@ -44,7 +45,6 @@ from collections.abc import AsyncIterator, Iterable
 import trio
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
-from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht import KadDHT
 from libp2p.kad_dht.kad_dht import DHTMode
@@ -55,7 +55,10 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from petald.p2pnode.swarm.dropped_records import DroppedRecords
 from petald.p2pnode.swarm.kad_protocol import KadProtocolAdapter, check_library
+from petald.p2pnode.swarm.membership import MEMBERS_NAMESPACE, MemberListValidator, SwarmMembership
+from petald.p2pnode.swarm.signed_values import MalformedValue, open_signed, sign_value
 from petald.p2pnode.transport.host import parse_peer_address
+from petald.p2pnode.transport.private_network import swarm_key_hint
 from petald.protocol.announcement import ServerAnnouncement, SignedAnnouncement
 from petald.protocol.errors import ProtocolError
 
@@ -104,8 +107,7 @@ SERVERS_KEY = _multihash("petald-servers")
 # --- signing -------------------------------------------------------------------------------------
 
 def sign_announcement(record: ServerAnnouncement, key_pair: KeyPair) -> SignedAnnouncement:
-    payload = record.to_bytes()
-    return SignedAnnouncement(payload, key_pair.public_key.serialize(), key_pair.private_key.sign(payload))
+    return sign_value(SignedAnnouncement, record.to_bytes(), key_pair)
 
 
 def verify_announcement(data: bytes, now: float | None = None,
@@ -113,20 +115,12 @@ def verify_announcement(data: bytes, now: float | None = None,
     """The record inside ``data`` if its key signed it, it names that key's peer ID, and it is live."""
     now = time.time() if now is None else now
     try:
-        signed = SignedAnnouncement.from_bytes(data)
-        public_key = deserialize_public_key(signed.public_key)
-        record = ServerAnnouncement.from_bytes(signed.payload)
-    except (ProtocolError, ValueError, TypeError) as exc:
+        payload, signer = open_signed(SignedAnnouncement, data)
+        record = ServerAnnouncement.from_bytes(payload)
+    except (MalformedValue, ProtocolError, ValueError, TypeError) as exc:
         raise InvalidAnnouncement(f"malformed announcement: {exc}") from None
-    except Exception as exc:  # protobuf and key parsing raise their own types
-        raise InvalidAnnouncement(f"malformed public key in announcement: {exc}") from None
-    try:
-        signed_ok = public_key.verify(signed.payload, signed.signature)
-    except Exception:
-        signed_ok = False
-    if not signed_ok:
+    if signer is None:
         raise InvalidAnnouncement(f"bad signature on the record of {record.peer_id}")
-    signer = ID.from_pubkey(public_key).to_base58()
     if record.peer_id != signer:
         raise InvalidAnnouncement(f"record claims peer {record.peer_id} but is signed by {signer}")
     if expected_peer is not None and record.peer_id != expected_peer:
@@ -166,10 +160,13 @@ class SwarmKadDHT(KadDHT):
 class SwarmDHT:
     """One node's DHT: join a swarm, publish this server's record, find the servers of blocks."""
 
-    def __init__(self, host: IHost, key_pair: KeyPair, *, server_mode: bool):
+    def __init__(self, host: IHost, key_pair: KeyPair, *, server_mode: bool, members: SwarmMembership | None = None):
+        """``members``: a private swarm's member list (``membership``), fetched on ``join``; records
+        of peers not on it are ignored by every lookup."""
         check_library()
-        self.host, self.key_pair = host, key_pair
-        validator = NamespacedValidator({RECORD_NAMESPACE: AnnouncementValidator()})
+        self.host, self.key_pair, self.members = host, key_pair, members
+        validator = NamespacedValidator({RECORD_NAMESPACE: AnnouncementValidator(),
+                                         MEMBERS_NAMESPACE: MemberListValidator(members)})
         mode = DHTMode.SERVER if server_mode else DHTMode.CLIENT
         self.kad = SwarmKadDHT(KadProtocolAdapter(host), mode, validator=validator,  # type: ignore[arg-type]
                                validator_changed=True)
@@ -215,6 +212,7 @@ class SwarmDHT:
         """
         infos = [parse_peer_address(address) for address in initial_peers]
         joined = 0
+        hints: list[str] = []  # what failed connections say about a private swarm's key
 
         async def connect(info: PeerInfo) -> None:
             nonlocal joined
@@ -222,7 +220,10 @@ class SwarmDHT:
                 with trio.fail_after(timeout):
                     await self.host.connect(info)
             except Exception as exc:
-                log.warning("initial peer %s did not answer: %s", info.peer_id, exc)
+                hint = swarm_key_hint(self.host, exc)
+                if hint:
+                    hints.append(hint)
+                log.warning("initial peer %s did not answer: %s", info.peer_id, hint or exc)
                 return
             # An initial peer is taken on trust: it is how we reach the swarm at all.
             await self.kad.routing_table.add_peer(info.peer_id, skip_server_mode_check=True)
@@ -233,10 +234,12 @@ class SwarmDHT:
                 nursery.start_soon(connect, info)
         if infos and joined == 0:
             raise ConnectionError("none of the initial peers answered: "
-                                  + ", ".join(str(i.peer_id) for i in infos))
+                                  + ", ".join(str(i.peer_id) for i in infos) + (f" ({hints[0]})" if hints else ""))
         if refresh:
             with trio.move_on_after(timeout):
                 await self.kad.refresh_routing_table()
+        if self.members is not None:
+            await self.members.refresh(self)
         return joined
 
     async def publish(self, record: ServerAnnouncement, provide_keys: Iterable[bytes] = ()) -> None:
@@ -293,8 +296,11 @@ class SwarmDHT:
         Asks the peer itself first: it holds its own newest record (the validator keeps the
         newest), so one answer from it settles the question. Only when it gives no valid record
         are the closest peers this node knows asked. The library's ``get_value`` is not used: it
-        answers from a local copy when it has one, which may be stale.
+        answers from a local copy when it has one, which may be stale. In a swarm with a member
+        list, a peer not on it has no record here (none is asked for).
         """
+        if self.members is not None and not self.members.is_member(peer.to_base58()):
+            return None
         key = record_key(peer.to_base58())
         encoded = key.encode()
         local = self.kad.value_store.get(encoded)

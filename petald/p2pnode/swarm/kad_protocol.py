@@ -88,11 +88,12 @@ class KadProtocolAdapter:
         return getattr(self._host, name)
 
 
-# Library internals this module calls; checked at start so that another py-libp2p version
+# Library internals this room calls (dht, membership); checked at start so that another py-libp2p version
 # fails with a sentence rather than mid-lookup. (The data path's internals, and the supported
 # range, are in transport/libp2p_internals.)
 _LIBRARY_INTERNALS = (("kad_dht.provider_store.ProviderStore", "_get_providers_from_peer_with_closers"),
                       ("kad_dht.value_store.ValueStore", "_get_from_peer"),
+                      ("kad_dht.value_store.ValueStore", "_store_at_peer"),  # membership.publish
                       ("kad_dht.routing_table.RoutingTable", "find_local_closest_peers"))
 
 

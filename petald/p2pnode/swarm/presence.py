@@ -15,7 +15,7 @@ import trio
 
 from petald.p2pnode.swarm.dht import SERVERS_KEY, SwarmDHT, block_key, model_key
 from petald.p2pnode.transport.host import full_addresses
-from petald.protocol.announcement import ServerAnnouncement
+from petald.protocol.announcement import MAX_RECORD_LIFETIME_S, ServerAnnouncement
 from petald.protocol.messages import ServerInfo
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 EXPIRY_PERIODS = 4  # a record outlives three missed republications
 MIN_EXPIRY_S = 30.0
 REPROVIDE_EVERY = 5  # provider records are re-sent every this many periods (and on a span change)
+
+
+def record_lifetime(period: float) -> float:
+    """How long a record republished every ``period`` seconds lives: a few periods, within what
+    every node accepts (``MAX_RECORD_LIFETIME_S``)."""
+    return min(MAX_RECORD_LIFETIME_S, max(MIN_EXPIRY_S, EXPIRY_PERIODS * period))
 
 
 class ServerPresence:
@@ -47,7 +53,7 @@ class ServerPresence:
             num_blocks=info.num_blocks, start=info.start, end=info.end, dtype=info.dtype, quant=info.quant,
             max_length=info.max_length, free_cache_tokens=info.free_cache_tokens,
             inference_rps=self.inference_rps, forward_tps=self.forward_tps, network_mbps=self.network_mbps,
-            issued_at=now, expires_at=now + max(MIN_EXPIRY_S, EXPIRY_PERIODS * self.period),
+            issued_at=now, expires_at=now + record_lifetime(self.period),
             version=info.version, wire_version=info.wire_version, adapters=info.adapters,
         )
 

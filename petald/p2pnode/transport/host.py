@@ -28,6 +28,8 @@ from petald.p2pnode.transport.announced_addresses import AddressPlan, is_loopbac
 from petald.p2pnode.transport.circuit_dialing import install_circuit_dialing
 from petald.p2pnode.transport.libp2p_internals import LeanNoise, install, require_supported_library
 from petald.p2pnode.transport.listen_port import refuse_shared_ports, refuse_taken_ports
+from petald.p2pnode.transport.private_network import install_private_network
+from petald.p2pnode.transport.swarm_key import SwarmKey
 from petald.vocabulary import DEFAULT_LISTEN
 
 
@@ -39,13 +41,14 @@ def quiet_libp2p_logs() -> None:
 
 def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
               check_library: Callable[[], None] = require_supported_library,
-              addresses: AddressPlan | None = None) -> IHost:
+              addresses: AddressPlan | None = None, swarm_key: SwarmKey | None = None) -> IHost:
     """A host that is not yet listening; ``running_host`` also starts it.
 
     ``check_library`` runs first, before anything is built: a py-libp2p the lean data path does
     not fit stops us here, loudly (tests pass a check of their own). ``addresses``: what the
     host announces (``announced_addresses``); by default its listen addresses, loopback kept
-    when it listens on loopback only.
+    when it listens on loopback only. ``swarm_key``: a private swarm's; every connection, in or
+    out, must prove it first (``private_network``).
     """
     check_library()
     noise = LeanNoise(key_pair, noise_privkey=new_x25519_pair().private_key)
@@ -65,6 +68,8 @@ def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
                     addrs_factory=plan)
     plan.listening = host.get_transport_addrs  # so that the plan tells its own addresses from observed ones
     install(host)
+    if swarm_key is not None:
+        install_private_network(host, swarm_key)
     install_circuit_dialing(host)  # peers behind NAT are dialled at their relay addresses
     return host
 
@@ -72,14 +77,15 @@ def make_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
 @contextlib.asynccontextmanager
 async def running_host(key_pair: KeyPair, listen: Sequence[str] = (DEFAULT_LISTEN,), *,
                        check_library: Callable[[], None] = require_supported_library,
-                       addresses: AddressPlan | None = None) -> AsyncIterator[IHost]:
+                       addresses: AddressPlan | None = None,
+                       swarm_key: SwarmKey | None = None) -> AsyncIterator[IHost]:
     """Make a host (``make_host``, which runs ``check_library`` first) and run it, listening on
     ``listen``, for the duration of the block.
 
     A fixed port something else holds is refused (PortInUse) before and after binding, and an
     address py-libp2p could not bind (it only logs that) is an OSError, not a silent node."""
     refuse_taken_ports(listen)
-    host = make_host(key_pair, listen, check_library=check_library, addresses=addresses)
+    host = make_host(key_pair, listen, check_library=check_library, addresses=addresses, swarm_key=swarm_key)
     async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]):
         bound = [str(a) for a in host.get_transport_addrs()]
         if len(bound) < len(listen):

@@ -10,7 +10,7 @@ depend on. A drift between the two is a test failure, before any release.
 
 ``INTERNALS`` is data: one entry per attribute, method or constant of the library's objects that
 ``lean_transport``, ``direct_frames`` or ``window_credit`` (and the relay modules of ``transport/``:
-``relay_service``, ``circuit_dialing``, ``dialback``) read, call, replace or override, with
+``relay_service``, ``circuit_dialing``, ``dialback``, ``private_network``) read, call, replace or override, with
 what it must look like and why petald touches it. ``check_library`` builds one of each library object
 as the library does (``library_samples``) and walks the list, so a release that renames or
 retypes any of them stops petald at start, naming each, instead of misbehaving mid-session.
@@ -185,7 +185,8 @@ INTERNALS: tuple[Internal, ...] = (
     # relays (transport/relay_service, circuit_dialing, dialback)
     Internal("Swarm", "dial_peer", METHOD, "install_circuit_dialing wraps it: the swarm skips /p2p-circuit"),
     Internal("Swarm", "transport_manager", PRESENT, "a dial-back dials through its TCP transport, off the swarm"),
-    Internal("TransportUpgrader", "upgrade_security", METHOD, "a dial-back's Noise handshake proves the peer"),
+    Internal("TransportUpgrader", "upgrade_security", METHOD, "a dial-back's Noise handshake proves the peer; "
+             "install_private_network wraps it: every connection proves the swarm key first (private_network)"),
     Internal("CircuitV2Protocol", "_handle_reserve", METHOD,
              "RelayService overrides it: a reservation only for the sender, per-IP and total limits"),
     Internal("CircuitV2Protocol", "_handle_connect", METHOD, "RelayService overrides it: circuits per source, total"),
