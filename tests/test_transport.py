@@ -3,6 +3,7 @@ check that refuses a py-libp2p it does not fit."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import socket
@@ -120,6 +121,59 @@ def test_petald_hosts_run_the_lean_path_end_to_end():
     trio.run(main)
 
 
+@contextlib.asynccontextmanager
+async def _connected_hosts(protocol, handler):
+    """Two petald hosts, the server handling ``protocol`` with ``handler``, the client connected to it:
+    (server, client, the server's peer address)."""
+    async with running_host(load_or_create_identity(None)) as server, \
+            running_host(load_or_create_identity(None)) as client:
+        server.set_stream_handler(protocol, handler)
+        address = parse_peer_address(full_addresses(server)[0])
+        await client.connect(address)
+        yield server, client, address
+
+
+def test_a_peer_that_sends_past_the_yamux_window_is_disconnected_and_its_bytes_dropped():
+    """Issue 22, hole 3: py-libp2p buffered whatever a peer sent past a stream's receive window, so
+    bytes on a stream nobody reads grew the node's memory without bound. The hostile side writes
+    raw DATA frames, ignoring its send window; the other side's handler never reads."""
+    import struct
+
+    from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT
+
+    from petald.p2pnode.transport.libp2p_internals.window_limit import WINDOW_SLACK_BYTES
+
+    sink, blast, frame = TProtocol("/petald-test/sink/1"), 32 * 1024 * 1024, 1024 * 1024
+
+    async def never_reads(stream) -> None:
+        await trio.sleep(60)
+
+    async def main():
+        async with _connected_hosts(sink, never_reads) as (server, client, address):
+            stream = await client.new_stream(address.peer_id, [sink])
+            muxed = stream.muxed_stream
+            (served,) = _muxed_conns(server)
+            with trio.fail_after(10):
+                while muxed.stream_id not in served.streams:  # the stream's opening is on its way
+                    await trio.sleep(0.01)
+            window = served.streams[muxed.stream_id].recv_window
+            most, sent = 0, 0
+            with trio.fail_after(30):
+                try:
+                    while sent < blast:
+                        header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, muxed.stream_id, frame)
+                        await muxed.conn._write_frame(header + bytes(frame))
+                        sent += frame
+                        most = max(most, sum(len(b) for b in served.stream_buffers.values()))
+                except Exception:
+                    pass  # the server closed the connection under the writes
+                await served.event_closed.wait()
+            assert most <= window + WINDOW_SLACK_BYTES  # never more than the window and the slack
+            assert not served.stream_buffers
+
+    trio.run(main)
+
+
 def _identified(host, other) -> bool:
     """``host`` has read ``other``'s identify answer."""
     try:
@@ -142,11 +196,7 @@ def test_small_frames_take_the_direct_path_and_the_rest_the_library(monkeypatch)
     monkeypatch.setattr(NetStream, "write", counting_write)
 
     async def main():
-        async with running_host(load_or_create_identity(None)) as server, \
-                running_host(load_or_create_identity(None)) as client:
-            server.set_stream_handler(ECHO, _echo)
-            info = parse_peer_address(full_addresses(server)[0])
-            await client.connect(info)
+        async with _connected_hosts(ECHO, _echo) as (server, client, info):
             # connect returns before identify's exchange is over; a frame written meanwhile finds
             # the connection's write lock taken and rightly goes the library's way.
             with trio.fail_after(10):

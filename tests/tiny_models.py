@@ -50,9 +50,10 @@ def tiny_config(name: str, **overrides):
     return AutoConfig.for_model(family, **(common | departures | overrides))
 
 
-def save_tiny_model(name: str, path: Path, sharded: bool = False, seed: int = 0) -> Path:
+def save_tiny_model(name: str, path: Path, sharded: bool = False, seed: int = 0, **overrides) -> Path:
+    """``overrides``: config fields (``tiny_config``), e.g. a longer context."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(name, **overrides), dtype=torch.float32)
     model.save_pretrained(path, safe_serialization=True, max_shard_size="60KB" if sharded else "2GB")
     return path
 

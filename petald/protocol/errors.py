@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     CACHE_FULL = "cache_full"
     TOO_LARGE = "too_large"  # a request over this server's own limits (another server may take it)
     BUSY = "busy"  # no room for the request now (e.g. every training slot taken): retry or go elsewhere
+    QUOTA = "quota"  # this peer holds its share of the server already (docs/security.md, "Per-peer limits")
     BAD_STATE = "bad_state"  # e.g. a step at a position the session is not at
     TIMEOUT = "timeout"  # the peer was silent, or a step or session ran, longer than the server allows
     SHUTTING_DOWN = "shutting_down"  # the server is leaving: go elsewhere

@@ -83,3 +83,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    def discard(self) -> None:
+        """Drop the bytes of an unfinished frame (nobody will read the rest)."""
+        self._buffer = bytearray()

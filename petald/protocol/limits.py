@@ -22,6 +22,9 @@ MAX_STRING = 4096  # model ids, error messages
 MAX_ARRAY_LEN = 16  # msgpack arrays: tensor shapes, adapter names, a step's push chain
 MAX_MAP_LEN = 32  # msgpack maps (messages and tensors have a handful of fields)
 MAX_FIRST_FRAME_BYTES = 64 * 1024  # info requests and session opens are small
+# What a server holds of frames received in part, all peers together (``--receive-budget``): four
+# of the largest at once. Past it a stream is refused with "busy" (p2pnode/transport/frame_budget.py).
+RECEIVING_FRAMES_BUDGET_BYTES = 4 * MAX_FRAME_BYTES
 WIRE_DTYPES = DTYPE_NAMES
 # A server's signed DHT record lives at most this long after it was issued (protocol/announcement.py):
 # its server republishes it well before, and one signed to live longer (expiry 1e12: for ever) is

@@ -30,7 +30,7 @@ def as_api_error(exc: BaseException) -> ApiError:
     """The API error for anything the backend raised."""
     from petald.kernels.sources.model_source import ModelSourceError
     from petald.p2pnode.client.distributed_model import ModelMismatchError
-    from petald.p2pnode.routing.route import NoRouteError, SessionTooLarge
+    from petald.p2pnode.routing.route import NoRouteError, SessionTooLarge, SwarmFull
     from petald.p2pnode.transport.peer_streams import ServerUnavailable
     from petald.protocol.errors import ProtocolError, RemoteError
 
@@ -38,6 +38,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, SessionTooLarge):  # no server of the swarm can ever take it: the request must change
         return ApiError(400, str(exc), param="max_tokens", code="request_too_large")
+    if isinstance(exc, SwarmFull):  # servers are there, their KV caches taken: retry later
+        return ApiError(503, str(exc), type="service_unavailable", code="cache_full")
     if isinstance(exc, NoRouteError):
         return ApiError(503, f"the swarm cannot serve this request now: {exc}", type="service_unavailable",
                         code="swarm_incomplete")

@@ -18,7 +18,7 @@ from petald.cli.options import (
     swarm_key_option,
     swarm_owner_option,
 )
-from petald.protocol.limits import MAX_RECORD_LIFETIME_S
+from petald.protocol.limits import MAX_RECORD_LIFETIME_S, RECEIVING_FRAMES_BUDGET_BYTES
 from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 
 
@@ -71,6 +71,21 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
               help="A PEFT LoRA adapter directory to serve (repeatable); clients pick it by the directory's name.")
 @click.option("--max-training-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Most tokens (batch x length) in one training forward or backward request; bounds its memory.")
+@click.option("--receive-budget", default=RECEIVING_FRAMES_BUDGET_BYTES >> 20, show_default=True,
+              type=click.IntRange(min=1), metavar="MIB",
+              help="MiB of frames this server holds received in part, all peers together; a stream past it is "
+                   "refused (busy).")
+@click.option("--peer-sessions", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Inference sessions one peer may have open here at once; more are refused (busy).")
+@click.option("--peer-cache-share", default=0.5, show_default=True, type=click.FloatRange(min=0.0, min_open=True, max=1.0),
+              help="Share of the KV cache one peer's sessions may hold; more is refused (quota).")
+@click.option("--peer-steps", default=200.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              help="Steps per second one peer may take (a prefill counts one per 128 tokens); faster ones wait.")
+@click.option("--peer-mbps", default=400.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              help="Mbit/s one peer may send this server; faster steps wait.")
+@click.option("--peer-training-tokens", default=16384.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              help="Training tokens (batch x length) per second one peer may send; a request that would wait "
+                   "longer than 30 s is refused (quota).")
 @click.option("--shutdown-grace", default=30.0, show_default=True, type=click.FloatRange(min=0.0),
               help="On SIGTERM, seconds running sessions may go on before they are ended (new ones are refused).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
@@ -83,7 +98,8 @@ from petald.vocabulary import DEVICE_CHOICES, DTYPE_NAMES, QUANT_CHOICES
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, announce_period, rebalance_period,
           network_mbps, reachability, no_direct_upgrade, listen, announce, identity, device, dtype, quant, max_length, cache_tokens, page_size, idle_timeout,
-          step_timeout, session_timeout, adapters, max_training_tokens, shutdown_grace, threads, socket, socket_group, http,
+          step_timeout, session_timeout, adapters, max_training_tokens, receive_budget, peer_sessions,
+          peer_cache_share, peer_steps, peer_mbps, peer_training_tokens, shutdown_grace, threads, socket, socket_group, http,
           api_key, no_api, head_quant, swarm_key, swarm_owner, verbose, debug) -> None:
     """Serve a span of a model's blocks to clients, and the local API on a Unix socket."""
     setup_logging(verbose)
@@ -99,6 +115,7 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
         from petald.cli.api.daemon import api_beside_server
         from petald.cli.progress import ProgressDisplay
         from petald.p2pnode.server.block_server import ServerLimits
+        from petald.p2pnode.server.peer_limits import PeerLimits
         from petald.p2pnode.server.server_node import ServeOptions, serve
         from petald.p2pnode.transport.node_metrics import NodeMetrics
 
@@ -114,6 +131,9 @@ def serve(model, blocks, initial_peers, new_swarm, num_blocks, memory_limit, ann
                                                    idle_timeout=idle_timeout, step_timeout=step_timeout,
                                                    session_timeout=session_timeout,
                                                    max_training_tokens=max_training_tokens,
+                                                   receive_budget=receive_budget << 20,
+                                                   peer=PeerLimits(peer_sessions, peer_cache_share, peer_steps,
+                                                                   peer_mbps * 1e6 / 8, peer_training_tokens),
                                                    open_timeout=min(30.0, idle_timeout)),
                                initial_peers=addresses(initial_peers), new_swarm=new_swarm,
                                num_blocks=num_blocks, memory_limit_gib=memory_limit,

@@ -48,6 +48,7 @@ from petald.p2pnode.routing.route import (
     SpanRoute,
     format_block_ranges,
     never_admitted,
+    unroutable,
 )
 from petald.p2pnode.transport.address_dialer import UnansweredAddresses, connect_first_answering
 from petald.p2pnode.transport.direct_upgrade import client_listen
@@ -265,9 +266,8 @@ class DistributedModel:
                 waited = (f"waited {self.options.recovery_timeout:.0f} s for a server" if looked
                           else "no time left to wait")
                 holding = f" holding adapter {adapter!r}" if adapter else ""
-                raise NoRouteError(f"blocks {format_block_ranges(missing.uncovered)} of {self.identity.model_id} "
-                                   f"have no reachable server{holding} ({waited}); start a server for them "
-                                   "or raise the recovery timeout", missing.uncovered) from None
+                raise unroutable(usable, missing.uncovered, self.identity.model_id, max_length, cache_tokens_per_block,
+                                 holding, waited) from None
             if looked:
                 if not waiting:  # once per wait: a person at a terminal sees why nothing happens yet
                     waiting = True

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import trio
 
 from petald.p2pnode.routing.bans import ServerBans
-from petald.p2pnode.routing.route import NoRouteError, SessionTooLarge, SpanHop, SpanRoute
+from petald.p2pnode.routing.route import (
+    NoRouteError,
+    SessionTooLarge,
+    SpanHop,
+    SpanRoute,
+    SwarmFull,
+)
 from petald.p2pnode.transport.framed_stream import PeerGone
 from petald.p2pnode.transport.peer_streams import ServerUnavailable
 from petald.protocol.errors import ErrorCode, ProtocolError, RemoteError
@@ -98,7 +104,10 @@ class Failover:
             except SessionTooLarge:
                 raise
             except NoRouteError as exc:
-                raise NoRouteError(f"{exc} (the last server failed with: {failure})", exc.uncovered) from None
+                # Refused for room, the blocks are not unreachable: they are full (SwarmFull).
+                full = isinstance(failure, RemoteError) and failure.code == ErrorCode.CACHE_FULL
+                kind = SwarmFull if full else type(exc)
+                raise kind(f"{exc} (the last server failed with: {failure})", exc.uncovered) from None
             routing += trio.current_time() - began
             if take_over is not None:
                 try:

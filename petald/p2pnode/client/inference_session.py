@@ -45,16 +45,23 @@ from petald.protocol.messages import PushTarget
 # overhead is what a token costs. A long prefill gains little from a push and would hold the
 # pushing server's answer behind a large transfer.
 PUSH_MAX_ROWS = 16
+# A longer step (batch x tokens) is sent as several steps of at most this many rows. One step's
+# compute must fit in the server's step timeout and the client's (30 s by default each): a whole
+# near-context prompt in one step did not (issue 22, hole 4: 8,176 tokens of SmolLM2 on a CPU
+# server), and a healthy server was banned for it. Each extra step costs one round trip per hop.
+PREFILL_STEP_ROWS = 1024
 
 log = logging.getLogger(__name__)
 
 
 def token_chunks(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Split along tokens so that no tensor on the wire exceeds the limit (float32 worst case)."""
+    """Split along tokens into steps: none over ``PREFILL_STEP_ROWS`` rows, and no tensor on the wire
+    over its limit (float32 worst case)."""
     if hidden.shape[1] == 0:
         raise ValueError("nothing to run: the input has no tokens")
     per_token = hidden.shape[0] * hidden.shape[2] * 4
-    return hidden.split(max(1, MAX_TENSOR_BYTES // 2 // per_token), dim=1)
+    tokens = min(MAX_TENSOR_BYTES // 2 // per_token, PREFILL_STEP_ROWS // hidden.shape[0])
+    return hidden.split(max(1, tokens), dim=1)
 
 
 def history_before(inputs: list[torch.Tensor], position: int) -> list[torch.Tensor]:
@@ -150,9 +157,13 @@ class InferenceSession:
         if self.position + hidden.shape[1] > self.max_length:
             raise ValueError(f"session holds {self.max_length} tokens; this step would reach "
                              f"{self.position + hidden.shape[1]}")
-        states = await self._through(hidden)
-        self.position += hidden.shape[1]
-        return states
+        parts: list[dict[int, torch.Tensor]] = []
+        for part in token_chunks(hidden):  # a long prompt as several steps, each within the step timeouts
+            parts.append(await self._through(part))
+            self.position += part.shape[1]
+        if len(parts) == 1:
+            return parts[0]
+        return {end: torch.cat([states[end] for states in parts], dim=1) for end in parts[0]}
 
     def rollback(self, position: int) -> None:
         """Forget the tokens from ``position`` on: the next step starts there, and each server drops

@@ -34,6 +34,13 @@ class SessionTooLarge(NoRouteError):
     more KV cache than any has in all): waiting for room would be in vain."""
 
 
+class SwarmFull(NoRouteError):
+    """Servers hold the blocks and could admit the session, but none has the KV cache free for it
+    now: other sessions hold it (a server says ``cache_full``). Waiting may help; another server will."""
+
+    code = "cache_full"
+
+
 def format_block_ranges(ranges: list[tuple[int, int]]) -> str:
     return ", ".join(f"{a}:{b}" for a, b in ranges)
 
@@ -58,6 +65,34 @@ def never_admitted(servers: list[RemoteServer], blocks: list[tuple[int, int]], m
                     f"no server of block {block} has that much in all (the largest budget: {budget} tokens over "
                     "its blocks): ask for fewer tokens, or start a server with a larger --cache-tokens")
     return ""
+
+
+def lacking_room(servers: list[RemoteServer], blocks: list[tuple[int, int]], max_length: int,
+                 cache_tokens_per_block: int) -> str:
+    """Why ``blocks`` have no route when room is all they lack: every block has a server among
+    ``servers`` that admits such a session once enough of its KV cache is free; "" otherwise."""
+    most_free = 0
+    for a, b in blocks:
+        for block in range(a, b):
+            holders = [s for s in servers if s.info.start <= block < s.info.end
+                       and _could_admit(s, max_length, cache_tokens_per_block)]
+            if not holders:
+                return ""
+            most_free = max(most_free, *(s.info.free_cache_tokens // (s.info.end - s.info.start) for s in holders))
+    return (f"every server of them is full (cache_full): other sessions hold their KV caches; this session "
+            f"needs {cache_tokens_per_block} cache tokens per block, the most free is {most_free}")
+
+
+def unroutable(servers: list[RemoteServer], uncovered: list[tuple[int, int]], model_id: str, max_length: int,
+               cache_tokens_per_block: int, holding: str, waited: str) -> NoRouteError:
+    """The error for blocks ``uncovered`` still without a route when the client stops waiting:
+    SwarmFull when their servers are there but full (not "no reachable server"), else NoRouteError."""
+    where = f"blocks {format_block_ranges(uncovered)} of {model_id}"
+    full = lacking_room(servers, uncovered, max_length, cache_tokens_per_block)
+    if full:
+        return SwarmFull(f"{where}: {full} ({waited}); try again later or ask for fewer tokens", uncovered)
+    return NoRouteError(f"{where} have no reachable server{holding} ({waited}); start a server for them "
+                        "or raise the recovery timeout", uncovered)
 
 
 def _could_admit(server: RemoteServer, max_length: int, cache_tokens_per_block: int) -> bool:

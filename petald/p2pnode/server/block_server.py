@@ -9,7 +9,7 @@ passes, and a handler per protocol.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
@@ -22,11 +22,13 @@ from petald.kernels.span import BlockSpan
 from petald.p2pnode.server.fault_switch import FaultSwitch
 from petald.p2pnode.server.inference_handler import InferenceSessions
 from petald.p2pnode.server.member_gate import members_only
+from petald.p2pnode.server.peer_limits import PeerLedger, PeerLimits
 from petald.p2pnode.server.push_handler import PushInboxes
 from petald.p2pnode.server.server_info import span_info
 from petald.p2pnode.server.stream_frames import receive_first, send_error
 from petald.p2pnode.server.training_handler import TrainingRequests
 from petald.p2pnode.swarm.membership import SwarmMembership
+from petald.p2pnode.transport.frame_budget import FrameBudget
 from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
 from petald.p2pnode.transport.node_metrics import NodeMetrics
 from petald.protocol.errors import ErrorCode, ProtocolError
@@ -35,6 +37,7 @@ from petald.protocol.limits import (
     INFO_PROTOCOL,
     MAX_FIRST_FRAME_BYTES,
     PUSH_PROTOCOL,
+    RECEIVING_FRAMES_BUDGET_BYTES,
     TRAINING_PROTOCOL,
 )
 from petald.protocol.messages import ServerInfo, expect_type
@@ -51,6 +54,8 @@ class ServerLimits:
     session_timeout: float = 24 * 3600.0  # a session's whole life
     max_training_tokens: int = 8192  # batch x tokens of one training request (bounds its activations' memory)
     training_slots: int = 2  # training requests read and computed at once; others wait up to open_timeout
+    receive_budget: int = RECEIVING_FRAMES_BUDGET_BYTES  # bytes of frames held received in part, all streams
+    peer: PeerLimits = field(default_factory=PeerLimits)  # what one peer may take (peer_limits.py)
 
 
 class BlockServer:
@@ -75,7 +80,11 @@ class BlockServer:
         self.host: IHost | None = None  # set by register(); pushes dial from it
         self.draining = False  # refuse new sessions (the server is leaving)
         self.closing = False  # end running sessions at their next step boundary
-        self.pushes = PushInboxes(self.limits)
+        # Shared by every stream of this server's protocols (while a node moves its span, the old
+        # server winds down with its own).
+        self.frame_budget = FrameBudget(self.limits.receive_budget)
+        self.peers = PeerLedger(self.limits.peer, self.pool.num_pages)
+        self.pushes = PushInboxes(self.limits, self.frame_budget)
         self.sessions = InferenceSessions(self)
         self.training = TrainingRequests(self)
 

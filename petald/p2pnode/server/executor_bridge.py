@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -10,22 +11,66 @@ import outcome
 import torch
 import trio
 
-from petald.kernels.executor import Completion, DeviceExecutor
+from petald.kernels.executor import Completion, DeviceExecutor, StepJob
 from petald.kernels.paged_kv_cache import SessionCache
+
+log = logging.getLogger(__name__)
+
+
+class StepInFlight:
+    """One step handed to the executor, as the event loop sees it: whether the executor is done with
+    it, and what must happen then (``when_ended``) even if its waiter gave up long before.
+
+    Until the step ends it may still write into its session's pages, so they must not be freed;
+    ``cancel`` makes the executor drop it between chunks, and ``when_ended(free)`` frees them once
+    it has. Everything here runs on the trio thread: an action runs exactly once, after the end."""
+
+    def __init__(self) -> None:
+        self.job: StepJob | None = None
+        self.ended = False
+        self._then: list[Callable[[], None]] = []
+
+    @property
+    def running(self) -> bool:
+        """Submitted and not ended: the executor may still write into the step's pages."""
+        return self.job is not None and not self.ended
+
+    def cancel(self) -> None:
+        if self.running:
+            self.job.cancel()
+
+    def when_ended(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the step has ended (now, if it is not running)."""
+        if self.running:
+            self._then.append(action)
+        else:
+            action()
+
+    def end(self) -> None:
+        self.ended = True
+        then, self._then = self._then, []
+        for action in then:
+            try:
+                action()
+            except Exception:  # runs inside the loop's own callback: an error here would end the node
+                log.exception("an action at the end of a step failed")
 
 
 async def run_step(executor: DeviceExecutor, cache: SessionCache, hidden: torch.Tensor, start: int, end: int,
-                   out_dtype: torch.dtype, finished: trio.Event | None = None,
+                   out_dtype: torch.dtype, flight: StepInFlight | None = None,
                    prompts: torch.Tensor | None = None, adapter: str | None = None) -> torch.Tensor:
     """The step's output, on the CPU in ``out_dtype``, once the executor has run it (batched with others).
 
     ``adapter`` names the span's LoRA adapter this session runs with (None: the base model).
 
-    ``finished`` is set when the executor is done with the step, even if this wait was cancelled:
-    until then the step may still write into ``cache``, so its pages must not be freed.
+    ``flight`` ends when the executor is done with the step, even if this wait was cancelled.
     """
-    return await await_completion(
-        lambda done: executor.submit(cache, hidden, start, end, out_dtype, done, prompts, adapter), finished)
+    flight = flight if flight is not None else StepInFlight()
+
+    def submit(done: Completion) -> None:
+        flight.job = executor.submit(cache, hidden, start, end, out_dtype, done, prompts, adapter)
+
+    return await await_completion(submit, flight.end)
 
 
 async def run_task(executor: DeviceExecutor, run: Callable[[], Any]) -> Any:
@@ -46,8 +91,9 @@ async def run_task(executor: DeviceExecutor, run: Callable[[], Any]) -> Any:
         abandoned.set()
 
 
-async def await_completion(submit: Callable[[Completion], None], finished: trio.Event | None = None) -> Any:
-    """Call ``submit(done)`` and sleep until another thread calls ``done(result, error)``.
+async def await_completion(submit: Callable[[Completion], None], ended: Callable[[], None] | None = None) -> Any:
+    """Call ``submit(done)`` and sleep until another thread calls ``done(result, error)``; ``ended()``
+    then runs on the trio thread, whether or not the wait was cancelled meanwhile.
 
     The waiting task is parked and rescheduled directly from the completion (through the
     trio token), with no channel or helper task: one wake-up of this loop per job.
@@ -60,8 +106,8 @@ async def await_completion(submit: Callable[[Completion], None], finished: trio.
 
     def wake(result: outcome.Outcome) -> None:
         # Runs on the trio thread; the task may have been cancelled meanwhile.
-        if finished is not None:
-            finished.set()
+        if ended is not None:
+            ended()
         if waiting:
             trio.lowlevel.reschedule(task, result)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +22,7 @@ from libp2p.abc import INetStream
 
 from petald.kernels.deep_prompts import check_deep_prompts
 from petald.kernels.paged_kv_cache import CacheFullError, SessionCache
-from petald.p2pnode.server.executor_bridge import run_step
+from petald.p2pnode.server.executor_bridge import StepInFlight, run_step
 from petald.p2pnode.server.session_inbox import PUSHED, SessionInbox, read_client
 from petald.p2pnode.server.step_pusher import StepPusher
 from petald.p2pnode.server.stream_frames import receive_first, send_error
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How long a session that ended mid-step waits for the executor to finish that step before its
-# pages are freed: until then the step may still write into them.
-UNFINISHED_STEP_WAIT_S = 120.0
 # A step's output as the executor hands it over: the session's wire format then encodes it, choosing
 # per tensor (float16 or bfloat16, int8 scales) from the full-precision values.
 OUTPUT_DTYPE = torch.float32
@@ -50,7 +47,7 @@ OUTPUT_DTYPE = torch.float32
 class _LiveSession:
     scope: trio.CancelScope  # cancelled by the session timeout, or by a shutdown while idle
     in_step: bool = False
-    unfinished: list[trio.Event] = field(default_factory=list)  # steps the executor may still be running
+    step: StepInFlight | None = None  # the last step handed to the executor
 
 
 class InferenceSessions:
@@ -75,8 +72,10 @@ class InferenceSessions:
         # Until a valid open arrives, a peer may only send a small frame.
         framed = FramedStream(stream, MAX_FIRST_FRAME_BYTES, send_timeout=limits.idle_timeout)
         session_id = next(self._ids)
-        peer = stream.muxed_conn.peer_id.to_string()[-8:]
+        peer_id = stream.muxed_conn.peer_id.to_base58()
+        peer = peer_id[-8:]
         cache: SessionCache | None = None
+        counted = 0  # KV pages counted against the peer's share
         live: _LiveSession | None = None
         inbox_in: trio.MemorySendChannel | None = None
         inbox: trio.MemoryReceiveChannel | None = None
@@ -86,6 +85,10 @@ class InferenceSessions:
                 return
             request = OpenSession.from_wire(msg)
             self._check_open(request)
+            pages = server.pool.pages_for_tokens(request.batch, request.max_length, server.pool.page_size)
+            if pages <= server.pool.num_pages:  # a larger one the pool refuses below (too_large), as ever
+                server.peers.open_session(peer_id, pages)  # or refused: busy, quota
+                counted = pages
             # Reserves pages up to max_length (or raises CacheFullError holding nothing); pages are taken as it grows.
             cache = server.pool.open(request.batch, request.max_length)
             live = self._live[session_id] = _LiveSession(
@@ -93,14 +96,14 @@ class InferenceSessions:
             if request.push_token:
                 # Before "opened": a push may follow the client's first step at once.
                 inbox_in, inbox = server.pushes.open(request.push_token)
-            framed.allow_frames_up_to(session_frame_bytes(request.batch, request.max_length,
-                                                          server.span.hidden_size, request.end - request.start))
+            framed.allow_frames_up_to(session_frame_bytes(request.batch, request.max_length, server.span.hidden_size,
+                                                          request.end - request.start), server.frame_budget)
             await framed.send(SessionOpened(request.start, request.end, request.max_length).to_wire())
             server.metrics.sessions.inc()
             log.info("session %d from ..%s opened: blocks %d:%d, batch %d, max_length %d",
                      session_id, peer, request.start, request.end, request.batch, request.max_length)
             with live.scope:
-                await self._serve_session(SessionInbox(framed, inbox), request, cache, live, inbox_in)
+                await self._serve_session(SessionInbox(framed, inbox), request, cache, live, inbox_in, peer_id)
             if live.scope.cancelled_caught:
                 raise (server.shutting_down() if server.closing else ProtocolError(
                     ErrorCode.TIMEOUT, f"session open for longer than {limits.session_timeout:.0f} s; "
@@ -125,26 +128,28 @@ class InferenceSessions:
                                                          "the server logged the details")
         finally:
             self._live.pop(session_id, None)
+            if counted:
+                server.peers.close_session(peer_id, counted)
             if inbox_in is not None and inbox is not None:
                 server.pushes.close(request.push_token, inbox_in, inbox)
             if cache is not None:
-                await self._free_after_steps(cache, live, session_id)
+                self._free_after_steps(cache, live, session_id)
             await framed.close()
             server.metrics.count_wire(framed.bytes_received, framed.bytes_sent)
             log.info("session %d closed", session_id)
 
-    async def _free_after_steps(self, cache: SessionCache, live: _LiveSession | None, session_id: int) -> None:
-        """Return the session's pages once no step of it can still write into them."""
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(UNFINISHED_STEP_WAIT_S):
-                for finished in live.unfinished if live is not None else []:
-                    await finished.wait()
-        if live is not None and not all(finished.is_set() for finished in live.unfinished):
-            # Freeing now could hand pages being written to another session: keep them instead.
-            log.error("session %d: a step did not finish within %.0f s; its %d KV pages stay reserved",
-                      session_id, UNFINISHED_STEP_WAIT_S, cache.reserved_pages)
-            return
-        self.server.pool.close(cache)
+    def _free_after_steps(self, cache: SessionCache, live: _LiveSession | None, session_id: int) -> None:
+        """Return the session's pages once no step of it can still write into them: now, or, for a
+        step still on the executor (its wait timed out, its peer left), when the executor drops it
+        at its next chunk (``StepInFlight``). Freeing earlier could hand pages being written to
+        another session; never freeing them was hole 1 of issue 22 (docs/security.md)."""
+        pool = self.server.pool
+        step = live.step if live is not None else None
+        if step is not None and step.running:
+            log.info("session %d ended with a step on the executor: it is dropped at its next chunk, "
+                     "then its %d KV pages are freed", session_id, cache.reserved_pages)
+            step.cancel()
+        (step or StepInFlight()).when_ended(lambda: pool.close(cache))
 
     def _check_open(self, request: OpenSession) -> None:
         server = self.server
@@ -157,7 +162,7 @@ class InferenceSessions:
                                 f"max_length {request.max_length} exceeds this server's {server.limits.max_length}")
 
     async def _serve_session(self, inbox: SessionInbox, request: OpenSession, cache: SessionCache,
-                             live: _LiveSession, inbox_in: trio.MemorySendChannel | None) -> None:
+                             live: _LiveSession, inbox_in: trio.MemorySendChannel | None, peer_id: str) -> None:
         """Serve the session's steps: with an inbox channel (``inbox_in`` its sending side), also steps
         pushed to it; with a host, push outputs on where steps ask. Errors are raised as themselves."""
         host = self.server.host
@@ -166,7 +171,7 @@ class InferenceSessions:
             if inbox_in is not None:
                 nursery.start_soon(read_client, inbox.framed, inbox_in.clone())
             try:
-                await self._serve_steps(inbox, pusher, request, cache, live)
+                await self._serve_steps(inbox, pusher, request, cache, live, peer_id)
             finally:
                 if pusher is not None:
                     with trio.CancelScope(shield=True):
@@ -174,9 +179,10 @@ class InferenceSessions:
                 nursery.cancel_scope.cancel()
 
     async def _serve_steps(self, inbox: SessionInbox, pusher: StepPusher | None, request: OpenSession,
-                           cache: SessionCache, live: _LiveSession) -> None:
+                           cache: SessionCache, live: _LiveSession, peer_id: str) -> None:
         server, limits = self.server, self.server.limits
         framed = inbox.framed
+        paid_bytes = framed.bytes_received
         fault = server.faults.for_session() if server.faults is not None else None  # test-only
         while True:
             if server.closing:
@@ -212,14 +218,16 @@ class InferenceSessions:
             inbox.ran(step)
             if step.position < cache.length:  # a rollback: the client kept fewer tokens than it sent
                 server.pool.truncate(cache, step.position)
+            # Within the peer's steps and bytes per second (a pushed step counts for the session's peer too).
+            await server.peers.pace_step(peer_id, hidden.shape[1], framed.bytes_received - paid_bytes)
+            paid_bytes = framed.bytes_received
             # Batched with other sessions' steps on the executor, which also copies the output to host
             # memory: on CUDA that waits for the device, and nothing may wait for the device on the event loop.
-            finished = trio.Event()
-            live.unfinished = [finished]  # the previous step had finished before this one was accepted
+            live.step = StepInFlight()  # the previous step had ended before this one was accepted
             live.in_step = True
             with trio.move_on_after(limits.step_timeout) as step_scope:
                 out = await run_step(server.executor, cache, hidden, request.start, request.end, OUTPUT_DTYPE,
-                                     finished, prompts, request.adapter)
+                                     live.step, prompts, request.adapter)
             if step_scope.cancelled_caught:
                 raise ProtocolError(ErrorCode.TIMEOUT, f"the step took longer than {limits.step_timeout:.0f} s; "
                                                        "session closed")

@@ -14,6 +14,7 @@ from libp2p.abc import INetStream
 
 from petald.p2pnode.server.session_inbox import PUSHED
 from petald.p2pnode.server.stream_frames import receive_first, send_error
+from petald.p2pnode.transport.frame_budget import FrameBudget
 from petald.p2pnode.transport.framed_stream import FramedStream, PeerGone
 from petald.protocol.errors import ErrorCode, ProtocolError
 from petald.protocol.limits import MAX_FIRST_FRAME_BYTES, MAX_FRAME_BYTES
@@ -26,8 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class PushInboxes:
-    def __init__(self, limits: ServerLimits):
-        self.limits = limits
+    def __init__(self, limits: ServerLimits, frame_budget: FrameBudget | None = None):
+        self.limits, self.frame_budget = limits, frame_budget
         self._inboxes: dict[bytes, trio.MemorySendChannel] = {}  # by push token
         self._streams: dict[bytes, trio.CancelScope] = {}  # the push stream feeding each token's session
 
@@ -72,7 +73,7 @@ class PushInboxes:
                 if token in self._streams:
                     self._streams[token].cancel()
                 self._streams[token] = scope
-                framed.allow_frames_up_to(MAX_FRAME_BYTES)
+                framed.allow_frames_up_to(MAX_FRAME_BYTES, self.frame_budget)
                 while True:
                     with trio.move_on_after(self.limits.idle_timeout) as idle:
                         msg = await framed.receive()

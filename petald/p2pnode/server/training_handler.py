@@ -48,7 +48,7 @@ class TrainingRequests:
                 raise ProtocolError(ErrorCode.BUSY, f"every training slot stayed taken for "
                                                     f"{limits.open_timeout:.0f} s; try another server or later")
             try:
-                await self._serve(framed)
+                await self._serve(framed, stream.muxed_conn.peer_id.to_base58())
             finally:
                 self._slots.release()
         except ProtocolError as err:
@@ -63,14 +63,17 @@ class TrainingRequests:
         finally:
             await framed.close()
 
-    async def _serve(self, framed: FramedStream) -> None:
+    async def _serve(self, framed: FramedStream, peer_id: str) -> None:
         limits = self.server.limits
-        framed.allow_frames_up_to(MAX_FRAME_BYTES)  # a training request carries its tensors in its first frame
+        framed.allow_frames_up_to(MAX_FRAME_BYTES, self.server.frame_budget)  # a training request carries its tensors in its first frame
         msg = await receive_first(framed, limits.open_timeout, "request")
         if msg is None:
             return
         request = SpanRequest.from_wire(msg)
         compute = self._job(request)
+        h = request.hidden
+        await self.server.peers.pace_training(peer_id, h.shape[0] * h.shape[1], framed.bytes_received,
+                                              limits.open_timeout)
         with trio.move_on_after(limits.step_timeout) as step_scope:
             # On the device thread, between inference steps. A cancelled wait abandons the result
             # (and the job, if it has not started); the job holds nothing another request needs.

@@ -8,6 +8,7 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.io.exceptions import IOException
 
+from petald.p2pnode.transport.frame_budget import FrameBudget
 from petald.p2pnode.transport.libp2p_internals import prepare_framed_stream
 from petald.protocol.framing import FrameDecoder, encode_frame
 from petald.protocol.limits import MAX_FRAME_BYTES, transfer_seconds
@@ -31,10 +32,20 @@ class FramedStream:
         self._decoder = FrameDecoder(max_frame_bytes)
         # Bytes of frames through this stream, header included: what a session's wire choice costs.
         self.bytes_sent = self.bytes_received = 0
+        self._budget: FrameBudget | None = None
+        self._held = 0  # bytes of an unfinished frame counted in the budget
 
-    def allow_frames_up_to(self, max_frame_bytes: int) -> None:
-        """Raise the frame limit once the peer has earned it (e.g. after a valid session open)."""
+    def allow_frames_up_to(self, max_frame_bytes: int, budget: FrameBudget | None = None) -> None:
+        """Raise the frame limit once the peer has earned it (e.g. after a valid session open); the
+        bytes of its unfinished frames then count in ``budget`` (a full one refuses them: ``busy``)."""
         self._decoder.max_frame_bytes = max_frame_bytes
+        self._budget = budget
+        self._hold(self._decoder.buffered)
+
+    def _hold(self, buffered: int) -> None:
+        if self._budget is not None:
+            self._budget.change(self._held, buffered)
+            self._held = buffered
 
     async def receive(self) -> dict[str, Any] | None:
         """The next message, or None on a clean end of stream between frames.
@@ -43,6 +54,9 @@ class FramedStream:
         """
         while (msg := self._decoder.next_message()) is None:
             want = self._decoder.wanted()  # raises on an oversized header before reading the body
+            # A frame's whole size counts once its header is in: one the budget cannot hold is
+            # refused before its body comes, and one admitted is never refused halfway.
+            self._hold(self._decoder.buffered + want)
             size = min(max(want, _MIN_READ), _READ_CHUNK)
             try:
                 data = await self._direct.read(size) if self._direct is not None else None
@@ -58,6 +72,7 @@ class FramedStream:
                 return None
             self.bytes_received += len(data)
             self._decoder.feed(data)
+        self._hold(self._decoder.buffered)
         return msg
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -80,13 +95,38 @@ class FramedStream:
             raise PeerGone(f"stream broke while sending: {exc or type(exc).__name__}") from None
 
     async def close(self) -> None:
+        """Close the stream; one whose peer is in the middle of a frame nobody will read (a session
+        refused mid-step) has what comes of that frame dropped, then is reset (``_drop_rest``)."""
+        if self._decoder.buffered:
+            await self._drop_rest()
+            return
+        self._hold(0)
         with trio.move_on_after(CLOSE_TIMEOUT_S):
             try:
                 await self.stream.close()
             except Exception:
                 pass  # closing a broken stream has nothing left to release
 
+    async def _drop_rest(self) -> None:
+        """End a stream whose peer is sending a frame nobody will read: hold none of it, give the
+        peer ``CLOSE_TIMEOUT_S`` to read what was sent to it (an error frame) and stop, then reset:
+        a reset at once could lose the error frame, and one never would leave the peer sending."""
+        self._decoder.discard()
+        self._hold(0)
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            try:
+                await self.stream.close()
+                while await self.stream.read(_READ_CHUNK):
+                    pass  # dropped as it comes
+            except Exception:
+                pass  # the peer reset or broke the stream: nothing more will come
+        await self.reset()
+
     async def reset(self) -> None:
+        self._decoder.discard()
+        self._hold(0)
+        if self._direct is not None:
+            self._direct.discard_unread()
         with trio.move_on_after(CLOSE_TIMEOUT_S):
             try:
                 await self.stream.reset()

@@ -13,6 +13,7 @@ exported here: ``make_host`` takes ``LeanNoise``, ``install`` and ``require_supp
   scheduler passes per frame);
 - ``direct_frames``: petald's frames straight between a FramedStream and its yamux stream;
 - ``window_credit``: yamux window credit once per half window;
+- ``window_limit``: a peer that sends past a yamux window is disconnected, its bytes dropped;
 - ``pipelined_select``: multistream-select's header and protocol in one flight (one round trip
   per stream opened and per negotiation of a dial, instead of two).
 

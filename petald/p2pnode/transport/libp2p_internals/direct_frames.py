@@ -70,6 +70,13 @@ class DirectStream:
             return None
         return cls(stream, muxed, conn, noise, noise.raw)
 
+    def discard_unread(self) -> None:
+        """Drop the bytes the connection holds for this stream, unread and uncredited (the stream is
+        being reset: the library would keep them until its sweeper's grace period ends)."""
+        buffer = self.conn.stream_buffers.get(self.muxed.stream_id)
+        if buffer:
+            buffer.clear()
+
     async def write(self, frame: bytes) -> bool:
         """Send ``frame`` as one yamux DATA frame; False, with nothing sent, when the library must."""
         net, muxed, conn = self.net, self.muxed, self.conn

@@ -53,6 +53,7 @@ from petald.p2pnode.transport.libp2p_internals.library_check import (
     require_supported_library,
 )
 from petald.p2pnode.transport.libp2p_internals.pipelined_select import pipeline_negotiations
+from petald.p2pnode.transport.libp2p_internals.window_limit import WindowedBuffers
 
 _RECV_BYTES = 64 * 1024  # one Noise message is at most 65537 bytes on the wire
 _NOISE_LEN = 2
@@ -170,7 +171,24 @@ class LeanYamux(Yamux):
         _swap_free_lock(muxed, "_write_lock", EagerLock)
         for stream in list(muxed.streams.values()):
             lean_stream(stream)
+        muxed.stream_buffers = WindowedBuffers(muxed, muxed.stream_buffers)
+        muxed.window_exceeded_by = 0
         return muxed  # type: ignore[return-value]
+
+    def exceeded_window(self, stream_id: int, over: int) -> None:
+        """The peer sent ``over`` bytes past stream ``stream_id``'s window (``window_limit``): the
+        reader stops at its next frame and ``handle_incoming`` closes the connection."""
+        if not self.window_exceeded_by:
+            yamux_module.logger.warning("yamux peer %s sent %d bytes past the receive window of stream %d; "
+                                        "disconnecting it", self.peer_id, over, stream_id)
+        self.window_exceeded_by = over
+        self.event_shutting_down.set()
+
+    async def handle_incoming(self) -> None:
+        await super().handle_incoming()
+        # The library's reader returns without closing anything when it sees the shutdown flag.
+        if self.window_exceeded_by and not self.event_closed.is_set():
+            await self._cleanup_on_error()
 
     async def _write_frame(self, data: bytes) -> None:
         if yamux_module.logger.isEnabledFor(logging.DEBUG):

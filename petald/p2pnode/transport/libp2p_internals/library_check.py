@@ -102,7 +102,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("Yamux", "accept_stream", METHOD, "LeanYamux puts each new stream on eager locks"),
     Internal("Yamux", "secured_conn", PRESENT, "LeanYamux and the direct path reach the Noise session"),
     Internal("Yamux", "streams", a(dict), _READ + ": the stream is still registered"),
-    Internal("Yamux", "stream_buffers", a(dict), "the direct read takes a stream's bytes (direct_frames)"),
+    Internal("Yamux", "stream_buffers", a(dict), "the direct read takes a stream's bytes (direct_frames); "
+             "LeanYamux replaces it with WindowedBuffers (window_limit)"),
+    Internal("Yamux", "handle_incoming", METHOD, "LeanYamux closes the connection after it when the peer "
+             "sent past a window (window_limit)"),
+    Internal("Yamux", "_cleanup_on_error", METHOD, "closes a connection whose peer sent past a window"),
+    Internal("Yamux", "event_closed", a(trio.Event), "set once a connection is closed"),
     Internal("Yamux", "stream_events", a(dict), "the direct read waits on the reader's event (direct_frames)"),
     Internal("Yamux", "event_shutting_down", a(trio.Event), _READ),
     Internal("yamux", "logger", a(logging.Logger), "LeanYamux takes the library's write path when it logs"),
@@ -121,6 +126,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("YamuxStream", "recv_closed", PRESENT, _READ),
     Internal("YamuxStream", "reset_received", PRESENT, _READ),
     Internal("YamuxStream", "target_recv_window", a(int), "credit is batched per half of it (window_credit)"),
+    Internal("YamuxStream", "recv_window", a(int), "what the peer may still send; more is refused (window_limit)"),
     Internal("YamuxStream", "_auto_tune_and_send_window_update", METHOD,
              "wrapped per stream to credit once per half window (window_credit); the direct read "
              "credits through it"),
