@@ -105,7 +105,10 @@ def save_tiny_gguf(family: str, path: Path, seed: int = 0, extra: dict[str, torc
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if hasattr(cfg, "rms_norm_eps"):
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    else:  # LayerNorm families (Falcon, BLOOM)
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(cfg.vocab_size)
     permuted = family in ("llama", "mistral")
