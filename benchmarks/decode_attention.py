@@ -2,6 +2,7 @@
 runs (AVX512F, AVX2 with FMA), against torch's ops.
 
     python benchmarks/decode_attention.py [--threads 1] [--sessions 1 4 16] [--context 128 1024] [--softcap 50]
+        [--alibi]
 
 SmolLM2's 30 blocks (the embedded GGUF, float32, or --quant int4) are built once with
 PETALD_NATIVE_ATTENTION=0 and once per variant (PETALD_CPU_KERNELS=avx512, avx2; the int4 matmul
@@ -15,6 +16,8 @@ so each session's context grows by --steps during the measurement.
 With --softcap CAP, a third build times torch's ops with every block's scores soft-capped at CAP
 (kernels/softcap_attention.py, what a Gemma 2 block runs: the C kernel does not cap), on SmolLM2's
 shapes: the cost of the fallback a soft-capped family takes, against plain torch's ops and the C kernel.
+With --alibi, another times torch's ops with ALiBi's bias instead of rotary in every block (kernels/alibi.py,
+what a BLOOM block runs: the C kernel adds no bias), likewise.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from petald.kernels.alibi import alibi_slopes  # noqa: E402
 from petald.kernels.native.native_library import PROCESS_LIBRARY, SWITCH, CpuKernelError  # noqa: E402
 from petald.kernels.sources.open_source import open_source  # noqa: E402
 from petald.kernels.span import BlockSpan  # noqa: E402
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--quant", default="none", choices=["none", "int4"])
     parser.add_argument("--softcap", type=float, default=None)
+    parser.add_argument("--alibi", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     source = open_source(None)
@@ -72,6 +77,12 @@ def main() -> None:
         spans["capped"] = build(source, args.quant, {"PETALD_NATIVE_ATTENTION": "0"})
         for block in spans["capped"].blocks:
             block.softcap = args.softcap  # as a soft-capped family's block holds it
+    if args.alibi:
+        spans["alibi"] = build(source, args.quant, {"PETALD_NATIVE_ATTENTION": "0"})
+        for block in spans["alibi"].blocks:
+            block.alibi = alibi_slopes(block.n_heads)  # as an ALiBi family's block holds it (no rotary then)
+    # The torch fallbacks measured, by build name: what each column says.
+    fallbacks = {name: label for name, label in (("capped", "soft-capped"), ("alibi", "ALiBi")) if name in spans}
     if not ours:
         sys.exit("petald's decode attention is not available here (no C compiler, or a CPU with neither AVX512F "
                  "nor AVX2 and FMA): nothing to compare")
@@ -81,8 +92,8 @@ def main() -> None:
           f"torch {torch.__version__}, CPU features: {', '.join(sorted(PROCESS_LIBRARY.cpu_features()))}\n")
     print("| sessions | context | torch's ops: ms per step | "
           + " | ".join(f"{name}: ms per step | speed-up" for name in ours) + " | max relative difference |"
-          + (" torch's ops, soft-capped: ms per step | against torch's ops |" if args.softcap is not None else ""))
-    print("|---|---|---|" + "---|---|" * len(ours) + "---|" + ("---|---|" if args.softcap is not None else ""))
+          + "".join(f" torch's ops, {label}: ms per step | against torch's ops |" for label in fallbacks.values()))
+    print("|---|---|---|" + "---|---|" * len(ours) + "---|" + "---|---|" * len(fallbacks))
     with torch.inference_mode():
         for context in args.context:
             for sessions in args.sessions:
@@ -109,8 +120,8 @@ def main() -> None:
                             worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
                 ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
                 cells = " | ".join(f"{ms[name]:.2f} | {ms['torch'] / ms[name]:.2f}x" for name in ours)
-                capped = f" {ms['capped']:.2f} | {ms['capped'] / ms['torch']:.2f}x |" if "capped" in ms else ""
-                print(f"| {sessions} | {context} | {ms['torch']:.2f} | {cells} | {worst:.1e} |{capped}", flush=True)
+                extra = "".join(f" {ms[name]:.2f} | {ms[name] / ms['torch']:.2f}x |" for name in fallbacks)
+                print(f"| {sessions} | {context} | {ms['torch']:.2f} | {cells} | {worst:.1e} |{extra}", flush=True)
 
 
 if __name__ == "__main__":

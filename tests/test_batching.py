@@ -73,8 +73,10 @@ def tiny_span(tiny_models):
     return BlockSpan(source, 0, TINY_BLOCKS, torch.float32, CPU), ClientHead(source)
 
 
-def test_concurrent_decode_steps_run_as_one_forward_and_match_running_alone(tiny_span):
-    span, head = tiny_span
+@pytest.mark.parametrize("name", ["llama", "falcon", "bloom"])  # rotary and the C kernel; parallel; ALiBi
+def test_concurrent_decode_steps_run_as_one_forward_and_match_running_alone(tiny_models, name):
+    source = open_source(str(tiny_models[name]))
+    span, head = BlockSpan(source, 0, TINY_BLOCKS, torch.float32, CPU), ClientHead(source)
     prompts = [torch.randint(0, 320, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 11, 7, 20)]
     nxt = torch.tensor([[5]])
     alone = []

@@ -170,15 +170,17 @@ def test_a_mixture_of_experts_gguf_is_refused_by_name(tmp_path):
         open_source(str(path))
 
 
-def test_a_gguf_of_a_family_whose_gguf_petald_does_not_read_is_refused(tmp_path):
-    """Gemma 2's GGUF norms hold 1 + w (llama.cpp's converter): read as Hugging Face's w, every token
-    would be wrong, so the file is refused by name before any tensor is read."""
+@pytest.mark.parametrize("family", ["gemma2", "falcon", "bloom"])
+def test_a_gguf_of_a_family_whose_gguf_petald_does_not_read_is_refused(tmp_path, family):
+    """Gemma 2's GGUF norms hold 1 + w (llama.cpp's converter); Falcon's and BLOOM's fused q/k/v are
+    rearranged by it and their norms named its own way: read as Hugging Face's tensors, every token would be
+    wrong, so the file is refused by name before any tensor is read."""
     from tests.tiny_models import save_tiny_gguf
 
-    path = tmp_path / "tiny-gemma2.gguf"
-    save_tiny_gguf("gemma2", path, blocks=False)
-    with pytest.raises(ModelSourceError, match=r"tiny-gemma2.gguf: GGUF files of gemma2 models are not supported "
-                                               r"yet; use the model's Hugging Face directory"):
+    path = tmp_path / f"tiny-{family}.gguf"
+    save_tiny_gguf(family, path, blocks=False)
+    with pytest.raises(ModelSourceError, match=rf"tiny-{family}.gguf: GGUF files of {family} models are not "
+                                               r"supported yet; use the model's Hugging Face directory"):
         open_source(str(path))
 
 

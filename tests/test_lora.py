@@ -38,6 +38,8 @@ FULL = dict(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS)
 ATTENTION = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 # Phi-3's every projection, q/k/v and gate/up fused in the model itself.
 PHI3_FULL = dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+# Falcon's and BLOOM's module names, peft's own defaults for them
+FUSED_QKV_FULL = dict(r=4, lora_alpha=8, target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
 # Some projections (q and v but not k: zero columns inside the fused qkv), some blocks, per-module
 # ranks and alphas, rsLoRA scaling.
 PARTIAL = dict(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], use_rslora=True,
@@ -96,9 +98,10 @@ def ids_of(seed: int, length: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(("family", "config"), [("llama", FULL), ("llama", PARTIAL), ("qwen2", FULL), ("qwen3", FULL),
                                                ("phi3", PHI3_FULL), ("gemma2", FULL),
-                                               ("mixtral", ATTENTION)],
+                                               ("mixtral", ATTENTION), ("falcon", FUSED_QKV_FULL),
+                                               ("bloom", FUSED_QKV_FULL)],
                          ids=["llama-full", "llama-partial", "qwen2-full", "qwen3-full", "phi3-full", "gemma2-full",
-                             "mixtral-attention"])
+                             "mixtral-attention", "falcon-full", "bloom-full"])
 def test_spans_with_an_adapter_match_peft_through_prefill_and_decode(tiny_models, tmp_path, family, config):
     model_dir = tiny_models[family]
     adapter_dir = save_adapter(model_dir, tmp_path / "my-lora", seed=3, **config)

@@ -15,6 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from petald.kernels.memory_plan import weight_bytes_per_block
 from petald.kernels.models.dims import ModelDims
 from petald.kernels.models.features import served_positions
+from petald.kernels.models.registry import FAMILIES as FAMILY_RULES
 from petald.kernels.models.registry import (
     SUPPORTED_ARCHITECTURES,
     UnsupportedArchitecture,
@@ -28,16 +29,30 @@ from tests.tiny_models import FAMILIES, TINY_BLOCKS, TINY_MODELS, tiny_config
 
 
 def _variants() -> list[tuple[str, object]]:
-    """Each family's tiny config, and the options that change its rules."""
+    """Each Llama-shaped family's tiny config (its tensors under ``model.layers.N``, its attention through
+    transformers' attention functions), and the options that change its rules."""
     windowed_qwen2 = tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
     biased_llama = tiny_config("llama", attention_bias=True)
     wide_heads = tiny_config("llama", head_dim=32)
-    return [(name, tiny_config(name)) for name in TINY_MODELS] + [
+    llama_shaped = [name for name, (family, _) in TINY_MODELS.items()
+                    if FAMILY_RULES[family].block_prefix == "model.layers.{index}."]
+    return [(name, tiny_config(name)) for name in llama_shaped] + [
         ("qwen2 with sliding windows", windowed_qwen2), ("llama with biases", biased_llama),
         ("llama with a head size not hidden / heads", wide_heads)]
 
 
 VARIANTS = _variants()
+
+# Falcon's generations and options, each against transformers in one process (test_falcon_variants_...):
+# the tiny model is the new architecture with two norms and biases.
+FALCON_VARIANTS = {
+    "one shared norm (num_ln_in_parallel_attn 1)": {"num_ln_in_parallel_attn": 1},
+    "no biases (as Falcon-40B/180B)": {"bias": False},
+    "Falcon-7B: multi-query, parallel, one norm": {"new_decoder_architecture": False, "multi_query": True,
+                                                   "bias": False},
+    "older: heads interleaved, sequential": {"new_decoder_architecture": False, "multi_query": False,
+                                             "parallel_attn": False, "num_kv_heads": 4},
+}
 
 
 def test_every_family_served_has_a_tiny_model_in_the_tests():
@@ -130,7 +145,8 @@ def test_the_memory_plan_counts_a_blocks_weights_exactly(tiny_models, family):
     source = open_source(str(tiny_models[family]))
     block = BlockSpan(source, 0, 1, torch.float32, torch.device("cpu")).blocks[0]
     norms = (block.ln_attn, block.ln_attn_out, block.ln_mlp, block.ln_mlp_out, block.q_norm, block.k_norm)
-    tensors = [t for t in norms if t is not None]
+    # A norm both branches read (Falcon's shared one) is held once.
+    tensors = [t for norm in {id(n): n for n in norms if n is not None}.values() for t in norm.tensors()]
     linears = [block.qkv, block.o]
     if block.moe is None:
         linears += [block.gate_up, block.down]
@@ -140,6 +156,76 @@ def test_the_memory_plan_counts_a_blocks_weights_exactly(tiny_models, family):
     for linear in linears:
         tensors += [linear.weight_t] + ([linear.bias] if linear.bias is not None else [])
     assert weight_bytes_per_block(source.config, torch.float32) == sum(t.numel() * 4 for t in tensors)
+
+
+@pytest.mark.parametrize("changes", FALCON_VARIANTS.values(), ids=FALCON_VARIANTS)
+def test_falcon_variants_match_transformers(tmp_path, changes):
+    """Logits of a prompt and of three decode steps over two spans (paged KV cache), and the memory plan,
+    for each q/k/v layout, norm arrangement and residual Falcon's configs choose between."""
+    from tests.test_kernels import run_local
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("falcon", **changes), dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path)
+    source = open_source(str(tmp_path))
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(1))
+    logits, tokens = run_local(source, ids, 3, [(0, 3), (3, TINY_BLOCKS)])
+    with torch.no_grad():
+        full = model(torch.cat([ids, torch.tensor([tokens])], dim=1)).logits
+    torch.testing.assert_close(logits, full[:, :12], atol=1e-4, rtol=1e-4)
+    assert tokens == full[0, 11:14].argmax(-1).tolist()
+    block_bytes = sum(t.numel() * 4 for k, t in model.state_dict().items() if k.startswith("transformer.h.0."))
+    assert weight_bytes_per_block(source.config, torch.float32) == block_bytes
+
+
+def test_falcon_configs_transformers_cannot_run_are_refused(tiny_models, tmp_path):
+    model = _with_config(tiny_models["falcon"], tmp_path / "odd", alibi=True, parallel_attn=False)
+    with pytest.raises(ModelSourceError, match=r"this falcon model cannot be served: Falcon with ALiBi \(alibi: true, "
+                                               r"Falcon-RW\) is not supported; the new decoder architecture without "
+                                               "parallel_attn is not supported"):
+        open_source(str(model))
+
+
+@pytest.mark.parametrize("heads", [1, 4, 6, 12, 16, 112])  # 112: BLOOM-176B's; 6 and 12 are not powers of two
+def test_alibi_slopes_are_blooms(heads):
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    from petald.kernels.alibi import alibi_slopes
+
+    assert torch.equal(alibi_slopes(heads), _get_alibi_slopes(heads, torch.device("cpu")))
+
+
+def test_a_bloom_checkpoint_saved_from_its_base_model_is_read(tiny_models, tmp_path):
+    """BLOOM's own checkpoints name their tensors ``h.N.*`` and ``word_embeddings*`` (saved from BloomModel,
+    without ``transformer.``): the same weights give the same logits. And ALiBi is what makes them
+    transformers' (the tiny model's logits move without it), so a dropped bias would fail the checks."""
+    from safetensors.torch import load_file, save_file
+
+    from petald.kernels.client_head import ClientHead
+
+    shutil.copytree(tiny_models["bloom"], tmp_path / "base")
+    weights = tmp_path / "base" / "model.safetensors"
+    save_file({k.removeprefix("transformer."): v for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(2))
+
+    def logits(path, alibi: bool = True):
+        source = open_source(str(path))
+        span, head = BlockSpan(source, 0, TINY_BLOCKS, torch.float32, torch.device("cpu")), ClientHead(source)
+        for block in span.blocks if not alibi else ():
+            block.alibi = torch.zeros_like(block.alibi)  # no bias: attention blind to positions but causality
+        return head.logits(span.forward(head.embed(ids), span.new_cache(1, 24)))
+
+    assert not any(k.startswith("transformer.") for k in load_file(weights))
+    torch.testing.assert_close(logits(tmp_path / "base"), logits(tiny_models["bloom"]), atol=0, rtol=0)
+    assert (logits(tiny_models["bloom"], alibi=False) - logits(tiny_models["bloom"])).abs().max() > 0.05
+
+
+def test_bloom_with_residuals_after_its_norms_is_refused(tiny_models, tmp_path):
+    model = _with_config(tiny_models["bloom"], tmp_path / "odd", apply_residual_connection_post_layernorm=True)
+    with pytest.raises(ModelSourceError, match="this bloom model cannot be served: "
+                                               "apply_residual_connection_post_layernorm"):
+        open_source(str(model))
 
 
 def test_other_architectures_are_refused_naming_those_served():

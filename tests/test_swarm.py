@@ -117,7 +117,8 @@ def test_tiny_model_split_over_two_processes(tmp_path, name):
     path = str(save_tiny_chat_model(tmp_path / name, name=name))
     ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(3))  # past llama3's original 32
     tokenizer = open_source(path).load_tokenizer()
-    assert tokenizer.chat_template == CHAT_TEMPLATES[name]
+    if name in CHAT_TEMPLATES:  # else (BLOOM's tokenizers have none) SmolLM2's own
+        assert tokenizer.chat_template == CHAT_TEMPLATES[name]
     question = "What is the capital of France?"
     chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"]

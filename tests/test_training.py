@@ -29,23 +29,34 @@ def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()) + 1e-7)
 
 
+def decoder_layers(ref) -> torch.nn.ModuleList:
+    """transformers' decoder layers of ``ref``, wherever its family keeps them (Falcon's and BLOOM's: ``h``)."""
+    return getattr(ref.base_model, "layers", None) or ref.base_model.h
+
+
 def _with_deep_prompts(ref, deep: torch.Tensor | None):
     """Hooks that add ``deep`` [blocks, 1 or batch, P, hidden] to the first positions before each
     decoder layer of transformers' model: what the servers do with deep prompts."""
     if deep is None:
         return []
 
-    def hook(index):
-        def add(module, args, kwargs):
-            def shifted(h):
-                n = deep.shape[2]
-                return torch.cat([h[:, :n] + deep[index], h[:, n:]], dim=1)
-            if args:
-                return (shifted(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": shifted(kwargs["hidden_states"])}
-        return add
+    def shifted(index):
+        def shift(h):
+            n = deep.shape[2]
+            return torch.cat([h[:, :n] + deep[index], h[:, n:]], dim=1)
+        return shift
 
-    return [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(ref.model.layers)]
+    return [layer.register_forward_pre_hook(_replacing_hidden(shifted(i)), with_kwargs=True)
+            for i, layer in enumerate(decoder_layers(ref))]
+
+
+def _replacing_hidden(change):
+    """A forward pre-hook (with kwargs) that hands a decoder layer ``change(hidden_states)`` instead."""
+    def hook(module, args, kwargs):
+        if args:
+            return (change(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": change(kwargs["hidden_states"])}
+    return hook
 
 
 def reference_prompt_loss(model_dir: str, ids: torch.Tensor, prompts: torch.Tensor, deep: torch.Tensor | None):
@@ -56,7 +67,7 @@ def reference_prompt_loss(model_dir: str, ids: torch.Tensor, prompts: torch.Tens
     d = deep.clone().requires_grad_() if deep is not None else None
     hooks = _with_deep_prompts(ref, d)
     try:
-        x = torch.cat([p[None].expand(ids.shape[0], -1, -1), ref.model.embed_tokens(ids)], dim=1)
+        x = torch.cat([p[None].expand(ids.shape[0], -1, -1), ref.get_input_embeddings()(ids)], dim=1)
         logits = ref(inputs_embeds=x).logits[:, p.shape[0]:]
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
@@ -68,7 +79,7 @@ def reference_prompt_loss(model_dir: str, ids: torch.Tensor, prompts: torch.Tens
 
 def _block_outputs(ref, ids_or_embeds: torch.Tensor, last: int):
     seen = {}
-    hook = ref.model.layers[last].register_forward_hook(
+    hook = decoder_layers(ref)[last].register_forward_hook(
         lambda m, i, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))
     try:
         ref(inputs_embeds=ids_or_embeds)
@@ -79,20 +90,23 @@ def _block_outputs(ref, ids_or_embeds: torch.Tensor, last: int):
 
 # --- the span's own forward and backward -------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "llama3", "qwen3", "phi3", "gemma2", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "llama3", "qwen3", "phi3", "gemma2", "mixtral",
+                                    "falcon", "bloom"])
 @pytest.mark.parametrize("prompt_rows", [0, 1, 3])  # no deep prompts, shared ones, one per row
 def test_span_backward_equals_transformers_autograd(tiny_models, family, prompt_rows):
     path = str(tiny_models[family])
     ref = reference_model(path)
     span = BlockSpan(open_source(path), 0, 6, torch.float32, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
-    embeds = ref.model.embed_tokens(torch.randint(0, VOCAB, (3, 30), generator=g)).detach()  # crosses mistral's window
+    embeds = ref.get_input_embeddings()(torch.randint(0, VOCAB, (3, 30), generator=g)).detach()  # crosses mistral's window
     deep = torch.randn(6, prompt_rows, 4, HIDDEN, generator=g) * 0.3 if prompt_rows else None
     grad_out = torch.randn(3, 30, HIDDEN, generator=g)
 
     x = embeds.clone().requires_grad_()
     d = deep.clone().requires_grad_() if deep is not None else None
-    hooks = _with_deep_prompts(ref, d)
+    # The first block takes x itself, as a span does (BLOOM's model would LayerNorm its embeddings first).
+    hooks = [decoder_layers(ref)[0].register_forward_pre_hook(_replacing_hidden(lambda h: x), with_kwargs=True)]
+    hooks += _with_deep_prompts(ref, d)
     try:
         expected = _block_outputs(ref, x, 5)
         (expected * grad_out).sum().backward()
@@ -400,7 +414,7 @@ def test_prompt_tuning_trains_saves_and_generates_like_the_oracle(training_swarm
         seq = ids[:1]
         with torch.no_grad():
             for _ in range(8):
-                x = torch.cat([loaded.prompts.detach()[None], ref.model.embed_tokens(seq)], dim=1)
+                x = torch.cat([loaded.prompts.detach()[None], ref.get_input_embeddings()(seq)], dim=1)
                 seq = torch.cat([seq, ref(inputs_embeds=x).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     finally:
         for h in hooks:

@@ -34,6 +34,13 @@ TINY_MODELS: dict[str, tuple[str, dict]] = {
                           "final_logit_softcapping": 3.0, "sliding_window": 8, "tie_word_embeddings": True}),
     # Mixtral: 4 experts, 2 a token, and a sliding window on every layer, as Mistral.
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
+    # Falcon's new decoder architecture (Falcon-40B/180B): grouped key/value heads in its fused q/k/v
+    # layout, two LayerNorms feeding parallel attention and MLP, an ungated gelu MLP; biases on, so that a
+    # wrong row order in them shows (the real models have none: test_model_families checks that variant).
+    "falcon": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 128,
+                          "bias": True}),
+    # BLOOM: ALiBi (4 heads: slopes 1/4 to 1/256), an embedding LayerNorm, tied embeddings as its models.
+    "bloom": ("bloom", {"tie_word_embeddings": True}),
 }
 # Every architecture the tiny models cover.
 FAMILIES = tuple(sorted({family for family, _ in TINY_MODELS.values()}))
@@ -99,7 +106,10 @@ def save_tiny_gguf(family: str, path: Path, seed: int = 0, extra: dict[str, torc
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if hasattr(cfg, "rms_norm_eps"):
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    else:  # LayerNorm families (Falcon, BLOOM)
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(cfg.vocab_size)
     permuted = family in ("llama", "mistral")
@@ -143,6 +153,10 @@ CHAT_TEMPLATES = {
               "{% endif %}",
     "mixtral": "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
                "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}",
+    # Falcon's instruct/chat models: plain-text turns, "User:" and "Falcon:".
+    "falcon": "{% for m in messages %}{% if not loop.first %}\n{% endif %}{% if m['role'] == 'system' %}System: "
+              "{% elif m['role'] == 'user' %}User: {% else %}Falcon: {% endif %}{{ m['content'] }}{% endfor %}"
+              "{% if add_generation_prompt %}\nFalcon:{% endif %}",
 }
 
 

@@ -1,4 +1,4 @@
-"""What a client holds locally: token embeddings, the final norm and the LM head."""
+"""What a client holds locally: token embeddings (and their norm, BLOOM's), the final norm and the LM head."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from petald.kernels.block import rms_norm
 from petald.kernels.models.registry import family_of
+from petald.kernels.norms import Norm, load_norm
 from petald.kernels.quant import (
     DenseLinear,
     QuantError,
@@ -50,7 +50,15 @@ class ClientHead:
                 raise QuantError(f"the LM head cannot be stored as {quant}: {exc}") from None
         family = family_of(self.config)
         self.embed_weight = tensors["embed_tokens.weight"].to(self.device, dtype)
-        self.norm_weight = (tensors["norm.weight"] + family.norm_weight_offset).to(self.device, dtype)
+        self.eps = getattr(self.config, family.norm_eps_key)
+
+        def norm(name: str) -> Norm:
+            return load_norm(tensors, name, family.layer_norm, family.norm_weight_offset, self.eps, dtype, self.device)
+
+        self.norm = norm("norm")
+        self.norm_weight = self.norm.weight
+        # BLOOM norms its embeddings (a LayerNorm) before the first block: here, where the embeddings live.
+        self.embed_norm = norm("embed_norm") if "embed_norm.weight" in tensors else None
         # Gemma's embeddings are scaled by sqrt(hidden), rounded to the embeddings' dtype as transformers does.
         scale = family.embedding_scale(self.config)
         self.embed_scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
@@ -65,7 +73,6 @@ class ClientHead:
             # The dense head keeps its matrix transposed (faster on CPU); the embedding table becomes
             # a view of that copy, so a tied head still holds the matrix once.
             self.embed_weight = self.lm_head.weight_t.t()
-        self.eps = self.config.rms_norm_eps
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -73,7 +80,9 @@ class ClientHead:
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeddings = F.embedding(input_ids.to(self.device), self.embed_weight)
-        return embeddings if self.embed_scale is None else embeddings * self.embed_scale
+        if self.embed_scale is not None:
+            embeddings = embeddings * self.embed_scale
+        return embeddings if self.embed_norm is None else self.embed_norm(embeddings)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -87,7 +96,7 @@ class ClientHead:
 
     def logits_with_grad(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits, differentiable in ``hidden`` (training through the swarm); the head's weights stay frozen."""
-        h = rms_norm(hidden.to(self.device, self.dtype), self.norm_weight, self.eps)
+        h = self.norm(hidden.to(self.device, self.dtype))
         logits = self.lm_head(h.to(self.head_dtype)).float()
         if self.final_softcap is not None:  # Gemma 2
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap

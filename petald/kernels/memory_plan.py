@@ -19,11 +19,15 @@ def weight_bytes_per_block(config: PretrainedConfig, dtype: torch.dtype, quant: 
     family = family_of(config)
     # qkv, o, gate/up/down (each expert's, for a mixture of experts: all of a block's live on its server)
     experts = 1 if family.experts is None else int(getattr(config, family.experts.count_key))
-    linear = hidden * (q + 2 * kv) + q * hidden + experts * 3 * hidden * dims.intermediate
-    # The qkv bias where the family has one, its norms (two or four), the q/k norms and the experts' router
-    # where it has them: kept in the compute dtype.
-    norms = sum(name is not None for name in family.block_norms)
+    mlp_in = 2 if family.gated_mlp else 1  # gate and up, or up alone
+    linear = hidden * (q + 2 * kv) + q * hidden + experts * (mlp_in + 1) * hidden * dims.intermediate
+    # The qkv bias where the family has one (and the other projections' where it has them), its norms (one
+    # to four, a LayerNorm's with its bias), the q/k norms and the experts' router where it has them: kept
+    # in the compute dtype.
+    norms = len({name for name in family.norms(config) if name is not None}) * (2 if family.layer_norm else 1)
     small = (q + 2 * kv if family.qkv_bias(config) else 0) + norms * hidden + (2 * dims.head_dim if family.qk_norm else 0)
+    if family.linear_bias(config):
+        small += hidden + mlp_in * dims.intermediate + hidden
     if family.experts is not None:
         small += experts * hidden
     dtype_bytes = torch.finfo(dtype).bits / 8

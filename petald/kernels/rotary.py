@@ -13,6 +13,7 @@ from petald.kernels.models.features import (
     rope_parameters,
     served_positions,
 )
+from petald.kernels.models.registry import family_of
 
 
 def _default_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
@@ -22,9 +23,17 @@ def _default_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryTable:
-    """Precomputed cos/sin for positions [0, max_positions), in the compute dtype."""
+    """Precomputed cos/sin for positions [0, max_positions), in the compute dtype; both None for a family
+    without rotary embeddings (ALiBi's BLOOM), which still serves max_positions."""
+
+    cos: torch.Tensor | None
+    sin_signed: torch.Tensor | None
 
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype, device: torch.device):
+        self.max_positions = served_positions(config)  # longrope: its short regime only
+        if family_of(config).alibi:
+            self.cos = self.sin_signed = None
+            return
         rope = rope_parameters(config)
         rope_type = rope.get("rope_type", "default")
         if rope_type == "default":
@@ -34,7 +43,6 @@ class RotaryTable:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device=None)
         else:  # the source refused it already (models/features.py); a config built by hand may get here
             raise UnsupportedFeature(f"rope scaling type {rope_type!r} is not supported")
-        self.max_positions = served_positions(config)  # longrope: its short regime only
         positions = torch.arange(self.max_positions, dtype=torch.float)
         freqs = positions[:, None] * inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -67,8 +67,9 @@ class StepBatch:
             self.write_slots = torch.cat([pool.slots(s.session, s.row, s.start, s.start + s.length)
                                           for s in segments])
         positions, self.write_slots = positions.to(device), self.write_slots.to(device)
-        # [N, 1, head_dim]: broadcast over heads
-        self.cos, self.sin_signed = rotary.cos[positions][:, None], rotary.sin_signed[positions][:, None]
+        # [N, 1, head_dim]: broadcast over heads (None for a family without rotary: ALiBi's)
+        self.cos = None if rotary.cos is None else rotary.cos[positions][:, None]
+        self.sin_signed = None if rotary.sin_signed is None else rotary.sin_signed[positions][:, None]
 
         self.decode_rows: torch.Tensor | None = None
         if decode:
@@ -144,9 +145,10 @@ class StepBatch:
             return self._attend_mixed(block, qkv, k_pool, v_pool)
         n, heads, kv_heads, head_dim = qkv.shape[0], block.n_heads, block.n_kv_heads, block.head_dim
         q_and_k = block.q_size + block.kv_size
-        # Queries and keys rotated in one call: half the small ops of rotating each.
-        qk = apply_rotary(qkv[:, :q_and_k].view(n, heads + kv_heads, head_dim), self.cos,
-                          self.sin_signed)
+        # Queries and keys rotated in one call: half the small ops of rotating each (not at all with ALiBi).
+        qk = qkv[:, :q_and_k].view(n, heads + kv_heads, head_dim)
+        if block.alibi is None:
+            qk = apply_rotary(qk, self.cos, self.sin_signed)
         q, k = qk[:, :heads], qk[:, heads:]
         k_pool.index_copy_(0, self.write_slots, k)
         v_pool.index_copy_(0, self.write_slots, qkv[:, q_and_k:].view(n, kv_heads, head_dim))
@@ -193,7 +195,8 @@ class StepBatch:
             v = v_pool.index_select(0, p.key_slots).transpose(0, 1).unsqueeze(0)
             a = block_attention(q[p.first : p.last].transpose(0, 1).unsqueeze(0), k, v,
                                 self.prefill_mask(index, block.window), block.scale, block.softcap,
-                                enable_gqa=block.n_heads != block.n_kv_heads)
+                                enable_gqa=block.n_heads != block.n_kv_heads,
+                                alibi=None if block.alibi is None else block.alibi.view(-1, 1, 1))
             out[p.first : p.last] = a[0].transpose(0, 1)
         return out
 
@@ -214,5 +217,6 @@ class StepBatch:
         v = v_pool.index_select(0, slots).view(seqs, longest, kv_heads, head_dim).transpose(1, 2)
         group = block.n_heads // kv_heads
         a = block_attention(q.view(seqs, kv_heads, group, head_dim), k, v, self.decode_mask(block.window),
-                            block.scale, block.softcap)
+                            block.scale, block.softcap,
+                            alibi=None if block.alibi is None else block.alibi.view(kv_heads, group, 1))
         return a.reshape(seqs, block.n_heads, head_dim)

@@ -33,8 +33,9 @@ class WholeSequences:
     cached."""
 
     def __init__(self, rotary: RotaryTable, tokens: int, device: torch.device):
-        # [T, 1, head_dim]: broadcast over the batch rows and heads
-        self.cos, self.sin_signed = rotary.cos[:tokens, None], rotary.sin_signed[:tokens, None]
+        # [T, 1, head_dim]: broadcast over the batch rows and heads (None without rotary: ALiBi's)
+        self.cos = None if rotary.cos is None else rotary.cos[:tokens, None]
+        self.sin_signed = None if rotary.sin_signed is None else rotary.sin_signed[:tokens, None]
         self.tokens, self.device = tokens, device
         self._masks: dict[int, torch.Tensor] = {}  # by window: the blocks of a span share one
 
@@ -43,13 +44,15 @@ class WholeSequences:
         b, t, _ = qkv.shape
         heads, kv_heads, head_dim = block.n_heads, block.n_kv_heads, block.head_dim
         q_and_k = block.q_size + block.kv_size
-        qk = apply_rotary(qkv[..., :q_and_k].reshape(b, t, heads + kv_heads, head_dim),
-                          self.cos, self.sin_signed)
+        qk = qkv[..., :q_and_k].reshape(b, t, heads + kv_heads, head_dim)
+        if block.alibi is None:
+            qk = apply_rotary(qk, self.cos, self.sin_signed)
         q, k = qk[:, :, :heads], qk[:, :, heads:]
         v = qkv[..., q_and_k:].reshape(b, t, kv_heads, head_dim)
         mask = self._window_mask(block.window)
         attn = block_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, block.scale,
-                               block.softcap, is_causal=mask is None, enable_gqa=heads != kv_heads)
+                               block.softcap, is_causal=mask is None, enable_gqa=heads != kv_heads,
+                               alibi=None if block.alibi is None else block.alibi.view(-1, 1, 1))
         return attn.transpose(1, 2).reshape(b, t, block.q_size)
 
     def _window_mask(self, window: int | None) -> torch.Tensor | None:

@@ -42,18 +42,23 @@ LORA_GROUPS = ("qkv", "o", "gate_up", "down")
 def lora_groups(config: PretrainedConfig) -> dict[str, tuple[str, ...]]:
     """The PEFT modules each of the block's fused projections is made of in this model, in their row order
     (``ModelFamily.qkv_projections``: Phi-3's q/k/v and gate/up are one module each). A mixture of
-    experts' MLP (Mixtral's) is not adapted: its groups are attention's only."""
+    experts' MLP (Mixtral's) is not adapted: its groups are attention's only. Falcon's and BLOOM's are their
+    own module names (``query_key_value``, ``dense``, ``dense_h_to_4h`` for "gate_up", ``dense_4h_to_h``)."""
     family = family_of(config)
-    groups = {"qkv": tuple(name.rsplit(".", 1)[-1] for name in family.qkv_projections), "o": ("o_proj",)}
+
+    def modules(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(name.rsplit(".", 1)[-1] for name in names)
+
+    groups = {"qkv": modules(family.qkv_projections), "o": modules((family.o_projection,))}
     if family.experts is None:
-        groups |= {"gate_up": tuple(name.rsplit(".", 1)[-1] for name in family.gate_up_projections),
-                   "down": ("down_proj",)}
+        groups |= {"gate_up": modules(family.gate_up_projections), "down": modules((family.down_projection,))}
     return groups
 
 
 # peft writes ``base_model.model.<module>.lora_A.weight`` (the adapter's name is dropped on save;
 # a raw state dict keeps it as ``lora_A.<name>.weight``); <module> is named as in the adapted model.
-_KEY = re.compile(r"base_model\.model\.(?P<module>(?:model\.)?layers\.(?P<layer>\d+)\.(?P<part>[^.]+)\.(?P<proj>[^.]+))"
+_KEY = re.compile(r"base_model\.model\.(?P<module>(?:(?:model\.)?layers|transformer\.h)\.(?P<layer>\d+)\.(?P<part>[^.]+)\."
+                  r"(?P<proj>[^.]+))"
                   r"\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 _SAFETENSORS, _PICKLE = "adapter_model.safetensors", "adapter_model.bin"
@@ -115,7 +120,10 @@ def projection_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
     hidden, q, kv, inter = dims.hidden, dims.q_size, dims.kv_size, dims.intermediate
     every = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
-             "qkv_proj": (hidden, q + 2 * kv), "gate_up_proj": (hidden, 2 * inter)}
+             "qkv_proj": (hidden, q + 2 * kv), "gate_up_proj": (hidden, 2 * inter),
+             # Falcon's and BLOOM's
+             "query_key_value": (hidden, q + 2 * kv), "dense": (q, hidden), "dense_h_to_4h": (hidden, inter),
+             "dense_4h_to_h": (inter, hidden)}
     return {proj: every[proj] for projs in lora_groups(config).values() for proj in projs}
 
 
@@ -193,15 +201,18 @@ def load_lora_adapter(path: str | Path, config: PretrainedConfig, start: int, en
             for group, projs in lora_groups(config).items():
                 members = [(p, pieces[(layer, p)], lora_config.scaling(modules[(layer, p)]))
                            for p in projs if (layer, p) in pieces]
-                if members:
-                    groups[group] = _fused_group(members, projs, shapes, dtype, device)
+                if members:  # a fused q/k/v's columns in the order the block holds its rows (Falcon, BLOOM)
+                    order = family_of(config).qkv_row_order(config) if group == "qkv" else None
+                    groups[group] = _fused_group(members, projs, shapes, dtype, device, order)
             adapter.blocks[layer] = BlockLora(layer, groups)
     return adapter
 
 
 def _fused_group(members: list[tuple[str, dict[str, torch.Tensor], float]], projs: tuple[str, ...],
-                 shapes: dict[str, tuple[int, int]], dtype: torch.dtype, device: torch.device) -> LoraGroup:
-    """Stack the A matrices of a group's adapted projections and lay their scaled Bs block-diagonally."""
+                 shapes: dict[str, tuple[int, int]], dtype: torch.dtype, device: torch.device,
+                 order: torch.Tensor | None = None) -> LoraGroup:
+    """Stack the A matrices of a group's adapted projections and lay their scaled Bs block-diagonally, the
+    fused output's columns permuted by ``order`` where the block's projection is (``qkv_row_order``)."""
     total_rank = sum(pair["A"].shape[0] for _, pair, _ in members)
     columns, offset = {}, 0
     for p in projs:  # every sub-projection has its columns in the fused output, adapted or not
@@ -214,6 +225,8 @@ def _fused_group(members: list[tuple[str, dict[str, torch.Tensor], float]], proj
         rank, width = pair["A"].shape[0], shapes[p][1]
         b[row : row + rank, columns[p] : columns[p] + width] = pair["B"].float().t() * scaling
         row += rank
+    if order is not None:
+        b = b[:, order]
     return LoraGroup(a.t().contiguous().to(device, dtype), b.to(device, dtype))
 
 

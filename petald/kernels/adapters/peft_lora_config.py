@@ -27,6 +27,8 @@ LORA_PROJECTIONS = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
     "qkv_proj": "self_attn", "gate_up_proj": "mlp",  # Phi-3's, fused in the model itself
+    # Falcon's and BLOOM's
+    "query_key_value": "self_attention", "dense": "self_attention", "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp",
 }
 
 # Initialisations that change the base model's own weights: the adapter only fits that changed base.

@@ -17,15 +17,20 @@ class ModelDims:
 
     @classmethod
     def of(cls, config: PretrainedConfig) -> ModelDims:
+        from petald.kernels.models.registry import family_of  # the families import this module
+
+        family = family_of(config)
         heads = config.num_attention_heads
         return cls(
             hidden=config.hidden_size,
             heads=heads,
             # Configs from before grouped-query attention name no key/value heads: one per query head.
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            kv_heads=family.kv_heads_of(config) if family.kv_heads_of is not None else
+            getattr(config, "num_key_value_heads", None) or heads,
             # An explicit head size (Qwen3-style configs) need not be hidden / heads.
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            intermediate=config.intermediate_size,
+            intermediate=family.intermediate_of(config) if family.intermediate_of is not None else
+            config.intermediate_size,
         )
 
     @property

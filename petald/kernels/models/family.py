@@ -4,7 +4,8 @@ Every family petald serves is a Llama-shaped decoder (RMS norms, rotary attentio
 key/value heads, a gated MLP); a family names only how it departs from Llama, each departure a field
 here with Llama's value as its default: sliding windows, biases, q/k norms (Qwen3), projections
 stored fused (Phi-3), extra norms, scaled embeddings and soft-capping (Gemma 2), a mixture of experts
-(Mixtral).
+(Mixtral), tensor names of its own, LayerNorms, an ungated MLP and a parallel residual (Falcon), ALiBi
+and an embedding norm (BLOOM).
 """
 
 from __future__ import annotations
@@ -12,7 +13,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from transformers import PretrainedConfig
+
+# The model-level tensors a client holds, by Hugging Face's (Llama's) names, and the names petald gives them.
+LLAMA_CLIENT_TENSORS = (("model.embed_tokens.weight", "embed_tokens.weight"), ("model.norm.weight", "norm.weight"),
+                        ("lm_head.weight", "lm_head.weight"))
+
+# What Falcon and BLOOM (both from Megatron-style code) share: tensor names under ``transformer.``, q/k/v
+# fused as ``query_key_value``, an ungated MLP, LayerNorms with biases; ``ModelFamily(**MEGATRON_LAYOUT, ...)``.
+MEGATRON_CLIENT_TENSORS = (("transformer.word_embeddings.weight", "embed_tokens.weight"),
+                           ("transformer.ln_f.weight", "norm.weight"), ("transformer.ln_f.bias", "norm.bias"),
+                           ("lm_head.weight", "lm_head.weight"))
+MEGATRON_LAYOUT = dict(
+    block_prefix="transformer.h.{index}.", client_tensors=MEGATRON_CLIENT_TENSORS,
+    qkv_projections=("self_attention.query_key_value",), o_projection="self_attention.dense",
+    gate_up_projections=("mlp.dense_h_to_4h",), down_projection="mlp.dense_4h_to_h", gated_mlp=False,
+    layer_norm=True, norm_eps_key="layer_norm_epsilon",
+)
 
 
 @dataclass(frozen=True)
@@ -69,8 +87,47 @@ class ModelFamily:
     experts: ExpertLayout | None = None
     # Whether petald reads this family's GGUF files (it does not know how llama.cpp converted them all).
     gguf_supported: bool = True
-    # The config key naming the MLP's activation (``models/features.py``'s ACTIVATIONS).
+    # The config key naming the MLP's activation (``models/features.py``'s ACTIVATIONS), and the activation
+    # where the config names none (BLOOM's is fixed: its tanh-approximated gelu).
     activation_key: str = "hidden_act"
+    default_activation: str = "silu"
+    # Where the source keeps a block's tensors (the prefix of their Hugging Face names, by block index), and
+    # the model-level tensors a client holds (source name, petald's name: ``embed_tokens.weight``,
+    # ``norm.weight``, ``lm_head.weight``, and ``embed_norm.weight`` where the family norms its embeddings).
+    block_prefix: str = "model.layers.{index}."
+    client_tensors: tuple[tuple[str, str], ...] = LLAMA_CLIENT_TENSORS
+    # The attention's output projection and the MLP's last one.
+    o_projection: str = "self_attn.o_proj"
+    down_projection: str = "mlp.down_proj"
+    # Whether the MLP is gated (act(gate) * up, ``gate_up_projections`` two modules or one fused); else
+    # act(up) with ``gate_up_projections`` naming the one up projection (Falcon, BLOOM).
+    gated_mlp: bool = True
+    # LayerNorm (a weight and a bias; mean subtracted) instead of RMSNorm, and the config key of the norms' epsilon.
+    layer_norm: bool = False
+    norm_eps_key: str = "rms_norm_eps"
+    # ``block_norms`` where the config decides them (Falcon: one shared norm or two); None: ``block_norms``.
+    block_norms_of: Callable[[PretrainedConfig], tuple[str, str | None, str, str | None]] | None = None
+    # Whether attention and the MLP both read the block's input (x + attn(x) + mlp(x): Falcon) rather than
+    # the MLP reading attention's residual sum.
+    parallel_residual: Callable[[PretrainedConfig], bool] = lambda config: False
+    # Whether the output and MLP projections carry biases too (the memory plan counts them).
+    linear_bias: Callable[[PretrainedConfig], bool] = lambda config: False
+    # The permutation that brings a fused q/k/v projection's rows from the family's layout to petald's
+    # (all query heads, all key heads, all value heads), or None where they are in that order already.
+    qkv_row_order: Callable[[PretrainedConfig], torch.Tensor | None] = lambda config: None
+    # Key/value heads and the MLP's width where the config does not say them as Llama's does.
+    kv_heads_of: Callable[[PretrainedConfig], int] | None = None
+    intermediate_of: Callable[[PretrainedConfig], int] | None = None
+    # ALiBi (a per-head linear bias on the key positions) instead of rotary embeddings (BLOOM).
+    alibi: bool = False
+    # Positions served where the config names no max_position_embeddings (ALiBi's BLOOM: its training length).
+    default_positions: int | None = None
+    # What a config of this family asks for that petald does not implement, each in words (features.py).
+    refusals: Callable[[PretrainedConfig], list[str]] = lambda config: []
+
+    def norms(self, config: PretrainedConfig) -> tuple[str, str | None, str, str | None]:
+        """The block's norms by tensor name (``block_norms``), as ``config`` decides them."""
+        return self.block_norms if self.block_norms_of is None else self.block_norms_of(config)
 
     def sliding_window(self, config: PretrainedConfig, index: int) -> int | None:
         """How many of the latest keys block ``index`` attends to, or None for all of them."""

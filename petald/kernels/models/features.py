@@ -41,7 +41,7 @@ def served_positions(config: PretrainedConfig) -> int:
     """How many positions petald serves for ``config``: its max_position_embeddings, except longrope's,
     which turns to its long factors past original_max_position_embeddings for new tokens only while the
     keys cached before keep their short-factor rotation, which a cache of rotated keys cannot follow."""
-    positions = int(config.max_position_embeddings)
+    positions = int(getattr(config, "max_position_embeddings", None) or family_of(config).default_positions)
     rope = rope_parameters(config)
     if rope.get("rope_type") == "longrope":
         original = rope.get("original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
@@ -51,12 +51,13 @@ def served_positions(config: PretrainedConfig) -> int:
 
 def activation_name(config: PretrainedConfig) -> str:
     """The MLP activation's name as the family's config spells its key."""
-    return str(getattr(config, family_of(config).activation_key, None) or "silu")
+    family = family_of(config)
+    return str(getattr(config, family.activation_key, None) or family.default_activation)
 
 
 def unsupported_features(config: PretrainedConfig) -> list[str]:
     """What ``config`` asks for that petald does not implement, each in words; [] if nothing."""
-    problems = []
+    problems = list(family_of(config).refusals(config))
     rope = rope_parameters(config)
     rope_type = rope.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from petald.kernels.models.registry import family_of
 from petald.kernels.sampling import end_of_sequence_ids
 from petald.kernels.sources.fingerprint_cache import cached_fingerprint
 from petald.kernels.sources.model_source import ModelIdentity, ModelSourceError, check_supported
@@ -28,6 +29,10 @@ class HFDirectorySource:
         check_supported(self.config, str(self.path))
         self._add_generation_end_ids()
         self._file_of = self._weight_map()
+        # The base model's prefix of the family's names (``transformer.``, ``model.``) where this directory's
+        # names lack it, having been saved from the base model (BLOOM's checkpoints); else "".
+        first = family_of(self.config).block_prefix.split(".", 1)[0] + "."
+        self._base_prefix = "" if any(n.startswith(first) for n in self._file_of) else first
         files = sorted({self.path / f for f in self._file_of.values()})
         self.identity = ModelIdentity(
             name=getattr(self.config, "_name_or_path", "") or self.path.name,
@@ -85,17 +90,22 @@ class HFDirectorySource:
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.config.num_hidden_layers:
             raise ModelSourceError(f"block {index} out of range [0, {self.config.num_hidden_layers})")
-        prefix = f"model.layers.{index}."
+        prefix = self._stored_name(family_of(self.config).block_prefix.format(index=index))
         names = [n for n in self._file_of if n.startswith(prefix)]
         return {n[len(prefix):]: t.float() for n, t in self._get_many(names).items()}
 
     def client_tensors(self) -> dict[str, torch.Tensor]:
-        wanted = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight",
-                  "lm_head.weight": "lm_head.weight"}
+        wanted = {self._stored_name(n): ours for n, ours in family_of(self.config).client_tensors}
         got = self._get_many([n for n in wanted if n in self._file_of])
         out = {wanted[n]: t.float() for n, t in got.items()}
         out.setdefault("lm_head.weight", out["embed_tokens.weight"])
         return out
+
+    def _stored_name(self, name: str) -> str:
+        """``name`` (or a prefix of names) as this directory stores it: without the base model's own prefix
+        (``transformer.``) where the weights were saved from the base model, as BLOOM's checkpoints were."""
+        base = self._base_prefix
+        return name[len(base):] if base and name.startswith(base) else name
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer

@@ -46,7 +46,8 @@ class ModelSource(Protocol):
         ...
 
     def client_tensors(self) -> dict[str, torch.Tensor]:
-        """``embed_tokens.weight``, ``norm.weight`` and ``lm_head.weight`` (tied if absent)."""
+        """``embed_tokens.weight``, ``norm.weight`` and ``lm_head.weight`` (tied if absent), and the
+        family's others (``ModelFamily.client_tensors``: the norms' biases, BLOOM's ``embed_norm.*``)."""
         ...
 
     def load_tokenizer(self) -> Any:
