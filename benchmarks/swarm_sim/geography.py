@@ -1,7 +1,8 @@
 """Where simulated nodes are, and the round trips between them.
 
-Nodes sit in metro regions weighted roughly like the public Petals swarm (most in North America
-and Europe, some in Asia, a few elsewhere), scattered ~300 km around the region's centre. A round
+Nodes sit at 400 sites (cities) in metro regions weighted roughly like the public Petals swarm
+(most in North America and Europe, some in Asia, a few elsewhere), scattered ~300 km around the
+region's centre. A round
 trip is twice the one-way delay: the great-circle distance at two thirds of light speed (fibre)
 times a route inflation (cables do not follow great circles), plus each end's access delay (the
 last mile and home router, 1-10 ms one way). Same city: ~5-25 ms; New York-London ~90 ms;
@@ -28,37 +29,40 @@ REGIONS = [
 ]
 
 
-class Geography:
-    """Positions (unit vectors on the sphere) and access delays of nodes, indexed from 0."""
+SITES = 400  # cities and data centres where nodes sit
 
-    def __init__(self, rng: np.random.Generator):
+
+class Geography:
+    """Nodes (indexed from 0) at sites (cities scattered around the regions' centres), each with its
+    own access delay. Propagation between sites is computed once: a whole swarm's delays are then
+    a site-to-site table plus each end's access delay."""
+
+    def __init__(self, rng: np.random.Generator, sites: int = SITES):
         self.rng = rng
         weights = np.array([r[3] for r in REGIONS], dtype=float)
         self.region_weights = weights / weights.sum()
-        self.units = np.zeros((0, 3))
+        self.site_regions = rng.choice(len(REGIONS), size=sites, p=self.region_weights)
+        lat = np.array([REGIONS[r][1] for r in self.site_regions]) + rng.normal(0, SCATTER_DEGREES, sites)
+        lon = np.array([REGIONS[r][2] for r in self.site_regions]) + rng.normal(0, SCATTER_DEGREES, sites)
+        lat, lon = np.radians(np.clip(lat, -89, 89)), np.radians(lon)
+        self.site_units = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+        cos = np.clip(self.site_units @ self.site_units.T, -1.0, 1.0)
+        # One-way propagation between sites, seconds.
+        self.propagation = EARTH_RADIUS_KM * np.arccos(cos) * ROUTE_INFLATION / FIBRE_KM_PER_S
+        self.sites = np.zeros(0, dtype=int)
         self.access_s = np.zeros(0)
-        self.regions = np.zeros(0, dtype=int)
 
     def add(self, count: int) -> np.ndarray:
-        """Place ``count`` new nodes; returns their indices."""
-        regions = self.rng.choice(len(REGIONS), size=count, p=self.region_weights)
-        lat = np.array([REGIONS[r][1] for r in regions]) + self.rng.normal(0, SCATTER_DEGREES, count)
-        lon = np.array([REGIONS[r][2] for r in regions]) + self.rng.normal(0, SCATTER_DEGREES, count)
-        lat, lon = np.radians(np.clip(lat, -89, 89)), np.radians(lon)
-        units = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
-        first = len(self.access_s)
-        self.units = np.concatenate([self.units, units])
+        """Place ``count`` new nodes (each at a random site); returns their indices."""
+        first = len(self.sites)
+        self.sites = np.concatenate([self.sites, self.rng.integers(len(self.site_units), size=count)])
         self.access_s = np.concatenate([self.access_s, self.rng.uniform(0.001, 0.010, count)])
-        self.regions = np.concatenate([self.regions, regions])
         return np.arange(first, first + count)
 
-    def one_way(self, a: np.ndarray, b: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-        """One-way delays in seconds, [len(a), len(b)], between nodes ``a`` and nodes ``b``
-        (float32: ~3x quicker, to ~3 km)."""
-        cos = np.clip(self.units[a].astype(dtype) @ self.units[b].T.astype(dtype), -1.0, 1.0)
-        distance = EARTH_RADIUS_KM * np.arccos(cos)
-        propagation = distance * ROUTE_INFLATION / FIBRE_KM_PER_S
-        return propagation + self.access_s[a][:, None] + self.access_s[b][None, :]
+    def one_way(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """One-way delays in seconds, [len(a), len(b)], between nodes ``a`` and nodes ``b``."""
+        return (self.propagation[np.ix_(self.sites[a], self.sites[b])]
+                + self.access_s[a][:, None] + self.access_s[b][None, :])
 
     def rtt(self, a: int, b: np.ndarray) -> np.ndarray:
         """Round trips in seconds from node ``a`` to each of ``b``."""
@@ -66,5 +70,5 @@ class Geography:
 
     def nearest(self, centre: int, count: int, among: np.ndarray) -> np.ndarray:
         """The ``count`` nodes of ``among`` closest to node ``centre`` (a regional outage)."""
-        order = np.argsort(-(self.units[among] @ self.units[centre]))
+        order = np.argsort(self.propagation[self.sites[centre], self.sites[among]], kind="stable")
         return among[order[:count]]
