@@ -230,3 +230,13 @@ def test_a_dropped_record_is_logged_once(keys, caplog):
                 dropped.drop(value, exc)
     told = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(told) == 2 and all(m.startswith("dropping a record: record of") and "expired" in m for m in told)
+
+
+def test_in_a_large_swarm_a_server_moves_to_mend_a_weak_spot_and_a_balanced_one_stays_still():
+    # 200 servers of 10 blocks on 40: blocks 10:20 lost half their servers at once.
+    records = [make_record(f"s{i}", 10 * (i % 4), 10 * (i % 4) + 10, rps=100, num_blocks=40)
+               for i in range(200) if not (i % 4 == 1 and i % 8 == 1)]
+    mover = records[0]  # at 0:10, which keeps 50 servers
+    assert better_start(records, mover, 100.0) == 10
+    balanced = [make_record(f"s{i}", 10 * (i % 4), 10 * (i % 4) + 10, rps=100, num_blocks=40) for i in range(200)]
+    assert all(better_start(balanced, r, 100.0) is None for r in balanced[:8])

@@ -100,11 +100,11 @@ class LocalSwarm:
             self._launch(rest, ["--initial-peers", self.servers[0].address])
 
     def add(self, blocks: str = "auto", extra_args: Sequence[str] = ()) -> ServerProcess:
-        """One more server, joining the swarm through the first one."""
-        self._launch([(blocks, list(extra_args))], ["--initial-peers", self.servers[0].address])
-        return self.servers[-1]
+        """One more server, joining the swarm through the first one (the one this call started,
+        also when several threads add servers at once)."""
+        return self._launch([(blocks, list(extra_args))], ["--initial-peers", self.servers[0].address])[0]
 
-    def _launch(self, servers: Sequence[tuple[str, list[str]]], swarm_args: list[str]) -> None:
+    def _launch(self, servers: Sequence[tuple[str, list[str]]], swarm_args: list[str]) -> list[ServerProcess]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         started: list[tuple[ServerProcess, threading.Event]] = []
         for blocks, own_args in servers:
@@ -126,6 +126,7 @@ class LocalSwarm:
                 tail = "\n".join(server.output[-20:])
                 raise RuntimeError(f"server for blocks {server.blocks} did not start:\n{tail}")
             self.log(f"server {server.blocks} ready at {server.address}")
+        return [server for server, _ in started]
 
     @property
     def addresses(self) -> list[str]:

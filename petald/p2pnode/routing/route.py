@@ -152,6 +152,31 @@ class RemoteServer:
         return HOP_OVERHEAD_S + self.rtt + compute
 
 
+def _undominated(holders: list[RemoteServer], limit: int) -> list[RemoteServer]:
+    """The decode-step candidates at one position that may still give some stop the lowest cost:
+    a server whose round trip is no shorter, throughput no higher and reach (its end, within
+    ``limit``) no farther than an earlier-listed or quicker one's never can (hop_cost grows with
+    each of them, and rounding keeps that order). Dropping them keeps the plan exact and makes
+    planning over 10,000 servers take well under a second instead of seconds."""
+    def speed(server: RemoteServer) -> float:
+        return server.inference_rps if server.inference_rps > 0 else float("inf")  # unknown: no compute cost
+
+    order = sorted(range(len(holders)), key=lambda i: (holders[i].rtt, i))
+    fastest_reaching: dict[int, float] = {}  # reach -> the highest speed kept among servers reaching that far
+    kept = []
+    for i in order:
+        server = holders[i]
+        reach = min(server.info.end, limit)
+        if fastest_reaching.get(reach, -1.0) >= speed(server):
+            continue
+        kept.append((i, server))
+        for r in range(reach, -1, -1):  # it reaches every shorter stop too
+            if fastest_reaching.get(r, -1.0) >= speed(server):
+                break
+            fastest_reaching[r] = speed(server)
+    return [server for _, server in sorted(kept, key=lambda pair: pair[0])]
+
+
 @dataclass(frozen=True)
 class SpanHop:
     server: RemoteServer
@@ -177,6 +202,13 @@ class SpanRoute:
         """
         busy = busy or {}
         cuts = sorted(b + 1 for b in split_after if start <= b < end - 1)
+        # Each position looks at the servers holding it alone (a swarm of thousands holds each
+        # block on a few hundred), in the order given: among equal costs the first one wins.
+        holders: dict[int, list[RemoteServer]] = {}
+        for server in servers:
+            if _has_room(server, max_length, cache_tokens_per_block):
+                for block in range(max(server.info.start, start), min(server.info.end, end)):
+                    holders.setdefault(block, []).append(server)
         best: dict[int, float] = {start: 0.0}
         came_from: dict[int, SpanHop] = {}
         queue = [(0.0, start)]
@@ -187,10 +219,10 @@ class SpanRoute:
             if cost > best.get(position, float("inf")):
                 continue
             limit = min([c for c in cuts if c > position] + [end])
-            for server in servers:
-                if not server.info.start <= position < server.info.end or not _has_room(
-                        server, max_length, cache_tokens_per_block):
-                    continue
+            candidates = holders.get(position, [])
+            if not busy and not tokens:
+                candidates = _undominated(candidates, limit)
+            for server in candidates:
                 for stop in range(position + 1, min(server.info.end, limit) + 1):
                     total = cost + server.hop_cost(stop - position, tokens) + busy.get(server.peer_id, 0.0)
                     if total < best.get(stop, float("inf")):

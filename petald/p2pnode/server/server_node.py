@@ -32,7 +32,12 @@ from petald.kernels.sources.model_source import ModelSource
 from petald.kernels.sources.open_source import describe_model, open_source
 from petald.kernels.span import BlockSpan
 from petald.kernels.throughput import cached_throughput, measure_throughput
-from petald.p2pnode.routing.placement import better_start, block_coverage, choose_start
+from petald.p2pnode.routing.placement import (
+    RebalanceSchedule,
+    better_start,
+    block_coverage,
+    choose_start,
+)
 from petald.p2pnode.server.block_server import BlockServer, ServerLimits
 from petald.p2pnode.server.fault_switch import FAULT_VARIABLE, FaultSwitch
 from petald.p2pnode.server.reachability import ServerReachability
@@ -57,8 +62,6 @@ from petald.protocol.messages import ServerInfo
 log = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.5  # of the free memory, when --blocks auto is given no budget
-MOVE_COOLDOWN_PERIODS = 3  # rebalance periods a server stays put after it moved
-FIRST_CHECK_S = (2.0, 8.0)  # range of the random delay before a server's first rebalance check
 STEPS_FINISH_S = 30.0  # after the grace period, the longest wait for running steps to finish
 # Saying "offline" on the way out: one DHT put (a lookup and a store, ~1 s at 100 ms round
 # trips); a swarm that does not answer in time sees the record expire instead.
@@ -208,8 +211,8 @@ class ServerNode:
         self.retired: list[BlockServer] = []  # earlier spans, serving their last sessions
         self.span_start = 0
         self.length = 0
-        self._moved_at = float("-inf")
         self.members: SwarmMembership | None = None  # the member list, in a swarm that has one
+        self.schedule = RebalanceSchedule(options.rebalance_period)
 
     def _info(self) -> ServerInfo:
         """What the record says: the server's own info, or the span being loaded before it exists."""
@@ -326,12 +329,23 @@ class ServerNode:
         else:
             self.announce("started a new swarm: other nodes join it with --initial-peers and this server's address")
 
-    async def _swarm_records(self, dht: SwarmDHT) -> list[ServerAnnouncement]:
-        # Every block's providers, not the model key alone: placement must see each server, and a
-        # server missing from the model key's providers (a provider record dropped by a receiver's
-        # rate limit) would look like a free span. The block keys make 30 chances to be seen.
-        keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
-        records = await dht.announcements(keys)
+    async def _swarm_records(self, dht: SwarmDHT, thorough: bool = True) -> list[ServerAnnouncement]:
+        """The records of this model's servers.
+
+        ``thorough`` (the choice at join and the first check after it): every block's providers, not the model key alone:
+        placement must see each server, and a server missing from the model key's providers (a
+        provider record dropped by a receiver's rate limit) would look like a free span; the block
+        keys make 30 chances to be seen. Otherwise (every later rebalance check): the model key, then the
+        block keys of the blocks no online record covers (``model_announcements``). Reading every
+        block key each period costs each server a lookup per block and lists every provider of
+        every block from ~20 holders each: 25 MB a minute at 100 servers, 90 MB at 1,000
+        (benchmarks/swarm_simulation.py); the model key's read lists each server once per holder.
+        """
+        if thorough:
+            keys = [block_key(self.identity.model_id, b) for b in range(self.identity.num_blocks)]
+            records = await dht.announcements(keys)
+        else:
+            records = await dht.model_announcements(self.identity.model_id, self.identity.num_blocks)
         return [r for r in records if r.fingerprint == self.identity.fingerprint]
 
     async def _coverage(self, dht: SwarmDHT) -> list[float]:
@@ -403,17 +417,16 @@ class ServerNode:
                 log.info("freed blocks %d:%d", server.span.start, server.span.end)
 
     async def _rebalance(self, dht: SwarmDHT, host: IHost, presence: ServerPresence) -> None:
-        period = self.options.rebalance_period
-        # The first look comes soon: servers started together may have chosen the same span
-        # before they could see each other's records.
-        wait = random.uniform(FIRST_CHECK_S[0], min(FIRST_CHECK_S[1], period))
+        wait = self.schedule.first_wait()
+        first = True  # servers started together may have chosen alike: the first look reads every block key
         while True:
             await trio.sleep(wait)
-            wait = random.uniform(0.5 * period, 1.5 * period)
-            if trio.current_time() - self._moved_at < MOVE_COOLDOWN_PERIODS * period:
-                continue  # let the swarm see the last move before judging it
+            wait = self.schedule.next_wait()
+            if not self.schedule.may_move(trio.current_time()):
+                continue
             try:
-                records = await self._swarm_records(dht)
+                records = await self._swarm_records(dht, thorough=first)
+                first = False
             except Exception as exc:
                 log.warning("could not read the swarm to rebalance: %s", exc)
                 continue
@@ -425,5 +438,5 @@ class ServerNode:
             self.announce(f"rebalancing: moving from blocks {old} to {target}:{target + self.length}, "
                           "where the swarm is weaker")
             self.span_start = target
-            self._moved_at = trio.current_time()
+            self.schedule.moved(trio.current_time())
             await self._take_span(host, presence)
